@@ -1,0 +1,37 @@
+# Everything a fresh machine needs is installed from here: `make test` on a clean clone is the real check.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+HOST ?= 127.0.0.1
+PORT ?= 4000
+
+.PHONY: install run run-tls test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# Without BEDROCK_PROXY_MASTER_KEY the proxy only runs unauthenticated, so it is bound to loopback.
+run: install
+	@if [ -n "$$BEDROCK_PROXY_MASTER_KEY" ]; then \
+		exec $(VENV)/bin/bedrock-proxy serve --port $(PORT); \
+	else \
+		echo "BEDROCK_PROXY_MASTER_KEY is not set: serving unauthenticated on $(HOST):$(PORT) only"; \
+		exec $(VENV)/bin/bedrock-proxy serve --host $(HOST) --port $(PORT) --allow-unauthenticated; \
+	fi
+
+test: install
+	$(VENV)/bin/ruff check proxy tests
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check proxy tests
+	$(VENV)/bin/ruff format --check proxy tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
