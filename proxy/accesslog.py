@@ -1,0 +1,49 @@
+"""One JSON line per request: what was called, by whom, how it went. Never a body or a key."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import IO, Any
+
+import orjson
+
+
+class AccessLog:
+    def __init__(self, enabled: bool = True, stream: IO[bytes] | None = None) -> None:
+        self.enabled = enabled
+        self._stream = stream if stream is not None else sys.stdout.buffer
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record["ts"] = round(time.time(), 3)
+        try:
+            self._stream.write(orjson.dumps(record) + b"\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or full log pipe must not fail a request
+            pass
+
+
+class JsonFormatter(logging.Formatter):
+    """Server logs as JSON lines, like the access log, so one parser reads both."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

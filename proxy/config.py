@@ -1,0 +1,155 @@
+"""Settings from a YAML file and ``BEDROCK_PROXY_*`` variables (the environment wins),
+checked once at startup so a mistake is one clear line naming the setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .endpoints import valid_region
+from .routing import SERVICE_NAMES
+
+ENV_PREFIX = "BEDROCK_PROXY_"
+DEFAULT_AUTH_HEADERS = ("x-api-key", "litellm_user_api_key", "x-litellm-api-key", "x-bf-vk")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names it."""
+
+
+@dataclass(slots=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 4000
+    master_key: str | None = field(default=None, repr=False)
+    allow_unauthenticated: bool = False
+    # Region used upstream; falls back to AWS_REGION, AWS_DEFAULT_REGION, the AWS profile.
+    region: str | None = None
+    # Honour the region in a client's SigV4 credential scope (strictly validated).
+    client_region: bool = True
+    # Upstream base URL per service name; the SDK's AWS_ENDPOINT_URL_* variables also apply.
+    endpoints: dict[str, str] = field(default_factory=dict)
+    max_body_bytes: int = 32 * 1024 * 1024
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 600.0
+    idle_timeout: float = 120.0
+    # Keep-alive connections per upstream host.
+    pool_size: int = 1024
+    # Send this Bedrock API key upstream instead of SigV4 (AWS_BEARER_TOKEN_BEDROCK).
+    upstream_bearer_token: str | None = field(default=None, repr=False)
+    aws_profile: str | None = None
+    # Headers that may carry a client's key, besides Authorization: Bearer.
+    auth_headers: list[str] = field(default_factory=lambda: list(DEFAULT_AUTH_HEADERS))
+    access_log: bool = True
+    log_level: str = "info"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def load_settings(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """File, then environment, then explicit overrides (the CLI's flags)."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        raw.update(_read_yaml(path))
+    for name in _FIELDS:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            raw[name] = value
+    if "upstream_bearer_token" not in raw and env.get("AWS_BEARER_TOKEN_BEDROCK"):
+        raw["upstream_bearer_token"] = env["AWS_BEARER_TOKEN_BEDROCK"]
+    if "aws_profile" not in raw and env.get("AWS_PROFILE"):
+        raw["aws_profile"] = env["AWS_PROFILE"]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+    settings = Settings()
+    for name, value in raw.items():
+        if name not in _FIELDS:
+            raise ConfigError(f"config error: unknown setting {name!r}")
+        setattr(settings, name, _coerce(name, _FIELDS[name].type, value))
+    if settings.region is None:
+        settings.region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    _validate(settings)
+    return settings
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping of settings")
+    return data
+
+
+def _coerce(name: str, type_: Any, value: Any) -> Any:
+    kind = str(type_)
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind.startswith("dict"):
+            if isinstance(value, str):
+                value = dict(item.split("=", 1) for item in value.split(",") if item)
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): str(v) for k, v in value.items()}
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [str(v).lower() for v in value]
+        return None if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config error: {name}: expected {kind.replace(' | None', '')}, got {value!r}"
+        ) from None
+
+
+def _validate(s: Settings) -> None:
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"config error: port: {s.port} is not a TCP port")
+    if s.region is not None and not valid_region(s.region):
+        raise ConfigError(f"config error: region: {s.region!r} is not an AWS region name")
+    for name in s.endpoints:
+        if name not in SERVICE_NAMES:
+            raise ConfigError(
+                f"config error: endpoints: unknown service {name!r} "
+                f"(one of {', '.join(SERVICE_NAMES)})"
+            )
+    for name in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"config error: {name}: must be greater than zero")
+    if s.max_body_bytes <= 0:
+        raise ConfigError("config error: max_body_bytes: must be greater than zero")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"config error: log_level: {s.log_level!r} is not a log level")
+    if s.master_key is not None and len(s.master_key) < 8:
+        raise ConfigError("config error: master_key: must be at least 8 characters")

@@ -1,0 +1,99 @@
+"""AWS-shaped errors: every refusal the proxy makes looks like one AWS would make.
+
+REST-JSON services (bedrock-runtime, bedrock-agent-runtime, bedrock) read the error code
+from ``x-amzn-ErrorType`` and the message from the JSON body, so boto3 raises the modelled
+exception class. Mid-stream failures are reported as event-stream exception frames instead.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+from aiohttp import web
+
+
+class AwsError(Exception):
+    """An error the proxy answers with itself, in the shape AWS would use."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def to_response(self, request_id: str | None = None) -> web.Response:
+        return json_error_response(
+            self.status, self.code, self.message, request_id=request_id, headers=self.headers
+        )
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def json_error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    out_headers = {
+        "Content-Type": "application/json",
+        "x-amzn-ErrorType": code,
+        "x-amzn-RequestId": request_id or new_request_id(),
+    }
+    if headers:
+        out_headers.update(headers)
+    return web.Response(status=status, body=orjson.dumps({"message": message}), headers=out_headers)
+
+
+# The refusals the proxy makes, named as AWS names them.
+def access_denied(message: str) -> AwsError:
+    return AwsError(403, "AccessDeniedException", message)
+
+
+def validation(message: str) -> AwsError:
+    return AwsError(400, "ValidationException", message)
+
+
+def unknown_operation(method: str, path: str) -> AwsError:
+    return AwsError(
+        404, "UnknownOperationException", f"No Bedrock operation matches {method} {path}"
+    )
+
+
+def payload_too_large(limit: int) -> AwsError:
+    return AwsError(
+        413,
+        "ValidationException",
+        f"Request body exceeds the proxy's limit of {limit} bytes",
+    )
+
+
+def throttled(message: str, retry_after: float | None = None) -> AwsError:
+    headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))} if retry_after else None
+    return AwsError(429, "ThrottlingException", message, headers)
+
+
+def service_unavailable(message: str) -> AwsError:
+    return AwsError(503, "ServiceUnavailableException", message)
+
+
+def upstream_timeout(message: str) -> AwsError:
+    return AwsError(408, "ModelTimeoutException", message)
+
+
+def internal(
+    message: str = "The proxy hit an internal error; the request was not completed",
+) -> AwsError:
+    return AwsError(500, "InternalServerException", message)

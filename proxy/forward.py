@@ -1,0 +1,412 @@
+"""The passthrough: authenticate, re-sign with the server's credentials, stream both ways.
+
+Bodies are never parsed or re-serialised. The request body is read once (it must be hashed
+for SigV4) and sent as the same bytes. Responses stream back as they arrive; event streams
+are cut at frame boundaries, so a failure mid-stream can be reported with an exception frame
+after the last whole frame, never after half of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from . import errors, eventstream, sigv4
+from .accesslog import AccessLog
+from .auth import Authenticator
+from .config import Settings
+from .credentials import CredentialProvider, NoCredentialsError
+from .endpoints import Endpoints, Upstream, valid_region
+from .headers import response_headers, split_request_headers
+from .routing import RouteMatch, Router
+
+log = logging.getLogger("bedrock_proxy.forward")
+
+BASE_PATH = "/bedrock"
+# Responses of known length up to this size are read whole and sent in one write.
+_SMALL_RESPONSE = 256 * 1024
+# Request bodies are read in one piece up to this size.
+_SMALL_BODY = 1024 * 1024
+# aiohttp must not add headers of its own that were not in the client's request.
+_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+
+@dataclass(slots=True)
+class RequestBody:
+    # bytes for a body read in one piece, chunks for a large one (sent without a join).
+    data: bytes | list[bytes]
+    size: int
+    sha256: str
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        if isinstance(self.data, bytes):
+            return self.data or None
+        return _iterate(self.data)
+
+
+async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    while chunks:
+        yield chunks.pop(0)
+
+
+class Forwarder:
+    """Owns the upstream connection pool and forwards every /bedrock request."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        endpoints: Endpoints,
+        credentials: CredentialProvider,
+        authenticator: Authenticator,
+        access_log: AccessLog,
+    ) -> None:
+        self._settings = settings
+        self._router = router
+        self._endpoints = endpoints
+        self._credentials = credentials
+        self._auth = authenticator
+        self._access_log = access_log
+        self._max_body = settings.max_body_bytes
+        self._bearer = settings.upstream_bearer_token
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=s.pool_size,
+            ttl_dns_cache=300,
+            keepalive_timeout=30,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=s.connect_timeout,
+                sock_connect=s.connect_timeout,
+                sock_read=s.first_byte_timeout,
+            ),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------------ handler
+
+    async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer ``Expect: 100-continue`` with 413 at once when the body is too large."""
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return errors.payload_too_large(self._max_body).to_response()
+        if request.version != aiohttp.HttpVersion11:
+            return None
+        expect = request.headers.get("Expect", "")
+        if expect.lower() != "100-continue":
+            return errors.AwsError(
+                417, "ValidationException", f"Unsupported Expect header: {expect}"
+            ).to_response()
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response proper
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = errors.new_request_id()
+        record: dict[str, object] = {"request_id": request_id, "method": request.method}
+        status = 500
+        try:
+            response = await self._forward(request, record, request_id)
+            status = response.status
+            return response
+        except errors.AwsError as exc:
+            record["error"] = exc.code
+            status = exc.status
+            return exc.to_response(request_id)
+        except asyncio.CancelledError:
+            record["error"] = "ClientDisconnected"
+            status = 499
+            raise
+        except Exception:
+            log.exception("unexpected error forwarding request %s", request_id)
+            exc = errors.internal()
+            record["error"] = exc.code
+            return exc.to_response(request_id)
+        finally:
+            record["status"] = status
+            record["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            self._access_log.write(record)
+
+    async def _forward(
+        self, request: web.Request, record: dict[str, object], request_id: str
+    ) -> web.StreamResponse:
+        raw = request.raw_path[len(BASE_PATH) :]
+        path, _, query = raw.partition("?")
+        match = self._router.match(request.method, path or "/")
+        if match is None:
+            raise errors.unknown_operation(request.method, path or "/")
+        op = match.operation
+        record["operation"] = op.name
+        record["service"] = op.service.name
+        model = match.labels.get("modelId")
+        if model is not None:
+            record["model"] = model
+        identity = await self._auth.authenticate(request)
+        record["identity"] = identity.alias or identity.kind
+        upstream = self._endpoints.resolve(op.service, self._client_region(request))
+        body = await self._read_body(request)
+        record["bytes_in"] = body.size
+        headers = await self._upstream_headers(request, match, upstream, query, body)
+        url = URL(
+            upstream.origin + upstream.base_path + match.path + ("?" + query if query else ""),
+            encoded=True,
+        )
+        return await self._exchange(request, url, headers, body, record, request_id)
+
+    # ------------------------------------------------------------------ request
+
+    def _client_region(self, request: web.Request) -> str | None:
+        """The region in the client's own SigV4 scope, if it signed and we honour it."""
+        if not self._settings.client_region:
+            return None
+        authorization = request.headers.get("Authorization")
+        if not authorization or not authorization.startswith(sigv4.ALGORITHM):
+            return None
+        region = sigv4.scope_region(authorization)
+        if region is None:
+            return None
+        if not valid_region(region):
+            raise errors.validation(f"{region!r} is not a valid AWS region")
+        return region
+
+    async def _read_body(self, request: web.Request) -> RequestBody:
+        limit = self._max_body
+        length = request.content_length
+        if length is not None and length > limit:
+            raise errors.payload_too_large(limit)
+        if not request.body_exists:
+            return RequestBody(b"", 0, sigv4.EMPTY_SHA256)
+        content = request.content
+        if length is not None and length <= _SMALL_BODY:
+            data = await content.readexactly(length) if length else b""
+            return RequestBody(data, len(data), hashlib.sha256(data).hexdigest())
+        digest = hashlib.sha256()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise errors.payload_too_large(limit)
+            digest.update(chunk)
+            chunks.append(chunk)
+        if len(chunks) <= 1:
+            data = chunks[0] if chunks else b""
+            return RequestBody(data, size, digest.hexdigest())
+        return RequestBody(chunks, size, digest.hexdigest())
+
+    async def _upstream_headers(
+        self,
+        request: web.Request,
+        match: RouteMatch,
+        upstream: Upstream,
+        query: str,
+        body: RequestBody,
+    ) -> dict[str, str]:
+        signed, unsigned = split_request_headers(request.headers)
+        signed["host"] = upstream.host
+        if body.size or not isinstance(body.data, bytes):
+            unsigned["content-length"] = str(body.size)
+        if self._bearer:
+            signed["authorization"] = "Bearer " + self._bearer
+        else:
+            try:
+                credentials = await self._credentials.get()
+            except NoCredentialsError:
+                raise errors.service_unavailable(
+                    "The proxy has no AWS credentials configured for the upstream"
+                ) from None
+            signed["authorization"] = sigv4.sign(
+                method=request.method,
+                raw_path=upstream.base_path + match.path,
+                raw_query=query,
+                headers=signed,
+                payload_hash=body.sha256,
+                credentials=credentials,
+                region=upstream.region,
+                service=match.operation.service.signing_name,
+                date=sigv4.amz_date(),
+            )
+        signed.update(unsigned)
+        return signed
+
+    # ------------------------------------------------------------------ response
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        url: URL,
+        headers: dict[str, str],
+        body: RequestBody,
+        record: dict[str, object],
+        request_id: str,
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                data=body.payload(),
+                headers=headers,
+                allow_redirects=False,
+                compress=None,
+            )
+        except aiohttp.ConnectionTimeoutError:
+            raise errors.service_unavailable(
+                "Timed out connecting to the upstream service"
+            ) from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise errors.upstream_timeout(
+                "The upstream service did not respond within "
+                f"{self._settings.first_byte_timeout:g} s"
+            ) from None
+        except aiohttp.ClientConnectorError:
+            raise errors.service_unavailable("Cannot connect to the upstream service") from None
+        except aiohttp.ClientError as exc:
+            raise errors.service_unavailable(
+                "The upstream service closed the connection before responding "
+                f"({type(exc).__name__})"
+            ) from None
+        completed = False
+        try:
+            upstream_id = upstream.headers.get("x-amzn-RequestId")
+            if upstream_id:
+                record["upstream_request_id"] = upstream_id
+            out_headers = response_headers(upstream.headers)
+            out_headers["x-bedrock-proxy-request-id"] = request_id
+            content_type = upstream.headers.get("Content-Type", "")
+            is_event_stream = content_type.startswith(eventstream.CONTENT_TYPE)
+            length = upstream.content_length
+            if not is_event_stream and length is not None and length <= _SMALL_RESPONSE:
+                data = await self._read_small(upstream)
+                record["bytes_out"] = len(data)
+                completed = True
+                return web.Response(status=upstream.status, body=data, headers=out_headers)
+            self._use_idle_timeout(upstream)
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            if length is not None and not is_event_stream:
+                response.content_length = length
+            await response.prepare(request)
+            completed = await self._relay(request, upstream, response, record, is_event_stream)
+            return response
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()
+
+    async def _read_small(self, upstream: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await upstream.read()
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise errors.upstream_timeout(
+                "The upstream service stopped sending its response"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise errors.service_unavailable(
+                f"The upstream response was cut short ({type(exc).__name__})"
+            ) from None
+
+    def _use_idle_timeout(self, upstream: aiohttp.ClientResponse) -> None:
+        """Headers are in: from now on the limit is the idle time between chunks."""
+        connection = upstream.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is None:
+            return
+        protocol.read_timeout = self._settings.idle_timeout
+        reschedule = getattr(protocol, "_reschedule_timeout", None)
+        if reschedule is not None:
+            reschedule()
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        record: dict[str, object],
+        is_event_stream: bool,
+    ) -> bool:
+        """Copy the body as it arrives; True when it was copied whole."""
+        splitter = eventstream.FrameSplitter() if is_event_stream else None
+        content = upstream.content
+        sent = 0
+        failure: str | None = None
+        while True:
+            try:
+                data = await content.readany()
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                failure = (
+                    f"The upstream stream was idle for more than {self._settings.idle_timeout:g} s"
+                )
+                break
+            except aiohttp.ClientError:
+                failure = "The upstream stream was cut off"
+                break
+            if not data:
+                if splitter is not None and splitter.pending:
+                    failure = "The upstream event stream ended in the middle of a frame"
+                break
+            if splitter is not None:
+                try:
+                    data = splitter.feed(data)
+                except eventstream.EventStreamError:
+                    failure = "The upstream sent bytes that are not a valid event stream"
+                    break
+                if not data:
+                    continue
+            try:
+                await response.write(data)
+            except ConnectionError:
+                record["error"] = "ClientDisconnected"
+                record["bytes_out"] = sent
+                return False
+            sent += len(data)
+        record["bytes_out"] = sent
+        if failure is None:
+            await _finish(response)
+            return True
+        record["error"] = "UpstreamStreamError"
+        record["incomplete"] = True
+        if splitter is None:
+            # No frame format to report the failure in: cut the connection so the client
+            # sees a truncated body instead of a complete-looking one.
+            _abort(request)
+            return False
+        try:
+            await response.write(eventstream.exception_frame("internalServerException", failure))
+            await response.write_eof()
+        except ConnectionError:
+            pass
+        return False
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def _finish(response: web.StreamResponse) -> None:
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()

@@ -1,0 +1,96 @@
+"""Which headers cross the proxy, in each direction.
+
+Requests: an allow-list. Only what AWS reads goes upstream, so no client credential, no
+other gateway's key header, no ``x-forwarded-*`` and none of our own headers can leak.
+Responses: everything but hop-by-hop headers, so upstream errors pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# Forwarded and signed: no hop changes them.
+_SIGNED_EXACT = frozenset({"content-type", "accept", "content-encoding", "content-md5"})
+# Forwarded, not signed.
+_UNSIGNED_EXACT = frozenset(
+    {
+        "accept-encoding",
+        "user-agent",
+        "range",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "cache-control",
+        "content-disposition",
+        "content-language",
+        "expires",
+        "amz-sdk-invocation-id",
+        "amz-sdk-request",
+    }
+)
+_SIGNED_PREFIXES = ("x-amz-", "x-amzn-bedrock-")
+# Client credentials and values the proxy sets itself.
+_NEVER = frozenset(
+    {
+        "x-amz-date",
+        "x-amz-security-token",
+        "x-amz-content-sha256",
+        "x-amz-user-agent",
+    }
+)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def split_request_headers(
+    headers: CIMultiDictProxy[str],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(headers to sign and send, headers to send unsigned), lower-case names."""
+    signed: dict[str, str] = {}
+    unsigned: dict[str, str] = {}
+    connection_listed = _connection_tokens(headers)
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname in connection_listed:
+            continue
+        if lname in _SIGNED_EXACT:
+            signed[lname] = value
+        elif lname.startswith(_SIGNED_PREFIXES):
+            if lname not in _NEVER:
+                signed[lname] = value
+        elif lname in _UNSIGNED_EXACT:
+            unsigned[lname] = value
+    return signed, unsigned
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Upstream response headers minus hop-by-hop ones (and those Connection names)."""
+    out: CIMultiDict[str] = CIMultiDict()
+    connection_listed = _connection_tokens(headers)
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in connection_listed or lname == "content-length":
+            continue
+        out.add(name, value)
+    return out
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    connection = headers.get("Connection")
+    if not connection:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in connection.split(",") if t.strip())
