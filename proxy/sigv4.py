@@ -144,7 +144,7 @@ _AUTH_RE = re.compile(
     r"AWS4-HMAC-SHA256\s+"
     r"Credential=(?P<akid>[^/,\s]+)/(?P<day>\d{8})/(?P<region>[^/,\s]+)/(?P<service>[^/,\s]+)"
     r"/aws4_request\s*,\s*"
-    r"SignedHeaders=(?P<signed>[a-z0-9\-;.]+)\s*,\s*"
+    r"SignedHeaders=(?P<signed>[^,\s]+)\s*,\s*"
     r"Signature=(?P<signature>[0-9a-f]{64})\s*"
 )
 

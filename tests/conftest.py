@@ -1,0 +1,185 @@
+"""Test harness: the fake Bedrock and proxies run on a background event loop, on loopback,
+so blocking clients (boto3, the AWS CLI, curl) can call them from ordinary test functions."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+from aiohttp import web
+from botocore.config import Config
+
+from proxy.accesslog import AccessLog
+from proxy.app import create_app
+from proxy.config import load_settings
+from tests.fake_bedrock import (
+    UPSTREAM_ACCESS_KEY,
+    UPSTREAM_SECRET_KEY,
+    UPSTREAM_SESSION_TOKEN,
+    FakeBedrock,
+)
+
+MASTER_KEY = "sk-master-test-0123456789"
+REGION = "us-east-1"
+SERVICES = ("bedrock-runtime", "bedrock-agent-runtime", "bedrock")
+
+
+def _isolate_aws_environment(tmp: str) -> None:
+    """No real AWS settings or credentials may reach a test; the upstream's come from a
+    shared-credentials profile, so the proxy resolves them through the real chain."""
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name.startswith("BEDROCK_PROXY_"):
+            del os.environ[name]
+    credentials = os.path.join(tmp, "credentials")
+    with open(credentials, "w") as fh:
+        fh.write(
+            "[upstream]\n"
+            f"aws_access_key_id = {UPSTREAM_ACCESS_KEY}\n"
+            f"aws_secret_access_key = {UPSTREAM_SECRET_KEY}\n"
+            f"aws_session_token = {UPSTREAM_SESSION_TOKEN}\n"
+        )
+    config = os.path.join(tmp, "config")
+    with open(config, "w") as fh:
+        fh.write("")
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = credentials
+    os.environ["AWS_CONFIG_FILE"] = config
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    os.environ["AWS_DEFAULT_REGION"] = REGION
+
+
+class BackgroundLoop:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclass
+class Server:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    log: io.BytesIO | None = None
+
+    @property
+    def base(self) -> str:
+        return self.url + "/bedrock"
+
+    def log_lines(self) -> list[dict]:
+        import orjson
+
+        assert self.log is not None
+        return [orjson.loads(line) for line in self.log.getvalue().splitlines() if line]
+
+
+async def _start(app: web.Application) -> tuple[str, web.AppRunner]:
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}", runner
+
+
+@pytest.fixture(scope="session")
+def bg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundLoop]:
+    _isolate_aws_environment(str(tmp_path_factory.mktemp("aws")))
+    loop = BackgroundLoop()
+    yield loop
+    loop.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_server(bg: BackgroundLoop) -> Iterator[tuple[FakeBedrock, str]]:
+    fake = FakeBedrock()
+    url, runner = bg.run(_start(fake.app()))
+    yield fake, url
+    bg.run(runner.cleanup())
+
+
+@pytest.fixture
+def fake(fake_server: tuple[FakeBedrock, str]) -> FakeBedrock:
+    fake_server[0].requests.clear()
+    return fake_server[0]
+
+
+ProxyFactory = Callable[..., Server]
+
+
+@pytest.fixture(scope="session")
+def start_proxy(bg: BackgroundLoop, fake_server: tuple[FakeBedrock, str]) -> Iterator[ProxyFactory]:
+    started: list[Server] = []
+
+    def factory(**overrides: Any) -> Server:
+        env = overrides.pop("env", {})
+        values: dict[str, Any] = {
+            "master_key": MASTER_KEY,
+            "aws_profile": "upstream",
+            "region": REGION,
+            "endpoints": {name: fake_server[1] for name in SERVICES},
+            "connect_timeout": 2.0,
+            "first_byte_timeout": 5.0,
+            "idle_timeout": 5.0,
+        }
+        values.update(overrides)
+        settings = load_settings(env=env, overrides=values)
+        log = io.BytesIO()
+        app = create_app(settings, access_log=AccessLog(True, log))
+        url, runner = bg.run(_start(app))
+        server = Server(url, app, runner, log)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        bg.run(server.runner.cleanup())
+
+
+@pytest.fixture(scope="session")
+def proxy(start_proxy: ProxyFactory) -> Server:
+    return start_proxy()
+
+
+def client_config(**kwargs: Any) -> Config:
+    return Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=20, **kwargs)
+
+
+def with_key_header(client: Any, key: str, header: str = "litellm_user_api_key") -> Any:
+    """What users of other gateways do: sign with dummy credentials, add the key in a hook."""
+    value = f"Bearer {key}" if header == "litellm_user_api_key" else key
+
+    def add_header(request: Any, **_: Any) -> None:
+        request.headers[header] = value
+
+    client.meta.events.register_first("before-sign.*.*", add_header)
+    return client
+
+
+def boto_client(
+    service: str, server: Server, key: str | None = MASTER_KEY, header: str = "litellm_user_api_key"
+) -> Any:
+    client = boto3.client(
+        service,
+        endpoint_url=server.base,
+        region_name=REGION,
+        aws_access_key_id="dummy-access-key",
+        aws_secret_access_key="dummy-secret-key",
+        config=client_config(),
+    )
+    if key is not None:
+        with_key_header(client, key, header)
+    return client

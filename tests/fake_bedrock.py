@@ -1,0 +1,517 @@
+"""A fake AWS Bedrock for the tests: the three services on one loopback port.
+
+It checks requests the way AWS does, independently of the proxy's own signer: SigV4 is
+recomputed with botocore's ``SigV4Auth`` (double-encoded canonical URI, only the signed
+headers, the payload hash, clock skew, session token). Responses use the real wire shapes:
+REST-JSON bodies, AWS error headers, and event-stream frames with CRCs.
+
+Faults are chosen by model ID, so any client can trigger them:
+``test.throttle`` 429, ``test.error500`` 500, ``test.reset`` reset before headers,
+``test.stall`` no answer, ``test.cut`` stream cut mid-frame, ``test.slow`` paced frames,
+``test.stall-stream`` a stream that stops sending, ``test.big`` a 3 MiB body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiohttp import web
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from multidict import CIMultiDict
+
+from proxy.eventstream import encode_frame
+
+UPSTREAM_ACCESS_KEY = "AKIDUPSTREAMFAKE0001"
+UPSTREAM_SECRET_KEY = "upstream/secret+key/for/the/fake"
+UPSTREAM_SESSION_TOKEN = "upstream-session-token-xyz"
+UPSTREAM_BEARER = "bedrock-api-key-upstream-fake"
+MAX_SKEW = 300
+
+_AUTH_RE = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
+    r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})"
+)
+
+
+@dataclass
+class Received:
+    method: str
+    raw_path: str
+    headers: CIMultiDict[str]
+    body: bytes
+    operation: str
+    region: str | None
+
+
+@dataclass
+class FakeBedrock:
+    requests: list[Received] = field(default_factory=list)
+    frame_delay: float = 0.05
+    frames_sent_at: list[float] = field(default_factory=list)
+    active_streams: int = 0
+    stream_disconnects: int = 0
+    jobs: dict[str, dict] = field(default_factory=dict)
+    expected_token: str | None = UPSTREAM_SESSION_TOKEN
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=2 * 1024**3)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    # ------------------------------------------------------------------ entry
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        error, region = self._check_auth(request, body)
+        operation, params = _route(request.method, request.raw_path.split("?", 1)[0])
+        self.requests.append(
+            Received(
+                request.method,
+                request.raw_path,
+                CIMultiDict(request.headers),
+                body,
+                operation or "",
+                region,
+            )
+        )
+        if error is not None:
+            return error
+        if operation is None:
+            return aws_error(404, "UnknownOperationException", "Unknown operation")
+        handler = getattr(self, "op_" + operation, None)
+        if handler is None:
+            return aws_error(404, "UnknownOperationException", f"fake has no {operation}")
+        model = params.get("modelId", "")
+        fault = await self._fault(request, model)
+        if fault is not None:
+            return fault
+        return await handler(request, params, body)
+
+    def _check_auth(
+        self, request: web.Request, body: bytes
+    ) -> tuple[web.Response | None, str | None]:
+        authorization = request.headers.get("Authorization", "")
+        if authorization.startswith("Bearer "):
+            if authorization[7:] != UPSTREAM_BEARER:
+                return aws_error(403, "UnrecognizedClientException", "Invalid API key"), None
+            return None, None
+        m = _AUTH_RE.fullmatch(authorization)
+        if m is None:
+            return aws_error(
+                403, "MissingAuthenticationTokenException", "Missing Authentication Token"
+            ), None
+        akid, day, region, service, signed, signature = m.groups()
+        if akid != UPSTREAM_ACCESS_KEY:
+            return aws_error(
+                403,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            ), region
+        if service != "bedrock":
+            return aws_error(
+                403,
+                "InvalidSignatureException",
+                "Credential should be scoped to correct service: 'bedrock'.",
+            ), region
+        date = request.headers.get("X-Amz-Date", "")
+        try:
+            when = datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            return aws_error(403, "IncompleteSignatureException", "Missing X-Amz-Date"), region
+        if abs(time.time() - when.timestamp()) > MAX_SKEW or date[:8] != day:
+            return aws_error(403, "InvalidSignatureException", "Signature expired"), region
+        names = signed.split(";")
+        for name in request.headers:
+            lname = name.lower()
+            if lname.startswith("x-amz-") and lname not in names:
+                return aws_error(
+                    403, "InvalidSignatureException", f"Header {lname} must be signed"
+                ), region
+        if "host" not in names:
+            return aws_error(403, "InvalidSignatureException", "host must be signed"), region
+        token = request.headers.get("X-Amz-Security-Token")
+        if token != self.expected_token:
+            return aws_error(
+                403,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            ), region
+        declared = request.headers.get("X-Amz-Content-SHA256")
+        if (
+            declared is not None
+            and declared != "UNSIGNED-PAYLOAD"
+            and declared != hashlib.sha256(body).hexdigest()
+        ):
+            return aws_error(400, "XAmzContentSHA256Mismatch", "payload hash mismatch"), region
+        headers = {n: request.headers[n] for n in names if n in request.headers}
+        if len(headers) != len(names):
+            return aws_error(403, "InvalidSignatureException", "signed header missing"), region
+        aws_request = AWSRequest(
+            method=request.method,
+            url=f"http://{request.headers['Host']}{request.raw_path}",
+            data=body,
+            headers=headers,
+        )
+        aws_request.context["timestamp"] = date
+        signer = SigV4Auth(Credentials(akid, UPSTREAM_SECRET_KEY, token), service, region)
+        canonical = signer.canonical_request(aws_request)
+        expected = signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
+        if expected != signature:
+            return aws_error(
+                403,
+                "InvalidSignatureException",
+                "The request signature we calculated does not match the signature you provided.",
+            ), region
+        return None, region
+
+    async def _fault(self, request: web.Request, model: str) -> web.StreamResponse | None:
+        if model == "test.throttle":
+            return aws_error(
+                429, "ThrottlingException", "Too many requests, please wait before trying again."
+            )
+        if model == "test.error500":
+            return aws_error(
+                500, "InternalServerException", "The server encountered an internal error."
+            )
+        if model == "test.reset":
+            request.transport.abort()
+            await asyncio.sleep(0.1)
+            return web.Response()
+        if model == "test.stall":
+            await asyncio.sleep(3600)
+        return None
+
+    # ------------------------------------------------------------------ runtime
+
+    async def op_Converse(self, request, params, body):
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return aws_error(
+                400,
+                "ValidationException",
+                "Malformed input request, please reformat your input and try again.",
+            )
+        if not isinstance(payload, dict) or "messages" not in payload:
+            return aws_error(400, "ValidationException", "messages is required")
+        text = f"model={params['modelId']}"
+        return json_response(
+            {
+                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                "stopReason": "end_turn",
+                "usage": {"inputTokens": 11, "outputTokens": 7, "totalTokens": 18},
+                "metrics": {"latencyMs": 42},
+            }
+        )
+
+    async def op_ConverseStream(self, request, params, body):
+        model = params["modelId"]
+        deltas = ["Hel", "lo ", "from ", model]
+        if model == "test.slow":
+            deltas = [f"w{i} " for i in range(10)]
+        events = [("messageStart", {"role": "assistant"})]
+        events += [
+            ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": d}}) for d in deltas
+        ]
+        events += [
+            ("contentBlockStop", {"contentBlockIndex": 0}),
+            ("messageStop", {"stopReason": "end_turn"}),
+            (
+                "metadata",
+                {
+                    "usage": {"inputTokens": 12, "outputTokens": 9, "totalTokens": 21},
+                    "metrics": {"latencyMs": 77},
+                },
+            ),
+        ]
+        frames = [event_frame(name, data) for name, data in events]
+        return await self._stream(request, model, frames)
+
+    async def op_InvokeModel(self, request, params, body):
+        model = params["modelId"]
+        if model == "test.big":
+            data = bytes(range(256)) * (3 * 1024 * 1024 // 256)
+            return web.Response(body=data, content_type="application/octet-stream")
+        try:
+            json.loads(body)
+        except ValueError:
+            return aws_error(
+                400,
+                "ValidationException",
+                "Malformed input request, please reformat your input and try again.",
+            )
+        reply = json.dumps(
+            {"completion": f"model={model}", "echo_sha256": hashlib.sha256(body).hexdigest()}
+        ).encode()
+        return web.Response(
+            body=reply,
+            headers={
+                "Content-Type": request.headers.get("Accept", "application/json"),
+                "X-Amzn-Bedrock-Input-Token-Count": "25",
+                "X-Amzn-Bedrock-Output-Token-Count": "13",
+                "X-Amzn-Bedrock-Invocation-Latency": "120",
+                "x-amzn-RequestId": "fake-invoke-request-id",
+            },
+        )
+
+    async def op_InvokeModelWithResponseStream(self, request, params, body):
+        model = params["modelId"]
+        chunks = [
+            {"type": "content_block_delta", "delta": {"text": t}} for t in ("one ", "two ", "three")
+        ]
+        chunks[-1]["amazon-bedrock-invocationMetrics"] = {
+            "inputTokenCount": 30,
+            "outputTokenCount": 3,
+            "invocationLatency": 200,
+            "firstByteLatency": 50,
+        }
+        frames = [
+            encode_frame(
+                {
+                    ":event-type": "chunk",
+                    ":content-type": "application/json",
+                    ":message-type": "event",
+                },
+                json.dumps({"bytes": base64.b64encode(json.dumps(c).encode()).decode()}).encode(),
+            )
+            for c in chunks
+        ]
+        return await self._stream(request, model, frames)
+
+    async def op_CountTokens(self, request, params, body):
+        return json_response({"inputTokens": 17})
+
+    async def op_ApplyGuardrail(self, request, params, body):
+        return json_response(
+            {
+                "usage": {
+                    "topicPolicyUnits": 1,
+                    "contentPolicyUnits": 2,
+                    "wordPolicyUnits": 1,
+                    "sensitiveInformationPolicyUnits": 0,
+                    "sensitiveInformationPolicyFreeUnits": 0,
+                    "contextualGroundingPolicyUnits": 0,
+                },
+                "action": "NONE",
+                "outputs": [],
+                "assessments": [],
+                "guardrailIdentifier": params["guardrailIdentifier"],
+            }
+        )
+
+    # ------------------------------------------------------------------ agent runtime
+
+    async def op_Retrieve(self, request, params, body):
+        return json_response(
+            {
+                "retrievalResults": [
+                    {
+                        "content": {"text": f"doc from {params['knowledgeBaseId']}"},
+                        "score": 0.9,
+                        "location": {"type": "S3", "s3Location": {"uri": "s3://kb/doc1.txt"}},
+                    }
+                ]
+            }
+        )
+
+    async def op_RetrieveAndGenerate(self, request, params, body):
+        return json_response(
+            {"sessionId": "sess-1", "output": {"text": "generated answer"}, "citations": []}
+        )
+
+    async def op_InvokeAgent(self, request, params, body):
+        text = json.loads(body).get("inputText", "")
+        frames = [
+            encode_frame(
+                {
+                    ":event-type": "chunk",
+                    ":content-type": "application/json",
+                    ":message-type": "event",
+                },
+                json.dumps(
+                    {
+                        "bytes": base64.b64encode(
+                            f"agent {params['agentId']} says: {part}".encode()
+                        ).decode()
+                    }
+                ).encode(),
+            )
+            for part in (text, "done")
+        ]
+        return await self._stream(
+            request,
+            "",
+            frames,
+            headers={
+                "x-amz-bedrock-agent-session-id": params["sessionId"],
+                "x-amzn-bedrock-agent-content-type": "application/json",
+            },
+        )
+
+    # ------------------------------------------------------------------ control plane
+
+    async def op_ListFoundationModels(self, request, params, body):
+        return json_response(
+            {
+                "modelSummaries": [
+                    {
+                        "modelArn": "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-3-haiku-20240307-v1:0",
+                        "modelId": "anthropic.claude-3-haiku-20240307-v1:0",
+                        "providerName": "Anthropic",
+                        "inputModalities": ["TEXT"],
+                        "outputModalities": ["TEXT"],
+                        "responseStreamingSupported": True,
+                    }
+                ]
+            }
+        )
+
+    async def op_CreateModelInvocationJob(self, request, params, body):
+        spec = json.loads(body)
+        job_id = f"job{len(self.jobs) + 1:04d}"
+        arn = f"arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/{job_id}"
+        self.jobs[job_id] = {
+            "jobArn": arn,
+            "jobName": spec["jobName"],
+            "modelId": spec["modelId"],
+            "roleArn": spec["roleArn"],
+            "status": "Submitted",
+            "submitTime": "2026-11-22T00:00:00Z",
+            "inputDataConfig": spec["inputDataConfig"],
+            "outputDataConfig": spec["outputDataConfig"],
+        }
+        return json_response({"jobArn": arn})
+
+    async def op_GetModelInvocationJob(self, request, params, body):
+        job = self._job(params["jobIdentifier"])
+        if job is None:
+            return aws_error(404, "ResourceNotFoundException", "The specified job does not exist")
+        if job["status"] == "Submitted":
+            job["status"] = "Completed"
+        return json_response(job)
+
+    async def op_ListModelInvocationJobs(self, request, params, body):
+        return json_response({"invocationJobSummaries": list(self.jobs.values())})
+
+    async def op_StopModelInvocationJob(self, request, params, body):
+        job = self._job(params["jobIdentifier"])
+        if job is None:
+            return aws_error(404, "ResourceNotFoundException", "The specified job does not exist")
+        job["status"] = "Stopping"
+        return json_response({})
+
+    def _job(self, identifier: str) -> dict | None:
+        return self.jobs.get(identifier.rsplit("/", 1)[-1])
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _stream(self, request, model, frames, headers=None):
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/vnd.amazon.eventstream",
+                "x-amzn-RequestId": "fake-stream-id",
+                **(headers or {}),
+            }
+        )
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        self.active_streams += 1
+        try:
+            for i, frame in enumerate(frames):
+                if model == "test.cut" and i == 2:
+                    await response.write(frame[: len(frame) // 2])
+                    await asyncio.sleep(0.05)
+                    request.transport.abort()
+                    return response
+                if model == "test.stall-stream" and i == 1:
+                    await asyncio.sleep(3600)
+                if model == "test.slow":
+                    await asyncio.sleep(self.frame_delay)
+                self.frames_sent_at.append(time.monotonic())
+                await response.write(frame)
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.stream_disconnects += 1
+            raise
+        finally:
+            self.active_streams -= 1
+        return response
+
+
+_ROUTES = [
+    ("POST", r"/model/(?P<modelId>[^/]+)/converse", "Converse"),
+    ("POST", r"/model/(?P<modelId>[^/]+)/converse-stream", "ConverseStream"),
+    ("POST", r"/model/(?P<modelId>[^/]+)/invoke", "InvokeModel"),
+    (
+        "POST",
+        r"/model/(?P<modelId>[^/]+)/invoke-with-response-stream",
+        "InvokeModelWithResponseStream",
+    ),
+    ("POST", r"/model/(?P<modelId>[^/]+)/count-tokens", "CountTokens"),
+    (
+        "POST",
+        r"/guardrail/(?P<guardrailIdentifier>[^/]+)/version/(?P<guardrailVersion>[^/]+)/apply",
+        "ApplyGuardrail",
+    ),
+    ("POST", r"/knowledgebases/(?P<knowledgeBaseId>[^/]+)/retrieve", "Retrieve"),
+    ("POST", r"/retrieveAndGenerate", "RetrieveAndGenerate"),
+    (
+        "POST",
+        r"/agents/(?P<agentId>[^/]+)/agentAliases/(?P<agentAliasId>[^/]+)/sessions/(?P<sessionId>[^/]+)/text",
+        "InvokeAgent",
+    ),
+    ("GET", r"/foundation-models", "ListFoundationModels"),
+    ("POST", r"/model-invocation-job", "CreateModelInvocationJob"),
+    ("GET", r"/model-invocation-job/(?P<jobIdentifier>[^/]+)", "GetModelInvocationJob"),
+    ("GET", r"/model-invocation-jobs", "ListModelInvocationJobs"),
+    ("POST", r"/model-invocation-job/(?P<jobIdentifier>[^/]+)/stop", "StopModelInvocationJob"),
+]
+_COMPILED = [(method, re.compile(pattern), name) for method, pattern, name in _ROUTES]
+
+
+def _route(method: str, raw_path: str) -> tuple[str | None, dict[str, str]]:
+    """Route as AWS does: on the wire path, labels percent-decoded once."""
+    from urllib.parse import unquote
+
+    for m, pattern, name in _COMPILED:
+        if m == method:
+            match = pattern.fullmatch(raw_path)
+            if match:
+                return name, {k: unquote(v) for k, v in match.groupdict().items()}
+    return None, {}
+
+
+def json_response(data: dict, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(data).encode(),
+        headers={"Content-Type": "application/json", "x-amzn-RequestId": "fake-request-id"},
+    )
+
+
+def aws_error(status: int, code: str, message: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps({"message": message}).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "x-amzn-ErrorType": f"{code}:http://internal.amazon.com/coral/com.amazon.bedrock/",
+            "x-amzn-RequestId": "fake-error-id",
+        },
+    )
+
+
+def event_frame(event_type: str, data: dict) -> bytes:
+    return encode_frame(
+        {":event-type": event_type, ":content-type": "application/json", ":message-type": "event"},
+        json.dumps(data).encode(),
+    )

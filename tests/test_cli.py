@@ -1,0 +1,159 @@
+"""The real entry points as operators run them: the CLI, config file and environment,
+the AWS SDKs' own endpoint variables, and the AWS CLI and boto3 with a bearer token."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import boto3
+import pytest
+
+from tests.conftest import MASTER_KEY, REGION, client_config
+from tests.fake_bedrock import UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY, UPSTREAM_SESSION_TOKEN
+
+BIN = os.path.join(os.path.dirname(sys.executable), "bedrock-proxy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(fake_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BEDROCK_PROXY_"))}
+    env.update(
+        AWS_ACCESS_KEY_ID=UPSTREAM_ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=UPSTREAM_SECRET_KEY,
+        AWS_SESSION_TOKEN=UPSTREAM_SESSION_TOKEN,
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_REGION=REGION,
+        AWS_ENDPOINT_URL=fake_url,
+        BEDROCK_PROXY_MASTER_KEY=MASTER_KEY,
+    )
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def running(args: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(proc.stderr.read().decode()) from None
+                time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_serve_with_config_file_env_and_sdk_clients(fake_server, tmp_path):
+    _, fake_url = fake_server
+    port, file_port = free_port(), free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"host: 127.0.0.1\nport: {file_port}\nidle_timeout: 30\n")
+    # The environment wins over the file.
+    env = server_env(fake_url, BEDROCK_PROXY_PORT=str(port))
+    with running([BIN, "serve", "--config", str(config)], env, port) as proc:
+        base = f"http://127.0.0.1:{port}/bedrock"
+        # boto3 with a Bedrock API key: botocore sends it as Authorization: Bearer.
+        client_env = {"AWS_BEARER_TOKEN_BEDROCK": MASTER_KEY}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in client_env.items():
+                mp.setenv(k, v)
+            client = boto3.client(
+                "bedrock-runtime", endpoint_url=base, region_name=REGION, config=client_config()
+            )
+            reply = client.converse(
+                modelId="amazon.nova-pro-v1:0",
+                messages=[{"role": "user", "content": [{"text": "hi"}]}],
+            )
+        assert reply["output"]["message"]["content"][0]["text"] == "model=amazon.nova-pro-v1:0"
+        # The AWS CLI, pointed at the proxy with --endpoint-url.
+        cli_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET"))
+        }
+        cli_env["AWS_BEARER_TOKEN_BEDROCK"] = MASTER_KEY
+        out = subprocess.run(
+            [
+                os.path.join(os.path.dirname(sys.executable), "aws"),
+                "bedrock",
+                "list-foundation-models",
+                "--endpoint-url",
+                base,
+                "--region",
+                REGION,
+            ],
+            env=cli_env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr.decode()
+        assert json.loads(out.stdout)["modelSummaries"][0]["providerName"] == "Anthropic"
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+    assert any("listening" in line.get("msg", "") for line in lines)
+    assert MASTER_KEY not in stderr.decode()
+
+
+def test_python_m_proxy_and_service_endpoint_variable(fake_server):
+    _, fake_url = fake_server
+    port = free_port()
+    env = server_env(
+        "http://127.0.0.1:9",
+        AWS_ENDPOINT_URL_BEDROCK_RUNTIME=fake_url,
+        BEDROCK_PROXY_HOST="127.0.0.1",
+        BEDROCK_PROXY_PORT=str(port),
+    )
+    with running([sys.executable, "-m", "proxy", "serve"], env, port) as proc:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/bedrock/model/m1/count-tokens",
+            data=b'{"input": {}}',
+            headers={"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read()) == {"inputTokens": 17}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/liveness", timeout=5) as r:
+            assert json.loads(r.read())["status"] == "alive"
+        proc.terminate()
+        proc.wait(10)
+        # Access log lines go to stdout, one JSON object per request.
+        records = [json.loads(line) for line in proc.stdout.read().decode().splitlines()]
+        assert [r["operation"] for r in records] == ["CountTokens"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "args", "needle"),
+    [
+        ({"BEDROCK_PROXY_PORT": "eighty"}, [], "port"),
+        ({"BEDROCK_PROXY_REGION": "us-east-1.evil.com"}, [], "region"),
+        ({"BEDROCK_PROXY_MASTER_KEY": ""}, [], "master_key"),
+        ({"BEDROCK_PROXY_IDLE_TIMEOUT": "0"}, [], "idle_timeout"),
+        ({}, ["--config", "/nonexistent/proxy.yaml"], "config file"),
+    ],
+)
+def test_config_errors_are_one_clear_line(extra, args, needle):
+    env = server_env("http://127.0.0.1:9", **extra)
+    out = subprocess.run([BIN, "serve", *args], env=env, capture_output=True, timeout=30)
+    assert out.returncode == 2
+    lines = out.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
