@@ -25,6 +25,17 @@ run: install
 		exec $(VENV)/bin/bedrock-proxy serve --host $(HOST) --port $(PORT) --allow-unauthenticated; \
 	fi
 
+# HTTPS on :4000 with a self-signed certificate for localhost (kept in .tls/).
+run-tls: install
+	@[ -f .tls/cert.pem ] || $(VENV)/bin/bedrock-proxy tls-selfsigned --out .tls
+	@if [ -n "$$BEDROCK_PROXY_MASTER_KEY" ]; then \
+		exec $(VENV)/bin/bedrock-proxy serve --port $(PORT) --tls-cert .tls/cert.pem --tls-key .tls/key.pem; \
+	else \
+		echo "BEDROCK_PROXY_MASTER_KEY is not set: serving unauthenticated on $(HOST):$(PORT) only"; \
+		exec $(VENV)/bin/bedrock-proxy serve --host $(HOST) --port $(PORT) --allow-unauthenticated \
+			--tls-cert .tls/cert.pem --tls-key .tls/key.pem; \
+	fi
+
 test: install
 	$(VENV)/bin/ruff check proxy tests
 	$(PY) -m pytest

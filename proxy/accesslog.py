@@ -47,3 +47,6 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The AWS libraries narrate every lookup at INFO; only their warnings matter here.
+    for name in ("botocore", "aiobotocore", "urllib3"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

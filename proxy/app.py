@@ -56,6 +56,17 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     return app
 
 
+def create_ops_app(main: web.Application) -> web.Application:
+    """Health checks alone, for a plain-HTTP listener beside an HTTPS one."""
+    app = web.Application()
+    app[STATE] = main[STATE]
+    app[CREDENTIALS] = main[CREDENTIALS]
+    app.router.add_get("/health/liveness", _liveness)
+    app.router.add_get("/health/readiness", _readiness)
+    app.router.add_route("*", "/{tail:.*}", _unknown_route)
+    return app
+
+
 async def _lifecycle(app: web.Application):
     forwarder = app[FORWARDER]
     await forwarder.start()

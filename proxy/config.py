@@ -47,6 +47,11 @@ class Settings:
     auth_headers: list[str] = field(default_factory=lambda: list(DEFAULT_AUTH_HEADERS))
     access_log: bool = True
     log_level: str = "info"
+    # HTTPS on the main port when both are set; reloaded on SIGHUP.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # A second, plain-HTTP listener for health checks (and metrics) inside a cluster.
+    http_port: int | None = None
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -151,5 +156,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config error: max_body_bytes: must be greater than zero")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config error: log_level: {s.log_level!r} is not a log level")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        missing = "tls_key" if s.tls_key is None else "tls_cert"
+        raise ConfigError(f"config error: {missing}: tls_cert and tls_key must be set together")
+    if s.http_port is not None and (not 0 < s.http_port < 65536 or s.http_port == s.port):
+        raise ConfigError(f"config error: http_port: {s.http_port} must be a free TCP port")
     if s.master_key is not None and len(s.master_key) < 8:
         raise ConfigError("config error: master_key: must be at least 8 characters")

@@ -86,13 +86,13 @@ class Server:
         return [orjson.loads(line) for line in self.log.getvalue().splitlines() if line]
 
 
-async def _start(app: web.Application) -> tuple[str, web.AppRunner]:
+async def _start(app: web.Application, tls: Any = None) -> tuple[str, web.AppRunner]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     host, port = runner.addresses[0][:2]
-    return f"http://{host}:{port}", runner
+    return f"{'https' if tls else 'http'}://{host}:{port}", runner
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +126,7 @@ def start_proxy(bg: BackgroundLoop, fake_server: tuple[FakeBedrock, str]) -> Ite
 
     def factory(**overrides: Any) -> Server:
         env = overrides.pop("env", {})
+        tls = overrides.pop("tls", None)
         values: dict[str, Any] = {
             "master_key": MASTER_KEY,
             "aws_profile": "upstream",
@@ -139,7 +140,7 @@ def start_proxy(bg: BackgroundLoop, fake_server: tuple[FakeBedrock, str]) -> Ite
         settings = load_settings(env=env, overrides=values)
         log = io.BytesIO()
         app = create_app(settings, access_log=AccessLog(True, log))
-        url, runner = bg.run(_start(app))
+        url, runner = bg.run(_start(app, tls))
         server = Server(url, app, runner, log)
         started.append(server)
         return server
@@ -170,7 +171,11 @@ def with_key_header(client: Any, key: str, header: str = "litellm_user_api_key")
 
 
 def boto_client(
-    service: str, server: Server, key: str | None = MASTER_KEY, header: str = "litellm_user_api_key"
+    service: str,
+    server: Server,
+    key: str | None = MASTER_KEY,
+    header: str = "litellm_user_api_key",
+    **kwargs: Any,
 ) -> Any:
     client = boto3.client(
         service,
@@ -179,6 +184,7 @@ def boto_client(
         aws_access_key_id="dummy-access-key",
         aws_secret_access_key="dummy-secret-key",
         config=client_config(),
+        **kwargs,
     )
     if key is not None:
         with_key_header(client, key, header)
