@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from . import errors
 from .accesslog import AccessLog
+from .admin import AdminApi
 from .auth import Authenticator
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
 from .endpoints import Endpoints, sdk_endpoint_overrides, valid_region
 from .forward import BASE_PATH, Forwarder
+from .keycache import KeyCache
+from .keyservice import KeyService
 from .routing import SERVICE_NAMES, Router, load_operations
+from .secretbox import SecretBox
+from .store import Store, open_store
+
+
+class StartupError(Exception):
+    """Something the proxy needs at startup is not there; the message says what."""
+
+
+log = logging.getLogger("bedrock_proxy.app")
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
+STORE = web.AppKey("store", Store)
+KEYS = web.AppKey("keys", KeyService)
 CREDENTIALS = web.AppKey("credentials", CredentialProvider)
 STATE = web.AppKey("state", dict)
 
@@ -34,20 +50,36 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     except ValueError as exc:
         raise ConfigError(f"config error: endpoints: {exc}") from None
     credentials = CredentialProvider(settings.aws_profile)
+    store = open_store(settings.database_url, settings.sqlite_path)
+    sealing_secret = settings.secret_key or settings.master_key
+    box = SecretBox(sealing_secret, settings.previous_secret_keys) if sealing_secret else None
+    cache = KeyCache(store, box, settings.key_cache_ttl)
+    authenticator = Authenticator(
+        settings.master_key,
+        settings.auth_headers,
+        settings.allow_unauthenticated,
+        keys=cache,
+        max_skew_seconds=settings.sigv4_max_skew,
+    )
+    keys = KeyService(store, box, cache) if box is not None and settings.master_key else None
     forwarder = Forwarder(
         settings,
         router,
         endpoints,
         credentials,
-        Authenticator(settings.master_key, settings.auth_headers, settings.allow_unauthenticated),
+        authenticator,
         access_log or AccessLog(settings.access_log),
     )
 
     app = web.Application(handler_args={"max_field_size": 65536})
     app[FORWARDER] = forwarder
     app[CREDENTIALS] = credentials
+    app[STORE] = store
     app[STATE] = {"ready": False, "needs_credentials": not settings.upstream_bearer_token}
+    if keys is not None:
+        app[KEYS] = keys
     app.cleanup_ctx.append(_lifecycle)
+    AdminApi(keys, authenticator).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/health/readiness", _readiness)
     for path in (BASE_PATH, BASE_PATH + "/{tail:.*}"):
@@ -61,6 +93,7 @@ def create_ops_app(main: web.Application) -> web.Application:
     app = web.Application()
     app[STATE] = main[STATE]
     app[CREDENTIALS] = main[CREDENTIALS]
+    app[STORE] = main[STORE]
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/health/readiness", _readiness)
     app.router.add_route("*", "/{tail:.*}", _unknown_route)
@@ -68,6 +101,15 @@ def create_ops_app(main: web.Application) -> web.Application:
 
 
 async def _lifecycle(app: web.Application):
+    store = app[STORE]
+    try:
+        await store.open()
+    except Exception as exc:
+        raise StartupError(f"cannot open the key store: {type(exc).__name__}: {exc}") from None
+    if KEYS in app:
+        resealed = await app[KEYS].reseal_secrets()
+        if resealed:
+            log.info("resealed %d SigV4 secrets under the current secret_key", resealed)
     forwarder = app[FORWARDER]
     await forwarder.start()
     if app[STATE]["needs_credentials"]:
@@ -77,6 +119,7 @@ async def _lifecycle(app: web.Application):
     app[STATE]["ready"] = False
     await forwarder.close()
     await app[CREDENTIALS].close()
+    await store.close()
 
 
 async def _liveness(request: web.Request) -> web.Response:
@@ -87,6 +130,10 @@ async def _readiness(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not state["ready"]:
         return web.json_response({"status": "not ready"}, status=503)
+    try:
+        await request.app[STORE].ping()
+    except Exception:
+        return web.json_response({"status": "not ready", "reason": "key store"}, status=503)
     if state["needs_credentials"]:
         try:
             await request.app[CREDENTIALS].get()

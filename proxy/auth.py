@@ -1,21 +1,27 @@
 """Every way a client proves who it is, reduced to one ``Identity``.
 
-A key may arrive as ``Authorization: Bearer <key>`` (curl, and botocore with
-``AWS_BEARER_TOKEN_BEDROCK``) or in one of the headers other gateways' users already send
-(``x-api-key``, ``litellm_user_api_key: Bearer <key>``…). A request signed with dummy AWS
-credentials that also carries such a header is accepted on the header; its signature is
-ignored. Keys are compared in constant time and never logged.
+1. ``Authorization: Bearer <key>``: curl, scripts, and botocore with ``AWS_BEARER_TOKEN_BEDROCK``.
+2. A header other gateways' users already send (``x-api-key``, ``litellm_user_api_key:
+   Bearer <key>``…); a request signed with dummy AWS credentials that carries one is
+   accepted on the header and its signature ignored.
+3. SigV4 signed with a virtual key's access key id and secret, verified the way AWS does.
+
+Keys are compared in constant time and never logged.
 """
 
 from __future__ import annotations
 
 import hmac
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiohttp import web
 
-from . import errors
-from .sigv4 import ALGORITHM
+from . import errors, sigv4
+from .keycache import KeyCache
+from .keys import KeyRecord, KeySpec, hash_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,29 +29,51 @@ class Identity:
     kind: str  # "master", "virtual" or "anonymous"
     key_id: str | None = None
     alias: str | None = None
+    record: KeyRecord | None = None
 
     @property
     def is_master(self) -> bool:
         return self.kind == "master"
+
+    @property
+    def spec(self) -> KeySpec | None:
+        return self.record.spec if self.record is not None else None
 
 
 MASTER = Identity("master", key_id="master", alias="master")
 ANONYMOUS = Identity("anonymous")
 
 
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    """What a SigV4 check needs beyond the headers: the exact bytes that were signed."""
+
+    method: str
+    raw_path: str
+    raw_query: str
+    payload_sha256: str
+    double_encode: bool = True
+
+
 class Authenticator:
     """Turns the credentials in a request into an Identity, or an AWS-shaped refusal."""
 
     def __init__(
-        self, master_key: str | None, auth_headers: list[str], allow_unauthenticated: bool
+        self,
+        master_key: str | None,
+        auth_headers: list[str],
+        allow_unauthenticated: bool,
+        keys: KeyCache | None = None,
+        max_skew_seconds: int = 900,
     ) -> None:
         self._master = master_key.encode() if master_key else None
         self._headers = tuple(h.lower() for h in auth_headers)
-        self._open = allow_unauthenticated and master_key is None
+        self.open = allow_unauthenticated and master_key is None
+        self._keys = keys
+        self._max_skew = max_skew_seconds
 
-    def presented_key(self, request: web.BaseRequest) -> str | None:
+    def presented_key(self, headers: Mapping[str, str]) -> str | None:
         """The key the client sent, from Authorization: Bearer or a configured header."""
-        headers = request.headers
         authorization = headers.get("Authorization")
         if authorization is not None and authorization[:7].lower() == "bearer ":
             return authorization[7:].strip()
@@ -56,21 +84,102 @@ class Authenticator:
                 return value[7:].strip() if value[:7].lower() == "bearer " else value
         return None
 
-    async def authenticate(self, request: web.BaseRequest) -> Identity:
-        if self._open:
+    def precheck(self, request: web.BaseRequest) -> None:
+        """Refuse a request with no credentials at all before its body is read."""
+        if self.open or self.presented_key(request.headers) is not None:
+            return
+        if request.headers.get("Authorization", "").startswith(sigv4.ALGORITHM):
+            return
+        raise errors.access_denied(
+            "Missing credentials: send Authorization: Bearer <key>, x-api-key: <key>, "
+            "or sign the request with a virtual key's access key"
+        )
+
+    async def authenticate(
+        self, request: web.BaseRequest, signed: SignedRequest | None = None
+    ) -> Identity:
+        if self.open:
             return ANONYMOUS
-        key = self.presented_key(request)
-        if key is None:
-            authorization = request.headers.get("Authorization", "")
-            if authorization.startswith(ALGORITHM):
+        key = self.presented_key(request.headers)
+        if key is not None:
+            return await self._bearer(key)
+        authorization = request.headers.get("Authorization", "")
+        if authorization.startswith(sigv4.ALGORITHM) and signed is not None:
+            return await self._sigv4(request, authorization, signed)
+        self.precheck(request)
+        raise errors.access_denied("Missing credentials")
+
+    async def master_only(self, request: web.BaseRequest) -> None:
+        key = self.presented_key(request.headers)
+        if key is None or self._master is None or not self.is_master_key(key):
+            raise errors.access_denied("This route requires the master key")
+
+    def is_master_key(self, key: str) -> bool:
+        return self._master is not None and hmac.compare_digest(key.encode(), self._master)
+
+    async def _bearer(self, key: str) -> Identity:
+        if self.is_master_key(key):
+            return MASTER
+        record = await self._keys.get("token_hash", hash_token(key)) if self._keys else None
+        if record is None:
+            raise errors.access_denied("The API key in the request is not valid")
+        return _usable(record)
+
+    async def _sigv4(
+        self, request: web.BaseRequest, authorization: str, signed: SignedRequest
+    ) -> Identity:
+        parsed = sigv4.parse_authorization(authorization)
+        if parsed is None:
+            raise errors.AwsError(
+                403, "IncompleteSignatureException", "The Authorization header is malformed"
+            )
+        record = await self._keys.get("access_key_id", parsed.access_key) if self._keys else None
+        if record is None:
+            raise errors.AwsError(
+                403,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            )
+        headers = _lower_headers(request.headers)
+        declared = headers.get("x-amz-content-sha256")
+        payload_hash = signed.payload_sha256
+        if declared is not None and declared != payload_hash:
+            if declared != sigv4.UNSIGNED_PAYLOAD or signed.double_encode:
                 raise errors.AwsError(
                     403,
-                    "UnrecognizedClientException",
-                    "The security token included in the request is invalid.",
+                    "InvalidSignatureException",
+                    "The provided x-amz-content-sha256 header does not match the body",
                 )
-            raise errors.access_denied(
-                "Missing credentials: send Authorization: Bearer <key> or x-api-key: <key>"
+            payload_hash = declared
+        try:
+            secret = self._keys.secret(record)
+            sigv4.verify(
+                parsed=parsed,
+                secret_key=secret,
+                method=signed.method,
+                raw_path=signed.raw_path,
+                raw_query=signed.raw_query,
+                headers=headers,
+                payload_hash=payload_hash,
+                now=datetime.now(UTC),
+                max_skew_seconds=self._max_skew,
+                double_encode=signed.double_encode,
             )
-        if self._master is not None and hmac.compare_digest(key.encode(), self._master):
-            return MASTER
-        raise errors.access_denied("The API key in the request is not valid")
+        except sigv4.SignatureError as exc:
+            raise errors.AwsError(403, exc.code, exc.message) from None
+        return _usable(record)
+
+
+def _usable(record: KeyRecord) -> Identity:
+    refusal = record.refusal(time.time())
+    if refusal is not None:
+        raise errors.access_denied(refusal)
+    return Identity("virtual", key_id=record.key_id, alias=record.spec.key_alias, record=record)
+
+
+def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        lname = name.lower()
+        out[lname] = f"{out[lname]},{value}" if lname in out else value
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import ssl
@@ -13,8 +14,12 @@ import sys
 from aiohttp import web
 
 from .accesslog import configure_logging
-from .app import STATE, create_app, create_ops_app
+from .app import STATE, StartupError, create_app, create_ops_app
 from .config import ConfigError, Settings, load_settings
+from .errors import AwsError
+from .keyservice import KeyService
+from .secretbox import SecretBox
+from .store import open_store
 from .tls import TLSConfigError, load_chain, server_context, write_self_signed
 
 log = logging.getLogger("bedrock_proxy")
@@ -38,6 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve without client authentication when no master key is set",
     )
+    keys = commands.add_parser("keys", help="manage virtual keys in the configured store")
+    keys.add_argument("--config", help="YAML settings file (BEDROCK_PROXY_CONFIG)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="mint a key; prints its secrets once")
+    _key_fields(create)
+    listing = key_commands.add_parser("list", help="list keys")
+    listing.add_argument("--user")
+    listing.add_argument("--team")
+    listing.add_argument("--page", type=int, default=1)
+    listing.add_argument("--size", type=int, default=100)
+    for name, text in (
+        ("info", "show one key"),
+        ("revoke", "delete a key; every replica refuses it within key_cache_ttl"),
+        ("regenerate", "new token and access key pair; the old ones stop working"),
+    ):
+        key_commands.add_parser(name, help=text).add_argument(
+            "key", help="token, key id, access key id or alias"
+        )
+    update = key_commands.add_parser("update", help="change a key")
+    update.add_argument("key", help="token, key id, access key id or alias")
+    _key_fields(update)
+    blocking = update.add_mutually_exclusive_group()
+    blocking.add_argument("--block", dest="blocked", action="store_true", default=None)
+    blocking.add_argument("--unblock", dest="blocked", action="store_false")
+
     selfsigned = commands.add_parser(
         "tls-selfsigned", help="write a self-signed certificate for localhost and 127.0.0.1"
     )
@@ -45,10 +75,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _key_fields(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--alias", dest="key_alias")
+    add("--user", dest="user_id")
+    add("--team", dest="team_id")
+    add("--models", type=_csv, help="comma-separated model IDs, ARNs or globs")
+    add("--groups", dest="operation_groups", type=_csv, help="comma-separated operation groups")
+    add("--guardrails", dest="guardrail_ids", type=_csv)
+    add("--knowledge-bases", dest="knowledge_base_ids", type=_csv)
+    add("--agents", dest="agent_ids", type=_csv)
+    add("--duration", help="lifetime such as 30d or 12h")
+    add("--expires", help="expiry time, ISO 8601")
+    add("--budget", dest="max_budget", type=float)
+    add("--budget-duration", dest="budget_duration")
+    add("--rpm", dest="rpm_limit", type=int)
+    add("--tpm", dest="tpm_limit", type=int)
+    add("--parallel", dest="max_parallel_requests", type=int)
+    add("--metadata", type=json.loads, help="a JSON object")
+
+
+_KEY_FIELDS = (
+    "key_alias",
+    "user_id",
+    "team_id",
+    "models",
+    "operation_groups",
+    "guardrail_ids",
+    "knowledge_base_ids",
+    "agent_ids",
+    "duration",
+    "expires",
+    "max_budget",
+    "budget_duration",
+    "rpm_limit",
+    "tpm_limit",
+    "max_parallel_requests",
+    "metadata",
+    "blocked",
+)
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve_command(args)
+    if args.command == "keys":
+        return _keys_command(args)
     if args.command == "tls-selfsigned":
         cert, _ = write_self_signed(args.out)
         # The two things a boto3 user needs: pass verify=, or set AWS_CA_BUNDLE.
@@ -83,12 +160,61 @@ def _serve_command(args: argparse.Namespace) -> int:
     _install_uvloop()
     try:
         asyncio.run(serve(app, settings, tls))
+    except StartupError as exc:
+        print(f"bedrock-proxy: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(
             f"bedrock-proxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _keys_command(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"bedrock-proxy: {exc}", file=sys.stderr)
+        return 2
+    secret = settings.secret_key or settings.master_key
+    if not secret:
+        print(
+            "bedrock-proxy: config error: master_key: keys need BEDROCK_PROXY_MASTER_KEY "
+            "(or secret_key) to seal their secrets",
+            file=sys.stderr,
+        )
+        return 2
+    fields = {n: getattr(args, n) for n in _KEY_FIELDS if getattr(args, n, None) is not None}
+
+    async def run() -> object:
+        store = open_store(settings.database_url, settings.sqlite_path)
+        await store.open()
+        try:
+            service = KeyService(store, SecretBox(secret, settings.previous_secret_keys))
+            command = args.keys_command
+            if command == "create":
+                return await service.generate(fields)
+            if command == "list":
+                filters = {k: v for k, v in (("user_id", args.user), ("team_id", args.team)) if v}
+                return await service.list(filters, args.page, args.size, full=True)
+            if command == "info":
+                return await service.info(args.key)
+            if command == "update":
+                return await service.update(args.key, fields)
+            if command == "regenerate":
+                return await service.regenerate(args.key)
+            return {"deleted_keys": await service.delete([args.key])}
+        finally:
+            await store.close()
+
+    try:
+        result = asyncio.run(run())
+    except AwsError as exc:
+        print(f"bedrock-proxy: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -52,6 +52,17 @@ class Settings:
     tls_key: str | None = None
     # A second, plain-HTTP listener for health checks (and metrics) inside a cluster.
     http_port: int | None = None
+    # The key and ledger store: PostgreSQL when set, else SQLite at sqlite_path.
+    database_url: str | None = field(default=None, repr=False)
+    sqlite_path: str = "bedrock-proxy.db"
+    # Seals the virtual keys' SigV4 secrets at rest; defaults to the master key.
+    secret_key: str | None = field(default=None, repr=False)
+    # Older secret_keys that still open sealed secrets during a rotation.
+    previous_secret_keys: list[str] = field(default_factory=list, repr=False)
+    # How long a replica trusts a cached key: the bound on revocation delay.
+    key_cache_ttl: float = 5.0
+    # Clock skew allowed on SigV4 requests signed with a virtual key.
+    sigv4_max_skew: int = 900
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -130,7 +141,7 @@ def _coerce(name: str, type_: Any, value: Any) -> Any:
                 value = [item.strip() for item in value.split(",") if item.strip()]
             if not isinstance(value, list):
                 raise ValueError
-            return [str(v).lower() for v in value]
+            return [str(v) for v in value]
         return None if value is None else str(value)
     except (TypeError, ValueError):
         raise ConfigError(
@@ -161,5 +172,14 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"config error: {missing}: tls_cert and tls_key must be set together")
     if s.http_port is not None and (not 0 < s.http_port < 65536 or s.http_port == s.port):
         raise ConfigError(f"config error: http_port: {s.http_port} must be a free TCP port")
+    s.auth_headers = [h.lower() for h in s.auth_headers]
+    if s.key_cache_ttl < 0:
+        raise ConfigError("config error: key_cache_ttl: must not be negative")
+    if s.database_url is not None and not s.database_url.startswith(
+        ("postgres://", "postgresql://")
+    ):
+        raise ConfigError("config error: database_url: must be a postgresql:// URL")
+    if s.secret_key is not None and len(s.secret_key) < 16:
+        raise ConfigError("config error: secret_key: must be at least 16 characters")
     if s.master_key is not None and len(s.master_key) < 8:
         raise ConfigError("config error: master_key: must be at least 8 characters")

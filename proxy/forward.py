@@ -20,9 +20,9 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from . import errors, eventstream, sigv4
+from . import errors, eventstream, policy, sigv4
 from .accesslog import AccessLog
-from .auth import Authenticator
+from .auth import Authenticator, SignedRequest
 from .config import Settings
 from .credentials import CredentialProvider, NoCredentialsError
 from .endpoints import Endpoints, Upstream, valid_region
@@ -46,6 +46,9 @@ class RequestBody:
     data: bytes | list[bytes]
     size: int
     sha256: str
+
+    def joined(self) -> bytes:
+        return self.data if isinstance(self.data, bytes) else b"".join(self.data)
 
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
         if isinstance(self.data, bytes):
@@ -163,11 +166,19 @@ class Forwarder:
         model = match.labels.get("modelId")
         if model is not None:
             record["model"] = model
-        identity = await self._auth.authenticate(request)
-        record["identity"] = identity.alias or identity.kind
+        self._auth.precheck(request)
         upstream = self._endpoints.resolve(op.service, self._client_region(request))
         body = await self._read_body(request)
         record["bytes_in"] = body.size
+        client_path, _, _ = request.raw_path.partition("?")
+        identity = await self._auth.authenticate(
+            request, SignedRequest(request.method, client_path, query, body.sha256)
+        )
+        record["identity"] = identity.key_id or identity.kind
+        spec = identity.spec
+        if spec is not None:
+            needed = policy.needs_body(spec, op)
+            policy.check(spec, op, match.labels, request.headers, body.joined() if needed else None)
         headers = await self._upstream_headers(request, match, upstream, query, body)
         url = URL(
             upstream.origin + upstream.base_path + match.path + ("?" + query if query else ""),

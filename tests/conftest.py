@@ -121,8 +121,13 @@ ProxyFactory = Callable[..., Server]
 
 
 @pytest.fixture(scope="session")
-def start_proxy(bg: BackgroundLoop, fake_server: tuple[FakeBedrock, str]) -> Iterator[ProxyFactory]:
+def start_proxy(
+    bg: BackgroundLoop,
+    fake_server: tuple[FakeBedrock, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ProxyFactory]:
     started: list[Server] = []
+    store_dir = tmp_path_factory.mktemp("stores")
 
     def factory(**overrides: Any) -> Server:
         env = overrides.pop("env", {})
@@ -135,6 +140,7 @@ def start_proxy(bg: BackgroundLoop, fake_server: tuple[FakeBedrock, str]) -> Ite
             "connect_timeout": 2.0,
             "first_byte_timeout": 5.0,
             "idle_timeout": 5.0,
+            "sqlite_path": str(store_dir / f"proxy-{len(started)}.db"),
         }
         values.update(overrides)
         settings = load_settings(env=env, overrides=values)
@@ -189,3 +195,6 @@ def boto_client(
     if key is not None:
         with_key_header(client, key, header)
     return client
+
+
+from tests.stores import pg_database, store_settings  # noqa: E402, F401  (shared fixtures)

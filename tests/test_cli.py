@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ def server_env(fake_url: str, **extra: str) -> dict[str, str]:
         AWS_REGION=REGION,
         AWS_ENDPOINT_URL=fake_url,
         BEDROCK_PROXY_MASTER_KEY=MASTER_KEY,
+        BEDROCK_PROXY_SQLITE_PATH=os.path.join(tempfile.mkdtemp(), "proxy.db"),
     )
     env.update(extra)
     return env

@@ -1,0 +1,78 @@
+"""PostgreSQL through an asyncpg pool, for replicas that share keys and the ledger."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+
+from .base import Store, StoreConflict
+from .migrations import statements
+
+# pg_advisory_xact_lock key: one migrator at a time across every replica.
+_MIGRATION_LOCK = 0x62_70_6D_69_67  # "bpmig"
+
+
+class PostgresStore(Store):
+    dialect = "postgres"
+
+    def __init__(self, url: str, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = url
+        self._min = min_size
+        self._max = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self.url, min_size=self._min, max_size=self._max, command_timeout=30
+        )
+        await self.migrate()
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        assert self._pool is not None
+        try:
+            status = await self._pool.execute(sql, *args)
+        except asyncpg.UniqueViolationError as exc:
+            raise StoreConflict(str(exc)) from None
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.executemany(sql, rows)
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        assert self._pool is not None
+        return [dict(r) for r in await self._pool.fetch(sql, *args)]
+
+    async def apply_migrations(self, migrations: list[tuple[int, Any]]) -> list[int]:
+        assert self._pool is not None
+        applied: list[int] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS bp_schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            done = {
+                r["version"] for r in await conn.fetch("SELECT version FROM bp_schema_migrations")
+            }
+            for version, migration in migrations:
+                if version in done:
+                    continue
+                for statement in statements(migration, self.dialect):
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO bp_schema_migrations (version, applied_at) VALUES ($1, $2)",
+                    version,
+                    time.time(),
+                )
+                applied.append(version)
+        return applied

@@ -1,0 +1,112 @@
+"""SQLite: zero setup, one file, WAL mode. Every call runs on one dedicated thread, so the
+event loop never blocks on disk and the connection is only ever used from one thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .base import Store, StoreConflict
+from .migrations import statements
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+class SqliteStore(Store):
+    dialect = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="bedrock-proxy-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._sql: dict[str, str] = {}
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _translate(self, sql: str) -> str:
+        out = self._sql.get(sql)
+        if out is None:
+            out = self._sql[sql] = _PLACEHOLDER.sub(r"?\1", sql)
+        return out
+
+    async def open(self) -> None:
+        await self._run(self._connect)
+        await self.migrate()
+
+    def _connect(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._run(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return await self._run(self._execute, self._translate(sql), args)
+
+    def _execute(self, sql: str, args: tuple[Any, ...]) -> int:
+        assert self._conn is not None
+        try:
+            return self._conn.execute(sql, args).rowcount
+        except sqlite3.IntegrityError as exc:
+            raise StoreConflict(str(exc)) from None
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await self._run(self._executemany, self._translate(sql), rows)
+
+    def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        assert self._conn is not None
+        with self._conn:  # one transaction for the batch
+            self._conn.execute("BEGIN")
+            self._conn.executemany(sql, rows)
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        return await self._run(self._fetch, self._translate(sql), args)
+
+    def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        assert self._conn is not None
+        return [dict(row) for row in self._conn.execute(sql, args).fetchall()]
+
+    async def apply_migrations(self, migrations: list[tuple[int, Any]]) -> list[int]:
+        return await self._run(self._apply, migrations)
+
+    def _apply(self, migrations: list[tuple[int, Any]]) -> list[int]:
+        conn = self._conn
+        assert conn is not None
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bp_schema_migrations"
+            " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        applied: list[int] = []
+        conn.execute("BEGIN IMMEDIATE")  # one migrator at a time across processes
+        try:
+            done = {r[0] for r in conn.execute("SELECT version FROM bp_schema_migrations")}
+            for version, migration in migrations:
+                if version in done:
+                    continue
+                for statement in statements(migration, self.dialect):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO bp_schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, time.time()),
+                )
+                applied.append(version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return applied

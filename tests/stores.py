@@ -1,0 +1,61 @@
+"""The store backends the suite runs against: SQLite always, PostgreSQL on the machine's
+server (127.0.0.1:5432). Outside CI an unreachable PostgreSQL skips with the reason; under
+CI=true it fails, so a green run always means both were tested."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("BEDROCK_PROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def unreachable(service: str, reason: str) -> None:
+    message = f"{service} is not reachable: {reason}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (required under CI=true)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_database(bg) -> Iterator[str]:
+    """A fresh database for this test session, dropped at the end."""
+    import asyncpg
+
+    name = f"bp_test_{secrets.token_hex(4)}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+            await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        finally:
+            await conn.close()
+
+    try:
+        bg.run(create(), timeout=15)
+    except Exception as exc:  # OSError, asyncpg errors, timeouts
+        unreachable("PostgreSQL at 127.0.0.1:5432", f"{type(exc).__name__}: {exc}")
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    bg.run(drop(), timeout=15)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def store_settings(request, tmp_path_factory) -> dict[str, str]:
+    """Settings that point a proxy at one backend; proxies given the same dict share it."""
+    if request.param == "sqlite":
+        return {"sqlite_path": str(tmp_path_factory.mktemp("sqlite") / "keys.db")}
+    return {"database_url": request.getfixturevalue("pg_database")}
