@@ -101,7 +101,7 @@ def test_admin_lifecycle(vk_proxy):
     assert status == 400 and "already in use" in dup["message"]
     status, deleted = admin(vk_proxy, "POST", "/key/delete", {"keys": [key["key"]]})
     assert deleted == {"deleted_keys": [key["key_id"]]}
-    status, gone = admin(vk_proxy, "GET", f"/key/info?key={key['key_id']}")
+    status, _gone = admin(vk_proxy, "GET", f"/key/info?key={key['key_id']}")
     assert status == 404
 
 
@@ -337,7 +337,7 @@ def test_model_in_body_is_checked(vk_proxy, fake):
             outputDataConfig={"s3OutputDataConfig": {"s3Uri": "s3://out/"}},
         )
     # A body naming modelId twice cannot smuggle a second model past the check.
-    status, headers, body = curl(
+    status, headers, _body = curl(
         vk_proxy.base + "/model-invocation-job",
         "-H",
         f"Authorization: Bearer {key['key']}",
