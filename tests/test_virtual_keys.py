@@ -421,3 +421,37 @@ def test_secret_key_rotation_keeps_client_secrets(start_proxy, tmp_path, fake):
     for wal in tmp_path.glob("rotation.db-wal"):
         raw += wal.read_bytes()
     assert key["key"].encode() not in raw and key["secret_access_key"].encode() not in raw
+
+
+# ---------------------------------------------------------------- store and CLI
+
+
+async def test_migrations_apply_once(store_settings):
+    from proxy.store import open_store
+
+    first = open_store(store_settings.get("database_url"), store_settings.get("sqlite_path", ""))
+    await first.open()
+    assert await first.migrate() == []  # already at the latest version
+    await first.close()
+
+
+def test_keys_command_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDROCK_PROXY_")}
+    env.update(
+        BEDROCK_PROXY_MASTER_KEY=MASTER_KEY, BEDROCK_PROXY_SQLITE_PATH=str(tmp_path / "k.db")
+    )
+    cli = [os.path.join(os.path.dirname(sys.executable), "bedrock-proxy"), "keys"]
+
+    def run(*args: str) -> dict:
+        out = subprocess.run([*cli, *args], env=env, capture_output=True, timeout=30)
+        assert out.returncode == 0, out.stderr.decode()
+        return json.loads(out.stdout)
+
+    created = run("create", "--alias", "cli-key", "--models", "anthropic.*,amazon.*", "--rpm", "5")
+    assert created["models"] == ["anthropic.*", "amazon.*"] and created["key"].startswith("sk-bp-")
+    assert run("info", "cli-key")["info"]["rpm_limit"] == 5
+    assert run("update", "cli-key", "--block")["blocked"] is True
+    assert [k["key_alias"] for k in run("list")["keys"]] == ["cli-key"]
+    assert run("revoke", created["key"]) == {"deleted_keys": [created["key_id"]]}
+    out = subprocess.run([*cli, "info", "cli-key"], env=env, capture_output=True, timeout=30)
+    assert out.returncode == 1 and b"ResourceNotFoundException" in out.stderr
