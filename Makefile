@@ -40,6 +40,11 @@ test: install
 	$(VENV)/bin/ruff check proxy tests
 	$(PY) -m pytest
 
+# A benchmark, not a test: one table, and bench-results.json to compare commits.
+bench: install
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx-light)
+	$(PY) tests/benchmark.py --out bench-results.json
+
 lint: install
 	$(VENV)/bin/ruff check proxy tests
 	$(VENV)/bin/ruff format --check proxy tests

@@ -60,10 +60,17 @@ class _Route:
     parts: tuple[str, ...]  # literal, label, literal, label, ..., literal
 
 
+_CACHE_MAX = 4096
+
+
 class Router:
-    """Matches (method, raw path) against every operation of the configured services."""
+    """Matches (method, raw path) against every operation of the configured services.
+
+    Clients call the same few paths over and over, so answers are cached (bounded).
+    """
 
     def __init__(self, operations: list[Operation]) -> None:
+        self._cache: dict[tuple[str, str], RouteMatch | None] = {}
         self._table: dict[tuple[str, str], list[_Route]] = {}
         self.operations = operations
         for op in operations:
@@ -76,6 +83,18 @@ class Router:
 
     def match(self, method: str, raw_path: str) -> RouteMatch | None:
         """Match a raw path (no query string) relative to the /bedrock base."""
+        key = (method, raw_path)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        found = self._match(method, raw_path)  # raises on invalid labels: never cached
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[key] = found
+        return found
+
+    def _match(self, method: str, raw_path: str) -> RouteMatch | None:
         first = raw_path.lstrip("/").split("/", 1)[0]
         routes = self._table.get((method, first))
         if not routes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,8 +36,18 @@ class Credentials:
         return f"Credentials(access_key={self.access_key[:4]}…)"
 
 
+_last_date: tuple[int, str] = (0, "")
+
+
 def amz_date(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    """The X-Amz-Date for now; formatted once per second, not once per request."""
+    global _last_date
+    if now is not None:
+        return now.strftime("%Y%m%dT%H%M%SZ")
+    second = int(time.time())
+    if _last_date[0] != second:
+        _last_date = (second, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second)))
+    return _last_date[1]
 
 
 def signing_key(secret: str, day: str, region: str, service: str) -> bytes:
@@ -54,13 +65,23 @@ def signing_key(secret: str, day: str, region: str, service: str) -> bytes:
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+    return hmac.digest(key, msg.encode(), "sha256")
+
+
+_uri_cache: dict[str, str] = {}
 
 
 def canonical_uri(raw_path: str, double_encode: bool = True) -> str:
     if not raw_path:
         return "/"
-    return quote(raw_path, safe="/~") if double_encode else raw_path
+    if not double_encode:
+        return raw_path
+    uri = _uri_cache.get(raw_path)
+    if uri is None:
+        if len(_uri_cache) >= _KEY_CACHE_MAX * 16:
+            _uri_cache.clear()
+        uri = _uri_cache[raw_path] = quote(raw_path, safe="/~")
+    return uri
 
 
 def canonical_query(raw_query: str) -> str:
@@ -131,10 +152,10 @@ def sign(
         method, raw_path, raw_query, headers, names, payload_hash, double_encode
     )
     key = signing_key(credentials.secret_key, date[:8], region, service)
-    signature = hmac.new(key, _string_to_sign(date, scope, canonical).encode(), hashlib.sha256)
+    signature = hmac.digest(key, _string_to_sign(date, scope, canonical).encode(), "sha256")
     return (
         f"{ALGORITHM} Credential={credentials.access_key}/{scope}, "
-        f"SignedHeaders={';'.join(names)}, Signature={signature.hexdigest()}"
+        f"SignedHeaders={';'.join(names)}, Signature={signature.hex()}"
     )
 
 

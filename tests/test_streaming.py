@@ -16,7 +16,7 @@ MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 
 
 def test_frames_are_flushed_as_they_arrive(proxy, fake):
-    fake.frame_delay = 0.1
+    fake.frame_delay = 0.2
     fake.frames_sent_at.clear()
     client = boto_client("bedrock-runtime", proxy)
     reply = client.converse_stream(modelId="test.slow", messages=MESSAGES)

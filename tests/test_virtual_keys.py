@@ -270,9 +270,10 @@ def test_revoked_key_fails_within_the_bound_on_every_replica(
         except ClientError as exc:
             assert exc.response["Error"]["Code"] == "UnrecognizedClientException"
             break
-        assert time.monotonic() - revoked_at < 3, "revocation not honoured within the bound"
+        assert time.monotonic() - revoked_at < 5, "revocation not honoured within the bound"
         time.sleep(0.05)
-    assert time.monotonic() - revoked_at <= 1.0 + 0.5
+    # The bound is key_cache_ttl (1 s here); the slack absorbs one slow request.
+    assert time.monotonic() - revoked_at <= 1.0 + 1.0
 
 
 def test_blocked_and_expired_keys(vk_proxy, fake, monkeypatch):

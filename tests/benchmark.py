@@ -1,0 +1,690 @@
+"""``make bench``: one table from one run, everything measured side by side on this machine.
+
+- Throughput and latency with wrk at 1 and 32 connections: a static upstream stub directly,
+  the same stub through the proxy (virtual-key auth, SigV4 signing, access log on), and
+  through a plain nginx ``proxy_pass`` hop when nginx is installed.
+- Streaming: N concurrent ConverseStream calls against an upstream that paces frames, direct
+  and through the proxy: added time to first byte, added per-frame delay, proxy RSS per
+  open stream, proxy CPU per 1,000 frames.
+- Large bodies: a 25 MiB InvokeModel body, direct and through the proxy: time, and the
+  proxy's peak RSS over idle.
+
+Results go to a JSON file as well (``--out``), with the machine's core count, so runs can be
+compared between commits. Every server listens on 127.0.0.1; every phase is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent / "bedrock-proxy"
+MASTER = "sk-bench-master-key-000000"
+MODEL = "anthropic.claude-3-haiku-20240307-v1%3A0"
+CONVERSE_BODY = '{"messages":[{"role":"user","content":[{"text":"Hello"}]}]}'
+CONVERSE_REPLY = (
+    '{"output":{"message":{"role":"assistant","content":[{"text":"Hi there"}]}},'
+    '"stopReason":"end_turn","usage":{"inputTokens":11,"outputTokens":7,"totalTokens":18},'
+    '"metrics":{"latencyMs":42}}'
+)
+TARGETS = {
+    "proxy_rps_32": ">= 4000",
+    "added_p50_ms_1": "<= 0.4",
+    "stream_added_ttfb_p50_ms_5000": "<= 2",
+    "stream_rss_kib_per_stream_5000": "<= 30",
+    "large_body_peak_ratio": "<= 2.5",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
+
+
+# ------------------------------------------------------------------ processes
+
+
+@contextlib.contextmanager
+def process(
+    args: list[str], port: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def nginx_config(workdir: Path, stub_port: int, hop_port: int) -> Path:
+    reply = CONVERSE_REPLY.replace("'", "\\'")
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{stub_port} reuseport;
+        location / {{ default_type application/json; return 200 '{reply}'; }}
+    }}
+    upstream stub {{ server 127.0.0.1:{stub_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{hop_port};
+        location / {{
+            proxy_pass http://stub;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def proxy_env(workdir: Path, upstream: str, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BEDROCK_PROXY_"))}
+    env.update(
+        AWS_ACCESS_KEY_ID="AKIDBENCHMARK0000001",
+        AWS_SECRET_ACCESS_KEY="bench-secret-key-bench-secret-key-000000",
+        AWS_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_ENDPOINT_URL=upstream,
+        BEDROCK_PROXY_MASTER_KEY=MASTER,
+        BEDROCK_PROXY_HOST="127.0.0.1",
+        BEDROCK_PROXY_PORT=str(port),
+        BEDROCK_PROXY_SQLITE_PATH=str(workdir / "bench.db"),
+        BEDROCK_PROXY_LOG_LEVEL="warning",
+    )
+    return env
+
+
+def create_virtual_key(env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [str(BIN), "keys", "create", "--alias", f"bench-{os.getpid()}-{time.time_ns()}"],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return json.loads(out.stdout)["key"]
+
+
+# ------------------------------------------------------------------ /proc readings
+
+
+def rss_kib(pid: int) -> int:
+    return _status_field(pid, "VmRSS")
+
+
+def peak_rss_kib(pid: int) -> int:
+    return _status_field(pid, "VmHWM")
+
+
+def reset_peak_rss(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status_field(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise KeyError(name)
+
+
+# ------------------------------------------------------------------ wrk
+
+
+def steal_counters() -> tuple[int, int]:
+    """(stolen, total) jiffies for all CPUs: how much of the run the hypervisor took."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7], sum(fields)
+
+
+def wrk(
+    url: str,
+    connections: int,
+    seconds: int,
+    headers: dict[str, str],
+    workdir: Path,
+    server_pid: int | None = None,
+) -> dict:
+    script = workdir / "post.lua"
+    lines = ['wrk.method = "POST"', f"wrk.body = '{CONVERSE_BODY}'"]
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    script.write_text("\n".join(lines) + "\n")
+    steal_before = steal_counters()
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
+    steal_after = steal_counters()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    result = {
+        "rps": rps,
+        "p50_ms": _wrk_latency(out, "50%"),
+        "p99_ms": _wrk_latency(out, "99%"),
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+        "steal_pct": 100
+        * (steal_after[0] - steal_before[0])
+        / max(1, steal_after[1] - steal_before[1]),
+    }
+    if server_pid:
+        result["cpu_us_per_req"] = (cpu_seconds(server_pid) - cpu_before) * 1e6 / max(requests, 1)
+    return result
+
+
+def _wrk_latency(out: str, label: str) -> float:
+    m = re.search(rf"{re.escape(label)}\s+([\d.]+)(us|ms|s)\b", out)
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+# ------------------------------------------------------------------ paced stream upstream
+
+
+def run_stream_stub(port: int, frames: int, interval: float) -> None:
+    """An upstream whose streams send one frame every ``interval`` s, each stamped with
+    its send time, and whose InvokeModel reads the whole body."""
+    import orjson
+    from aiohttp import web
+
+    from proxy.eventstream import encode_frame
+
+    async def converse_stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/vnd.amazon.eventstream"}
+        )
+        await response.prepare(request)
+        for i in range(frames):
+            if i:
+                await asyncio.sleep(interval)
+            payload = orjson.dumps(
+                {"contentBlockIndex": 0, "delta": {"text": "x"}, "t": time.time()}
+            )
+            await response.write(
+                encode_frame(
+                    {
+                        ":event-type": "contentBlockDelta",
+                        ":content-type": "application/json",
+                        ":message-type": "event",
+                    },
+                    payload,
+                )
+            )
+        await response.write_eof()
+        return response
+
+    async def invoke(request: web.Request) -> web.Response:
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+        return web.json_response({"received": size})
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_post("/model/{model}/converse-stream", converse_stream)
+    app.router.add_post("/model/{model}/invoke", invoke)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=8192)
+
+
+async def drive_streams(url: str, count: int, ramp: float, headers: dict[str, str]) -> dict:
+    import aiohttp
+
+    from proxy.eventstream import FrameSplitter, iter_frames
+
+    ttfb: list[float] = []
+    frame_delays: list[float] = []
+    failures = 0
+
+    async def one(session: aiohttp.ClientSession, delay: float) -> None:
+        nonlocal failures
+        await asyncio.sleep(delay)
+        splitter = FrameSplitter()
+        started = time.perf_counter()
+        try:
+            async with session.post(url, data=CONVERSE_BODY, headers=headers) as response:
+                first = True
+                async for chunk in response.content.iter_any():
+                    now = time.time()
+                    if first:
+                        ttfb.append((time.perf_counter() - started) * 1000)
+                        first = False
+                    for frame in iter_frames(splitter.feed(chunk)):
+                        sent = json.loads(frame.payload)["t"]
+                        frame_delays.append((now - sent) * 1000)
+                if response.status != 200:
+                    failures += 1
+        except Exception:
+            failures += 1
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(one(session, ramp * i / count) for i in range(count)))
+    return {"ttfb": ttfb, "frame_delays": frame_delays, "failures": failures}
+
+
+def stream_phase(
+    url: str,
+    count: int,
+    headers: dict[str, str],
+    proxy_pid: int | None,
+    frames: int,
+    interval: float,
+) -> dict:
+    ramp = max(0.5, count / 2500)
+    sample: dict[str, int] = {}
+
+    async def run() -> dict:
+        if proxy_pid is not None:
+            idle = rss_kib(proxy_pid)
+
+            async def sample_rss() -> None:
+                # All streams are open once the ramp is over and before the first ones end.
+                await asyncio.sleep(ramp + interval / 2)
+                sample["open"] = rss_kib(proxy_pid)
+                sample["idle"] = idle
+
+            sampler = asyncio.create_task(sample_rss())
+        cpu_before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+        result = await drive_streams(url, count, ramp, headers)
+        if proxy_pid is not None:
+            await sampler
+            result["cpu_s"] = cpu_seconds(proxy_pid) - cpu_before
+        return result
+
+    result = asyncio.run(run())
+    result.update(sample)
+    return result
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ------------------------------------------------------------------ large body
+
+
+def large_body_phase(
+    direct: str, proxied: str, headers: dict[str, str], proxy_pid: int, size: int
+) -> dict:
+    import urllib.request
+
+    body = os.urandom(size)
+
+    def post(url: str, extra: dict[str, str]) -> float:
+        request = urllib.request.Request(
+            url,
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/octet-stream", **extra},
+        )
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert json.loads(response.read())["received"] == size
+        return time.perf_counter() - started
+
+    direct_s = min(post(direct, {}) for _ in range(3))
+    idle = rss_kib(proxy_pid)
+    reset_peak_rss(proxy_pid)
+    proxied_s = min(post(proxied, headers) for _ in range(3))
+    peak = peak_rss_kib(proxy_pid)
+    return {
+        "direct_s": direct_s,
+        "proxy_s": proxied_s,
+        "idle_rss_mib": idle / 1024,
+        "peak_over_idle_mib": (peak - idle) / 1024,
+        "peak_ratio": (peak - idle) * 1024 / size,
+    }
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench-results.json")
+    parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per target; the best counts")
+    parser.add_argument("--streams", default="100,1000,5000")
+    parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between frames")
+    parser.add_argument("--body-mib", type=int, default=25)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk is not installed (apt-get install -y wrk nginx-light)", file=sys.stderr)
+        return 2
+    results: dict = {
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "commit": _commit(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "targets": TARGETS,
+    }
+    with tempfile.TemporaryDirectory(prefix="bedrock-proxy-bench-") as tmp:
+        workdir = Path(tmp)
+        results["http"] = http_phase(workdir, args.seconds, args.repeat)
+        results["streams"], results["large_body"] = stream_and_body_phases(workdir, args)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nresults written to {args.out}")
+    return 0
+
+
+def http_phase(workdir: Path, seconds: int, repeat: int) -> dict:
+    have_nginx = shutil.which("nginx") is not None
+    stub_port, hop_port, proxy_port = free_port(), free_port(), free_port()
+    out: dict = {"nginx": have_nginx}
+    stub_cmd: list[str]
+    if have_nginx:
+        stub_cmd = [
+            "nginx",
+            "-c",
+            str(nginx_config(workdir, stub_port, hop_port)),
+            "-p",
+            str(workdir),
+        ]
+    else:  # a Python stub: slower, so the proxy's numbers are understated
+        stub_cmd = [sys.executable, __file__, "stub", "--port", str(stub_port)]
+    env = proxy_env(workdir, f"http://127.0.0.1:{stub_port}", proxy_port)
+    token = create_virtual_key(env)
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    thin_port = free_port()
+    thin_cmd = [
+        sys.executable,
+        __file__,
+        "thin",
+        "--port",
+        str(thin_port),
+        "--upstream",
+        f"http://127.0.0.1:{stub_port}",
+    ]
+    with (
+        process(stub_cmd, stub_port),
+        process([str(BIN), "serve"], proxy_port, env) as proxy,
+        process(thin_cmd, thin_port) as thin,
+    ):
+        targets = {
+            "direct": (f"http://127.0.0.1:{stub_port}/model/{MODEL}/converse", None),
+            "thin": (f"http://127.0.0.1:{thin_port}/model/{MODEL}/converse", thin.pid),
+            "proxy": (f"http://127.0.0.1:{proxy_port}/bedrock/model/{MODEL}/converse", proxy.pid),
+        }
+        if have_nginx:
+            targets["nginx"] = (f"http://127.0.0.1:{hop_port}/model/{MODEL}/converse", None)
+        for url, _ in targets.values():
+            wrk(url, 32, 2, auth, workdir)  # warm up
+        # Interleaved and repeated, keeping each target's best run: on a machine whose
+        # hypervisor steals CPU in bursts, the best run is the least disturbed one.
+        for connections in (1, 32):
+            for _ in range(repeat):
+                for name, (url, pid) in targets.items():
+                    run = wrk(url, connections, seconds, auth, workdir, pid)
+                    best = out.get(f"{name}_{connections}")
+                    if best is None or run["rps"] > best["rps"]:
+                        out[f"{name}_{connections}"] = run
+        out["proxy_rss_mib"] = rss_kib(proxy.pid) / 1024
+    return out
+
+
+def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dict, dict]:
+    stub_port, proxy_port = free_port(), free_port()
+    stub_cmd = [
+        sys.executable,
+        __file__,
+        "stream-stub",
+        "--port",
+        str(stub_port),
+        "--frames",
+        str(args.frames),
+        "--interval",
+        str(args.interval),
+    ]
+    env = proxy_env(workdir, f"http://127.0.0.1:{stub_port}", proxy_port)
+    env["BEDROCK_PROXY_MAX_BODY_BYTES"] = str(64 * 1024 * 1024)
+    token = create_virtual_key(env)
+    auth = {"Authorization": f"Bearer {token}"}
+    streams: dict = {}
+    with process(stub_cmd, stub_port), process([str(BIN), "serve"], proxy_port, env) as proxy:
+        for count in (int(n) for n in args.streams.split(",")):
+            direct = stream_phase(
+                f"http://127.0.0.1:{stub_port}/model/{MODEL}/converse-stream",
+                count,
+                {},
+                None,
+                args.frames,
+                args.interval,
+            )
+            proxied = stream_phase(
+                f"http://127.0.0.1:{proxy_port}/bedrock/model/{MODEL}/converse-stream",
+                count,
+                auth,
+                proxy.pid,
+                args.frames,
+                args.interval,
+            )
+            frames = len(proxied["frame_delays"])
+            streams[str(count)] = {
+                "failures": proxied["failures"] + direct["failures"],
+                "ttfb_direct_p50_ms": pct(direct["ttfb"], 0.5),
+                "ttfb_proxy_p50_ms": pct(proxied["ttfb"], 0.5),
+                "added_ttfb_p50_ms": pct(proxied["ttfb"], 0.5) - pct(direct["ttfb"], 0.5),
+                "added_ttfb_p99_ms": pct(proxied["ttfb"], 0.99) - pct(direct["ttfb"], 0.99),
+                "added_frame_delay_p50_ms": pct(proxied["frame_delays"], 0.5)
+                - pct(direct["frame_delays"], 0.5),
+                "added_frame_delay_p99_ms": pct(proxied["frame_delays"], 0.99)
+                - pct(direct["frame_delays"], 0.99),
+                "rss_kib_per_stream": (proxied["open"] - proxied["idle"]) / count,
+                "cpu_ms_per_1000_frames": proxied["cpu_s"] * 1000 / max(frames, 1) * 1000,
+                "frames": frames,
+            }
+        body = large_body_phase(
+            f"http://127.0.0.1:{stub_port}/model/{MODEL}/invoke",
+            f"http://127.0.0.1:{proxy_port}/bedrock/model/{MODEL}/invoke",
+            auth,
+            proxy.pid,
+            args.body_mib * 1024 * 1024,
+        )
+    return streams, body
+
+
+def print_table(r: dict) -> None:
+    h = r["http"]
+    print(f"\nbedrock-proxy benchmark · {r['cores']} cores · Python {r['python']} · {r['commit']}")
+    print("steal % is CPU time the hypervisor took during the run: high values mean noise")
+    print("\nThroughput and latency (wrk, small Converse; proxy: virtual key, SigV4, access log)")
+    print("(thin: the thinnest aiohttp pass-through, read body, forward, return; the ceiling)")
+    print(
+        f"{'target':<8}{'conns':>6}{'req/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
+        f"{'CPU us/req':>12}{'steal %':>9}"
+    )
+    for name in ("direct", "thin", "proxy", "nginx"):
+        for c in (1, 32):
+            row = h.get(f"{name}_{c}")
+            if row:
+                cpu = f"{row['cpu_us_per_req']:.0f}" if "cpu_us_per_req" in row else "-"
+                print(
+                    f"{name:<8}{c:>6}{row['rps']:>11.0f}{row['p50_ms']:>9.3f}"
+                    f"{row['p99_ms']:>9.3f}{row['errors']:>9}{cpu:>12}{row['steal_pct']:>9.0f}"
+                )
+    for c in (1, 32):
+        proxy = h[f"proxy_{c}"]["rps"]
+        line = f"@{c}: proxy/direct {proxy / h[f'direct_{c}']['rps']:.2f}"
+        line += f"   proxy/thin {proxy / h[f'thin_{c}']['rps']:.2f}"
+        if h.get(f"nginx_{c}"):
+            line += f"   proxy/nginx {proxy / h[f'nginx_{c}']['rps']:.2f}"
+        print(line)
+    print(
+        f"CPU per request, proxy/thin: "
+        f"{h['proxy_32']['cpu_us_per_req'] / h['thin_32']['cpu_us_per_req']:.2f}"
+    )
+    added = h["proxy_1"]["p50_ms"] - h["direct_1"]["p50_ms"]
+    print(
+        f"added p50 latency @1: {added:.3f} ms   proxy RSS after load: {h['proxy_rss_mib']:.0f} MiB"
+    )
+    print("\nStreaming (ConverseStream, paced frames)")
+    print(
+        f"{'streams':>8}{'+TTFB p50':>11}{'+TTFB p99':>11}{'+frame p50':>12}{'+frame p99':>12}"
+        f"{'KiB/stream':>12}{'CPU ms/1k fr':>14}{'fail':>6}"
+    )
+    for count, s in r["streams"].items():
+        print(
+            f"{count:>8}{s['added_ttfb_p50_ms']:>11.2f}{s['added_ttfb_p99_ms']:>11.2f}"
+            f"{s['added_frame_delay_p50_ms']:>12.2f}{s['added_frame_delay_p99_ms']:>12.2f}"
+            f"{s['rss_kib_per_stream']:>12.1f}{s['cpu_ms_per_1000_frames']:>14.1f}{s['failures']:>6}"
+        )
+    b = r["large_body"]
+    print(
+        f"\nLarge body (InvokeModel): direct {b['direct_s']:.3f} s, "
+        f"proxy {b['proxy_s']:.3f} s, peak RSS over idle {b['peak_over_idle_mib']:.1f} MiB "
+        f"({b['peak_ratio']:.2f}x the body)"
+    )
+    print("\nTargets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
+
+
+def _commit() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=HERE,
+                timeout=5,
+            ).stdout.strip()
+            or "unknown"
+        )
+    except OSError:
+        return "unknown"
+
+
+def run_static_stub(port: int) -> None:
+    from aiohttp import web
+
+    body = CONVERSE_REPLY.encode()
+
+    async def reply(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", reply)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def run_thin_hop(port: int, upstream: str) -> None:
+    """The thinnest aiohttp pass-through: the ceiling any aiohttp proxy can reach here."""
+    import aiohttp
+    from aiohttp import web
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        async with request.app["session"].post(
+            upstream + request.raw_path,
+            data=body,
+            headers={"Content-Type": request.headers.get("Content-Type", "")},
+        ) as response:
+            data = await response.read()
+            return web.Response(
+                body=data, status=response.status, content_type=response.content_type
+            )
+
+    async def session_ctx(app: web.Application):
+        app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        yield
+        await app["session"].close()
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    if len(sys.argv) > 1 and sys.argv[1] in ("stub", "stream-stub", "thin"):
+        sub = argparse.ArgumentParser()
+        sub.add_argument("kind")
+        sub.add_argument("--port", type=int, required=True)
+        sub.add_argument("--frames", type=int, default=10)
+        sub.add_argument("--interval", type=float, default=0.5)
+        sub.add_argument("--upstream")
+        a = sub.parse_args()
+        if a.kind == "stub":
+            run_static_stub(a.port)
+        elif a.kind == "thin":
+            run_thin_hop(a.port, a.upstream)
+        else:
+            run_stream_stub(a.port, a.frames, a.interval)
+        sys.exit(0)
+    sys.exit(main())
