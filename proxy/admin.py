@@ -1,6 +1,7 @@
 """The admin API, LiteLLM-compatible so people can move over: /key/generate, /key/info,
-/key/update, /key/delete, /key/list, /key/regenerate. Master key only, except that a
-virtual key may read its own /key/info."""
+/key/update, /key/delete, /key/list, /key/regenerate; spend reports (/spend/logs,
+/spend/report) and named limits (/limit/*). Master key only, except that a virtual key may
+read its own /key/info, totals included."""
 
 from __future__ import annotations
 
@@ -13,14 +14,23 @@ from aiohttp import web
 from . import errors
 from .auth import Authenticator
 from .keyservice import KeyService
+from .reports import Reports
 
 Handler = Callable[[web.Request], Awaitable[Any]]
 
 
 class AdminApi:
-    def __init__(self, service: KeyService | None, auth: Authenticator) -> None:
+    def __init__(
+        self,
+        service: KeyService | None,
+        auth: Authenticator,
+        reports: Reports,
+        on_limit_change: Callable[[str], None] | None = None,
+    ) -> None:
         self._service = service
         self._auth = auth
+        self._reports = reports
+        self._on_limit_change = on_limit_change
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/key/generate", self._wrap(self.generate))
@@ -29,6 +39,13 @@ class AdminApi:
         app.router.add_post("/key/delete", self._wrap(self.delete))
         app.router.add_get("/key/list", self._wrap(self.list))
         app.router.add_post("/key/regenerate", self._wrap(self.regenerate))
+        app.router.add_get("/spend/logs", self._wrap(self.spend_logs))
+        app.router.add_get("/spend/report", self._wrap(self.spend_report))
+        app.router.add_post("/limit/new", self._wrap(self.limit_new))
+        app.router.add_post("/limit/update", self._wrap(self.limit_update))
+        app.router.add_post("/limit/delete", self._wrap(self.limit_delete))
+        app.router.add_get("/limit/info", self._wrap(self.limit_info))
+        app.router.add_get("/limit/list", self._wrap(self.limit_list))
 
     def _wrap(self, handler: Handler, master_only: bool = True) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -58,11 +75,15 @@ class AdminApi:
         if identity.is_master:
             if not ref:
                 raise errors.validation("key is required")
-            return await self.service.info(ref)
-        assert identity.key_id is not None
-        if ref and (await self.service.find(ref)).key_id != identity.key_id:
-            raise errors.access_denied("A virtual key may only read its own info")
-        return await self.service.info(identity.key_id)
+            record = await self.service.find(ref)
+        else:
+            assert identity.key_id is not None
+            record = await self.service.find(ref or identity.key_id)
+            if record.key_id != identity.key_id:
+                raise errors.access_denied("A virtual key may only read its own info")
+        info = record.public()
+        info.update(await self._reports.key_totals(record))
+        return {"key": record.key_id, "info": info}
 
     async def update(self, request: web.Request) -> Any:
         body = await _json_body(request)
@@ -89,6 +110,43 @@ class AdminApi:
         filters = {k: query[k] for k in ("user_id", "team_id", "key_alias") if k in query}
         full = query.get("return_full_object", "false").lower() == "true"
         return await self.service.list(filters, page, size, full)
+
+    async def spend_logs(self, request: web.Request) -> Any:
+        return await self._reports.logs(dict(request.query))
+
+    async def spend_report(self, request: web.Request) -> Any:
+        query = request.query
+        return await self._reports.report(
+            query.get("group_by", "key"), query.get("start"), query.get("end")
+        )
+
+    async def limit_new(self, request: web.Request) -> Any:
+        result = await self._reports.upsert_limit(await _json_body(request), create=True)
+        self._limit_changed(result["limit_id"])
+        return result
+
+    async def limit_update(self, request: web.Request) -> Any:
+        result = await self._reports.upsert_limit(await _json_body(request), create=False)
+        self._limit_changed(result["limit_id"])
+        return result
+
+    async def limit_delete(self, request: web.Request) -> Any:
+        limit_id = (await _json_body(request)).get("limit_id")
+        if not isinstance(limit_id, str):
+            raise errors.validation("limit_id is required")
+        result = await self._reports.delete_limit(limit_id)
+        self._limit_changed(limit_id)
+        return result
+
+    async def limit_info(self, request: web.Request) -> Any:
+        return await self._reports.limit_info(request.query.get("limit_id", ""))
+
+    async def limit_list(self, request: web.Request) -> Any:
+        return await self._reports.list_limits()
+
+    def _limit_changed(self, limit_id: str) -> None:
+        if self._on_limit_change is not None:
+            self._on_limit_change(limit_id)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -16,6 +16,11 @@ from .endpoints import Endpoints, sdk_endpoint_overrides, valid_region
 from .forward import BASE_PATH, Forwarder
 from .keycache import KeyCache
 from .keyservice import KeyService
+from .ledger import Ledger
+from .limits import RedisLimiter
+from .metering import Metering
+from .pricing import PriceTable
+from .reports import Reports
 from .routing import SERVICE_NAMES, Router, load_operations
 from .secretbox import SecretBox
 from .store import Store, open_store
@@ -30,6 +35,7 @@ log = logging.getLogger("bedrock_proxy.app")
 FORWARDER = web.AppKey("forwarder", Forwarder)
 STORE = web.AppKey("store", Store)
 KEYS = web.AppKey("keys", KeyService)
+METERING = web.AppKey("metering", Metering)
 CREDENTIALS = web.AppKey("credentials", CredentialProvider)
 STATE = web.AppKey("state", dict)
 
@@ -62,6 +68,19 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         max_skew_seconds=settings.sigv4_max_skew,
     )
     keys = KeyService(store, box, cache) if box is not None and settings.master_key else None
+    try:
+        prices = PriceTable.load(settings.prices_file, settings.prices)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config error: prices_file/prices: {exc}") from None
+    metering = Metering(
+        store,
+        prices,
+        Ledger(store, settings.ledger_flush_interval),
+        settings.redis_url,
+        settings.key_cache_ttl,
+        settings.reserve_output_tokens,
+        settings.cost_headers,
+    )
     forwarder = Forwarder(
         settings,
         router,
@@ -69,17 +88,19 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         credentials,
         authenticator,
         access_log or AccessLog(settings.access_log),
+        metering,
     )
 
     app = web.Application(handler_args={"max_field_size": 65536})
     app[FORWARDER] = forwarder
     app[CREDENTIALS] = credentials
     app[STORE] = store
+    app[METERING] = metering
     app[STATE] = {"ready": False, "needs_credentials": not settings.upstream_bearer_token}
     if keys is not None:
         app[KEYS] = keys
     app.cleanup_ctx.append(_lifecycle)
-    AdminApi(keys, authenticator).add_routes(app)
+    AdminApi(keys, authenticator, Reports(store), metering.forget_limit).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/health/readiness", _readiness)
     for path in (BASE_PATH, BASE_PATH + "/{tail:.*}"):
@@ -94,6 +115,7 @@ def create_ops_app(main: web.Application) -> web.Application:
     app[STATE] = main[STATE]
     app[CREDENTIALS] = main[CREDENTIALS]
     app[STORE] = main[STORE]
+    app[METERING] = main[METERING]
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/health/readiness", _readiness)
     app.router.add_route("*", "/{tail:.*}", _unknown_route)
@@ -110,6 +132,8 @@ async def _lifecycle(app: web.Application):
         resealed = await app[KEYS].reseal_secrets()
         if resealed:
             log.info("resealed %d SigV4 secrets under the current secret_key", resealed)
+    metering = app[METERING]
+    metering.ledger.start()
     forwarder = app[FORWARDER]
     await forwarder.start()
     if app[STATE]["needs_credentials"]:
@@ -118,6 +142,7 @@ async def _lifecycle(app: web.Application):
     yield
     app[STATE]["ready"] = False
     await forwarder.close()
+    await metering.close()  # flushes the ledger
     await app[CREDENTIALS].close()
     await store.close()
 
@@ -134,6 +159,12 @@ async def _readiness(request: web.Request) -> web.Response:
         await request.app[STORE].ping()
     except Exception:
         return web.json_response({"status": "not ready", "reason": "key store"}, status=503)
+    limiter = request.app[METERING].limiter
+    if isinstance(limiter, RedisLimiter):
+        try:
+            await limiter.ping()
+        except Exception:
+            return web.json_response({"status": "not ready", "reason": "redis"}, status=503)
     if state["needs_credentials"]:
         try:
             await request.app[CREDENTIALS].get()

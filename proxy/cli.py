@@ -18,6 +18,7 @@ from .app import STATE, StartupError, create_app, create_ops_app
 from .config import ConfigError, Settings, load_settings
 from .errors import AwsError
 from .keyservice import KeyService
+from .reports import Reports
 from .secretbox import SecretBox
 from .store import open_store
 from .tls import TLSConfigError, load_chain, server_context, write_self_signed
@@ -67,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     blocking = update.add_mutually_exclusive_group()
     blocking.add_argument("--block", dest="blocked", action="store_true", default=None)
     blocking.add_argument("--unblock", dest="blocked", action="store_false")
+
+    spend = commands.add_parser("spend", help="spend report from the ledger, as a table")
+    spend.add_argument("--config", help="YAML settings file (BEDROCK_PROXY_CONFIG)")
+    spend.add_argument(
+        "--group-by",
+        default="key",
+        help="key, user, team, model, operation, tag, limit, use_case, end_user or day",
+    )
+    spend.add_argument("--start", help="ISO 8601 time or date (inclusive)")
+    spend.add_argument("--end", help="ISO 8601 time or date (exclusive)")
+    spend.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     selfsigned = commands.add_parser(
         "tls-selfsigned", help="write a self-signed certificate for localhost and 127.0.0.1"
@@ -126,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_command(args)
     if args.command == "keys":
         return _keys_command(args)
+    if args.command == "spend":
+        return _spend_command(args)
     if args.command == "tls-selfsigned":
         cert, _ = write_self_signed(args.out)
         # The two things a boto3 user needs: pass verify=, or set AWS_CA_BUNDLE.
@@ -216,6 +230,70 @@ def _keys_command(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
+
+
+def _spend_command(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"bedrock-proxy: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> dict:
+        store = open_store(settings.database_url, settings.sqlite_path)
+        await store.open()
+        try:
+            return await Reports(store).report(args.group_by, args.start, args.end)
+        finally:
+            await store.close()
+
+    try:
+        report = asyncio.run(run())
+    except AwsError as exc:
+        print(f"bedrock-proxy: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    columns = ["requests", "input_tokens", "output_tokens", "total_tokens", "cost"]
+    rows = [
+        [str(r["group"] if r["group"] is not None else "-")] + [_cell(r.get(c)) for c in columns]
+        for r in report["rows"]
+    ]
+    rows.append(["TOTAL"] + [_cell(report["totals"].get(c)) for c in columns])
+    header = [report["group_by"], *columns[:-1], "cost (USD)"]
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    unpriced = report["totals"].get("unpriced")
+    if unpriced:
+        lines.append(f"({unpriced} requests have no price: their cost is not in the totals)")
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.6f}"
+    return f"{int(value):,}" if isinstance(value, int | float) else str(value)
 
 
 async def serve(

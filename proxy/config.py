@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import yaml
 
 from .endpoints import valid_region
@@ -63,9 +64,31 @@ class Settings:
     key_cache_ttl: float = 5.0
     # Clock skew allowed on SigV4 requests signed with a virtual key.
     sigv4_max_skew: int = 900
+    # Rate-limit and budget counters shared by replicas; in-process when unset.
+    redis_url: str | None = field(default=None, repr=False)
+    # Ledger rows are written at least this often; a SIGKILL loses at most this much.
+    ledger_flush_interval: float = 1.0
+    # Extra or overriding prices: a JSON file shaped like proxy/data/prices.json, and/or
+    # {model: {input, output, cache_read, cache_write}} in USD per 1,000 tokens.
+    prices_file: str | None = None
+    prices: dict[str, Any] = field(default_factory=dict)
+    # Output tokens assumed when reserving budget at admission.
+    reserve_output_tokens: int = 1000
+    # x-bedrock-proxy-cost / -tokens headers on non-stream responses.
+    cost_headers: bool = True
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_SECRETS = frozenset(
+    {
+        "master_key",
+        "upstream_bearer_token",
+        "database_url",
+        "secret_key",
+        "previous_secret_keys",
+        "redis_url",
+    }
+)
 
 
 def load_settings(
@@ -130,6 +153,11 @@ def _coerce(name: str, type_: Any, value: Any) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if kind == "dict[str, Any]":
+            value = orjson.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if kind.startswith("dict"):
             if isinstance(value, str):
                 value = dict(item.split("=", 1) for item in value.split(",") if item)
@@ -144,8 +172,9 @@ def _coerce(name: str, type_: Any, value: Any) -> Any:
             return [str(v) for v in value]
         return None if value is None else str(value)
     except (TypeError, ValueError):
+        shown = "<hidden>" if name in _SECRETS else repr(value)
         raise ConfigError(
-            f"config error: {name}: expected {kind.replace(' | None', '')}, got {value!r}"
+            f"config error: {name}: expected {kind.replace(' | None', '')}, got {shown}"
         ) from None
 
 
@@ -173,6 +202,10 @@ def _validate(s: Settings) -> None:
     if s.http_port is not None and (not 0 < s.http_port < 65536 or s.http_port == s.port):
         raise ConfigError(f"config error: http_port: {s.http_port} must be a free TCP port")
     s.auth_headers = [h.lower() for h in s.auth_headers]
+    if s.ledger_flush_interval <= 0:
+        raise ConfigError("config error: ledger_flush_interval: must be greater than zero")
+    if s.redis_url is not None and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("config error: redis_url: must be a redis:// URL")
     if s.key_cache_ttl < 0:
         raise ConfigError("config error: key_cache_ttl: must not be negative")
     if s.database_url is not None and not s.database_url.startswith(

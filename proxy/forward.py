@@ -18,16 +18,20 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from . import errors, eventstream, policy, sigv4
 from .accesslog import AccessLog
+from .annotations import read_annotations
 from .auth import Authenticator, SignedRequest
 from .config import Settings
 from .credentials import CredentialProvider, NoCredentialsError
 from .endpoints import Endpoints, Upstream, valid_region
 from .headers import response_headers, split_request_headers
+from .metering import Exchange, Metering
 from .routing import RouteMatch, Router
+from .usage import meter_for
 
 log = logging.getLogger("bedrock_proxy.forward")
 
@@ -36,6 +40,8 @@ BASE_PATH = "/bedrock"
 _SMALL_RESPONSE = 256 * 1024
 # Request bodies are read in one piece up to this size.
 _SMALL_BODY = 1024 * 1024
+# Operations whose model is named in the body rather than the path.
+_MODEL_IN_BODY = frozenset({"StartAsyncInvoke", "CreateModelInvocationJob"})
 # aiohttp must not add headers of its own that were not in the client's request.
 _SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
@@ -72,8 +78,10 @@ class Forwarder:
         credentials: CredentialProvider,
         authenticator: Authenticator,
         access_log: AccessLog,
+        metering: Metering | None = None,
     ) -> None:
         self._settings = settings
+        self._metering = metering
         self._router = router
         self._endpoints = endpoints
         self._credentials = credentials
@@ -126,65 +134,95 @@ class Forwarder:
         return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        request_id = errors.new_request_id()
-        record: dict[str, object] = {"request_id": request_id, "method": request.method}
-        status = 500
+        x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
         try:
-            response = await self._forward(request, record, request_id)
-            status = response.status
+            response = await self._forward(request, x)
+            x.status = response.status
             return response
         except errors.AwsError as exc:
-            record["error"] = exc.code
-            status = exc.status
-            return exc.to_response(request_id)
+            x.error = exc.code
+            x.status = exc.status
+            return exc.to_response(x.request_id)
         except asyncio.CancelledError:
-            record["error"] = "ClientDisconnected"
-            status = 499
+            x.error = "ClientDisconnected"
+            x.status = 499
+            x.incomplete = True
             raise
         except Exception:
-            log.exception("unexpected error forwarding request %s", request_id)
+            log.exception("unexpected error forwarding request %s", x.request_id)
             exc = errors.internal()
-            record["error"] = exc.code
-            return exc.to_response(request_id)
+            x.error = exc.code
+            x.status = exc.status
+            return exc.to_response(x.request_id)
         finally:
-            record["status"] = status
-            record["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            self._access_log.write(record)
+            self._complete(x)
 
-    async def _forward(
-        self, request: web.Request, record: dict[str, object], request_id: str
-    ) -> web.StreamResponse:
+    def _complete(self, x: Exchange) -> None:
+        latency_ms = round((time.perf_counter() - x.started) * 1000, 3)
+        if self._metering is not None:
+            self._metering.complete(x, latency_ms)
+        if not self._access_log.enabled:
+            return
+        op = x.operation
+        entry: dict[str, object] = {
+            "request_id": x.request_id,
+            "method": x.method,
+            "status": x.status,
+            "latency_ms": latency_ms,
+            "bytes_in": x.bytes_in,
+            "bytes_out": x.bytes_out,
+        }
+        if op is not None:
+            entry["operation"] = op.name
+            entry["service"] = op.service.name
+        if x.model is not None:
+            entry["model"] = x.model
+        if x.identity is not None:
+            entry["identity"] = x.identity.key_id or x.identity.kind
+        if x.usage is not None and x.usage.found:
+            entry["tokens"] = x.usage.total_tokens
+            entry["cost"] = x.cost
+        if x.upstream_request_id:
+            entry["upstream_request_id"] = x.upstream_request_id
+        if x.error:
+            entry["error"] = x.error
+        if x.incomplete:
+            entry["incomplete"] = True
+        self._access_log.write(entry)
+
+    async def _forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
         raw = request.raw_path[len(BASE_PATH) :]
         path, _, query = raw.partition("?")
         match = self._router.match(request.method, path or "/")
         if match is None:
             raise errors.unknown_operation(request.method, path or "/")
-        op = match.operation
-        record["operation"] = op.name
-        record["service"] = op.service.name
-        model = match.labels.get("modelId")
-        if model is not None:
-            record["model"] = model
+        op = x.operation = match.operation
+        x.model = match.labels.get("modelId")
         self._auth.precheck(request)
         upstream = self._endpoints.resolve(op.service, self._client_region(request))
         body = await self._read_body(request)
-        record["bytes_in"] = body.size
+        x.bytes_in = body.size
         client_path, _, _ = request.raw_path.partition("?")
         identity = await self._auth.authenticate(
             request, SignedRequest(request.method, client_path, query, body.sha256)
         )
-        record["identity"] = identity.key_id or identity.kind
         spec = identity.spec
         if spec is not None:
             needed = policy.needs_body(spec, op)
             policy.check(spec, op, match.labels, request.headers, body.joined() if needed else None)
+        x.identity = identity
+        if x.model is None and op.name in _MODEL_IN_BODY:
+            x.model = policy.body_model(op, body.joined())
+        x.annotations = read_annotations(request.headers)
+        if self._metering is not None:
+            x.meter = meter_for(op.name)
+            await self._metering.admit(x, body.size)
         headers = await self._upstream_headers(request, match, upstream, query, body)
         url = URL(
             upstream.origin + upstream.base_path + match.path + ("?" + query if query else ""),
             encoded=True,
         )
-        return await self._exchange(request, url, headers, body, record, request_id)
+        return await self._exchange(request, url, headers, body, x)
 
     # ------------------------------------------------------------------ request
 
@@ -270,8 +308,7 @@ class Forwarder:
         url: URL,
         headers: dict[str, str],
         body: RequestBody,
-        record: dict[str, object],
-        request_id: str,
+        x: Exchange,
     ) -> web.StreamResponse:
         assert self._session is not None
         try:
@@ -300,32 +337,48 @@ class Forwarder:
                 f"({type(exc).__name__})"
             ) from None
         completed = False
+        meter = x.meter
         try:
-            upstream_id = upstream.headers.get("x-amzn-RequestId")
-            if upstream_id:
-                record["upstream_request_id"] = upstream_id
+            x.status = upstream.status
+            x.upstream_request_id = upstream.headers.get("x-amzn-RequestId")
             out_headers = response_headers(upstream.headers)
-            out_headers["x-bedrock-proxy-request-id"] = request_id
+            out_headers["x-bedrock-proxy-request-id"] = x.request_id
+            if meter is not None:
+                meter.on_headers(upstream.status, upstream.headers)
             content_type = upstream.headers.get("Content-Type", "")
             is_event_stream = content_type.startswith(eventstream.CONTENT_TYPE)
             length = upstream.content_length
             if not is_event_stream and length is not None and length <= _SMALL_RESPONSE:
                 data = await self._read_small(upstream)
-                record["bytes_out"] = len(data)
+                x.bytes_out = len(data)
                 completed = True
+                if meter is not None:
+                    meter.feed(data)
+                    self._cost_headers(x, out_headers)
                 return web.Response(status=upstream.status, body=data, headers=out_headers)
+            if meter is not None and not is_event_stream and meter.usage.found:
+                self._cost_headers(x, out_headers)  # InvokeModel: usage came in the headers
             self._use_idle_timeout(upstream)
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
             if length is not None and not is_event_stream:
                 response.content_length = length
             await response.prepare(request)
-            completed = await self._relay(request, upstream, response, record, is_event_stream)
+            completed = await self._relay(request, upstream, response, x, is_event_stream)
             return response
         finally:
             if completed:
                 upstream.release()
             else:
                 upstream.close()
+
+    def _cost_headers(self, x: Exchange, headers: CIMultiDict[str]) -> None:
+        """Non-stream responses can carry their cost; streams' costs are in the ledger."""
+        assert self._metering is not None
+        cost = self._metering.price(x)
+        if self._metering.cost_headers and x.usage is not None and x.usage.found:
+            headers["x-bedrock-proxy-tokens"] = str(x.usage.total_tokens)
+            if cost is not None:
+                headers["x-bedrock-proxy-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
 
     async def _read_small(self, upstream: aiohttp.ClientResponse) -> bytes:
         try:
@@ -355,11 +408,12 @@ class Forwarder:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         response: web.StreamResponse,
-        record: dict[str, object],
+        x: Exchange,
         is_event_stream: bool,
     ) -> bool:
-        """Copy the body as it arrives; True when it was copied whole."""
+        """Copy the body as it arrives, teeing it to the meter; True when copied whole."""
         splitter = eventstream.FrameSplitter() if is_event_stream else None
+        meter = x.meter
         content = upstream.content
         sent = 0
         failure: str | None = None
@@ -386,19 +440,22 @@ class Forwarder:
                     break
                 if not data:
                     continue
+            if meter is not None:
+                meter.feed(data)
             try:
                 await response.write(data)
             except ConnectionError:
-                record["error"] = "ClientDisconnected"
-                record["bytes_out"] = sent
+                x.error = "ClientDisconnected"
+                x.bytes_out = sent
+                x.incomplete = True
                 return False
             sent += len(data)
-        record["bytes_out"] = sent
+        x.bytes_out = sent
         if failure is None:
             await _finish(response)
             return True
-        record["error"] = "UpstreamStreamError"
-        record["incomplete"] = True
+        x.error = "UpstreamStreamError"
+        x.incomplete = True
         if splitter is None:
             # No frame format to report the failure in: cut the connection so the client
             # sees a truncated body instead of a complete-looking one.

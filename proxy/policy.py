@@ -179,3 +179,16 @@ def _dig(document: Any, path: tuple[str, ...]) -> Any:
             return None
         document = document.get(part)
     return document
+
+
+def body_model(op: Operation, body: bytes) -> str | None:
+    """The model an operation names in its body (for metering), or None."""
+    fields = [path for path, kind in _BODY_FIELDS.get(op.name, ()) if kind == "model"]
+    if not fields:
+        return None
+    document = _parse_strict(body)
+    for path in fields:
+        value = _dig(document, path)
+        if isinstance(value, str):
+            return value
+    return None

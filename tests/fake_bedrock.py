@@ -258,6 +258,8 @@ class FakeBedrock:
                 "Content-Type": request.headers.get("Accept", "application/json"),
                 "X-Amzn-Bedrock-Input-Token-Count": "25",
                 "X-Amzn-Bedrock-Output-Token-Count": "13",
+                "X-Amzn-Bedrock-Cache-Read-Input-Token-Count": "4",
+                "X-Amzn-Bedrock-Cache-Write-Input-Token-Count": "3",
                 "X-Amzn-Bedrock-Invocation-Latency": "120",
                 "x-amzn-RequestId": "fake-invoke-request-id",
             },

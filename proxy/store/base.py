@@ -20,11 +20,189 @@ _KEY_COLUMNS = (
 )
 
 
+SPEND_COLUMNS = (
+    "request_id",
+    "ts",
+    "day",
+    "key_id",
+    "key_alias",
+    "user_id",
+    "team_id",
+    "end_user",
+    "operation",
+    "service",
+    "model",
+    "status",
+    "latency_ms",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "total_tokens",
+    "cost",
+    "incomplete",
+    "use_case",
+    "annotations",
+    "error",
+)
+LABEL_COLUMNS = ("request_id", "kind", "value", "ts", "cost", "total_tokens")
+# group_by name -> (column expression, FROM clause)
+REPORT_GROUPS = {
+    "key": ("key_id", "bp_spend"),
+    "user": ("user_id", "bp_spend"),
+    "team": ("team_id", "bp_spend"),
+    "model": ("model", "bp_spend"),
+    "operation": ("operation", "bp_spend"),
+    "use_case": ("use_case", "bp_spend"),
+    "end_user": ("end_user", "bp_spend"),
+    "day": ("day", "bp_spend"),
+    "tag": ("value", "bp_spend_labels"),
+    "limit": ("value", "bp_spend_labels"),
+}
+LOG_FILTERS = ("key_id", "user_id", "team_id", "model", "operation", "end_user", "use_case")
+
+
+class SpendQueries:
+    """The ledger's queries; mixed into Store."""
+
+    async def insert_spend(self: Any, rows: list[tuple], labels: list[tuple]) -> None:
+        placeholders = ", ".join(f"${i + 1}" for i in range(len(SPEND_COLUMNS)))
+        await self.executemany(
+            f"INSERT INTO bp_spend ({', '.join(SPEND_COLUMNS)}) VALUES ({placeholders})"
+            " ON CONFLICT (request_id) DO NOTHING",
+            rows,
+        )
+        if labels:
+            await self.executemany(
+                f"INSERT INTO bp_spend_labels ({', '.join(LABEL_COLUMNS)})"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                labels,
+            )
+
+    async def spend_logs(
+        self: Any,
+        filters: dict[str, str],
+        start: float | None,
+        end: float | None,
+        limit: int,
+        offset: int,
+    ) -> tuple[list[dict[str, Any]], int]:
+        where, args = _time_range(start, end)
+        for column in LOG_FILTERS:
+            if filters.get(column) is not None:
+                args.append(filters[column])
+                where.append(f"{column} = ${len(args)}")
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        total = await self.fetchrow(f"SELECT COUNT(*) AS n FROM bp_spend{clause}", *args)
+        rows = await self.fetch(
+            f"SELECT {', '.join(SPEND_COLUMNS)} FROM bp_spend{clause} ORDER BY ts DESC, request_id"
+            f" LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
+            *args,
+            limit,
+            offset,
+        )
+        return rows, int(total["n"]) if total else 0
+
+    async def spend_report(
+        self: Any, group_by: str, start: float | None, end: float | None
+    ) -> list[dict[str, Any]]:
+        column, table = REPORT_GROUPS[group_by]
+        where, args = _time_range(start, end)
+        if table == "bp_spend_labels":
+            args.append(group_by)
+            where.append(f"kind = ${len(args)}")
+            sums = "COUNT(*) AS requests, SUM(total_tokens) AS total_tokens, SUM(cost) AS cost"
+        else:
+            sums = (
+                "COUNT(*) AS requests, SUM(input_tokens) AS input_tokens,"
+                " SUM(output_tokens) AS output_tokens, SUM(cache_read_tokens) AS cache_read_tokens,"
+                " SUM(cache_write_tokens) AS cache_write_tokens, SUM(total_tokens) AS total_tokens,"
+                " SUM(cost) AS cost, SUM(CASE WHEN cost IS NULL THEN 1 ELSE 0 END) AS unpriced"
+            )
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        return await self.fetch(
+            f"SELECT {column} AS group_value, {sums} FROM {table}{clause}"
+            f" GROUP BY {column} ORDER BY cost DESC NULLS LAST, group_value",
+            *args,
+        )
+
+    async def spend_since(self: Any, scope: str, value: str, since: float) -> float:
+        """Cost charged to a key, user, team or named limit since a time (budget periods)."""
+        if scope == "limit":
+            row = await self.fetchrow(
+                "SELECT COALESCE(SUM(cost), 0) AS cost FROM bp_spend_labels"
+                " WHERE kind = 'limit' AND value = $1 AND ts >= $2",
+                value,
+                since,
+            )
+        else:
+            column = {"key": "key_id", "user": "user_id", "team": "team_id"}[scope]
+            row = await self.fetchrow(
+                "SELECT COALESCE(SUM(cost), 0) AS cost FROM bp_spend"
+                f" WHERE {column} = $1 AND ts >= $2",
+                value,
+                since,
+            )
+        return float(row["cost"]) if row else 0.0
+
+    async def spend_count(self: Any) -> int:
+        row = await self.fetchrow("SELECT COUNT(*) AS n FROM bp_spend")
+        return int(row["n"]) if row else 0
+
+    # ---------------------------------------------------------------- named limits
+
+    async def upsert_limit(self: Any, limit_id: str, spec: dict[str, Any]) -> None:
+        now = time.time()
+        await self.execute(
+            "INSERT INTO bp_limits (limit_id, spec, created_at, updated_at) VALUES ($1, $2, $3, $3)"
+            " ON CONFLICT (limit_id) DO UPDATE"
+            " SET spec = excluded.spec, updated_at = excluded.updated_at",
+            limit_id,
+            orjson.dumps(spec).decode(),
+            now,
+        )
+
+    async def get_limit(self: Any, limit_id: str) -> dict[str, Any] | None:
+        row = await self.fetchrow(
+            "SELECT limit_id, spec, created_at FROM bp_limits WHERE limit_id = $1", limit_id
+        )
+        return _limit(row) if row else None
+
+    async def list_limits(self: Any) -> list[dict[str, Any]]:
+        rows = await self.fetch(
+            "SELECT limit_id, spec, created_at FROM bp_limits ORDER BY limit_id"
+        )
+        return [_limit(r) for r in rows]
+
+    async def delete_limit(self: Any, limit_id: str) -> bool:
+        return await self.execute("DELETE FROM bp_limits WHERE limit_id = $1", limit_id) > 0
+
+
+def _limit(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "limit_id": row["limit_id"],
+        "created_at": float(row["created_at"]),
+        **orjson.loads(row["spec"]),
+    }
+
+
+def _time_range(start: float | None, end: float | None) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if start is not None:
+        args.append(start)
+        where.append(f"ts >= ${len(args)}")
+    if end is not None:
+        args.append(end)
+        where.append(f"ts < ${len(args)}")
+    return where, args
+
+
 class StoreConflict(Exception):
     """A unique value (such as a key alias) is already taken."""
 
 
-class Store(ABC):
+class Store(SpendQueries, ABC):
     dialect: str
 
     # ---------------------------------------------------------------- backend primitives
@@ -42,6 +220,10 @@ class Store(ABC):
 
     @abstractmethod
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run one statement for many rows, in one transaction."""
 
     @abstractmethod
     async def apply_migrations(self, migrations: list[tuple[int, Any]]) -> list[int]:

@@ -27,6 +27,55 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         CREATE INDEX bp_keys_team ON bp_keys (team_id);
         """,
     ),
+    (
+        2,
+        """
+        CREATE TABLE bp_spend (
+            request_id TEXT PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            day TEXT NOT NULL,
+            key_id TEXT,
+            key_alias TEXT,
+            user_id TEXT,
+            team_id TEXT,
+            end_user TEXT,
+            operation TEXT NOT NULL,
+            service TEXT NOT NULL,
+            model TEXT,
+            status INTEGER NOT NULL,
+            latency_ms DOUBLE PRECISION NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cache_read_tokens BIGINT NOT NULL,
+            cache_write_tokens BIGINT NOT NULL,
+            total_tokens BIGINT NOT NULL,
+            cost DOUBLE PRECISION,
+            incomplete INTEGER NOT NULL,
+            use_case TEXT,
+            annotations TEXT,
+            error TEXT
+        );
+        CREATE INDEX bp_spend_ts ON bp_spend (ts);
+        CREATE INDEX bp_spend_key_ts ON bp_spend (key_id, ts);
+        CREATE INDEX bp_spend_user_ts ON bp_spend (user_id, ts);
+        CREATE INDEX bp_spend_team_ts ON bp_spend (team_id, ts);
+        CREATE TABLE bp_spend_labels (
+            request_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            value TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            cost DOUBLE PRECISION,
+            total_tokens BIGINT NOT NULL
+        );
+        CREATE INDEX bp_spend_labels_kv ON bp_spend_labels (kind, value, ts);
+        CREATE TABLE bp_limits (
+            limit_id TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        """,
+    ),
 ]
 
 

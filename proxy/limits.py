@@ -1,0 +1,344 @@
+"""Admission: requests per minute, tokens per minute, parallel requests and budgets.
+
+Every limit that applies to a request (its key's, its user's, its team's, named limits it
+references) is checked and taken in one step: all or nothing. With Redis that step is one
+Lua script, so replicas sharing Redis enforce one global limit; without Redis it runs
+in-process (a single event loop needs no lock).
+
+Windows are fixed calendar minutes. Tokens and cost are only known when a response ends, so
+admission reserves an estimate and ``settle`` replaces it with the actual figure. A budget
+admits requests while spent + reserved < budget, so the overshoot is bounded: at most, for
+every request admitted concurrently, what it costs beyond its estimate.
+
+In-flight requests are kept as leases (request id, start time, reserve); a lease older than
+``lease_seconds`` is dropped, so a replica that dies mid-request cannot hold a slot forever.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from . import errors
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    scope: str  # "key", "user", "team" or "limit"
+    id: str
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    max_budget: float | None = None
+    budget_seconds: int | None = None
+    # Budget periods start at anchor + k * budget_seconds (the key's or limit's creation).
+    anchor: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.scope} {self.id}"
+
+    def period(self, now: float) -> tuple[int, float, float]:
+        """(index, start, end) of the budget period containing now."""
+        if not self.budget_seconds:
+            return 0, self.anchor, math.inf
+        index = int((now - self.anchor) // self.budget_seconds)
+        start = self.anchor + index * self.budget_seconds
+        return index, start, start + self.budget_seconds
+
+
+@dataclass(slots=True)
+class Admission:
+    request_id: str
+    specs: list[LimitSpec]
+    reserve: float
+
+
+class BudgetSource:
+    """Where a budget's spend so far comes from when a counter starts: the ledger."""
+
+    async def spent(self, spec: LimitSpec, since: float) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _minute(now: float) -> int:
+    return int(now // 60)
+
+
+def _retry_after_minute(now: float) -> float:
+    return 60 - (now % 60)
+
+
+def _budget_refusal(spec: LimitSpec, spent: float, now: float) -> errors.AwsError:
+    _, _, end = spec.period(now)
+    resets = (
+        "never (no budget_duration)"
+        if math.isinf(end)
+        else datetime.fromtimestamp(end, UTC).isoformat().replace("+00:00", "Z")
+    )
+    return errors.AwsError(
+        400,
+        "ServiceQuotaExceededException",
+        f"Budget exceeded for {spec.name}: spent ${spent:.6f} of ${spec.max_budget:.2f}; "
+        f"it resets at {resets}",
+    )
+
+
+def _rate_refusal(spec: LimitSpec, what: str, retry_after: float) -> errors.AwsError:
+    return errors.throttled(f"Rate limit exceeded for {spec.name}: {what}", retry_after)
+
+
+class InProcessLimiter:
+    def __init__(self, budgets: BudgetSource, lease_seconds: float = 3600.0) -> None:
+        self._budgets = budgets
+        self._lease = lease_seconds
+        self._requests: dict[tuple[str, str, int], int] = {}
+        self._tokens: dict[tuple[str, str, int], int] = {}
+        # (scope, id) -> {request_id: (started, reserve)}
+        self._inflight: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+        # (scope, id, period index) -> spent
+        self._spent: dict[tuple[str, str, int], float] = {}
+
+    async def admit(self, specs: list[LimitSpec], request_id: str, reserve: float) -> Admission:
+        now = time.time()
+        minute = _minute(now)
+        for spec in specs:  # budgets may need the ledger first: before any check
+            if spec.max_budget is not None:
+                index, start, _ = spec.period(now)
+                key = (spec.scope, spec.id, index)
+                if key not in self._spent:
+                    spent = await self._budgets.spent(spec, start)
+                    self._spent.setdefault(key, spent)  # a settle may have landed meanwhile
+        for spec in specs:
+            ident = (spec.scope, spec.id)
+            if spec.rpm is not None and self._requests.get((*ident, minute), 0) >= spec.rpm:
+                raise _rate_refusal(
+                    spec, f"{spec.rpm} requests per minute", _retry_after_minute(now)
+                )
+            if spec.tpm is not None and self._tokens.get((*ident, minute), 0) >= spec.tpm:
+                raise _rate_refusal(spec, f"{spec.tpm} tokens per minute", _retry_after_minute(now))
+            leases = self._leases(ident, now)
+            if spec.max_parallel is not None and len(leases) >= spec.max_parallel:
+                raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
+            if spec.max_budget is not None:
+                spent = self._spent[(*ident, spec.period(now)[0])]
+                reserved = sum(r for _, r in leases.values())
+                if spent + reserved >= spec.max_budget:
+                    raise _budget_refusal(spec, spent, now)
+        for spec in specs:
+            ident = (spec.scope, spec.id)
+            if spec.rpm is not None:
+                self._requests[(*ident, minute)] = self._requests.get((*ident, minute), 0) + 1
+            if spec.max_parallel is not None or spec.max_budget is not None:
+                self._inflight.setdefault(ident, {})[request_id] = (now, reserve)
+        self._expire(minute)
+        return Admission(request_id, specs, reserve)
+
+    async def settle(self, admission: Admission, tokens: int, cost: float | None) -> None:
+        now = time.time()
+        minute = _minute(now)
+        for spec in admission.specs:
+            ident = (spec.scope, spec.id)
+            leases = self._inflight.get(ident)
+            if leases is not None:
+                leases.pop(admission.request_id, None)
+            if spec.tpm is not None and tokens:
+                self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + tokens
+            if spec.max_budget is not None and cost:
+                key = (*ident, spec.period(now)[0])
+                self._spent[key] = self._spent.get(key, 0.0) + cost
+
+    def _leases(self, ident: tuple[str, str], now: float) -> dict[str, tuple[float, float]]:
+        leases = self._inflight.get(ident)
+        if not leases:
+            return {}
+        stale = [rid for rid, (started, _) in leases.items() if now - started > self._lease]
+        for rid in stale:
+            del leases[rid]
+        return leases
+
+    def _expire(self, minute: int) -> None:
+        if len(self._requests) > 10_000:
+            self._requests = {k: v for k, v in self._requests.items() if k[2] >= minute - 1}
+        if len(self._tokens) > 10_000:
+            self._tokens = {k: v for k, v in self._tokens.items() if k[2] >= minute - 1}
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS: none (key names are built in the script from the spec prefix).
+# ARGV[1]: JSON list of specs; ARGV[2]: now; ARGV[3]: request id; ARGV[4]: reserve.
+_ADMIT = """
+local specs = cjson.decode(ARGV[1])
+local now = tonumber(ARGV[2])
+local rid = ARGV[3]
+local minute = math.floor(now / 60)
+for i, s in ipairs(specs) do
+  local base = s.prefix
+  if s.rpm then
+    local n = tonumber(redis.call('GET', base .. ':rpm:' .. minute) or '0')
+    if n >= s.rpm then return {'rpm', i, tostring(n)} end
+  end
+  if s.tpm then
+    local n = tonumber(redis.call('GET', base .. ':tpm:' .. minute) or '0')
+    if n >= s.tpm then return {'tpm', i, tostring(n)} end
+  end
+  if s.par or s.budget then
+    redis.call('ZREMRANGEBYSCORE', base .. ':inflight', '-inf', now - s.lease)
+  end
+  if s.par then
+    if redis.call('ZCARD', base .. ':inflight') >= s.par then return {'par', i, '0'} end
+  end
+  if s.budget then
+    local spent = redis.call('GET', base .. ':spent:' .. s.period)
+    if not spent then return {'init', i, '0'} end
+    local reserved = 0
+    for _, member in ipairs(redis.call('ZRANGE', base .. ':inflight', 0, -1)) do
+      local sep = string.find(member, '|', 1, true)
+      reserved = reserved + tonumber(string.sub(member, sep + 1))
+    end
+    if tonumber(spent) + reserved >= s.budget then return {'budget', i, spent} end
+  end
+end
+for i, s in ipairs(specs) do
+  local base = s.prefix
+  if s.rpm then
+    redis.call('INCR', base .. ':rpm:' .. minute)
+    redis.call('EXPIRE', base .. ':rpm:' .. minute, 120)
+  end
+  if s.par or s.budget then
+    redis.call('ZADD', base .. ':inflight', now, rid .. '|' .. ARGV[4])
+    redis.call('EXPIRE', base .. ':inflight', s.lease)
+  end
+end
+return {'ok', 0, '0'}
+"""
+
+# ARGV[1]: JSON specs; ARGV[2]: now; ARGV[3]: request id; ARGV[4]: reserve;
+# ARGV[5]: tokens; ARGV[6]: cost.
+_SETTLE = """
+local specs = cjson.decode(ARGV[1])
+local now = tonumber(ARGV[2])
+local member = ARGV[3] .. '|' .. ARGV[4]
+local tokens = tonumber(ARGV[5])
+local cost = tonumber(ARGV[6])
+local minute = math.floor(now / 60)
+for _, s in ipairs(specs) do
+  local base = s.prefix
+  if s.par or s.budget then redis.call('ZREM', base .. ':inflight', member) end
+  if s.tpm and tokens > 0 then
+    redis.call('INCRBY', base .. ':tpm:' .. minute, tokens)
+    redis.call('EXPIRE', base .. ':tpm:' .. minute, 120)
+  end
+  if s.budget and cost > 0 then
+    redis.call('INCRBYFLOAT', base .. ':spent:' .. s.period, cost)
+  end
+end
+return 'ok'
+"""
+
+# Start a budget counter from the ledger, unless another replica already has.
+_INIT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+class RedisLimiter:
+    """The same admission, atomic in Redis, shared by every replica."""
+
+    def __init__(
+        self,
+        url: str,
+        budgets: BudgetSource,
+        lease_seconds: float = 3600.0,
+        prefix: str = "bp",
+    ) -> None:
+        import redis.asyncio as redis
+
+        self._redis = redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._budgets = budgets
+        self._lease = lease_seconds
+        self._prefix = prefix
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._init = self._redis.register_script(_INIT)
+
+    def _payload(self, specs: list[LimitSpec], now: float) -> str:
+        out = []
+        for spec in specs:
+            item: dict[str, object] = {
+                "prefix": f"{self._prefix}:{spec.scope}:{spec.id}",
+                "lease": int(self._lease),
+            }
+            if spec.rpm is not None:
+                item["rpm"] = spec.rpm
+            if spec.tpm is not None:
+                item["tpm"] = spec.tpm
+            if spec.max_parallel is not None:
+                item["par"] = spec.max_parallel
+            if spec.max_budget is not None:
+                item["budget"] = spec.max_budget
+                item["period"] = spec.period(now)[0]
+            out.append(item)
+        return orjson.dumps(out).decode()
+
+    async def admit(self, specs: list[LimitSpec], request_id: str, reserve: float) -> Admission:
+        try:
+            return await self._admit_once(specs, request_id, reserve, retries=3)
+        except errors.AwsError:
+            raise
+        except Exception:
+            raise errors.service_unavailable("The rate-limit store is unavailable") from None
+
+    async def _admit_once(
+        self, specs: list[LimitSpec], request_id: str, reserve: float, retries: int
+    ) -> Admission:
+        now = time.time()
+        verdict, index, value = await self._admit(
+            args=[self._payload(specs, now), repr(now), request_id, repr(reserve)]
+        )
+        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+        if verdict == "ok":
+            return Admission(request_id, specs, reserve)
+        spec = specs[int(index) - 1]
+        if verdict == "init" and retries:
+            index_, start, end = spec.period(now)
+            spent = await self._budgets.spent(spec, start)
+            ttl = int(min(end - now, 400 * 86400)) + 86400 if not math.isinf(end) else 400 * 86400
+            await self._init(
+                keys=[f"{self._prefix}:{spec.scope}:{spec.id}:spent:{index_}"],
+                args=[repr(spent), ttl],
+            )
+            return await self._admit_once(specs, request_id, reserve, retries - 1)
+        if verdict == "rpm":
+            raise _rate_refusal(spec, f"{spec.rpm} requests per minute", _retry_after_minute(now))
+        if verdict == "tpm":
+            raise _rate_refusal(spec, f"{spec.tpm} tokens per minute", _retry_after_minute(now))
+        if verdict == "par":
+            raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
+        raise _budget_refusal(spec, float(value), now)
+
+    async def settle(self, admission: Admission, tokens: int, cost: float | None) -> None:
+        now = time.time()
+        await self._settle(
+            args=[
+                self._payload(admission.specs, now),
+                repr(now),
+                admission.request_id,
+                repr(admission.reserve),
+                int(tokens),
+                repr(float(cost or 0.0)),
+            ]
+        )
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()

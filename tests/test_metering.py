@@ -1,0 +1,333 @@
+"""Metering with real clients: every usage source against the numbers the fake sent, cost,
+annotations, the ledger and its reports, and limits that hold under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+from botocore.exceptions import EventStreamError
+
+from proxy.pricing import PriceTable
+from tests.conftest import MASTER_KEY, boto_client
+from tests.test_auth_and_errors import curl
+from tests.test_virtual_keys import admin, new_key, sigv4_client
+
+MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
+HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+PRICES = PriceTable.load()
+
+
+def cost_of(model: str, i: int = 0, o: int = 0, cr: int = 0, cw: int = 0) -> float:
+    price, multiplier = PRICES.price_for(model)
+    read = price.cache_read if price.cache_read is not None else price.input
+    write = price.cache_write if price.cache_write is not None else price.input
+    return (i * price.input + o * price.output + cr * read + cw * write) * multiplier / 1000
+
+
+@pytest.fixture(scope="module")
+def metered(start_proxy, store_settings):
+    return start_proxy(ledger_flush_interval=0.1, key_cache_ttl=0.5, **store_settings)
+
+
+def ledger_row(server, request_id: str, timeout: float = 5) -> dict:
+    """The ledger row of one request, once the batch writer has stored it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, logs = admin(server, "GET", "/spend/logs?size=1000")
+        assert status == 200
+        for row in logs["logs"]:
+            if row["request_id"] == request_id:
+                return row
+        time.sleep(0.1)
+    raise AssertionError(f"no ledger row for {request_id}")
+
+
+def request_id(reply: dict) -> str:
+    return reply["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-request-id"]
+
+
+# ---------------------------------------------------------------- usage sources
+
+
+def test_converse_usage_cost_and_headers(metered, fake):
+    key = new_key(metered)
+    client = sigv4_client("bedrock-runtime", metered, key)
+    reply = client.converse(modelId=HAIKU, messages=MESSAGES)
+    headers = reply["ResponseMetadata"]["HTTPHeaders"]
+    expected = cost_of(HAIKU, 11, 7)
+    assert headers["x-bedrock-proxy-tokens"] == "18"
+    assert float(headers["x-bedrock-proxy-cost"]) == pytest.approx(expected)
+    row = ledger_row(metered, request_id(reply))
+    assert (row["input_tokens"], row["output_tokens"], row["total_tokens"]) == (11, 7, 18)
+    assert row["cost"] == pytest.approx(expected)
+    assert row["key_id"] == key["key_id"] and row["operation"] == "Converse"
+    assert row["model"] == HAIKU and row["status"] == 200 and row["incomplete"] is False
+
+
+def test_converse_stream_usage_from_metadata_event(metered, fake):
+    client = boto_client("bedrock-runtime", metered)
+    reply = client.converse_stream(modelId="us." + HAIKU, messages=MESSAGES)
+    list(reply["stream"])
+    row = ledger_row(metered, request_id(reply))
+    assert (row["input_tokens"], row["output_tokens"]) == (12, 9)
+    assert row["cost"] == pytest.approx(cost_of(HAIKU, 12, 9))
+    assert row["key_id"] == "master"
+
+
+def test_invoke_model_usage_from_headers_including_cache(metered, fake):
+    model = "anthropic.claude-3-5-sonnet-20241022-v2:0"
+    client = boto_client("bedrock-runtime", metered)
+    reply = client.invoke_model(modelId=model, body=b'{"prompt": "x"}')
+    reply["body"].read()
+    row = ledger_row(metered, request_id(reply))
+    assert (row["input_tokens"], row["output_tokens"]) == (25, 13)
+    assert (row["cache_read_tokens"], row["cache_write_tokens"]) == (4, 3)
+    assert row["cost"] == pytest.approx(cost_of(model, 25, 13, 4, 3))
+    assert float(reply["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-cost"]) == pytest.approx(
+        cost_of(model, 25, 13, 4, 3)
+    )
+
+
+def test_invoke_stream_usage_from_final_chunk(metered, fake):
+    client = boto_client("bedrock-runtime", metered)
+    reply = client.invoke_model_with_response_stream(modelId=HAIKU, body=b'{"prompt": "x"}')
+    list(reply["body"])
+    row = ledger_row(metered, request_id(reply))
+    assert (row["input_tokens"], row["output_tokens"]) == (30, 3)
+
+
+def test_guardrail_units_count_tokens_and_agents(metered, fake):
+    runtime = boto_client("bedrock-runtime", metered)
+    applied = runtime.apply_guardrail(
+        guardrailIdentifier="gr-1",
+        guardrailVersion="1",
+        source="INPUT",
+        content=[{"text": {"text": "hi"}}],
+    )
+    row = ledger_row(metered, request_id(applied))
+    assert row["cost"] == pytest.approx((1 * 0.15 + 2 * 0.15 + 1 * 0.0) / 1000)
+    counted = runtime.count_tokens(modelId=HAIKU, input={"converse": {"messages": MESSAGES}})
+    row = ledger_row(metered, request_id(counted))
+    assert row["input_tokens"] == 17 and row["cost"] == 0.0
+    agents = boto_client("bedrock-agent-runtime", metered)
+    reply = agents.invoke_agent(
+        agentId="AGENT12345", agentAliasId="ALIAS12345", sessionId="s-1", inputText="x"
+    )
+    list(reply["completion"])
+    row = ledger_row(metered, request_id(reply))
+    assert row["operation"] == "InvokeAgent" and row["total_tokens"] == 0 and row["cost"] is None
+
+
+def test_unpriced_model_keeps_tokens_with_null_cost(metered, fake):
+    client = boto_client("bedrock-runtime", metered)
+    reply = client.converse(modelId="acme.unknown-model-v9", messages=MESSAGES)
+    assert "x-bedrock-proxy-cost" not in reply["ResponseMetadata"]["HTTPHeaders"]
+    row = ledger_row(metered, request_id(reply))
+    assert row["total_tokens"] == 18 and row["cost"] is None
+
+
+def test_stream_cut_short_is_recorded_incomplete(metered, fake):
+    client = boto_client("bedrock-runtime", metered)
+    reply = client.converse_stream(modelId="test.cut", messages=MESSAGES)
+    with pytest.raises(EventStreamError):
+        list(reply["stream"])
+    row = ledger_row(metered, request_id(reply))
+    assert row["incomplete"] is True and row["error"] == "UpstreamStreamError"
+
+
+# ---------------------------------------------------------------- annotations and reports
+
+
+def test_annotations_recorded_and_never_forwarded(metered, fake):
+    client = boto_client("bedrock-runtime", metered)
+
+    def annotate(request, **_):
+        request.headers["xProxy-UseCase-Name"] = "summarise"
+        request.headers["xProxy-User-ID"] = "end-user-7"
+        request.headers["xProxy-Request-Tags"] = "alpha, beta"
+        request.headers["xProxy-Request-Properties"] = '{"ticket": 42}'
+
+    client.meta.events.register_first("before-sign.*.*", annotate)
+    reply = client.converse(modelId=HAIKU, messages=MESSAGES)
+    seen = {k.lower() for k in fake.requests[-1].headers}
+    assert not any(name.startswith("xproxy-") for name in seen)
+    row = ledger_row(metered, request_id(reply))
+    assert row["use_case"] == "summarise" and row["end_user"] == "end-user-7"
+    assert row["annotations"]["tags"] == ["alpha", "beta"]
+    assert row["annotations"]["properties"] == {"ticket": 42}
+    _status, report = admin(metered, "GET", "/spend/report?group_by=tag")
+    groups = {r["group"]: r for r in report["rows"]}
+    assert groups["alpha"]["requests"] >= 1 and groups["beta"]["requests"] >= 1
+
+
+def test_report_totals_equal_the_ledger(metered, fake):
+    key = new_key(metered, team_id="finance")
+    client = sigv4_client("bedrock-runtime", metered, key)
+    ids = [request_id(client.converse(modelId=HAIKU, messages=MESSAGES)) for _ in range(3)]
+    for rid in ids:
+        ledger_row(metered, rid)
+    status, logs = admin(metered, "GET", "/spend/logs?size=1000")
+    rows = logs["logs"]
+    for group_by in ("key", "model", "team", "day", "use_case", "operation"):
+        status, report = admin(metered, "GET", f"/spend/report?group_by={group_by}")
+        assert status == 200
+        assert report["totals"]["requests"] == len(rows)
+        assert report["totals"]["total_tokens"] == sum(r["total_tokens"] for r in rows)
+        assert report["totals"]["cost"] == pytest.approx(sum(r["cost"] or 0 for r in rows))
+    status, report = admin(metered, "GET", "/spend/report?group_by=team")
+    finance = next(r for r in report["rows"] if r["group"] == "finance")
+    assert finance["requests"] == 3 and finance["cost"] == pytest.approx(3 * cost_of(HAIKU, 11, 7))
+    status, own = admin(metered, "GET", "/key/info", key=key["key"])
+    assert own["info"]["spend"] == pytest.approx(3 * cost_of(HAIKU, 11, 7))
+    status, _error = admin(metered, "GET", "/spend/report?group_by=key", key=key["key"])
+    assert status == 403
+
+
+# ---------------------------------------------------------------- limits
+
+
+def _wait_for_fresh_minute(margin: float = 4.0) -> None:
+    """Rate windows are calendar minutes: start a burst well inside one."""
+    if 60 - time.time() % 60 < margin:
+        time.sleep(60 - time.time() % 60 + 0.1)
+
+
+async def _burst(
+    url: str, token: str, count: int, body: dict | None = None
+) -> list[tuple[int, dict, str]]:
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> tuple[int, dict, str]:
+            async with session.post(
+                url,
+                json=body or {"messages": MESSAGES},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as r:
+                return r.status, dict(r.headers), (await r.read()).decode(errors="replace")
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+async def test_rpm_exact_under_concurrency(metered, fake):
+    key = await asyncio.to_thread(new_key, metered, rpm_limit=10)
+    _wait_for_fresh_minute()
+    results = await _burst(metered.base + f"/model/{HAIKU}/converse", key["key"], 30)
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses.count(200) == 10 and statuses.count(429) == 20
+    refused = next(r for r in results if r[0] == 429)
+    assert refused[1]["x-amzn-ErrorType"] == "ThrottlingException"
+    assert 1 <= int(refused[1]["Retry-After"]) <= 60
+    assert "10 requests per minute" in json.loads(refused[2])["message"]
+
+
+async def test_parallel_cap(metered, fake):
+    fake.frame_delay = 0.1
+    key = await asyncio.to_thread(new_key, metered, max_parallel_requests=2)
+    results = await _burst(metered.base + "/model/test.slow/converse-stream", key["key"], 6)
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200, 200, 429, 429, 429, 429]
+    # Slots come back when the streams end.
+    results = await _burst(metered.base + "/model/test.slow/converse-stream", key["key"], 2)
+    assert [s for s, _, _ in results] == [200, 200]
+
+
+def test_tpm_limit(metered, fake):
+    _wait_for_fresh_minute()
+    key = new_key(metered, tpm_limit=20)
+    client = sigv4_client("bedrock-runtime", metered, key)
+    client.converse(modelId=HAIKU, messages=MESSAGES)  # 18 tokens
+    time.sleep(0.2)  # settled after the response
+    client.converse(modelId=HAIKU, messages=MESSAGES)  # 36: over, but admitted at 18
+    time.sleep(0.2)
+    with pytest.raises(client.exceptions.ThrottlingException, match="20 tokens per minute"):
+        client.converse(modelId=HAIKU, messages=MESSAGES)
+
+
+def test_budget_exhaustion_and_reset(metered, fake):
+    one_call = cost_of(HAIKU, 11, 7)
+    key = new_key(metered, max_budget=one_call * 1.5, budget_duration="3s")
+    client = sigv4_client("bedrock-runtime", metered, key)
+    client.converse(modelId=HAIKU, messages=MESSAGES)
+    time.sleep(0.2)
+    client.converse(modelId=HAIKU, messages=MESSAGES)  # spent < budget: admitted
+    time.sleep(0.2)
+    with pytest.raises(client.exceptions.ServiceQuotaExceededException) as info:
+        client.converse(modelId=HAIKU, messages=MESSAGES)
+    message = info.value.response["Error"]["Message"]
+    assert f"key {key['key_id']}" in message and "resets at" in message
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    time.sleep(3.2)  # the next period starts
+    client.converse(modelId=HAIKU, messages=MESSAGES)
+
+
+def test_named_limit_by_header(metered, fake):
+    _wait_for_fresh_minute()
+    status, created = admin(
+        metered, "POST", "/limit/new", {"limit_id": f"proj-{time.time_ns()}", "rpm_limit": 2}
+    )
+    assert status == 200, created
+    limit_id = created["limit_id"]
+    args = ("-H", f"Authorization: Bearer {MASTER_KEY}", "-H", f"xProxy-Limit-IDs: {limit_id}")
+    url = metered.base + f"/model/{HAIKU}/converse"
+    assert curl(url, *args, data=json.dumps({"messages": MESSAGES}))[0] == 200
+    assert curl(url, *args, data=json.dumps({"messages": MESSAGES}))[0] == 200
+    status, _headers, body = curl(url, *args, data=json.dumps({"messages": MESSAGES}))
+    assert status == 429 and f"limit {limit_id}" in json.loads(body)["message"]
+    # Without the header the same key is not bound by that limit.
+    assert (
+        curl(
+            url,
+            "-H",
+            f"Authorization: Bearer {MASTER_KEY}",
+            data=json.dumps({"messages": MESSAGES}),
+        )[0]
+        == 200
+    )
+
+
+def test_limits_admin_validation(metered):
+    status, error = admin(metered, "POST", "/limit/new", {"limit_id": "x", "rpm_limit": -1})
+    assert status == 400 and error["code"] == "ValidationException"
+    status, error = admin(
+        metered, "POST", "/limit/update", {"limit_id": "does-not-exist", "rpm_limit": 1}
+    )
+    assert status == 404
+
+
+def test_spend_command_prints_a_table(metered, store_settings, fake):
+    import os
+    import subprocess
+    import sys
+
+    boto_client("bedrock-runtime", metered).converse(modelId=HAIKU, messages=MESSAGES)
+    time.sleep(0.5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDROCK_PROXY_")}
+    for name, value in store_settings.items():
+        env["BEDROCK_PROXY_" + name.upper()] = value
+    out = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "bedrock-proxy"),
+            "spend",
+            "--group-by",
+            "model",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:2] == ["model", "requests"]
+    assert any(line.startswith(HAIKU) for line in lines)
+    assert any(line.startswith("TOTAL") for line in lines)
+
+
+def test_health_readiness_with_metering(metered):
+    with urllib.request.urlopen(metered.url + "/health/readiness", timeout=5) as response:
+        assert json.loads(response.read())["status"] == "ready"

@@ -1,0 +1,163 @@
+"""Several proxy processes: limits shared through Redis, and what the ledger keeps when a
+process is stopped or killed under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+
+from tests.conftest import MASTER_KEY
+from tests.stores import unreachable
+from tests.test_cli import BIN, free_port, running, server_env
+
+HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+BODY = {"messages": [{"role": "user", "content": [{"text": "Hello"}]}]}
+REDIS_URL = os.environ.get("BEDROCK_PROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except Exception as exc:
+        unreachable("Redis at 127.0.0.1:6379", f"{type(exc).__name__}: {exc}")
+    return REDIS_URL
+
+
+def generate_key(port: int, **fields) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/key/generate",
+        data=json.dumps(fields).encode(),
+        headers={"Authorization": f"Bearer {MASTER_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+async def _post(session: aiohttp.ClientSession, port: int, token: str) -> int:
+    async with session.post(
+        f"http://127.0.0.1:{port}/bedrock/model/{HAIKU}/converse",
+        json=BODY,
+        headers={"Authorization": f"Bearer {token}"},
+    ) as response:
+        await response.read()
+        return response.status
+
+
+def test_two_processes_share_one_rpm_limit_and_budget(fake_server, redis_url, tmp_path):
+    _, fake_url = fake_server
+    store = str(tmp_path / "shared.db")
+    ports = [free_port(), free_port()]
+    envs = [
+        server_env(
+            fake_url,
+            BEDROCK_PROXY_HOST="127.0.0.1",
+            BEDROCK_PROXY_PORT=str(port),
+            BEDROCK_PROXY_REDIS_URL=redis_url,
+            BEDROCK_PROXY_SQLITE_PATH=store,
+        )
+        for port in ports
+    ]
+    with running([BIN, "serve"], envs[0], ports[0]), running([BIN, "serve"], envs[1], ports[1]):
+        if 60 - time.time() % 60 < 5:  # keep the burst inside one calendar minute
+            time.sleep(60 - time.time() % 60 + 0.1)
+        key = generate_key(ports[0], rpm_limit=12)
+
+        async def burst() -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                return await asyncio.gather(
+                    *(_post(session, ports[i % 2], key["key"]) for i in range(40))
+                )
+
+        statuses = asyncio.run(burst())
+        assert statuses.count(200) == 12 and statuses.count(429) == 28
+
+        # A budget worth two calls holds across both processes too.
+        budget_key = generate_key(ports[1], max_budget=0.00002, budget_duration="1h")
+
+        async def sequence() -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                out = []
+                for i in range(6):
+                    out.append(await _post(session, ports[i % 2], budget_key["key"]))
+                    await asyncio.sleep(0.05)
+                return out
+
+        statuses = asyncio.run(sequence())
+        assert statuses[:2] == [200, 200] and set(statuses[2:]) == {400}
+
+
+async def _load(port: int, token: str, stop_at: float, concurrency: int) -> tuple[int, float]:
+    """Send requests until the server goes away or time is up; count the 200s."""
+    served = 0
+    last_success = time.monotonic()
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal served, last_success
+        while time.monotonic() < stop_at:
+            try:
+                status = await _post(session, port, token)
+            except (TimeoutError, aiohttp.ClientError):
+                return
+            if status == 200:
+                served += 1
+                last_success = time.monotonic()
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return served, last_success
+
+
+def _ledger_rows(path: str) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT COUNT(*) FROM bp_spend").fetchone()[0]
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_ledger_loss_when_stopped_under_load(fake_server, tmp_path, how):
+    _, fake_url = fake_server
+    store = str(tmp_path / "ledger.db")
+    port = free_port()
+    env = server_env(
+        fake_url,
+        BEDROCK_PROXY_HOST="127.0.0.1",
+        BEDROCK_PROXY_PORT=str(port),
+        BEDROCK_PROXY_SQLITE_PATH=store,
+        BEDROCK_PROXY_LEDGER_FLUSH_INTERVAL="1.0",
+        BEDROCK_PROXY_ACCESS_LOG="false",
+    )
+    concurrency = 8
+    with running([BIN, "serve"], env, port) as proc:
+        started = time.monotonic()
+
+        async def scenario() -> tuple[int, float]:
+            load = asyncio.ensure_future(_load(port, MASTER_KEY, started + 8, concurrency))
+            await asyncio.sleep(2.5)
+            proc.send_signal(getattr(signal, how))
+            return await load
+
+        served, last_success = asyncio.run(scenario())
+        proc.wait(15)
+    rows = _ledger_rows(store)
+    rate = served / max(last_success - started, 0.1)
+    assert served > 20, "the load did not run"
+    if how == "SIGTERM":
+        # A graceful stop lets in-flight requests finish and flushes everything.
+        assert proc.returncode == 0
+        assert served <= rows <= served + concurrency
+    else:
+        # At most one flush interval (1 s) of rows is lost, plus requests in flight.
+        lost = served - rows
+        assert lost <= rate * 1.0 + concurrency, (served, rows, rate)
+        assert rows <= served + concurrency
