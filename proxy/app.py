@@ -19,6 +19,7 @@ from .keyservice import KeyService
 from .ledger import Ledger
 from .limits import RedisLimiter
 from .metering import Metering
+from .metrics import Metrics
 from .pricing import PriceTable
 from .reports import Reports
 from .routing import SERVICE_NAMES, Router, load_operations
@@ -36,6 +37,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 STORE = web.AppKey("store", Store)
 KEYS = web.AppKey("keys", KeyService)
 METERING = web.AppKey("metering", Metering)
+METRICS = web.AppKey("metrics", Metrics)
 CREDENTIALS = web.AppKey("credentials", CredentialProvider)
 STATE = web.AppKey("state", dict)
 
@@ -56,7 +58,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     except ValueError as exc:
         raise ConfigError(f"config error: endpoints: {exc}") from None
     credentials = CredentialProvider(settings.aws_profile)
-    store = open_store(settings.database_url, settings.sqlite_path)
+    store = open_store(settings.database_url, settings.sqlite_path, settings.database_pool_size)
     sealing_secret = settings.secret_key or settings.master_key
     box = SecretBox(sealing_secret, settings.previous_secret_keys) if sealing_secret else None
     cache = KeyCache(store, box, settings.key_cache_ttl)
@@ -91,8 +93,23 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         metering,
     )
 
+    metrics = Metrics()
+    forwarder.metrics = metrics
+    metering.metrics = metrics
+    metrics.gauge(
+        "bedrock_proxy_ledger_queue_depth",
+        "Ledger rows waiting to be written.",
+        lambda: metering.ledger.depth,
+    )
+    metrics.gauge(
+        "bedrock_proxy_requests_in_flight",
+        "Requests being handled now.",
+        lambda: forwarder.in_flight,
+    )
+
     app = web.Application(handler_args={"max_field_size": 65536})
     app[FORWARDER] = forwarder
+    app[METRICS] = metrics
     app[CREDENTIALS] = credentials
     app[STORE] = store
     app[METERING] = metering
@@ -102,6 +119,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     app.cleanup_ctx.append(_lifecycle)
     AdminApi(keys, authenticator, Reports(store), metering.forget_limit).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
+    app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))
     app.router.add_get("/health/readiness", _readiness)
     for path in (BASE_PATH, BASE_PATH + "/{tail:.*}"):
         app.router.add_route("*", path, forwarder.handle, expect_handler=forwarder.expect_handler)
@@ -116,7 +134,9 @@ def create_ops_app(main: web.Application) -> web.Application:
     app[CREDENTIALS] = main[CREDENTIALS]
     app[STORE] = main[STORE]
     app[METERING] = main[METERING]
+    app[METRICS] = main[METRICS]
     app.router.add_get("/health/liveness", _liveness)
+    app.router.add_get("/metrics", _metrics_handler(None, True))
     app.router.add_get("/health/readiness", _readiness)
     app.router.add_route("*", "/{tail:.*}", _unknown_route)
     return app
@@ -173,6 +193,22 @@ async def _readiness(request: web.Request) -> web.Response:
                 {"status": "not ready", "reason": "no AWS credentials"}, status=503
             )
     return web.json_response({"status": "ready"})
+
+
+def _metrics_handler(auth: Authenticator | None, public: bool):
+    async def metrics(request: web.Request) -> web.Response:
+        if not public:
+            assert auth is not None
+            try:
+                await auth.master_only(request)
+            except errors.AwsError as exc:
+                return exc.to_response()
+        return web.Response(
+            body=request.app[METRICS].render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    return metrics
 
 
 async def _unknown_route(request: web.Request) -> web.Response:

@@ -7,14 +7,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import ssl
+import subprocess
 import sys
+import time
 
 from aiohttp import web
 
 from .accesslog import configure_logging
-from .app import STATE, StartupError, create_app, create_ops_app
+from .app import FORWARDER, STATE, StartupError, create_app, create_ops_app
 from .config import ConfigError, Settings, load_settings
 from .errors import AwsError
 from .keyservice import KeyService
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert (BEDROCK_PROXY_TLS_KEY)")
     serve.add_argument("--http-port", type=int, help="also serve health checks over plain HTTP")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
     serve.add_argument(
         "--allow-unauthenticated",
         action="store_true",
@@ -160,9 +164,12 @@ def _serve_command(args: argparse.Namespace) -> int:
                 "tls_cert": args.tls_cert,
                 "tls_key": args.tls_key,
                 "http_port": args.http_port,
+                "workers": args.workers,
             },
         )
         configure_logging(settings.log_level)
+        if settings.workers > 1:
+            return supervise(settings.workers)
         app = create_app(settings)
         tls = server_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     except ConfigError as exc:
@@ -299,8 +306,19 @@ def _cell(value: object) -> str:
 async def serve(
     app: web.Application, settings: Settings, tls: ssl.SSLContext | None = None
 ) -> None:
-    """Run until SIGTERM or SIGINT, then stop accepting and let requests finish."""
-    runners = [web.AppRunner(app, handler_cancellation=True, access_log=None)]
+    """Run until SIGTERM or SIGINT, then drain: readiness goes false, the listeners close,
+    in-flight requests and streams get ``shutdown_timeout`` to finish, the ledger is
+    flushed. A second signal, or the deadline, ends the rest (streams with an exception
+    frame, never a silent cut)."""
+    runners = [
+        web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            # A backstop only: the deadline below ends handlers first.
+            shutdown_timeout=settings.shutdown_timeout + 5,
+        )
+    ]
     if settings.http_port is not None:
         runners.append(web.AppRunner(create_ops_app(app), access_log=None))
     for runner in runners:
@@ -313,18 +331,85 @@ async def serve(
         if settings.http_port is not None:
             await web.TCPSite(runners[1], settings.host, settings.http_port).start()
             log.info("health checks on http://%s:%d/health", settings.host, settings.http_port)
-        stop = asyncio.Event()
+        stop, force = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            (force if stop.is_set() else stop).set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         if tls is not None:
             loop.add_signal_handler(signal.SIGHUP, _reload_tls, tls, settings)
         await stop.wait()
-        log.info("shutting down")
+        forwarder = app[FORWARDER]
+        log.info(
+            "draining %d in-flight requests (up to %g s)",
+            forwarder.in_flight,
+            settings.shutdown_timeout,
+        )
         app[STATE]["ready"] = False
+        forwarder.stopping = True
+        drain = asyncio.create_task(runners[0].cleanup())
+        deadline = asyncio.create_task(asyncio.wait_for(force.wait(), settings.shutdown_timeout))
+        await asyncio.wait({drain, deadline}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            log.warning("ending %d requests at shutdown", forwarder.in_flight)
+            forwarder.abort_all()
+        deadline.cancel()
+        await asyncio.gather(deadline, return_exceptions=True)
+        await drain
+        runners = runners[1:]
+        log.info("stopped")
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+def supervise(workers: int) -> int:
+    """``--workers N``: N copies of this command on one port (SO_REUSEPORT). Signals are
+    passed on; a worker that dies is replaced; the supervisor exits when all have stopped."""
+    argv = _without_workers_flag(sys.argv[1:])
+    env = dict(os.environ, BEDROCK_PROXY_WORKERS="1", BEDROCK_PROXY_REUSE_PORT="true")
+    command = [sys.executable, "-m", "proxy", *argv]
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    log.info("supervising %d workers on one port", workers)
+    while True:
+        alive = [c for c in children if c.poll() is None]
+        if stopping and not alive:
+            break
+        for i, child in enumerate(children):
+            if child.poll() is not None and not stopping:
+                log.error("worker %d exited with %s; starting another", child.pid, child.returncode)
+                time.sleep(1)
+                children[i] = subprocess.Popen(command, env=env)
+        time.sleep(0.2)
+    return max((c.returncode or 0) for c in children)
+
+
+def _without_workers_flag(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
 
 
 def _reload_tls(context: ssl.SSLContext, settings: Settings) -> None:

@@ -56,6 +56,8 @@ class Settings:
     # The key and ledger store: PostgreSQL when set, else SQLite at sqlite_path.
     database_url: str | None = field(default=None, repr=False)
     sqlite_path: str = "bedrock-proxy.db"
+    # PostgreSQL connections per process.
+    database_pool_size: int = 10
     # Seals the virtual keys' SigV4 secrets at rest; defaults to the master key.
     secret_key: str | None = field(default=None, repr=False)
     # Older secret_keys that still open sealed secrets during a rotation.
@@ -76,6 +78,15 @@ class Settings:
     reserve_output_tokens: int = 1000
     # x-bedrock-proxy-cost / -tokens headers on non-stream responses.
     cost_headers: bool = True
+    # Processes serving one port (SO_REUSEPORT); see the README on when to raise it.
+    workers: int = 1
+    reuse_port: bool = False
+    # On SIGTERM: how long in-flight requests and streams may take to finish.
+    shutdown_timeout: float = 30.0
+    # /metrics on the main port without the master key (it is open on http_port anyway).
+    metrics_public: bool = False
+    # OpenTelemetry spans per request (needs the "otel" extra; configured by OTEL_* vars).
+    tracing: bool = False
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -202,6 +213,10 @@ def _validate(s: Settings) -> None:
     if s.http_port is not None and (not 0 < s.http_port < 65536 or s.http_port == s.port):
         raise ConfigError(f"config error: http_port: {s.http_port} must be a free TCP port")
     s.auth_headers = [h.lower() for h in s.auth_headers]
+    if not 1 <= s.workers <= 256:
+        raise ConfigError("config error: workers: must be between 1 and 256")
+    if s.shutdown_timeout < 0:
+        raise ConfigError("config error: shutdown_timeout: must not be negative")
     if s.ledger_flush_interval <= 0:
         raise ConfigError("config error: ledger_flush_interval: must be greater than zero")
     if s.redis_url is not None and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -23,12 +23,15 @@ class AwsError(Exception):
         code: str,
         message: str,
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        # Why a limit refused the request (rpm, tpm, parallel, budget), for the metrics.
+        self.reason = reason
 
     def to_response(self, request_id: str | None = None) -> web.Response:
         return json_error_response(
@@ -87,9 +90,11 @@ def payload_too_large(limit: int) -> AwsError:
     )
 
 
-def throttled(message: str, retry_after: float | None = None) -> AwsError:
+def throttled(
+    message: str, retry_after: float | None = None, reason: str | None = None
+) -> AwsError:
     headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))} if retry_after else None
-    return AwsError(429, "ThrottlingException", message, headers)
+    return AwsError(429, "ThrottlingException", message, headers, reason)
 
 
 def service_unavailable(message: str) -> AwsError:

@@ -30,8 +30,9 @@ from .credentials import CredentialProvider, NoCredentialsError
 from .endpoints import Endpoints, Upstream, valid_region
 from .headers import response_headers, split_request_headers
 from .metering import Exchange, Metering
+from .metrics import Metrics
 from .routing import RouteMatch, Router
-from .usage import meter_for
+from .usage import Meter, meter_for
 
 log = logging.getLogger("bedrock_proxy.forward")
 
@@ -90,6 +91,19 @@ class Forwarder:
         self._max_body = settings.max_body_bytes
         self._bearer = settings.upstream_bearer_token
         self._session: aiohttp.ClientSession | None = None
+        # Handlers in flight, so a shutdown past its deadline can end them cleanly.
+        self._active: set[asyncio.Task[object]] = set()
+        self.stopping = False
+        self.metrics: Metrics | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def abort_all(self) -> None:
+        """Shutdown deadline: end every request now; streams get an exception frame."""
+        for task in list(self._active):
+            task.cancel()
 
     async def start(self) -> None:
         s = self._settings
@@ -135,6 +149,9 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
+        task = asyncio.current_task()
+        if task is not None:
+            self._active.add(task)
         try:
             response = await self._forward(request, x)
             x.status = response.status
@@ -144,7 +161,7 @@ class Forwarder:
             x.status = exc.status
             return exc.to_response(x.request_id)
         except asyncio.CancelledError:
-            x.error = "ClientDisconnected"
+            x.error = "ProxyShutdown" if self.stopping else "ClientDisconnected"
             x.status = 499
             x.incomplete = True
             raise
@@ -155,12 +172,16 @@ class Forwarder:
             x.status = exc.status
             return exc.to_response(x.request_id)
         finally:
+            if task is not None:
+                self._active.discard(task)
             self._complete(x)
 
     def _complete(self, x: Exchange) -> None:
         latency_ms = round((time.perf_counter() - x.started) * 1000, 3)
         if self._metering is not None:
             self._metering.complete(x, latency_ms)
+        if self.metrics is not None:
+            self.metrics.observe(x, latency_ms / 1000)
         if not self._access_log.enabled:
             return
         op = x.operation
@@ -311,6 +332,7 @@ class Forwarder:
         x: Exchange,
     ) -> web.StreamResponse:
         assert self._session is not None
+        x.upstream_started = time.perf_counter()
         try:
             upstream = await self._session.request(
                 request.method,
@@ -340,6 +362,11 @@ class Forwarder:
         meter = x.meter
         try:
             x.status = upstream.status
+            x.upstream_headers_at = time.perf_counter()
+            if upstream.status >= 400:
+                x.upstream_error = upstream.headers.get("x-amzn-ErrorType", "").split(":")[
+                    0
+                ] or str(upstream.status)
             x.upstream_request_id = upstream.headers.get("x-amzn-RequestId")
             out_headers = response_headers(upstream.headers)
             out_headers["x-bedrock-proxy-request-id"] = x.request_id
@@ -352,6 +379,7 @@ class Forwarder:
                 data = await self._read_small(upstream)
                 x.bytes_out = len(data)
                 completed = True
+                x.upstream_done = time.perf_counter()
                 if meter is not None:
                     meter.feed(data)
                     self._cost_headers(x, out_headers)
@@ -363,7 +391,14 @@ class Forwarder:
             if length is not None and not is_event_stream:
                 response.content_length = length
             await response.prepare(request)
-            completed = await self._relay(request, upstream, response, x, is_event_stream)
+            if self.metrics is not None and is_event_stream:
+                self.metrics.active_streams += 1
+            try:
+                completed = await self._relay(request, upstream, response, x, is_event_stream)
+            finally:
+                x.upstream_done = time.perf_counter()
+                if self.metrics is not None and is_event_stream:
+                    self.metrics.active_streams -= 1
             return response
         finally:
             if completed:
@@ -414,7 +449,45 @@ class Forwarder:
         """Copy the body as it arrives, teeing it to the meter; True when copied whole."""
         splitter = eventstream.FrameSplitter() if is_event_stream else None
         meter = x.meter
-        content = upstream.content
+        try:
+            failure = await self._copy(response, upstream.content, splitter, meter, x)
+        except asyncio.CancelledError:
+            if splitter is not None and self.stopping:
+                await _write_quietly(
+                    response,
+                    eventstream.exception_frame(
+                        "internalServerException", "The proxy is shutting down; retry the request"
+                    ),
+                )
+            raise
+        if failure is _CLIENT_GONE:
+            return False
+        if failure is None:
+            await _finish(response)
+            return True
+        x.error = "UpstreamStreamError"
+        x.incomplete = True
+        if splitter is None:
+            # No frame format to report the failure in: cut the connection so the client
+            # sees a truncated body instead of a complete-looking one.
+            _abort(request)
+            return False
+        try:
+            await response.write(eventstream.exception_frame("internalServerException", failure))
+            await response.write_eof()
+        except ConnectionError:
+            pass
+        return False
+
+    async def _copy(
+        self,
+        response: web.StreamResponse,
+        content: aiohttp.StreamReader,
+        splitter: eventstream.FrameSplitter | None,
+        meter: Meter | None,
+        x: Exchange,
+    ) -> str | None:
+        """Copy until the end; the failure to report, _CLIENT_GONE, or None when complete."""
         sent = 0
         failure: str | None = None
         while True:
@@ -448,31 +521,28 @@ class Forwarder:
                 x.error = "ClientDisconnected"
                 x.bytes_out = sent
                 x.incomplete = True
-                return False
+                return _CLIENT_GONE
+            if not sent:
+                x.first_byte_at = time.perf_counter()
             sent += len(data)
-        x.bytes_out = sent
-        if failure is None:
-            await _finish(response)
-            return True
-        x.error = "UpstreamStreamError"
-        x.incomplete = True
-        if splitter is None:
-            # No frame format to report the failure in: cut the connection so the client
-            # sees a truncated body instead of a complete-looking one.
-            _abort(request)
-            return False
-        try:
-            await response.write(eventstream.exception_frame("internalServerException", failure))
-            await response.write_eof()
-        except ConnectionError:
-            pass
-        return False
+            x.bytes_out = sent
+        return failure
 
 
 def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+_CLIENT_GONE = "client gone"
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    """Best effort, bounded: the client may already be gone."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(response.write(data), 1.0)
+        await asyncio.wait_for(response.write_eof(), 1.0)
 
 
 async def _finish(response: web.StreamResponse) -> None:

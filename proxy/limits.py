@@ -85,11 +85,14 @@ def _budget_refusal(spec: LimitSpec, spent: float, now: float) -> errors.AwsErro
         "ServiceQuotaExceededException",
         f"Budget exceeded for {spec.name}: spent ${spent:.6f} of ${spec.max_budget:.2f}; "
         f"it resets at {resets}",
+        reason="budget",
     )
 
 
 def _rate_refusal(spec: LimitSpec, what: str, retry_after: float) -> errors.AwsError:
-    return errors.throttled(f"Rate limit exceeded for {spec.name}: {what}", retry_after)
+    reason = what.split(" ", 1)[1].split()[0]  # "requests", "tokens" or "requests in parallel"
+    kind = "parallel" if "parallel" in what else ("tpm" if reason == "tokens" else "rpm")
+    return errors.throttled(f"Rate limit exceeded for {spec.name}: {what}", retry_after, kind)
 
 
 class InProcessLimiter:

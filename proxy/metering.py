@@ -12,10 +12,12 @@ from typing import Any
 
 import orjson
 
+from . import errors
 from .auth import Identity
 from .keys import parse_duration
 from .ledger import Ledger
 from .limits import Admission, BudgetSource, InProcessLimiter, LimitSpec, RedisLimiter
+from .metrics import Metrics
 from .pricing import PriceTable
 from .routing import Operation
 from .store import Store
@@ -47,6 +49,12 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     upstream_request_id: str | None = None
+    upstream_error: str | None = None
+    # perf_counter marks, for the metrics: upstream time vs the proxy's own.
+    upstream_started: float | None = None
+    upstream_headers_at: float | None = None
+    upstream_done: float | None = None
+    first_byte_at: float | None = None
 
     def finish_usage(self) -> Usage | None:
         if self.usage is None and self.meter is not None:
@@ -85,15 +93,22 @@ class Metering:
         self._reserve_output = reserve_output_tokens
         self.cost_headers = cost_headers
         self._pending: set[asyncio.Task[None]] = set()
+        self.metrics: Metrics | None = None
 
     # ---------------------------------------------------------------- admission
 
     async def admit(self, x: Exchange, body_size: int) -> None:
         specs = await self._specs(x)
-        if specs:
+        if not specs:
+            return
+        try:
             x.admission = await self.limiter.admit(
                 specs, x.request_id, self.estimate(x.model, body_size)
             )
+        except errors.AwsError as exc:
+            if exc.reason is not None and self.metrics is not None:
+                self.metrics.refused(exc.reason)
+            raise
 
     def estimate(self, model: str | None, body_size: int) -> float:
         """Input tokens guessed from the body size, plus a fixed allowance of output."""

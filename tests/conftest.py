@@ -141,6 +141,8 @@ def start_proxy(
             "first_byte_timeout": 5.0,
             "idle_timeout": 5.0,
             "sqlite_path": str(store_dir / f"proxy-{len(started)}.db"),
+            # The suite starts many proxies against one PostgreSQL server.
+            "database_pool_size": 3,
         }
         values.update(overrides)
         settings = load_settings(env=env, overrides=values)
@@ -162,7 +164,7 @@ def proxy(start_proxy: ProxyFactory) -> Server:
 
 
 def client_config(**kwargs: Any) -> Config:
-    return Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=20, **kwargs)
+    return Config(retries={"total_max_attempts": 1, "mode": "standard"}, read_timeout=20, **kwargs)
 
 
 def with_key_header(client: Any, key: str, header: str = "litellm_user_api_key") -> Any:
