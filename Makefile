@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
 
-.PHONY: install run run-tls test lint bench clean
+.PHONY: install run run-tls test lint bench clean wheel deploy-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,17 @@ run-tls: install
 			--tls-cert .tls/cert.pem --tls-key .tls/key.pem; \
 	fi
 
-test: install
+test: install deploy-check
 	$(VENV)/bin/ruff check proxy tests
 	$(PY) -m pytest
+
+# The wheel deploy/Dockerfile installs (it builds the same one in its first stage).
+wheel: install
+	$(PY) -m pip wheel -q --no-deps -w dist .
+
+# Kubernetes manifests against their schemas, the compose file, the wheel's contents.
+deploy-check: install
+	VENV=$(VENV) deploy/check.sh
 
 # A benchmark, not a test: one table, and bench-results.json to compare commits.
 bench: install
@@ -50,4 +58,4 @@ lint: install
 	$(VENV)/bin/ruff format --check proxy tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -25,6 +25,7 @@ from .reports import Reports
 from .routing import SERVICE_NAMES, Router, load_operations
 from .secretbox import SecretBox
 from .store import Store, open_store
+from .tracing import make_tracing
 
 
 class StartupError(Exception):
@@ -95,6 +96,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
 
     metrics = Metrics()
     forwarder.metrics = metrics
+    forwarder.tracing = make_tracing(settings.tracing)
     metering.metrics = metrics
     metrics.gauge(
         "bedrock_proxy_ledger_queue_depth",

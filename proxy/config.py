@@ -39,8 +39,8 @@ class Settings:
     connect_timeout: float = 10.0
     first_byte_timeout: float = 600.0
     idle_timeout: float = 120.0
-    # Keep-alive connections per upstream host.
-    pool_size: int = 1024
+    # Keep-alive connections per upstream host; 0 means no limit (each open stream holds one).
+    pool_size: int = 0
     # Send this Bedrock API key upstream instead of SigV4 (AWS_BEARER_TOKEN_BEDROCK).
     upstream_bearer_token: str | None = field(default=None, repr=False)
     aws_profile: str | None = None

@@ -32,6 +32,7 @@ from .headers import response_headers, split_request_headers
 from .metering import Exchange, Metering
 from .metrics import Metrics
 from .routing import RouteMatch, Router
+from .tracing import Tracing
 from .usage import Meter, meter_for
 
 log = logging.getLogger("bedrock_proxy.forward")
@@ -95,6 +96,7 @@ class Forwarder:
         self._active: set[asyncio.Task[object]] = set()
         self.stopping = False
         self.metrics: Metrics | None = None
+        self.tracing: Tracing | None = None
 
     @property
     def in_flight(self) -> int:
@@ -175,6 +177,8 @@ class Forwarder:
             if task is not None:
                 self._active.discard(task)
             self._complete(x)
+            if self.tracing is not None:
+                self.tracing.record(x, request.headers, time.perf_counter() - x.started)
 
     def _complete(self, x: Exchange) -> None:
         latency_ms = round((time.perf_counter() - x.started) * 1000, 3)

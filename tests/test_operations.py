@@ -195,3 +195,30 @@ def test_workers_share_one_port(fake_server, tmp_path):
         assert proc.wait(20) == 0
     for pid in children:
         assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0
+
+
+def test_tracing_spans_continue_the_clients_trace(start_proxy, fake):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    server = start_proxy(tracing=True)
+    client = boto_client("bedrock-runtime", server)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    def traceparent(request, **_):
+        request.headers["traceparent"] = f"00-{trace_id}-00f067aa0ba902b7-01"
+
+    client.meta.events.register_first("before-sign.*.*", traceparent)
+    client.converse(modelId="anthropic.claude-3-haiku-20240307-v1:0", messages=MESSAGES)
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "bedrock Converse"]
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert span.attributes["gen_ai.request.model"] == "anthropic.claude-3-haiku-20240307-v1:0"
+    assert span.attributes["gen_ai.usage.input_tokens"] == 11
+    assert span.attributes["http.response.status_code"] == 200
+    assert span.end_time > span.start_time

@@ -161,3 +161,93 @@ def test_ledger_loss_when_stopped_under_load(fake_server, tmp_path, how):
         lost = served - rows
         assert lost <= rate * 1.0 + concurrency, (served, rows, rate)
         assert rows <= served + concurrency
+
+
+def test_three_replicas_on_postgres_and_redis(fake_server, redis_url, pg_database):
+    """No sticky sessions: keys, revocations, limits and the ledger hold across replicas."""
+    import asyncpg
+
+    _, fake_url = fake_server
+    ports = [free_port() for _ in range(3)]
+    envs = [
+        server_env(
+            fake_url,
+            BEDROCK_PROXY_HOST="127.0.0.1",
+            BEDROCK_PROXY_PORT=str(port),
+            BEDROCK_PROXY_REDIS_URL=redis_url,
+            BEDROCK_PROXY_DATABASE_URL=pg_database,
+            BEDROCK_PROXY_KEY_CACHE_TTL="1",
+            BEDROCK_PROXY_DATABASE_POOL_SIZE="3",
+            BEDROCK_PROXY_ACCESS_LOG="false",
+        )
+        for port in ports
+    ]
+    with (
+        running([BIN, "serve"], envs[0], ports[0]),
+        running([BIN, "serve"], envs[1], ports[1]),
+        running([BIN, "serve"], envs[2], ports[2]) as third,
+    ):
+
+        async def statuses(token: str, targets: list[int]) -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                return await asyncio.gather(*(_post(session, p, token) for p in targets))
+
+        # A key created through one replica works on the others at once.
+        key = generate_key(ports[0])
+        assert asyncio.run(statuses(key["key"], [ports[1], ports[2]])) == [200, 200]
+
+        # A revocation through one replica is honoured by all within key_cache_ttl (1 s).
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{ports[1]}/key/delete",
+            data=json.dumps({"keys": [key["key_id"]]}).encode(),
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+        revoked = time.monotonic()
+        while asyncio.run(statuses(key["key"], ports)) != [403, 403, 403]:
+            assert time.monotonic() - revoked < 2.0, "a replica still accepts the revoked key"
+            time.sleep(0.1)
+
+        # One RPM limit for all three.
+        if 60 - time.time() % 60 < 5:
+            time.sleep(60 - time.time() % 60 + 0.1)
+        limited = generate_key(ports[2], rpm_limit=15)
+        results = asyncio.run(statuses(limited["key"], [ports[i % 3] for i in range(45)]))
+        assert results.count(200) == 15 and results.count(429) == 30
+
+        # One budget for all three, under concurrency: worth 4 calls of ~1.15e-5 USD.
+        call = 11 * 0.00025 / 1000 + 7 * 0.00125 / 1000
+        budget = generate_key(ports[0], max_budget=call * 4, budget_duration="1h")
+        succeeded = 0
+        for _ in range(4):
+            results = asyncio.run(statuses(budget["key"], [ports[i % 3] for i in range(6)]))
+            succeeded += results.count(200)
+            assert set(results) <= {200, 400}
+            time.sleep(0.3)
+        # Admission stops once spent + reserved reaches the budget: at most one call over.
+        assert 4 <= succeeded <= 5
+
+        # Killing a replica mid-load loses at most its last flush interval of ledger rows.
+        async def count_rows() -> int:
+            conn = await asyncpg.connect(pg_database)
+            try:
+                return await conn.fetchval("SELECT COUNT(*) FROM bp_spend")
+            finally:
+                await conn.close()
+
+        before = asyncio.run(count_rows())
+        started = time.monotonic()
+
+        async def load_and_kill() -> list[tuple[int, float]]:
+            loads = [asyncio.ensure_future(_load(p, MASTER_KEY, started + 5, 4)) for p in ports]
+            await asyncio.sleep(2.0)
+            third.kill()
+            return await asyncio.gather(*loads)
+
+        outcomes = asyncio.run(load_and_kill())
+        served = sum(n for n, _ in outcomes)
+        killed_rate = outcomes[2][0] / max(outcomes[2][1] - started, 0.1)
+        time.sleep(1.5)  # the surviving replicas flush
+        rows = asyncio.run(count_rows()) - before
+        assert served - rows <= killed_rate * 1.0 + 4, (served, rows, killed_rate)
+        assert rows <= served + 12
