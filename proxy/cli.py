@@ -23,6 +23,7 @@ from .errors import AwsError
 from .keyservice import KeyService
 from .reports import Reports
 from .secretbox import SecretBox
+from .server import ProxyRunner
 from .store import open_store
 from .tls import TLSConfigError, load_chain, server_context, write_self_signed
 
@@ -310,11 +311,11 @@ async def serve(
     in-flight requests and streams get ``shutdown_timeout`` to finish, the ledger is
     flushed. A second signal, or the deadline, ends the rest (streams with an exception
     frame, never a silent cut)."""
-    runners = [
-        web.AppRunner(
+    runners: list[web.AppRunner] = [
+        ProxyRunner(
             app,
-            handler_cancellation=True,
-            access_log=None,
+            header_timeout=settings.header_timeout,
+            keepalive_timeout=settings.keepalive_timeout,
             # A backstop only: the deadline below ends handlers first.
             shutdown_timeout=settings.shutdown_timeout + 5,
         )

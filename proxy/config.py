@@ -39,6 +39,10 @@ class Settings:
     connect_timeout: float = 10.0
     first_byte_timeout: float = 600.0
     idle_timeout: float = 120.0
+    # Client side: time to send the request headers, the body, and idle time between requests.
+    header_timeout: float = 10.0
+    body_timeout: float = 120.0
+    keepalive_timeout: float = 75.0
     # Keep-alive connections per upstream host; 0 means no limit (each open stream holds one).
     pool_size: int = 0
     # Send this Bedrock API key upstream instead of SigV4 (AWS_BEARER_TOKEN_BEDROCK).
@@ -200,7 +204,14 @@ def _validate(s: Settings) -> None:
                 f"config error: endpoints: unknown service {name!r} "
                 f"(one of {', '.join(SERVICE_NAMES)})"
             )
-    for name in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+    for name in (
+        "connect_timeout",
+        "first_byte_timeout",
+        "idle_timeout",
+        "header_timeout",
+        "body_timeout",
+        "keepalive_timeout",
+    ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"config error: {name}: must be greater than zero")
     if s.max_body_bytes <= 0:

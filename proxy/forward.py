@@ -266,6 +266,17 @@ class Forwarder:
         return region
 
     async def _read_body(self, request: web.Request) -> RequestBody:
+        try:
+            async with asyncio.timeout(self._settings.body_timeout):
+                return await self._read_body_unbounded(request)
+        except TimeoutError:
+            raise errors.AwsError(
+                408,
+                "RequestTimeoutException",
+                f"The request body was not received within {self._settings.body_timeout:g} s",
+            ) from None
+
+    async def _read_body_unbounded(self, request: web.Request) -> RequestBody:
         limit = self._max_body
         length = request.content_length
         if length is not None and length > limit:

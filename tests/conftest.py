@@ -17,8 +17,9 @@ from aiohttp import web
 from botocore.config import Config
 
 from proxy.accesslog import AccessLog
-from proxy.app import create_app
+from proxy.app import FORWARDER, create_app
 from proxy.config import load_settings
+from proxy.server import ProxyRunner
 from tests.fake_bedrock import (
     UPSTREAM_ACCESS_KEY,
     UPSTREAM_SECRET_KEY,
@@ -88,6 +89,8 @@ class Server:
 
 async def _start(app: web.Application, tls: Any = None) -> tuple[str, web.AppRunner]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    if FORWARDER in app:  # a proxy: the runner the CLI uses
+        runner = ProxyRunner(app, header_timeout=2.0, keepalive_timeout=75.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()

@@ -1,0 +1,71 @@
+"""The HTTP server around the app: aiohttp's runner plus the limits aiohttp leaves out.
+
+aiohttp has no deadline for a request's headers, so a slowloris client can hold a
+connection forever by trickling them. A sweeper closes every connection that has not
+completed its first request's headers within ``header_timeout``; between requests the
+keep-alive timeout applies, and the body has its own deadline (in ``forward``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from aiohttp import web
+
+
+class ProxyRunner(web.AppRunner):
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        header_timeout: float,
+        keepalive_timeout: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=keepalive_timeout,
+            **kwargs,
+        )
+        self._header_timeout = header_timeout
+        self._sweeper: asyncio.Task[None] | None = None
+        self.slow_clients_closed = 0
+
+    async def setup(self) -> None:
+        await super().setup()
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def cleanup(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await super().cleanup()
+
+    async def _sweep(self) -> None:
+        # Keyed by the handler itself, not id(): ids of closed connections are reused.
+        first_seen: dict[object, float] = {}
+        interval = min(1.0, self._header_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            server = self.server
+            if server is None:
+                continue
+            now = time.monotonic()
+            waiting = {}
+            for handler in server.connections:
+                if getattr(handler, "_request_count", 1):
+                    continue  # a request was read: keep-alive and handlers take over
+                started = waiting[handler] = first_seen.get(handler, now)
+                if now - started > self._header_timeout:
+                    self.slow_clients_closed += 1
+                    handler.force_close()
+                    transport = handler.transport
+                    if transport is not None:
+                        transport.close()
+            first_seen = waiting
