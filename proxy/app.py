@@ -13,7 +13,9 @@ from .auth import Authenticator
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
 from .endpoints import Endpoints, sdk_endpoint_overrides, valid_region
+from .files import FILES_PATH, FilesForwarder
 from .forward import BASE_PATH, Forwarder
+from .jobs import JobRegistry
 from .keycache import KeyCache
 from .keyservice import KeyService
 from .ledger import Ledger
@@ -50,7 +52,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
             "(pass --allow-unauthenticated to run without client authentication)"
         )
     router = Router(load_operations())
-    overrides = {**sdk_endpoint_overrides(SERVICE_NAMES), **settings.endpoints}
+    overrides = {**sdk_endpoint_overrides((*SERVICE_NAMES, "s3")), **settings.endpoints}
     region = settings.region or _profile_region(settings) or "us-east-1"
     if not valid_region(region):
         raise ConfigError(f"config error: region: {region!r} is not an AWS region name")
@@ -97,6 +99,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     metrics = Metrics()
     forwarder.metrics = metrics
     forwarder.tracing = make_tracing(settings.tracing)
+    forwarder.jobs = JobRegistry(store)
     metering.metrics = metrics
     metrics.gauge(
         "bedrock_proxy_ledger_queue_depth",
@@ -123,6 +126,9 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))
     app.router.add_get("/health/readiness", _readiness)
+    files = FilesForwarder(forwarder, endpoints, authenticator, settings.max_file_bytes)
+    for path in (FILES_PATH, FILES_PATH + "/{tail:.*}"):  # before /bedrock/{tail}
+        app.router.add_route("*", path, files.handle)
     for path in (BASE_PATH, BASE_PATH + "/{tail:.*}"):
         app.router.add_route("*", path, forwarder.handle, expect_handler=forwarder.expect_handler)
     app.router.add_route("*", "/{tail:.*}", _unknown_route)

@@ -53,6 +53,8 @@ class SignedRequest:
     raw_query: str
     payload_sha256: str
     double_encode: bool = True
+    # The service the credential scope must name: bedrock, or s3 for the files endpoint.
+    service: str = "bedrock"
 
 
 class Authenticator:
@@ -139,6 +141,12 @@ class Authenticator:
                 403,
                 "UnrecognizedClientException",
                 "The security token included in the request is invalid.",
+            )
+        if parsed.service != signed.service:
+            raise errors.AwsError(
+                403,
+                "InvalidSignatureException",
+                f"Credential should be scoped to correct service: '{signed.service}'.",
             )
         headers = _lower_headers(request.headers)
         declared = headers.get("x-amz-content-sha256")

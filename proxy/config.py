@@ -36,6 +36,8 @@ class Settings:
     # Upstream base URL per service name; the SDK's AWS_ENDPOINT_URL_* variables also apply.
     endpoints: dict[str, str] = field(default_factory=dict)
     max_body_bytes: int = 32 * 1024 * 1024
+    # Largest single upload through /bedrock/files (S3's own limit for one PUT is 5 GiB).
+    max_file_bytes: int = 5 * 1024**3
     connect_timeout: float = 10.0
     first_byte_timeout: float = 600.0
     idle_timeout: float = 120.0
@@ -199,10 +201,10 @@ def _validate(s: Settings) -> None:
     if s.region is not None and not valid_region(s.region):
         raise ConfigError(f"config error: region: {s.region!r} is not an AWS region name")
     for name in s.endpoints:
-        if name not in SERVICE_NAMES:
+        if name not in (*SERVICE_NAMES, "s3"):
             raise ConfigError(
                 f"config error: endpoints: unknown service {name!r} "
-                f"(one of {', '.join(SERVICE_NAMES)})"
+                f"(one of {', '.join(SERVICE_NAMES)}, s3)"
             )
     for name in (
         "connect_timeout",

@@ -29,6 +29,8 @@ from .config import Settings
 from .credentials import CredentialProvider, NoCredentialsError
 from .endpoints import Endpoints, Upstream, valid_region
 from .headers import response_headers, split_request_headers
+from .jobs import CREATE as CREATE_JOB
+from .jobs import JobRegistry
 from .metering import Exchange, Metering
 from .metrics import Metrics
 from .routing import RouteMatch, Router
@@ -97,10 +99,28 @@ class Forwarder:
         self.stopping = False
         self.metrics: Metrics | None = None
         self.tracing: Tracing | None = None
+        self.jobs: JobRegistry | None = None
 
     @property
     def in_flight(self) -> int:
         return len(self._active)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    @property
+    def metering(self) -> Metering | None:
+        return self._metering
+
+    async def upstream_credentials(self) -> sigv4.Credentials:
+        try:
+            return await self._credentials.get()
+        except NoCredentialsError:
+            raise errors.service_unavailable(
+                "The proxy has no AWS credentials configured for the upstream"
+            ) from None
 
     def abort_all(self) -> None:
         """Shutdown deadline: end every request now; streams get an exception frame."""
@@ -223,8 +243,9 @@ class Forwarder:
             raise errors.unknown_operation(request.method, path or "/")
         op = x.operation = match.operation
         x.model = match.labels.get("modelId")
+        refuse_other_providers(request)
         self._auth.precheck(request)
-        upstream = self._endpoints.resolve(op.service, self._client_region(request))
+        upstream = self._endpoints.resolve(op.service, self.client_region(request))
         body = await self._read_body(request)
         x.bytes_in = body.size
         client_path, _, _ = request.raw_path.partition("?")
@@ -236,6 +257,8 @@ class Forwarder:
             needed = policy.needs_body(spec, op)
             policy.check(spec, op, match.labels, request.headers, body.joined() if needed else None)
         x.identity = identity
+        if self.jobs is not None:
+            await self.jobs.check(identity, op, match.labels)
         if x.model is None and op.name in _MODEL_IN_BODY:
             x.model = policy.body_model(op, body.joined())
         x.annotations = read_annotations(request.headers)
@@ -251,7 +274,7 @@ class Forwarder:
 
     # ------------------------------------------------------------------ request
 
-    def _client_region(self, request: web.Request) -> str | None:
+    def client_region(self, request: web.Request) -> str | None:
         """The region in the client's own SigV4 scope, if it signed and we honour it."""
         if not self._settings.client_region:
             return None
@@ -316,12 +339,7 @@ class Forwarder:
         if self._bearer:
             signed["authorization"] = "Bearer " + self._bearer
         else:
-            try:
-                credentials = await self._credentials.get()
-            except NoCredentialsError:
-                raise errors.service_unavailable(
-                    "The proxy has no AWS credentials configured for the upstream"
-                ) from None
+            credentials = await self.upstream_credentials()
             signed["authorization"] = sigv4.sign(
                 method=request.method,
                 raw_path=upstream.base_path + match.path,
@@ -395,6 +413,14 @@ class Forwarder:
                 x.bytes_out = len(data)
                 completed = True
                 x.upstream_done = time.perf_counter()
+                if (
+                    self.jobs is not None
+                    and x.identity is not None
+                    and x.operation is not None
+                    and x.operation.name == CREATE_JOB
+                    and upstream.status == 200
+                ):
+                    await self.jobs.remember(x.identity, x.model, data)
                 if meter is not None:
                     meter.feed(data)
                     self._cost_headers(x, out_headers)
@@ -409,7 +435,7 @@ class Forwarder:
             if self.metrics is not None and is_event_stream:
                 self.metrics.active_streams += 1
             try:
-                completed = await self._relay(request, upstream, response, x, is_event_stream)
+                completed = await self.relay(request, upstream, response, x, is_event_stream)
             finally:
                 x.upstream_done = time.perf_counter()
                 if self.metrics is not None and is_event_stream:
@@ -453,7 +479,7 @@ class Forwarder:
         if reschedule is not None:
             reschedule()
 
-    async def _relay(
+    async def relay(
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
@@ -542,6 +568,16 @@ class Forwarder:
             sent += len(data)
             x.bytes_out = sent
         return failure
+
+
+def refuse_other_providers(request: web.BaseRequest) -> None:
+    """Other gateways route ``x-model-provider: openai|gemini`` by translating payloads."""
+    provider = request.headers.get("x-model-provider")
+    if provider is not None and provider.strip().lower() != "bedrock":
+        raise errors.validation(
+            f"x-model-provider {provider!r} is not supported: this proxy passes Bedrock "
+            "requests through unchanged and never translates them to another provider's API"
+        )
 
 
 def _abort(request: web.Request) -> None:

@@ -48,6 +48,9 @@ class KeySpec:
     guardrail_ids: list[str] | None = None
     knowledge_base_ids: list[str] | None = None
     agent_ids: list[str] | None = None
+    # Files (S3) and batch-job S3 URIs: allowed buckets, and key prefixes within them.
+    file_buckets: list[str] | None = None
+    file_prefixes: list[str] | None = None
     expires_at: float | None = None
     blocked: bool = False
     max_budget: float | None = None
@@ -158,7 +161,13 @@ def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
                     f"{name}: unknown group {unknown[0]!r} (one of {', '.join(OPERATION_GROUPS)})"
                 )
             spec.operation_groups = groups
-        elif name in ("guardrail_ids", "knowledge_base_ids", "agent_ids"):
+        elif name in (
+            "guardrail_ids",
+            "knowledge_base_ids",
+            "agent_ids",
+            "file_buckets",
+            "file_prefixes",
+        ):
             setattr(spec, name, None if value is None else _str_list(name, value))
         elif name == "blocked":
             if not isinstance(value, bool):

@@ -26,7 +26,11 @@ _BODY_FIELDS: dict[str, list[tuple[tuple[str, ...], str]]] = {
     "Converse": [(("guardrailConfig", "guardrailIdentifier"), "guardrail")],
     "ConverseStream": [(("guardrailConfig", "guardrailIdentifier"), "guardrail")],
     "StartAsyncInvoke": [(("modelId",), "model")],
-    "CreateModelInvocationJob": [(("modelId",), "model")],
+    "CreateModelInvocationJob": [
+        (("modelId",), "model"),
+        (("inputDataConfig", "s3InputDataConfig", "s3Uri"), "s3"),
+        (("outputDataConfig", "s3OutputDataConfig", "s3Uri"), "s3"),
+    ],
     "InvokeInlineAgent": [(("foundationModel",), "model")],
     "RetrieveAndGenerate": [
         (("retrieveAndGenerateConfiguration", "knowledgeBaseConfiguration", "modelArn"), "model"),
@@ -136,7 +140,18 @@ def model_candidates(model_id: str) -> list[str]:
 def _restricted(spec: KeySpec, kind: str) -> bool:
     if kind == "model":
         return bool(spec.models)
+    if kind == "s3":
+        return spec.file_buckets is not None or spec.file_prefixes is not None
     return _allow_list(spec, kind) is not None
+
+
+def file_allowed(spec: KeySpec, bucket: str, key: str | None) -> bool:
+    """A bucket, and a key (or list prefix) in it, within the key's file allow-lists."""
+    if spec.file_buckets is not None and bucket not in spec.file_buckets:
+        return False
+    if spec.file_prefixes is not None and key is not None:
+        return any(key.startswith(prefix) for prefix in spec.file_prefixes)
+    return True
 
 
 def _allow_list(spec: KeySpec, kind: str) -> list[str] | None:
@@ -148,6 +163,11 @@ def _allow_list(spec: KeySpec, kind: str) -> list[str] | None:
 
 
 def _check_one(spec: KeySpec, kind: str, value: str) -> None:
+    if kind == "s3":
+        bucket, _, key = value.removeprefix("s3://").partition("/")
+        if not value.startswith("s3://") or not file_allowed(spec, bucket, key):
+            raise errors.access_denied(f"The API key is not allowed to use {value!r}")
+        return
     if kind == "model":
         if not model_allowed(spec.models, value):
             raise errors.access_denied(f"The API key is not allowed to use model {value!r}")

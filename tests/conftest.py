@@ -26,6 +26,7 @@ from tests.fake_bedrock import (
     UPSTREAM_SESSION_TOKEN,
     FakeBedrock,
 )
+from tests.fake_s3 import FakeS3
 
 MASTER_KEY = "sk-master-test-0123456789"
 REGION = "us-east-1"
@@ -114,6 +115,14 @@ def fake_server(bg: BackgroundLoop) -> Iterator[tuple[FakeBedrock, str]]:
     bg.run(runner.cleanup())
 
 
+@pytest.fixture(scope="session")
+def fake_s3_server(bg: BackgroundLoop) -> Iterator[tuple[FakeS3, str]]:
+    fake = FakeS3()
+    url, runner = bg.run(_start(fake.app()))
+    yield fake, url
+    bg.run(runner.cleanup())
+
+
 @pytest.fixture
 def fake(fake_server: tuple[FakeBedrock, str]) -> FakeBedrock:
     fake_server[0].requests.clear()
@@ -127,6 +136,7 @@ ProxyFactory = Callable[..., Server]
 def start_proxy(
     bg: BackgroundLoop,
     fake_server: tuple[FakeBedrock, str],
+    fake_s3_server: tuple[FakeS3, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ProxyFactory]:
     started: list[Server] = []
@@ -139,7 +149,7 @@ def start_proxy(
             "master_key": MASTER_KEY,
             "aws_profile": "upstream",
             "region": REGION,
-            "endpoints": {name: fake_server[1] for name in SERVICES},
+            "endpoints": {**{name: fake_server[1] for name in SERVICES}, "s3": fake_s3_server[1]},
             "connect_timeout": 2.0,
             "first_byte_timeout": 5.0,
             "idle_timeout": 5.0,

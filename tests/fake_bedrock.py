@@ -21,6 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from botocore.auth import SigV4Auth
@@ -61,6 +62,8 @@ class FakeBedrock:
     stream_disconnects: int = 0
     jobs: dict[str, dict] = field(default_factory=dict)
     expected_token: str | None = UPSTREAM_SESSION_TOKEN
+    # When set, a job writes "<input>.out" under its output URI as it completes, as Bedrock does.
+    s3: Any = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=2 * 1024**3)
@@ -399,6 +402,7 @@ class FakeBedrock:
             return aws_error(404, "ResourceNotFoundException", "The specified job does not exist")
         if job["status"] == "Submitted":
             job["status"] = "Completed"
+            self._write_output(job)
         return json_response(job)
 
     async def op_ListModelInvocationJobs(self, request, params, body):
@@ -410,6 +414,35 @@ class FakeBedrock:
             return aws_error(404, "ResourceNotFoundException", "The specified job does not exist")
         job["status"] = "Stopping"
         return json_response({})
+
+    def _write_output(self, job: dict) -> None:
+        if self.s3 is None:
+            return
+        from tests.fake_s3 import Obj
+
+        in_bucket, _, in_key = job["inputDataConfig"]["s3InputDataConfig"]["s3Uri"][5:].partition(
+            "/"
+        )
+        out_bucket, _, out_prefix = job["outputDataConfig"]["s3OutputDataConfig"]["s3Uri"][
+            5:
+        ].partition("/")
+        source = self.s3.buckets.get(in_bucket, {}).get(in_key)
+        lines = source.data.decode().splitlines() if source else []
+        out = "".join(
+            json.dumps(
+                {
+                    "recordId": json.loads(line).get("recordId"),
+                    "modelOutput": {"completion": "done"},
+                }
+            )
+            + "\n"
+            for line in lines
+        )
+        job_id = job["jobArn"].rsplit("/", 1)[-1]
+        name = in_key.rsplit("/", 1)[-1]
+        self.s3.buckets.setdefault(out_bucket, {})[f"{out_prefix}{job_id}/{name}.out"] = Obj(
+            out.encode(), f'"{hashlib.md5(out.encode()).hexdigest()}"', "application/jsonl"
+        )
 
     def _job(self, identifier: str) -> dict | None:
         return self.jobs.get(identifier.rsplit("/", 1)[-1])

@@ -177,6 +177,28 @@ class SpendQueries:
     async def delete_limit(self: Any, limit_id: str) -> bool:
         return await self.execute("DELETE FROM bp_limits WHERE limit_id = $1", limit_id) > 0
 
+    # ---------------------------------------------------------------- batch jobs
+
+    async def record_job(self: Any, job_arn: str, key_id: str, model: str | None) -> None:
+        await self.execute(
+            "INSERT INTO bp_jobs (job_arn, job_id, key_id, model, created_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_arn) DO NOTHING",
+            job_arn,
+            job_arn.rsplit("/", 1)[-1],
+            key_id,
+            model,
+            time.time(),
+        )
+
+    async def job_owner(self: Any, identifier: str) -> str | None:
+        """The key that created a job, by its ARN or its id."""
+        row = await self.fetchrow(
+            "SELECT key_id FROM bp_jobs WHERE job_arn = $1 OR job_id = $2",
+            identifier,
+            identifier.rsplit("/", 1)[-1],
+        )
+        return row["key_id"] if row else None
+
 
 def _limit(row: dict[str, Any]) -> dict[str, Any]:
     return {

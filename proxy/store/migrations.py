@@ -76,6 +76,20 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         );
         """,
     ),
+    (
+        3,
+        """
+        CREATE TABLE bp_jobs (
+            job_arn TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            model TEXT,
+            created_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX bp_jobs_id ON bp_jobs (job_id);
+        CREATE INDEX bp_jobs_key ON bp_jobs (key_id);
+        """,
+    ),
 ]
 
 

@@ -1,0 +1,357 @@
+"""``/bedrock/files``: an S3-compatible endpoint for batch inputs and outputs.
+
+A boto3 ``s3`` client with ``endpoint_url=http://HOST:4000/bedrock/files`` (path-style)
+signs with a virtual key's access key pair; the proxy verifies that signature with S3's
+rules (no second encoding of the path, the payload hash as declared), checks the key's
+bucket and prefix allow-lists, and re-signs for S3 with ``UNSIGNED-PAYLOAD`` so bodies stream
+through in both directions without being held in memory. A body declared with a hex
+SHA-256 is hashed as it streams and its last chunk is only sent once the hash matches, so
+a tampered upload never completes. The proxy's own errors are S3 XML, like S3's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qsl, unquote
+from xml.sax.saxutils import escape
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from . import errors, policy, sigv4
+from .auth import Authenticator, SignedRequest
+from .endpoints import Endpoints
+from .forward import Forwarder, refuse_other_providers
+from .headers import response_headers, split_request_headers
+from .metering import Exchange
+from .routing import Operation, Service
+
+log = logging.getLogger("bedrock_proxy.files")
+
+FILES_PATH = "/bedrock/files"
+S3 = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+_CHUNK = 256 * 1024
+# Our AWS-shaped codes, as S3 names them.
+_S3_CODES = {
+    "AccessDeniedException": "AccessDenied",
+    "UnrecognizedClientException": "InvalidAccessKeyId",
+    "InvalidSignatureException": "SignatureDoesNotMatch",
+    "IncompleteSignatureException": "AccessDenied",
+    "ValidationException": "InvalidRequest",
+    "UnknownOperationException": "NotImplemented",
+    "ThrottlingException": "SlowDown",
+    "ServiceQuotaExceededException": "AccessDenied",
+    "ServiceUnavailableException": "ServiceUnavailable",
+    "ModelTimeoutException": "RequestTimeout",
+    "RequestTimeoutException": "RequestTimeout",
+    "InternalServerException": "InternalError",
+}
+_OPERATIONS: dict[str, Operation] = {}
+
+
+def s3_error_response(exc: errors.AwsError, request_id: str, head: bool) -> web.Response:
+    code = _S3_CODES.get(exc.code, exc.code)
+    headers = {"x-amz-request-id": request_id, "x-bedrock-proxy-request-id": request_id}
+    headers.update(exc.headers)
+    if head:  # HEAD responses carry no body; SDKs read the status
+        return web.Response(status=exc.status, headers=headers)
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{escape(code)}</Code><Message>{escape(exc.message)}</Message>"
+        f"<RequestId>{request_id}</RequestId></Error>"
+    )
+    return web.Response(
+        status=exc.status, body=body.encode(), headers=headers, content_type="application/xml"
+    )
+
+
+def s3_operation(method: str, key: str, query: dict[str, str], headers: dict[str, str]) -> str:
+    """The S3 operation a request is, for policy, logs and metrics."""
+    if not key:
+        if method == "GET" and query.get("list-type") == "2":
+            return "ListObjectsV2"
+        if method == "GET" and not query:
+            return "ListObjects"
+        if method == "HEAD":
+            return "HeadBucket"
+        if method == "POST" and "delete" in query:
+            return "DeleteObjects"
+        return "BucketAdministration"
+    if "uploads" in query and method == "POST":
+        return "CreateMultipartUpload"
+    if "uploadId" in query:
+        return {
+            "PUT": "UploadPart",
+            "POST": "CompleteMultipartUpload",
+            "DELETE": "AbortMultipartUpload",
+            "GET": "ListParts",
+        }.get(method, "Unknown")
+    if method == "PUT":
+        return "CopyObject" if "x-amz-copy-source" in headers else "PutObject"
+    return {"GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(
+        method, "Unknown"
+    )
+
+
+def _operation(name: str, method: str) -> Operation:
+    op = _OPERATIONS.get(name)
+    if op is None:
+        op = _OPERATIONS[name] = Operation(S3, name, method, "/{Bucket}/{Key+}", (), False)
+    return op
+
+
+class FilesForwarder:
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        endpoints: Endpoints,
+        authenticator: Authenticator,
+        max_file_bytes: int,
+    ) -> None:
+        self._forwarder = forwarder
+        self._endpoints = endpoints
+        self._auth = authenticator
+        self._max = max_file_bytes
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        forwarder = self._forwarder
+        x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
+        try:
+            response = await self._forward(request, x)
+            x.status = response.status
+            return response
+        except errors.AwsError as exc:
+            x.error = exc.code
+            x.status = exc.status
+            return s3_error_response(exc, x.request_id, request.method == "HEAD")
+        except BodyMismatch as mismatch:
+            x.error = mismatch.code
+            x.status = 400
+            exc = errors.AwsError(400, mismatch.code, _BODY_ERRORS[mismatch.code])
+            return s3_error_response(exc, x.request_id, False)
+        except asyncio.CancelledError:
+            x.error = "ClientDisconnected"
+            x.status = 499
+            raise
+        except Exception:
+            log.exception("unexpected error forwarding files request %s", x.request_id)
+            exc = errors.internal()
+            x.error = exc.code
+            x.status = exc.status
+            return s3_error_response(exc, x.request_id, request.method == "HEAD")
+        finally:
+            forwarder._complete(x)
+
+    async def _forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
+        refuse_other_providers(request)
+        raw = request.raw_path[len(FILES_PATH) :]
+        path, _, query = raw.partition("?")
+        raw_bucket, _, raw_key = path.lstrip("/").partition("/")
+        bucket, key = unquote(raw_bucket), unquote(raw_key)
+        lower = {k.lower(): v for k, v in request.headers.items()}
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        name = s3_operation(request.method, key, params, lower) if bucket else "ListBuckets"
+        x.operation = op = _operation(name, request.method)
+        if bucket and not _BUCKET_RE.fullmatch(bucket):
+            raise errors.AwsError(400, "InvalidBucketName", "The specified bucket is not valid.")
+        declared = lower.get("x-amz-content-sha256", sigv4.UNSIGNED_PAYLOAD)
+        if declared.startswith("STREAMING-AWS4-HMAC-SHA256"):
+            raise errors.AwsError(
+                501,
+                "NotImplemented",
+                "Chunk-signed uploads cannot be re-signed; send UNSIGNED-PAYLOAD, a SHA-256, "
+                "or STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            )
+        self._auth.precheck(request)
+        client_path = request.raw_path.partition("?")[0]
+        identity = await self._auth.authenticate(
+            request,
+            SignedRequest(
+                request.method, client_path, query, declared, double_encode=False, service="s3"
+            ),
+        )
+        x.identity = identity
+        self._authorize(identity.spec, op, bucket, key, params, lower, identity.is_master)
+        metering = self._forwarder.metering
+        if metering is not None:
+            await metering.admit(x, request.content_length or 0)
+        length = request.content_length
+        if length is not None and length > self._max:
+            raise errors.AwsError(
+                400,
+                "EntityTooLarge",
+                f"Your proposed upload exceeds the limit of {self._max} bytes",
+            )
+        upstream = self._endpoints.resolve(S3, self._forwarder.client_region(request))
+        signed, unsigned = split_request_headers(request.headers)
+        signed["host"] = upstream.host
+        payload_mode = (
+            declared
+            if declared.startswith("STREAMING-UNSIGNED-PAYLOAD")
+            else sigv4.UNSIGNED_PAYLOAD
+        )
+        signed["x-amz-content-sha256"] = payload_mode
+        body = None
+        if request.body_exists:
+            if length is not None:
+                unsigned["content-length"] = str(length)
+            elif "x-amz-decoded-content-length" not in lower:
+                raise errors.AwsError(
+                    411, "MissingContentLength", "You must provide the Content-Length HTTP header."
+                )
+            # Without a length (aws-chunked from botocore) the body goes on chunked as well.
+            body = _stream_body(request, length, declared, self._max, x)
+        upstream_path = f"{upstream.base_path}/{raw_bucket}" + (
+            f"/{raw_key}" if raw_key or path.endswith("/") else ""
+        )
+        credentials = await self._forwarder.upstream_credentials()
+        signed["authorization"] = sigv4.sign(
+            method=request.method,
+            raw_path=upstream_path,
+            raw_query=query,
+            headers=signed,
+            payload_hash=payload_mode,
+            credentials=credentials,
+            region=upstream.region,
+            service="s3",
+            date=sigv4.amz_date(),
+            double_encode=False,
+        )
+        signed.update(unsigned)
+        url = URL(upstream.origin + upstream_path + ("?" + query if query else ""), encoded=True)
+        return await self._exchange(request, url, signed, body, x)
+
+    def _authorize(
+        self,
+        spec,
+        op: Operation,
+        bucket: str,
+        key: str,
+        params: dict[str, str],
+        headers: dict[str, str],
+        is_master: bool,
+    ) -> None:
+        if is_master or spec is None:
+            return
+        if "files" not in spec.operation_groups:
+            raise errors.access_denied("The API key is not allowed to use files")
+        if op.name in ("ListBuckets", "BucketAdministration"):
+            raise errors.access_denied(f"{op.name} needs the master key")
+        if op.name in ("ListObjectsV2", "ListObjects"):
+            target = params.get("prefix", "")
+        elif op.name in ("HeadBucket", "DeleteObjects"):
+            target = None if op.name == "HeadBucket" or spec.file_prefixes is None else ""
+        else:
+            target = key
+        if not policy.file_allowed(spec, bucket, target):
+            where = f"{bucket}/{target}" if target else bucket
+            raise errors.access_denied(f"The API key is not allowed to use {where!r}")
+        source = headers.get("x-amz-copy-source")
+        if source is not None:
+            src_bucket, _, src_key = unquote(source).lstrip("/").partition("/")
+            if not policy.file_allowed(spec, src_bucket, src_key.split("?", 1)[0]):
+                raise errors.access_denied(f"The API key is not allowed to read {src_bucket!r}")
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        url: URL,
+        headers: dict[str, str],
+        body: AsyncIterator[bytes] | None,
+        x: Exchange,
+    ) -> web.StreamResponse:
+        forwarder = self._forwarder
+        x.upstream_started = time.perf_counter()
+        try:
+            upstream = await forwarder.session.request(
+                request.method, url, data=body, headers=headers, allow_redirects=False
+            )
+        except BodyMismatch:
+            raise
+        except aiohttp.ClientError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, BodyMismatch):
+                raise cause from None
+            raise errors.service_unavailable(
+                f"The upstream S3 service failed ({type(exc).__name__})"
+            ) from None
+        completed = False
+        try:
+            x.upstream_headers_at = time.perf_counter()
+            x.upstream_request_id = upstream.headers.get("x-amz-request-id")
+            out_headers = response_headers(upstream.headers)
+            out_headers["x-bedrock-proxy-request-id"] = x.request_id
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            if request.method == "HEAD" or upstream.status in (204, 304):
+                await response.write_eof()
+                completed = True
+            else:
+                completed = await forwarder.relay(request, upstream, response, x, False)
+            x.upstream_done = time.perf_counter()
+            return response
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()
+
+
+class BodyMismatch(Exception):
+    """The uploaded body is not what the client declared; the argument is the S3 code."""
+
+    def __init__(self, code: str = "XAmzContentSHA256Mismatch") -> None:
+        super().__init__(code)
+        self.code = code
+
+
+_BODY_ERRORS = {
+    "XAmzContentSHA256Mismatch": (
+        "The provided 'x-amz-content-sha256' header does not match the body"
+    ),
+    "IncompleteBody": (
+        "You did not provide the number of bytes specified by the Content-Length header"
+    ),
+    "EntityTooLarge": "Your proposed upload exceeds the maximum allowed size",
+}
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+async def _stream_body(
+    request: web.Request, length: int | None, declared: str, limit: int, x: Exchange
+) -> AsyncIterator[bytes]:
+    """The request body as it arrives. One chunk is always held back until the end is
+    known, so a body that does not hash to its declared SHA-256, is shorter than its
+    Content-Length, or grows past the limit is never sent whole."""
+    digest = hashlib.sha256() if _HEX_SHA256.fullmatch(declared) else None
+    received = 0
+    pending: bytes | None = None
+    content = request.content
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        received += len(chunk)
+        x.bytes_in = received
+        if received > limit or (length is not None and received > length):
+            raise BodyMismatch("EntityTooLarge")
+        if digest is not None:
+            digest.update(chunk)
+        if pending is not None:
+            yield pending
+        pending = chunk
+    if length is not None and received != length:
+        raise BodyMismatch("IncompleteBody")
+    if digest is not None and digest.hexdigest() != declared:
+        raise BodyMismatch("XAmzContentSHA256Mismatch")
+    if pending is not None:
+        yield pending
