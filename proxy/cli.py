@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -24,7 +25,7 @@ from .keyservice import KeyService
 from .reports import Reports
 from .secretbox import SecretBox
 from .server import ProxyRunner
-from .store import open_store
+from .store import Store, open_store
 from .tls import TLSConfigError, load_chain, server_context, write_self_signed
 
 log = logging.getLogger("bedrock_proxy")
@@ -194,77 +195,71 @@ def _serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys_command(args: argparse.Namespace) -> int:
+def _with_store(
+    args: argparse.Namespace, work: Callable[[Settings, Store], Awaitable[object]]
+) -> tuple[int, object]:
+    """Load settings, open the configured store, run one job on it: (exit code, result)."""
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"bedrock-proxy: {exc}", file=sys.stderr)
-        return 2
-    secret = settings.secret_key or settings.master_key
-    if not secret:
-        print(
-            "bedrock-proxy: config error: master_key: keys need BEDROCK_PROXY_MASTER_KEY "
-            "(or secret_key) to seal their secrets",
-            file=sys.stderr,
-        )
-        return 2
-    fields = {n: getattr(args, n) for n in _KEY_FIELDS if getattr(args, n, None) is not None}
+        return 2, None
 
     async def run() -> object:
         store = open_store(settings.database_url, settings.sqlite_path)
         await store.open()
         try:
-            service = KeyService(store, SecretBox(secret, settings.previous_secret_keys))
-            command = args.keys_command
-            if command == "create":
-                return await service.generate(fields)
-            if command == "list":
-                filters = {k: v for k, v in (("user_id", args.user), ("team_id", args.team)) if v}
-                return await service.list(filters, args.page, args.size, full=True)
-            if command == "info":
-                return await service.info(args.key)
-            if command == "update":
-                return await service.update(args.key, fields)
-            if command == "regenerate":
-                return await service.regenerate(args.key)
-            return {"deleted_keys": await service.delete([args.key])}
+            return await work(settings, store)
         finally:
             await store.close()
 
     try:
-        result = asyncio.run(run())
+        return 0, asyncio.run(run())
     except AwsError as exc:
         print(f"bedrock-proxy: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2, ensure_ascii=False))
-    return 0
+        return 1, None
+
+
+def _keys_command(args: argparse.Namespace) -> int:
+    fields = {n: getattr(args, n) for n in _KEY_FIELDS if getattr(args, n, None) is not None}
+
+    async def work(settings: Settings, store: Store) -> object:
+        secret = settings.secret_key or settings.master_key
+        if not secret:
+            raise AwsError(
+                400,
+                "config error",
+                "keys need BEDROCK_PROXY_MASTER_KEY (or secret_key) to seal their secrets",
+            )
+        service = KeyService(store, SecretBox(secret, settings.previous_secret_keys))
+        command = args.keys_command
+        if command == "create":
+            return await service.generate(fields)
+        if command == "list":
+            filters = {k: v for k, v in (("user_id", args.user), ("team_id", args.team)) if v}
+            return await service.list(filters, args.page, args.size, full=True)
+        if command == "info":
+            return await service.info(args.key)
+        if command == "update":
+            return await service.update(args.key, fields)
+        if command == "regenerate":
+            return await service.regenerate(args.key)
+        return {"deleted_keys": await service.delete([args.key])}
+
+    code, result = _with_store(args, work)
+    if code == 0:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    return code
 
 
 def _spend_command(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"bedrock-proxy: {exc}", file=sys.stderr)
-        return 2
+    async def work(settings: Settings, store: Store) -> object:
+        return await Reports(store).report(args.group_by, args.start, args.end)
 
-    async def run() -> dict:
-        store = open_store(settings.database_url, settings.sqlite_path)
-        await store.open()
-        try:
-            return await Reports(store).report(args.group_by, args.start, args.end)
-        finally:
-            await store.close()
-
-    try:
-        report = asyncio.run(run())
-    except AwsError as exc:
-        print(f"bedrock-proxy: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-    return 0
+    code, report = _with_store(args, work)
+    if code == 0:
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return code
 
 
 def format_report(report: dict) -> str:

@@ -11,9 +11,7 @@ a tampered upload never completes. The proxy's own errors are S3 XML, like S3's.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -31,8 +29,6 @@ from .forward import Forwarder, refuse_other_providers
 from .headers import response_headers, split_request_headers
 from .metering import Exchange
 from .routing import Operation, Service
-
-log = logging.getLogger("bedrock_proxy.files")
 
 FILES_PATH = "/bedrock/files"
 S3 = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
@@ -54,6 +50,10 @@ _S3_CODES = {
     "InternalServerException": "InternalError",
 }
 _OPERATIONS: dict[str, Operation] = {}
+
+
+def _s3_error(exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
+    return s3_error_response(exc, x.request_id, request.method == "HEAD")
 
 
 def s3_error_response(exc: errors.AwsError, request_id: str, head: bool) -> web.Response:
@@ -121,33 +121,7 @@ class FilesForwarder:
         self._max = max_file_bytes
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        forwarder = self._forwarder
-        x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
-        try:
-            response = await self._forward(request, x)
-            x.status = response.status
-            return response
-        except errors.AwsError as exc:
-            x.error = exc.code
-            x.status = exc.status
-            return s3_error_response(exc, x.request_id, request.method == "HEAD")
-        except BodyMismatch as mismatch:
-            x.error = mismatch.code
-            x.status = 400
-            exc = errors.AwsError(400, mismatch.code, _BODY_ERRORS[mismatch.code])
-            return s3_error_response(exc, x.request_id, False)
-        except asyncio.CancelledError:
-            x.error = "ClientDisconnected"
-            x.status = 499
-            raise
-        except Exception:
-            log.exception("unexpected error forwarding files request %s", x.request_id)
-            exc = errors.internal()
-            x.error = exc.code
-            x.status = exc.status
-            return s3_error_response(exc, x.request_id, request.method == "HEAD")
-        finally:
-            forwarder._complete(x)
+        return await self._forwarder.serve(request, self._forward, _s3_error)
 
     async def _forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
         refuse_other_providers(request)
@@ -273,12 +247,12 @@ class FilesForwarder:
             upstream = await forwarder.session.request(
                 request.method, url, data=body, headers=headers, allow_redirects=False
             )
-        except BodyMismatch:
-            raise
+        except BodyMismatch as mismatch:
+            raise mismatch.as_error() from None
         except aiohttp.ClientError as exc:
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, BodyMismatch):
-                raise cause from None
+                raise cause.as_error() from None
             raise errors.service_unavailable(
                 f"The upstream S3 service failed ({type(exc).__name__})"
             ) from None
@@ -312,6 +286,9 @@ class BodyMismatch(Exception):
     def __init__(self, code: str = "XAmzContentSHA256Mismatch") -> None:
         super().__init__(code)
         self.code = code
+
+    def as_error(self) -> errors.AwsError:
+        return errors.AwsError(400, self.code, _BODY_ERRORS[self.code])
 
 
 _BODY_ERRORS = {

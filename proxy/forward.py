@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -170,18 +170,28 @@ class Forwarder:
         return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, self._forward, _json_error)
+
+    async def serve(
+        self,
+        request: web.Request,
+        forward: Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]],
+        render: Callable[[errors.AwsError, Exchange, web.Request], web.StreamResponse],
+    ) -> web.StreamResponse:
+        """One request's bookkeeping, whatever it forwards to: the refusal in the caller's
+        error format, shutdown tracking, the ledger, metrics, the access log, tracing."""
         x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
         task = asyncio.current_task()
         if task is not None:
             self._active.add(task)
         try:
-            response = await self._forward(request, x)
+            response = await forward(request, x)
             x.status = response.status
             return response
         except errors.AwsError as exc:
             x.error = exc.code
             x.status = exc.status
-            return exc.to_response(x.request_id)
+            return render(exc, x, request)
         except asyncio.CancelledError:
             x.error = "ProxyShutdown" if self.stopping else "ClientDisconnected"
             x.status = 499
@@ -192,7 +202,7 @@ class Forwarder:
             exc = errors.internal()
             x.error = exc.code
             x.status = exc.status
-            return exc.to_response(x.request_id)
+            return render(exc, x, request)
         finally:
             if task is not None:
                 self._active.discard(task)
@@ -568,6 +578,10 @@ class Forwarder:
             sent += len(data)
             x.bytes_out = sent
         return failure
+
+
+def _json_error(exc: errors.AwsError, x: Exchange, request: web.Request) -> web.StreamResponse:
+    return exc.to_response(x.request_id)
 
 
 def refuse_other_providers(request: web.BaseRequest) -> None:

@@ -88,14 +88,39 @@ class SpendQueries:
         offset: int,
     ) -> tuple[list[dict[str, Any]], int]:
         where, args = _time_range(start, end)
-        for column in LOG_FILTERS:
+        return await self.page(
+            "bp_spend",
+            ", ".join(SPEND_COLUMNS),
+            LOG_FILTERS,
+            filters,
+            where,
+            args,
+            "ts DESC, request_id",
+            limit,
+            offset,
+        )
+
+    async def page(
+        self: Any,
+        table: str,
+        columns: str,
+        filter_columns: tuple[str, ...],
+        filters: dict[str, str],
+        where: list[str],
+        args: list[Any],
+        order: str,
+        limit: int,
+        offset: int,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """One page of a table, filtered by equality on the given columns, and the total."""
+        for column in filter_columns:
             if filters.get(column) is not None:
                 args.append(filters[column])
                 where.append(f"{column} = ${len(args)}")
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        total = await self.fetchrow(f"SELECT COUNT(*) AS n FROM bp_spend{clause}", *args)
+        total = await self.fetchrow(f"SELECT COUNT(*) AS n FROM {table}{clause}", *args)
         rows = await self.fetch(
-            f"SELECT {', '.join(SPEND_COLUMNS)} FROM bp_spend{clause} ORDER BY ts DESC, request_id"
+            f"SELECT {columns} FROM {table}{clause} ORDER BY {order}"
             f" LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
             *args,
             limit,
@@ -328,21 +353,18 @@ class Store(SpendQueries, ABC):
     async def list_keys(
         self, filters: dict[str, str], limit: int, offset: int
     ) -> tuple[list[KeyRecord], int]:
-        where, args = [], []
-        for column in ("user_id", "team_id", "key_alias"):
-            if filters.get(column) is not None:
-                args.append(filters[column])
-                where.append(f"{column} = ${len(args)}")
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
-        total_row = await self.fetchrow(f"SELECT COUNT(*) AS n FROM bp_keys{clause}", *args)
-        rows = await self.fetch(
-            f"SELECT {_KEY_COLUMNS} FROM bp_keys{clause} ORDER BY created_at, key_id"
-            f" LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
-            *args,
+        rows, total = await self.page(
+            "bp_keys",
+            _KEY_COLUMNS,
+            ("user_id", "team_id", "key_alias"),
+            filters,
+            [],
+            [],
+            "created_at, key_id",
             limit,
             offset,
         )
-        return [_key(r) for r in rows], int(total_row["n"]) if total_row else 0
+        return [_key(r) for r in rows], total
 
 
 def _key(row: dict[str, Any]) -> KeyRecord:
