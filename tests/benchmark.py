@@ -6,8 +6,8 @@
 - Streaming: N concurrent ConverseStream calls against an upstream that paces frames, direct
   and through the proxy: added time to first byte, added per-frame delay, proxy RSS per
   open stream, proxy CPU per 1,000 frames.
-- Large bodies: a 25 MiB InvokeModel body, direct and through the proxy: time, and the
-  proxy's peak RSS over idle.
+- Large bodies: a 25 MiB InvokeModel body and a 1 GiB S3 upload through /bedrock/files,
+  direct and through the proxy: time, and the proxy's peak RSS over idle.
 
 Results go to a JSON file as well (``--out``), with the machine's core count, so runs can be
 compared between commits. Every server listens on 127.0.0.1; every phase is bounded in time.
@@ -48,6 +48,7 @@ TARGETS = {
     "stream_added_ttfb_p50_ms_5000": "<= 2",
     "stream_rss_kib_per_stream_5000": "<= 30",
     "large_body_peak_ratio": "<= 2.5",
+    "upload_1gib_peak_growth_mib": "<= 64",
 }
 
 
@@ -276,9 +277,16 @@ def run_stream_stub(port: int, frames: int, interval: float) -> None:
             size += len(chunk)
         return web.json_response({"received": size})
 
+    async def put_object(request: web.Request) -> web.Response:
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+        return web.Response(headers={"ETag": f'"{size:032x}"'})
+
     app = web.Application(client_max_size=1024**3)
     app.router.add_post("/model/{model}/converse-stream", converse_stream)
     app.router.add_post("/model/{model}/invoke", invoke)
+    app.router.add_put("/{bucket}/{key:.*}", put_object)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -412,6 +420,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between frames")
     parser.add_argument("--body-mib", type=int, default=25)
+    parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is not installed (apt-get install -y wrk nginx-light)", file=sys.stderr)
@@ -547,7 +556,42 @@ def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dic
             proxy.pid,
             args.body_mib * 1024 * 1024,
         )
+        body["upload"] = upload_phase(stub_port, proxy_port, proxy.pid, args.upload_mib)
     return streams, body
+
+
+def upload_phase(stub_port: int, proxy_port: int, proxy_pid: int, mib: int) -> dict:
+    """A large S3 PutObject through /bedrock/files, streamed from a generator."""
+    import http.client
+
+    def put(port: int, path: str, headers: dict[str, str]) -> float:
+        chunk = b"\0" * (1024 * 1024)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        started = time.perf_counter()
+        conn.putrequest("PUT", path)
+        for name, value in {"Content-Length": str(mib * len(chunk)), **headers}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        for _ in range(mib):
+            conn.send(chunk)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+        conn.close()
+        return time.perf_counter() - started
+
+    direct_s = put(stub_port, "/bench-bucket/upload.bin", {})
+    idle = rss_kib(proxy_pid)
+    reset_peak_rss(proxy_pid)
+    proxied_s = put(
+        proxy_port, "/bedrock/files/bench-bucket/upload.bin", {"Authorization": f"Bearer {MASTER}"}
+    )
+    return {
+        "mib": mib,
+        "direct_s": direct_s,
+        "proxy_s": proxied_s,
+        "peak_growth_mib": (peak_rss_kib(proxy_pid) - idle) / 1024,
+    }
 
 
 def print_table(r: dict) -> None:
@@ -601,6 +645,12 @@ def print_table(r: dict) -> None:
         f"proxy {b['proxy_s']:.3f} s, peak RSS over idle {b['peak_over_idle_mib']:.1f} MiB "
         f"({b['peak_ratio']:.2f}x the body)"
     )
+    u = b.get("upload")
+    if u:
+        print(
+            f"S3 upload ({u['mib']} MiB via /bedrock/files): direct {u['direct_s']:.2f} s, "
+            f"proxy {u['proxy_s']:.2f} s, peak RSS growth {u['peak_growth_mib']:.1f} MiB"
+        )
     print("\nTargets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
 
 

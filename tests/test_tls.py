@@ -159,3 +159,34 @@ def test_tls_selfsigned_command_prints_what_boto3_needs(tmp_path):
     cert = str(tmp_path / "cert.pem")
     assert out == [f'verify="{cert}"', f"export AWS_CA_BUNDLE={cert}"]
     assert oct(os.stat(tmp_path / "key.pem").st_mode & 0o777) == "0o600"
+
+
+def test_virtual_key_over_https_by_bearer_and_sigv4(
+    start_proxy, cert_pair, fake, monkeypatch, tmp_path
+):
+    from tests.test_virtual_keys import new_key
+
+    store = {"sqlite_path": str(tmp_path / "keys.db")}
+    https = start_proxy(tls=server_context(*cert_pair), **store)
+    key = new_key(start_proxy(**store))  # minted over plain HTTP on the same store
+    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", key["key"])
+    bearer = boto3.client(
+        "bedrock-runtime",
+        endpoint_url=https.base,
+        region_name=REGION,
+        verify=cert_pair[0],
+        config=client_config(),
+    )
+    assert bearer.converse(modelId="m1", messages=MESSAGES)["stopReason"] == "end_turn"
+    assert list(bearer.converse_stream(modelId="m1", messages=MESSAGES)["stream"])[-1]["metadata"]
+    monkeypatch.delenv("AWS_BEARER_TOKEN_BEDROCK")
+    signed = boto3.client(
+        "bedrock-runtime",
+        endpoint_url=https.base,
+        region_name=REGION,
+        verify=cert_pair[0],
+        config=client_config(),
+        aws_access_key_id=key["access_key_id"],
+        aws_secret_access_key=key["secret_access_key"],
+    )
+    assert signed.converse(modelId="m1", messages=MESSAGES)["usage"]["totalTokens"] == 18
