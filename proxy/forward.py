@@ -262,11 +262,11 @@ class Forwarder:
         identity = await self._auth.authenticate(
             request, SignedRequest(request.method, client_path, query, body.sha256)
         )
+        x.identity = identity  # before the policy, so a refusal is attributed to the key
         spec = identity.spec
         if spec is not None:
             needed = policy.needs_body(spec, op)
             policy.check(spec, op, match.labels, request.headers, body.joined() if needed else None)
-        x.identity = identity
         if self.jobs is not None:
             await self.jobs.check(identity, op, match.labels)
         if x.model is None and op.name in _MODEL_IN_BODY:
@@ -308,6 +308,8 @@ class Forwarder:
                 "RequestTimeoutException",
                 f"The request body was not received within {self._settings.body_timeout:g} s",
             ) from None
+        except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError, ConnectionError):
+            raise errors.validation("The request body ended before its Content-Length") from None
 
     async def _read_body_unbounded(self, request: web.Request) -> RequestBody:
         limit = self._max_body

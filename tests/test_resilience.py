@@ -323,3 +323,22 @@ def test_garbage_on_the_wire_is_refused_without_a_traceback(proxy):
     request = urllib.request.Request(proxy.url + "/health/liveness")
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.status == 200
+
+
+def test_truncated_body_is_a_client_error(proxy_process):
+    port, _ = proxy_process
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /bedrock/model/m/converse HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {MASTER_KEY}\r\n".encode()
+            + b'Content-Length: 100\r\n\r\n{"messages":'
+        )
+        sock.shutdown(socket.SHUT_WR)  # the client gives up half-way
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+    # Either an AWS-shaped 400 or a closed connection; never a 500.
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    if reply:
+        assert b"x-amzn-ErrorType: ValidationException" in reply
