@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime
 import urllib.request
 
 import aiohttp
@@ -226,7 +227,7 @@ async def test_rpm_exact_under_concurrency(metered, fake):
 
 
 async def test_parallel_cap(metered, fake):
-    fake.frame_delay = 0.1
+    fake.frame_delay = 0.3  # streams of ~3 s: all six requests arrive while two are open
     key = await asyncio.to_thread(new_key, metered, max_parallel_requests=2)
     results = await _burst(metered.base + "/model/test.slow/converse-stream", key["key"], 6)
     statuses = sorted(status for status, _, _ in results)
@@ -241,27 +242,29 @@ def test_tpm_limit(metered, fake):
     key = new_key(metered, tpm_limit=20)
     client = sigv4_client("bedrock-runtime", metered, key)
     client.converse(modelId=HAIKU, messages=MESSAGES)  # 18 tokens
-    time.sleep(0.2)  # settled after the response
+    time.sleep(0.5)  # settled after the response (in the background)
     client.converse(modelId=HAIKU, messages=MESSAGES)  # 36: over, but admitted at 18
-    time.sleep(0.2)
+    time.sleep(0.5)
     with pytest.raises(client.exceptions.ThrottlingException, match="20 tokens per minute"):
         client.converse(modelId=HAIKU, messages=MESSAGES)
 
 
 def test_budget_exhaustion_and_reset(metered, fake):
     one_call = cost_of(HAIKU, 11, 7)
-    key = new_key(metered, max_budget=one_call * 1.5, budget_duration="3s")
+    key = new_key(metered, max_budget=one_call * 1.5, budget_duration="6s")
     client = sigv4_client("bedrock-runtime", metered, key)
     client.converse(modelId=HAIKU, messages=MESSAGES)
-    time.sleep(0.2)
+    time.sleep(0.5)
     client.converse(modelId=HAIKU, messages=MESSAGES)  # spent < budget: admitted
-    time.sleep(0.2)
+    time.sleep(0.5)
     with pytest.raises(client.exceptions.ServiceQuotaExceededException) as info:
         client.converse(modelId=HAIKU, messages=MESSAGES)
     message = info.value.response["Error"]["Message"]
     assert f"key {key['key_id']}" in message and "resets at" in message
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
-    time.sleep(3.2)  # the next period starts
+    # The next period starts 6 s after the key was created.
+    created = datetime.fromisoformat(key["created_at"].replace("Z", "+00:00")).timestamp()
+    time.sleep(max(0.0, created + 6.2 - time.time()))
     client.converse(modelId=HAIKU, messages=MESSAGES)
 
 

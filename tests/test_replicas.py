@@ -205,7 +205,8 @@ def test_three_replicas_on_postgres_and_redis(fake_server, redis_url, pg_databas
         urllib.request.urlopen(request, timeout=10).close()
         revoked = time.monotonic()
         while asyncio.run(statuses(key["key"], ports)) != [403, 403, 403]:
-            assert time.monotonic() - revoked < 2.0, "a replica still accepts the revoked key"
+            # key_cache_ttl is 1 s; the rest is slack for one slow round of requests.
+            assert time.monotonic() - revoked < 3.0, "a replica still accepts the revoked key"
             time.sleep(0.1)
 
         # One RPM limit for all three.
