@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime
 import urllib.request
+from datetime import datetime
 
 import aiohttp
 import pytest
