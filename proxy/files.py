@@ -27,6 +27,7 @@ from .auth import Authenticator, SignedRequest
 from .endpoints import Endpoints
 from .forward import Forwarder, refuse_other_providers
 from .headers import response_headers, split_request_headers
+from .keys import KeySpec
 from .metering import Exchange
 from .routing import Operation, Service
 
@@ -153,9 +154,6 @@ class FilesForwarder:
         )
         x.identity = identity
         self._authorize(identity.spec, op, bucket, key, params, lower, identity.is_master)
-        metering = self._forwarder.metering
-        if metering is not None:
-            await metering.admit(x, request.content_length or 0)
         length = request.content_length
         if length is not None and length > self._max:
             raise errors.AwsError(
@@ -163,6 +161,9 @@ class FilesForwarder:
                 "EntityTooLarge",
                 f"Your proposed upload exceeds the limit of {self._max} bytes",
             )
+        metering = self._forwarder.metering
+        if metering is not None:
+            await metering.admit(x, length or 0)
         upstream = self._endpoints.resolve(S3, self._forwarder.client_region(request))
         signed, unsigned = split_request_headers(request.headers)
         signed["host"] = upstream.host
@@ -204,7 +205,7 @@ class FilesForwarder:
 
     def _authorize(
         self,
-        spec,
+        spec: KeySpec | None,
         op: Operation,
         bucket: str,
         key: str,
