@@ -320,12 +320,22 @@ async def serve(
     for runner in runners:
         await runner.setup()
     try:
-        site = web.TCPSite(runners[0], settings.host, settings.port, backlog=1024, ssl_context=tls)
+        reuse_port = settings.reuse_port or None
+        site = web.TCPSite(
+            runners[0],
+            settings.host,
+            settings.port,
+            backlog=1024,
+            ssl_context=tls,
+            reuse_port=reuse_port,
+        )
         await site.start()
         scheme = "https" if tls else "http"
         log.info("listening on %s://%s:%d/bedrock", scheme, settings.host, settings.port)
         if settings.http_port is not None:
-            await web.TCPSite(runners[1], settings.host, settings.http_port).start()
+            await web.TCPSite(
+                runners[1], settings.host, settings.http_port, reuse_port=reuse_port
+            ).start()
             log.info("health checks on http://%s:%d/health", settings.host, settings.http_port)
         stop, force = asyncio.Event(), asyncio.Event()
 

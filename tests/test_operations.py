@@ -180,6 +180,12 @@ def test_workers_share_one_port(fake_server, tmp_path):
             ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
         ).stdout.split()
         assert len(children) == 2
+        time.sleep(1.0)
+        # Both bound the port: a worker that could not would have exited and been replaced.
+        again = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert sorted(again) == sorted(children)
         for _ in range(10):
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}/bedrock/model/m/count-tokens",
