@@ -18,11 +18,9 @@ from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, unquote
 from xml.sax.saxutils import escape
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
-from . import errors, policy, sigv4
+from . import errors, http1, policy, sigv4
 from .auth import Authenticator, SignedRequest
 from .endpoints import Endpoints
 from .forward import Forwarder, refuse_other_providers
@@ -200,8 +198,8 @@ class FilesForwarder:
             double_encode=False,
         )
         signed.update(unsigned)
-        url = URL(upstream.origin + upstream_path + ("?" + query if query else ""), encoded=True)
-        return await self._exchange(request, url, signed, body, x)
+        target = upstream_path + ("?" + query if query else "")
+        return await self._exchange(request, upstream.origin, target, signed, body, x)
 
     def _authorize(
         self,
@@ -237,7 +235,8 @@ class FilesForwarder:
     async def _exchange(
         self,
         request: web.Request,
-        url: URL,
+        origin: str,
+        target: str,
         headers: dict[str, str],
         body: AsyncIterator[bytes] | None,
         x: Exchange,
@@ -245,18 +244,11 @@ class FilesForwarder:
         forwarder = self._forwarder
         x.upstream_started = time.perf_counter()
         try:
-            upstream = await forwarder.session.request(
-                request.method, url, data=body, headers=headers, allow_redirects=False
-            )
+            upstream = await forwarder.pool.request(request.method, origin, target, headers, body)
         except BodyMismatch as mismatch:
             raise mismatch.as_error() from None
-        except aiohttp.ClientError as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, BodyMismatch):
-                raise cause.as_error() from None
-            raise errors.service_unavailable(
-                f"The upstream S3 service failed ({type(exc).__name__})"
-            ) from None
+        except http1.UpstreamError as exc:
+            raise errors.service_unavailable(f"The upstream S3 service failed: {exc}") from None
         completed = False
         try:
             x.upstream_headers_at = time.perf_counter()

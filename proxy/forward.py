@@ -13,15 +13,14 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
-from . import errors, eventstream, policy, sigv4
+from . import errors, eventstream, http1, policy, sigv4
 from .accesslog import AccessLog
 from .annotations import read_annotations
 from .auth import Authenticator, SignedRequest
@@ -46,8 +45,6 @@ _SMALL_RESPONSE = 256 * 1024
 _SMALL_BODY = 1024 * 1024
 # Operations whose model is named in the body rather than the path.
 _MODEL_IN_BODY = frozenset({"StartAsyncInvoke", "CreateModelInvocationJob"})
-# aiohttp must not add headers of its own that were not in the client's request.
-_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 @dataclass(slots=True)
@@ -60,15 +57,8 @@ class RequestBody:
     def joined(self) -> bytes:
         return self.data if isinstance(self.data, bytes) else b"".join(self.data)
 
-    def payload(self) -> bytes | AsyncIterator[bytes] | None:
-        if isinstance(self.data, bytes):
-            return self.data or None
-        return _iterate(self.data)
-
-
-async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
-    while chunks:
-        yield chunks.pop(0)
+    def payload(self) -> bytes | list[bytes] | None:
+        return self.data or None
 
 
 class Forwarder:
@@ -93,7 +83,7 @@ class Forwarder:
         self._access_log = access_log
         self._max_body = settings.max_body_bytes
         self._bearer = settings.upstream_bearer_token
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: http1.Pool | None = None
         # Handlers in flight, so a shutdown past its deadline can end them cleanly.
         self._active: set[asyncio.Task[object]] = set()
         self.stopping = False
@@ -106,9 +96,9 @@ class Forwarder:
         return len(self._active)
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None
-        return self._session
+    def pool(self) -> http1.Pool:
+        assert self._pool is not None
+        return self._pool
 
     @property
     def metering(self) -> Metering | None:
@@ -129,27 +119,16 @@ class Forwarder:
 
     async def start(self) -> None:
         s = self._settings
-        connector = aiohttp.TCPConnector(
-            limit=0,
-            limit_per_host=s.pool_size,
-            ttl_dns_cache=300,
+        self._pool = http1.Pool(
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.first_byte_timeout,
             keepalive_timeout=30,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=s.connect_timeout,
-                sock_connect=s.connect_timeout,
-                sock_read=s.first_byte_timeout,
-            ),
+            limit_per_host=s.pool_size,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     # ------------------------------------------------------------------ handler
 
@@ -276,11 +255,8 @@ class Forwarder:
             x.meter = meter_for(op.name)
             await self._metering.admit(x, body.size)
         headers = await self._upstream_headers(request, match, upstream, query, body)
-        url = URL(
-            upstream.origin + upstream.base_path + match.path + ("?" + query if query else ""),
-            encoded=True,
-        )
-        return await self._exchange(request, url, headers, body, x)
+        target = upstream.base_path + match.path + ("?" + query if query else "")
+        return await self._exchange(request, upstream.origin, target, headers, body, x)
 
     # ------------------------------------------------------------------ request
 
@@ -371,38 +347,25 @@ class Forwarder:
     async def _exchange(
         self,
         request: web.Request,
-        url: URL,
+        origin: str,
+        target: str,
         headers: dict[str, str],
         body: RequestBody,
         x: Exchange,
     ) -> web.StreamResponse:
-        assert self._session is not None
+        assert self._pool is not None
         x.upstream_started = time.perf_counter()
         try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                data=body.payload(),
-                headers=headers,
-                allow_redirects=False,
-                compress=None,
+            upstream = await self._pool.request(
+                request.method, origin, target, headers, body.payload()
             )
-        except aiohttp.ConnectionTimeoutError:
-            raise errors.service_unavailable(
-                "Timed out connecting to the upstream service"
-            ) from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except http1.ReadTimeout:
             raise errors.upstream_timeout(
                 "The upstream service did not respond within "
                 f"{self._settings.first_byte_timeout:g} s"
             ) from None
-        except aiohttp.ClientConnectorError:
-            raise errors.service_unavailable("Cannot connect to the upstream service") from None
-        except aiohttp.ClientError as exc:
-            raise errors.service_unavailable(
-                "The upstream service closed the connection before responding "
-                f"({type(exc).__name__})"
-            ) from None
+        except http1.UpstreamError as exc:
+            raise errors.service_unavailable(str(exc)) from None
         completed = False
         meter = x.meter
         try:
@@ -439,7 +402,8 @@ class Forwarder:
                 return web.Response(status=upstream.status, body=data, headers=out_headers)
             if meter is not None and not is_event_stream and meter.usage.found:
                 self._cost_headers(x, out_headers)  # InvokeModel: usage came in the headers
-            self._use_idle_timeout(upstream)
+            # Headers are in: from now on the limit is the idle time between chunks.
+            upstream.set_read_timeout(self._settings.idle_timeout)
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
             if length is not None and not is_event_stream:
                 response.content_length = length
@@ -468,33 +432,22 @@ class Forwarder:
             if cost is not None:
                 headers["x-bedrock-proxy-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
 
-    async def _read_small(self, upstream: aiohttp.ClientResponse) -> bytes:
+    async def _read_small(self, upstream: http1.Response) -> bytes:
         try:
             return await upstream.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except http1.ReadTimeout:
             raise errors.upstream_timeout(
                 "The upstream service stopped sending its response"
             ) from None
-        except aiohttp.ClientError as exc:
+        except http1.UpstreamError as exc:
             raise errors.service_unavailable(
-                f"The upstream response was cut short ({type(exc).__name__})"
+                f"The upstream response was cut short: {exc}"
             ) from None
-
-    def _use_idle_timeout(self, upstream: aiohttp.ClientResponse) -> None:
-        """Headers are in: from now on the limit is the idle time between chunks."""
-        connection = upstream.connection
-        protocol = connection.protocol if connection is not None else None
-        if protocol is None:
-            return
-        protocol.read_timeout = self._settings.idle_timeout
-        reschedule = getattr(protocol, "_reschedule_timeout", None)
-        if reschedule is not None:
-            reschedule()
 
     async def relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: http1.Response,
         response: web.StreamResponse,
         x: Exchange,
         is_event_stream: bool,
@@ -503,7 +456,7 @@ class Forwarder:
         splitter = eventstream.FrameSplitter() if is_event_stream else None
         meter = x.meter
         try:
-            failure = await self._copy(response, upstream.content, splitter, meter, x)
+            failure = await self._copy(response, upstream, splitter, meter, x)
         except asyncio.CancelledError:
             if splitter is not None and self.stopping:
                 await _write_quietly(
@@ -535,7 +488,7 @@ class Forwarder:
     async def _copy(
         self,
         response: web.StreamResponse,
-        content: aiohttp.StreamReader,
+        upstream: http1.Response,
         splitter: eventstream.FrameSplitter | None,
         meter: Meter | None,
         x: Exchange,
@@ -545,13 +498,13 @@ class Forwarder:
         failure: str | None = None
         while True:
             try:
-                data = await content.readany()
-            except (TimeoutError, aiohttp.ServerTimeoutError):
+                data = await upstream.readany()
+            except http1.ReadTimeout:
                 failure = (
                     f"The upstream stream was idle for more than {self._settings.idle_timeout:g} s"
                 )
                 break
-            except aiohttp.ClientError:
+            except http1.UpstreamError:
                 failure = "The upstream stream was cut off"
                 break
             if not data:

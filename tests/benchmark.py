@@ -421,6 +421,9 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between frames")
     parser.add_argument("--body-mib", type=int, default=25)
     parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
+    parser.add_argument(
+        "--only", choices=("http", "streams"), help="run one phase (streams includes bodies)"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is not installed (apt-get install -y wrk nginx-light)", file=sys.stderr)
@@ -435,8 +438,10 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bedrock-proxy-bench-") as tmp:
         workdir = Path(tmp)
-        results["http"] = http_phase(workdir, args.seconds, args.repeat)
-        results["streams"], results["large_body"] = stream_and_body_phases(workdir, args)
+        if args.only in (None, "http"):
+            results["http"] = http_phase(workdir, args.seconds, args.repeat)
+        if args.only in (None, "streams"):
+            results["streams"], results["large_body"] = stream_and_body_phases(workdir, args)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"\nresults written to {args.out}")
@@ -595,9 +600,16 @@ def upload_phase(stub_port: int, proxy_port: int, proxy_pid: int, mib: int) -> d
 
 
 def print_table(r: dict) -> None:
-    h = r["http"]
     print(f"\nbedrock-proxy benchmark · {r['cores']} cores · Python {r['python']} · {r['commit']}")
     print("steal % is CPU time the hypervisor took during the run: high values mean noise")
+    if "http" in r:
+        print_http_table(r["http"])
+    if "streams" in r:
+        print_stream_tables(r["streams"], r["large_body"])
+    print("\nTargets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
+
+
+def print_http_table(h: dict) -> None:
     print("\nThroughput and latency (wrk, small Converse; proxy: virtual key, SigV4, access log)")
     print("(thin: the thinnest aiohttp pass-through, read body, forward, return; the ceiling)")
     print(
@@ -628,18 +640,20 @@ def print_table(r: dict) -> None:
     print(
         f"added p50 latency @1: {added:.3f} ms   proxy RSS after load: {h['proxy_rss_mib']:.0f} MiB"
     )
+
+
+def print_stream_tables(streams: dict, b: dict) -> None:
     print("\nStreaming (ConverseStream, paced frames)")
     print(
         f"{'streams':>8}{'+TTFB p50':>11}{'+TTFB p99':>11}{'+frame p50':>12}{'+frame p99':>12}"
         f"{'KiB/stream':>12}{'CPU ms/1k fr':>14}{'fail':>6}"
     )
-    for count, s in r["streams"].items():
+    for count, s in streams.items():
         print(
             f"{count:>8}{s['added_ttfb_p50_ms']:>11.2f}{s['added_ttfb_p99_ms']:>11.2f}"
             f"{s['added_frame_delay_p50_ms']:>12.2f}{s['added_frame_delay_p99_ms']:>12.2f}"
             f"{s['rss_kib_per_stream']:>12.1f}{s['cpu_ms_per_1000_frames']:>14.1f}{s['failures']:>6}"
         )
-    b = r["large_body"]
     print(
         f"\nLarge body (InvokeModel): direct {b['direct_s']:.3f} s, "
         f"proxy {b['proxy_s']:.3f} s, peak RSS over idle {b['peak_over_idle_mib']:.1f} MiB "
@@ -651,7 +665,6 @@ def print_table(r: dict) -> None:
             f"S3 upload ({u['mib']} MiB via /bedrock/files): direct {u['direct_s']:.2f} s, "
             f"proxy {u['proxy_s']:.2f} s, peak RSS growth {u['peak_growth_mib']:.1f} MiB"
         )
-    print("\nTargets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
 
 
 def _commit() -> str:

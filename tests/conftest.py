@@ -7,6 +7,7 @@ import asyncio
 import io
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,17 @@ class Server:
 
         assert self.log is not None
         return [orjson.loads(line) for line in self.log.getvalue().splitlines() if line]
+
+    def wait_log_line(self, predicate: Any, timeout: float = 5.0) -> dict:
+        """The newest access-log record matching ``predicate``, once the proxy has written it:
+        a client can see a stream's end before the proxy's handler has finished."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.log_lines() if predicate(r)]
+            if found or time.monotonic() > deadline:
+                assert found, self.log_lines()[-3:]
+                return found[-1]
+            time.sleep(0.02)
 
 
 async def _start(app: web.Application, tls: Any = None) -> tuple[str, web.AppRunner]:

@@ -41,7 +41,7 @@ def test_upstream_cut_mid_stream_ends_with_exception_frame(proxy, fake):
     assert info.value.response["Error"]["Code"] == "internalServerException"
     # Whole frames before the cut arrive; the half frame does not.
     assert len(received) == 2
-    record = proxy.log_lines()[-1]
+    record = proxy.wait_log_line(lambda r: r.get("model") == "test.cut")
     assert record["incomplete"] is True and record["error"] == "UpstreamStreamError"
 
 

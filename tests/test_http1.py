@@ -1,0 +1,323 @@
+"""The upstream HTTP/1.1 client against scripted servers: the wire cases aiohttp's fake
+Bedrock never produces (bodies to EOF, HEAD, interim 1xx, garbage, stalls, full backlogs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from proxy import http1
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Scripted:
+    """A loopback server running ``handler`` per connection, counting connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.closed = 0
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """(head, body) of one request, de-chunking a chunked body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                return head, body
+            body += chunk[:-2]
+    for line in lower.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return head, await reader.readexactly(int(line.split(b":")[1]))
+    return head, b""
+
+
+def ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Aborted transports report their loss on a later loop turn."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def pool(**kw: float) -> http1.Pool:
+    kw.setdefault("connect_timeout", 2.0)
+    kw.setdefault("read_timeout", 5.0)
+    return http1.Pool(**kw)  # type: ignore[arg-type]
+
+
+async def test_keep_alive_reuses_one_connection_and_sends_exact_headers():
+    heads: list[bytes] = []
+
+    async def handler(reader, writer):
+        while True:
+            head, body = await read_request(reader)
+            heads.append(head + body)
+            writer.write(ok(body[::-1]))
+
+    server = Scripted(handler)
+    async with server as origin:
+        p = pool()
+        for i in range(5):
+            r = await p.request(
+                "POST", origin, "/a%2Fb?x=1", {"host": "h", "x-amz-date": "d"}, b"abc%d" % i
+            )
+            assert (r.status, await r.read()) == (200, b"%dcba" % i)
+            r.release()
+        await p.close()
+    assert server.connections == 1
+    assert heads[0] == (
+        b"POST /a%2Fb?x=1 HTTP/1.1\r\nhost: h\r\nx-amz-date: d\r\ncontent-length: 4\r\n\r\nabc0"
+    )
+
+
+async def test_body_until_close_head_and_interim_responses():
+    async def handler(reader, writer):
+        head, _ = await read_request(reader)
+        if head.startswith(b"HEAD"):
+            # A HEAD response names the length of a body it does not send.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            head, _ = await read_request(reader)  # the same connection carries on
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"after-interim"))
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+            await writer.drain()
+            writer.close()
+
+    server = Scripted(handler)
+    async with server as origin:
+        p = pool()
+        r = await p.request("HEAD", origin, "/", {"host": "h"})
+        assert (r.status, r.content_length, await r.read()) == (200, 100, b"")
+        r.release()
+        r = await p.request("GET", origin, "/", {"host": "h"})
+        assert (r.status, await r.read()) == (200, b"after-interim")
+        r.release()
+        r = await p.request("GET", origin, "/", {"host": "h"})
+        assert r.content_length is None
+        assert await r.read() == b"until the end"
+        r.release()
+        await p.close()
+    assert server.connections == 1
+
+
+async def test_chunked_upload_and_streamed_response():
+    async def handler(reader, writer):
+        head, body = await read_request(reader)
+        assert b"transfer-encoding: chunked" in head
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(0, len(body), 7):
+            piece = body[i : i + 7]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+
+    async def upload() -> AsyncIterator[bytes]:
+        for part in (b"hello ", b"", b"streamed ", b"world"):
+            yield part
+
+    async with Scripted(handler) as origin:
+        p = pool()
+        r = await p.request("PUT", origin, "/", {"host": "h"}, upload())
+        pieces = []
+        while chunk := await r.readany():
+            pieces.append(chunk)
+        assert b"".join(pieces) == b"hello streamed world" and len(pieces) > 1
+        r.release()
+        await p.close()
+
+
+@pytest.mark.parametrize(
+    "reply, error",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", http1.ConnectionClosed),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", http1.ConnectionClosed),
+        (b"", http1.ConnectionClosed),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nstall", http1.ReadTimeout),
+        (None, http1.ReadTimeout),
+    ],
+    ids=["cut-mid-body", "not-http", "closed-before-reply", "stall-mid-body", "no-reply"],
+)
+async def test_upstream_faults_raise_typed_errors(reply, error):
+    async def handler(reader, writer):
+        await read_request(reader)
+        if reply is None:
+            await asyncio.sleep(10)
+        writer.write(reply)
+        await writer.drain()
+        if b"stall" in reply:
+            await asyncio.sleep(10)
+
+    async with Scripted(handler) as origin:
+        p = pool(read_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(error):
+            r = await p.request("GET", origin, "/", {"host": "h"})
+            await r.read()
+        assert time.monotonic() - started < 3
+        await eventually(lambda: p.open_connections == 0)
+        await p.close()
+
+
+async def test_idle_timeout_replaces_first_byte_timeout_once_headers_arrive():
+    async def handler(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(0.4)  # longer than the idle timeout, shorter than first-byte
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    async with Scripted(handler) as origin:
+        p = pool(read_timeout=2.0)
+        r = await p.request("POST", origin, "/", {"host": "h"}, b"x")
+        r.set_read_timeout(0.2)
+        assert await r.readany() == b"abc"
+        started = time.monotonic()
+        with pytest.raises(http1.ReadTimeout):
+            await r.readany()
+        assert 0.1 < time.monotonic() - started < 1.5
+        r.close()
+        await p.close()
+
+
+async def test_connect_timeout_and_refusal():
+    # A listener that never accepts, with its accept queue full: the next SYN goes unanswered.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        p = pool(connect_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(http1.ConnectTimeout):
+            await p.request("GET", f"http://127.0.0.1:{port}", "/", {"host": "h"})
+        assert time.monotonic() - started < 2
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+    with pytest.raises(http1.ConnectFailed):  # nothing listens there now
+        await p.request("GET", f"http://127.0.0.1:{port}", "/", {"host": "h"})
+    await p.close()
+
+
+async def test_slow_reader_pauses_the_upstream_socket():
+    size = 32 * 1024 * 1024
+    state: dict[str, int] = {}
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        writer.write(b"x" * size)
+        await asyncio.sleep(0.5)
+        state["unsent"] = writer.transport.get_write_buffer_size()
+        await writer.drain()
+
+    async with Scripted(handler) as origin:
+        p = pool()
+        r = await p.request("GET", origin, "/", {"host": "h"})
+        await asyncio.sleep(0.8)  # not reading: the client must stop reading the socket
+        received = 0
+        while chunk := await r.readany():
+            received += len(chunk)
+        r.release()
+        await p.close()
+    assert received == size
+    assert state["unsent"] > size // 2  # the server could not push it all into us
+
+
+async def test_pool_expires_idle_connections_and_caps_per_host():
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.05)
+            writer.write(ok())
+
+    server = Scripted(handler)
+    async with server as origin:
+        p = pool(keepalive_timeout=0.2, limit_per_host=1)
+
+        async def one() -> bytes:
+            r = await p.request("GET", origin, "/", {"host": "h"})
+            try:
+                return await r.read()
+            finally:
+                r.release()
+
+        assert await asyncio.gather(*(one() for _ in range(4))) == [b"ok"] * 4
+        assert server.connections == 1  # the cap made them queue for one connection
+        await asyncio.sleep(0.6)
+        assert p.open_connections == 0 and server.closed == 1
+        await p.close()
+
+
+async def test_header_values_cannot_inject_lines():
+    async with Scripted(read_request) as origin:
+        p = pool()
+        with pytest.raises(ValueError):
+            await p.request("GET", origin, "/", {"host": "h", "x-a": "1\r\nx-b: 2"})
+        await p.close()
+
+
+async def test_failed_streamed_body_reports_its_own_error():
+    class Refused(Exception):
+        pass
+
+    async def handler(reader, writer):
+        await reader.read(1 << 20)
+        await asyncio.sleep(5)
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield b"first"
+        raise Refused
+
+    async with Scripted(handler) as origin:
+        p = pool()
+        with pytest.raises(Refused):
+            await p.request("PUT", origin, "/", {"host": "h"}, upload())
+        await eventually(lambda: p.open_connections == 0)
+        await p.close()
