@@ -12,6 +12,7 @@ from .admin import AdminApi
 from .auth import Authenticator
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
+from .dispatch import application
 from .endpoints import Endpoints, sdk_endpoint_overrides, valid_region
 from .files import FILES_PATH, FilesForwarder
 from .forward import BASE_PATH, Forwarder
@@ -112,7 +113,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         lambda: forwarder.in_flight,
     )
 
-    app = web.Application(handler_args={"max_field_size": 65536})
+    app, router = application(handler_args={"max_field_size": 65536})
     app[FORWARDER] = forwarder
     app[METRICS] = metrics
     app[CREDENTIALS] = credentials
@@ -129,8 +130,12 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     files = FilesForwarder(forwarder, endpoints, authenticator, settings.max_file_bytes)
     for path in (FILES_PATH, FILES_PATH + "/{tail:.*}"):  # before /bedrock/{tail}
         app.router.add_route("*", path, files.handle)
-    for path in (BASE_PATH, BASE_PATH + "/{tail:.*}"):
-        app.router.add_route("*", path, forwarder.handle, expect_handler=forwarder.expect_handler)
+    router.add_prefix_route(
+        BASE_PATH,
+        forwarder.handle,
+        expect_handler=forwarder.expect_handler,
+        excluded=(FILES_PATH,),
+    )
     app.router.add_route("*", "/{tail:.*}", _unknown_route)
     return app
 

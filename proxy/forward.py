@@ -166,6 +166,14 @@ class Forwarder:
         try:
             response = await forward(request, x)
             x.status = response.status
+            if not response.prepared:
+                # Sent before the bookkeeping below, which the client need not wait for.
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                except ConnectionError:
+                    x.error = "ClientDisconnected"
+                    x.incomplete = True
             return response
         except errors.AwsError as exc:
             x.error = exc.code
@@ -275,6 +283,15 @@ class Forwarder:
         return region
 
     async def _read_body(self, request: web.Request) -> RequestBody:
+        length = request.content_length
+        content = request.content
+        if length and length <= _SMALL_BODY and length <= self._max_body and content.is_eof():
+            # Already here whole (a small body comes in the headers' packet): no waiting,
+            # so no deadline to arm.
+            data = content.read_nowait()
+            if len(data) != length:
+                raise errors.validation("The request body ended before its Content-Length")
+            return RequestBody(data, length, hashlib.sha256(data).hexdigest())
         try:
             async with asyncio.timeout(self._settings.body_timeout):
                 return await self._read_body_unbounded(request)

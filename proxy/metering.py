@@ -14,7 +14,7 @@ import orjson
 
 from . import errors
 from .auth import Identity
-from .keys import parse_duration
+from .keys import KeyRecord, parse_duration
 from .ledger import Ledger
 from .limits import Admission, BudgetSource, InProcessLimiter, LimitSpec, RedisLimiter
 from .metrics import Metrics
@@ -90,6 +90,8 @@ class Metering:
         )
         self._limits_ttl = limits_ttl
         self._named: dict[str, tuple[float, LimitSpec | None]] = {}
+        # Per key: the record its spec was built from (a changed key is a new record).
+        self._key_limits: dict[str, tuple[KeyRecord, LimitSpec | None]] = {}
         self._reserve_output = reserve_output_tokens
         self.cost_headers = cost_headers
         self._pending: set[asyncio.Task[None]] = set()
@@ -124,8 +126,7 @@ class Metering:
         specs: list[LimitSpec] = []
         record = x.identity.record if x.identity is not None else None
         if record is not None:
-            fields = {name: getattr(record.spec, name) for name in _LIMIT_FIELDS}
-            key_spec = _limit_spec("key", record.key_id, fields, record.created_at)
+            key_spec = self._key_limit(record)
             if key_spec is not None:
                 specs.append(key_spec)
             for scope, value in (("user", record.spec.user_id), ("team", record.spec.team_id)):
@@ -138,6 +139,17 @@ class Metering:
             if named is not None:
                 specs.append(named)
         return specs
+
+    def _key_limit(self, record: KeyRecord) -> LimitSpec | None:
+        cached = self._key_limits.get(record.key_id)
+        if cached is not None and cached[0] is record:
+            return cached[1]
+        fields = {name: getattr(record.spec, name) for name in _LIMIT_FIELDS}
+        spec = _limit_spec("key", record.key_id, fields, record.created_at)
+        if len(self._key_limits) > 100_000:
+            self._key_limits.clear()
+        self._key_limits[record.key_id] = (record, spec)
+        return spec
 
     async def _named_limit(self, limit_id: str, scope: str, ident: str) -> LimitSpec | None:
         now = time.monotonic()

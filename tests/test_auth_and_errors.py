@@ -102,6 +102,18 @@ def test_unknown_routes_are_aws_shaped_404(proxy):
         assert_aws_error(status, headers, body, 404, "UnknownOperationException")
 
 
+def test_files_paths_and_bedrock_paths_reach_their_own_handlers(proxy, fake):
+    """/bedrock/* skips aiohttp's resolver; the files endpoint and dot segments must not."""
+    auth = ("-H", "Authorization: Bearer not-a-key")
+    for path in ("/bedrock/files", "/bedrock/files/bucket/key", "/bedrock/files?list-type=2"):
+        status, headers, body = curl(proxy.url + path, *auth)
+        assert status == 403 and body.startswith(b"<?xml"), (path, body)  # S3's error shape
+    for path in ("/bedrock/filesystem/x", "/bedrock/../key/list", "/bedrock/model/m/converse"):
+        status, headers, body = curl(proxy.url + path, *auth, "--path-as-is", "-X", "POST")
+        assert headers["content-type"] == "application/json", path
+        assert json.loads(body)["message"] and status in (403, 404), (path, status)
+
+
 def test_dot_segment_labels_are_rejected(proxy, fake):
     status, headers, body = curl(
         proxy.base + "/model/%2E%2E/converse",
