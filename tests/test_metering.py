@@ -52,6 +52,72 @@ def request_id(reply: dict) -> str:
     return reply["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-request-id"]
 
 
+def test_ledger_batches_round_trip_every_value(store_settings, bg):
+    """A batch goes to the database as one JSON array: every type, null and odd string
+    must come back exactly as written, and a repeated request id must not double."""
+    from proxy.store import open_store
+    from proxy.store.base import LABEL_COLUMNS, SPEND_COLUMNS
+
+    store = open_store(store_settings.get("database_url"), store_settings.get("sqlite_path", ""), 2)
+    tag = f"rt-{time.time_ns()}"
+    rows = [
+        (
+            f"{tag}-{i}",
+            1795319557.123456 + i / 7,
+            "2026-11-22",
+            f"key-{i}",
+            'alias "quoted" ünïcode \\ \n tab\t' if i == 0 else None,
+            None,
+            "team-x",
+            None,
+            "ConverseStream",
+            "bedrock-runtime",
+            "anthropic.claude-3-haiku-20240307-v1:0",
+            200 + i,
+            0.1 + i / 3,
+            2**40 + i,
+            i,
+            0,
+            3,
+            2**40 + 2 * i + 3,
+            None if i % 2 else 1e-12 * (i + 1),
+            i % 2,
+            "use-case",
+            '{"tags": ["a", "b"]}',
+            None if i else "UpstreamStreamError",
+        )
+        for i in range(2500)
+    ]
+    labels = [
+        (f"{tag}-{i}", "tag", f"t{i % 3}", rows[i][1], rows[i][18], 7) for i in range(0, 2500, 5)
+    ]
+
+    async def run():
+        await store.open()
+        try:
+            await store.insert_spend(rows, labels)
+            await store.insert_spend(rows[:10], [])  # a retried batch: rows are not doubled
+            got = await store.fetch(
+                f"SELECT {', '.join(SPEND_COLUMNS)} FROM bp_spend WHERE request_id LIKE $1",
+                f"{tag}-%",
+            )
+            got_labels = await store.fetch(
+                f"SELECT {', '.join(LABEL_COLUMNS)} FROM bp_spend_labels WHERE request_id LIKE $1",
+                f"{tag}-%",
+            )
+            return got, got_labels
+        finally:  # the store is shared with this module's other tests
+            await store.execute("DELETE FROM bp_spend WHERE request_id LIKE $1", f"{tag}-%")
+            await store.execute("DELETE FROM bp_spend_labels WHERE request_id LIKE $1", f"{tag}-%")
+            await store.close()
+
+    got, got_labels = bg.run(run(), timeout=60)
+    by_id = {row["request_id"]: tuple(row[c] for c in SPEND_COLUMNS) for row in got}
+    assert len(got) == len(rows)
+    assert [by_id[row[0]] for row in rows] == rows
+    assert sorted(tuple(r[c] for c in LABEL_COLUMNS) for r in got_labels) == sorted(labels)
+
+
 # ---------------------------------------------------------------- usage sources
 
 

@@ -43,11 +43,6 @@ class PostgresStore(Store):
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
 
-    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        assert self._pool is not None
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.executemany(sql, rows)
-
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         assert self._pool is not None
         return [dict(r) for r in await self._pool.fetch(sql, *args)]

@@ -65,15 +65,6 @@ class SqliteStore(Store):
         except sqlite3.IntegrityError as exc:
             raise StoreConflict(str(exc)) from None
 
-    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        await self._run(self._executemany, self._translate(sql), rows)
-
-    def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        assert self._conn is not None
-        with self._conn:  # one transaction for the batch
-            self._conn.execute("BEGIN")
-            self._conn.executemany(sql, rows)
-
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return await self._run(self._fetch, self._translate(sql), args)
 
