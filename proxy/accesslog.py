@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -11,16 +12,32 @@ import orjson
 
 
 class AccessLog:
+    """Lines written in the same event-loop turn go out in one write, at the end of it."""
+
     def __init__(self, enabled: bool = True, stream: IO[bytes] | None = None) -> None:
         self.enabled = enabled
         self._stream = stream if stream is not None else sys.stdout.buffer
+        self._pending: list[bytes] = []
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record["ts"] = round(time.time(), 3)
+        self._pending.append(orjson.dumps(record))
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: write now
+                self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        lines = self._pending
+        self._pending = []
+        lines.append(b"")
         try:
-            self._stream.write(orjson.dumps(record) + b"\n")
+            self._stream.write(b"\n".join(lines))
             self._stream.flush()
         except (OSError, ValueError):  # a closed or full log pipe must not fail a request
             pass

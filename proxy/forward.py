@@ -129,6 +129,7 @@ class Forwarder:
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
+        self._access_log.flush()
 
     # ------------------------------------------------------------------ handler
 

@@ -193,7 +193,7 @@ def test_no_secrets_in_access_log(proxy, fake):
     text = proxy.log.getvalue().decode()
     for secret in (MASTER_KEY, "sk-wrong-key", "upstream/secret", "dummy-secret-key", "Hello"):
         assert secret not in text
-    record = [r for r in proxy.log_lines() if r.get("model") == "anthropic.claude-v2"][-1]
+    record = proxy.wait_log_line(lambda r: r.get("model") == "anthropic.claude-v2")
     assert record["operation"] == "Converse" and record["status"] == 200
     assert record["bytes_in"] > 0 and record["bytes_out"] > 0 and record["latency_ms"] > 0
 
