@@ -13,10 +13,11 @@ so a stream of small frames does not reschedule a timer per frame.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
 import os
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ class Pool:
         self._all: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        # host -> (expiry, addresses): a new connection must not wait for getaddrinfo.
+        self._dns: dict[str, tuple[float, list[str]]] = {}
+        self.dns_ttl = 60.0
 
     @property
     def open_connections(self) -> int:
@@ -153,24 +157,50 @@ class Pool:
         context = None
         if key.tls:
             context = self._ssl or default_ssl_context()
+        failure: BaseException | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, key),
-                    key.host,
-                    key.port,
-                    ssl=context,
-                    server_hostname=key.host if context is not None else None,
-                )
+                for address in await self._resolve(key.host, key.port):
+                    try:
+                        _, connection = await loop.create_connection(
+                            lambda: _Connection(self, key),
+                            address,
+                            key.port,
+                            ssl=context,
+                            server_hostname=key.host if context is not None else None,
+                        )
+                        return connection
+                    except (OSError, ssl.SSLError) as exc:
+                        failure = exc  # try the next address
         except TimeoutError:
             raise ConnectTimeout(
                 f"Timed out connecting to the upstream service after {self.connect_timeout:g} s"
             ) from None
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectFailed(
-                f"Cannot connect to the upstream service ({type(exc).__name__})"
-            ) from None
-        return connection
+        self._dns.pop(key.host, None)  # every address failed: look the name up again
+        reason = type(failure).__name__ if failure is not None else "no address"
+        raise ConnectFailed(f"Cannot connect to the upstream service ({reason})") from None
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        """The host's addresses, cached for ``dns_ttl`` seconds (an IP literal is itself)."""
+        now = time.monotonic()
+        cached = self._dns.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            ipaddress.ip_address(host)
+            addresses = [host]
+        except ValueError:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM
+                )
+            except OSError as exc:
+                raise ConnectFailed(
+                    f"Cannot resolve the upstream host {host!r} ({type(exc).__name__})"
+                ) from None
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        self._dns[host] = (now + self.dns_ttl, addresses)
+        return addresses
 
     # -- bookkeeping, called by connections
 
@@ -268,11 +298,8 @@ class _Connection(asyncio.Protocol):
         return not self.closed and transport is not None and not transport.is_closing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # TCP_NODELAY is already set: asyncio and uvloop both set it on TCP transports.
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pool.opened(self)
 
     def send(self, response: Response, head: bytes, body: Body) -> None:

@@ -295,6 +295,39 @@ async def test_pool_expires_idle_connections_and_caps_per_host():
         await p.close()
 
 
+async def test_names_resolve_once_and_every_address_is_tried():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(ok())
+        await writer.drain()
+
+    loop = asyncio.get_running_loop()
+    lookups = []
+    real = loop.getaddrinfo
+
+    async def counting(host, *args, **kwargs):
+        lookups.append(host)
+        # ::1 first: nothing listens there, so the next address must be tried.
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))] + await real(
+            "127.0.0.1", *args, **kwargs
+        )
+
+    loop.getaddrinfo = counting
+    try:
+        async with Scripted(handler) as origin:
+            p = pool()
+            named = origin.replace("127.0.0.1", "upstream.test")
+            for _ in range(3):  # the server closes each connection: three new connections
+                r = await p.request("GET", named, "/", {"host": "upstream.test"})
+                assert await r.read() == b"ok"
+                r.release()
+                await eventually(lambda: p.open_connections == 0)
+            await p.close()
+    finally:
+        del loop.getaddrinfo
+    assert lookups == ["upstream.test"]
+
+
 async def test_header_values_cannot_inject_lines():
     async with Scripted(read_request) as origin:
         p = pool()
