@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,20 +75,29 @@ def wait_port(port: int, timeout: float = 20) -> None:
 def process(
     args: list[str], port: int, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        wait_port(port)
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+    # stderr to a file, not an unread pipe: a pipe that fills up would stall the server.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+        )
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            wait_port(port)
+            yield proc
+        except BaseException:
+            log.seek(0)
+            sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+            raise
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+# ------------------------------------------------------------------ nginx
 
 
 def nginx_config(workdir: Path, stub_port: int, hop_port: int) -> Path:
@@ -336,10 +346,11 @@ def stream_phase(
     count: int,
     headers: dict[str, str],
     proxy_pid: int | None,
-    frames: int,
+    open_rate: float,
     interval: float,
+    metrics_url: str | None = None,
 ) -> dict:
-    ramp = max(0.5, count / 2500)
+    ramp = max(0.2, count / open_rate)
     sample: dict[str, int] = {}
 
     async def run() -> dict:
@@ -347,10 +358,13 @@ def stream_phase(
             idle = rss_kib(proxy_pid)
 
             async def sample_rss() -> None:
-                # All streams are open once the ramp is over and before the first ones end.
+                # All streams are open once the ramp is over and before the first ones end;
+                # the proxy's own gauge says how many it is relaying at that moment.
                 await asyncio.sleep(ramp + interval / 2)
                 sample["open"] = rss_kib(proxy_pid)
                 sample["idle"] = idle
+                if metrics_url is not None:
+                    sample["open_streams"] = await asyncio.to_thread(active_streams, metrics_url)
 
             sampler = asyncio.create_task(sample_rss())
         cpu_before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
@@ -363,6 +377,13 @@ def stream_phase(
     result = asyncio.run(run())
     result.update(sample)
     return result
+
+
+def active_streams(metrics_url: str) -> int:
+    request = urllib.request.Request(metrics_url, headers={"Authorization": f"Bearer {MASTER}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    return int(float(re.search(r"^bedrock_proxy_active_streams (\S+)$", text, re.M).group(1)))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -417,8 +438,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per target; the best counts")
     parser.add_argument("--streams", default="100,1000,5000")
-    parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--frames", type=int, default=25, help="frames per stream")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between frames")
+    parser.add_argument(
+        "--open-rate",
+        type=float,
+        default=500,
+        help="new streams per second; streams must outlive the ramp for all N to be open at once",
+    )
     parser.add_argument("--body-mib", type=int, default=25)
     parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
     parser.add_argument(
@@ -528,7 +555,7 @@ def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dic
                 count,
                 {},
                 None,
-                args.frames,
+                args.open_rate,
                 args.interval,
             )
             proxied = stream_phase(
@@ -536,8 +563,9 @@ def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dic
                 count,
                 auth,
                 proxy.pid,
-                args.frames,
+                args.open_rate,
                 args.interval,
+                f"http://127.0.0.1:{proxy_port}/metrics",
             )
             frames = len(proxied["frame_delays"])
             streams[str(count)] = {
@@ -551,6 +579,8 @@ def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dic
                 "added_frame_delay_p99_ms": pct(proxied["frame_delays"], 0.99)
                 - pct(direct["frame_delays"], 0.99),
                 "rss_kib_per_stream": (proxied["open"] - proxied["idle"]) / count,
+                "open_at_peak": proxied.get("open_streams"),
+                "open_rate_per_s": args.open_rate,
                 "cpu_ms_per_1000_frames": proxied["cpu_s"] * 1000 / max(frames, 1) * 1000,
                 "frames": frames,
             }
@@ -643,14 +673,17 @@ def print_http_table(h: dict) -> None:
 
 
 def print_stream_tables(streams: dict, b: dict) -> None:
-    print("\nStreaming (ConverseStream, paced frames)")
+    rate = next(iter(streams.values()), {}).get("open_rate_per_s")
+    print(f"\nStreaming (ConverseStream, paced frames; {rate:g} new streams/s, each outlives")
+    print("the ramp, so all N are open at once: 'open' is the proxy's own gauge at the peak)")
     print(
-        f"{'streams':>8}{'+TTFB p50':>11}{'+TTFB p99':>11}{'+frame p50':>12}{'+frame p99':>12}"
-        f"{'KiB/stream':>12}{'CPU ms/1k fr':>14}{'fail':>6}"
+        f"{'streams':>8}{'open':>7}{'+TTFB p50':>11}{'+TTFB p99':>11}{'+frame p50':>12}"
+        f"{'+frame p99':>12}{'KiB/stream':>12}{'CPU ms/1k fr':>14}{'fail':>6}"
     )
     for count, s in streams.items():
         print(
-            f"{count:>8}{s['added_ttfb_p50_ms']:>11.2f}{s['added_ttfb_p99_ms']:>11.2f}"
+            f"{count:>8}{s.get('open_at_peak') or '-':>7}"
+            f"{s['added_ttfb_p50_ms']:>11.2f}{s['added_ttfb_p99_ms']:>11.2f}"
             f"{s['added_frame_delay_p50_ms']:>12.2f}{s['added_frame_delay_p99_ms']:>12.2f}"
             f"{s['rss_kib_per_stream']:>12.1f}{s['cpu_ms_per_1000_frames']:>14.1f}{s['failures']:>6}"
         )
