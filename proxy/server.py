@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from . import errors
+
+log = logging.getLogger("bedrock_proxy.server")
 
 
 class ProxyRunner(web.AppRunner):
@@ -35,6 +42,13 @@ class ProxyRunner(web.AppRunner):
         self._header_timeout = header_timeout
         self._sweeper: asyncio.Task[None] | None = None
         self.slow_clients_closed = 0
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same server, but its connections are AwsErrorRequestHandlers (Server has no
+        # hook for the handler class; AwsServer adds no state, so the swap is safe).
+        server.__class__ = AwsServer
+        return server
 
     async def setup(self) -> None:
         await super().setup()
@@ -69,3 +83,35 @@ class ProxyRunner(web.AppRunner):
                     if transport is not None:
                         transport.close()
             first_seen = waiting
+
+
+class AwsErrorRequestHandler(RequestHandler):
+    """Requests aiohttp itself refuses (unparseable HTTP, oversized headers) get an
+    AWS-shaped JSON error like every other refusal, not aiohttp's text/plain page, and
+    are logged as the client's mistake, without a traceback."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)  # raises: too late
+        if status < 500:
+            reason = (message or str(exc) or "malformed request")[:200]
+            log.info("refused a request aiohttp could not parse (%d): %s", status, reason)
+            response = errors.json_error_response(
+                status, "ValidationException", f"The request is not valid HTTP: {reason}"
+            )
+        else:
+            log.error("error handling request (%d)", status, exc_info=exc)
+            response = errors.internal().to_response()
+        response.force_close()
+        return response
+
+
+class AwsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return AwsErrorRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -4,8 +4,10 @@ so blocking clients (boto3, the AWS CLI, curl) can call them from ordinary test 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -186,6 +188,30 @@ def start_proxy(
 @pytest.fixture(scope="session")
 def proxy(start_proxy: ProxyFactory) -> Server:
     return start_proxy()
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose listener never accepts and whose accept queue is full, so a
+    new connection's SYN goes unanswered: the one way to make a connect time out here."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.1)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 def client_config(**kwargs: Any) -> Config:

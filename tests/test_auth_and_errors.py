@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import MASTER_KEY, boto_client
+from tests.conftest import MASTER_KEY, boto_client, unanswered_port
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 CONVERSE = "/model/cohere.command-r-v1:0/converse"
@@ -171,6 +172,19 @@ def test_upstream_down_is_service_unavailable(start_proxy):
     client = boto_client("bedrock-runtime", down)
     with pytest.raises(client.exceptions.ServiceUnavailableException):
         client.converse(modelId="m", messages=MESSAGES)
+
+
+def test_upstream_connect_timeout_is_service_unavailable_in_time(start_proxy):
+    with unanswered_port() as port:
+        stuck = start_proxy(
+            endpoints={"bedrock-runtime": f"http://127.0.0.1:{port}"}, connect_timeout=0.5
+        )
+        client = boto_client("bedrock-runtime", stuck)
+        started = time.monotonic()
+        with pytest.raises(client.exceptions.ServiceUnavailableException) as info:
+            client.converse(modelId="m", messages=MESSAGES)
+        assert 0.4 < time.monotonic() - started < 5
+        assert "Timed out connecting" in info.value.response["Error"]["Message"]
 
 
 def test_upstream_reset_before_headers(proxy, fake):

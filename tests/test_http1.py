@@ -4,7 +4,6 @@ Bedrock never produces (bodies to EOF, HEAD, interim 1xx, garbage, stalls, full 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from proxy import http1
+from tests.conftest import unanswered_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -217,29 +217,12 @@ async def test_idle_timeout_replaces_first_byte_timeout_once_headers_arrive():
 
 
 async def test_connect_timeout_and_refusal():
-    # A listener that never accepts, with its accept queue full: the next SYN goes unanswered.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(8):
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect(("127.0.0.1", port))
-            fillers.append(s)
-        await asyncio.sleep(0.1)
-        p = pool(connect_timeout=0.3)
+    p = pool(connect_timeout=0.3)
+    with unanswered_port() as port:
         started = time.monotonic()
         with pytest.raises(http1.ConnectTimeout):
             await p.request("GET", f"http://127.0.0.1:{port}", "/", {"host": "h"})
         assert time.monotonic() - started < 2
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
     with pytest.raises(http1.ConnectFailed):  # nothing listens there now
         await p.request("GET", f"http://127.0.0.1:{port}", "/", {"host": "h"})
     await p.close()

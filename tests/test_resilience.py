@@ -302,13 +302,14 @@ def test_fuzzed_requests_never_crash_leak_or_escape(
         assert received.headers["Host"] == fake_url.removeprefix("http://")
 
 
-def test_garbage_on_the_wire_is_refused_without_a_traceback(proxy):
+def test_garbage_on_the_wire_is_refused_aws_shaped_without_a_traceback(proxy):
     host, port = proxy.url.removeprefix("http://").split(":")
     for garbage in (
         b"\x00\xff\xfe garbage\r\n\r\n",
         b"GET / HTTP/9.9\r\n\r\n",
         b"POST /bedrock HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
         b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+        b"POST /bedrock/x HTTP/1.1\r\nx-big: " + b"b" * 70000 + b"\r\n\r\n",
     ):
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             sock.sendall(garbage)
@@ -316,9 +317,11 @@ def test_garbage_on_the_wire_is_refused_without_a_traceback(proxy):
             with contextlib.suppress(ConnectionResetError):
                 while chunk := sock.recv(65536):
                     reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"400", reply[:200]
+        assert b"x-amzn-ErrorType: ValidationException" in head, head
         assert b"Traceback" not in reply
-        if reply:
-            assert not reply.startswith(b"HTTP/1.1 500"), reply[:200]
+        assert json.loads(body)["message"].startswith("The request is not valid HTTP")
     # And the proxy still serves.
     request = urllib.request.Request(proxy.url + "/health/liveness")
     with urllib.request.urlopen(request, timeout=5) as response:
