@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 _HIGH_WATER = 1024 * 1024
 # A body written in the same write as the head up to this size (one syscall, no copy after).
 _COALESCE = 64 * 1024
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 Body = bytes | list[bytes] | AsyncIterator[bytes] | None
 
@@ -113,26 +114,43 @@ class Pool:
         body: Body = None,
         read_timeout: float | None = None,
     ) -> Response:
-        """Send ``method target`` with exactly these headers (plus framing) and this body."""
+        """Send ``method target`` with exactly these headers (plus framing) and this body.
+
+        A kept-alive connection the upstream closed just as it was reused fails before a
+        byte comes back; an idempotent request with a replayable body is then sent once
+        more on a new connection (as aiohttp and botocore do). Others fail: a POST may
+        have been received."""
         key = self.origin(origin)
+        timeout = self.read_timeout if read_timeout is None else read_timeout
+        head, chunked = _head(method, target, headers, body)
+        may_retry = method in _IDEMPOTENT and (body is None or isinstance(body, bytes | list))
         slot = await self._take_slot(key)
-        try:
-            connection = self._reuse(key) or await self._connect(key)
-        except BaseException:
-            if slot is not None:
-                slot.release()
-            raise
-        response = Response(
-            connection, method, self.read_timeout if read_timeout is None else read_timeout, slot
-        )
-        try:
-            head, response.chunked_request = _head(method, target, headers, body)
-            connection.send(response, head, body)
-            await response.wait_headers()
-        except BaseException:
-            response.close()
-            raise
-        return response
+        while True:
+            try:
+                connection = self._reuse(key)
+                reused = connection is not None
+                if connection is None:
+                    connection = await self._connect(key)
+            except BaseException:
+                if slot is not None:
+                    slot.release()
+                raise
+            response = Response(connection, method, timeout, slot)
+            response.chunked_request = chunked
+            try:
+                connection.send(response, head, body)
+                await response.wait_headers()
+                return response
+            except ConnectionClosed:
+                if reused and may_retry and not response.received:
+                    may_retry = False
+                    response.close(keep_slot=True)
+                    continue
+                response.close()
+                raise
+            except BaseException:
+                response.close()
+                raise
 
     async def _take_slot(self, key: Origin) -> asyncio.Semaphore | None:
         if not self._limit:
@@ -247,15 +265,16 @@ class Pool:
         await asyncio.sleep(0)  # let the transports run their close callbacks
 
 
-_default_context: ssl.SSLContext | None = None
+_contexts: dict[str | None, ssl.SSLContext] = {}
 
 
 def default_ssl_context() -> ssl.SSLContext:
     """The system trust store, or ``AWS_CA_BUNDLE`` as botocore reads it."""
-    global _default_context
-    if _default_context is None:
-        _default_context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE"))
-    return _default_context
+    cafile = os.environ.get("AWS_CA_BUNDLE") or None
+    context = _contexts.get(cafile)
+    if context is None:
+        context = _contexts[cafile] = ssl.create_default_context(cafile=cafile)
+    return context
 
 
 def _head(method: str, target: str, headers: dict[str, str], body: Body) -> tuple[bytes, bool]:
@@ -420,6 +439,7 @@ class Response:
         self.content_length: int | None = None
         self.chunked_request = False
         self.body_sent = False
+        self.received = False
         self.sender: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -487,6 +507,7 @@ class Response:
     # -- connection events
 
     def feed(self, data: bytes) -> None:
+        self.received = True
         self._last_activity = self._loop.time()
         if self._done:
             self._connection.abort()  # bytes past the end of the response
@@ -622,9 +643,12 @@ class Response:
         if self._slot is not None:
             self._slot.release()
 
-    def close(self) -> None:
-        """Abandon the response and its connection."""
+    def close(self, keep_slot: bool = False) -> None:
+        """Abandon the response and its connection (its pool slot too, unless kept for a
+        retry)."""
         if not self._done:
             self._error = self._error or ConnectionClosed("The response was abandoned")
         self._keep_alive = False
+        if keep_slot:
+            self._slot = None
         self.release()

@@ -102,7 +102,7 @@ class Server:
             time.sleep(0.02)
 
 
-async def _start(app: web.Application, tls: Any = None) -> tuple[str, web.AppRunner]:
+async def start_server(app: web.Application, tls: Any = None) -> tuple[str, web.AppRunner]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     if FORWARDER in app:  # a proxy: the runner the CLI uses
         runner = ProxyRunner(app, header_timeout=2.0, keepalive_timeout=75.0)
@@ -124,7 +124,7 @@ def bg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundLoop]:
 @pytest.fixture(scope="session")
 def fake_server(bg: BackgroundLoop) -> Iterator[tuple[FakeBedrock, str]]:
     fake = FakeBedrock()
-    url, runner = bg.run(_start(fake.app()))
+    url, runner = bg.run(start_server(fake.app()))
     yield fake, url
     bg.run(runner.cleanup())
 
@@ -132,7 +132,7 @@ def fake_server(bg: BackgroundLoop) -> Iterator[tuple[FakeBedrock, str]]:
 @pytest.fixture(scope="session")
 def fake_s3_server(bg: BackgroundLoop) -> Iterator[tuple[FakeS3, str]]:
     fake = FakeS3()
-    url, runner = bg.run(_start(fake.app()))
+    url, runner = bg.run(start_server(fake.app()))
     yield fake, url
     bg.run(runner.cleanup())
 
@@ -175,7 +175,7 @@ def start_proxy(
         settings = load_settings(env=env, overrides=values)
         log = io.BytesIO()
         app = create_app(settings, access_log=AccessLog(True, log))
-        url, runner = bg.run(_start(app, tls))
+        url, runner = bg.run(start_server(app, tls))
         server = Server(url, app, runner, log)
         started.append(server)
         return server

@@ -311,6 +311,31 @@ async def test_names_resolve_once_and_every_address_is_tried():
     assert lookups == ["upstream.test"]
 
 
+@pytest.mark.parametrize("method, retried", [("GET", True), ("POST", False)])
+async def test_stale_kept_alive_connection_retries_idempotent_requests_only(method, retried):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(ok(b"first"))
+        await read_request(reader)  # the next request meets a connection closing under it
+        writer.transport.abort()
+
+    server = Scripted(handler)
+    async with server as origin:
+        p = pool()
+        r = await p.request(method, origin, "/", {"host": "h"}, b"x")
+        assert await r.read() == b"first"
+        r.release()
+        if retried:
+            r = await p.request(method, origin, "/", {"host": "h"}, b"x")
+            assert await r.read() == b"first"  # from a second, new connection
+            r.release()
+        else:
+            with pytest.raises(http1.ConnectionClosed):
+                await p.request(method, origin, "/", {"host": "h"}, b"x")
+        await p.close()
+    assert server.connections == (2 if retried else 1)
+
+
 async def test_header_values_cannot_inject_lines():
     async with Scripted(read_request) as origin:
         p = pool()

@@ -16,7 +16,8 @@ import pytest
 from botocore.exceptions import SSLError
 
 from proxy.tls import server_context, write_self_signed
-from tests.conftest import MASTER_KEY, REGION, boto_client, client_config
+from tests.conftest import MASTER_KEY, REGION, boto_client, client_config, start_server
+from tests.fake_bedrock import FakeBedrock
 from tests.test_cli import BIN, free_port, running, server_env
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
@@ -52,6 +53,28 @@ def test_sigv4_client_over_https(https_proxy, fake, cert_pair):
     client = boto_client("bedrock-agent-runtime", https_proxy, verify=cert_pair[0])
     found = client.retrieve(knowledgeBaseId="KB12345678", retrievalQuery={"text": "q"})
     assert found["retrievalResults"]
+
+
+def test_upstream_over_https_verified_against_aws_ca_bundle(
+    bg, start_proxy, cert_pair, monkeypatch
+):
+    """AWS itself is HTTPS: the upstream client verifies it, and streams over TLS."""
+    fake = FakeBedrock()
+    url, runner = bg.run(start_server(fake.app(), server_context(*cert_pair)))
+    try:
+        proxy = start_proxy(endpoints={"bedrock-runtime": url})
+        client = boto_client("bedrock-runtime", proxy)
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+        with pytest.raises(client.exceptions.ServiceUnavailableException):
+            client.converse(modelId="m", messages=MESSAGES)  # not trusted: refused
+        assert not fake.requests
+        monkeypatch.setenv("AWS_CA_BUNDLE", cert_pair[0])
+        reply = client.converse(modelId="m", messages=MESSAGES)
+        assert reply["output"]["message"]["content"][0]["text"] == "model=m"
+        events = list(client.converse_stream(modelId="m", messages=MESSAGES)["stream"])
+        assert "metadata" in events[-1]
+    finally:
+        bg.run(runner.cleanup())
 
 
 def test_client_that_does_not_trust_the_certificate_fails_handshake(https_proxy, fake):
