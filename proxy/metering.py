@@ -208,7 +208,7 @@ class Metering:
         row = (
             x.request_id,
             now,
-            datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d"),
+            _utc_day(now),
             identity.key_id if identity is not None else None,
             spec.key_alias if spec else None,
             spec.user_id if spec else None,
@@ -244,6 +244,18 @@ class Metering:
             await asyncio.gather(*self._pending, return_exceptions=True)
         await self.ledger.close()
         await self.limiter.close()
+
+
+_day_cache: tuple[int, str] = (-1, "")
+
+
+def _utc_day(ts: float) -> str:
+    """The UTC date of ``ts``; formatted once per day, not once per request."""
+    global _day_cache
+    day = int(ts // 86400)
+    if _day_cache[0] != day:
+        _day_cache = (day, datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d"))
+    return _day_cache[1]
 
 
 def _limit_spec(scope: str, ident: str, fields: dict[str, Any], anchor: float) -> LimitSpec | None:
