@@ -112,6 +112,11 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         "Requests being handled now.",
         lambda: forwarder.in_flight,
     )
+    metrics.gauge(
+        "bedrock_proxy_upstream_connections",
+        "Connections open to the upstream services, in use or kept alive.",
+        lambda: forwarder.pool.open_connections if forwarder.started else 0,
+    )
 
     app, router = application(handler_args={"max_field_size": 65536})
     app[FORWARDER] = forwarder

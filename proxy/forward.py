@@ -96,6 +96,10 @@ class Forwarder:
         return len(self._active)
 
     @property
+    def started(self) -> bool:
+        return self._pool is not None
+
+    @property
     def pool(self) -> http1.Pool:
         assert self._pool is not None
         return self._pool

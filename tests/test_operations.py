@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -142,6 +143,8 @@ def test_metrics(start_proxy, fake):
     assert 'bedrock_proxy_overhead_seconds_count{operation="Converse"}' in text
     assert "bedrock_proxy_active_streams 0" in text
     assert "bedrock_proxy_ledger_queue_depth" in text
+    # The upstream connections used above are kept alive for the next requests.
+    assert re.search(r"^bedrock_proxy_upstream_connections [1-9]", text, re.M), text
     assert (
         'bedrock_proxy_cost_usd_total{model="anthropic.claude-3-haiku-20240307-v1:0",key="master"}'
         in text
