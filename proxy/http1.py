@@ -31,6 +31,8 @@ _HIGH_WATER = 1024 * 1024
 # A body written in the same write as the head up to this size (one syscall, no copy after).
 _COALESCE = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+# A response head larger than this is refused (llhttp itself sets no limit).
+MAX_HEAD = 64 * 1024
 
 Body = bytes | list[bytes] | AsyncIterator[bytes] | None
 
@@ -440,6 +442,7 @@ class Response:
         self.chunked_request = False
         self.body_sent = False
         self.received = False
+        self._head_bytes = 0
         self.sender: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -517,6 +520,12 @@ class Response:
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self.fail(ConnectionClosed("The upstream sent a response that is not valid HTTP"))
             self._connection.abort()
+            return
+        if not self._headers_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self.fail(ConnectionClosed("The upstream sent a response head over 64 KiB"))
+                self._connection.abort()
 
     def touch(self) -> None:
         self._last_activity = self._loop.time()

@@ -171,8 +171,16 @@ async def test_chunked_upload_and_streamed_response():
         (b"", http1.ConnectionClosed),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nstall", http1.ReadTimeout),
         (None, http1.ReadTimeout),
+        (b"HTTP/1.1 200 OK\r\nx-big: " + b"b" * 70000, http1.ConnectionClosed),
     ],
-    ids=["cut-mid-body", "not-http", "closed-before-reply", "stall-mid-body", "no-reply"],
+    ids=[
+        "cut-mid-body",
+        "not-http",
+        "closed-before-reply",
+        "stall-mid-body",
+        "no-reply",
+        "endless-header",
+    ],
 )
 async def test_upstream_faults_raise_typed_errors(reply, error):
     async def handler(reader, writer):
@@ -181,7 +189,7 @@ async def test_upstream_faults_raise_typed_errors(reply, error):
             await asyncio.sleep(10)
         writer.write(reply)
         await writer.drain()
-        if b"stall" in reply:
+        if b"stall" in reply or b"x-big" in reply:
             await asyncio.sleep(10)
 
     async with Scripted(handler) as origin:
