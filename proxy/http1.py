@@ -303,6 +303,17 @@ def _head(method: str, target: str, headers: dict[str, str], body: Body) -> tupl
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries one request at a time."""
 
+    __slots__ = (
+        "_drain",
+        "_write_paused",
+        "closed",
+        "idle_since",
+        "key",
+        "pool",
+        "response",
+        "transport",
+    )
+
     def __init__(self, pool: Pool, key: Origin) -> None:
         self.pool = pool
         self.key = key
@@ -422,6 +433,37 @@ class _Connection(asyncio.Protocol):
 
 class Response:
     """Status and headers at once; the body as it arrives, by ``readany`` or ``read``."""
+
+    # Thousands are alive at once with streams open: no per-instance dict to collect.
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_connection",
+        "_done",
+        "_error",
+        "_head_bytes",
+        "_head_only",
+        "_headers_done",
+        "_keep_alive",
+        "_last_activity",
+        "_loop",
+        "_parser",
+        "_raw_headers",
+        "_reading_paused",
+        "_released",
+        "_slot",
+        "_timeout",
+        "_timer",
+        "_until_eof",
+        "_waiter",
+        "body_sent",
+        "chunked_request",
+        "content_length",
+        "headers",
+        "received",
+        "sender",
+        "status",
+    )
 
     def __init__(
         self,
