@@ -37,6 +37,8 @@ class ProxyRunner(web.AppRunner):
             handler_cancellation=True,
             access_log=None,
             keepalive_timeout=keepalive_timeout,
+            # Bodies are forwarded and signed as sent: a gzip body stays gzip.
+            auto_decompress=False,
             **kwargs,
         )
         self._header_timeout = header_timeout

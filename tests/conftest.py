@@ -103,7 +103,8 @@ class Server:
 
 
 async def start_server(app: web.Application, tls: Any = None) -> tuple[str, web.AppRunner]:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # Like AWS, the fakes read bodies as sent: aiohttp must not inflate Content-Encoding.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, auto_decompress=False)
     if FORWARDER in app:  # a proxy: the runner the CLI uses
         runner = ProxyRunner(app, header_timeout=2.0, keepalive_timeout=75.0)
     await runner.setup()

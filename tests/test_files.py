@@ -3,6 +3,7 @@ clients, virtual keys signing SigV4, and a fake S3 that checks signatures as S3 
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import time
@@ -118,6 +119,13 @@ def test_object_operations(files_proxy, fake_s3):
     with pytest.raises(ClientError) as info:
         s3.get_object(Bucket="objects", Key="data/blob.bin")
     assert _code(info) == ("NoSuchKey", 404)
+
+
+def test_gzip_object_is_stored_as_uploaded(files_proxy, fake_s3):
+    s3 = s3_client(files_proxy, new_key(files_proxy))
+    body = gzip.compress(b'{"recordId": "1"}\n' * 100, mtime=0)
+    s3.put_object(Bucket="objects", Key="data/in.jsonl.gz", Body=body, ContentEncoding="gzip")
+    assert fake_s3.buckets["objects"]["data/in.jsonl.gz"].data == body
 
 
 def test_multipart_upload_and_abort(files_proxy, fake_s3):
