@@ -88,7 +88,9 @@ class Pool:
         self._limit = limit_per_host
         self._ssl = ssl_context
         self._origins: dict[str, Origin] = {}
-        self._idle: dict[Origin, list[_Connection]] = {}
+        # Per origin, idle connections oldest first: a dict as an ordered set, so taking the
+        # newest, expiring the oldest and dropping a closed one are all O(1) with thousands.
+        self._idle: dict[Origin, dict[_Connection, None]] = {}
         self._slots: dict[Origin, asyncio.Semaphore] = {}
         self._all: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -166,7 +168,7 @@ class Pool:
     def _reuse(self, key: Origin) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
-            connection = idle.pop()
+            connection, _ = idle.popitem()
             if connection.reusable:
                 return connection
             connection.abort()
@@ -233,15 +235,15 @@ class Pool:
             return
         loop = asyncio.get_running_loop()
         connection.idle_since = loop.time()
-        self._idle.setdefault(connection.key, []).append(connection)
+        self._idle.setdefault(connection.key, {})[connection] = None
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.keepalive_timeout, self._sweep)
 
     def lost(self, connection: _Connection) -> None:
         self._all.discard(connection)
         idle = self._idle.get(connection.key)
-        if idle and connection in idle:
-            idle.remove(connection)
+        if idle:
+            idle.pop(connection, None)
 
     def _sweep(self) -> None:
         """Close connections idle past the keep-alive timeout, oldest first."""
@@ -250,8 +252,12 @@ class Pool:
         cutoff = loop.time() - self.keepalive_timeout
         waiting = False
         for idle in self._idle.values():
-            while idle and idle[0].idle_since <= cutoff:
-                idle.pop(0).abort()
+            while idle:
+                oldest = next(iter(idle))
+                if oldest.idle_since > cutoff:
+                    break
+                del idle[oldest]
+                oldest.abort()
             waiting = waiting or bool(idle)
         if waiting:
             self._sweeper = loop.call_later(self.keepalive_timeout / 2, self._sweep)
