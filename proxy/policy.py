@@ -105,6 +105,13 @@ def check(
     if guardrail:
         _check_one(spec, "guardrail", guardrail)
     if body is not None and needs_body(spec, op):
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # The proxy reads bodies as sent; one it cannot read cannot be checked.
+            raise errors.validation(
+                f"This API key's restrictions are checked against the request body, which "
+                f"cannot be read with Content-Encoding {encoding!r}; send it uncompressed"
+            )
         document = _parse_strict(body)
         for path, kind in _BODY_FIELDS[op.name]:
             value = _dig(document, path)

@@ -3,6 +3,7 @@ authenticates with real clients, and every refusal with the exact code boto3 par
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import secrets
@@ -345,6 +346,23 @@ def test_model_in_body_is_checked(vk_proxy, fake):
         data='{"modelId": "anthropic.claude-v2", "modelId": "meta.llama3-8b-instruct-v1:0"}',
     )
     assert status == 400 and headers["x-amzn-errortype"] == "ValidationException"
+    # Nor can a compressed body, which the proxy forwards as sent and so cannot read.
+    before = len(fake.requests)
+    squeezed = gzip.compress(b'{"modelId": "meta.llama3-8b-instruct-v1:0"}')
+    request = urllib.request.Request(
+        vk_proxy.base + "/model-invocation-job",
+        data=squeezed,
+        headers={
+            "Authorization": f"Bearer {key['key']}",
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+        },
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 400
+    assert info.value.headers["x-amzn-ErrorType"] == "ValidationException"
+    assert len(fake.requests) == before  # never forwarded
 
 
 def test_operation_groups_and_resource_lists(vk_proxy, fake):
