@@ -11,10 +11,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 # Forwarded and signed: no hop changes them.
 _SIGNED_EXACT = frozenset({"content-type", "accept", "content-encoding", "content-md5"})
-# Forwarded, not signed.
+# Forwarded, not signed. Not Accept-Encoding: usage is read from the response as it passes,
+# so a compressed response would go unmetered (and a budget unenforced).
 _UNSIGNED_EXACT = frozenset(
     {
-        "accept-encoding",
         "user-agent",
         "range",
         "if-match",

@@ -32,11 +32,20 @@ def test_client_credentials_and_foreign_headers_never_forwarded(proxy, fake):
         "x-bedrock-proxy-debug: 1",
         "-H",
         "xProxy-User-ID: alice",
+        "-H",
+        "Accept-Encoding: gzip",  # the response must come back readable, to be metered
         data=json.dumps({"messages": MESSAGES}),
     )
     assert status == 200
     seen = {k.lower(): v for k, v in fake.requests[-1].headers.items()}
-    for name in ("x-bf-vk", "x-forwarded-for", "cookie", "x-bedrock-proxy-debug", "xproxy-user-id"):
+    for name in (
+        "x-bf-vk",
+        "x-forwarded-for",
+        "cookie",
+        "x-bedrock-proxy-debug",
+        "xproxy-user-id",
+        "accept-encoding",
+    ):
         assert name not in seen
     assert seen["x-amz-security-token"] != "client-token"
     assert MASTER_KEY not in json.dumps(seen)
