@@ -27,8 +27,9 @@ def test_frames_are_flushed_as_they_arrive(proxy, fake):
             break
     sent = fake.frames_sent_at[-len(arrivals) :]
     delays = [a - s for a, s in zip(arrivals, sent, strict=True)]
-    # Frames are 100 ms apart; buffering would delay the first ones by up to a second.
-    assert max(delays) < 0.05, delays
+    # Frames are 200 ms apart: a frame held back until the next one arrives would be late by
+    # 200 ms or more. The bound leaves room for this VM's CPU-steal bursts, no more.
+    assert max(delays) < 0.15, delays
 
 
 def test_upstream_cut_mid_stream_ends_with_exception_frame(proxy, fake):
