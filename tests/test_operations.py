@@ -225,7 +225,14 @@ def test_tracing_spans_continue_the_clients_trace(start_proxy, fake):
 
     client.meta.events.register_first("before-sign.*.*", traceparent)
     client.converse(modelId="anthropic.claude-3-haiku-20240307-v1:0", messages=MESSAGES)
-    (span,) = [s for s in exporter.get_finished_spans() if s.name == "bedrock Converse"]
+    # The span ends after the response is sent, with the rest of the bookkeeping.
+    deadline = time.monotonic() + 5
+    while True:
+        spans = [s for s in exporter.get_finished_spans() if s.name == "bedrock Converse"]
+        if spans or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    (span,) = spans
     assert f"{span.context.trace_id:032x}" == trace_id
     assert span.attributes["gen_ai.request.model"] == "anthropic.claude-3-haiku-20240307-v1:0"
     assert span.attributes["gen_ai.usage.input_tokens"] == 11
