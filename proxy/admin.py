@@ -14,7 +14,7 @@ from aiohttp import web
 from . import errors
 from .auth import Authenticator
 from .keyservice import KeyService
-from .reports import Reports
+from .reports import Reports, paging
 
 Handler = Callable[[web.Request], Awaitable[Any]]
 
@@ -94,19 +94,21 @@ class AdminApi:
 
     async def delete(self, request: web.Request) -> Any:
         body = await _json_body(request)
-        refs = body.get("keys") or []
-        refs += body.get("key_aliases") or []
-        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        refs: list[Any] = []
+        for name in ("keys", "key_aliases"):
+            value = body.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(isinstance(r, str) and r for r in value):
+                raise errors.validation(f"{name} must be a list of keys, key ids or aliases")
+            refs += value
+        if not refs:
             raise errors.validation("keys must be a non-empty list of keys or key ids")
         return {"deleted_keys": await self.service.delete(refs)}
 
     async def list(self, request: web.Request) -> Any:
         query = request.query
-        try:
-            page = int(query.get("page", "1"))
-            size = int(query.get("size", "100"))
-        except ValueError:
-            raise errors.validation("page and size must be whole numbers") from None
+        page, size = paging(query)
         filters = {k: query[k] for k in ("user_id", "team_id", "key_alias") if k in query}
         full = query.get("return_full_object", "false").lower() == "true"
         return await self.service.list(filters, page, size, full)

@@ -12,6 +12,7 @@ Keys are compared in constant time and never logged.
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from . import errors, sigv4
+from .headers import forwarded_amz
 from .keycache import KeyCache
 from .keys import KeyRecord, KeySpec, hash_token
 
@@ -39,6 +41,11 @@ class Identity:
     def spec(self) -> KeySpec | None:
         return self.record.spec if self.record is not None else None
 
+
+# AWS access key ids are 16-128 upper-case letters and digits; nothing else is looked up.
+_ACCESS_KEY_ID = re.compile(r"[A-Z0-9]{16,128}")
+# No key of ours is longer; a longer one is refused before it is hashed or looked up.
+_MAX_KEY_LENGTH = 1024
 
 MASTER = Identity("master", key_id="master", alias="master")
 ANONYMOUS = Identity("anonymous")
@@ -97,6 +104,20 @@ class Authenticator:
             "or sign the request with a virtual key's access key"
         )
 
+    async def identify(self, request: web.BaseRequest) -> Identity | None:
+        """Everything that can be judged from the headers, before any body is read: a
+        bearer key is checked in full; a SigV4 key id must exist (its signature covers the
+        body, so it is verified by ``authenticate`` once the body is in). None means the
+        request is signed by a known key and waits for its body."""
+        if self.open or self.presented_key(request.headers) is not None:
+            return await self.authenticate(request)
+        authorization = request.headers.get("Authorization", "")
+        if not authorization.startswith(sigv4.ALGORITHM):
+            self.precheck(request)
+            raise errors.access_denied("Missing credentials")
+        await self._signing_key(authorization)
+        return None
+
     async def authenticate(
         self, request: web.BaseRequest, signed: SignedRequest | None = None
     ) -> Identity:
@@ -122,6 +143,8 @@ class Authenticator:
     async def _bearer(self, key: str) -> Identity:
         if self.is_master_key(key):
             return MASTER
+        if len(key) > _MAX_KEY_LENGTH:
+            raise errors.access_denied("The API key in the request is not valid")
         record = await self._keys.get("token_hash", hash_token(key)) if self._keys else None
         if record is None:
             raise errors.access_denied("The API key in the request is not valid")
@@ -130,18 +153,7 @@ class Authenticator:
     async def _sigv4(
         self, request: web.BaseRequest, authorization: str, signed: SignedRequest
     ) -> Identity:
-        parsed = sigv4.parse_authorization(authorization)
-        if parsed is None:
-            raise errors.AwsError(
-                403, "IncompleteSignatureException", "The Authorization header is malformed"
-            )
-        record = await self._keys.get("access_key_id", parsed.access_key) if self._keys else None
-        if record is None:
-            raise errors.AwsError(
-                403,
-                "UnrecognizedClientException",
-                "The security token included in the request is invalid.",
-            )
+        parsed, record = await self._signing_key(authorization)
         if parsed.service != signed.service:
             raise errors.AwsError(
                 403,
@@ -175,7 +187,37 @@ class Authenticator:
             )
         except sigv4.SignatureError as exc:
             raise errors.AwsError(403, exc.code, exc.message) from None
+        signed_names = set(parsed.signed_headers)
+        for name in headers:
+            if forwarded_amz(name) and name not in signed_names:
+                # The proxy signs what it forwards with the server's rights: a header the
+                # client did not sign is one its key never vouched for.
+                raise errors.AwsError(
+                    403,
+                    "InvalidSignatureException",
+                    f"The request includes header {name}, which is not signed",
+                )
         return _usable(record)
+
+    async def _signing_key(
+        self, authorization: str
+    ) -> tuple[sigv4.ParsedAuthorization, KeyRecord]:
+        """The parsed Authorization and the key it names, or the refusal AWS gives."""
+        parsed = sigv4.parse_authorization(authorization)
+        if parsed is None:
+            raise errors.AwsError(
+                403, "IncompleteSignatureException", "The Authorization header is malformed"
+            )
+        record = None
+        if self._keys is not None and _ACCESS_KEY_ID.fullmatch(parsed.access_key):
+            record = await self._keys.get("access_key_id", parsed.access_key)
+        if record is None:
+            raise errors.AwsError(
+                403,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            )
+        return parsed, record
 
 
 def _usable(record: KeyRecord) -> Identity:

@@ -36,6 +36,8 @@ class Settings:
     # Upstream base URL per service name; the SDK's AWS_ENDPOINT_URL_* variables also apply.
     endpoints: dict[str, str] = field(default_factory=dict)
     max_body_bytes: int = 32 * 1024 * 1024
+    # Bodies held at once, across the process, before their SigV4 signature is verified.
+    max_unverified_body_bytes: int = 256 * 1024 * 1024
     # Largest single upload through /bedrock/files (S3's own limit for one PUT is 5 GiB).
     max_file_bytes: int = 5 * 1024**3
     connect_timeout: float = 10.0
@@ -218,6 +220,10 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"config error: {name}: must be greater than zero")
     if s.max_body_bytes <= 0:
         raise ConfigError("config error: max_body_bytes: must be greater than zero")
+    if s.max_unverified_body_bytes < s.max_body_bytes:
+        raise ConfigError(
+            "config error: max_unverified_body_bytes: must be at least max_body_bytes"
+        )
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config error: log_level: {s.log_level!r} is not a log level")
     if (s.tls_cert is None) != (s.tls_key is None):

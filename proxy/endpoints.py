@@ -15,7 +15,10 @@ from yarl import URL
 
 from .routing import Service
 
-REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")
+# Every AWS region name has this shape (us-east-1, us-gov-west-1, ap-southeast-7,
+# eu-isoe-west-1); the length bounds are what keeps a made-up one from growing caches.
+REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]{1,10}){1,3}-\d{1,2}")
+_CACHE_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,8 @@ class Endpoints:
                     f"https://{service.endpoint_prefix}.{region}.amazonaws.com"
                 )
             upstream = Upstream(origin, base_path, host, region, service)
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
             self._cache[key] = upstream
         return upstream
 

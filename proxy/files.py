@@ -24,7 +24,7 @@ from . import errors, http1, policy, sigv4
 from .auth import Authenticator, SignedRequest
 from .endpoints import Endpoints
 from .forward import Forwarder, refuse_other_providers
-from .headers import response_headers, split_request_headers
+from .headers import check_request_headers, response_headers, split_request_headers
 from .keys import KeySpec
 from .metering import Exchange
 from .routing import Operation, Service
@@ -49,6 +49,50 @@ _S3_CODES = {
     "InternalServerException": "InternalError",
 }
 _OPERATIONS: dict[str, Operation] = {}
+# What a virtual key may send to S3 through the proxy, which signs it with the server's S3
+# rights: objects, multipart uploads, listings and copies, and the query parameters those
+# take. Sub-resources that change who may read a bucket or object, or for how long it is
+# kept (acl, policy, retention, legal-hold, restore, website, tagging, cors, lifecycle…),
+# are not among them, nor are the headers that do the same on a PUT.
+_QUERY_ALLOWED = frozenset(
+    {
+        "x-id",
+        "versionId",
+        "partNumber",
+        "uploads",
+        "uploadId",
+        "max-parts",
+        "part-number-marker",
+        "list-type",
+        "prefix",
+        "delimiter",
+        "continuation-token",
+        "max-keys",
+        "start-after",
+        "fetch-owner",
+        "encoding-type",
+        "marker",
+        "key-marker",
+        "upload-id-marker",
+        "max-uploads",
+        "delete",
+        "response-content-type",
+        "response-content-language",
+        "response-expires",
+        "response-cache-control",
+        "response-content-disposition",
+        "response-content-encoding",
+    }
+)
+_LIST_V1_PARAMS = frozenset({"prefix", "delimiter", "marker", "max-keys", "encoding-type"})
+_HEADER_PREFIXES_REFUSED = (
+    "x-amz-acl",
+    "x-amz-grant-",
+    "x-amz-object-lock-",
+    "x-amz-bypass-governance-retention",
+    "x-amz-website-redirect-location",
+    "x-amz-tagging",
+)
 
 
 def _s3_error(exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
@@ -74,9 +118,11 @@ def s3_error_response(exc: errors.AwsError, request_id: str, head: bool) -> web.
 def s3_operation(method: str, key: str, query: dict[str, str], headers: dict[str, str]) -> str:
     """The S3 operation a request is, for policy, logs and metrics."""
     if not key:
+        if method == "GET" and "uploads" in query:
+            return "ListMultipartUploads"
         if method == "GET" and query.get("list-type") == "2":
             return "ListObjectsV2"
-        if method == "GET" and not query:
+        if method == "GET" and query.keys() <= _LIST_V1_PARAMS:
             return "ListObjects"
         if method == "HEAD":
             return "HeadBucket"
@@ -124,12 +170,16 @@ class FilesForwarder:
 
     async def _forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
         refuse_other_providers(request)
+        check_request_headers(request.headers.items())
         raw = request.raw_path[len(FILES_PATH) :]
         path, _, query = raw.partition("?")
         raw_bucket, _, raw_key = path.lstrip("/").partition("/")
         bucket, key = unquote(raw_bucket), unquote(raw_key)
         lower = {k.lower(): v for k, v in request.headers.items()}
-        params = dict(parse_qsl(query, keep_blank_values=True))
+        pairs = parse_qsl(query, keep_blank_values=True)
+        params = dict(pairs)
+        if len(params) != len(pairs):
+            raise errors.AwsError(400, "InvalidArgument", "A query parameter appears twice")
         name = s3_operation(request.method, key, params, lower) if bucket else "ListBuckets"
         x.operation = op = _operation(name, request.method)
         if bucket and not _BUCKET_RE.fullmatch(bucket):
@@ -215,9 +265,17 @@ class FilesForwarder:
             return
         if "files" not in spec.operation_groups:
             raise errors.access_denied("The API key is not allowed to use files")
+        for name in params:
+            if name not in _QUERY_ALLOWED:
+                raise errors.access_denied(
+                    f"The S3 sub-resource or parameter {name!r} is not available to API keys"
+                )
+        for name in headers:
+            if name.startswith(_HEADER_PREFIXES_REFUSED):
+                raise errors.access_denied(f"The header {name} is not available to API keys")
         if op.name in ("ListBuckets", "BucketAdministration"):
             raise errors.access_denied(f"{op.name} needs the master key")
-        if op.name in ("ListObjectsV2", "ListObjects"):
+        if op.name in ("ListObjectsV2", "ListObjects", "ListMultipartUploads"):
             target = params.get("prefix", "")
         elif op.name in ("HeadBucket", "DeleteObjects"):
             target = None if op.name == "HeadBucket" or spec.file_prefixes is None else ""

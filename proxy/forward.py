@@ -27,13 +27,14 @@ from .auth import Authenticator, SignedRequest
 from .config import Settings
 from .credentials import CredentialProvider, NoCredentialsError
 from .endpoints import Endpoints, Upstream, valid_region
-from .headers import response_headers, split_request_headers
+from .headers import check_request_headers, response_headers, split_request_headers
 from .jobs import CREATE as CREATE_JOB
 from .jobs import JobRegistry
 from .metering import Exchange, Metering
 from .metrics import Metrics
 from .routing import RouteMatch, Router
 from .tracing import Tracing
+from .unverified import UnverifiedBodies
 from .usage import Meter, meter_for
 
 log = logging.getLogger("bedrock_proxy.forward")
@@ -83,6 +84,7 @@ class Forwarder:
         self._access_log = access_log
         self._max_body = settings.max_body_bytes
         self._bearer = settings.upstream_bearer_token
+        self._unverified = UnverifiedBodies(settings.max_unverified_body_bytes)
         self._pool: http1.Pool | None = None
         # Handlers in flight, so a shutdown past its deadline can end them cleanly.
         self._active: set[asyncio.Task[object]] = set()
@@ -246,19 +248,33 @@ class Forwarder:
         op = x.operation = match.operation
         x.model = match.labels.get("modelId")
         refuse_other_providers(request)
-        self._auth.precheck(request)
-        upstream = self._endpoints.resolve(op.service, self.client_region(request))
-        body = await self._read_body(request)
+        check_request_headers(request.headers.items())
+        # The credential is judged from the headers before any body is read, so a refusal
+        # costs no body and keeps nothing.
+        identity = await self._auth.identify(request)
+        if identity is None:  # SigV4 by a known key: its signature covers the body
+            with self._unverified.hold(request.content_length, self._max_body):
+                body = await self._read_body(request)
+                client_path, _, _ = request.raw_path.partition("?")
+                identity = await self._auth.authenticate(
+                    request, SignedRequest(request.method, client_path, query, body.sha256)
+                )
+        else:
+            body = await self._read_body(request)
         x.bytes_in = body.size
-        client_path, _, _ = request.raw_path.partition("?")
-        identity = await self._auth.authenticate(
-            request, SignedRequest(request.method, client_path, query, body.sha256)
-        )
         x.identity = identity  # before the policy, so a refusal is attributed to the key
+        upstream = self._endpoints.resolve(op.service, self.client_region(request))
         spec = identity.spec
         if spec is not None:
             needed = policy.needs_body(spec, op)
-            policy.check(spec, op, match.labels, request.headers, body.joined() if needed else None)
+            policy.check(
+                spec,
+                op,
+                match.labels,
+                request.headers,
+                body.joined() if needed else None,
+                query,
+            )
         if self.jobs is not None:
             await self.jobs.check(identity, op, match.labels)
         if x.model is None and op.name in _MODEL_IN_BODY:

@@ -7,7 +7,11 @@ Responses: everything but hop-by-hop headers, so upstream errors pass through un
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from . import errors
 
 # Forwarded and signed: no hop changes them.
 _SIGNED_EXACT = frozenset({"content-type", "accept", "content-encoding", "content-md5"})
@@ -40,6 +44,25 @@ _NEVER = frozenset(
     }
 )
 
+# Headers that may legitimately appear more than once (list-valued, added by hops on the
+# way) and that the proxy neither reads nor forwards. Any other header is single-valued:
+# the policy would read one copy and the upstream another.
+_REPEATABLE = frozenset(
+    {
+        "accept-encoding",
+        "accept-language",
+        "cookie",
+        "via",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "connection",
+        "te",
+    }
+)
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -54,6 +77,28 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+
+
+def check_request_headers(names_values: Iterable[tuple[str, str]]) -> None:
+    """One value per header that matters, and only ASCII: a 400 otherwise.
+
+    A second copy of a header would let the policy check one value while the upstream acts
+    on the other; a byte outside ASCII cannot be signed the way AWS reads it.
+    """
+    seen: set[str] = set()
+    for name, value in names_values:
+        lname = name.lower()
+        if lname in seen and lname not in _REPEATABLE:
+            raise errors.validation(f"The header {name} must appear only once")
+        seen.add(lname)
+        if not value.isascii():
+            raise errors.validation(f"The header {name} has a value that is not ASCII")
+
+
+def forwarded_amz(lname: str) -> bool:
+    """An ``x-amz-*``/``x-amzn-bedrock-*`` header that goes upstream, signed by the proxy:
+    for a SigV4 client it must have been signed by the client too."""
+    return lname.startswith(_SIGNED_PREFIXES) and lname not in _NEVER
 
 
 def split_request_headers(

@@ -2,7 +2,9 @@
 
 Every replica re-reads a key from the shared store at most ``ttl`` seconds after it last did,
 so a revocation anywhere takes effect everywhere within ``ttl``. Misses are cached too, so a
-flood of bad tokens costs one query per token per ``ttl``, not one per request.
+flood of bad tokens costs one query per token per ``ttl``, not one per request; but misses
+are what an anonymous client controls, so they live apart, few and small (the values looked
+up are a token's hash or a validated access key id), and a flood only evicts other misses.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .secretbox import SecretBox
 from .store import Store
 
 _MAX_ENTRIES = 100_000
+_MAX_MISSES = 4096
 
 
 class KeyCache:
@@ -23,7 +26,8 @@ class KeyCache:
         self._box = box
         self.ttl = ttl
         # (column, value) -> (fresh until, record or None)
-        self._entries: dict[tuple[str, str], tuple[float, KeyRecord | None]] = {}
+        self._entries: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
+        self._misses: dict[tuple[str, str], float] = {}
         self._secrets: dict[str, tuple[str, str]] = {}  # key_id -> (sealed, plaintext)
 
     async def get(self, column: str, value: str) -> KeyRecord | None:
@@ -31,10 +35,19 @@ class KeyCache:
         entry = self._entries.get((column, value))
         if entry is not None and entry[0] > now:
             return entry[1]
+        missed_until = self._misses.get((column, value))
+        if missed_until is not None and missed_until > now:
+            return None
         try:
             record = await self._store.key_by(column, value)
         except Exception:
             raise errors.service_unavailable("The key store is unavailable") from None
+        if record is None:
+            if len(self._misses) >= _MAX_MISSES:
+                self._misses.clear()
+            self._misses[(column, value)] = now + self.ttl
+            return None
+        self._misses.pop((column, value), None)
         if len(self._entries) >= _MAX_ENTRIES:
             self._entries.clear()
         self._entries[(column, value)] = (now + self.ttl, record)
@@ -59,4 +72,5 @@ class KeyCache:
             ("key_id", record.key_id),
         ):
             self._entries.pop((column, value), None)
+            self._misses.pop((column, value), None)
         self._secrets.pop(record.key_id, None)

@@ -33,6 +33,11 @@ DEFAULT_GROUPS = ("inference", "agents", "guardrails", "batch", "control-read", 
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _DURATION_RE = re.compile(r"(\d+)\s*(s|m|h|d|w)")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Admin numbers are range-checked: past these nothing means anything, and stores, Redis and
+# datetime all have limits of their own that would otherwise surface as a 500.
+MAX_DURATION_SECONDS = 100 * 366 * 86400
+MAX_LIMIT = 10**12
+_MAX_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 @dataclass(slots=True)
@@ -48,6 +53,7 @@ class KeySpec:
     guardrail_ids: list[str] | None = None
     knowledge_base_ids: list[str] | None = None
     agent_ids: list[str] | None = None
+    flow_ids: list[str] | None = None
     # Files (S3) and batch-job S3 URIs: allowed buckets, and key prefixes within them.
     file_buckets: list[str] | None = None
     file_prefixes: list[str] | None = None
@@ -165,6 +171,7 @@ def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
             "guardrail_ids",
             "knowledge_base_ids",
             "agent_ids",
+            "flow_ids",
             "file_buckets",
             "file_prefixes",
         ):
@@ -174,9 +181,9 @@ def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
                 raise errors.validation("blocked must be true or false")
             spec.blocked = value
         elif name == "max_budget":
-            spec.max_budget = _number(name, value, float)
+            spec.max_budget = number_field(name, value, float)
         elif name in ("rpm_limit", "tpm_limit", "max_parallel_requests"):
-            setattr(spec, name, _number(name, value, int))
+            setattr(spec, name, number_field(name, value, int))
         else:
             raise errors.validation(f"Unknown field {name!r}")
     return spec
@@ -193,6 +200,8 @@ def parse_duration(name: str, text: str) -> int:
         pos = m.end()
     if pos != len(text) or total <= 0:
         raise errors.validation(f"{name}: {text!r} is not a duration like 30d, 12h or 15m")
+    if total > MAX_DURATION_SECONDS:
+        raise errors.validation(f"{name}: {text!r} is longer than 100 years")
     return total
 
 
@@ -202,6 +211,8 @@ def _expiry(name: str, value: Any) -> float | None:
     if name == "duration":
         return time.time() + parse_duration(name, str(value))
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if not 0 <= value <= _MAX_TIMESTAMP:
+            raise errors.validation("expires: a Unix time must be between 0 and year 9999")
         return float(value)
     try:
         when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
@@ -209,7 +220,10 @@ def _expiry(name: str, value: Any) -> float | None:
         raise errors.validation(f"expires: {value!r} is not an ISO 8601 time") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    try:
+        return when.timestamp()
+    except (OverflowError, ValueError):
+        raise errors.validation(f"expires: {value!r} is out of range") from None
 
 
 def _optional_str(name: str, value: Any) -> str | None:
@@ -224,11 +238,13 @@ def _str_list(name: str, value: Any) -> list[str]:
     return list(value)
 
 
-def _number(name: str, value: Any, kind: type) -> Any:
+def number_field(name: str, value: Any, kind: type) -> Any:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise errors.validation(f"{name} must be a non-negative number")
+    if not value <= MAX_LIMIT:  # also false for NaN
+        raise errors.validation(f"{name} must be at most {MAX_LIMIT}")
     if kind is int and int(value) != value:
         raise errors.validation(f"{name} must be a whole number")
     return kind(value)

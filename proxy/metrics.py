@@ -77,7 +77,7 @@ class Metrics:
 
     def observe(self, x: Exchange, seconds: float) -> None:
         op = x.operation.name if x.operation is not None else "unknown"
-        model = x.model or ""
+        model = model_label(x)
         key = ""
         if x.identity is not None:
             key = x.identity.alias or x.identity.key_id or x.identity.kind
@@ -182,6 +182,16 @@ class Metrics:
             out.append(f"# TYPE {name} gauge")
             out.append(f"{name} {_number(read())}")
         return ("\n".join(out) + "\n").encode()
+
+
+def model_label(x: Exchange) -> str:
+    """A model id is a label only once an authenticated request's upstream accepted it:
+    anything else a client names would grow the exposition without bound."""
+    if not x.model:
+        return ""
+    if x.identity is None or not 200 <= x.status < 400:
+        return "other"
+    return x.model
 
 
 def _inc(series: dict[tuple[str, ...], int], labels: tuple[str, ...], amount: int = 1) -> None:

@@ -8,11 +8,14 @@ names the same field twice is refused: AWS's parser and ours might pick differen
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cache
 from typing import Any
+from urllib.parse import parse_qs
 
-from . import errors
+from . import errors, resources
 from .keys import KeySpec
 from .routing import Operation
 
@@ -21,46 +24,57 @@ PROFILE_PREFIXES = ("us-gov.", "us.", "eu.", "apac.", "global.", "jp.", "au.", "
 # ARN resource types whose id is a model id (or a profile of one).
 _MODEL_ARN_TYPES = ("foundation-model", "inference-profile")
 
-# Fields in request bodies, as paths, per operation: (path, what it names).
-_BODY_FIELDS: dict[str, list[tuple[tuple[str, ...], str]]] = {
-    "Converse": [(("guardrailConfig", "guardrailIdentifier"), "guardrail")],
-    "ConverseStream": [(("guardrailConfig", "guardrailIdentifier"), "guardrail")],
-    "StartAsyncInvoke": [(("modelId",), "model")],
-    "CreateModelInvocationJob": [
-        (("modelId",), "model"),
-        (("inputDataConfig", "s3InputDataConfig", "s3Uri"), "s3"),
-        (("outputDataConfig", "s3OutputDataConfig", "s3Uri"), "s3"),
-    ],
-    "InvokeInlineAgent": [(("foundationModel",), "model")],
-    "RetrieveAndGenerate": [
-        (("retrieveAndGenerateConfiguration", "knowledgeBaseConfiguration", "modelArn"), "model"),
-        (
-            ("retrieveAndGenerateConfiguration", "knowledgeBaseConfiguration", "knowledgeBaseId"),
-            "knowledge base",
-        ),
-        (("retrieveAndGenerateConfiguration", "externalSourcesConfiguration", "modelArn"), "model"),
-    ],
-    "Rerank": [
-        (
-            (
-                "rerankingConfiguration",
-                "bedrockRerankingConfiguration",
-                "modelConfiguration",
-                "modelArn",
-            ),
-            "model",
-        ),
-    ],
-}
-_BODY_FIELDS["RetrieveAndGenerateStream"] = _BODY_FIELDS["RetrieveAndGenerate"]
 
-_LABEL_KINDS = {
-    "modelId": "model",
-    "guardrailIdentifier": "guardrail",
-    "knowledgeBaseId": "knowledge base",
-    "agentId": "agent",
+@dataclass(frozen=True, slots=True)
+class OperationFields:
+    """Where one operation names resources, compiled from the derived table."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+    body: tuple[tuple[tuple[str, ...], str], ...] = ()
+    body_kinds: frozenset[str] = frozenset()
+
+
+_NO_FIELDS = OperationFields()
+# The resource type in an ARN -> what it names.
+_ARN_KINDS = {
+    "foundation-model": resources.MODEL,
+    "inference-profile": resources.MODEL,
+    "application-inference-profile": resources.MODEL,
+    "provisioned-model": resources.MODEL,
+    "custom-model": resources.MODEL,
+    "custom-model-deployment": resources.MODEL,
+    "imported-model": resources.MODEL,
+    "prompt-router": resources.MODEL,
+    "default-prompt-router": resources.MODEL,
+    "guardrail": resources.GUARDRAIL,
+    "knowledge-base": resources.KNOWLEDGE_BASE,
+    "agent": resources.AGENT,
+    "agent-alias": resources.AGENT_ALIAS_ARN,
+    "flow": resources.FLOW,
 }
-_GUARDRAIL_HEADER = "X-Amzn-Bedrock-GuardrailIdentifier"
+
+
+@cache
+def _fields() -> dict[str, OperationFields]:
+    compiled: dict[str, OperationFields] = {}
+    for key, entries in resources.load_table().items():
+        by_location: dict[str, list[Any]] = {"uri": [], "header": [], "querystring": [], "body": []}
+        for f in entries:
+            by_location[f.location].append((f.path if f.location == "body" else f.name, f.kind))
+        compiled[key] = OperationFields(
+            labels=tuple(by_location["uri"]),
+            headers=tuple(by_location["header"]),
+            query=tuple(by_location["querystring"]),
+            body=tuple(by_location["body"]),
+            body_kinds=frozenset(kind for _, kind in by_location["body"]),
+        )
+    return compiled
+
+
+def fields_of(op: Operation) -> OperationFields:
+    return _fields().get(f"{op.service.name}:{op.name}", _NO_FIELDS)
 
 
 def operation_group(op: Operation) -> str:
@@ -78,10 +92,8 @@ def operation_group(op: Operation) -> str:
 
 def needs_body(spec: KeySpec, op: Operation) -> bool:
     """Whether checking this key on this operation means reading the body."""
-    fields = _BODY_FIELDS.get(op.name)
-    if not fields:
-        return False
-    return any(_restricted(spec, kind) for _, kind in fields)
+    kinds = fields_of(op).body_kinds
+    return bool(kinds) and any(_restricted(spec, kind) for kind in kinds)
 
 
 def check(
@@ -90,20 +102,34 @@ def check(
     labels: Mapping[str, str],
     headers: Mapping[str, str],
     body: bytes | None,
+    query: str = "",
 ) -> None:
-    """Raise an AWS-shaped AccessDeniedException if the key may not make this call."""
+    """Raise an AWS-shaped AccessDeniedException if the key may not make this call.
+
+    Every member the service model says names a resource is checked: path labels,
+    headers, query parameters and, when the key restricts what the body can name, every
+    such member of the body at any depth. A body that must be checked and cannot be read
+    strictly is refused, never forwarded unchecked.
+    """
     group = operation_group(op)
     if group not in spec.operation_groups:
         raise errors.access_denied(
             f"The API key is not allowed to call {op.name} (operation group {group!r})"
         )
-    for label, value in labels.items():
-        kind = _LABEL_KINDS.get(label)
-        if kind is not None:
+    fields = fields_of(op)
+    for label, kind in fields.labels:
+        value = labels.get(label)
+        if value:
             _check_one(spec, kind, value)
-    guardrail = headers.get(_GUARDRAIL_HEADER)
-    if guardrail:
-        _check_one(spec, "guardrail", guardrail)
+    for name, kind in fields.headers:
+        value = headers.get(name)
+        if value:
+            _check_one(spec, kind, value)
+    if fields.query and query:
+        params = parse_qs(query, keep_blank_values=True)
+        for name, kind in fields.query:
+            for value in params.get(name, ()):
+                _check_one(spec, kind, value)
     if body is not None and needs_body(spec, op):
         encoding = headers.get("Content-Encoding", "").strip().lower()
         if encoding not in ("", "identity"):
@@ -112,11 +138,11 @@ def check(
                 f"This API key's restrictions are checked against the request body, which "
                 f"cannot be read with Content-Encoding {encoding!r}; send it uncompressed"
             )
-        document = _parse_strict(body)
-        for path, kind in _BODY_FIELDS[op.name]:
-            value = _dig(document, path)
-            if isinstance(value, str):
-                _check_one(spec, kind, value)
+        document = parse_strict(body)
+        for path, kind in fields.body:
+            if _restricted(spec, kind):
+                for value in _values(document, path, 0):
+                    _check_one(spec, kind, value)
 
 
 def model_allowed(patterns: list[str], model_id: str) -> bool:
@@ -145,10 +171,12 @@ def model_candidates(model_id: str) -> list[str]:
 
 
 def _restricted(spec: KeySpec, kind: str) -> bool:
-    if kind == "model":
+    if kind == resources.MODEL:
         return bool(spec.models)
-    if kind == "s3":
+    if kind in (resources.S3_URI, resources.S3_OBJECT, resources.S3_BUCKET):
         return spec.file_buckets is not None or spec.file_prefixes is not None
+    if kind == resources.ARN:
+        return any(_restricted(spec, k) for k in set(_ARN_KINDS.values()))
     return _allow_list(spec, kind) is not None
 
 
@@ -162,42 +190,138 @@ def file_allowed(spec: KeySpec, bucket: str, key: str | None) -> bool:
 
 
 def _allow_list(spec: KeySpec, kind: str) -> list[str] | None:
-    return {
-        "guardrail": spec.guardrail_ids,
-        "knowledge base": spec.knowledge_base_ids,
-        "agent": spec.agent_ids,
-    }[kind]
+    if kind == resources.GUARDRAIL:
+        return spec.guardrail_ids
+    if kind == resources.KNOWLEDGE_BASE:
+        return spec.knowledge_base_ids
+    if kind in (resources.AGENT, resources.AGENT_ALIAS_ARN):
+        return spec.agent_ids
+    if kind == resources.FLOW:
+        return spec.flow_ids
+    return None
 
 
-def _check_one(spec: KeySpec, kind: str, value: str) -> None:
-    if kind == "s3":
+def _check_one(spec: KeySpec, kind: str, value: Any) -> None:
+    if kind == resources.S3_OBJECT:
+        if not isinstance(value, dict):
+            raise _unreadable()
+        bucket, key = value.get("s3BucketName"), value.get("s3ObjectKey")
+        if not isinstance(bucket, str) or not isinstance(key, str | None):
+            raise _unreadable()
+        if not file_allowed(spec, bucket, key or ""):
+            raise errors.access_denied(f"The API key is not allowed to use s3://{bucket}/{key}")
+        return
+    if not isinstance(value, str):
+        raise _unreadable()
+    if kind == resources.S3_URI:
         bucket, _, key = value.removeprefix("s3://").partition("/")
         if not value.startswith("s3://") or not file_allowed(spec, bucket, key):
             raise errors.access_denied(f"The API key is not allowed to use {value!r}")
         return
-    if kind == "model":
+    if kind == resources.S3_BUCKET:
+        if not file_allowed(spec, value, ""):
+            raise errors.access_denied(f"The API key is not allowed to use bucket {value!r}")
+        return
+    if kind == resources.MODEL:
         if not model_allowed(spec.models, value):
             raise errors.access_denied(f"The API key is not allowed to use model {value!r}")
+        return
+    if kind == resources.ARN:
+        resource_type = _arn_resource_type(value)
+        arn_kind = _ARN_KINDS.get(resource_type or "")
+        if arn_kind is not None:
+            _check_one(spec, arn_kind, value)
+        elif resource_type is None:
+            raise errors.validation(f"{value!r} is not an ARN")
         return
     allowed = _allow_list(spec, kind)
     if allowed is None:
         return
-    short = value.rsplit("/", 1)[-1] if value.startswith("arn:") else value
+    short = _resource_id(value, kind)
     if value not in allowed and short not in allowed:
         raise errors.access_denied(f"The API key is not allowed to use {kind} {value!r}")
 
 
-def _parse_strict(body: bytes) -> Any:
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        if len(keys) != len(set(keys)):
-            raise errors.validation("The request body names the same field more than once")
-        return dict(pairs)
+def _arn_resource_type(value: str) -> str | None:
+    parts = value.split(":", 5)
+    if len(parts) != 6 or parts[0] != "arn":
+        return None
+    return parts[5].partition("/")[0]
 
+
+def _resource_id(value: str, kind: str) -> str:
+    """The id an allow-list names, from an id or an ARN of the resource."""
+    if not value.startswith("arn:"):
+        return value
+    resource = value.split(":", 5)[-1]
+    segments = resource.split("/")
+    if kind == resources.AGENT_ALIAS_ARN:
+        # arn:...:agent-alias/AGENT_ID/ALIAS_ID: the agent is what the allow-list names
+        return segments[1] if len(segments) > 2 else resource
+    return segments[-1] if len(segments) > 1 else resource
+
+
+def _unreadable() -> errors.AwsError:
+    return errors.validation(
+        "A field that names a resource has a value of the wrong type; this API key's "
+        "restrictions cannot be checked against it"
+    )
+
+
+def _values(node: Any, path: tuple[str, ...], depth: int) -> Iterator[Any]:
+    """Every value at ``path`` ("[]" steps into list items, "{}" into map values)."""
+    if node is None:
+        return
+    if depth == len(path):
+        yield node
+        return
+    step = path[depth]
+    if step == "[]":
+        if not isinstance(node, list):
+            raise _unreadable()
+        for item in node:
+            yield from _values(item, path, depth + 1)
+    elif step == "{}":
+        if not isinstance(node, dict):
+            raise _unreadable()
+        for item in node.values():
+            yield from _values(item, path, depth + 1)
+    else:
+        if not isinstance(node, dict):
+            raise _unreadable()
+        yield from _values(node.get(step), path, depth + 1)
+
+
+def _no_constants(name: str) -> Any:
+    raise errors.validation(f"The request body is not strict JSON: {name} is not a number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise errors.validation("The request body names the same field more than once")
+    return document
+
+
+def parse_strict(body: bytes) -> Any:
+    """The body as strict JSON (RFC 8259: one value, no trailing data, no comments, no raw
+    control characters, no NaN, no duplicate names, UTF-8 only), or a 400.
+
+    AWS's parser and ours must not read a body differently: a body only one of them
+    accepts, or reads another way, could carry a field past the check.
+    """
     try:
-        return json.loads(body, object_pairs_hook=no_duplicates)
-    except (ValueError, UnicodeDecodeError):
-        return None  # not JSON: AWS will refuse it, nothing to check
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.validation("The request body is not valid UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise errors.validation("The request body must not start with a byte-order mark")
+    try:
+        return json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, strict=True
+        )
+    except ValueError as exc:
+        raise errors.validation(f"The request body is not valid JSON: {exc}") from None
 
 
 def _dig(document: Any, path: tuple[str, ...]) -> Any:
@@ -209,13 +333,12 @@ def _dig(document: Any, path: tuple[str, ...]) -> Any:
 
 
 def body_model(op: Operation, body: bytes) -> str | None:
-    """The model an operation names in its body (for metering), or None."""
-    fields = [path for path, kind in _BODY_FIELDS.get(op.name, ()) if kind == "model"]
-    if not fields:
-        return None
-    document = _parse_strict(body)
-    for path in fields:
-        value = _dig(document, path)
-        if isinstance(value, str):
-            return value
+    """The model an operation names at the top of its body (for metering), or None."""
+    for path, kind in fields_of(op).body:
+        if kind == resources.MODEL and len(path) == 1:
+            try:
+                value = _dig(parse_strict(body), path)
+            except errors.AwsError:
+                return None
+            return value if isinstance(value, str) else None
     return None

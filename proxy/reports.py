@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import errors
-from .keys import KeyRecord, parse_duration
+from .keys import KeyRecord, number_field, parse_duration
 from .limits import LimitSpec
 from .store import Store
 from .store.base import LOG_FILTERS, REPORT_GROUPS
 
 MAX_PAGE = 1000
+MAX_PAGE_NUMBER = 1_000_000
 _LIMIT_FIELDS = ("max_budget", "budget_duration", "rpm_limit", "tpm_limit", "max_parallel_requests")
 
 
@@ -21,16 +22,18 @@ def parse_time(name: str, value: str | None) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise errors.validation(
-            f"{name}: {value!r} is not an ISO 8601 time or epoch seconds"
-        ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+        try:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            seconds = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+        except (ValueError, OverflowError):
+            raise errors.validation(
+                f"{name}: {value!r} is not an ISO 8601 time or epoch seconds"
+            ) from None
+    if not 0 <= seconds <= 253402300799:  # also refuses NaN
+        raise errors.validation(f"{name}: {value!r} is not between 1970 and 9999")
+    return seconds
 
 
 class Reports:
@@ -38,7 +41,7 @@ class Reports:
         self._store = store
 
     async def logs(self, query: dict[str, str]) -> dict[str, Any]:
-        page, size = _paging(query)
+        page, size = paging(query)
         filters = {k: query[k] for k in LOG_FILTERS if k in query}
         rows, total = await self._store.spend_logs(
             filters,
@@ -124,13 +127,16 @@ class Reports:
         return {"deleted_limits": [limit_id]}
 
 
-def _paging(query: dict[str, str]) -> tuple[int, int]:
-    try:
-        page, size = int(query.get("page", "1")), int(query.get("size", "100"))
-    except ValueError:
-        raise errors.validation("page and size must be whole numbers") from None
-    if page < 1 or not 1 <= size <= MAX_PAGE:
-        raise errors.validation(f"page must be >= 1 and size between 1 and {MAX_PAGE}")
+def paging(query: Any) -> tuple[int, int]:
+    """``page`` and ``size`` from a query, range-checked (every admin listing pages alike)."""
+    text_page, text_size = query.get("page", "1"), query.get("size", "100")
+    if not (text_page.isdigit() and text_size.isdigit()) or len(text_page + text_size) > 12:
+        raise errors.validation("page and size must be whole numbers")
+    page, size = int(text_page), int(text_size)
+    if not 1 <= page <= MAX_PAGE_NUMBER or not 1 <= size <= MAX_PAGE:
+        raise errors.validation(
+            f"page must be between 1 and {MAX_PAGE_NUMBER} and size between 1 and {MAX_PAGE}"
+        )
     return page, size
 
 
@@ -163,8 +169,4 @@ def _limit_value(name: str, value: Any) -> Any:
             raise errors.validation("budget_duration must be a string like 30d")
         parse_duration(name, value)
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise errors.validation(f"{name} must be a non-negative number")
-    if name != "max_budget" and int(value) != value:
-        raise errors.validation(f"{name} must be a whole number")
-    return float(value) if name == "max_budget" else int(value)
+    return number_field(name, value, float if name == "max_budget" else int)

@@ -61,6 +61,7 @@ class _Route:
 
 
 _CACHE_MAX = 4096
+_CACHED_PATH_MAX = 512
 
 
 class Router:
@@ -89,9 +90,12 @@ class Router:
         except KeyError:
             pass
         found = self._match(method, raw_path)  # raises on invalid labels: never cached
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
-        self._cache[key] = found
+        # Paths are client input, matched before authentication: only answers worth
+        # keeping, of a bounded size, are kept (a miss is cheap to recompute).
+        if found is not None and len(raw_path) <= _CACHED_PATH_MAX:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = found
         return found
 
     def _match(self, method: str, raw_path: str) -> RouteMatch | None:

@@ -69,6 +69,7 @@ def _hmac(key: bytes, msg: str) -> bytes:
 
 
 _uri_cache: dict[str, str] = {}
+_CACHED_PATH_MAX = 512
 
 
 def canonical_uri(raw_path: str, double_encode: bool = True) -> str:
@@ -78,9 +79,11 @@ def canonical_uri(raw_path: str, double_encode: bool = True) -> str:
         return raw_path
     uri = _uri_cache.get(raw_path)
     if uri is None:
-        if len(_uri_cache) >= _KEY_CACHE_MAX * 16:
-            _uri_cache.clear()
-        uri = _uri_cache[raw_path] = quote(raw_path, safe="/~")
+        uri = quote(raw_path, safe="/~")
+        if len(raw_path) <= _CACHED_PATH_MAX:  # paths are client input: bound what is kept
+            if len(_uri_cache) >= _KEY_CACHE_MAX * 16:
+                _uri_cache.clear()
+            _uri_cache[raw_path] = uri
     return uri
 
 
