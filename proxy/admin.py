@@ -17,6 +17,7 @@ from .keyservice import KeyService
 from .reports import Reports, paging
 
 Handler = Callable[[web.Request], Awaitable[Any]]
+_MAX_BODY = 1024 * 1024
 
 
 class AdminApi:
@@ -78,8 +79,12 @@ class AdminApi:
             record = await self.service.find(ref)
         else:
             assert identity.key_id is not None
-            record = await self.service.find(ref or identity.key_id)
-            if record.key_id != identity.key_id:
+            # One refusal whether or not another key exists: no probing for keys.
+            try:
+                record = await self.service.find(ref or identity.key_id)
+            except errors.AwsError:
+                record = None
+            if record is None or record.key_id != identity.key_id:
                 raise errors.access_denied("A virtual key may only read its own info")
         info = record.public()
         info.update(await self._reports.key_totals(record))
@@ -152,7 +157,13 @@ class AdminApi:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read() if request.body_exists else b"{}"
+    # aiohttp's own limit (client_max_size, 1 MiB by default) would answer in text/plain.
+    if (request.content_length or 0) > _MAX_BODY:
+        raise errors.payload_too_large(_MAX_BODY)
+    try:
+        raw = await request.read() if request.body_exists else b"{}"
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.payload_too_large(_MAX_BODY) from None
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:

@@ -141,7 +141,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         expect_handler=forwarder.expect_handler,
         excluded=(FILES_PATH,),
     )
-    app.router.add_route("*", "/{tail:.*}", _unknown_route)
+    router.fallback = app.router.add_route("*", "/{tail:.*}", _unknown_route)
     return app
 
 

@@ -199,9 +199,7 @@ class Authenticator:
                 )
         return _usable(record)
 
-    async def _signing_key(
-        self, authorization: str
-    ) -> tuple[sigv4.ParsedAuthorization, KeyRecord]:
+    async def _signing_key(self, authorization: str) -> tuple[sigv4.ParsedAuthorization, KeyRecord]:
         """The parsed Authorization and the key it names, or the refusal AWS gives."""
         parsed = sigv4.parse_authorization(authorization)
         if parsed is None:

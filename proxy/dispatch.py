@@ -26,6 +26,9 @@ class PrefixDispatcher(web.UrlDispatcher):
         self._prefix = ""
         self._excluded: tuple[str, ...] = ()
         self._route: AbstractRoute | None = None
+        # Where requests no route takes go (CONNECT's authority form, a 405), so that they
+        # get the app's AWS-shaped error instead of aiohttp's text/plain page.
+        self.fallback: AbstractRoute | None = None
 
     def add_prefix_route(
         self,
@@ -59,7 +62,10 @@ class PrefixDispatcher(web.UrlDispatcher):
         route = self._route
         if route is not None and self._shortcut(request.raw_path):
             return UrlMappingMatchInfo({}, route)
-        return await super().resolve(request)
+        found = await super().resolve(request)
+        if self.fallback is not None and getattr(found, "http_exception", None) is not None:
+            return UrlMappingMatchInfo({}, self.fallback)
+        return found
 
 
 def application(**kwargs: object) -> tuple[web.Application, PrefixDispatcher]:

@@ -28,8 +28,7 @@ from .config import Settings
 from .credentials import CredentialProvider, NoCredentialsError
 from .endpoints import Endpoints, Upstream, valid_region
 from .headers import check_request_headers, response_headers, split_request_headers
-from .jobs import CREATE as CREATE_JOB
-from .jobs import JobRegistry
+from .jobs import LISTINGS, JobRegistry
 from .metering import Exchange, Metering
 from .metrics import Metrics
 from .routing import RouteMatch, Router
@@ -421,19 +420,26 @@ class Forwarder:
             content_type = upstream.headers.get("Content-Type", "")
             is_event_stream = content_type.startswith(eventstream.CONTENT_TYPE)
             length = upstream.content_length
-            if not is_event_stream and length is not None and length <= _SMALL_RESPONSE:
+            # A job listing a virtual key sees filtered is read whole, whatever its size.
+            owned_listing = (
+                upstream.status == 200
+                and x.operation is not None
+                and x.operation.name in LISTINGS
+                and x.identity is not None
+                and x.identity.record is not None
+            )
+            if not is_event_stream and (
+                owned_listing or (length is not None and length <= _SMALL_RESPONSE)
+            ):
                 data = await self._read_small(upstream)
-                x.bytes_out = len(data)
                 completed = True
                 x.upstream_done = time.perf_counter()
-                if (
-                    self.jobs is not None
-                    and x.identity is not None
-                    and x.operation is not None
-                    and x.operation.name == CREATE_JOB
-                    and upstream.status == 200
-                ):
-                    await self.jobs.remember(x.identity, x.model, data)
+                if self.jobs is not None and x.identity is not None and x.operation is not None:
+                    if owned_listing:
+                        data = await self.jobs.filter_listing(x.identity, x.operation, data)
+                    elif upstream.status == 200:
+                        await self.jobs.remember(x.identity, x.operation, x.model, data)
+                x.bytes_out = len(data)
                 if meter is not None:
                     meter.feed(data)
                     self._cost_headers(x, out_headers)

@@ -1,5 +1,13 @@
-"""Batch jobs belong to the key that created them: the job ARN is read from the create
-response (never rewritten) and remembered, and a virtual key may get or stop only its own."""
+"""Jobs belong to the key that started them: batch jobs (CreateModelInvocationJob) and
+async invocations (StartAsyncInvoke). The ARN is read from the start response (never
+rewritten) and remembered; a virtual key may then read or stop only its own jobs, and its
+listings show only its own.
+
+Filtering a listing means rewriting that JSON response: the one documented exception to
+"bytes untouched", and only for control-plane listings, never for model output. Paging
+still works: the upstream's ``nextToken`` passes through, so a page may hold fewer entries
+than asked for (even none) while more pages follow, as AWS's own filtered listings do.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,19 @@ from .auth import Identity
 from .routing import Operation
 from .store import Store
 
-_OWNED = frozenset({"GetModelInvocationJob", "StopModelInvocationJob"})
-CREATE = "CreateModelInvocationJob"
+# Operations that name one job, by the label that names it.
+_OWNED = {
+    "GetModelInvocationJob": "jobIdentifier",
+    "StopModelInvocationJob": "jobIdentifier",
+    "GetAsyncInvoke": "invocationArn",
+}
+# Operations that start a job, by the response member that holds its ARN.
+STARTS = {"CreateModelInvocationJob": "jobArn", "StartAsyncInvoke": "invocationArn"}
+# Listings, by (the list member, the ARN member of each entry).
+LISTINGS = {
+    "ListModelInvocationJobs": ("invocationJobSummaries", "jobArn"),
+    "ListAsyncInvokes": ("asyncInvokeSummaries", "invocationArn"),
+}
 
 
 class JobRegistry:
@@ -19,22 +38,44 @@ class JobRegistry:
         self._store = store
 
     async def check(self, identity: Identity, op: Operation, labels: dict[str, str]) -> None:
-        if op.name not in _OWNED or identity.record is None:
+        label = _OWNED.get(op.name)
+        if label is None or identity.record is None:
             return
-        identifier = labels.get("jobIdentifier", "")
+        identifier = labels.get(label, "")
         owner = await self._store.job_owner(identifier)
         if owner != identity.key_id:
             raise errors.access_denied(
-                "The API key may only read or stop batch jobs it created; "
-                f"{identifier!r} is not one"
+                f"The API key may only read or stop jobs it created; {identifier!r} is not one"
             )
 
-    async def remember(self, identity: Identity, model: str | None, body: bytes) -> None:
-        if identity.record is None or identity.key_id is None:
+    async def remember(
+        self, identity: Identity, op: Operation, model: str | None, body: bytes
+    ) -> None:
+        member = STARTS.get(op.name)
+        if member is None or identity.record is None or identity.key_id is None:
             return
         try:
-            arn = orjson.loads(body).get("jobArn")
+            arn = orjson.loads(body).get(member)
         except (orjson.JSONDecodeError, AttributeError):
             return
         if isinstance(arn, str) and arn:
             await self._store.record_job(arn, identity.key_id, model)
+
+    async def filter_listing(self, identity: Identity, op: Operation, body: bytes) -> bytes:
+        """A listing as this key may see it: only the jobs it started."""
+        members = LISTINGS.get(op.name)
+        if members is None or identity.record is None or identity.key_id is None:
+            return body
+        list_member, arn_member = members
+        try:
+            document = orjson.loads(body)
+            entries = document[list_member]
+            arns = [entry[arn_member] for entry in entries]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            # Not the listing AWS documents: show nothing rather than someone else's jobs.
+            raise errors.internal("The upstream listing could not be read") from None
+        owned = await self._store.owned_jobs(
+            identity.key_id, [a for a in arns if isinstance(a, str)]
+        )
+        document[list_member] = [e for e, arn in zip(entries, arns, strict=True) if arn in owned]
+        return orjson.dumps(document)

@@ -1,65 +1,107 @@
 """Encryption at rest for the virtual keys' SigV4 secrets.
 
 A SigV4 verifier needs the plaintext secret, so unlike bearer tokens it cannot be stored as
-a hash. It is stored AES-256-GCM encrypted under a key derived (HKDF-SHA256) from the
-server's ``secret_key``. Each ciphertext names the key that sealed it, so the server secret
-can be rotated: put the new one in ``secret_key`` and the old one in
-``previous_secret_keys``; old ciphertexts still open, and the store re-seals them under the
-new key at startup. Clients keep their secrets throughout.
+a hash. It is stored AES-256-GCM encrypted under a key derived from the server's
+``secret_key`` (or the master key) with scrypt, a memory-hard KDF: a copied database is
+no shortcut to guessing a weak secret, every guess costs scrypt's time and memory. Each
+ciphertext carries the random salt its key was derived with, and nothing else about the
+key: no fingerprint to test guesses against.
+
+The server secret can be rotated: put the new one in ``secret_key`` and the old one in
+``previous_secret_keys``; old ciphertexts still open (each configured secret is tried, and
+AES-GCM's tag says which one fits), and the store re-seals them under the new secret at
+startup. Ciphertexts of the first format (``v1``: HKDF, with a key fingerprint) still open
+and are re-sealed the same way. Clients keep their secrets throughout.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-_VERSION = "v1"
+_VERSION = "v2"
+# scrypt's cost: 2**15 x 8 x 128 bytes = 32 MiB and ~0.1 s per derivation (OWASP's floor
+# for scrypt is N=2**17 with r=8 and p=1 for passwords; these secrets are machine-made and
+# long, so the point is a floor under a weak one, paid once per salt per process).
+_SCRYPT_N = 2**15
+_SCRYPT_R = 8
+_SCRYPT_P = 1
+_AAD = b"bedrock-proxy/secretbox/v2"
 
 
 class SecretBoxError(Exception):
     """A ciphertext cannot be opened with any configured key."""
 
 
-def _derive(secret: str) -> tuple[str, AESGCM]:
+def _scrypt(secret: str, salt: bytes) -> AESGCM:
+    key = Scrypt(salt=salt, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(
+        secret.encode()
+    )
+    return AESGCM(key)
+
+
+def _hkdf_v1(secret: str) -> AESGCM:
     key = HKDF(
         algorithm=hashes.SHA256(), length=32, salt=b"bedrock-proxy/secretbox", info=b"sigv4-secret"
     ).derive(secret.encode())
-    key_id = hashlib.sha256(b"key-id:" + key).hexdigest()[:12]
-    return key_id, AESGCM(key)
+    return AESGCM(key)
 
 
 class SecretBox:
     def __init__(self, secret: str, previous: list[str] | None = None) -> None:
-        self.key_id, self._current = _derive(secret)
-        self._keys = {self.key_id: self._current}
-        for old in previous or []:
-            key_id, aead = _derive(old)
-            self._keys.setdefault(key_id, aead)
+        self._secrets = [secret, *[p for p in previous or [] if p != secret]]
+        self._salt = os.urandom(16)
+        self._current = _scrypt(secret, self._salt)
+        # (secret index, salt) -> key: each salt in the store is derived once per process.
+        self._derived: dict[tuple[int, bytes], AESGCM] = {(0, self._salt): self._current}
 
     def seal(self, plaintext: str) -> str:
         nonce = os.urandom(12)
-        sealed = self._current.encrypt(nonce, plaintext.encode(), self.key_id.encode())
-        return f"{_VERSION}:{self.key_id}:{base64.b64encode(nonce + sealed).decode()}"
+        sealed = self._current.encrypt(nonce, plaintext.encode(), _AAD)
+        salt = base64.b64encode(self._salt).decode()
+        return f"{_VERSION}:{salt}:{base64.b64encode(nonce + sealed).decode()}"
 
     def open(self, token: str) -> str:
-        try:
-            version, key_id, data = token.split(":", 2)
-        except ValueError:
-            raise SecretBoxError("malformed ciphertext") from None
-        aead = self._keys.get(key_id)
-        if version != _VERSION or aead is None:
-            raise SecretBoxError(f"no configured secret_key opens key {key_id}")
-        raw = base64.b64decode(data)
-        try:
-            return aead.decrypt(raw[:12], raw[12:], key_id.encode()).decode()
-        except InvalidTag:
-            raise SecretBoxError("ciphertext does not authenticate") from None
+        return self._open(token)[0]
 
     def needs_reseal(self, token: str) -> bool:
-        return token.split(":", 2)[1:2] != [self.key_id]
+        """True when the current secret did not seal it (an old secret or format)."""
+        return self._open(token)[1] != 0 or not token.startswith(_VERSION + ":")
+
+    def _open(self, token: str) -> tuple[str, int]:
+        """The plaintext and the index of the secret that opened it."""
+        try:
+            version, salt_or_id, data = token.split(":", 2)
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise SecretBoxError("malformed ciphertext") from None
+        if version == "v1":
+            for index, secret in enumerate(self._secrets):
+                try:
+                    return _hkdf_v1(secret).decrypt(
+                        raw[:12], raw[12:], salt_or_id.encode()
+                    ).decode(), index
+                except InvalidTag:
+                    continue
+            raise SecretBoxError("no configured secret_key opens this ciphertext")
+        if version != _VERSION:
+            raise SecretBoxError(f"unknown ciphertext version {version!r}")
+        try:
+            salt = base64.b64decode(salt_or_id, validate=True)
+        except ValueError:
+            raise SecretBoxError("malformed ciphertext") from None
+        for index, secret in enumerate(self._secrets):
+            aead = self._derived.get((index, salt))
+            if aead is None:
+                aead = self._derived[(index, salt)] = _scrypt(secret, salt)
+            try:
+                return aead.decrypt(raw[:12], raw[12:], _AAD).decode(), index
+            except InvalidTag:
+                continue
+        raise SecretBoxError("no configured secret_key opens this ciphertext")

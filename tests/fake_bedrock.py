@@ -61,6 +61,7 @@ class FakeBedrock:
     active_streams: int = 0
     stream_disconnects: int = 0
     jobs: dict[str, dict] = field(default_factory=dict)
+    async_invokes: dict[str, dict] = field(default_factory=dict)
     expected_token: str | None = UPSTREAM_SESSION_TOKEN
     # When set, a job writes "<input>.out" under its output URI as it completes, as Bedrock does.
     s3: Any = None
@@ -406,7 +407,29 @@ class FakeBedrock:
         return json_response(job)
 
     async def op_ListModelInvocationJobs(self, request, params, body):
-        return json_response({"invocationJobSummaries": list(self.jobs.values())})
+        return _page(request, "invocationJobSummaries", list(self.jobs.values()))
+
+    async def op_StartAsyncInvoke(self, request, params, body):
+        spec = json.loads(body)
+        invocation_id = f"{len(self.async_invokes) + 1:012d}"
+        arn = f"arn:aws:bedrock:us-east-1:123456789012:async-invoke/{invocation_id}"
+        self.async_invokes[arn] = {
+            "invocationArn": arn,
+            "modelArn": f"arn:aws:bedrock:us-east-1::foundation-model/{spec['modelId']}",
+            "status": "InProgress",
+            "submitTime": "2026-11-22T00:00:00Z",
+            "outputDataConfig": spec["outputDataConfig"],
+        }
+        return json_response({"invocationArn": arn})
+
+    async def op_GetAsyncInvoke(self, request, params, body):
+        found = self.async_invokes.get(params["invocationArn"])
+        if found is None:
+            return aws_error(404, "ResourceNotFoundException", "The invocation does not exist")
+        return json_response(found)
+
+    async def op_ListAsyncInvokes(self, request, params, body):
+        return _page(request, "asyncInvokeSummaries", list(self.async_invokes.values()))
 
     async def op_StopModelInvocationJob(self, request, params, body):
         job = self._job(params["jobIdentifier"])
@@ -509,6 +532,9 @@ _ROUTES = [
     ("GET", r"/model-invocation-job/(?P<jobIdentifier>[^/]+)", "GetModelInvocationJob"),
     ("GET", r"/model-invocation-jobs", "ListModelInvocationJobs"),
     ("POST", r"/model-invocation-job/(?P<jobIdentifier>[^/]+)/stop", "StopModelInvocationJob"),
+    ("POST", r"/async-invoke", "StartAsyncInvoke"),
+    ("GET", r"/async-invoke/(?P<invocationArn>[^/]+)", "GetAsyncInvoke"),
+    ("GET", r"/async-invoke", "ListAsyncInvokes"),
 ]
 _COMPILED = [(method, re.compile(pattern), name) for method, pattern, name in _ROUTES]
 
@@ -523,6 +549,16 @@ def _route(method: str, raw_path: str) -> tuple[str | None, dict[str, str]]:
             if match:
                 return name, {k: unquote(v) for k, v in match.groupdict().items()}
     return None, {}
+
+
+def _page(request: web.Request, member: str, items: list[dict]) -> web.Response:
+    """AWS paging: maxResults per page, an opaque nextToken for the rest."""
+    size = int(request.query.get("maxResults", "100"))
+    start = int(request.query.get("nextToken", "0") or 0)
+    page: dict[str, Any] = {member: items[start : start + size]}
+    if start + size < len(items):
+        page["nextToken"] = str(start + size)
+    return json_response(page)
 
 
 def json_response(data: dict, status: int = 200) -> web.Response:

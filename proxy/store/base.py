@@ -257,6 +257,18 @@ class SpendQueries:
         )
         return row["key_id"] if row else None
 
+    async def owned_jobs(self: Any, key_id: str, arns: list[str]) -> set[str]:
+        """Which of these job ARNs the key created."""
+        if not arns:
+            return set()
+        placeholders = ", ".join(f"${i + 2}" for i in range(len(arns)))
+        rows = await self.fetch(
+            f"SELECT job_arn FROM bp_jobs WHERE key_id = $1 AND job_arn IN ({placeholders})",
+            key_id,
+            *arns,
+        )
+        return {row["job_arn"] for row in rows}
+
 
 def _limit(row: dict[str, Any]) -> dict[str, Any]:
     return {

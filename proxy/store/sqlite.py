@@ -17,6 +17,14 @@ from .migrations import statements
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
 
+def _owner_only(path: str) -> None:
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass
+
+
 class SqliteStore(Store):
     dialect = "sqlite"
 
@@ -42,11 +50,17 @@ class SqliteStore(Store):
     def _connect(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
+        # Owner-only, whatever the umask: the file holds token hashes and sealed secrets.
+        # SQLite creates the -wal and -shm files with the database file's mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        _owner_only(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        for suffix in ("-wal", "-shm"):  # made by an older version with the umask's mode
+            _owner_only(self.path + suffix)
         self._conn = conn
 
     async def close(self) -> None:
