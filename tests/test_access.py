@@ -734,3 +734,102 @@ def test_v1_ciphertexts_are_resealed_under_scrypt(tmp_path):
     assert not box.needs_reseal(v2)
     assert SecretBox("another-secret-entirely", [secret]).needs_reseal(v2)
     assert SecretBox("another-secret-entirely", [secret]).open(v2) == "plain"
+
+
+# ---------------------------------------------------------------- junk leaves nothing
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_anonymous_junk_grows_neither_memory_nor_metrics(fake_server, tmp_path):
+    """Thousands of refused requests, each naming something new, against a real server
+    process: its RSS and its /metrics stay where they were."""
+    import asyncio
+    import secrets
+    import time
+
+    import aiohttp
+
+    from tests.test_cli import BIN, free_port, running, server_env
+
+    port = free_port()
+    env = server_env(
+        fake_server[1],
+        BEDROCK_PROXY_HOST="127.0.0.1",
+        BEDROCK_PROXY_PORT=str(port),
+        BEDROCK_PROXY_ACCESS_LOG="false",
+        BEDROCK_PROXY_SQLITE_PATH=str(tmp_path / "keys.db"),
+    )
+    base = f"http://127.0.0.1:{port}/bedrock"
+    date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+    def sigv4(akid: str, region: str) -> str:
+        return (
+            f"AWS4-HMAC-SHA256 Credential={akid}/{date[:8]}/{region}/bedrock/aws4_request, "
+            f"SignedHeaders=host;x-amz-date, Signature={'0' * 64}"
+        )
+
+    def junk(i: int) -> tuple[str, dict[str, str]]:
+        unique = secrets.token_hex(6)
+        kind = i % 4
+        if kind == 0:  # a 60 KB access key id
+            akid = ("A" * 60_000) + unique.upper()
+            return f"{base}/model/m/converse", {"Authorization": sigv4(akid, "us-east-1")}
+        if kind == 1:  # a well-formed unknown key id in a region nobody has heard of
+            akid = "AKIA" + unique.upper().ljust(16, "Q")
+            region = "us-" + "".join(chr(97 + int(c, 16) % 26) for c in unique[:10]) + "-1"
+            return f"{base}/model/m/converse", {
+                "Authorization": sigv4(akid, region),
+                "X-Amz-Date": date,
+            }
+        if kind == 2:  # a bad bearer token naming a model nobody has heard of
+            return f"{base}/model/model-{unique}/converse", {"Authorization": "Bearer sk-" + unique}
+        return f"{base}/model/model-{unique}/invoke", {"x-api-key": "sk-bp-" + unique * 20}
+
+    async def flood(count: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            semaphore = asyncio.Semaphore(8)
+
+            async def one(i: int) -> None:
+                url, headers = junk(i)
+                async with semaphore, session.post(url, headers=headers, data=b"{}") as r:
+                    await r.read()
+                    assert r.status == 403, (r.status, await r.text())
+                    assert r.headers["x-amzn-ErrorType"]
+
+            await asyncio.gather(*(one(i) for i in range(count)))
+
+    def metrics_size() -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {MASTER_KEY}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return len(response.read())
+
+    async def big_bodies_not_read() -> None:
+        """Eight 32 MiB bodies under a fake bearer token: refused on their headers alone."""
+        for _ in range(8):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /bedrock/model/m/invoke HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer sk-fake\r\nContent-Length: 33554432\r\n\r\n"
+            )
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 5)
+            assert status.startswith(b"HTTP/1.1 403"), status
+            writer.close()
+
+    with running([BIN, "serve"], env, port) as proc:
+        asyncio.run(flood(400))  # warm up every path
+        rss, size = _rss_kib(proc.pid), metrics_size()
+        asyncio.run(flood(4000))
+        asyncio.run(big_bodies_not_read())
+        grown_kib = _rss_kib(proc.pid) - rss
+        assert grown_kib < 8 * 1024, f"RSS grew by {grown_kib} KiB"
+        assert metrics_size() - size < 512, "refused requests added metric series"
