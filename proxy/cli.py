@@ -104,6 +104,9 @@ def _key_fields(parser: argparse.ArgumentParser) -> None:
     add("--guardrails", dest="guardrail_ids", type=_csv)
     add("--knowledge-bases", dest="knowledge_base_ids", type=_csv)
     add("--agents", dest="agent_ids", type=_csv)
+    add("--flows", dest="flow_ids", type=_csv)
+    add("--buckets", dest="file_buckets", type=_csv, help="S3 buckets for files and batch URIs")
+    add("--prefixes", dest="file_prefixes", type=_csv, help="S3 key prefixes within them")
     add("--duration", help="lifetime such as 30d or 12h")
     add("--expires", help="expiry time, ISO 8601")
     add("--budget", dest="max_budget", type=float)
@@ -123,6 +126,9 @@ _KEY_FIELDS = (
     "guardrail_ids",
     "knowledge_base_ids",
     "agent_ids",
+    "flow_ids",
+    "file_buckets",
+    "file_prefixes",
     "duration",
     "expires",
     "max_budget",

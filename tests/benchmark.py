@@ -153,9 +153,17 @@ def proxy_env(workdir: Path, upstream: str, port: int) -> dict[str, str]:
     return env
 
 
-def create_virtual_key(env: dict[str, str]) -> str:
+# The governed path: an allow-list, limits and a budget, and allow-lists (guardrails, S3)
+# that make the policy read every Converse body strictly.
+GOVERNED = (
+    "--models", "anthropic.*", "--guardrails", "gr-bench", "--buckets", "bench-bucket",
+    "--rpm", "100000000", "--tpm", "100000000000", "--budget", "1000000",
+)  # fmt: skip
+
+
+def create_virtual_key(env: dict[str, str], *fields: str) -> str:
     out = subprocess.run(
-        [str(BIN), "keys", "create", "--alias", f"bench-{os.getpid()}-{time.time_ns()}"],
+        [str(BIN), "keys", "create", "--alias", f"bench-{os.getpid()}-{time.time_ns()}", *fields],
         env=env,
         capture_output=True,
         check=True,
@@ -493,6 +501,7 @@ def http_phase(workdir: Path, seconds: int, repeat: int) -> dict:
     env = proxy_env(workdir, f"http://127.0.0.1:{stub_port}", proxy_port)
     token = create_virtual_key(env)
     auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    governed = {**auth, "Authorization": f"Bearer {create_virtual_key(env, *GOVERNED)}"}
     thin_port = free_port()
     thin_cmd = [
         sys.executable,
@@ -508,21 +517,23 @@ def http_phase(workdir: Path, seconds: int, repeat: int) -> dict:
         process([str(BIN), "serve"], proxy_port, env) as proxy,
         process(thin_cmd, thin_port) as thin,
     ):
+        proxied = f"http://127.0.0.1:{proxy_port}/bedrock/model/{MODEL}/converse"
         targets = {
-            "direct": (f"http://127.0.0.1:{stub_port}/model/{MODEL}/converse", None),
-            "thin": (f"http://127.0.0.1:{thin_port}/model/{MODEL}/converse", thin.pid),
-            "proxy": (f"http://127.0.0.1:{proxy_port}/bedrock/model/{MODEL}/converse", proxy.pid),
+            "direct": (f"http://127.0.0.1:{stub_port}/model/{MODEL}/converse", None, auth),
+            "thin": (f"http://127.0.0.1:{thin_port}/model/{MODEL}/converse", thin.pid, auth),
+            "proxy": (proxied, proxy.pid, auth),
+            "governed": (proxied, proxy.pid, governed),
         }
         if have_nginx:
-            targets["nginx"] = (f"http://127.0.0.1:{hop_port}/model/{MODEL}/converse", None)
-        for url, _ in targets.values():
-            wrk(url, 32, 2, auth, workdir)  # warm up
+            targets["nginx"] = (f"http://127.0.0.1:{hop_port}/model/{MODEL}/converse", None, auth)
+        for url, _, headers in targets.values():
+            wrk(url, 32, 2, headers, workdir)  # warm up
         # Interleaved and repeated, keeping each target's best run: on a machine whose
         # hypervisor steals CPU in bursts, the best run is the least disturbed one.
         for connections in (1, 32):
             for _ in range(repeat):
-                for name, (url, pid) in targets.items():
-                    run = wrk(url, connections, seconds, auth, workdir, pid)
+                for name, (url, pid, headers) in targets.items():
+                    run = wrk(url, connections, seconds, headers, workdir, pid)
                     best = out.get(f"{name}_{connections}")
                     if best is None or run["rps"] > best["rps"]:
                         out[f"{name}_{connections}"] = run
@@ -642,11 +653,12 @@ def print_table(r: dict) -> None:
 def print_http_table(h: dict) -> None:
     print("\nThroughput and latency (wrk, small Converse; proxy: virtual key, SigV4, access log)")
     print("(thin: the thinnest aiohttp pass-through, read body, forward, return; the ceiling)")
+    print("(governed: a key with model, guardrail and S3 allow-lists, RPM/TPM limits, a budget)")
     print(
         f"{'target':<8}{'conns':>6}{'req/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
         f"{'CPU us/req':>12}{'steal %':>9}"
     )
-    for name in ("direct", "thin", "proxy", "nginx"):
+    for name in ("direct", "thin", "proxy", "governed", "nginx"):
         for c in (1, 32):
             row = h.get(f"{name}_{c}")
             if row:
@@ -659,6 +671,8 @@ def print_http_table(h: dict) -> None:
         proxy = h[f"proxy_{c}"]["rps"]
         line = f"@{c}: proxy/direct {proxy / h[f'direct_{c}']['rps']:.2f}"
         line += f"   proxy/thin {proxy / h[f'thin_{c}']['rps']:.2f}"
+        if h.get(f"governed_{c}"):
+            line += f"   governed/thin {h[f'governed_{c}']['rps'] / h[f'thin_{c}']['rps']:.2f}"
         if h.get(f"nginx_{c}"):
             line += f"   proxy/nginx {proxy / h[f'nginx_{c}']['rps']:.2f}"
         print(line)
