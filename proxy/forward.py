@@ -265,15 +265,12 @@ class Forwarder:
         upstream = self._endpoints.resolve(op.service, self.client_region(request))
         spec = identity.spec
         if spec is not None:
-            needed = policy.needs_body(spec, op)
-            policy.check(
-                spec,
-                op,
-                match.labels,
-                request.headers,
-                body.joined() if needed else None,
-                query,
-            )
+            # A body read in one piece is checked as it is; a large one is joined (a copy)
+            # only when the key's allow-lists need it read.
+            data = body.data if isinstance(body.data, bytes) else None
+            if data is None and policy.needs_body(spec, op):
+                data = body.joined()
+            policy.check(spec, op, match.labels, request.headers, data, query)
         if self.jobs is not None:
             await self.jobs.check(identity, op, match.labels)
         if x.model is None and op.name in _MODEL_IN_BODY:

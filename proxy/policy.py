@@ -106,8 +106,27 @@ def operation_group(op: Operation) -> str:
 
 def needs_body(spec: KeySpec, op: Operation) -> bool:
     """Whether checking this key on this operation means reading the body."""
-    kinds = fields_of(op).body_kinds
-    return bool(kinds) and any(_restricted(spec, kind) for kind in kinds)
+    return not fields_of(op).body_kinds.isdisjoint(restricted_kinds(spec))
+
+
+def restricted_kinds(spec: KeySpec) -> frozenset[str]:
+    """The kinds of resource this key's allow-lists restrict."""
+    kinds: set[str] = set()
+    if spec.models:
+        kinds.add(resources.MODEL)
+    if spec.file_buckets is not None or spec.file_prefixes is not None:
+        kinds.update((resources.S3_URI, resources.S3_OBJECT, resources.S3_BUCKET))
+    if spec.guardrail_ids is not None:
+        kinds.add(resources.GUARDRAIL)
+    if spec.knowledge_base_ids is not None:
+        kinds.add(resources.KNOWLEDGE_BASE)
+    if spec.agent_ids is not None:
+        kinds.update((resources.AGENT, resources.AGENT_ALIAS_ARN))
+    if spec.flow_ids is not None:
+        kinds.add(resources.FLOW)
+    if kinds:
+        kinds.add(resources.ARN)  # an ARN names one of the above
+    return frozenset(kinds)
 
 
 def check(
@@ -130,30 +149,35 @@ def check(
         raise errors.access_denied(
             f"The API key is not allowed to call {op.name} (operation group {group!r})"
         )
+    restricted = restricted_kinds(spec)
+    if not restricted:
+        return
     fields = fields_of(op)
     for label, kind in fields.labels:
         value = labels.get(label)
-        if value:
+        if value and kind in restricted:
             _check_one(spec, kind, value)
     for name, kind in fields.headers:
         value = headers.get(name)
-        if value:
+        if value and kind in restricted:
             _check_one(spec, kind, value)
     if fields.query and query:
         params = parse_qs(query, keep_blank_values=True)
         for name, kind in fields.query:
             for value in params.get(name, ()):
-                _check_one(spec, kind, value)
-    if body is not None and fields.body:
-        _check_body(spec, fields, headers, body)
+                if kind in restricted:
+                    _check_one(spec, kind, value)
+    if body is not None and not fields.body_kinds.isdisjoint(restricted):
+        _check_body(spec, fields, headers, body, restricted)
 
 
 def _check_body(
-    spec: KeySpec, fields: OperationFields, headers: Mapping[str, str], body: bytes
+    spec: KeySpec,
+    fields: OperationFields,
+    headers: Mapping[str, str],
+    body: bytes,
+    restricted: frozenset[str],
 ) -> None:
-    restricted = {kind for kind in fields.body_kinds if _restricted(spec, kind)}
-    if not restricted:
-        return
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity"):
         # The proxy reads bodies as sent; one it cannot read cannot be checked.
@@ -207,16 +231,6 @@ def model_candidates(model_id: str) -> list[str]:
             candidates.append(model[len(prefix) :])
             break
     return candidates
-
-
-def _restricted(spec: KeySpec, kind: str) -> bool:
-    if kind == resources.MODEL:
-        return bool(spec.models)
-    if kind in (resources.S3_URI, resources.S3_OBJECT, resources.S3_BUCKET):
-        return spec.file_buckets is not None or spec.file_prefixes is not None
-    if kind == resources.ARN:
-        return any(_restricted(spec, k) for k in set(_ARN_KINDS.values()))
-    return _allow_list(spec, kind) is not None
 
 
 def file_allowed(spec: KeySpec, bucket: str, key: str | None) -> bool:
