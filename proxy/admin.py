@@ -6,6 +6,7 @@ read its own /key/info, totals included."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import date, timedelta
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from . import errors
 from .auth import Authenticator
 from .keyservice import KeyService
 from .reports import Reports, paging
+from .store.base import LOG_FILTERS
 
 Handler = Callable[[web.Request], Awaitable[Any]]
 _MAX_BODY = 1024 * 1024
@@ -34,23 +36,27 @@ class AdminApi:
         self._on_limit_change = on_limit_change
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/key/generate", self._wrap(self.generate))
-        app.router.add_get("/key/info", self._wrap(self.info, master_only=False))
-        app.router.add_post("/key/update", self._wrap(self.update))
-        app.router.add_post("/key/delete", self._wrap(self.delete))
-        app.router.add_get("/key/list", self._wrap(self.list))
-        app.router.add_post("/key/regenerate", self._wrap(self.regenerate))
-        app.router.add_get("/spend/logs", self._wrap(self.spend_logs))
-        app.router.add_get("/spend/report", self._wrap(self.spend_report))
-        app.router.add_post("/limit/new", self._wrap(self.limit_new))
-        app.router.add_post("/limit/update", self._wrap(self.limit_update))
-        app.router.add_post("/limit/delete", self._wrap(self.limit_delete))
-        app.router.add_get("/limit/info", self._wrap(self.limit_info))
-        app.router.add_get("/limit/list", self._wrap(self.limit_list))
+        wrap = self._wrap
+        app.router.add_post("/key/generate", wrap(self.generate))
+        app.router.add_get("/key/info", wrap(self.info, ("key",), master_only=False))
+        app.router.add_post("/key/update", wrap(self.update))
+        app.router.add_post("/key/delete", wrap(self.delete))
+        app.router.add_get("/key/list", wrap(self.list, _LIST_PARAMS))
+        app.router.add_post("/key/regenerate", wrap(self.regenerate))
+        app.router.add_get("/spend/logs", wrap(self.spend_logs, _LOG_PARAMS))
+        app.router.add_get("/spend/report", wrap(self.spend_report, _REPORT_PARAMS))
+        app.router.add_post("/limit/new", wrap(self.limit_new))
+        app.router.add_post("/limit/update", wrap(self.limit_update))
+        app.router.add_post("/limit/delete", wrap(self.limit_delete))
+        app.router.add_get("/limit/info", wrap(self.limit_info, ("limit_id",)))
+        app.router.add_get("/limit/list", wrap(self.limit_list))
 
-    def _wrap(self, handler: Handler, master_only: bool = True) -> Handler:
+    def _wrap(
+        self, handler: Handler, params: tuple[str, ...] = (), master_only: bool = True
+    ) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             try:
+                _check_query(request, params)
                 if self._service is None:
                     raise errors.access_denied("The admin API needs a master key to be configured")
                 if master_only:
@@ -119,10 +125,18 @@ class AdminApi:
         return await self.service.list(filters, page, size, full)
 
     async def spend_logs(self, request: web.Request) -> Any:
-        return await self._reports.logs(dict(request.query))
+        query = _litellm_dates(dict(request.query))
+        api_key = query.pop("api_key", None)
+        if api_key is not None:
+            # LiteLLM's filter: a key's token or id (or here any reference to it).
+            try:
+                query["key_id"] = (await self.service.find(api_key)).key_id
+            except errors.AwsError:
+                query["key_id"] = "(no such key)"  # an empty page, as LiteLLM answers
+        return await self._reports.logs(query)
 
     async def spend_report(self, request: web.Request) -> Any:
-        query = request.query
+        query = _litellm_dates(dict(request.query))
         return await self._reports.report(
             query.get("group_by", "key"), query.get("start"), query.get("end")
         )
@@ -154,6 +168,45 @@ class AdminApi:
     def _limit_changed(self, limit_id: str) -> None:
         if self._on_limit_change is not None:
             self._on_limit_change(limit_id)
+
+
+_LIST_PARAMS = ("page", "size", "user_id", "team_id", "key_alias", "return_full_object")
+_DATES = ("start", "end", "start_date", "end_date")
+_LOG_PARAMS = ("page", "size", *_DATES, "api_key", *LOG_FILTERS)
+_REPORT_PARAMS = ("group_by", *_DATES)
+
+
+def _check_query(request: web.Request, accepted: tuple[str, ...]) -> None:
+    """An unknown or repeated query parameter is a 400 naming the accepted ones: a filter
+    silently ignored would answer a question nobody asked (every key's rows)."""
+    query = request.query
+    for name in query:
+        if name not in accepted:
+            allowed = ", ".join(accepted) if accepted else "none"
+            raise errors.validation(
+                f"Unknown query parameter {name!r} for {request.path} (accepted: {allowed})"
+            )
+        if len(query.getall(name)) > 1:
+            raise errors.validation(f"The query parameter {name!r} appears more than once")
+
+
+def _litellm_dates(query: dict[str, str]) -> dict[str, str]:
+    """LiteLLM's ``start_date``/``end_date`` (days, the end day included) as our
+    ``start``/``end`` (times, the end excluded)."""
+    start, end = query.pop("start_date", None), query.pop("end_date", None)
+    for ours, theirs in (("start", start), ("end", end)):
+        if theirs is not None and ours in query:
+            raise errors.validation(f"Give {ours} or {ours}_date, not both")
+    if start is not None:
+        query["start"] = start
+    if end is not None:
+        try:
+            day = date.fromisoformat(end)
+        except ValueError:
+            query["end"] = end  # a time: taken as it is
+        else:
+            query["end"] = (day + timedelta(days=1)).isoformat()
+    return query
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from aiohttp import web
 from . import errors
 from .accesslog import AccessLog
 from .admin import AdminApi
+from .alerts import BudgetAlerts
 from .auth import Authenticator
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
@@ -23,6 +24,7 @@ from .ledger import Ledger
 from .limits import RedisLimiter
 from .metering import Metering
 from .metrics import Metrics
+from .modelrefs import ModelRefs
 from .pricing import PriceTable
 from .reports import Reports
 from .routing import SERVICE_NAMES, Router, load_operations
@@ -75,7 +77,9 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     )
     keys = KeyService(store, box, cache) if box is not None and settings.master_key else None
     try:
-        prices = PriceTable.load(settings.prices_file, settings.prices)
+        prices = PriceTable.load(
+            settings.prices_file, settings.prices, settings.unpriced_model_price
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"config error: prices_file/prices: {exc}") from None
     metering = Metering(
@@ -101,7 +105,14 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     forwarder.metrics = metrics
     forwarder.tracing = make_tracing(settings.tracing)
     forwarder.jobs = JobRegistry(store)
+    forwarder.model_refs = ModelRefs(forwarder.control_get, settings.model_ref_ttl)
     metering.metrics = metrics
+    if settings.alert_webhook_url:
+        metering.alerts = BudgetAlerts(
+            settings.alert_webhook_url,
+            metering.limiter.claim_once,
+            slack=settings.alert_webhook_format == "slack",
+        )
     metrics.gauge(
         "bedrock_proxy_ledger_queue_depth",
         "Ledger rows waiting to be written.",

@@ -82,6 +82,15 @@ class Settings:
     # {model: {input, output, cache_read, cache_write}} in USD per 1,000 tokens.
     prices_file: str | None = None
     prices: dict[str, Any] = field(default_factory=dict)
+    # The price of a model no source prices, {input, output} per 1,000 tokens. Unset, a
+    # key with a budget is refused such a model (its calls would otherwise be free).
+    unpriced_model_price: dict[str, Any] | None = None
+    # Seconds an application inference profile's or provisioned model's resolution is kept.
+    model_ref_ttl: float = 3600.0
+    # Budget alerts: POSTed when a key, user, team or named limit crosses 80 % and 100 % of
+    # its budget, once per period; "slack" sends Slack's {"text": ...} body.
+    alert_webhook_url: str | None = field(default=None, repr=False)
+    alert_webhook_format: str = "json"
     # Output tokens assumed when reserving budget at admission.
     reserve_output_tokens: int = 1000
     # x-bedrock-proxy-cost / -tokens headers on non-stream responses.
@@ -218,6 +227,12 @@ def _validate(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"config error: {name}: must be greater than zero")
+    if s.alert_webhook_url is not None and not s.alert_webhook_url.startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError("config error: alert_webhook_url: must be an http(s):// URL")
+    if s.alert_webhook_format not in ("json", "slack"):
+        raise ConfigError("config error: alert_webhook_format: must be json or slack")
     if s.max_body_bytes <= 0:
         raise ConfigError("config error: max_body_bytes: must be greater than zero")
     if s.max_unverified_body_bytes < s.max_body_bytes:

@@ -31,6 +31,7 @@ from .headers import check_request_headers, response_headers, split_request_head
 from .jobs import LISTINGS, JobRegistry
 from .metering import Exchange, Metering
 from .metrics import Metrics
+from .modelrefs import ModelRefs, resolvable
 from .routing import RouteMatch, Router
 from .tracing import Tracing
 from .unverified import UnverifiedBodies
@@ -91,6 +92,7 @@ class Forwarder:
         self.metrics: Metrics | None = None
         self.tracing: Tracing | None = None
         self.jobs: JobRegistry | None = None
+        self.model_refs: ModelRefs | None = None
 
     @property
     def in_flight(self) -> int:
@@ -263,6 +265,10 @@ class Forwarder:
         x.bytes_in = body.size
         x.identity = identity  # before the policy, so a refusal is attributed to the key
         upstream = self._endpoints.resolve(op.service, self.client_region(request))
+        if x.model is not None and self.model_refs is not None and resolvable(x.model):
+            resolved = await self.model_refs.resolve(x.model)
+            if resolved is not None:
+                x.model_ref, x.model = x.model, resolved
         spec = identity.spec
         if spec is not None:
             # A body read in one piece is checked as it is; a large one is joined (a copy)
@@ -270,7 +276,8 @@ class Forwarder:
             data = body.data if isinstance(body.data, bytes) else None
             if data is None and policy.needs_body(spec, op):
                 data = body.joined()
-            policy.check(spec, op, match.labels, request.headers, data, query)
+            aliases = {x.model_ref: x.model} if x.model_ref and x.model else None
+            policy.check(spec, op, match.labels, request.headers, data, query, aliases)
         if self.jobs is not None:
             await self.jobs.check(identity, op, match.labels)
         if x.model is None and op.name in _MODEL_IN_BODY:
@@ -282,6 +289,33 @@ class Forwarder:
         headers = await self._upstream_headers(request, match, upstream, query, body)
         target = upstream.base_path + match.path + ("?" + query if query else "")
         return await self._exchange(request, upstream.origin, target, headers, body, x)
+
+    async def control_get(self, region: str, path: str) -> tuple[int, bytes]:
+        """A GET on the Bedrock control plane, signed with the server's credentials."""
+        service = self._router.service("bedrock")
+        upstream = self._endpoints.resolve(service, region)
+        headers = {"host": upstream.host, "accept": "application/json"}
+        raw_path = upstream.base_path + path
+        if self._bearer:
+            headers["authorization"] = "Bearer " + self._bearer
+        else:
+            credentials = await self.upstream_credentials()
+            headers["authorization"] = sigv4.sign(
+                method="GET",
+                raw_path=raw_path,
+                raw_query="",
+                headers=headers,
+                payload_hash=sigv4.EMPTY_SHA256,
+                credentials=credentials,
+                region=region,
+                service=service.signing_name,
+                date=sigv4.amz_date(),
+            )
+        response = await self.pool.request("GET", upstream.origin, raw_path, headers)
+        try:
+            return response.status, await response.read()
+        finally:
+            response.release()
 
     # ------------------------------------------------------------------ request
 

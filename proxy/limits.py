@@ -8,7 +8,12 @@ in-process (a single event loop needs no lock).
 Windows are fixed calendar minutes. Tokens and cost are only known when a response ends, so
 admission reserves an estimate and ``settle`` replaces it with the actual figure. A budget
 admits requests while spent + reserved < budget, so the overshoot is bounded: at most, for
-every request admitted concurrently, what it costs beyond its estimate.
+every request admitted concurrently, what it costs beyond its estimate. Tokens per minute
+work the same way: a request's estimated tokens (its input, guessed from the body size,
+plus ``reserve_output_tokens``) count against the minute from admission on, and settling
+replaces them with the real count. A burst of concurrent requests cannot all pass on an
+empty minute: once the reservations reach the limit the rest are refused, and the minute
+can end over its limit by at most what the requests in flight use beyond their estimates.
 
 In-flight requests are kept as leases (request id, start time, reserve); a lease older than
 ``lease_seconds`` is dropped, so a replica that dies mid-request cannot hold a slot forever.
@@ -56,6 +61,9 @@ class Admission:
     request_id: str
     specs: list[LimitSpec]
     reserve: float
+    # Tokens reserved against the minute of admission (specs with a TPM limit only).
+    tokens: int = 0
+    minute: int = 0
 
 
 class BudgetSource:
@@ -105,8 +113,11 @@ class InProcessLimiter:
         self._inflight: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
         # (scope, id, period index) -> spent
         self._spent: dict[tuple[str, str, int], float] = {}
+        self._claims: dict[str, float] = {}
 
-    async def admit(self, specs: list[LimitSpec], request_id: str, reserve: float) -> Admission:
+    async def admit(
+        self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
+    ) -> Admission:
         now = time.time()
         minute = _minute(now)
         for spec in specs:  # budgets may need the ledger first: before any check
@@ -136,24 +147,46 @@ class InProcessLimiter:
             ident = (spec.scope, spec.id)
             if spec.rpm is not None:
                 self._requests[(*ident, minute)] = self._requests.get((*ident, minute), 0) + 1
+            if spec.tpm is not None and tokens:
+                self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + tokens
             if spec.max_parallel is not None or spec.max_budget is not None:
                 self._inflight.setdefault(ident, {})[request_id] = (now, reserve)
         self._expire(minute)
-        return Admission(request_id, specs, reserve)
+        return Admission(request_id, specs, reserve, tokens, minute)
 
-    async def settle(self, admission: Admission, tokens: int, cost: float | None) -> None:
+    async def settle(
+        self, admission: Admission, tokens: int, cost: float | None
+    ) -> list[tuple[LimitSpec, float]]:
+        """Release the reservation, charge the real figures; each budget's spend after."""
         now = time.time()
         minute = _minute(now)
+        totals: list[tuple[LimitSpec, float]] = []
         for spec in admission.specs:
             ident = (spec.scope, spec.id)
             leases = self._inflight.get(ident)
             if leases is not None:
                 leases.pop(admission.request_id, None)
-            if spec.tpm is not None and tokens:
-                self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + tokens
+            if spec.tpm is not None:
+                # The reservation made at admission becomes the real count (in the minute
+                # of admission while it lasts; a later minute gets the real count alone).
+                delta = tokens - admission.tokens if minute == admission.minute else tokens
+                if delta:
+                    self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + delta
             if spec.max_budget is not None and cost:
                 key = (*ident, spec.period(now)[0])
                 self._spent[key] = self._spent.get(key, 0.0) + cost
+                totals.append((spec, self._spent[key]))
+        return totals
+
+    async def claim_once(self, name: str, ttl: float) -> bool:
+        """True the first time ``name`` is claimed (within ``ttl``): alerts fire once."""
+        now = time.time()
+        if len(self._claims) > 10_000:
+            self._claims = {k: v for k, v in self._claims.items() if v > now}
+        if self._claims.get(name, 0.0) > now:
+            return False
+        self._claims[name] = now + ttl
+        return True
 
     def _leases(self, ident: tuple[str, str], now: float) -> dict[str, tuple[float, float]]:
         leases = self._inflight.get(ident)
@@ -175,7 +208,8 @@ class InProcessLimiter:
 
 
 # KEYS: none (key names are built in the script from the spec prefix).
-# ARGV[1]: JSON list of specs; ARGV[2]: now; ARGV[3]: request id; ARGV[4]: reserve.
+# ARGV[1]: JSON list of specs; ARGV[2]: now; ARGV[3]: request id; ARGV[4]: reserve;
+# ARGV[5]: tokens reserved against TPM limits.
 _ADMIT = """
 local specs = cjson.decode(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -214,6 +248,10 @@ for i, s in ipairs(specs) do
     redis.call('INCR', base .. ':rpm:' .. minute)
     redis.call('EXPIRE', base .. ':rpm:' .. minute, 120)
   end
+  if s.tpm and tonumber(ARGV[5]) > 0 then
+    redis.call('INCRBY', base .. ':tpm:' .. minute, tonumber(ARGV[5]))
+    redis.call('EXPIRE', base .. ':tpm:' .. minute, 120)
+  end
   if s.par or s.budget then
     redis.call('ZADD', base .. ':inflight', now, rid .. '|' .. ARGV[4])
     redis.call('EXPIRE', base .. ':inflight', s.lease)
@@ -223,7 +261,7 @@ return {'ok', 0, '0'}
 """
 
 # ARGV[1]: JSON specs; ARGV[2]: now; ARGV[3]: request id; ARGV[4]: reserve;
-# ARGV[5]: tokens; ARGV[6]: cost.
+# ARGV[5]: tokens; ARGV[6]: cost; ARGV[7]: tokens reserved; ARGV[8]: minute of admission.
 _SETTLE = """
 local specs = cjson.decode(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -231,18 +269,25 @@ local member = ARGV[3] .. '|' .. ARGV[4]
 local tokens = tonumber(ARGV[5])
 local cost = tonumber(ARGV[6])
 local minute = math.floor(now / 60)
+local spent = {}
 for _, s in ipairs(specs) do
   local base = s.prefix
   if s.par or s.budget then redis.call('ZREM', base .. ':inflight', member) end
-  if s.tpm and tokens > 0 then
-    redis.call('INCRBY', base .. ':tpm:' .. minute, tokens)
-    redis.call('EXPIRE', base .. ':tpm:' .. minute, 120)
+  if s.tpm then
+    local delta = tokens
+    if minute == tonumber(ARGV[8]) then delta = tokens - tonumber(ARGV[7]) end
+    if delta ~= 0 then
+      redis.call('INCRBY', base .. ':tpm:' .. minute, delta)
+      redis.call('EXPIRE', base .. ':tpm:' .. minute, 120)
+    end
   end
   if s.budget and cost > 0 then
-    redis.call('INCRBYFLOAT', base .. ':spent:' .. s.period, cost)
+    spent[#spent + 1] = redis.call('INCRBYFLOAT', base .. ':spent:' .. s.period, cost)
+  else
+    spent[#spent + 1] = ''
   end
 end
-return 'ok'
+return spent
 """
 
 # Start a budget counter from the ledger, unless another replica already has.
@@ -291,24 +336,26 @@ class RedisLimiter:
             out.append(item)
         return orjson.dumps(out).decode()
 
-    async def admit(self, specs: list[LimitSpec], request_id: str, reserve: float) -> Admission:
+    async def admit(
+        self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
+    ) -> Admission:
         try:
-            return await self._admit_once(specs, request_id, reserve, retries=3)
+            return await self._admit_once(specs, request_id, reserve, tokens, retries=3)
         except errors.AwsError:
             raise
         except Exception:
             raise errors.service_unavailable("The rate-limit store is unavailable") from None
 
     async def _admit_once(
-        self, specs: list[LimitSpec], request_id: str, reserve: float, retries: int
+        self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int, retries: int
     ) -> Admission:
         now = time.time()
         verdict, index, value = await self._admit(
-            args=[self._payload(specs, now), repr(now), request_id, repr(reserve)]
+            args=[self._payload(specs, now), repr(now), request_id, repr(reserve), int(tokens)]
         )
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         if verdict == "ok":
-            return Admission(request_id, specs, reserve)
+            return Admission(request_id, specs, reserve, tokens, _minute(now))
         spec = specs[int(index) - 1]
         if verdict == "init" and retries:
             index_, start, end = spec.period(now)
@@ -318,7 +365,7 @@ class RedisLimiter:
                 keys=[f"{self._prefix}:{spec.scope}:{spec.id}:spent:{index_}"],
                 args=[repr(spent), ttl],
             )
-            return await self._admit_once(specs, request_id, reserve, retries - 1)
+            return await self._admit_once(specs, request_id, reserve, tokens, retries - 1)
         if verdict == "rpm":
             raise _rate_refusal(spec, f"{spec.rpm} requests per minute", _retry_after_minute(now))
         if verdict == "tpm":
@@ -327,9 +374,11 @@ class RedisLimiter:
             raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
         raise _budget_refusal(spec, float(value), now)
 
-    async def settle(self, admission: Admission, tokens: int, cost: float | None) -> None:
+    async def settle(
+        self, admission: Admission, tokens: int, cost: float | None
+    ) -> list[tuple[LimitSpec, float]]:
         now = time.time()
-        await self._settle(
+        spent = await self._settle(
             args=[
                 self._payload(admission.specs, now),
                 repr(now),
@@ -337,8 +386,19 @@ class RedisLimiter:
                 repr(admission.reserve),
                 int(tokens),
                 repr(float(cost or 0.0)),
+                int(admission.tokens),
+                admission.minute,
             ]
         )
+        return [
+            (spec, float(value))
+            for spec, value in zip(admission.specs, spent, strict=True)
+            if spec.max_budget is not None and value not in (b"", "")
+        ]
+
+    async def claim_once(self, name: str, ttl: float) -> bool:
+        """True the first time ``name`` is claimed by any replica (within ``ttl``)."""
+        return bool(await self._redis.set(f"{self._prefix}:claim:{name}", 1, nx=True, ex=int(ttl)))
 
     async def ping(self) -> None:
         await self._redis.ping()

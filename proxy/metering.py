@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from . import errors
+from .alerts import BudgetAlerts
 from .auth import Identity
 from .keys import KeyRecord, parse_duration
 from .ledger import Ledger
@@ -21,7 +22,7 @@ from .metrics import Metrics
 from .pricing import PriceTable
 from .routing import Operation
 from .store import Store
-from .usage import Meter, Usage
+from .usage import EventStreamMeter, Meter, Usage
 
 log = logging.getLogger("bedrock_proxy.metering")
 
@@ -37,6 +38,8 @@ class Exchange:
     started: float
     operation: Operation | None = None
     model: str | None = None
+    # The model as the request named it, when that was an ARN resolved to ``model``.
+    model_ref: str | None = None
     identity: Identity | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
     admission: Admission | None = None
@@ -58,8 +61,43 @@ class Exchange:
 
     def finish_usage(self) -> Usage | None:
         if self.usage is None and self.meter is not None:
-            self.usage = self.meter.finish()
+            usage = self.meter.finish()
+            if self.incomplete and isinstance(self.meter, EventStreamMeter):
+                # Cut before its usage frame (by the client, the upstream or a timeout):
+                # what passed is charged, or reading the deltas and hanging up is free.
+                self.meter.estimate(self.bytes_in)
+            self.usage = usage
         return self.usage
+
+
+class NamedLimits:
+    """The named limits, and who each applies to."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.specs: dict[str, LimitSpec | None] = {}
+        self._members: dict[tuple[str, str], list[str]] = {}
+        for row in rows:
+            limit_id = row["limit_id"]
+            scope, _, ident = limit_id.partition(":")
+            if scope in ("user", "team") and ident:
+                self.specs[limit_id] = _limit_spec(scope, ident, row, row["created_at"])
+                self._members.setdefault((scope, ident), []).append(limit_id)
+            else:
+                self.specs[limit_id] = _limit_spec("limit", limit_id, row, row["created_at"])
+            for scope, field_name in (
+                ("key", "key_ids"),
+                ("user", "user_ids"),
+                ("team", "team_ids"),
+            ):
+                for member in row.get(field_name) or ():
+                    self._members.setdefault((scope, member), []).append(limit_id)
+
+    def member_of(self, record: KeyRecord) -> list[str]:
+        found = list(self._members.get(("key", record.key_id), ()))
+        for scope, ident in (("user", record.spec.user_id), ("team", record.spec.team_id)):
+            if ident:
+                found += [i for i in self._members.get((scope, ident), ()) if i not in found]
+        return found
 
 
 class LedgerBudgets(BudgetSource):
@@ -68,6 +106,20 @@ class LedgerBudgets(BudgetSource):
 
     async def spent(self, spec: LimitSpec, since: float) -> float:
         return await self._store.spend_since(spec.scope, spec.id, since)
+
+
+# Operations billed by the tokens of the model they name.
+_TOKEN_PRICED = frozenset(
+    {
+        "Converse",
+        "ConverseStream",
+        "InvokeModel",
+        "InvokeModelWithResponseStream",
+        "InvokeModelWithBidirectionalStream",
+        "StartAsyncInvoke",
+        "CreateModelInvocationJob",
+    }
+)
 
 
 class Metering:
@@ -89,13 +141,14 @@ class Metering:
             RedisLimiter(redis_url, budgets) if redis_url else InProcessLimiter(budgets)
         )
         self._limits_ttl = limits_ttl
-        self._named: dict[str, tuple[float, LimitSpec | None]] = {}
+        self._named: tuple[float, NamedLimits] | None = None
         # Per key: the record its spec was built from (a changed key is a new record).
         self._key_limits: dict[str, tuple[KeyRecord, LimitSpec | None]] = {}
         self._reserve_output = reserve_output_tokens
         self.cost_headers = cost_headers
         self._pending: set[asyncio.Task[None]] = set()
         self.metrics: Metrics | None = None
+        self.alerts: BudgetAlerts | None = None
 
     # ---------------------------------------------------------------- admission
 
@@ -103,9 +156,28 @@ class Metering:
         specs = await self._specs(x)
         if not specs:
             return
+        if (
+            x.model is not None
+            and x.operation is not None
+            and x.operation.name in _TOKEN_PRICED
+            and any(spec.max_budget is not None for spec in specs)
+            and self.prices.fallback is None
+            and self.prices.price_for(x.model) is None
+        ):
+            # An unpriced model is free, and a budget that never binds is worse than none.
+            raise errors.access_denied(
+                f"Model {x.model!r} has no price, and a budget applies to this request: "
+                f"price it in the proxy's settings (prices / prices_file), or set "
+                f"unpriced_model_price"
+            )
         try:
+            tokens = (
+                body_size // 4 + self._reserve_output
+                if any(spec.tpm is not None for spec in specs)
+                else 0
+            )
             x.admission = await self.limiter.admit(
-                specs, x.request_id, self.estimate(x.model, body_size)
+                specs, x.request_id, self.estimate(x.model, body_size), tokens
             )
         except errors.AwsError as exc:
             if exc.reason is not None and self.metrics is not None:
@@ -123,21 +195,32 @@ class Metering:
         )
 
     async def _specs(self, x: Exchange) -> list[LimitSpec]:
+        """Every limit that applies: the key's own, its user's and team's, every named
+        limit it is a member of, and the named limits the request names (which it must be
+        a member of, unless it is the master key)."""
         specs: list[LimitSpec] = []
         record = x.identity.record if x.identity is not None else None
+        named_ids = x.annotations.get("limit_ids", ())
+        if record is None and not named_ids:
+            return specs
+        limits = await self._named_limits()
+        applying: list[str] = []
         if record is not None:
             key_spec = self._key_limit(record)
             if key_spec is not None:
                 specs.append(key_spec)
-            for scope, value in (("user", record.spec.user_id), ("team", record.spec.team_id)):
-                if value:
-                    named = await self._named_limit(f"{scope}:{value}", scope, value)
-                    if named is not None:
-                        specs.append(named)
-        for limit_id in x.annotations.get("limit_ids", ()):
-            named = await self._named_limit(limit_id, "limit", limit_id)
-            if named is not None:
-                specs.append(named)
+            applying = limits.member_of(record)
+        for limit_id in named_ids:
+            if limit_id in applying:
+                continue
+            if record is not None:
+                raise errors.access_denied(
+                    f"The API key is not a member of limit {limit_id!r}: a limit applies "
+                    f"to the keys, users and teams it lists"
+                )
+            if limit_id in limits.specs:  # the master key may charge any limit
+                applying.append(limit_id)
+        specs += [s for s in (limits.specs[i] for i in applying) if s is not None]
         return specs
 
     def _key_limit(self, record: KeyRecord) -> LimitSpec | None:
@@ -151,20 +234,19 @@ class Metering:
         self._key_limits[record.key_id] = (record, spec)
         return spec
 
-    async def _named_limit(self, limit_id: str, scope: str, ident: str) -> LimitSpec | None:
+    async def _named_limits(self) -> NamedLimits:
+        """All named limits, re-read at most every ``limits_ttl`` (a replica sees another's
+        change within that time, this one's at once through ``forget_limit``)."""
         now = time.monotonic()
-        cached = self._named.get(limit_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        row = await self._store.get_limit(limit_id)
-        spec = _limit_spec(scope, ident, row, row["created_at"]) if row else None
-        if len(self._named) > 10_000:
-            self._named.clear()
-        self._named[limit_id] = (now + self._limits_ttl, spec)
-        return spec
+        if self._named is not None and self._named[0] > now:
+            return self._named[1]
+        rows = await self._store.list_limits()
+        limits = NamedLimits(rows)
+        self._named = (now + self._limits_ttl, limits)
+        return limits
 
     def forget_limit(self, limit_id: str) -> None:
-        self._named.pop(limit_id, None)
+        self._named = None
 
     # ---------------------------------------------------------------- completion
 
@@ -191,7 +273,10 @@ class Metering:
 
     async def _settle(self, admission: Admission, tokens: int, cost: float | None) -> None:
         try:
-            await self.limiter.settle(admission, tokens, cost)
+            totals = await self.limiter.settle(admission, tokens, cost)
+            if self.alerts is not None and cost:
+                for spec, after in totals:
+                    await self.alerts.spent(spec, after - cost, after)
         except Exception as exc:  # the ledger still has the row; counters re-sync per period
             log.error(
                 "could not settle limits for %s: %s", admission.request_id, type(exc).__name__
@@ -229,6 +314,8 @@ class Metering:
             annotations.get("use_case_name"),
             orjson.dumps(annotations).decode() if annotations else None,
             x.error,
+            1 if usage.estimated else 0,
+            x.model_ref,
         )
         labels = [
             (x.request_id, "tag", tag, now, cost, usage.total_tokens)
@@ -243,6 +330,8 @@ class Metering:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
         await self.ledger.close()
+        if self.alerts is not None:
+            await self.alerts.close()
         await self.limiter.close()
 
 

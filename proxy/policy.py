@@ -136,6 +136,7 @@ def check(
     headers: Mapping[str, str],
     body: bytes | None,
     query: str = "",
+    aliases: Mapping[str, str] | None = None,
 ) -> None:
     """Raise an AWS-shaped AccessDeniedException if the key may not make this call.
 
@@ -156,6 +157,11 @@ def check(
     for label, kind in fields.labels:
         value = labels.get(label)
         if value and kind in restricted:
+            # An application profile or provisioned model is allowed as its ARN or as the
+            # model it runs.
+            alias = aliases.get(value) if aliases and kind == resources.MODEL else None
+            if alias is not None and model_allowed(spec.models, alias):
+                continue
             _check_one(spec, kind, value)
     for name, kind in fields.headers:
         value = headers.get(name)

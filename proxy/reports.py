@@ -15,6 +15,9 @@ from .store.base import LOG_FILTERS, REPORT_GROUPS
 MAX_PAGE = 1000
 MAX_PAGE_NUMBER = 1_000_000
 _LIMIT_FIELDS = ("max_budget", "budget_duration", "rpm_limit", "tpm_limit", "max_parallel_requests")
+# Who a named limit applies to (besides user:ID and team:ID limits, which apply to their
+# user or team by name).
+_MEMBER_FIELDS = ("key_ids", "user_ids", "team_ids")
 
 
 def parse_time(name: str, value: str | None) -> float | None:
@@ -102,9 +105,15 @@ class Reports:
             raise errors.validation(f"limit {limit_id!r} already exists")
         if not create and existing is None:
             raise errors.AwsError(404, "ResourceNotFoundException", f"No limit {limit_id!r}")
-        spec = {k: existing[k] for k in _LIMIT_FIELDS if existing and k in existing}
+        fields = (*_LIMIT_FIELDS, *_MEMBER_FIELDS)
+        spec = {k: existing[k] for k in fields if existing and k in existing}
         for name, value in body.items():
             if name == "limit_id":
+                continue
+            if name in _MEMBER_FIELDS:
+                if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                    raise errors.validation(f"{name} must be a list of ids")
+                spec[name] = value
                 continue
             if name not in _LIMIT_FIELDS:
                 raise errors.validation(f"Unknown field {name!r}")
@@ -146,6 +155,7 @@ def _log_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
     row["time"] = datetime.fromtimestamp(row.pop("ts"), UTC).isoformat()
     row["incomplete"] = bool(row["incomplete"])
+    row["estimated"] = bool(row.get("estimated"))
     row["annotations"] = orjson.loads(row["annotations"]) if row["annotations"] else {}
     return row
 

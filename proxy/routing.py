@@ -82,6 +82,9 @@ class Router:
             # The most specific template wins when several relaxed patterns match.
             routes.sort(key=lambda r: -r.literal_len)
 
+    def service(self, name: str) -> Service:
+        return next(op.service for op in self.operations if op.service.name == name)
+
     def match(self, method: str, raw_path: str) -> RouteMatch | None:
         """Match a raw path (no query string) relative to the /bedrock base."""
         key = (method, raw_path)

@@ -35,6 +35,8 @@ class Usage:
     free: bool = False
     # False when the response that would carry usage was never seen.
     found: bool = False
+    # True when the counts are the proxy's estimate, not the upstream's (a cut stream).
+    estimated: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -144,14 +146,16 @@ class InvokeHeadersMeter(Meter):
 
 
 class EventStreamMeter(Meter):
-    """Keeps the last frame of one event type; decodes it at the end."""
+    """Keeps the last frame of one event type; decodes it at the end. Counts the payload
+    bytes of the other frames, for an estimate when the stream ends before its usage."""
 
-    __slots__ = ("_last",)
+    __slots__ = ("_last", "streamed")
     event_type = b""
 
     def __init__(self) -> None:
         super().__init__()
         self._last: bytes | None = None
+        self.streamed = 0
 
     def feed(self, data: bytes) -> None:
         view = memoryview(data)
@@ -167,6 +171,7 @@ class EventStreamMeter(Meter):
                 decoded = decode_headers(headers)
                 if decoded.get(":event-type") == event.decode():
                     self._last = bytes(view[pos + 12 + headers_len : pos + total - 4])
+            self.streamed += total - headers_len - 16
             pos += total
 
     def finish(self) -> Usage:
@@ -174,6 +179,17 @@ class EventStreamMeter(Meter):
             with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError):
                 self.read(orjson.loads(self._last))
         return self.usage
+
+    def estimate(self, input_bytes: int) -> None:
+        """Usage for a stream that ended before the upstream reported it: input from the
+        request's size, output from the event payloads that passed (about 4 bytes a token,
+        JSON framing included, so it errs on the side of charging)."""
+        u = self.usage
+        if u.found or not self.streamed:
+            return
+        u.input_tokens = input_bytes // 4
+        u.output_tokens = self.streamed // 4
+        u.found = u.estimated = True
 
     def read(self, payload: Any) -> None:
         raise NotImplementedError

@@ -62,6 +62,10 @@ class FakeBedrock:
     stream_disconnects: int = 0
     jobs: dict[str, dict] = field(default_factory=dict)
     async_invokes: dict[str, dict] = field(default_factory=dict)
+    # Real model ids whose streams are paced like test.slow's (reset by the fixture).
+    slow_models: set[str] = field(default_factory=set)
+    # Application inference profiles and provisioned throughput: ARN -> the model it runs.
+    model_refs: dict[str, str] = field(default_factory=dict)
     expected_token: str | None = UPSTREAM_SESSION_TOKEN
     # When set, a job writes "<input>.out" under its output URI as it completes, as Bedrock does.
     s3: Any = None
@@ -220,7 +224,7 @@ class FakeBedrock:
     async def op_ConverseStream(self, request, params, body):
         model = params["modelId"]
         deltas = ["Hel", "lo ", "from ", model]
-        if model == "test.slow":
+        if model == "test.slow" or model in self.slow_models:
             deltas = [f"w{i} " for i in range(10)]
         events = [("messageStart", {"role": "assistant"})]
         events += [
@@ -381,6 +385,38 @@ class FakeBedrock:
             }
         )
 
+    async def op_GetInferenceProfile(self, request, params, body):
+        arn = params["inferenceProfileIdentifier"]
+        model = self.model_refs.get(arn)
+        if model is None:
+            return aws_error(404, "ResourceNotFoundException", "No such inference profile")
+        return json_response(
+            {
+                "inferenceProfileArn": arn,
+                "inferenceProfileId": arn.rsplit("/", 1)[-1],
+                "type": "APPLICATION",
+                "status": "ACTIVE",
+                "models": [
+                    {"modelArn": f"arn:aws:bedrock:us-east-1::foundation-model/{model}"},
+                    {"modelArn": f"arn:aws:bedrock:us-west-2::foundation-model/{model}"},
+                ],
+            }
+        )
+
+    async def op_GetProvisionedModelThroughput(self, request, params, body):
+        arn = params["provisionedModelId"]
+        model = self.model_refs.get(arn)
+        if model is None:
+            return aws_error(404, "ResourceNotFoundException", "No such provisioned model")
+        return json_response(
+            {
+                "provisionedModelArn": arn,
+                "modelArn": f"arn:aws:bedrock:us-east-1::foundation-model/{model}",
+                "foundationModelArn": f"arn:aws:bedrock:us-east-1::foundation-model/{model}",
+                "status": "InService",
+            }
+        )
+
     async def op_CreateModelInvocationJob(self, request, params, body):
         spec = json.loads(body)
         job_id = f"job{len(self.jobs) + 1:04d}"
@@ -492,7 +528,7 @@ class FakeBedrock:
                     return response
                 if model == "test.stall-stream" and i == 1:
                     await asyncio.sleep(3600)
-                if model == "test.slow":
+                if model == "test.slow" or model in self.slow_models:
                     await asyncio.sleep(self.frame_delay)
                 self.frames_sent_at.append(time.monotonic())
                 await response.write(frame)
@@ -533,6 +569,12 @@ _ROUTES = [
     ("GET", r"/model-invocation-jobs", "ListModelInvocationJobs"),
     ("POST", r"/model-invocation-job/(?P<jobIdentifier>[^/]+)/stop", "StopModelInvocationJob"),
     ("POST", r"/async-invoke", "StartAsyncInvoke"),
+    ("GET", r"/inference-profiles/(?P<inferenceProfileIdentifier>[^/]+)", "GetInferenceProfile"),
+    (
+        "GET",
+        r"/provisioned-model-throughput/(?P<provisionedModelId>[^/]+)",
+        "GetProvisionedModelThroughput",
+    ),
     ("GET", r"/async-invoke/(?P<invocationArn>[^/]+)", "GetAsyncInvoke"),
     ("GET", r"/async-invoke", "ListAsyncInvokes"),
 ]

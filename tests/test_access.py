@@ -34,7 +34,6 @@ from proxy.app import STORE
 from proxy.keys import OPERATION_GROUPS
 from proxy.routing import load_operations
 from tests.conftest import MASTER_KEY, REGION, client_config
-from tests.test_auth_and_errors import curl
 from tests.test_virtual_keys import admin, new_key, sigv4_client
 
 ACCOUNT = "123456789012"

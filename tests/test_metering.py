@@ -85,6 +85,10 @@ def test_ledger_batches_round_trip_every_value(store_settings, bg):
             "use-case",
             '{"tags": ["a", "b"]}',
             None if i else "UpstreamStreamError",
+            i % 2,
+            None
+            if i % 3
+            else f"arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/p{i}",
         )
         for i in range(2500)
     ]

@@ -44,6 +44,8 @@ SPEND_COLUMNS = (
     "use_case",
     "annotations",
     "error",
+    "estimated",
+    "model_ref",
 )
 LABEL_COLUMNS = ("request_id", "kind", "value", "ts", "cost", "total_tokens")
 # Column types, for unpacking a JSON batch of rows in SQL (see insert_spend).
@@ -53,6 +55,7 @@ _COLUMN_TYPES = {
     "cost": "double precision",
     "status": "integer",
     "incomplete": "integer",
+    "estimated": "integer",
     "input_tokens": "bigint",
     "output_tokens": "bigint",
     "cache_read_tokens": "bigint",
@@ -90,7 +93,16 @@ REPORT_GROUPS = {
     "tag": ("value", "bp_spend_labels"),
     "limit": ("value", "bp_spend_labels"),
 }
-LOG_FILTERS = ("key_id", "user_id", "team_id", "model", "operation", "end_user", "use_case")
+LOG_FILTERS = (
+    "key_id",
+    "user_id",
+    "team_id",
+    "model",
+    "operation",
+    "end_user",
+    "use_case",
+    "request_id",
+)
 
 
 class SpendQueries:

@@ -90,6 +90,16 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         CREATE INDEX bp_jobs_key ON bp_jobs (key_id);
         """,
     ),
+    (
+        4,
+        # 1 when the tokens (and so the cost) are an estimate: a stream that ended before
+        # its usage arrived is charged for what it consumed, not left free.
+        # model_ref: the ARN a request named when it was resolved to the model it runs.
+        """
+        ALTER TABLE bp_spend ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE bp_spend ADD COLUMN model_ref TEXT
+        """,
+    ),
 ]
 
 
