@@ -78,7 +78,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     keys = KeyService(store, box, cache) if box is not None and settings.master_key else None
     try:
         prices = PriceTable.load(
-            settings.prices_file, settings.prices, settings.unpriced_model_price
+            settings.prices_file, settings.prices, settings.unpriced_model_price or None
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"config error: prices_file/prices: {exc}") from None
@@ -90,6 +90,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         settings.key_cache_ttl,
         settings.reserve_output_tokens,
         settings.cost_headers,
+        {k: float(v) for k, v in settings.request_prices.items()},
     )
     forwarder = Forwarder(
         settings,

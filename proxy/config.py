@@ -84,7 +84,10 @@ class Settings:
     prices: dict[str, Any] = field(default_factory=dict)
     # The price of a model no source prices, {input, output} per 1,000 tokens. Unset, a
     # key with a budget is refused such a model (its calls would otherwise be free).
-    unpriced_model_price: dict[str, Any] | None = None
+    unpriced_model_price: dict[str, Any] = field(default_factory=dict)
+    # USD per successful request, for operations that bill models they do not report
+    # (InvokeAgent without a trace, InvokeFlow, RetrieveAndGenerate, Rerank...).
+    request_prices: dict[str, Any] = field(default_factory=dict)
     # Seconds an application inference profile's or provisioned model's resolution is kept.
     model_ref_ttl: float = 3600.0
     # Budget alerts: POSTed when a key, user, team or named limit crosses 80 % and 100 % of
@@ -233,6 +236,9 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config error: alert_webhook_url: must be an http(s):// URL")
     if s.alert_webhook_format not in ("json", "slack"):
         raise ConfigError("config error: alert_webhook_format: must be json or slack")
+    for name, value in s.request_prices.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
+            raise ConfigError(f"config error: request_prices: {name}: must be a price in USD")
     if s.max_body_bytes <= 0:
         raise ConfigError("config error: max_body_bytes: must be greater than zero")
     if s.max_unverified_body_bytes < s.max_body_bytes:

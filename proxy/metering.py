@@ -108,6 +108,21 @@ class LedgerBudgets(BudgetSource):
         return await self._store.spend_since(spec.scope, spec.id, since)
 
 
+# Operations that bill models the request does not name: priced per request
+# (``request_prices``), or by the tokens an agent's trace reports.
+REQUEST_PRICED = frozenset(
+    {
+        "InvokeAgent",
+        "InvokeInlineAgent",
+        "InvokeFlow",
+        "RetrieveAndGenerate",
+        "RetrieveAndGenerateStream",
+        "AgenticRetrieveStream",
+        "GenerateQuery",
+        "OptimizePrompt",
+        "Rerank",
+    }
+)
 # Operations billed by the tokens of the model they name.
 _TOKEN_PRICED = frozenset(
     {
@@ -132,6 +147,7 @@ class Metering:
         limits_ttl: float,
         reserve_output_tokens: int,
         cost_headers: bool,
+        request_prices: dict[str, float] | None = None,
     ) -> None:
         self._store = store
         self.prices = prices
@@ -146,6 +162,7 @@ class Metering:
         self._key_limits: dict[str, tuple[KeyRecord, LimitSpec | None]] = {}
         self._reserve_output = reserve_output_tokens
         self.cost_headers = cost_headers
+        self.request_prices = request_prices or {}
         self._pending: set[asyncio.Task[None]] = set()
         self.metrics: Metrics | None = None
         self.alerts: BudgetAlerts | None = None
@@ -169,6 +186,19 @@ class Metering:
                 f"Model {x.model!r} has no price, and a budget applies to this request: "
                 f"price it in the proxy's settings (prices / prices_file), or set "
                 f"unpriced_model_price"
+            )
+        if (
+            x.operation is not None
+            and x.operation.name in REQUEST_PRICED
+            and x.operation.name not in self.request_prices
+            and any(spec.max_budget is not None for spec in specs)
+        ):
+            # Agents, flows and knowledge-base generation bill models AWS does not name in
+            # the response (an agent's tokens show only in its trace): unpriced, they
+            # would be free under a budget.
+            raise errors.access_denied(
+                f"{x.operation.name} has no price, and a budget applies to this request: "
+                f"set request_prices.{x.operation.name} in the proxy's settings"
             )
         try:
             tokens = (
@@ -254,7 +284,14 @@ class Metering:
         usage = x.finish_usage()
         if usage is None:
             return None
-        x.cost = self.prices.cost(x.model, usage, succeeded=200 <= x.status < 300)
+        succeeded = 200 <= x.status < 300
+        if x.model is None and usage.model is not None:
+            x.model = usage.model  # an agent's model, from its trace
+        per_request = self.request_prices.get(x.operation.name) if x.operation else None
+        if per_request is not None and not usage.found:
+            x.cost = per_request if succeeded else 0.0
+        else:
+            x.cost = self.prices.cost(x.model, usage, succeeded=succeeded)
         return x.cost
 
     def complete(self, x: Exchange, latency_ms: float) -> None:

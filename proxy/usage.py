@@ -37,6 +37,9 @@ class Usage:
     found: bool = False
     # True when the counts are the proxy's estimate, not the upstream's (a cut stream).
     estimated: bool = False
+    # The model that consumed the tokens, when the response says and the request did not
+    # (an agent's foundation model, from its trace).
+    model: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -224,6 +227,48 @@ class InvokeStreamMeter(EventStreamMeter):
             u.found = True
 
 
+class AgentTraceMeter(Meter):
+    """InvokeAgent and InvokeInlineAgent: with ``enableTrace``, every model invocation of
+    the orchestration reports its tokens in a trace event; they are summed as they pass.
+    Without a trace there is nothing to read, and the operation's per-request price (if
+    configured) applies."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos + 12 <= end:
+            total, headers_len = _PRELUDE.unpack_from(view, pos)
+            headers = view[pos + 12 : pos + 12 + headers_len]
+            if (
+                b"trace" in headers.tobytes()
+                and decode_headers(headers).get(":event-type") == "trace"
+            ):
+                with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError):
+                    self._read(orjson.loads(view[pos + 12 + headers_len : pos + total - 4]))
+            pos += total
+
+    def _read(self, event: Any) -> None:
+        trace = event.get("trace") if isinstance(event, dict) else None
+        if not isinstance(trace, dict):
+            return
+        for step in trace.values():  # orchestrationTrace, preProcessingTrace, ...
+            if not isinstance(step, dict):
+                continue
+            invocation = step.get("modelInvocationInput")
+            if isinstance(invocation, dict) and isinstance(invocation.get("foundationModel"), str):
+                self.usage.model = invocation["foundationModel"]
+            output = step.get("modelInvocationOutput")
+            metadata = output.get("metadata") if isinstance(output, dict) else None
+            counts = metadata.get("usage") if isinstance(metadata, dict) else None
+            if isinstance(counts, dict):
+                u = self.usage
+                u.input_tokens += _int(counts.get("inputTokens"))
+                u.output_tokens += _int(counts.get("outputTokens"))
+                u.found = True
+
+
 _METERS: dict[str, type[Meter]] = {
     "Converse": JsonBodyMeter,
     "ConverseStream": ConverseStreamMeter,
@@ -231,6 +276,8 @@ _METERS: dict[str, type[Meter]] = {
     "InvokeModelWithResponseStream": InvokeStreamMeter,
     "ApplyGuardrail": GuardrailMeter,
     "CountTokens": CountTokensMeter,
+    "InvokeAgent": AgentTraceMeter,
+    "InvokeInlineAgent": AgentTraceMeter,
 }
 
 

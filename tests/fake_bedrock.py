@@ -339,8 +339,33 @@ class FakeBedrock:
         )
 
     async def op_InvokeAgent(self, request, params, body):
-        text = json.loads(body).get("inputText", "")
-        frames = [
+        payload = json.loads(body)
+        text = payload.get("inputText", "")
+        traces = []
+        if payload.get("enableTrace"):
+            # Two model invocations of the orchestration, as Bedrock reports them.
+            for tokens in ((100, 20), (150, 30)):
+                # OrchestrationTrace is a union: the input and the output come as two events.
+                for step in (
+                    {
+                        "modelInvocationInput": {
+                            "foundationModel": "anthropic.claude-3-haiku-20240307-v1:0",
+                            "type": "ORCHESTRATION",
+                        }
+                    },
+                    {
+                        "modelInvocationOutput": {
+                            "metadata": {
+                                "usage": {"inputTokens": tokens[0], "outputTokens": tokens[1]}
+                            }
+                        }
+                    },
+                ):
+                    trace = {"orchestrationTrace": step}
+                    traces.append(
+                        event_frame("trace", {"agentId": params["agentId"], "trace": trace})
+                    )
+        frames = traces + [
             encode_frame(
                 {
                     ":event-type": "chunk",

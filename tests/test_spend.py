@@ -415,3 +415,52 @@ def test_budget_alerts_fire_once_at_80_and_100_percent(start_proxy, fake, tmp_pa
     if fmt == "slack":
         assert all("budget" in body["text"] for body in receiver.bodies)
     assert receiver.attempts == 3  # the first delivery failed and was retried
+
+
+# ---------------------------------------------------------------- agents, flows, RAG
+
+
+def test_agents_and_rag_are_charged_not_free(start_proxy, fake, tmp_path):
+    server = start_proxy(
+        request_prices={"RetrieveAndGenerate": 0.01, "InvokeAgent": 0.02},
+        sqlite_path=str(tmp_path / "agents.db"),
+        ledger_flush_interval=0.1,
+    )
+    key = new_key(server, max_budget=10)
+    agents = sigv4_client("bedrock-agent-runtime", server, key)
+
+    def run_agent(trace: bool) -> str:
+        reply = agents.invoke_agent(
+            agentId="AGENT12345",
+            agentAliasId="ALIAS12345",
+            sessionId="s-1",
+            inputText="hi",
+            enableTrace=trace,
+        )
+        list(reply["completion"])
+        return reply["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-request-id"]
+
+    traced = ledger_row(server, run_agent(True))
+    haiku = "anthropic.claude-3-haiku-20240307-v1:0"
+    assert (traced["model"], traced["input_tokens"], traced["output_tokens"]) == (haiku, 250, 50)
+    assert traced["cost"] == pytest.approx(PRICES.cost(haiku, Usage(250, 50, found=True), True))
+    assert ledger_row(server, run_agent(False))["cost"] == pytest.approx(0.02)
+    reply = agents.retrieve_and_generate(
+        input={"text": "q"},
+        retrieveAndGenerateConfiguration={
+            "type": "KNOWLEDGE_BASE",
+            "knowledgeBaseConfiguration": {
+                "knowledgeBaseId": "KB12345678",
+                "modelArn": f"arn:aws:bedrock:us-east-1::foundation-model/{haiku}",
+            },
+        },
+    )
+    rid = reply["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-request-id"]
+    assert ledger_row(server, rid)["cost"] == pytest.approx(0.01)
+    # An operation with no price is refused to a budgeted key, naming the setting.
+    with pytest.raises(agents.exceptions.AccessDeniedException, match=r"request_prices\.InvokeFlow"):
+        agents.invoke_flow(
+            flowIdentifier="FLOW123456",
+            flowAliasIdentifier="ALIAS12345",
+            inputs=[{"nodeName": "in", "nodeOutputName": "document", "content": {"document": "x"}}],
+        )
