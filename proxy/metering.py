@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -300,24 +301,35 @@ class Metering:
             return
         usage = x.finish_usage() or Usage()
         cost = x.cost if x.usage is not None and x.cost is not None else self.price(x)
-        if x.admission is not None:
-            task = asyncio.get_running_loop().create_task(
-                self._settle(x.admission, usage.total_tokens, cost)
-            )
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+        admission = x.admission
+        if admission is not None:
+            if isinstance(self.limiter, InProcessLimiter):
+                totals = self.limiter.settle_now(admission, usage.total_tokens, cost)
+                if totals and cost and self.alerts is not None:
+                    self._spawn(self._alert(totals, cost))
+            else:
+                self._spawn(self._settle(admission, usage.total_tokens, cost))
         self.ledger.record(*self._row(x, usage, cost, latency_ms))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _settle(self, admission: Admission, tokens: int, cost: float | None) -> None:
         try:
             totals = await self.limiter.settle(admission, tokens, cost)
             if self.alerts is not None and cost:
-                for spec, after in totals:
-                    await self.alerts.spent(spec, after - cost, after)
+                await self._alert(totals, cost)
         except Exception as exc:  # the ledger still has the row; counters re-sync per period
             log.error(
                 "could not settle limits for %s: %s", admission.request_id, type(exc).__name__
             )
+
+    async def _alert(self, totals: list[tuple[LimitSpec, float]], cost: float) -> None:
+        assert self.alerts is not None
+        for spec, after in totals:
+            await self.alerts.spent(spec, after - cost, after)
 
     def _row(
         self, x: Exchange, usage: Usage, cost: float | None, latency_ms: float

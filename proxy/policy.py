@@ -210,8 +210,19 @@ def _check_body(
 def model_allowed(patterns: list[str], model_id: str) -> bool:
     if not patterns:
         return True
-    matcher = _matcher(tuple(patterns))
-    return any(matcher(c) is not None for c in model_candidates(model_id))
+    key = (tuple(patterns), model_id)
+    allowed = _ALLOWED.get(key)
+    if allowed is None:
+        matcher = _matcher(key[0])
+        allowed = any(matcher(c) is not None for c in model_candidates(model_id))
+        if len(_ALLOWED) >= 4096:  # model ids come from authenticated requests
+            _ALLOWED.clear()
+        _ALLOWED[key] = allowed
+    return allowed
+
+
+# (allow-list, model id) -> allowed: the same few pairs come in request after request.
+_ALLOWED: dict[tuple[tuple[str, ...], str], bool] = {}
 
 
 @lru_cache(maxsize=1024)
