@@ -66,6 +66,37 @@ class Admission:
     minute: int = 0
 
 
+class _Leases:
+    """One limit's requests in flight, oldest first, with their reserves summed as they
+    come and go (the sum and the stale sweep were a scan of every lease per admission)."""
+
+    __slots__ = ("held", "reserved")
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[float, float]] = {}  # request id -> (started, reserve)
+        self.reserved = 0.0
+
+    def add(self, request_id: str, started: float, reserve: float) -> None:
+        self.held[request_id] = (started, reserve)
+        self.reserved += reserve
+
+    def release(self, request_id: str) -> None:
+        found = self.held.pop(request_id, None)
+        if found is not None:
+            self.reserved -= found[1]
+        if not self.held:
+            self.reserved = 0.0  # no float drift across an idle moment
+
+    def expire(self, before: float) -> None:
+        """Drop leases started before ``before``: a request whose end was never seen."""
+        held = self.held
+        while held:
+            request_id, (started, _) = next(iter(held.items()))
+            if started >= before:
+                return
+            self.release(request_id)
+
+
 class BudgetSource:
     """Where a budget's spend so far comes from when a counter starts: the ledger."""
 
@@ -109,8 +140,7 @@ class InProcessLimiter:
         self._lease = lease_seconds
         self._requests: dict[tuple[str, str, int], int] = {}
         self._tokens: dict[tuple[str, str, int], int] = {}
-        # (scope, id) -> {request_id: (started, reserve)}
-        self._inflight: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+        self._inflight: dict[tuple[str, str], _Leases] = {}
         # (scope, id, period index) -> spent
         self._spent: dict[tuple[str, str, int], float] = {}
         self._claims: dict[str, float] = {}
@@ -135,12 +165,18 @@ class InProcessLimiter:
                 )
             if spec.tpm is not None and self._tokens.get((*ident, minute), 0) >= spec.tpm:
                 raise _rate_refusal(spec, f"{spec.tpm} tokens per minute", _retry_after_minute(now))
-            leases = self._leases(ident, now)
-            if spec.max_parallel is not None and len(leases) >= spec.max_parallel:
+            leases = self._inflight.get(ident)
+            if leases is not None:
+                leases.expire(now - self._lease)
+            if (
+                spec.max_parallel is not None
+                and leases is not None
+                and len(leases.held) >= spec.max_parallel
+            ):
                 raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
             if spec.max_budget is not None:
                 spent = self._spent[(*ident, spec.period(now)[0])]
-                reserved = sum(r for _, r in leases.values())
+                reserved = leases.reserved if leases is not None else 0.0
                 if spent + reserved >= spec.max_budget:
                     raise _budget_refusal(spec, spent, now)
         for spec in specs:
@@ -150,7 +186,10 @@ class InProcessLimiter:
             if spec.tpm is not None and tokens:
                 self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + tokens
             if spec.max_parallel is not None or spec.max_budget is not None:
-                self._inflight.setdefault(ident, {})[request_id] = (now, reserve)
+                leases = self._inflight.get(ident)
+                if leases is None:
+                    leases = self._inflight[ident] = _Leases()
+                leases.add(request_id, now, reserve)
         self._expire(minute)
         return Admission(request_id, specs, reserve, tokens, minute)
 
@@ -171,7 +210,7 @@ class InProcessLimiter:
             ident = (spec.scope, spec.id)
             leases = self._inflight.get(ident)
             if leases is not None:
-                leases.pop(admission.request_id, None)
+                leases.release(admission.request_id)
             if spec.tpm is not None:
                 # The reservation made at admission becomes the real count (in the minute
                 # of admission while it lasts; a later minute gets the real count alone).
@@ -193,15 +232,6 @@ class InProcessLimiter:
             return False
         self._claims[name] = now + ttl
         return True
-
-    def _leases(self, ident: tuple[str, str], now: float) -> dict[str, tuple[float, float]]:
-        leases = self._inflight.get(ident)
-        if not leases:
-            return {}
-        stale = [rid for rid, (started, _) in leases.items() if now - started > self._lease]
-        for rid in stale:
-            del leases[rid]
-        return leases
 
     def _expire(self, minute: int) -> None:
         if len(self._requests) > 10_000:
