@@ -122,6 +122,7 @@ REQUEST_PRICED = frozenset(
         "GenerateQuery",
         "OptimizePrompt",
         "Rerank",
+        "StartAsyncInvoke",  # video and other media: priced per job, not per token
     }
 )
 # Operations billed by the tokens of the model they name.
@@ -132,7 +133,6 @@ _TOKEN_PRICED = frozenset(
         "InvokeModel",
         "InvokeModelWithResponseStream",
         "InvokeModelWithBidirectionalStream",
-        "StartAsyncInvoke",
         "CreateModelInvocationJob",
     }
 )
