@@ -11,6 +11,7 @@ from .accesslog import AccessLog
 from .admin import AdminApi
 from .alerts import BudgetAlerts
 from .auth import Authenticator
+from .batches import BatchSettler
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
 from .dispatch import application
@@ -46,6 +47,7 @@ METERING = web.AppKey("metering", Metering)
 METRICS = web.AppKey("metrics", Metrics)
 CREDENTIALS = web.AppKey("credentials", CredentialProvider)
 STATE = web.AppKey("state", dict)
+BATCHES = web.AppKey("batches", BatchSettler)
 
 
 def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.Application:
@@ -91,6 +93,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         settings.reserve_output_tokens,
         settings.cost_headers,
         {k: float(v) for k, v in settings.request_prices.items()},
+        settings.batch_discount,
     )
     forwarder = Forwarder(
         settings,
@@ -107,6 +110,15 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     forwarder.tracing = make_tracing(settings.tracing)
     forwarder.jobs = JobRegistry(store)
     forwarder.model_refs = ModelRefs(forwarder.control_get, settings.model_ref_ttl)
+    batches = BatchSettler(
+        store,
+        forwarder.control_get,
+        forwarder.s3_get,
+        metering.charge_job,
+        metering.limiter.claim_once,
+        region,
+        settings.batch_poll_interval,
+    )
     metering.metrics = metrics
     if settings.alert_webhook_url:
         metering.alerts = BudgetAlerts(
@@ -136,6 +148,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     app[CREDENTIALS] = credentials
     app[STORE] = store
     app[METERING] = metering
+    app[BATCHES] = batches
     app[STATE] = {"ready": False, "needs_credentials": not settings.upstream_bearer_token}
     if keys is not None:
         app[KEYS] = keys
@@ -188,9 +201,11 @@ async def _lifecycle(app: web.Application):
     await forwarder.start()
     if app[STATE]["needs_credentials"]:
         await app[CREDENTIALS].start()
+    app[BATCHES].start()
     app[STATE]["ready"] = True
     yield
     app[STATE]["ready"] = False
+    await app[BATCHES].close()
     await forwarder.close()
     await metering.close()  # flushes the ledger
     await app[CREDENTIALS].close()

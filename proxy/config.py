@@ -88,6 +88,9 @@ class Settings:
     # USD per successful request, for operations that bill models they do not report
     # (InvokeAgent without a trace, InvokeFlow, RetrieveAndGenerate, Rerank...).
     request_prices: dict[str, Any] = field(default_factory=dict)
+    # Batch jobs: how often one replica looks for ended jobs to charge, and their discount.
+    batch_poll_interval: float = 60.0
+    batch_discount: float = 0.5
     # Seconds an application inference profile's or provisioned model's resolution is kept.
     model_ref_ttl: float = 3600.0
     # Budget alerts: POSTed when a key, user, team or named limit crosses 80 % and 100 % of
@@ -239,6 +242,10 @@ def _validate(s: Settings) -> None:
     for name, value in s.request_prices.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
             raise ConfigError(f"config error: request_prices: {name}: must be a price in USD")
+    if s.batch_poll_interval <= 0 or not 0 <= s.batch_discount <= 1:
+        raise ConfigError(
+            "config error: batch_poll_interval must be positive, batch_discount within 0..1"
+        )
     if s.max_body_bytes <= 0:
         raise ConfigError("config error: max_body_bytes: must be greater than zero")
     if s.max_unverified_body_bytes < s.max_body_bytes:

@@ -23,14 +23,14 @@ from aiohttp import web
 from . import errors, http1, policy, sigv4
 from .auth import Authenticator, SignedRequest
 from .endpoints import Endpoints
-from .forward import Forwarder, refuse_other_providers
+from .forward import S3_SERVICE, Forwarder, refuse_other_providers
 from .headers import check_request_headers, response_headers, split_request_headers
 from .keys import KeySpec
 from .metering import Exchange
-from .routing import Operation, Service
+from .routing import Operation
 
 FILES_PATH = "/bedrock/files"
-S3 = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
+S3 = S3_SERVICE
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _CHUNK = 256 * 1024
 # Our AWS-shaped codes, as S3 names them.

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -32,12 +33,13 @@ from .jobs import LISTINGS, JobRegistry
 from .metering import Exchange, Metering
 from .metrics import Metrics
 from .modelrefs import ModelRefs, resolvable
-from .routing import RouteMatch, Router
+from .routing import RouteMatch, Router, Service
 from .tracing import Tracing
 from .unverified import UnverifiedBodies
 from .usage import Meter, meter_for
 
 log = logging.getLogger("bedrock_proxy.forward")
+S3_SERVICE = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
 
 BASE_PATH = "/bedrock"
 # Responses of known length up to this size are read whole and sent in one write.
@@ -265,6 +267,7 @@ class Forwarder:
         x.bytes_in = body.size
         x.identity = identity  # before the policy, so a refusal is attributed to the key
         upstream = self._endpoints.resolve(op.service, self.client_region(request))
+        x.region = upstream.region
         if x.model is not None and self.model_refs is not None and resolvable(x.model):
             resolved = await self.model_refs.resolve(x.model)
             if resolved is not None:
@@ -292,11 +295,20 @@ class Forwarder:
 
     async def control_get(self, region: str, path: str) -> tuple[int, bytes]:
         """A GET on the Bedrock control plane, signed with the server's credentials."""
-        service = self._router.service("bedrock")
+        return await self._signed_get(self._router.service("bedrock"), region, path)
+
+    async def s3_get(self, region: str, bucket: str, key: str) -> tuple[int, bytes]:
+        """An S3 object (path-style), read with the server's credentials."""
+        path = "/" + quote(bucket, safe="") + "/" + quote(key, safe="/-_.~")
+        return await self._signed_get(S3_SERVICE, region, path)
+
+    async def _signed_get(self, service: Service, region: str, path: str) -> tuple[int, bytes]:
         upstream = self._endpoints.resolve(service, region)
         headers = {"host": upstream.host, "accept": "application/json"}
         raw_path = upstream.base_path + path
-        if self._bearer:
+        if service is S3_SERVICE:
+            headers["x-amz-content-sha256"] = sigv4.EMPTY_SHA256
+        if self._bearer and service is not S3_SERVICE:
             headers["authorization"] = "Bearer " + self._bearer
         else:
             credentials = await self.upstream_credentials()
@@ -310,6 +322,7 @@ class Forwarder:
                 region=region,
                 service=service.signing_name,
                 date=sigv4.amz_date(),
+                double_encode=service is not S3_SERVICE,
             )
         response = await self.pool.request("GET", upstream.origin, raw_path, headers)
         try:
@@ -469,7 +482,9 @@ class Forwarder:
                     if owned_listing:
                         data = await self.jobs.filter_listing(x.identity, x.operation, data)
                     elif upstream.status == 200:
-                        await self.jobs.remember(x.identity, x.operation, x.model, data)
+                        await self.jobs.remember(
+                            x.identity, x.operation, x.model, data, body.joined(), x.region
+                        )
                 x.bytes_out = len(data)
                 if meter is not None:
                     meter.feed(data)

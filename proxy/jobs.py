@@ -49,8 +49,16 @@ class JobRegistry:
             )
 
     async def remember(
-        self, identity: Identity, op: Operation, model: str | None, body: bytes
+        self,
+        identity: Identity,
+        op: Operation,
+        model: str | None,
+        body: bytes,
+        request_body: bytes = b"",
+        region: str | None = None,
     ) -> None:
+        """Record a started job for its key; a batch job with where its output goes, so
+        its tokens can be charged once it completes (see ``batches``)."""
         member = STARTS.get(op.name)
         if member is None or identity.record is None or identity.key_id is None:
             return
@@ -58,8 +66,16 @@ class JobRegistry:
             arn = orjson.loads(body).get(member)
         except (orjson.JSONDecodeError, AttributeError):
             return
-        if isinstance(arn, str) and arn:
-            await self._store.record_job(arn, identity.key_id, model)
+        if not isinstance(arn, str) or not arn:
+            return
+        output_uri = None
+        if op.name == "CreateModelInvocationJob":
+            try:
+                config = orjson.loads(request_body)["outputDataConfig"]["s3OutputDataConfig"]
+                output_uri = config["s3Uri"] if isinstance(config["s3Uri"], str) else None
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                output_uri = None
+        await self._store.record_job(arn, identity.key_id, model, output_uri, region)
 
     async def filter_listing(self, identity: Identity, op: Operation, body: bytes) -> bytes:
         """A listing as this key may see it: only the jobs it started."""

@@ -20,8 +20,8 @@ from .keys import KeyRecord, parse_duration
 from .ledger import Ledger
 from .limits import Admission, BudgetSource, InProcessLimiter, LimitSpec, RedisLimiter
 from .metrics import Metrics
-from .pricing import PriceTable
-from .routing import Operation
+from .pricing import PriceTable, tokens_cost
+from .routing import Operation, Service
 from .store import Store
 from .usage import EventStreamMeter, Meter, Usage
 
@@ -41,6 +41,7 @@ class Exchange:
     model: str | None = None
     # The model as the request named it, when that was an ARN resolved to ``model``.
     model_ref: str | None = None
+    region: str | None = None
     identity: Identity | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
     admission: Admission | None = None
@@ -109,6 +110,10 @@ class LedgerBudgets(BudgetSource):
         return await self._store.spend_since(spec.scope, spec.id, since)
 
 
+# What a batch job's settlement is recorded as in the ledger.
+BATCH_JOB = Operation(
+    Service("bedrock", "bedrock", "bedrock"), "ModelInvocationJob", "POST", "", (), False
+)
 # Operations that bill models the request does not name: priced per request
 # (``request_prices``), or by the tokens an agent's trace reports.
 REQUEST_PRICED = frozenset(
@@ -149,6 +154,7 @@ class Metering:
         reserve_output_tokens: int,
         cost_headers: bool,
         request_prices: dict[str, float] | None = None,
+        batch_discount: float = 0.5,
     ) -> None:
         self._store = store
         self.prices = prices
@@ -164,6 +170,7 @@ class Metering:
         self._reserve_output = reserve_output_tokens
         self.cost_headers = cost_headers
         self.request_prices = request_prices or {}
+        self.batch_discount = batch_discount
         self._pending: set[asyncio.Task[None]] = set()
         self.metrics: Metrics | None = None
         self.alerts: BudgetAlerts | None = None
@@ -310,6 +317,24 @@ class Metering:
             else:
                 self._spawn(self._settle(admission, usage.total_tokens, cost))
         self.ledger.record(*self._row(x, usage, cost, latency_ms))
+
+    async def charge_job(self, job: dict[str, Any], usage: Usage) -> None:
+        """A batch job's tokens, once it ended: one ledger row under the job's ARN, and its
+        cost against every limit of its key (see ``batches``)."""
+        record = await self._store.key_by("key_id", job["key_id"])
+        x = Exchange(job["job_arn"], "POST", time.perf_counter(), operation=BATCH_JOB)
+        x.model, x.status, x.usage = job.get("model"), 200, usage
+        found = self.prices.price_for(x.model) if x.model else None
+        price = found or ((self.prices.fallback, 1.0) if self.prices.fallback else None)
+        x.cost = tokens_cost(price[0], usage, price[1]) * self.batch_discount if price else None
+        if record is not None:
+            x.identity = Identity(
+                "virtual", key_id=record.key_id, alias=record.spec.key_alias, record=record
+            )
+            specs = await self._specs(x)
+            if specs and x.cost:
+                await self.limiter.settle(Admission(x.request_id, specs, 0.0), 0, x.cost)
+        self.ledger.record(*self._row(x, usage, x.cost, 0.0))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

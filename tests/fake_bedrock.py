@@ -527,6 +527,20 @@ class FakeBedrock:
         self.s3.buckets.setdefault(out_bucket, {})[f"{out_prefix}{job_id}/{name}.out"] = Obj(
             out.encode(), f'"{hashlib.md5(out.encode()).hexdigest()}"', "application/jsonl"
         )
+        # The job's token counts, as Bedrock writes them: 10 in and 5 out per record.
+        manifest = json.dumps(
+            {
+                "totalRecordCount": len(lines),
+                "processedRecordCount": len(lines),
+                "successRecordCount": len(lines),
+                "errorRecordCount": 0,
+                "inputTokenCount": 10 * len(lines),
+                "outputTokenCount": 5 * len(lines),
+            }
+        ).encode()
+        self.s3.buckets[out_bucket][f"{out_prefix}{job_id}/manifest.json.out"] = Obj(
+            manifest, f'"{hashlib.md5(manifest).hexdigest()}"', "application/json"
+        )
 
     def _job(self, identifier: str) -> dict | None:
         return self.jobs.get(identifier.rsplit("/", 1)[-1])

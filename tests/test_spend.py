@@ -458,9 +458,58 @@ def test_agents_and_rag_are_charged_not_free(start_proxy, fake, tmp_path):
     rid = reply["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-request-id"]
     assert ledger_row(server, rid)["cost"] == pytest.approx(0.01)
     # An operation with no price is refused to a budgeted key, naming the setting.
-    with pytest.raises(agents.exceptions.AccessDeniedException, match=r"request_prices\.InvokeFlow"):
+    with pytest.raises(
+        agents.exceptions.AccessDeniedException, match=r"request_prices\.InvokeFlow"
+    ):
         agents.invoke_flow(
             flowIdentifier="FLOW123456",
             flowAliasIdentifier="ALIAS12345",
             inputs=[{"nodeName": "in", "nodeOutputName": "document", "content": {"document": "x"}}],
         )
+
+
+# ---------------------------------------------------------------- batch jobs
+
+
+def test_a_batch_job_is_charged_from_its_manifest_when_it_ends(
+    start_proxy, fake, fake_s3_server, tmp_path
+):
+    from tests.test_files import s3_client
+
+    fake_s3, _ = fake_s3_server
+    fake.s3 = fake_s3
+    server = start_proxy(
+        sqlite_path=str(tmp_path / "batch.db"), batch_poll_interval=0.2, ledger_flush_interval=0.1
+    )
+    haiku = "anthropic.claude-3-haiku-20240307-v1:0"
+    key = new_key(server, max_budget=10, file_buckets=["batch-in", "batch-out"])
+    records = "".join(json.dumps({"recordId": f"r{i}", "modelInput": {}}) + "\n" for i in range(4))
+    s3_client(server, key).put_object(Bucket="batch-in", Key="b/in.jsonl", Body=records.encode())
+    bedrock = sigv4_client("bedrock", server, key)
+    arn = bedrock.create_model_invocation_job(
+        jobName="nightly",
+        roleArn="arn:aws:iam::123456789012:role/batch",
+        modelId=haiku,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": "s3://batch-in/b/in.jsonl"}},
+        outputDataConfig={"s3OutputDataConfig": {"s3Uri": "s3://batch-out/results/"}},
+    )["jobArn"]
+    bedrock.get_model_invocation_job(jobIdentifier=arn)  # the fake's job ends here
+    row = ledger_row(server, arn, timeout=10)
+    assert (row["operation"], row["model"], row["key_id"]) == (
+        "ModelInvocationJob",
+        haiku,
+        key["key_id"],
+    )
+    assert (row["input_tokens"], row["output_tokens"]) == (40, 20)
+    on_demand = PRICES.cost(haiku, Usage(40, 20, found=True), True)
+    assert row["cost"] == pytest.approx(on_demand * 0.5)  # batch is half price
+    _wait_for(
+        lambda: (
+            admin(server, "GET", f"/key/info?key={key['key_id']}")[1]["info"]["spend"]
+            == pytest.approx(on_demand * 0.5)
+        )
+    )
+    # Charged once: later polls leave it alone.
+    time.sleep(0.6)
+    _status, logs = admin(server, "GET", f"/spend/logs?request_id={arn}")
+    assert logs["total_count"] == 1

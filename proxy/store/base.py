@@ -249,15 +249,37 @@ class SpendQueries:
 
     # ---------------------------------------------------------------- batch jobs
 
-    async def record_job(self: Any, job_arn: str, key_id: str, model: str | None) -> None:
+    async def record_job(
+        self: Any,
+        job_arn: str,
+        key_id: str,
+        model: str | None,
+        output_uri: str | None = None,
+        region: str | None = None,
+    ) -> None:
         await self.execute(
-            "INSERT INTO bp_jobs (job_arn, job_id, key_id, model, created_at)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_arn) DO NOTHING",
+            "INSERT INTO bp_jobs (job_arn, job_id, key_id, model, created_at, output_uri, region)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (job_arn) DO NOTHING",
             job_arn,
             job_arn.rsplit("/", 1)[-1],
             key_id,
             model,
             time.time(),
+            output_uri,
+            region,
+        )
+
+    async def unsettled_jobs(self: Any, limit: int) -> list[dict[str, Any]]:
+        """Batch jobs whose tokens are not charged yet, oldest first."""
+        return await self.fetch(
+            "SELECT job_arn, job_id, key_id, model, output_uri, region FROM bp_jobs"
+            " WHERE settled_at IS NULL AND output_uri IS NOT NULL ORDER BY created_at LIMIT $1",
+            limit,
+        )
+
+    async def settle_job(self: Any, job_arn: str) -> None:
+        await self.execute(
+            "UPDATE bp_jobs SET settled_at = $2 WHERE job_arn = $1", job_arn, time.time()
         )
 
     async def job_owner(self: Any, identifier: str) -> str | None:

@@ -95,9 +95,13 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         # 1 when the tokens (and so the cost) are an estimate: a stream that ended before
         # its usage arrived is charged for what it consumed, not left free.
         # model_ref: the ARN a request named when it was resolved to the model it runs.
+        # A batch job's output URI and region, and when its tokens were charged.
         """
         ALTER TABLE bp_spend ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
-        ALTER TABLE bp_spend ADD COLUMN model_ref TEXT
+        ALTER TABLE bp_spend ADD COLUMN model_ref TEXT;
+        ALTER TABLE bp_jobs ADD COLUMN output_uri TEXT;
+        ALTER TABLE bp_jobs ADD COLUMN region TEXT;
+        ALTER TABLE bp_jobs ADD COLUMN settled_at DOUBLE PRECISION
         """,
     ),
 ]
