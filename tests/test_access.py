@@ -825,3 +825,56 @@ def test_anonymous_junk_grows_neither_memory_nor_metrics(fake_server, tmp_path):
         grown_kib = _rss_kib(proc.pid) - rss
         assert grown_kib < 8 * 1024, f"RSS grew by {grown_kib} KiB"
         assert metrics_size() - size < 512, "refused requests added metric series"
+
+
+def test_the_aws_cli_is_refused_what_the_key_may_not_name(ac_proxy, fake, restricted):
+    """The AWS CLI, signing with the key pair: a guardrail in the Converse body and a
+    reranking model deep in a Retrieve body, each refused before the upstream."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_BEARER")}
+    env.update(
+        AWS_ACCESS_KEY_ID=restricted["access_key_id"],
+        AWS_SECRET_ACCESS_KEY=restricted["secret_access_key"],
+    )
+    aws = os.path.join(os.path.dirname(sys.executable), "aws")
+    common = ["--endpoint-url", ac_proxy.base, "--region", REGION]
+    rerank = {
+        "vectorSearchConfiguration": {
+            "rerankingConfiguration": {
+                "type": "BEDROCK_RERANKING_MODEL",
+                "bedrockRerankingConfiguration": {
+                    "modelConfiguration": {"modelArn": BAD[resources.MODEL][2]}
+                },
+            }
+        }
+    }
+    calls = [
+        [
+            "bedrock-runtime",
+            "converse",
+            "--model-id",
+            GOOD[resources.MODEL],
+            "--messages",
+            json.dumps([{"role": "user", "content": [{"text": "hi"}]}]),
+            "--guardrail-config",
+            json.dumps({"guardrailIdentifier": "gr-evil", "guardrailVersion": "1"}),
+        ],
+        [
+            "bedrock-agent-runtime",
+            "retrieve",
+            "--knowledge-base-id",
+            "KBOK000001",
+            "--retrieval-query",
+            json.dumps({"text": "q"}),
+            "--retrieval-configuration",
+            json.dumps(rerank),
+        ],
+    ]
+    before = len(fake.requests)
+    for call in calls:
+        out = subprocess.run([aws, *call, *common], env=env, capture_output=True, timeout=60)
+        assert out.returncode != 0
+        assert b"AccessDeniedException" in out.stderr, out.stderr.decode()
+    assert len(fake.requests) == before
