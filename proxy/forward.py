@@ -29,7 +29,7 @@ from .config import Settings
 from .credentials import CredentialProvider, NoCredentialsError
 from .endpoints import Endpoints, Upstream, valid_region
 from .headers import check_request_headers, response_headers, split_request_headers
-from .jobs import LISTINGS, JobRegistry
+from .jobs import LISTINGS, STARTS, JobRegistry
 from .metering import Exchange, Metering
 from .metrics import Metrics
 from .modelrefs import ModelRefs, resolvable
@@ -481,7 +481,8 @@ class Forwarder:
                 if self.jobs is not None and x.identity is not None and x.operation is not None:
                     if owned_listing:
                         data = await self.jobs.filter_listing(x.identity, x.operation, data)
-                    elif upstream.status == 200:
+                    elif upstream.status == 200 and x.operation.name in STARTS:
+                        # (A start's body is small JSON: joining it copies nothing big.)
                         await self.jobs.remember(
                             x.identity, x.operation, x.model, data, body.joined(), x.region
                         )
