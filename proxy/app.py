@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from . import errors
+from . import errors, policy
 from .accesslog import AccessLog
 from .admin import AdminApi
 from .alerts import BudgetAlerts
@@ -57,6 +57,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
             "(pass --allow-unauthenticated to run without client authentication)"
         )
     router = Router(load_operations())
+    policy.load_fields()  # at startup, into the heap serve freezes (see pricing)
     overrides = {**sdk_endpoint_overrides((*SERVICE_NAMES, "s3")), **settings.endpoints}
     region = settings.region or _profile_region(settings) or "us-east-1"
     if not valid_region(region):

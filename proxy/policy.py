@@ -60,7 +60,7 @@ _ARN_KINDS = {
 
 
 @cache
-def _fields() -> dict[str, OperationFields]:
+def load_fields() -> dict[str, OperationFields]:
     compiled: dict[str, OperationFields] = {}
     for key, entries in resources.load_table().items():
         by_location: dict[str, list[Any]] = {"uri": [], "header": [], "querystring": [], "body": []}
@@ -88,7 +88,7 @@ def _names_by_kind(
 
 
 def fields_of(op: Operation) -> OperationFields:
-    return _fields().get(f"{op.service.name}:{op.name}", _NO_FIELDS)
+    return load_fields().get(f"{op.service.name}:{op.name}", _NO_FIELDS)
 
 
 def operation_group(op: Operation) -> str:

@@ -63,6 +63,13 @@ class PriceTable:
         self.fallback = fallback
         self._use_maintained = use_maintained
         self._found: dict[str, tuple[Price, float] | None] = {}
+        if use_maintained:
+            # Loaded now, at startup, not on the first request: its ~40,000 objects then
+            # join the heap that ``serve`` freezes out of garbage collection, instead of
+            # lengthening every full collection (a stall for every open stream).
+            from genai_prices import data_snapshot
+
+            data_snapshot.get_snapshot()
         self.unpriced: Counter[str] = Counter()
 
     @classmethod
