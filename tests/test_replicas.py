@@ -97,6 +97,61 @@ def test_two_processes_share_one_rpm_limit_and_budget(fake_server, redis_url, tm
         assert statuses[:2] == [200, 200] and set(statuses[2:]) == {400}
 
 
+def test_three_processes_share_tpm_reservations_and_named_limits(fake_server, redis_url, tmp_path):
+    """TPM reservations and named-limit membership hold across replicas sharing Redis."""
+    _, fake_url = fake_server
+    store = str(tmp_path / "shared.db")
+    ports = [free_port() for _ in range(3)]
+    envs = [
+        server_env(
+            fake_url,
+            BEDROCK_PROXY_HOST="127.0.0.1",
+            BEDROCK_PROXY_PORT=str(port),
+            BEDROCK_PROXY_REDIS_URL=redis_url,
+            BEDROCK_PROXY_SQLITE_PATH=store,
+            BEDROCK_PROXY_KEY_CACHE_TTL="0.5",
+        )
+        for port in ports
+    ]
+    with (
+        running([BIN, "serve"], envs[0], ports[0]),
+        running([BIN, "serve"], envs[1], ports[1]),
+        running([BIN, "serve"], envs[2], ports[2]),
+    ):
+        if 60 - time.time() % 60 < 5:  # keep the burst inside one calendar minute
+            time.sleep(60 - time.time() % 60 + 0.1)
+        key = generate_key(ports[0], tpm_limit=20)
+
+        async def burst(token: str, count: int) -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                return await asyncio.gather(
+                    *(_post(session, ports[i % 3], token) for i in range(count))
+                )
+
+        # Each admission reserves its estimate in Redis: one request fills the minute. Once
+        # it settles (18 real tokens, under 20) one more may pass: the documented bound.
+        statuses = asyncio.run(burst(key["key"], 30))
+        assert 1 <= statuses.count(200) <= 2, statuses
+        assert statuses.count(200) + statuses.count(429) == 30, statuses
+
+        # A named limit binds its member on every replica, header or not.
+        member = generate_key(ports[1])
+        limit_id = f"shared-{time.time_ns()}"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{ports[2]}/limit/new",
+            data=json.dumps(
+                {"limit_id": limit_id, "rpm_limit": 4, "key_ids": [member["key_id"]]}
+            ).encode(),
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+        time.sleep(1.0)  # every replica re-reads named limits within key_cache_ttl (0.5 s)
+        if 60 - time.time() % 60 < 3:
+            time.sleep(60 - time.time() % 60 + 0.1)
+        statuses = asyncio.run(burst(member["key"], 12))
+        assert statuses.count(200) == 4 and statuses.count(429) == 8, statuses
+
+
 async def _load(port: int, token: str, stop_at: float, concurrency: int) -> tuple[int, float]:
     """Send requests until the server goes away or time is up; count the 200s."""
     served = 0

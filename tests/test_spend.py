@@ -221,9 +221,11 @@ def test_tpm_holds_under_a_concurrent_burst(start_proxy, fake, tmp_path, shared,
     url = server.base + "/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
     statuses = asyncio.run(_concurrent(url, key["key"], 30))
     # Each admission reserves its estimate (input by size + reserve_output_tokens): the
-    # first fills the minute, so the burst cannot overshoot by more than one request.
-    assert statuses.count(200) == 1, statuses
-    assert statuses.count(429) == 29
+    # first fills the minute. Once it settles at its real 18 tokens (under 20) one more
+    # may pass, and no other: the burst overshoots by at most one request. Without the
+    # reservation all 30 passed.
+    assert 1 <= statuses.count(200) <= 2, statuses
+    assert statuses.count(200) + statuses.count(429) == 30, statuses
 
 
 @pytest.fixture(scope="module")
