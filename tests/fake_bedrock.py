@@ -250,16 +250,29 @@ class FakeBedrock:
             data = bytes(range(256)) * (3 * 1024 * 1024 // 256)
             return web.Response(body=data, content_type="application/octet-stream")
         try:
-            json.loads(body)
+            payload = json.loads(body)
         except ValueError:
             return aws_error(
                 400,
                 "ValidationException",
                 "Malformed input request, please reformat your input and try again.",
             )
-        reply = json.dumps(
-            {"completion": f"model={model}", "echo_sha256": hashlib.sha256(body).hexdigest()}
-        ).encode()
+        answer: dict[str, Any] = {
+            "completion": f"model={model}",
+            "echo_sha256": hashlib.sha256(body).hexdigest(),
+        }
+        if isinstance(payload, dict) and "anthropic_version" in payload:
+            # Anthropic's Messages shape, as Claude models answer InvokeModel.
+            answer.update(
+                id="msg_fake",
+                type="message",
+                role="assistant",
+                model=model,
+                content=[{"type": "text", "text": f"model={model}"}],
+                stop_reason="end_turn",
+                usage={"input_tokens": 25, "output_tokens": 13},
+            )
+        reply = json.dumps(answer).encode()
         return web.Response(
             body=reply,
             headers={

@@ -515,3 +515,33 @@ def test_a_batch_job_is_charged_from_its_manifest_when_it_ends(
     time.sleep(0.6)
     _status, logs = admin(server, "GET", f"/spend/logs?request_id={arn}")
     assert logs["total_count"] == 1
+
+
+def test_the_anthropic_sdk_through_the_proxy_is_priced_and_bound(spend_proxy, fake):
+    """AnthropicBedrock (Claude Code's own client library), signing with a key pair."""
+    import anthropic
+    key = new_key(spend_proxy, max_budget=0.0002)
+    client = anthropic.AnthropicBedrock(
+        aws_access_key=key["access_key_id"],
+        aws_secret_key=key["secret_access_key"],
+        aws_region="us-east-1",
+        base_url=spend_proxy.base,
+        max_retries=0,
+    )
+    message = client.messages.create(
+        model=SONNET_45, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert message.content[0].text == f"model={SONNET_45}"
+    request_id = fake.requests[-1].headers  # reached the fake, signed by the server
+    assert request_id["Authorization"].startswith("AWS4-HMAC-SHA256")
+    deadline = time.monotonic() + 5
+    while True:  # 25 + 3 + 4 input and 13 output tokens of Sonnet 4.5 exceed the budget
+        try:
+            client.messages.create(
+                model=SONNET_45, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+            )
+        except anthropic.BadRequestError as exc:
+            assert "ServiceQuotaExceededException" in str(exc) or "budget" in str(exc)
+            break
+        assert time.monotonic() < deadline, "the budget never bound"
+        time.sleep(0.1)
