@@ -1,8 +1,10 @@
 """What a virtual key may do: operation groups, model allow-lists, resource allow-lists.
 
-Models and resources are read from the path labels (already decoded, ARN-aware) and, for the
-few operations that carry them in the body, from the body — read, never changed. A body that
-names the same field twice is refused: AWS's parser and ours might pick different ones.
+Every request member that names a resource (a path label, a header, a query parameter, or
+a member of the body at any depth) is checked: which members those are comes from the
+table ``resources`` derives from botocore's service models, not from a hand list. Bodies are
+read, never changed; one the policy must read is parsed strictly or refused, so that AWS's
+parser and ours cannot read it two ways.
 """
 
 from __future__ import annotations
