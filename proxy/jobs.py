@@ -89,7 +89,7 @@ class JobRegistry:
             arns = [entry[arn_member] for entry in entries]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             # Not the listing AWS documents: show nothing rather than someone else's jobs.
-            raise errors.internal("The upstream listing could not be read") from None
+            raise errors.service_unavailable("The upstream listing could not be read") from None
         owned = await self._store.owned_jobs(
             identity.key_id, [a for a in arns if isinstance(a, str)]
         )

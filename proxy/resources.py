@@ -37,18 +37,6 @@ S3_OBJECT = "s3 object"  # a structure {s3BucketName, s3ObjectKey}
 S3_BUCKET = "s3 bucket"  # a bare bucket name
 ARN = "arn"  # any ARN: checked by its resource type
 NONE = "none"
-KINDS = (
-    MODEL,
-    GUARDRAIL,
-    KNOWLEDGE_BASE,
-    AGENT,
-    AGENT_ALIAS_ARN,
-    FLOW,
-    S3_URI,
-    S3_OBJECT,
-    S3_BUCKET,
-    ARN,
-)
 
 SERVICES = ("bedrock-runtime", "bedrock-agent-runtime", "bedrock")
 # A member is suspect when its name or its shape's name ends like a reference to something.

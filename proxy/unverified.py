@@ -24,7 +24,7 @@ class UnverifiedBodies:
     def hold(self, declared: int | None, max_body: int) -> Iterator[None]:
         """Reserve a body's bytes (its Content-Length, or the largest allowed when it has
         none) while it is read and its signature checked."""
-        amount = declared if declared is not None else max_body
+        amount = min(declared, max_body) if declared is not None else max_body
         if self.held + amount > self.limit and self.held:
             raise errors.AwsError(
                 503,
