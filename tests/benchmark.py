@@ -262,7 +262,7 @@ def run_stream_stub(port: int, frames: int, interval: float) -> None:
     import orjson
     from aiohttp import web
 
-    from proxy.eventstream import encode_frame
+    from proxy.wire.eventstream import encode_frame
 
     async def converse_stream(request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -315,7 +315,7 @@ def run_stream_stub(port: int, frames: int, interval: float) -> None:
 async def drive_streams(url: str, count: int, ramp: float, headers: dict[str, str]) -> dict:
     import aiohttp
 
-    from proxy.eventstream import FrameSplitter, iter_frames
+    from proxy.wire.eventstream import FrameSplitter, iter_frames
 
     ttfb: list[float] = []
     frame_delays: list[float] = []

@@ -19,10 +19,10 @@ import pytest
 from aiohttp import web
 from botocore.config import Config
 
-from proxy.accesslog import AccessLog
-from proxy.app import FORWARDER, create_app
-from proxy.config import load_settings
-from proxy.server import ProxyRunner
+from proxy.observe.accesslog import AccessLog
+from proxy.server.app import PIPELINE, create_app
+from proxy.server.config import load_settings
+from proxy.server.runner import ProxyRunner
 from tests.fake_bedrock import (
     UPSTREAM_ACCESS_KEY,
     UPSTREAM_SECRET_KEY,
@@ -105,7 +105,7 @@ class Server:
 async def start_server(app: web.Application, tls: Any = None) -> tuple[str, web.AppRunner]:
     # Like AWS, the fakes read bodies as sent: aiohttp must not inflate Content-Encoding.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, auto_decompress=False)
-    if FORWARDER in app:  # a proxy: the runner the CLI uses
+    if PIPELINE in app:  # a proxy: the runner the CLI uses
         runner = ProxyRunner(app, header_timeout=2.0, keepalive_timeout=75.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)

@@ -29,7 +29,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
-from proxy.eventstream import encode_frame
+from proxy.wire.eventstream import encode_frame
 
 UPSTREAM_ACCESS_KEY = "AKIDUPSTREAMFAKE0001"
 UPSTREAM_SECRET_KEY = "upstream/secret+key/for/the/fake"

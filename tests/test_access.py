@@ -29,10 +29,10 @@ from botocore.exceptions import ClientError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import resources
-from proxy.app import STORE
-from proxy.keys import OPERATION_GROUPS
-from proxy.routing import load_operations
+from proxy.access import resources
+from proxy.access.keys import OPERATION_GROUPS
+from proxy.server.app import STORE
+from proxy.wire.routing import load_operations
 from tests.conftest import MASTER_KEY, REGION, boto_client, client_config
 from tests.test_virtual_keys import admin, new_key, sigv4_client
 
@@ -112,7 +112,7 @@ def restricted(ac_proxy) -> dict:
 
 def test_table_is_what_the_installed_botocore_models_derive():
     """The committed table is regenerated from botocore; a difference means the models
-    changed: run `python -m proxy.resources --write` and review the diff."""
+    changed: run `python -m proxy.access.resources --write` and review the diff."""
     assert resources.derive() == {
         key: [[f.location, f.name, f.kind] for f in fields]
         for key, fields in resources.load_table().items()
@@ -709,7 +709,7 @@ def test_sqlite_store_is_owner_only_and_keeps_no_fingerprint(ac_proxy, restricte
 def test_v1_ciphertexts_are_resealed_under_scrypt(tmp_path):
     import base64
 
-    from proxy.secretbox import SecretBox, _hkdf_v1
+    from proxy.access.secretbox import SecretBox, _hkdf_v1
 
     secret = "a-weak-but-long-enough-master"
     nonce = b"\0" * 12

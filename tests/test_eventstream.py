@@ -7,7 +7,7 @@ from botocore.eventstream import EventStreamBuffer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.eventstream import FrameSplitter, encode_frame, exception_frame, iter_frames
+from proxy.wire.eventstream import FrameSplitter, encode_frame, exception_frame, iter_frames
 
 frames = st.lists(
     st.tuples(

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from botocore.exceptions import EventStreamError
 
-from proxy.pricing import PriceTable
+from proxy.metering.pricing import PriceTable
 from tests.conftest import MASTER_KEY, boto_client
 from tests.test_auth_and_errors import curl
 from tests.test_virtual_keys import admin, new_key, sigv4_client

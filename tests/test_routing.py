@@ -7,7 +7,7 @@ import pytest
 from botocore.serialize import create_serializer
 from botocore.session import get_session
 
-from proxy.routing import SERVICE_NAMES, Router, load_operations
+from proxy.wire.routing import SERVICE_NAMES, Router, load_operations
 
 ROUTER = Router(load_operations())
 VALUES = [

@@ -13,7 +13,7 @@ from botocore.credentials import Credentials as BotoCredentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import sigv4
+from proxy.wire import sigv4
 
 segment = st.text(
     st.characters(blacklist_categories=("Cs",), blacklist_characters="/"), min_size=1, max_size=12

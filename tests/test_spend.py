@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.pricing import PriceTable
-from proxy.usage import Usage
+from proxy.metering.pricing import PriceTable
+from proxy.metering.usage import Usage
 from tests.test_metering import _wait_for_fresh_minute, ledger_row
 from tests.test_virtual_keys import admin, new_key, sigv4_client
 
@@ -520,6 +520,7 @@ def test_a_batch_job_is_charged_from_its_manifest_when_it_ends(
 def test_the_anthropic_sdk_through_the_proxy_is_priced_and_bound(spend_proxy, fake):
     """AnthropicBedrock (Claude Code's own client library), signing with a key pair."""
     import anthropic
+
     key = new_key(spend_proxy, max_budget=0.0002)
     client = anthropic.AnthropicBedrock(
         aws_access_key=key["access_key_id"],

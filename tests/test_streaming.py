@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from botocore.exceptions import EventStreamError
 
-from proxy.eventstream import iter_frames
+from proxy.wire.eventstream import iter_frames
 from tests.conftest import MASTER_KEY, boto_client
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]

@@ -9,7 +9,7 @@ import sys
 import boto3
 import pytest
 
-from proxy.credentials import CredentialProvider
+from proxy.server.credentials import CredentialProvider
 from tests.conftest import MASTER_KEY, boto_client, client_config, with_key_header
 from tests.fake_bedrock import UPSTREAM_BEARER
 from tests.test_auth_and_errors import curl

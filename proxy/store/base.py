@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from ..keys import KeyRecord, KeySpec
 from .migrations import MIGRATIONS
+from .records import KeyRecord, KeySpec
 
 _KEY_COLUMNS = (
     "key_id, token_hash, token_hint, access_key_id, secret_enc, spec, created_at, updated_at"

@@ -1,0 +1,214 @@
+"""Every way a client proves who it is, reduced to one ``Identity``.
+
+1. ``Authorization: Bearer <key>``: curl, scripts, and botocore with ``AWS_BEARER_TOKEN_BEDROCK``.
+2. A header other gateways' users already send (``x-api-key``, ``litellm_user_api_key:
+   Bearer <key>``…); a request signed with dummy AWS credentials that carries one is
+   accepted on the header and its signature ignored.
+3. SigV4 signed with a virtual key's access key id and secret, verified the way AWS does.
+
+Keys are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from ..exchange import ANONYMOUS, MASTER, Identity
+from ..wire import errors, sigv4
+from ..wire.headers import forwarded_amz
+from .keycache import KeyCache
+from .keys import KeyRecord, hash_token
+
+# AWS access key ids are 16-128 upper-case letters and digits; nothing else is looked up.
+_ACCESS_KEY_ID = re.compile(r"[A-Z0-9]{16,128}")
+# No key of ours is longer; a longer one is refused before it is hashed or looked up.
+_MAX_KEY_LENGTH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    """What a SigV4 check needs beyond the headers: the exact bytes that were signed."""
+
+    method: str
+    raw_path: str
+    raw_query: str
+    payload_sha256: str
+    double_encode: bool = True
+    # The service the credential scope must name: bedrock, or s3 for the files endpoint.
+    service: str = "bedrock"
+
+
+class Authenticator:
+    """Turns the credentials in a request into an Identity, or an AWS-shaped refusal."""
+
+    def __init__(
+        self,
+        master_key: str | None,
+        auth_headers: list[str],
+        allow_unauthenticated: bool,
+        keys: KeyCache | None = None,
+        max_skew_seconds: int = 900,
+    ) -> None:
+        self._master = master_key.encode() if master_key else None
+        self._headers = tuple(h.lower() for h in auth_headers)
+        self.open = allow_unauthenticated and master_key is None
+        self._keys = keys
+        self._max_skew = max_skew_seconds
+
+    def presented_key(self, headers: Mapping[str, str]) -> str | None:
+        """The key the client sent, from Authorization: Bearer or a configured header."""
+        authorization = headers.get("Authorization")
+        if authorization is not None and authorization[:7].lower() == "bearer ":
+            return authorization[7:].strip()
+        for name in self._headers:
+            value = headers.get(name)
+            if value:
+                value = value.strip()
+                return value[7:].strip() if value[:7].lower() == "bearer " else value
+        return None
+
+    def precheck(self, request: web.BaseRequest) -> None:
+        """Refuse a request with no credentials at all before its body is read."""
+        if self.open or self.presented_key(request.headers) is not None:
+            return
+        if request.headers.get("Authorization", "").startswith(sigv4.ALGORITHM):
+            return
+        raise errors.access_denied(
+            "Missing credentials: send Authorization: Bearer <key>, x-api-key: <key>, "
+            "or sign the request with a virtual key's access key"
+        )
+
+    async def identify(self, request: web.BaseRequest) -> Identity | None:
+        """Everything that can be judged from the headers, before any body is read: a
+        bearer key is checked in full; a SigV4 key id must exist (its signature covers the
+        body, so it is verified by ``authenticate`` once the body is in). None means the
+        request is signed by a known key and waits for its body."""
+        if self.open or self.presented_key(request.headers) is not None:
+            return await self.authenticate(request)
+        authorization = request.headers.get("Authorization", "")
+        if not authorization.startswith(sigv4.ALGORITHM):
+            self.precheck(request)
+            raise errors.access_denied("Missing credentials")
+        await self._signing_key(authorization)
+        return None
+
+    async def authenticate(
+        self, request: web.BaseRequest, signed: SignedRequest | None = None
+    ) -> Identity:
+        if self.open:
+            return ANONYMOUS
+        key = self.presented_key(request.headers)
+        if key is not None:
+            return await self._bearer(key)
+        authorization = request.headers.get("Authorization", "")
+        if authorization.startswith(sigv4.ALGORITHM) and signed is not None:
+            return await self._sigv4(request, authorization, signed)
+        self.precheck(request)
+        raise errors.access_denied("Missing credentials")
+
+    async def master_only(self, request: web.BaseRequest) -> None:
+        key = self.presented_key(request.headers)
+        if key is None or self._master is None or not self.is_master_key(key):
+            raise errors.access_denied("This route requires the master key")
+
+    def is_master_key(self, key: str) -> bool:
+        return self._master is not None and hmac.compare_digest(key.encode(), self._master)
+
+    async def _bearer(self, key: str) -> Identity:
+        if self.is_master_key(key):
+            return MASTER
+        if len(key) > _MAX_KEY_LENGTH:
+            raise errors.access_denied("The API key in the request is not valid")
+        record = await self._keys.get("token_hash", hash_token(key)) if self._keys else None
+        if record is None:
+            raise errors.access_denied("The API key in the request is not valid")
+        return _usable(record)
+
+    async def _sigv4(
+        self, request: web.BaseRequest, authorization: str, signed: SignedRequest
+    ) -> Identity:
+        parsed, record = await self._signing_key(authorization)
+        if parsed.service != signed.service:
+            raise errors.AwsError(
+                403,
+                "InvalidSignatureException",
+                f"Credential should be scoped to correct service: '{signed.service}'.",
+            )
+        headers = _lower_headers(request.headers)
+        declared = headers.get("x-amz-content-sha256")
+        payload_hash = signed.payload_sha256
+        if declared is not None and declared != payload_hash:
+            if declared != sigv4.UNSIGNED_PAYLOAD or signed.double_encode:
+                raise errors.AwsError(
+                    403,
+                    "InvalidSignatureException",
+                    "The provided x-amz-content-sha256 header does not match the body",
+                )
+            payload_hash = declared
+        try:
+            secret = self._keys.secret(record)
+            sigv4.verify(
+                parsed=parsed,
+                secret_key=secret,
+                method=signed.method,
+                raw_path=signed.raw_path,
+                raw_query=signed.raw_query,
+                headers=headers,
+                payload_hash=payload_hash,
+                now=datetime.now(UTC),
+                max_skew_seconds=self._max_skew,
+                double_encode=signed.double_encode,
+            )
+        except sigv4.SignatureError as exc:
+            raise errors.AwsError(403, exc.code, exc.message) from None
+        signed_names = set(parsed.signed_headers)
+        for name in headers:
+            if forwarded_amz(name) and name not in signed_names:
+                # The proxy signs what it forwards with the server's rights: a header the
+                # client did not sign is one its key never vouched for.
+                raise errors.AwsError(
+                    403,
+                    "InvalidSignatureException",
+                    f"The request includes header {name}, which is not signed",
+                )
+        return _usable(record)
+
+    async def _signing_key(self, authorization: str) -> tuple[sigv4.ParsedAuthorization, KeyRecord]:
+        """The parsed Authorization and the key it names, or the refusal AWS gives."""
+        parsed = sigv4.parse_authorization(authorization)
+        if parsed is None:
+            raise errors.AwsError(
+                403, "IncompleteSignatureException", "The Authorization header is malformed"
+            )
+        record = None
+        if self._keys is not None and _ACCESS_KEY_ID.fullmatch(parsed.access_key):
+            record = await self._keys.get("access_key_id", parsed.access_key)
+        if record is None:
+            raise errors.AwsError(
+                403,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            )
+        return parsed, record
+
+
+def _usable(record: KeyRecord) -> Identity:
+    refusal = record.refusal(time.time())
+    if refusal is not None:
+        raise errors.access_denied(refusal)
+    return Identity("virtual", key_id=record.key_id, alias=record.spec.key_alias, record=record)
+
+
+def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        lname = name.lower()
+        out[lname] = f"{out[lname]},{value}" if lname in out else value
+    return out

@@ -1,0 +1,138 @@
+"""Virtual keys: what one is, how it is minted, and how admin input becomes a valid spec.
+
+A key has three credentials: a bearer token (stored only as its SHA-256), and for AWS SDK
+clients an access key id with a secret (stored encrypted, see ``secretbox``). Everything
+else — owner, allow-lists, limits — is the spec, kept as one JSON document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ..store.records import DEFAULT_GROUPS, OPERATION_GROUPS, KeyRecord, KeySpec
+from ..wire import errors
+from ..wire.params import number_field, parse_duration
+
+__all__ = ["DEFAULT_GROUPS", "OPERATION_GROUPS", "KeyRecord", "KeySpec"]
+
+TOKEN_PREFIX = "sk-bp-"
+_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_MAX_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
+@dataclass(slots=True)
+class MintedCredentials:
+    token: str
+    token_hash: str
+    access_key_id: str
+    secret_access_key: str
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def mint_credentials() -> MintedCredentials:
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    return MintedCredentials(
+        token=token,
+        token_hash=hash_token(token),
+        access_key_id="BPK" + "".join(secrets.choice(_BASE32) for _ in range(17)),
+        secret_access_key=secrets.token_urlsafe(30),
+    )
+
+
+def new_key_id() -> str:
+    return "vk_" + secrets.token_hex(8)
+
+
+def token_hint(token: str) -> str:
+    """Enough of a token to recognise it in a list, not enough to use it."""
+    return f"{token[:9]}…{token[-4:]}"
+
+
+def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
+    """Admin input (LiteLLM field names) → a spec; unknown or wrong fields are a 400."""
+    spec = KeySpec.from_json(base.to_json()) if base else KeySpec()
+    for name, value in body.items():
+        if name in ("key", "keys"):
+            continue
+        if name in ("duration", "expires"):
+            spec.expires_at = _expiry(name, value)
+        elif name in ("key_alias", "user_id", "team_id", "budget_duration"):
+            spec_value = _optional_str(name, value)
+            if name == "budget_duration" and spec_value is not None:
+                parse_duration(name, spec_value)
+            setattr(spec, name, spec_value)
+        elif name == "metadata":
+            if not isinstance(value, dict):
+                raise errors.validation("metadata must be an object")
+            spec.metadata = value
+        elif name == "models":
+            spec.models = _str_list(name, value)
+        elif name in ("operation_groups", "allowed_operations"):
+            groups = _str_list(name, value)
+            unknown = sorted(set(groups) - set(OPERATION_GROUPS))
+            if unknown:
+                raise errors.validation(
+                    f"{name}: unknown group {unknown[0]!r} (one of {', '.join(OPERATION_GROUPS)})"
+                )
+            spec.operation_groups = groups
+        elif name in (
+            "guardrail_ids",
+            "knowledge_base_ids",
+            "agent_ids",
+            "flow_ids",
+            "file_buckets",
+            "file_prefixes",
+        ):
+            setattr(spec, name, None if value is None else _str_list(name, value))
+        elif name == "blocked":
+            if not isinstance(value, bool):
+                raise errors.validation("blocked must be true or false")
+            spec.blocked = value
+        elif name == "max_budget":
+            spec.max_budget = number_field(name, value, float)
+        elif name in ("rpm_limit", "tpm_limit", "max_parallel_requests"):
+            setattr(spec, name, number_field(name, value, int))
+        else:
+            raise errors.validation(f"Unknown field {name!r}")
+    return spec
+
+
+def _expiry(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if name == "duration":
+        return time.time() + parse_duration(name, str(value))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not 0 <= value <= _MAX_TIMESTAMP:
+            raise errors.validation("expires: a Unix time must be between 0 and year 9999")
+        return float(value)
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.validation(f"expires: {value!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    try:
+        return when.timestamp()
+    except (OverflowError, ValueError):
+        raise errors.validation(f"expires: {value!r} is out of range") from None
+
+
+def _optional_str(name: str, value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise errors.validation(f"{name} must be a string")
+
+
+def _str_list(name: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise errors.validation(f"{name} must be a list of non-empty strings")
+    return list(value)

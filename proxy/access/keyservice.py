@@ -1,0 +1,144 @@
+"""Creating, reading, changing and revoking virtual keys: one implementation behind both
+the admin API and the ``bedrock-proxy keys`` command."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..store import Store
+from ..store.base import StoreConflict
+from ..wire import errors
+from ..wire.params import MAX_PAGE, check_page
+from .keycache import KeyCache
+from .keys import (
+    TOKEN_PREFIX,
+    KeyRecord,
+    hash_token,
+    mint_credentials,
+    new_key_id,
+    parse_spec,
+    token_hint,
+)
+from .secretbox import SecretBox
+
+
+class KeyService:
+    def __init__(self, store: Store, box: SecretBox, cache: KeyCache | None = None) -> None:
+        self._store = store
+        self._box = box
+        self._cache = cache
+
+    async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        spec = parse_spec(body)
+        minted = mint_credentials()
+        now = time.time()
+        record = KeyRecord(
+            key_id=new_key_id(),
+            token_hash=minted.token_hash,
+            token_hint=token_hint(minted.token),
+            access_key_id=minted.access_key_id,
+            secret_enc=self._box.seal(minted.secret_access_key),
+            spec=spec,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            await self._store.insert_key(record)
+        except StoreConflict:
+            raise errors.validation(f"key_alias {spec.key_alias!r} is already in use") from None
+        return {
+            "key": minted.token,
+            "secret_access_key": minted.secret_access_key,
+            **record.public(),
+        }
+
+    async def find(self, ref: str) -> KeyRecord:
+        """A key by its token, its key_id, its access key id or its alias."""
+        if ref.startswith(TOKEN_PREFIX):
+            record = await self._store.key_by("token_hash", hash_token(ref))
+        else:
+            record = await self._store.key_by("key_id", ref)
+            if record is None:
+                record = await self._store.key_by("access_key_id", ref)
+            if record is None:
+                record = await self._store.key_by("key_alias", ref)
+        if record is None:
+            raise errors.AwsError(404, "ResourceNotFoundException", "No such key")
+        return record
+
+    async def info(self, ref: str) -> dict[str, Any]:
+        record = await self.find(ref)
+        return {"key": record.key_id, "info": record.public()}
+
+    async def update(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
+        record = await self.find(ref)
+        spec = parse_spec(body, base=record.spec)
+        try:
+            updated = await self._store.update_key(record.key_id, spec=spec)
+        except StoreConflict:
+            raise errors.validation(f"key_alias {spec.key_alias!r} is already in use") from None
+        self._forget(record)
+        assert updated is not None
+        return updated.public()
+
+    async def regenerate(self, ref: str) -> dict[str, Any]:
+        """New bearer token and access key pair; the old ones stop working."""
+        record = await self.find(ref)
+        minted = mint_credentials()
+        updated = await self._store.update_key(
+            record.key_id,
+            credentials=(
+                minted.token_hash,
+                token_hint(minted.token),
+                minted.access_key_id,
+                self._box.seal(minted.secret_access_key),
+            ),
+        )
+        self._forget(record)
+        assert updated is not None
+        return {
+            "key": minted.token,
+            "secret_access_key": minted.secret_access_key,
+            **updated.public(),
+        }
+
+    async def delete(self, refs: list[str]) -> list[str]:
+        deleted = []
+        for ref in refs:
+            record = await self.find(ref)
+            if await self._store.delete_key(record.key_id):
+                self._forget(record)
+                deleted.append(record.key_id)
+        return deleted
+
+    async def list(
+        self, filters: dict[str, str], page: int, size: int, full: bool
+    ) -> dict[str, Any]:
+        check_page(page, size)
+        records, total = await self._store.list_keys(filters, size, (page - 1) * size)
+        return {
+            "keys": [r.public() if full else r.key_id for r in records],
+            "total_count": total,
+            "current_page": page,
+            "total_pages": (total + size - 1) // size,
+        }
+
+    async def reseal_secrets(self) -> int:
+        """After a secret_key rotation: seal every SigV4 secret under the current key."""
+        count = 0
+        page = 1
+        while True:
+            records, _ = await self._store.list_keys({}, MAX_PAGE, (page - 1) * MAX_PAGE)
+            for record in records:
+                if self._box.needs_reseal(record.secret_enc):
+                    plaintext = self._box.open(record.secret_enc)
+                    await self._store.reseal_secret(record.key_id, self._box.seal(plaintext))
+                    count += 1
+            if len(records) < MAX_PAGE:
+                return count
+            page += 1
+
+    def _forget(self, record: KeyRecord) -> None:
+        if self._cache is not None:
+            self._cache.forget(record)

@@ -1,0 +1,95 @@
+"""What an opaque model ARN stands for: application inference profiles and provisioned
+throughput, resolved to the foundation model they run.
+
+Teams allocate cost on AWS with application inference profiles, so their requests name an
+ARN (``arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc123``) that
+says nothing about the model. The proxy asks the control plane once (GetInferenceProfile,
+GetProvisionedModelThroughput), signed with the server's credentials, and keeps the
+answer for ``ttl`` seconds: price, policy and reports then use the model, and the ledger
+keeps the ARN beside it. Only authenticated requests get here, the cache is bounded, and a
+failed lookup is remembered briefly too, so no client can make the proxy call AWS in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+import orjson
+
+from ..wire.endpoints import valid_region
+from ..wire.modelids import arn_model_id, parse_arn
+
+log = logging.getLogger("bedrock_proxy.modelrefs")
+
+# ARN resource type -> (control-plane path, how to read the model from the answer).
+_LOOKUPS = {
+    "application-inference-profile": "/inference-profiles/",
+    "provisioned-model": "/provisioned-model-throughput/",
+}
+_MAX_ENTRIES = 4096
+_FAILURE_TTL = 30.0
+
+# (region, path) -> (status, body): a signed GET on the control plane.
+ControlGet = Callable[[str, str], Awaitable[tuple[int, bytes]]]
+
+
+def resolvable(model: str) -> bool:
+    if not model.startswith("arn:"):
+        return False
+    arn = parse_arn(model)
+    return arn is not None and arn.resource_type in _LOOKUPS
+
+
+class ModelRefs:
+    def __init__(self, control_get: ControlGet, ttl: float = 3600.0) -> None:
+        self._get = control_get
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, str | None]] = {}
+
+    async def resolve(self, arn: str) -> str | None:
+        """The foundation model id an ARN runs, or None when it cannot be told."""
+        now = time.monotonic()
+        cached = self._cache.get(arn)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        model = await self._lookup(arn)
+        if len(self._cache) >= _MAX_ENTRIES:
+            self._cache.clear()
+        self._cache[arn] = (now + (self._ttl if model else _FAILURE_TTL), model)
+        return model
+
+    async def _lookup(self, arn: str) -> str | None:
+        parsed = parse_arn(arn)
+        if parsed is None:
+            return None
+        region, kind = parsed.region, parsed.resource_type
+        if not valid_region(region):
+            return None
+        try:
+            status, body = await self._get(region, _LOOKUPS[kind] + quote(arn, safe=""))
+        except Exception as exc:  # the request goes on, priced as unknown
+            log.warning("could not resolve %s: %s", arn, type(exc).__name__)
+            return None
+        if status != 200:
+            log.warning("could not resolve %s: the control plane answered %d", arn, status)
+            return None
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(answer, dict):
+            return None
+        if kind == "application-inference-profile":
+            models = answer.get("models") or []
+            model_arn = (
+                models[0].get("modelArn") if models and isinstance(models[0], dict) else None
+            )
+        else:
+            model_arn = answer.get("foundationModelArn") or answer.get("modelArn")
+        if not isinstance(model_arn, str):
+            return None
+        # arn:aws:bedrock:REGION::foundation-model/MODEL -> MODEL
+        return arn_model_id(model_arn) or model_arn

@@ -1,0 +1,410 @@
+"""What a virtual key may do: operation groups, model allow-lists, resource allow-lists.
+
+Every request member that names a resource (a path label, a header, a query parameter, or
+a member of the body at any depth) is checked: which members those are comes from the
+table ``resources`` derives from botocore's service models, not from a hand list. Bodies are
+read, never changed; one the policy must read is parsed strictly or refused, so that AWS's
+parser and ours cannot read it two ways.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from fnmatch import translate
+from functools import cache, lru_cache
+from typing import Any
+from urllib.parse import parse_qs
+
+from ..wire import errors
+from ..wire.modelids import arn_model_id, parse_arn, split_profile
+from ..wire.routing import Operation
+from . import resources
+from .keys import KeySpec
+
+# ARN resource types whose id is a model id (or a profile of one).
+
+
+@dataclass(frozen=True, slots=True)
+class OperationFields:
+    """Where one operation names resources, compiled from the derived table."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+    body: tuple[tuple[tuple[str, ...], str], ...] = ()
+    body_kinds: frozenset[str] = frozenset()
+    # kind -> the quoted JSON names of the members that hold it, to look for in raw bytes
+    body_names: tuple[tuple[str, tuple[bytes, ...]], ...] = ()
+
+
+_NO_FIELDS = OperationFields()
+# The resource type in an ARN -> what it names.
+_ARN_KINDS = {
+    "foundation-model": resources.MODEL,
+    "inference-profile": resources.MODEL,
+    "application-inference-profile": resources.MODEL,
+    "provisioned-model": resources.MODEL,
+    "custom-model": resources.MODEL,
+    "custom-model-deployment": resources.MODEL,
+    "imported-model": resources.MODEL,
+    "prompt-router": resources.MODEL,
+    "default-prompt-router": resources.MODEL,
+    "guardrail": resources.GUARDRAIL,
+    "knowledge-base": resources.KNOWLEDGE_BASE,
+    "agent": resources.AGENT,
+    "agent-alias": resources.AGENT_ALIAS_ARN,
+    "flow": resources.FLOW,
+}
+
+
+@cache
+def load_fields() -> dict[str, OperationFields]:
+    compiled: dict[str, OperationFields] = {}
+    for key, entries in resources.load_table().items():
+        by_location: dict[str, list[Any]] = {"uri": [], "header": [], "querystring": [], "body": []}
+        for f in entries:
+            by_location[f.location].append((f.path if f.location == "body" else f.name, f.kind))
+        compiled[key] = OperationFields(
+            labels=tuple(by_location["uri"]),
+            headers=tuple(by_location["header"]),
+            query=tuple(by_location["querystring"]),
+            body=tuple(by_location["body"]),
+            body_kinds=frozenset(kind for _, kind in by_location["body"]),
+            body_names=_names_by_kind(by_location["body"]),
+        )
+    return compiled
+
+
+def _names_by_kind(
+    body: list[tuple[tuple[str, ...], str]],
+) -> tuple[tuple[str, tuple[bytes, ...]], ...]:
+    names: dict[str, set[bytes]] = {}
+    for path, kind in body:
+        leaf = next(p for p in reversed(path) if p not in ("[]", "{}"))
+        names.setdefault(kind, set()).add(b'"' + leaf.encode() + b'"')
+    return tuple((kind, tuple(sorted(found))) for kind, found in sorted(names.items()))
+
+
+def fields_of(op: Operation) -> OperationFields:
+    return load_fields().get(f"{op.service.name}:{op.name}", _NO_FIELDS)
+
+
+def operation_group(op: Operation) -> str:
+    service = op.service.name
+    if service == "bedrock-runtime":
+        return "guardrails" if "Guardrail" in op.name else "inference"
+    if service == "bedrock-agent-runtime":
+        return "agents"
+    if "ModelInvocationJob" in op.name:
+        return "batch"
+    if op.name.startswith(("Get", "List", "Describe")):
+        return "control-read"
+    return "control-write"
+
+
+def needs_body(spec: KeySpec, op: Operation) -> bool:
+    """Whether checking this key on this operation means reading the body."""
+    return not fields_of(op).body_kinds.isdisjoint(restricted_kinds(spec))
+
+
+def restricted_kinds(spec: KeySpec) -> frozenset[str]:
+    """The kinds of resource this key's allow-lists restrict."""
+    kinds: set[str] = set()
+    if spec.models:
+        kinds.add(resources.MODEL)
+    if spec.file_buckets is not None or spec.file_prefixes is not None:
+        kinds.update((resources.S3_URI, resources.S3_OBJECT, resources.S3_BUCKET))
+    if spec.guardrail_ids is not None:
+        kinds.add(resources.GUARDRAIL)
+    if spec.knowledge_base_ids is not None:
+        kinds.add(resources.KNOWLEDGE_BASE)
+    if spec.agent_ids is not None:
+        kinds.update((resources.AGENT, resources.AGENT_ALIAS_ARN))
+    if spec.flow_ids is not None:
+        kinds.add(resources.FLOW)
+    if kinds:
+        kinds.add(resources.ARN)  # an ARN names one of the above
+    return frozenset(kinds)
+
+
+def check(
+    spec: KeySpec,
+    op: Operation,
+    labels: Mapping[str, str],
+    headers: Mapping[str, str],
+    body: bytes | None,
+    query: str = "",
+    aliases: Mapping[str, str] | None = None,
+) -> None:
+    """Raise an AWS-shaped AccessDeniedException if the key may not make this call.
+
+    Every member the service model says names a resource is checked: path labels,
+    headers, query parameters and, when the key restricts what the body can name, every
+    such member of the body at any depth. A body that must be checked and cannot be read
+    strictly is refused, never forwarded unchecked.
+    """
+    group = operation_group(op)
+    if group not in spec.operation_groups:
+        raise errors.access_denied(
+            f"The API key is not allowed to call {op.name} (operation group {group!r})"
+        )
+    restricted = restricted_kinds(spec)
+    if not restricted:
+        return
+    fields = fields_of(op)
+    for label, kind in fields.labels:
+        value = labels.get(label)
+        if value and kind in restricted:
+            # An application profile or provisioned model is allowed as its ARN or as the
+            # model it runs.
+            alias = aliases.get(value) if aliases and kind == resources.MODEL else None
+            if alias is not None and model_allowed(spec.models, alias):
+                continue
+            _check_one(spec, kind, value)
+    for name, kind in fields.headers:
+        value = headers.get(name)
+        if value and kind in restricted:
+            _check_one(spec, kind, value)
+    if fields.query and query:
+        params = parse_qs(query, keep_blank_values=True)
+        for name, kind in fields.query:
+            for value in params.get(name, ()):
+                if kind in restricted:
+                    _check_one(spec, kind, value)
+    if body is not None and not fields.body_kinds.isdisjoint(restricted):
+        _check_body(spec, fields, headers, body, restricted)
+
+
+def _check_body(
+    spec: KeySpec,
+    fields: OperationFields,
+    headers: Mapping[str, str],
+    body: bytes,
+    restricted: frozenset[str],
+) -> None:
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        # The proxy reads bodies as sent; one it cannot read cannot be checked.
+        raise errors.validation(
+            f"This API key's restrictions are checked against the request body, which "
+            f"cannot be read with Content-Encoding {encoding!r}; send it uncompressed"
+        )
+    # Most bodies name none of the members the key restricts (a Converse without a
+    # guardrail or an S3 document). A member can only be there if its quoted name is in the
+    # bytes, or is spelled with \\u escapes: a body with neither has nothing to check, and
+    # parsing it (strictly, ~10 us for a small body, more for a large one) would only
+    # prove that.
+    if b"\\u" not in body and not any(
+        name in body for kind, names in fields.body_names if kind in restricted for name in names
+    ):
+        return
+    document = parse_strict(body)
+    for path, kind in fields.body:
+        if kind in restricted:
+            for value in _values(document, path, 0):
+                _check_one(spec, kind, value)
+
+
+def model_allowed(patterns: list[str], model_id: str) -> bool:
+    if not patterns:
+        return True
+    key = (tuple(patterns), model_id)
+    allowed = _ALLOWED.get(key)
+    if allowed is None:
+        matcher = _matcher(key[0])
+        allowed = any(matcher(c) is not None for c in model_candidates(model_id))
+        if len(_ALLOWED) >= 4096:  # model ids come from authenticated requests
+            _ALLOWED.clear()
+        _ALLOWED[key] = allowed
+    return allowed
+
+
+# (allow-list, model id) -> allowed: the same few pairs come in request after request.
+_ALLOWED: dict[tuple[tuple[str, ...], str], bool] = {}
+
+
+@lru_cache(maxsize=1024)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """One compiled regex for a key's whole allow-list (fnmatch semantics, case-sensitive):
+    a per-pattern fnmatchcase was most of the policy's time on the hot path."""
+    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns)).match
+
+
+def model_candidates(model_id: str) -> list[str]:
+    """The names a model reference answers to: the ARN, its model id, the base model."""
+    candidates = [model_id]
+    model: str | None = model_id
+    if model_id.startswith("arn:"):
+        model = arn_model_id(model_id)
+        if model is None:
+            return candidates  # provisioned, imported, application profiles: the ARN only
+        candidates.append(model)
+    prefix, base = split_profile(model)
+    if prefix is not None:
+        candidates.append(base)
+    return candidates
+
+
+def file_allowed(spec: KeySpec, bucket: str, key: str | None) -> bool:
+    """A bucket, and a key (or list prefix) in it, within the key's file allow-lists."""
+    if spec.file_buckets is not None and bucket not in spec.file_buckets:
+        return False
+    if spec.file_prefixes is not None and key is not None:
+        return any(key.startswith(prefix) for prefix in spec.file_prefixes)
+    return True
+
+
+def _allow_list(spec: KeySpec, kind: str) -> list[str] | None:
+    if kind == resources.GUARDRAIL:
+        return spec.guardrail_ids
+    if kind == resources.KNOWLEDGE_BASE:
+        return spec.knowledge_base_ids
+    if kind in (resources.AGENT, resources.AGENT_ALIAS_ARN):
+        return spec.agent_ids
+    if kind == resources.FLOW:
+        return spec.flow_ids
+    return None
+
+
+def _check_one(spec: KeySpec, kind: str, value: Any) -> None:
+    if kind == resources.S3_OBJECT:
+        if not isinstance(value, dict):
+            raise _unreadable()
+        bucket, key = value.get("s3BucketName"), value.get("s3ObjectKey")
+        if not isinstance(bucket, str) or not isinstance(key, str | None):
+            raise _unreadable()
+        if not file_allowed(spec, bucket, key or ""):
+            raise errors.access_denied(f"The API key is not allowed to use s3://{bucket}/{key}")
+        return
+    if not isinstance(value, str):
+        raise _unreadable()
+    if kind == resources.S3_URI:
+        bucket, _, key = value.removeprefix("s3://").partition("/")
+        if not value.startswith("s3://") or not file_allowed(spec, bucket, key):
+            raise errors.access_denied(f"The API key is not allowed to use {value!r}")
+        return
+    if kind == resources.S3_BUCKET:
+        if not file_allowed(spec, value, ""):
+            raise errors.access_denied(f"The API key is not allowed to use bucket {value!r}")
+        return
+    if kind == resources.MODEL:
+        if not model_allowed(spec.models, value):
+            raise errors.access_denied(f"The API key is not allowed to use model {value!r}")
+        return
+    if kind == resources.ARN:
+        resource_type = _arn_resource_type(value)
+        arn_kind = _ARN_KINDS.get(resource_type or "")
+        if arn_kind is not None:
+            _check_one(spec, arn_kind, value)
+        elif resource_type is None:
+            raise errors.validation(f"{value!r} is not an ARN")
+        return
+    allowed = _allow_list(spec, kind)
+    if allowed is None:
+        return
+    short = _resource_id(value, kind)
+    if value not in allowed and short not in allowed:
+        raise errors.access_denied(f"The API key is not allowed to use {kind} {value!r}")
+
+
+def _arn_resource_type(value: str) -> str | None:
+    arn = parse_arn(value)
+    return arn.resource_type if arn is not None else None
+
+
+def _resource_id(value: str, kind: str) -> str:
+    """The id an allow-list names, from an id or an ARN of the resource."""
+    if not value.startswith("arn:"):
+        return value
+    resource = value.split(":", 5)[-1]
+    segments = resource.split("/")
+    if kind == resources.AGENT_ALIAS_ARN:
+        # arn:...:agent-alias/AGENT_ID/ALIAS_ID: the agent is what the allow-list names
+        return segments[1] if len(segments) > 2 else resource
+    return segments[-1] if len(segments) > 1 else resource
+
+
+def _unreadable() -> errors.AwsError:
+    return errors.validation(
+        "A field that names a resource has a value of the wrong type; this API key's "
+        "restrictions cannot be checked against it"
+    )
+
+
+def _values(node: Any, path: tuple[str, ...], depth: int) -> Iterator[Any]:
+    """Every value at ``path`` ("[]" steps into list items, "{}" into map values)."""
+    if node is None:
+        return
+    if depth == len(path):
+        yield node
+        return
+    step = path[depth]
+    if step == "[]":
+        if not isinstance(node, list):
+            raise _unreadable()
+        for item in node:
+            yield from _values(item, path, depth + 1)
+    elif step == "{}":
+        if not isinstance(node, dict):
+            raise _unreadable()
+        for item in node.values():
+            yield from _values(item, path, depth + 1)
+    else:
+        if not isinstance(node, dict):
+            raise _unreadable()
+        yield from _values(node.get(step), path, depth + 1)
+
+
+def _no_constants(name: str) -> Any:
+    raise errors.validation(f"The request body is not strict JSON: {name} is not a number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise errors.validation("The request body names the same field more than once")
+    return document
+
+
+def parse_strict(body: bytes) -> Any:
+    """The body as strict JSON (RFC 8259: one value, no trailing data, no comments, no raw
+    control characters, no NaN, no duplicate names, UTF-8 only), or a 400.
+
+    AWS's parser and ours must not read a body differently: a body only one of them
+    accepts, or reads another way, could carry a field past the check.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.validation("The request body is not valid UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise errors.validation("The request body must not start with a byte-order mark")
+    try:
+        return json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, strict=True
+        )
+    except ValueError as exc:
+        raise errors.validation(f"The request body is not valid JSON: {exc}") from None
+
+
+def _dig(document: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(document, dict):
+            return None
+        document = document.get(part)
+    return document
+
+
+def body_model(op: Operation, body: bytes) -> str | None:
+    """The model an operation names at the top of its body (for metering), or None."""
+    for path, kind in fields_of(op).body:
+        if kind == resources.MODEL and len(path) == 1:
+            try:
+                value = _dig(parse_strict(body), path)
+            except errors.AwsError:
+                return None
+            return value if isinstance(value, str) else None
+    return None

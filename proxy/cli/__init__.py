@@ -1,0 +1,5 @@
+"""The bedrock-proxy command line."""
+
+from .main import main
+
+__all__ = ["main"]

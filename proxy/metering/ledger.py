@@ -1,0 +1,95 @@
+"""The spend ledger: one row per request, written in batches off the request path.
+
+Requests append a row to an in-memory queue and move on. A background task writes the
+queue every ``flush_interval`` seconds (or sooner when a batch fills). A graceful stop
+flushes everything; a SIGKILL loses at most the rows of the last interval. A store outage
+keeps rows queued (up to ``max_queue``) and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from ..store import Store
+
+log = logging.getLogger("bedrock_proxy.ledger")
+
+
+class Ledger:
+    def __init__(
+        self,
+        store: Store,
+        flush_interval: float = 1.0,
+        max_batch: int = 2000,
+        max_queue: int = 200_000,
+    ) -> None:
+        self._store = store
+        self.flush_interval = flush_interval
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        # (row, its label rows), in arrival order
+        self._entries: list[tuple[tuple, list[tuple]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.dropped = 0
+        self.written = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._entries)
+
+    def record(self, row: tuple, labels: list[tuple]) -> None:
+        if len(self._entries) >= self._max_queue:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("ledger queue full: %d rows dropped so far", self.dropped)
+            return
+        self._entries.append((row, labels))
+        if len(self._entries) >= self._max_batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            while self._entries:
+                batch = self._entries[: self._max_batch]
+                del self._entries[: self._max_batch]
+                rows = [row for row, _ in batch]
+                labels = [label for _, row_labels in batch for label in row_labels]
+                try:
+                    await self._store.insert_spend(rows, labels)
+                except Exception as exc:  # keep the rows and retry on the next tick
+                    self._entries[:0] = batch
+                    log.error(
+                        "ledger write failed, %d rows kept for retry: %s",
+                        len(self._entries),
+                        type(exc).__name__,
+                    )
+                    return
+                self.written += len(rows)
+
+    async def close(self, deadline: float = 10.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        until = time.monotonic() + deadline
+        while self._entries and time.monotonic() < until:
+            await self.flush()
+            if self._entries:
+                await asyncio.sleep(0.2)
+        if self._entries:
+            log.error("ledger closed with %d rows unwritten", len(self._entries))

@@ -1,0 +1,439 @@
+"""Admission: requests per minute, tokens per minute, parallel requests and budgets.
+
+Every limit that applies to a request (its key's, its user's, its team's, named limits it
+references) is checked and taken in one step: all or nothing. With Redis that step is one
+Lua script, so replicas sharing Redis enforce one global limit; without Redis it runs
+in-process (a single event loop needs no lock).
+
+Windows are fixed calendar minutes. Tokens and cost are only known when a response ends, so
+admission reserves an estimate and ``settle`` replaces it with the actual figure. A budget
+admits requests while spent + reserved < budget, so the overshoot is bounded: at most, for
+every request admitted concurrently, what it costs beyond its estimate. Tokens per minute
+work the same way: a request's estimated tokens (its input, guessed from the body size,
+plus ``reserve_output_tokens``) count against the minute from admission on, and settling
+replaces them with the real count. A burst of concurrent requests cannot all pass on an
+empty minute: once the reservations reach the limit the rest are refused, and the minute
+can end over its limit by at most what the requests in flight use beyond their estimates.
+
+In-flight requests are kept as leases (request id, start time, reserve); a lease older than
+``lease_seconds`` is dropped, so a replica that dies mid-request cannot hold a slot forever.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from ..wire import errors
+from ..wire.clock import iso
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    scope: str  # "key", "user", "team" or "limit"
+    id: str
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    max_budget: float | None = None
+    budget_seconds: int | None = None
+    # Budget periods start at anchor + k * budget_seconds (the key's or limit's creation).
+    anchor: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.scope} {self.id}"
+
+    def period(self, now: float) -> tuple[int, float, float]:
+        """(index, start, end) of the budget period containing now."""
+        if not self.budget_seconds:
+            return 0, self.anchor, math.inf
+        index = int((now - self.anchor) // self.budget_seconds)
+        start = self.anchor + index * self.budget_seconds
+        return index, start, start + self.budget_seconds
+
+
+@dataclass(slots=True)
+class Admission:
+    request_id: str
+    specs: list[LimitSpec]
+    reserve: float
+    # Tokens reserved against the minute of admission (specs with a TPM limit only).
+    tokens: int = 0
+    minute: int = 0
+
+
+class _Leases:
+    """One limit's requests in flight, oldest first, with their reserves summed as they
+    come and go (the sum and the stale sweep were a scan of every lease per admission)."""
+
+    __slots__ = ("held", "reserved")
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[float, float]] = {}  # request id -> (started, reserve)
+        self.reserved = 0.0
+
+    def add(self, request_id: str, started: float, reserve: float) -> None:
+        self.held[request_id] = (started, reserve)
+        self.reserved += reserve
+
+    def release(self, request_id: str) -> None:
+        found = self.held.pop(request_id, None)
+        if found is not None:
+            self.reserved -= found[1]
+        if not self.held:
+            self.reserved = 0.0  # no float drift across an idle moment
+
+    def expire(self, before: float) -> None:
+        """Drop leases started before ``before``: a request whose end was never seen."""
+        held = self.held
+        while held:
+            request_id, (started, _) = next(iter(held.items()))
+            if started >= before:
+                return
+            self.release(request_id)
+
+
+class BudgetSource:
+    """Where a budget's spend so far comes from when a counter starts: the ledger."""
+
+    async def spent(self, spec: LimitSpec, since: float) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _minute(now: float) -> int:
+    return int(now // 60)
+
+
+def _retry_after_minute(now: float) -> float:
+    return 60 - (now % 60)
+
+
+def _budget_refusal(spec: LimitSpec, spent: float, now: float) -> errors.AwsError:
+    _, _, end = spec.period(now)
+    resets = "never (no budget_duration)" if math.isinf(end) else iso(end)
+    return errors.AwsError(
+        400,
+        "ServiceQuotaExceededException",
+        f"Budget exceeded for {spec.name}: spent ${spent:.6f} of ${spec.max_budget:.2f}; "
+        f"it resets at {resets}",
+        reason="budget",
+    )
+
+
+def _rate_refusal(spec: LimitSpec, what: str, retry_after: float) -> errors.AwsError:
+    reason = what.split(" ", 1)[1].split()[0]  # "requests", "tokens" or "requests in parallel"
+    kind = "parallel" if "parallel" in what else ("tpm" if reason == "tokens" else "rpm")
+    return errors.throttled(f"Rate limit exceeded for {spec.name}: {what}", retry_after, kind)
+
+
+class InProcessLimiter:
+    def __init__(self, budgets: BudgetSource, lease_seconds: float = 3600.0) -> None:
+        self._budgets = budgets
+        self._lease = lease_seconds
+        self._requests: dict[tuple[str, str, int], int] = {}
+        self._tokens: dict[tuple[str, str, int], int] = {}
+        self._inflight: dict[tuple[str, str], _Leases] = {}
+        # (scope, id, period index) -> spent
+        self._spent: dict[tuple[str, str, int], float] = {}
+        self._claims: dict[str, float] = {}
+
+    async def admit(
+        self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
+    ) -> Admission:
+        now = time.time()
+        minute = _minute(now)
+        for spec in specs:  # budgets may need the ledger first: before any check
+            if spec.max_budget is not None:
+                index, start, _ = spec.period(now)
+                key = (spec.scope, spec.id, index)
+                if key not in self._spent:
+                    spent = await self._budgets.spent(spec, start)
+                    self._spent.setdefault(key, spent)  # a settle may have landed meanwhile
+        for spec in specs:
+            ident = (spec.scope, spec.id)
+            if spec.rpm is not None and self._requests.get((*ident, minute), 0) >= spec.rpm:
+                raise _rate_refusal(
+                    spec, f"{spec.rpm} requests per minute", _retry_after_minute(now)
+                )
+            if spec.tpm is not None and self._tokens.get((*ident, minute), 0) >= spec.tpm:
+                raise _rate_refusal(spec, f"{spec.tpm} tokens per minute", _retry_after_minute(now))
+            leases = self._inflight.get(ident)
+            if leases is not None:
+                leases.expire(now - self._lease)
+            if (
+                spec.max_parallel is not None
+                and leases is not None
+                and len(leases.held) >= spec.max_parallel
+            ):
+                raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
+            if spec.max_budget is not None:
+                spent = self._spent[(*ident, spec.period(now)[0])]
+                reserved = leases.reserved if leases is not None else 0.0
+                if spent + reserved >= spec.max_budget:
+                    raise _budget_refusal(spec, spent, now)
+        for spec in specs:
+            ident = (spec.scope, spec.id)
+            if spec.rpm is not None:
+                self._requests[(*ident, minute)] = self._requests.get((*ident, minute), 0) + 1
+            if spec.tpm is not None and tokens:
+                self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + tokens
+            if spec.max_parallel is not None or spec.max_budget is not None:
+                leases = self._inflight.get(ident)
+                if leases is None:
+                    leases = self._inflight[ident] = _Leases()
+                leases.add(request_id, now, reserve)
+        self._expire(minute)
+        return Admission(request_id, specs, reserve, tokens, minute)
+
+    async def settle(
+        self, admission: Admission, tokens: int, cost: float | None
+    ) -> list[tuple[LimitSpec, float]]:
+        return self.settle_now(admission, tokens, cost)
+
+    def settle_now(
+        self, admission: Admission, tokens: int, cost: float | None
+    ) -> list[tuple[LimitSpec, float]]:
+        """Release the reservation, charge the real figures; each budget's spend after.
+        In-process there is nothing to wait for: settling at once saves a task per request."""
+        now = time.time()
+        minute = _minute(now)
+        totals: list[tuple[LimitSpec, float]] = []
+        for spec in admission.specs:
+            ident = (spec.scope, spec.id)
+            leases = self._inflight.get(ident)
+            if leases is not None:
+                leases.release(admission.request_id)
+            if spec.tpm is not None:
+                # The reservation made at admission becomes the real count (in the minute
+                # of admission while it lasts; a later minute gets the real count alone).
+                delta = tokens - admission.tokens if minute == admission.minute else tokens
+                if delta:
+                    self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + delta
+            if spec.max_budget is not None and cost:
+                key = (*ident, spec.period(now)[0])
+                self._spent[key] = self._spent.get(key, 0.0) + cost
+                totals.append((spec, self._spent[key]))
+        return totals
+
+    async def claim_once(self, name: str, ttl: float) -> bool:
+        """True the first time ``name`` is claimed (within ``ttl``): alerts fire once."""
+        now = time.time()
+        if len(self._claims) > 10_000:
+            self._claims = {k: v for k, v in self._claims.items() if v > now}
+        if self._claims.get(name, 0.0) > now:
+            return False
+        self._claims[name] = now + ttl
+        return True
+
+    def _expire(self, minute: int) -> None:
+        if len(self._requests) > 10_000:
+            self._requests = {k: v for k, v in self._requests.items() if k[2] >= minute - 1}
+        if len(self._tokens) > 10_000:
+            self._tokens = {k: v for k, v in self._tokens.items() if k[2] >= minute - 1}
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS: none (key names are built in the script from the spec prefix).
+# ARGV[1]: JSON list of specs; ARGV[2]: now; ARGV[3]: request id; ARGV[4]: reserve;
+# ARGV[5]: tokens reserved against TPM limits.
+_ADMIT = """
+local specs = cjson.decode(ARGV[1])
+local now = tonumber(ARGV[2])
+local rid = ARGV[3]
+local minute = math.floor(now / 60)
+for i, s in ipairs(specs) do
+  local base = s.prefix
+  if s.rpm then
+    local n = tonumber(redis.call('GET', base .. ':rpm:' .. minute) or '0')
+    if n >= s.rpm then return {'rpm', i, tostring(n)} end
+  end
+  if s.tpm then
+    local n = tonumber(redis.call('GET', base .. ':tpm:' .. minute) or '0')
+    if n >= s.tpm then return {'tpm', i, tostring(n)} end
+  end
+  if s.par or s.budget then
+    redis.call('ZREMRANGEBYSCORE', base .. ':inflight', '-inf', now - s.lease)
+  end
+  if s.par then
+    if redis.call('ZCARD', base .. ':inflight') >= s.par then return {'par', i, '0'} end
+  end
+  if s.budget then
+    local spent = redis.call('GET', base .. ':spent:' .. s.period)
+    if not spent then return {'init', i, '0'} end
+    local reserved = 0
+    for _, member in ipairs(redis.call('ZRANGE', base .. ':inflight', 0, -1)) do
+      local sep = string.find(member, '|', 1, true)
+      reserved = reserved + tonumber(string.sub(member, sep + 1))
+    end
+    if tonumber(spent) + reserved >= s.budget then return {'budget', i, spent} end
+  end
+end
+for i, s in ipairs(specs) do
+  local base = s.prefix
+  if s.rpm then
+    redis.call('INCR', base .. ':rpm:' .. minute)
+    redis.call('EXPIRE', base .. ':rpm:' .. minute, 120)
+  end
+  if s.tpm and tonumber(ARGV[5]) > 0 then
+    redis.call('INCRBY', base .. ':tpm:' .. minute, tonumber(ARGV[5]))
+    redis.call('EXPIRE', base .. ':tpm:' .. minute, 120)
+  end
+  if s.par or s.budget then
+    redis.call('ZADD', base .. ':inflight', now, rid .. '|' .. ARGV[4])
+    redis.call('EXPIRE', base .. ':inflight', s.lease)
+  end
+end
+return {'ok', 0, '0'}
+"""
+
+# ARGV[1]: JSON specs; ARGV[2]: now; ARGV[3]: request id; ARGV[4]: reserve;
+# ARGV[5]: tokens; ARGV[6]: cost; ARGV[7]: tokens reserved; ARGV[8]: minute of admission.
+_SETTLE = """
+local specs = cjson.decode(ARGV[1])
+local now = tonumber(ARGV[2])
+local member = ARGV[3] .. '|' .. ARGV[4]
+local tokens = tonumber(ARGV[5])
+local cost = tonumber(ARGV[6])
+local minute = math.floor(now / 60)
+local spent = {}
+for _, s in ipairs(specs) do
+  local base = s.prefix
+  if s.par or s.budget then redis.call('ZREM', base .. ':inflight', member) end
+  if s.tpm then
+    local delta = tokens
+    if minute == tonumber(ARGV[8]) then delta = tokens - tonumber(ARGV[7]) end
+    if delta ~= 0 then
+      redis.call('INCRBY', base .. ':tpm:' .. minute, delta)
+      redis.call('EXPIRE', base .. ':tpm:' .. minute, 120)
+    end
+  end
+  if s.budget and cost > 0 then
+    spent[#spent + 1] = redis.call('INCRBYFLOAT', base .. ':spent:' .. s.period, cost)
+  else
+    spent[#spent + 1] = ''
+  end
+end
+return spent
+"""
+
+# Start a budget counter from the ledger, unless another replica already has.
+_INIT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+class RedisLimiter:
+    """The same admission, atomic in Redis, shared by every replica."""
+
+    def __init__(
+        self,
+        url: str,
+        budgets: BudgetSource,
+        lease_seconds: float = 3600.0,
+        prefix: str = "bp",
+    ) -> None:
+        import redis.asyncio as redis
+
+        self._redis = redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._budgets = budgets
+        self._lease = lease_seconds
+        self._prefix = prefix
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._init = self._redis.register_script(_INIT)
+
+    def _payload(self, specs: list[LimitSpec], now: float) -> str:
+        out = []
+        for spec in specs:
+            item: dict[str, object] = {
+                "prefix": f"{self._prefix}:{spec.scope}:{spec.id}",
+                "lease": int(self._lease),
+            }
+            if spec.rpm is not None:
+                item["rpm"] = spec.rpm
+            if spec.tpm is not None:
+                item["tpm"] = spec.tpm
+            if spec.max_parallel is not None:
+                item["par"] = spec.max_parallel
+            if spec.max_budget is not None:
+                item["budget"] = spec.max_budget
+                item["period"] = spec.period(now)[0]
+            out.append(item)
+        return orjson.dumps(out).decode()
+
+    async def admit(
+        self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
+    ) -> Admission:
+        try:
+            return await self._admit_once(specs, request_id, reserve, tokens, retries=3)
+        except errors.AwsError:
+            raise
+        except Exception:
+            raise errors.service_unavailable("The rate-limit store is unavailable") from None
+
+    async def _admit_once(
+        self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int, retries: int
+    ) -> Admission:
+        now = time.time()
+        verdict, index, value = await self._admit(
+            args=[self._payload(specs, now), repr(now), request_id, repr(reserve), int(tokens)]
+        )
+        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+        if verdict == "ok":
+            return Admission(request_id, specs, reserve, tokens, _minute(now))
+        spec = specs[int(index) - 1]
+        if verdict == "init" and retries:
+            index_, start, end = spec.period(now)
+            spent = await self._budgets.spent(spec, start)
+            ttl = int(min(end - now, 400 * 86400)) + 86400 if not math.isinf(end) else 400 * 86400
+            await self._init(
+                keys=[f"{self._prefix}:{spec.scope}:{spec.id}:spent:{index_}"],
+                args=[repr(spent), ttl],
+            )
+            return await self._admit_once(specs, request_id, reserve, tokens, retries - 1)
+        if verdict == "rpm":
+            raise _rate_refusal(spec, f"{spec.rpm} requests per minute", _retry_after_minute(now))
+        if verdict == "tpm":
+            raise _rate_refusal(spec, f"{spec.tpm} tokens per minute", _retry_after_minute(now))
+        if verdict == "par":
+            raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
+        raise _budget_refusal(spec, float(value), now)
+
+    async def settle(
+        self, admission: Admission, tokens: int, cost: float | None
+    ) -> list[tuple[LimitSpec, float]]:
+        now = time.time()
+        spent = await self._settle(
+            args=[
+                self._payload(admission.specs, now),
+                repr(now),
+                admission.request_id,
+                repr(admission.reserve),
+                int(tokens),
+                repr(float(cost or 0.0)),
+                int(admission.tokens),
+                admission.minute,
+            ]
+        )
+        return [
+            (spec, float(value))
+            for spec, value in zip(admission.specs, spent, strict=True)
+            if spec.max_budget is not None and value not in (b"", "")
+        ]
+
+    async def claim_once(self, name: str, ttl: float) -> bool:
+        """True the first time ``name`` is claimed by any replica (within ``ttl``)."""
+        return bool(await self._redis.set(f"{self._prefix}:claim:{name}", 1, nx=True, ex=int(ttl)))
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()

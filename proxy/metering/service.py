@@ -1,0 +1,403 @@
+"""Metering glue: which limits apply to a request, what it is estimated to cost, and what
+it really cost — charged to the limits and written to the ledger when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from ..exchange import Exchange, Identity
+from ..store import Store
+from ..store.records import KeyRecord
+from ..wire import errors
+from ..wire.params import LIMIT_FIELDS, parse_duration
+from ..wire.routing import Operation, Service
+from .alerts import BudgetAlerts
+from .ledger import Ledger
+from .limits import Admission, BudgetSource, InProcessLimiter, LimitSpec, RedisLimiter
+from .pricing import PriceTable, tokens_cost
+from .usage import EventStreamMeter, Usage
+
+log = logging.getLogger("bedrock_proxy.metering")
+
+
+class NamedLimits:
+    """The named limits, and who each applies to."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.specs: dict[str, LimitSpec | None] = {}
+        self._members: dict[tuple[str, str], list[str]] = {}
+        for row in rows:
+            limit_id = row["limit_id"]
+            scope, _, ident = limit_id.partition(":")
+            if scope in ("user", "team") and ident:
+                self.specs[limit_id] = _limit_spec(scope, ident, row, row["created_at"])
+                self._members.setdefault((scope, ident), []).append(limit_id)
+            else:
+                self.specs[limit_id] = _limit_spec("limit", limit_id, row, row["created_at"])
+            for scope, field_name in (
+                ("key", "key_ids"),
+                ("user", "user_ids"),
+                ("team", "team_ids"),
+            ):
+                for member in row.get(field_name) or ():
+                    self._members.setdefault((scope, member), []).append(limit_id)
+
+    def member_of(self, record: KeyRecord) -> list[str]:
+        found = list(self._members.get(("key", record.key_id), ()))
+        for scope, ident in (("user", record.spec.user_id), ("team", record.spec.team_id)):
+            if ident:
+                found += [i for i in self._members.get((scope, ident), ()) if i not in found]
+        return found
+
+
+class LedgerBudgets(BudgetSource):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def spent(self, spec: LimitSpec, since: float) -> float:
+        return await self._store.spend_since(spec.scope, spec.id, since)
+
+
+# What a batch job's settlement is recorded as in the ledger.
+BATCH_JOB = Operation(
+    Service("bedrock", "bedrock", "bedrock"), "ModelInvocationJob", "POST", "", (), False
+)
+# Operations that bill models the request does not name: priced per request
+# (``request_prices``), or by the tokens an agent's trace reports.
+REQUEST_PRICED = frozenset(
+    {
+        "InvokeAgent",
+        "InvokeInlineAgent",
+        "InvokeFlow",
+        "RetrieveAndGenerate",
+        "RetrieveAndGenerateStream",
+        "AgenticRetrieveStream",
+        "GenerateQuery",
+        "OptimizePrompt",
+        "Rerank",
+        "StartAsyncInvoke",  # video and other media: priced per job, not per token
+    }
+)
+# Operations billed by the tokens of the model they name.
+_TOKEN_PRICED = frozenset(
+    {
+        "Converse",
+        "ConverseStream",
+        "InvokeModel",
+        "InvokeModelWithResponseStream",
+        "InvokeModelWithBidirectionalStream",
+        "CreateModelInvocationJob",
+    }
+)
+
+
+class Metering:
+    def __init__(
+        self,
+        store: Store,
+        prices: PriceTable,
+        ledger: Ledger,
+        redis_url: str | None,
+        limits_ttl: float,
+        reserve_output_tokens: int,
+        cost_headers: bool,
+        request_prices: dict[str, float] | None = None,
+        batch_discount: float = 0.5,
+    ) -> None:
+        self._store = store
+        self.prices = prices
+        self.ledger = ledger
+        budgets = LedgerBudgets(store)
+        self.limiter: InProcessLimiter | RedisLimiter = (
+            RedisLimiter(redis_url, budgets) if redis_url else InProcessLimiter(budgets)
+        )
+        self._limits_ttl = limits_ttl
+        self._named: tuple[float, NamedLimits] | None = None
+        # Per key: the record its spec was built from (a changed key is a new record).
+        self._key_limits: dict[str, tuple[KeyRecord, LimitSpec | None]] = {}
+        self._reserve_output = reserve_output_tokens
+        self.cost_headers = cost_headers
+        self.request_prices = request_prices or {}
+        self.batch_discount = batch_discount
+        self._pending: set[asyncio.Task[None]] = set()
+        self.alerts: BudgetAlerts | None = None
+
+    # ---------------------------------------------------------------- admission
+
+    async def admit(self, x: Exchange, body_size: int) -> None:
+        specs = await self._specs(x)
+        if not specs:
+            return
+        if (
+            x.model is not None
+            and x.operation is not None
+            and x.operation.name in _TOKEN_PRICED
+            and any(spec.max_budget is not None for spec in specs)
+            and self.prices.fallback is None
+            and self.prices.price_for(x.model) is None
+        ):
+            # An unpriced model is free, and a budget that never binds is worse than none.
+            raise errors.access_denied(
+                f"Model {x.model!r} has no price, and a budget applies to this request: "
+                f"price it in the proxy's settings (prices / prices_file), or set "
+                f"unpriced_model_price"
+            )
+        if (
+            x.operation is not None
+            and x.operation.name in REQUEST_PRICED
+            and x.operation.name not in self.request_prices
+            and any(spec.max_budget is not None for spec in specs)
+        ):
+            # Agents, flows and knowledge-base generation bill models AWS does not name in
+            # the response (an agent's tokens show only in its trace): unpriced, they
+            # would be free under a budget.
+            raise errors.access_denied(
+                f"{x.operation.name} has no price, and a budget applies to this request: "
+                f"set request_prices.{x.operation.name} in the proxy's settings"
+            )
+        try:
+            tokens = (
+                body_size // 4 + self._reserve_output
+                if any(spec.tpm is not None for spec in specs)
+                else 0
+            )
+            x.admission = await self.limiter.admit(
+                specs, x.request_id, self.estimate(x.model, body_size), tokens
+            )
+        except errors.AwsError as exc:
+            x.refusal = exc.reason
+            raise
+
+    def estimate(self, model: str | None, body_size: int) -> float:
+        """Input tokens guessed from the body size, plus a fixed allowance of output."""
+        found = self.prices.price_for(model) if model else None
+        if found is None:
+            return 0.0
+        price, multiplier = found
+        return (
+            (body_size / 4 * price.input + self._reserve_output * price.output) * multiplier / 1000
+        )
+
+    async def _specs(self, x: Exchange) -> list[LimitSpec]:
+        """Every limit that applies: the key's own, its user's and team's, every named
+        limit it is a member of, and the named limits the request names (which it must be
+        a member of, unless it is the master key)."""
+        specs: list[LimitSpec] = []
+        record = x.identity.record if x.identity is not None else None
+        named_ids = x.annotations.get("limit_ids", ())
+        if record is None and not named_ids:
+            return specs
+        limits = await self._named_limits()
+        applying: list[str] = []
+        if record is not None:
+            key_spec = self._key_limit(record)
+            if key_spec is not None:
+                specs.append(key_spec)
+            applying = limits.member_of(record)
+        for limit_id in named_ids:
+            if limit_id in applying:
+                continue
+            if record is not None:
+                raise errors.access_denied(
+                    f"The API key is not a member of limit {limit_id!r}: a limit applies "
+                    f"to the keys, users and teams it lists"
+                )
+            if limit_id in limits.specs:  # the master key may charge any limit
+                applying.append(limit_id)
+        specs += [s for s in (limits.specs[i] for i in applying) if s is not None]
+        return specs
+
+    def _key_limit(self, record: KeyRecord) -> LimitSpec | None:
+        cached = self._key_limits.get(record.key_id)
+        if cached is not None and cached[0] is record:
+            return cached[1]
+        fields = {name: getattr(record.spec, name) for name in LIMIT_FIELDS}
+        spec = _limit_spec("key", record.key_id, fields, record.created_at)
+        if len(self._key_limits) > 100_000:
+            self._key_limits.clear()
+        self._key_limits[record.key_id] = (record, spec)
+        return spec
+
+    async def _named_limits(self) -> NamedLimits:
+        """All named limits, re-read at most every ``limits_ttl`` (a replica sees another's
+        change within that time, this one's at once through ``forget_limit``)."""
+        now = time.monotonic()
+        if self._named is not None and self._named[0] > now:
+            return self._named[1]
+        rows = await self._store.list_limits()
+        limits = NamedLimits(rows)
+        self._named = (now + self._limits_ttl, limits)
+        return limits
+
+    def forget_limit(self, limit_id: str) -> None:
+        self._named = None
+
+    # ---------------------------------------------------------------- completion
+
+    def finish_usage(self, x: Exchange) -> Usage | None:
+        """The exchange's usage, read from its meter once the response has ended."""
+        if x.usage is None and x.meter is not None:
+            usage = x.meter.finish()
+            if x.incomplete and isinstance(x.meter, EventStreamMeter):
+                # Cut before its usage frame (by the client, the upstream or a timeout):
+                # what passed is charged, or reading the deltas and hanging up is free.
+                x.meter.estimate(x.bytes_in)
+            x.usage = usage
+        return x.usage
+
+    def price(self, x: Exchange) -> float | None:
+        usage = self.finish_usage(x)
+        if usage is None:
+            return None
+        succeeded = 200 <= x.status < 300
+        if x.model is None and usage.model is not None:
+            x.model = usage.model  # an agent's model, from its trace
+        per_request = self.request_prices.get(x.operation.name) if x.operation else None
+        if per_request is not None and not usage.found:
+            x.cost = per_request if succeeded else 0.0
+        else:
+            x.cost = self.prices.cost(x.model, usage, succeeded=succeeded)
+        return x.cost
+
+    def completed(self, x: Exchange) -> None:
+        """Charge the limits and queue the ledger row; never blocks the response."""
+        if x.identity is None or x.operation is None:
+            return
+        latency_ms = round(x.seconds * 1000, 3)
+        usage = self.finish_usage(x) or Usage()
+        cost = x.cost if x.usage is not None and x.cost is not None else self.price(x)
+        admission = x.admission
+        if admission is not None:
+            if isinstance(self.limiter, InProcessLimiter):
+                totals = self.limiter.settle_now(admission, usage.total_tokens, cost)
+                if totals and cost and self.alerts is not None:
+                    self._spawn(self._alert(totals, cost))
+            else:
+                self._spawn(self._settle(admission, usage.total_tokens, cost))
+        self.ledger.record(*self._row(x, usage, cost, latency_ms))
+
+    async def charge_job(self, job: dict[str, Any], usage: Usage) -> None:
+        """A batch job's tokens, once it ended: one ledger row under the job's ARN, and its
+        cost against every limit of its key (see ``batches``)."""
+        record = await self._store.key_by("key_id", job["key_id"])
+        x = Exchange(job["job_arn"], "POST", time.perf_counter(), operation=BATCH_JOB)
+        x.model, x.status, x.usage = job.get("model"), 200, usage
+        found = self.prices.price_for(x.model) if x.model else None
+        price = found or ((self.prices.fallback, 1.0) if self.prices.fallback else None)
+        x.cost = tokens_cost(price[0], usage, price[1]) * self.batch_discount if price else None
+        if record is not None:
+            x.identity = Identity(
+                "virtual", key_id=record.key_id, alias=record.spec.key_alias, record=record
+            )
+            specs = await self._specs(x)
+            if specs and x.cost:
+                await self.limiter.settle(Admission(x.request_id, specs, 0.0), 0, x.cost)
+        self.ledger.record(*self._row(x, usage, x.cost, 0.0))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, admission: Admission, tokens: int, cost: float | None) -> None:
+        try:
+            totals = await self.limiter.settle(admission, tokens, cost)
+            if self.alerts is not None and cost:
+                await self._alert(totals, cost)
+        except Exception as exc:  # the ledger still has the row; counters re-sync per period
+            log.error(
+                "could not settle limits for %s: %s", admission.request_id, type(exc).__name__
+            )
+
+    async def _alert(self, totals: list[tuple[LimitSpec, float]], cost: float) -> None:
+        assert self.alerts is not None
+        for spec, after in totals:
+            await self.alerts.spent(spec, after - cost, after)
+
+    def _row(
+        self, x: Exchange, usage: Usage, cost: float | None, latency_ms: float
+    ) -> tuple[tuple, list[tuple]]:
+        identity = x.identity
+        record = identity.record if identity is not None else None
+        spec = record.spec if record is not None else None
+        now = time.time()
+        annotations = x.annotations
+        row = (
+            x.request_id,
+            now,
+            _utc_day(now),
+            identity.key_id if identity is not None else None,
+            spec.key_alias if spec else None,
+            spec.user_id if spec else None,
+            spec.team_id if spec else None,
+            annotations.get("end_user_id"),
+            x.operation.name if x.operation else "",
+            x.operation.service.name if x.operation else "",
+            x.model,
+            x.status,
+            latency_ms,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+            usage.total_tokens,
+            cost,
+            1 if x.incomplete else 0,
+            annotations.get("use_case_name"),
+            orjson.dumps(annotations).decode() if annotations else None,
+            x.error,
+            1 if usage.estimated else 0,
+            x.model_ref,
+        )
+        labels = [
+            (x.request_id, "tag", tag, now, cost, usage.total_tokens)
+            for tag in annotations.get("tags", ())
+        ] + [
+            (x.request_id, "limit", limit_id, now, cost, usage.total_tokens)
+            for limit_id in annotations.get("limit_ids", ())
+        ]
+        return row, labels
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.ledger.close()
+        if self.alerts is not None:
+            await self.alerts.close()
+        await self.limiter.close()
+
+
+_day_cache: tuple[int, str] = (-1, "")
+
+
+def _utc_day(ts: float) -> str:
+    """The UTC date of ``ts``; formatted once per day, not once per request."""
+    global _day_cache
+    day = int(ts // 86400)
+    if _day_cache[0] != day:
+        _day_cache = (day, datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d"))
+    return _day_cache[1]
+
+
+def _limit_spec(scope: str, ident: str, fields: dict[str, Any], anchor: float) -> LimitSpec | None:
+    values = {name: fields.get(name) for name in LIMIT_FIELDS}
+    if all(v is None for v in values.values()):
+        return None
+    duration = values["budget_duration"]
+    return LimitSpec(
+        scope=scope,
+        id=ident,
+        rpm=values["rpm_limit"],
+        tpm=values["tpm_limit"],
+        max_parallel=values["max_parallel_requests"],
+        max_budget=values["max_budget"],
+        budget_seconds=parse_duration("budget_duration", duration) if duration else None,
+        anchor=anchor,
+    )

@@ -1,0 +1,242 @@
+"""Prometheus metrics in the text exposition format, kept in plain dicts.
+
+Each process keeps its own (with ``--workers N`` a scrape sees the worker that answers;
+run one worker per pod for exact figures). Label values are bounded by what the proxy
+routes: operations from the service models, model ids, key aliases, AWS error codes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..exchange import Exchange
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class Histogram:
+    __slots__ = ("buckets", "series")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        # labels -> [counts per bucket..., +Inf count, sum]
+        self.series: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        row = self.series.get(labels)
+        if row is None:
+            row = self.series[labels] = [0.0] * (len(self.buckets) + 2)
+        row[bisect.bisect_left(self.buckets, value)] += 1
+        row[-1] += value
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, ...], int] = {}
+        self.tokens: dict[tuple[str, ...], int] = {}
+        self.cost: dict[tuple[str, ...], float] = {}
+        self.upstream_errors: dict[tuple[str, ...], int] = {}
+        self.refusals: dict[tuple[str, ...], int] = {}
+        self.unpriced: dict[tuple[str, ...], int] = {}
+        self.duration = Histogram(_LATENCY_BUCKETS)
+        self.upstream = Histogram(_LATENCY_BUCKETS)
+        self.overhead = Histogram(_OVERHEAD_BUCKETS)
+        self.ttfb = Histogram(_LATENCY_BUCKETS)
+        self.active_streams = 0
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self.gauges[name] = (help_text, read)
+
+    def completed(self, x: Exchange) -> None:
+        if x.refusal is not None:
+            _inc(self.refusals, (x.refusal,))
+        self.observe(x, x.seconds)
+
+    def observe(self, x: Exchange, seconds: float) -> None:
+        op = x.operation.name if x.operation is not None else "unknown"
+        model = model_label(x)
+        key = ""
+        if x.identity is not None:
+            key = x.identity.alias or x.identity.key_id or x.identity.kind
+        _inc(self.requests, (op, model, str(x.status), key))
+        self.duration.observe((op,), seconds)
+        if x.upstream_started is not None and x.upstream_done is not None:
+            upstream = x.upstream_done - x.upstream_started
+            self.upstream.observe((op,), upstream)
+            self.overhead.observe((op,), max(0.0, seconds - upstream))
+        if x.first_byte_at is not None:
+            self.ttfb.observe((op,), x.first_byte_at - x.started)
+        if x.upstream_error:
+            _inc(self.upstream_errors, (x.upstream_error,))
+        usage = x.usage
+        if usage is not None and usage.found:
+            for kind, count in (
+                ("input", usage.input_tokens),
+                ("output", usage.output_tokens),
+                ("cache_read", usage.cache_read_tokens),
+                ("cache_write", usage.cache_write_tokens),
+            ):
+                if count:
+                    _inc(self.tokens, (model, key, kind), count)
+            if x.cost is not None:
+                self.cost[(model, key)] = self.cost.get((model, key), 0.0) + x.cost
+            elif not usage.free:
+                _inc(self.unpriced, (model,))
+
+    def render(self) -> bytes:
+        out: list[str] = []
+        _counter(
+            out,
+            "bedrock_proxy_requests_total",
+            "Requests by operation, model, status and key.",
+            ("operation", "model", "status", "key"),
+            self.requests,
+        )
+        _histogram(
+            out,
+            "bedrock_proxy_request_duration_seconds",
+            "Whole request, as the client saw it.",
+            self.duration,
+        )
+        _histogram(
+            out,
+            "bedrock_proxy_upstream_duration_seconds",
+            "From sending upstream to the last byte of the response.",
+            self.upstream,
+        )
+        _histogram(
+            out,
+            "bedrock_proxy_overhead_seconds",
+            "Time the proxy itself added: the request minus the upstream time.",
+            self.overhead,
+        )
+        _histogram(
+            out,
+            "bedrock_proxy_stream_ttfb_seconds",
+            "Time to the first byte sent to the client, for streamed responses.",
+            self.ttfb,
+        )
+        out.append("# HELP bedrock_proxy_active_streams Streams being relayed now.")
+        out.append("# TYPE bedrock_proxy_active_streams gauge")
+        out.append(f"bedrock_proxy_active_streams {self.active_streams}")
+        _counter(
+            out,
+            "bedrock_proxy_tokens_total",
+            "Tokens by model, key and kind.",
+            ("model", "key", "kind"),
+            self.tokens,
+        )
+        _counter(
+            out,
+            "bedrock_proxy_cost_usd_total",
+            "Cost in USD by model and key.",
+            ("model", "key"),
+            self.cost,
+        )
+        _counter(
+            out,
+            "bedrock_proxy_upstream_errors_total",
+            "Upstream errors by AWS error code.",
+            ("code",),
+            self.upstream_errors,
+        )
+        _counter(
+            out,
+            "bedrock_proxy_limit_refusals_total",
+            "Requests refused by a limit.",
+            ("reason",),
+            self.refusals,
+        )
+        _counter(
+            out,
+            "bedrock_proxy_unpriced_requests_total",
+            "Requests with usage but no price for their model.",
+            ("model",),
+            self.unpriced,
+        )
+        for name, (help_text, read) in self.gauges.items():
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} gauge")
+            out.append(f"{name} {_number(read())}")
+        return ("\n".join(out) + "\n").encode()
+
+
+def model_label(x: Exchange) -> str:
+    """A model id is a label only once an authenticated request's upstream accepted it:
+    anything else a client names would grow the exposition without bound."""
+    if not x.model:
+        return ""
+    if x.identity is None or not 200 <= x.status < 400:
+        return "other"
+    return x.model
+
+
+def _inc(series: dict[tuple[str, ...], int], labels: tuple[str, ...], amount: int = 1) -> None:
+    series[labels] = series.get(labels, 0) + amount
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    pairs = (f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+    return "{" + ",".join(pairs) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _counter(
+    out: list[str],
+    name: str,
+    help_text: str,
+    names: tuple[str, ...],
+    series: dict[tuple[str, ...], float] | dict[tuple[str, ...], int],
+) -> None:
+    out.append(f"# HELP {name} {help_text}")
+    out.append(f"# TYPE {name} counter")
+    for labels, value in series.items():
+        out.append(f"{name}{_labels(names, labels)} {_number(value)}")
+
+
+def _histogram(out: list[str], name: str, help_text: str, histogram: Histogram) -> None:
+    out.append(f"# HELP {name} {help_text}")
+    out.append(f"# TYPE {name} histogram")
+    for (op,), row in histogram.series.items():
+        cumulative = 0.0
+        for bound, count in zip(histogram.buckets, row, strict=False):
+            cumulative += count
+            out.append(f'{name}_bucket{{operation="{_escape(op)}",le="{bound}"}} {int(cumulative)}')
+        cumulative += row[len(histogram.buckets)]
+        out.append(f'{name}_bucket{{operation="{_escape(op)}",le="+Inf"}} {int(cumulative)}')
+        out.append(f'{name}_sum{{operation="{_escape(op)}"}} {row[-1]!r}')
+        out.append(f'{name}_count{{operation="{_escape(op)}"}} {int(cumulative)}')

@@ -1,0 +1,288 @@
+"""Builds the aiohttp application: routes, startup and shutdown of what requests share."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from ..access import policy
+from ..access.auth import Authenticator
+from ..access.jobs import JobRegistry
+from ..access.keycache import KeyCache
+from ..access.keyservice import KeyService
+from ..access.modelrefs import ModelRefs
+from ..access.secretbox import SecretBox
+from ..exchange import Observer
+from ..metering.alerts import BudgetAlerts
+from ..metering.batches import BatchSettler
+from ..metering.ledger import Ledger
+from ..metering.limits import RedisLimiter
+from ..metering.pricing import PriceTable
+from ..metering.reports import Reports
+from ..metering.service import Metering
+from ..observe.accesslog import AccessLog
+from ..observe.metrics import Metrics
+from ..observe.tracing import Tracing
+from ..store import Store, open_store
+from ..wire import errors
+from ..wire.endpoints import Endpoints, sdk_endpoint_overrides, valid_region
+from ..wire.routing import SERVICE_NAMES, Router, load_operations
+from .admin import AdminApi
+from .bedrock import BASE_PATH, BedrockFront
+from .config import ConfigError, Settings
+from .credentials import CredentialProvider
+from .dispatch import application
+from .files import FILES_PATH, FilesFront
+from .pipeline import Pipeline, Shutdown
+from .upstream import UpstreamClient
+
+
+class StartupError(Exception):
+    """Something the proxy needs at startup is not there; the message says what."""
+
+
+log = logging.getLogger("bedrock_proxy.app")
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+STORE = web.AppKey("store", Store)
+KEYS = web.AppKey("keys", KeyService)
+METERING = web.AppKey("metering", Metering)
+METRICS = web.AppKey("metrics", Metrics)
+CREDENTIALS = web.AppKey("credentials", CredentialProvider)
+STATE = web.AppKey("state", dict)
+BATCHES = web.AppKey("batches", BatchSettler)
+
+
+def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.Application:
+    if settings.master_key is None and not settings.allow_unauthenticated:
+        raise ConfigError(
+            "config error: master_key: BEDROCK_PROXY_MASTER_KEY is not set "
+            "(pass --allow-unauthenticated to run without client authentication)"
+        )
+    router = Router(load_operations())
+    policy.load_fields()  # at startup, into the heap serve freezes (see pricing)
+    overrides = {**sdk_endpoint_overrides((*SERVICE_NAMES, "s3")), **settings.endpoints}
+    region = settings.region or _profile_region(settings) or "us-east-1"
+    if not valid_region(region):
+        raise ConfigError(f"config error: region: {region!r} is not an AWS region name")
+    try:
+        endpoints = Endpoints(overrides, region)
+    except ValueError as exc:
+        raise ConfigError(f"config error: endpoints: {exc}") from None
+    credentials = CredentialProvider(settings.aws_profile)
+    store = open_store(settings.database_url, settings.sqlite_path, settings.database_pool_size)
+    sealing_secret = settings.secret_key or settings.master_key
+    box = SecretBox(sealing_secret, settings.previous_secret_keys) if sealing_secret else None
+    cache = KeyCache(store, box, settings.key_cache_ttl)
+    authenticator = Authenticator(
+        settings.master_key,
+        settings.auth_headers,
+        settings.allow_unauthenticated,
+        keys=cache,
+        max_skew_seconds=settings.sigv4_max_skew,
+    )
+    keys = KeyService(store, box, cache) if box is not None and settings.master_key else None
+    try:
+        prices = PriceTable.load(
+            settings.prices_file, settings.prices, settings.unpriced_model_price or None
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config error: prices_file/prices: {exc}") from None
+    metering = Metering(
+        store,
+        prices,
+        Ledger(store, settings.ledger_flush_interval),
+        settings.redis_url,
+        settings.key_cache_ttl,
+        settings.reserve_output_tokens,
+        settings.cost_headers,
+        {k: float(v) for k, v in settings.request_prices.items()},
+        settings.batch_discount,
+    )
+    shutdown = Shutdown()
+    upstream = UpstreamClient(settings, endpoints, credentials, shutdown)
+    metrics = Metrics()
+    access_log = access_log or AccessLog(settings.access_log)
+    # Metering first: the others read the cost it works out.
+    observers: list[Observer] = [metering, metrics, access_log]
+    if settings.tracing:
+        try:
+            observers.append(Tracing())
+        except ImportError:
+            raise ConfigError(
+                "config error: tracing: needs OpenTelemetry (pip install 'bedrock-proxy[otel]')"
+            ) from None
+    pipeline = Pipeline(observers, shutdown)
+    jobs = JobRegistry(store)
+    bedrock = BedrockFront(
+        settings,
+        router,
+        authenticator,
+        upstream,
+        metering,
+        metrics,
+        jobs,
+        ModelRefs(upstream.control_get, settings.model_ref_ttl),
+    )
+    files = FilesFront(upstream, authenticator, metering, settings.max_file_bytes)
+    batches = BatchSettler(
+        store,
+        upstream.control_get,
+        upstream.s3_get,
+        metering.charge_job,
+        metering.limiter.claim_once,
+        region,
+        settings.batch_poll_interval,
+    )
+    if settings.alert_webhook_url:
+        metering.alerts = BudgetAlerts(
+            settings.alert_webhook_url,
+            metering.limiter.claim_once,
+            slack=settings.alert_webhook_format == "slack",
+        )
+    metrics.gauge(
+        "bedrock_proxy_ledger_queue_depth",
+        "Ledger rows waiting to be written.",
+        lambda: metering.ledger.depth,
+    )
+    metrics.gauge(
+        "bedrock_proxy_requests_in_flight",
+        "Requests being handled now.",
+        lambda: pipeline.in_flight,
+    )
+    metrics.gauge(
+        "bedrock_proxy_upstream_connections",
+        "Connections open to the upstream services, in use or kept alive.",
+        lambda: upstream.pool.open_connections if upstream.started else 0,
+    )
+
+    app, router = application(handler_args={"max_field_size": 65536})
+    app[PIPELINE] = pipeline
+    app[UPSTREAM] = upstream
+    app[ACCESS_LOG] = access_log
+    app[METRICS] = metrics
+    app[CREDENTIALS] = credentials
+    app[STORE] = store
+    app[METERING] = metering
+    app[BATCHES] = batches
+    app[STATE] = {"ready": False, "needs_credentials": not settings.upstream_bearer_token}
+    if keys is not None:
+        app[KEYS] = keys
+    app.cleanup_ctx.append(_lifecycle)
+    AdminApi(keys, authenticator, Reports(store), metering.forget_limit).add_routes(app)
+    app.router.add_get("/health/liveness", _liveness)
+    app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))
+    app.router.add_get("/health/readiness", _readiness)
+    for path in (FILES_PATH, FILES_PATH + "/{tail:.*}"):  # before /bedrock/{tail}
+        app.router.add_route("*", path, pipeline.handler(files))
+    router.add_prefix_route(
+        BASE_PATH,
+        pipeline.handler(bedrock),
+        expect_handler=bedrock.expect_handler,
+        excluded=(FILES_PATH,),
+    )
+    router.fallback = app.router.add_route("*", "/{tail:.*}", _unknown_route)
+    return app
+
+
+def create_ops_app(main: web.Application) -> web.Application:
+    """Health checks alone, for a plain-HTTP listener beside an HTTPS one."""
+    app = web.Application()
+    app[STATE] = main[STATE]
+    app[CREDENTIALS] = main[CREDENTIALS]
+    app[STORE] = main[STORE]
+    app[METERING] = main[METERING]
+    app[METRICS] = main[METRICS]
+    app.router.add_get("/health/liveness", _liveness)
+    app.router.add_get("/metrics", _metrics_handler(None, True))
+    app.router.add_get("/health/readiness", _readiness)
+    app.router.add_route("*", "/{tail:.*}", _unknown_route)
+    return app
+
+
+async def _lifecycle(app: web.Application):
+    store = app[STORE]
+    try:
+        await store.open()
+    except Exception as exc:
+        raise StartupError(f"cannot open the key store: {type(exc).__name__}: {exc}") from None
+    if KEYS in app:
+        resealed = await app[KEYS].reseal_secrets()
+        if resealed:
+            log.info("resealed %d SigV4 secrets under the current secret_key", resealed)
+    metering = app[METERING]
+    metering.ledger.start()
+    upstream = app[UPSTREAM]
+    await upstream.start()
+    if app[STATE]["needs_credentials"]:
+        await app[CREDENTIALS].start()
+    app[BATCHES].start()
+    app[STATE]["ready"] = True
+    yield
+    app[STATE]["ready"] = False
+    await app[BATCHES].close()
+    await upstream.close()
+    app[ACCESS_LOG].flush()
+    await metering.close()  # flushes the ledger
+    await app[CREDENTIALS].close()
+    await store.close()
+
+
+async def _liveness(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def _readiness(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state["ready"]:
+        return web.json_response({"status": "not ready"}, status=503)
+    try:
+        await request.app[STORE].ping()
+    except Exception:
+        return web.json_response({"status": "not ready", "reason": "key store"}, status=503)
+    limiter = request.app[METERING].limiter
+    if isinstance(limiter, RedisLimiter):
+        try:
+            await limiter.ping()
+        except Exception:
+            return web.json_response({"status": "not ready", "reason": "redis"}, status=503)
+    if state["needs_credentials"]:
+        try:
+            await request.app[CREDENTIALS].get()
+        except Exception:
+            return web.json_response(
+                {"status": "not ready", "reason": "no AWS credentials"}, status=503
+            )
+    return web.json_response({"status": "ready"})
+
+
+def _metrics_handler(auth: Authenticator | None, public: bool):
+    async def metrics(request: web.Request) -> web.Response:
+        if not public:
+            assert auth is not None
+            try:
+                await auth.master_only(request)
+            except errors.AwsError as exc:
+                return exc.to_response()
+        return web.Response(
+            body=request.app[METRICS].render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    return metrics
+
+
+async def _unknown_route(request: web.Request) -> web.Response:
+    return errors.unknown_operation(request.method, request.path).to_response()
+
+
+def _profile_region(settings: Settings) -> str | None:
+    import botocore.session
+
+    try:
+        return botocore.session.Session(profile=settings.aws_profile).get_config_variable("region")
+    except Exception:
+        return None

@@ -1,0 +1,244 @@
+"""The Bedrock front: ``/bedrock/...`` to bedrock-runtime, bedrock-agent-runtime and the
+control plane, byte for byte.
+
+It prepares each request: the operation from the raw path, the caller, the body (read once,
+since SigV4 hashes it, and sent as the same bytes), the key's allow-lists, job ownership,
+admission by the limits, the upstream's headers. The upstream call and the relay are
+``upstream``'s; tracking and completion are the pipeline's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..access import policy
+from ..access.auth import Authenticator, SignedRequest
+from ..access.jobs import LISTINGS, STARTS, JobRegistry
+from ..access.modelrefs import ModelRefs, resolvable
+from ..access.unverified import UnverifiedBodies
+from ..exchange import Exchange
+from ..metering.annotations import read_annotations
+from ..metering.service import Metering
+from ..metering.usage import meter_for
+from ..observe.metrics import Metrics
+from ..wire import errors, eventstream, http1
+from ..wire.headers import check_request_headers, response_headers, split_request_headers
+from ..wire.routing import Router
+from .bodies import RequestBody, read_body
+from .config import Settings
+from .upstream import UpstreamClient
+
+BASE_PATH = "/bedrock"
+# Responses of known length up to this size are read whole and sent in one write.
+_SMALL_RESPONSE = 256 * 1024
+# Operations whose model is named in the body rather than the path.
+_MODEL_IN_BODY = frozenset({"StartAsyncInvoke", "CreateModelInvocationJob"})
+
+
+class BedrockFront:
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        authenticator: Authenticator,
+        upstream: UpstreamClient,
+        metering: Metering,
+        metrics: Metrics,
+        jobs: JobRegistry,
+        model_refs: ModelRefs,
+    ) -> None:
+        self._settings = settings
+        self._router = router
+        self._auth = authenticator
+        self._upstream = upstream
+        self._metering = metering
+        self._metrics = metrics
+        self._jobs = jobs
+        self._model_refs = model_refs
+        self._max_body = settings.max_body_bytes
+        self._unverified = UnverifiedBodies(settings.max_unverified_body_bytes)
+
+    def render(self, exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
+        return exc.to_response(x.request_id)
+
+    async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer ``Expect: 100-continue`` with 413 at once when the body is too large."""
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return errors.payload_too_large(self._max_body).to_response()
+        if request.version != aiohttp.HttpVersion11:
+            return None
+        expect = request.headers.get("Expect", "")
+        if expect.lower() != "100-continue":
+            return errors.AwsError(
+                417, "ValidationException", f"Unsupported Expect header: {expect}"
+            ).to_response()
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response proper
+        return None
+
+    # ------------------------------------------------------------------ request
+
+    async def forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
+        raw = request.raw_path[len(BASE_PATH) :]
+        path, _, query = raw.partition("?")
+        match = self._router.match(request.method, path or "/")
+        if match is None:
+            raise errors.unknown_operation(request.method, path or "/")
+        op = x.operation = match.operation
+        x.model = match.labels.get("modelId")
+        refuse_other_providers(request)
+        check_request_headers(request.headers.items())
+        # The credential is judged from the headers before any body is read, so a refusal
+        # costs no body and keeps nothing.
+        identity = await self._auth.identify(request)
+        if identity is None:  # SigV4 by a known key: its signature covers the body
+            with self._unverified.hold(request.content_length, self._max_body):
+                body = await self._read_body(request)
+                client_path, _, _ = request.raw_path.partition("?")
+                identity = await self._auth.authenticate(
+                    request, SignedRequest(request.method, client_path, query, body.sha256)
+                )
+        else:
+            body = await self._read_body(request)
+        x.bytes_in = body.size
+        x.identity = identity  # before the policy, so a refusal is attributed to the key
+        upstream = self._upstream.resolve(op.service, request)
+        x.region = upstream.region
+        if x.model is not None and resolvable(x.model):
+            resolved = await self._model_refs.resolve(x.model)
+            if resolved is not None:
+                x.model_ref, x.model = x.model, resolved
+        spec = identity.spec
+        if spec is not None:
+            # A body read in one piece is checked as it is; a large one is joined (a copy)
+            # only when the key's allow-lists need it read.
+            data = body.data if isinstance(body.data, bytes) else None
+            if data is None and policy.needs_body(spec, op):
+                data = body.joined()
+            aliases = {x.model_ref: x.model} if x.model_ref and x.model else None
+            policy.check(spec, op, match.labels, request.headers, data, query, aliases)
+        await self._jobs.check(identity, op, match.labels)
+        if x.model is None and op.name in _MODEL_IN_BODY:
+            x.model = policy.body_model(op, body.joined())
+        x.annotations = read_annotations(request.headers)
+        x.meter = meter_for(op.name)
+        await self._metering.admit(x, body.size)
+        signed, unsigned = split_request_headers(request.headers)
+        signed["host"] = upstream.host
+        if body.size or not isinstance(body.data, bytes):
+            unsigned["content-length"] = str(body.size)
+        await self._upstream.authorize(
+            signed,
+            method=request.method,
+            raw_path=upstream.base_path + match.path,
+            raw_query=query,
+            payload_hash=body.sha256,
+            region=upstream.region,
+            service=op.service,
+        )
+        signed.update(unsigned)
+        target = upstream.base_path + match.path + ("?" + query if query else "")
+        reply = await self._upstream.send(
+            request.method, upstream, target, signed, body.payload(), x
+        )
+        return await self._respond(request, reply, body, x)
+
+    async def _read_body(self, request: web.Request) -> RequestBody:
+        return await read_body(request, self._max_body, self._settings.body_timeout)
+
+    # ------------------------------------------------------------------ response
+
+    async def _respond(
+        self, request: web.Request, upstream: http1.Response, body: RequestBody, x: Exchange
+    ) -> web.StreamResponse:
+        completed = False
+        meter = x.meter
+        try:
+            if upstream.status >= 400:
+                x.upstream_error = upstream.headers.get("x-amzn-ErrorType", "").split(":")[
+                    0
+                ] or str(upstream.status)
+            x.upstream_request_id = upstream.headers.get("x-amzn-RequestId")
+            out_headers = response_headers(upstream.headers)
+            out_headers["x-bedrock-proxy-request-id"] = x.request_id
+            if meter is not None:
+                meter.on_headers(upstream.status, upstream.headers)
+            content_type = upstream.headers.get("Content-Type", "")
+            is_event_stream = content_type.startswith(eventstream.CONTENT_TYPE)
+            length = upstream.content_length
+            op = x.operation
+            identity = x.identity
+            # A job listing a virtual key sees filtered is read whole, whatever its size.
+            owned_listing = (
+                upstream.status == 200
+                and op is not None
+                and op.name in LISTINGS
+                and identity is not None
+                and identity.record is not None
+            )
+            if not is_event_stream and (
+                owned_listing or (length is not None and length <= _SMALL_RESPONSE)
+            ):
+                data = await self._upstream.read_whole(upstream)
+                completed = True
+                x.upstream_done = time.perf_counter()
+                if identity is not None and op is not None:
+                    if owned_listing:
+                        data = await self._jobs.filter_listing(identity, op, data)
+                    elif upstream.status == 200 and op.name in STARTS:
+                        # (A start's body is small JSON: joining it copies nothing big.)
+                        await self._jobs.remember(
+                            identity, op, x.model, data, body.joined(), x.region
+                        )
+                x.bytes_out = len(data)
+                if meter is not None:
+                    meter.feed(data)
+                    self._cost_headers(x, out_headers)
+                return web.Response(status=upstream.status, body=data, headers=out_headers)
+            if meter is not None and not is_event_stream and meter.usage.found:
+                self._cost_headers(x, out_headers)  # InvokeModel: usage came in the headers
+            # Headers are in: from now on the limit is the idle time between chunks.
+            upstream.set_read_timeout(self._settings.idle_timeout)
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            if length is not None and not is_event_stream:
+                response.content_length = length
+            await response.prepare(request)
+            if is_event_stream:
+                self._metrics.active_streams += 1
+            try:
+                completed = await self._upstream.relay(
+                    request, upstream, response, x, is_event_stream
+                )
+            finally:
+                x.upstream_done = time.perf_counter()
+                if is_event_stream:
+                    self._metrics.active_streams -= 1
+            return response
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()
+
+    def _cost_headers(self, x: Exchange, headers: CIMultiDict[str]) -> None:
+        """Non-stream responses can carry their cost; streams' costs are in the ledger."""
+        cost = self._metering.price(x)
+        if self._metering.cost_headers and x.usage is not None and x.usage.found:
+            headers["x-bedrock-proxy-tokens"] = str(x.usage.total_tokens)
+            if cost is not None:
+                headers["x-bedrock-proxy-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
+
+
+def refuse_other_providers(request: web.BaseRequest) -> None:
+    """Other gateways route ``x-model-provider: openai|gemini`` by translating payloads."""
+    provider = request.headers.get("x-model-provider")
+    if provider is not None and provider.strip().lower() != "bedrock":
+        raise errors.validation(
+            f"x-model-provider {provider!r} is not supported: this proxy passes Bedrock "
+            "requests through unchanged and never translates them to another provider's API"
+        )

@@ -1,0 +1,280 @@
+"""Settings from a YAML file and ``BEDROCK_PROXY_*`` variables (the environment wins),
+checked once at startup so a mistake is one clear line naming the setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import yaml
+
+from ..wire.endpoints import valid_region
+from ..wire.routing import SERVICE_NAMES
+
+ENV_PREFIX = "BEDROCK_PROXY_"
+DEFAULT_AUTH_HEADERS = ("x-api-key", "litellm_user_api_key", "x-litellm-api-key", "x-bf-vk")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names it."""
+
+
+@dataclass(slots=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 4000
+    master_key: str | None = field(default=None, repr=False)
+    allow_unauthenticated: bool = False
+    # Region used upstream; falls back to AWS_REGION, AWS_DEFAULT_REGION, the AWS profile.
+    region: str | None = None
+    # Honour the region in a client's SigV4 credential scope (strictly validated).
+    client_region: bool = True
+    # Upstream base URL per service name; the SDK's AWS_ENDPOINT_URL_* variables also apply.
+    endpoints: dict[str, str] = field(default_factory=dict)
+    max_body_bytes: int = 32 * 1024 * 1024
+    # Bodies held at once, across the process, before their SigV4 signature is verified.
+    max_unverified_body_bytes: int = 256 * 1024 * 1024
+    # Largest single upload through /bedrock/files (S3's own limit for one PUT is 5 GiB).
+    max_file_bytes: int = 5 * 1024**3
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 600.0
+    idle_timeout: float = 120.0
+    # Client side: time to send the request headers, the body, and idle time between requests.
+    header_timeout: float = 10.0
+    body_timeout: float = 120.0
+    keepalive_timeout: float = 75.0
+    # Keep-alive connections per upstream host; 0 means no limit (each open stream holds one).
+    pool_size: int = 0
+    # Send this Bedrock API key upstream instead of SigV4 (AWS_BEARER_TOKEN_BEDROCK).
+    upstream_bearer_token: str | None = field(default=None, repr=False)
+    aws_profile: str | None = None
+    # Headers that may carry a client's key, besides Authorization: Bearer.
+    auth_headers: list[str] = field(default_factory=lambda: list(DEFAULT_AUTH_HEADERS))
+    access_log: bool = True
+    log_level: str = "info"
+    # HTTPS on the main port when both are set; reloaded on SIGHUP.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # A second, plain-HTTP listener for health checks (and metrics) inside a cluster.
+    http_port: int | None = None
+    # The key and ledger store: PostgreSQL when set, else SQLite at sqlite_path.
+    database_url: str | None = field(default=None, repr=False)
+    sqlite_path: str = "bedrock-proxy.db"
+    # PostgreSQL connections per process.
+    database_pool_size: int = 10
+    # Seals the virtual keys' SigV4 secrets at rest; defaults to the master key.
+    secret_key: str | None = field(default=None, repr=False)
+    # Older secret_keys that still open sealed secrets during a rotation.
+    previous_secret_keys: list[str] = field(default_factory=list, repr=False)
+    # How long a replica trusts a cached key: the bound on revocation delay.
+    key_cache_ttl: float = 5.0
+    # Clock skew allowed on SigV4 requests signed with a virtual key.
+    sigv4_max_skew: int = 900
+    # Rate-limit and budget counters shared by replicas; in-process when unset.
+    redis_url: str | None = field(default=None, repr=False)
+    # Ledger rows are written at least this often; a SIGKILL loses at most this much.
+    ledger_flush_interval: float = 1.0
+    # Extra or overriding prices: a JSON file shaped like proxy/data/prices.json, and/or
+    # {model: {input, output, cache_read, cache_write}} in USD per 1,000 tokens.
+    prices_file: str | None = None
+    prices: dict[str, Any] = field(default_factory=dict)
+    # The price of a model no source prices, {input, output} per 1,000 tokens. Unset, a
+    # key with a budget is refused such a model (its calls would otherwise be free).
+    unpriced_model_price: dict[str, Any] = field(default_factory=dict)
+    # USD per successful request, for operations that bill models they do not report
+    # (InvokeAgent without a trace, InvokeFlow, RetrieveAndGenerate, Rerank...).
+    request_prices: dict[str, Any] = field(default_factory=dict)
+    # Batch jobs: how often one replica looks for ended jobs to charge, and their discount.
+    batch_poll_interval: float = 60.0
+    batch_discount: float = 0.5
+    # Seconds an application inference profile's or provisioned model's resolution is kept.
+    model_ref_ttl: float = 3600.0
+    # Budget alerts: POSTed when a key, user, team or named limit crosses 80 % and 100 % of
+    # its budget, once per period; "slack" sends Slack's {"text": ...} body.
+    alert_webhook_url: str | None = field(default=None, repr=False)
+    alert_webhook_format: str = "json"
+    # Output tokens assumed when reserving budget at admission.
+    reserve_output_tokens: int = 1000
+    # x-bedrock-proxy-cost / -tokens headers on non-stream responses.
+    cost_headers: bool = True
+    # Processes serving one port (SO_REUSEPORT); see the README on when to raise it.
+    workers: int = 1
+    reuse_port: bool = False
+    # On SIGTERM: how long in-flight requests and streams may take to finish.
+    shutdown_timeout: float = 30.0
+    # /metrics on the main port without the master key (it is open on http_port anyway).
+    metrics_public: bool = False
+    # OpenTelemetry spans per request (needs the "otel" extra; configured by OTEL_* vars).
+    tracing: bool = False
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_SECRETS = frozenset(
+    {
+        "master_key",
+        "upstream_bearer_token",
+        "database_url",
+        "secret_key",
+        "previous_secret_keys",
+        "redis_url",
+    }
+)
+
+
+def load_settings(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """File, then environment, then explicit overrides (the CLI's flags)."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        raw.update(_read_yaml(path))
+    for name in _FIELDS:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            raw[name] = value
+    if "upstream_bearer_token" not in raw and env.get("AWS_BEARER_TOKEN_BEDROCK"):
+        raw["upstream_bearer_token"] = env["AWS_BEARER_TOKEN_BEDROCK"]
+    if "aws_profile" not in raw and env.get("AWS_PROFILE"):
+        raw["aws_profile"] = env["AWS_PROFILE"]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+    settings = Settings()
+    for name, value in raw.items():
+        if name not in _FIELDS:
+            raise ConfigError(f"config error: unknown setting {name!r}")
+        setattr(settings, name, _coerce(name, _FIELDS[name].type, value))
+    if settings.region is None:
+        settings.region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    _validate(settings)
+    return settings
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping of settings")
+    return data
+
+
+def _coerce(name: str, type_: Any, value: Any) -> Any:
+    kind = str(type_)
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "dict[str, Any]":
+            value = orjson.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        if kind.startswith("dict"):
+            if isinstance(value, str):
+                value = dict(item.split("=", 1) for item in value.split(",") if item)
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): str(v) for k, v in value.items()}
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [str(v) for v in value]
+        return None if value is None else str(value)
+    except (TypeError, ValueError):
+        shown = "<hidden>" if name in _SECRETS else repr(value)
+        raise ConfigError(
+            f"config error: {name}: expected {kind.replace(' | None', '')}, got {shown}"
+        ) from None
+
+
+def _validate(s: Settings) -> None:
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"config error: port: {s.port} is not a TCP port")
+    if s.region is not None and not valid_region(s.region):
+        raise ConfigError(f"config error: region: {s.region!r} is not an AWS region name")
+    for name in s.endpoints:
+        if name not in (*SERVICE_NAMES, "s3"):
+            raise ConfigError(
+                f"config error: endpoints: unknown service {name!r} "
+                f"(one of {', '.join(SERVICE_NAMES)}, s3)"
+            )
+    for name in (
+        "connect_timeout",
+        "first_byte_timeout",
+        "idle_timeout",
+        "header_timeout",
+        "body_timeout",
+        "keepalive_timeout",
+    ):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"config error: {name}: must be greater than zero")
+    if s.alert_webhook_url is not None and not s.alert_webhook_url.startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError("config error: alert_webhook_url: must be an http(s):// URL")
+    if s.alert_webhook_format not in ("json", "slack"):
+        raise ConfigError("config error: alert_webhook_format: must be json or slack")
+    for name, value in s.request_prices.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
+            raise ConfigError(f"config error: request_prices: {name}: must be a price in USD")
+    if s.batch_poll_interval <= 0 or not 0 <= s.batch_discount <= 1:
+        raise ConfigError(
+            "config error: batch_poll_interval must be positive, batch_discount within 0..1"
+        )
+    if s.max_body_bytes <= 0:
+        raise ConfigError("config error: max_body_bytes: must be greater than zero")
+    if s.max_unverified_body_bytes < s.max_body_bytes:
+        raise ConfigError(
+            "config error: max_unverified_body_bytes: must be at least max_body_bytes"
+        )
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"config error: log_level: {s.log_level!r} is not a log level")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        missing = "tls_key" if s.tls_key is None else "tls_cert"
+        raise ConfigError(f"config error: {missing}: tls_cert and tls_key must be set together")
+    if s.http_port is not None and (not 0 < s.http_port < 65536 or s.http_port == s.port):
+        raise ConfigError(f"config error: http_port: {s.http_port} must be a free TCP port")
+    s.auth_headers = [h.lower() for h in s.auth_headers]
+    if not 1 <= s.workers <= 256:
+        raise ConfigError("config error: workers: must be between 1 and 256")
+    if s.shutdown_timeout < 0:
+        raise ConfigError("config error: shutdown_timeout: must not be negative")
+    if s.ledger_flush_interval <= 0:
+        raise ConfigError("config error: ledger_flush_interval: must be greater than zero")
+    if s.redis_url is not None and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("config error: redis_url: must be a redis:// URL")
+    if s.key_cache_ttl < 0:
+        raise ConfigError("config error: key_cache_ttl: must not be negative")
+    if s.database_url is not None and not s.database_url.startswith(
+        ("postgres://", "postgresql://")
+    ):
+        raise ConfigError("config error: database_url: must be a postgresql:// URL")
+    if s.secret_key is not None and len(s.secret_key) < 16:
+        raise ConfigError("config error: secret_key: must be at least 16 characters")
+    if s.master_key is not None and len(s.master_key) < 8:
+        raise ConfigError("config error: master_key: must be at least 8 characters")

@@ -1,0 +1,103 @@
+"""Server-held AWS credentials through aiobotocore's chain (env, profile, web identity,
+container and instance metadata, assume-role), refreshed off the request path.
+
+Requests read a frozen copy. When expiry comes near a background task refreshes it, so
+no request waits; only credentials already past their mandatory refresh time block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiobotocore.session import AioSession
+
+from ..wire.sigv4 import Credentials
+
+log = logging.getLogger("bedrock_proxy.credentials")
+
+# Same windows botocore uses: refresh in the background 15 minutes before expiry,
+# and block only when 10 minutes or less remain.
+_ADVISORY_SECONDS = 15 * 60
+_MANDATORY_SECONDS = 10 * 60
+_CHECK_EVERY = 1.0
+_RETRY_MISSING_EVERY = 30.0
+
+
+class NoCredentialsError(Exception):
+    """The chain found no AWS credentials."""
+
+
+class CredentialProvider:
+    def __init__(self, profile: str | None = None) -> None:
+        self._profile = profile
+        self._source = None  # aiobotocore credentials object
+        self._frozen: Credentials | None = None
+        self._next_check = 0.0
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._last_lookup = -_RETRY_MISSING_EVERY
+
+    async def start(self) -> None:
+        """Resolve once at startup; missing credentials are logged, not fatal."""
+        try:
+            await self.get()
+        except NoCredentialsError:
+            log.warning("no AWS credentials found; requests will be refused until some appear")
+
+    async def get(self) -> Credentials:
+        frozen = self._frozen
+        now = time.monotonic()
+        if frozen is not None and now < self._next_check:
+            return frozen
+        if frozen is None:
+            return await self._load()
+        self._next_check = now + _CHECK_EVERY
+        source = self._source
+        if getattr(source, "refresh_needed", None) is None:
+            return frozen
+        if source.refresh_needed(_MANDATORY_SECONDS):
+            return await self._refresh()
+        if source.refresh_needed(_ADVISORY_SECONDS) and self._refresh_task is None:
+            self._refresh_task = asyncio.create_task(self._background_refresh())
+        return frozen
+
+    async def _load(self) -> Credentials:
+        async with self._lock:
+            if self._frozen is not None:
+                return self._frozen
+            if time.monotonic() - self._last_lookup < _RETRY_MISSING_EVERY and self._source is None:
+                raise NoCredentialsError("no AWS credentials available to the proxy")
+            self._last_lookup = time.monotonic()
+            session = AioSession(profile=self._profile)
+            source = await session.get_credentials()
+            if source is None:
+                raise NoCredentialsError("no AWS credentials available to the proxy")
+            self._source = source
+            return await self._freeze()
+
+    async def _refresh(self) -> Credentials:
+        async with self._lock:
+            return await self._freeze()
+
+    async def _freeze(self) -> Credentials:
+        frozen = await self._source.get_frozen_credentials()
+        self._frozen = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+        self._next_check = time.monotonic() + _CHECK_EVERY
+        return self._frozen
+
+    async def _background_refresh(self) -> None:
+        try:
+            await self._refresh()
+        except Exception as exc:  # keep serving with the current credentials
+            log.warning("background credential refresh failed: %s", type(exc).__name__)
+        finally:
+            self._refresh_task = None
+
+    async def close(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh_task

@@ -1,0 +1,366 @@
+"""``/bedrock/files``: an S3-compatible endpoint for batch inputs and outputs.
+
+A boto3 ``s3`` client with ``endpoint_url=http://HOST:4000/bedrock/files`` (path-style)
+signs with a virtual key's access key pair; the proxy verifies that signature with S3's
+rules (no second encoding of the path, the payload hash as declared), checks the key's
+bucket and prefix allow-lists, and re-signs for S3 with ``UNSIGNED-PAYLOAD`` so bodies stream
+through in both directions without being held in memory. A body declared with a hex
+SHA-256 is hashed as it streams and its last chunk is only sent once the hash matches, so
+a tampered upload never completes. The proxy's own errors are S3 XML, like S3's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qsl, unquote
+from xml.sax.saxutils import escape
+
+from aiohttp import web
+
+from ..access import policy
+from ..access.auth import Authenticator, SignedRequest
+from ..access.keys import KeySpec
+from ..exchange import Exchange
+from ..metering.service import Metering
+from ..wire import errors, http1, sigv4
+from ..wire.headers import check_request_headers, response_headers, split_request_headers
+from ..wire.routing import Operation
+from .bedrock import refuse_other_providers
+from .upstream import S3_SERVICE, UpstreamClient
+
+FILES_PATH = "/bedrock/files"
+S3 = S3_SERVICE
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+_CHUNK = 256 * 1024
+# Our AWS-shaped codes, as S3 names them.
+_S3_CODES = {
+    "AccessDeniedException": "AccessDenied",
+    "UnrecognizedClientException": "InvalidAccessKeyId",
+    "InvalidSignatureException": "SignatureDoesNotMatch",
+    "IncompleteSignatureException": "AccessDenied",
+    "ValidationException": "InvalidRequest",
+    "UnknownOperationException": "NotImplemented",
+    "ThrottlingException": "SlowDown",
+    "ServiceQuotaExceededException": "AccessDenied",
+    "ServiceUnavailableException": "ServiceUnavailable",
+    "ModelTimeoutException": "RequestTimeout",
+    "RequestTimeoutException": "RequestTimeout",
+    "InternalServerException": "InternalError",
+}
+_OPERATIONS: dict[str, Operation] = {}
+# What a virtual key may send to S3 through the proxy, which signs it with the server's S3
+# rights: objects, multipart uploads, listings and copies, and the query parameters those
+# take. Sub-resources that change who may read a bucket or object, or for how long it is
+# kept (acl, policy, retention, legal-hold, restore, website, tagging, cors, lifecycle…),
+# are not among them, nor are the headers that do the same on a PUT.
+_QUERY_ALLOWED = frozenset(
+    {
+        "x-id",
+        "versionId",
+        "partNumber",
+        "uploads",
+        "uploadId",
+        "max-parts",
+        "part-number-marker",
+        "list-type",
+        "prefix",
+        "delimiter",
+        "continuation-token",
+        "max-keys",
+        "start-after",
+        "fetch-owner",
+        "encoding-type",
+        "marker",
+        "key-marker",
+        "upload-id-marker",
+        "max-uploads",
+        "delete",
+        "response-content-type",
+        "response-content-language",
+        "response-expires",
+        "response-cache-control",
+        "response-content-disposition",
+        "response-content-encoding",
+    }
+)
+_LIST_V1_PARAMS = frozenset({"prefix", "delimiter", "marker", "max-keys", "encoding-type"})
+_HEADER_PREFIXES_REFUSED = (
+    "x-amz-acl",
+    "x-amz-grant-",
+    "x-amz-object-lock-",
+    "x-amz-bypass-governance-retention",
+    "x-amz-website-redirect-location",
+    "x-amz-tagging",
+)
+
+
+def s3_error_response(exc: errors.AwsError, request_id: str, head: bool) -> web.Response:
+    code = _S3_CODES.get(exc.code, exc.code)
+    headers = {"x-amz-request-id": request_id, "x-bedrock-proxy-request-id": request_id}
+    headers.update(exc.headers)
+    if head:  # HEAD responses carry no body; SDKs read the status
+        return web.Response(status=exc.status, headers=headers)
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{escape(code)}</Code><Message>{escape(exc.message)}</Message>"
+        f"<RequestId>{request_id}</RequestId></Error>"
+    )
+    return web.Response(
+        status=exc.status, body=body.encode(), headers=headers, content_type="application/xml"
+    )
+
+
+def s3_operation(method: str, key: str, query: dict[str, str], headers: dict[str, str]) -> str:
+    """The S3 operation a request is, for policy, logs and metrics."""
+    if not key:
+        if method == "GET" and "uploads" in query:
+            return "ListMultipartUploads"
+        if method == "GET" and query.get("list-type") == "2":
+            return "ListObjectsV2"
+        if method == "GET" and query.keys() <= _LIST_V1_PARAMS:
+            return "ListObjects"
+        if method == "HEAD":
+            return "HeadBucket"
+        if method == "POST" and "delete" in query:
+            return "DeleteObjects"
+        return "BucketAdministration"
+    if "uploads" in query and method == "POST":
+        return "CreateMultipartUpload"
+    if "uploadId" in query:
+        return {
+            "PUT": "UploadPart",
+            "POST": "CompleteMultipartUpload",
+            "DELETE": "AbortMultipartUpload",
+            "GET": "ListParts",
+        }.get(method, "Unknown")
+    if method == "PUT":
+        return "CopyObject" if "x-amz-copy-source" in headers else "PutObject"
+    return {"GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(
+        method, "Unknown"
+    )
+
+
+def _operation(name: str, method: str) -> Operation:
+    op = _OPERATIONS.get(name)
+    if op is None:
+        op = _OPERATIONS[name] = Operation(S3, name, method, "/{Bucket}/{Key+}", (), False)
+    return op
+
+
+class FilesFront:
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        authenticator: Authenticator,
+        metering: Metering,
+        max_file_bytes: int,
+    ) -> None:
+        self._upstream = upstream
+        self._auth = authenticator
+        self._metering = metering
+        self._max = max_file_bytes
+
+    def render(self, exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
+        return s3_error_response(exc, x.request_id, request.method == "HEAD")
+
+    async def forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
+        refuse_other_providers(request)
+        check_request_headers(request.headers.items())
+        raw = request.raw_path[len(FILES_PATH) :]
+        path, _, query = raw.partition("?")
+        raw_bucket, _, raw_key = path.lstrip("/").partition("/")
+        bucket, key = unquote(raw_bucket), unquote(raw_key)
+        lower = {k.lower(): v for k, v in request.headers.items()}
+        pairs = parse_qsl(query, keep_blank_values=True)
+        params = dict(pairs)
+        if len(params) != len(pairs):
+            raise errors.AwsError(400, "InvalidArgument", "A query parameter appears twice")
+        name = s3_operation(request.method, key, params, lower) if bucket else "ListBuckets"
+        x.operation = op = _operation(name, request.method)
+        if bucket and not _BUCKET_RE.fullmatch(bucket):
+            raise errors.AwsError(400, "InvalidBucketName", "The specified bucket is not valid.")
+        declared = lower.get("x-amz-content-sha256", sigv4.UNSIGNED_PAYLOAD)
+        if declared.startswith("STREAMING-AWS4-HMAC-SHA256"):
+            raise errors.AwsError(
+                501,
+                "NotImplemented",
+                "Chunk-signed uploads cannot be re-signed; send UNSIGNED-PAYLOAD, a SHA-256, "
+                "or STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            )
+        self._auth.precheck(request)
+        client_path = request.raw_path.partition("?")[0]
+        identity = await self._auth.authenticate(
+            request,
+            SignedRequest(
+                request.method, client_path, query, declared, double_encode=False, service="s3"
+            ),
+        )
+        x.identity = identity
+        self._authorize(identity.spec, op, bucket, key, params, lower, identity.is_master)
+        length = request.content_length
+        if length is not None and length > self._max:
+            raise errors.AwsError(
+                400,
+                "EntityTooLarge",
+                f"Your proposed upload exceeds the limit of {self._max} bytes",
+            )
+        await self._metering.admit(x, length or 0)
+        upstream = self._upstream.resolve(S3, request)
+        signed, unsigned = split_request_headers(request.headers)
+        signed["host"] = upstream.host
+        payload_mode = (
+            declared
+            if declared.startswith("STREAMING-UNSIGNED-PAYLOAD")
+            else sigv4.UNSIGNED_PAYLOAD
+        )
+        signed["x-amz-content-sha256"] = payload_mode
+        body = None
+        if request.body_exists:
+            if length is not None:
+                unsigned["content-length"] = str(length)
+            elif "x-amz-decoded-content-length" not in lower:
+                raise errors.AwsError(
+                    411, "MissingContentLength", "You must provide the Content-Length HTTP header."
+                )
+            # Without a length (aws-chunked from botocore) the body goes on chunked as well.
+            body = _stream_body(request, length, declared, self._max, x)
+        upstream_path = f"{upstream.base_path}/{raw_bucket}" + (
+            f"/{raw_key}" if raw_key or path.endswith("/") else ""
+        )
+        await self._upstream.authorize(
+            signed,
+            method=request.method,
+            raw_path=upstream_path,
+            raw_query=query,
+            payload_hash=payload_mode,
+            region=upstream.region,
+            service=S3,
+        )
+        signed.update(unsigned)
+        target = upstream_path + ("?" + query if query else "")
+        try:
+            reply = await self._upstream.send(request.method, upstream, target, signed, body, x)
+        except BodyMismatch as mismatch:
+            raise mismatch.as_error() from None
+        return await self._respond(request, reply, x)
+
+    def _authorize(
+        self,
+        spec: KeySpec | None,
+        op: Operation,
+        bucket: str,
+        key: str,
+        params: dict[str, str],
+        headers: dict[str, str],
+        is_master: bool,
+    ) -> None:
+        if is_master or spec is None:
+            return
+        if "files" not in spec.operation_groups:
+            raise errors.access_denied("The API key is not allowed to use files")
+        for name in params:
+            if name not in _QUERY_ALLOWED:
+                raise errors.access_denied(
+                    f"The S3 sub-resource or parameter {name!r} is not available to API keys"
+                )
+        for name in headers:
+            if name.startswith(_HEADER_PREFIXES_REFUSED):
+                raise errors.access_denied(f"The header {name} is not available to API keys")
+        if op.name in ("ListBuckets", "BucketAdministration"):
+            raise errors.access_denied(f"{op.name} needs the master key")
+        if op.name in ("ListObjectsV2", "ListObjects", "ListMultipartUploads"):
+            target = params.get("prefix", "")
+        elif op.name in ("HeadBucket", "DeleteObjects"):
+            target = None if op.name == "HeadBucket" or spec.file_prefixes is None else ""
+        else:
+            target = key
+        if not policy.file_allowed(spec, bucket, target):
+            where = f"{bucket}/{target}" if target else bucket
+            raise errors.access_denied(f"The API key is not allowed to use {where!r}")
+        source = headers.get("x-amz-copy-source")
+        if source is not None:
+            src_bucket, _, src_key = unquote(source).lstrip("/").partition("/")
+            if not policy.file_allowed(spec, src_bucket, src_key.split("?", 1)[0]):
+                raise errors.access_denied(f"The API key is not allowed to read {src_bucket!r}")
+
+    async def _respond(
+        self, request: web.Request, upstream: http1.Response, x: Exchange
+    ) -> web.StreamResponse:
+        completed = False
+        try:
+            x.upstream_request_id = upstream.headers.get("x-amz-request-id")
+            out_headers = response_headers(upstream.headers)
+            out_headers["x-bedrock-proxy-request-id"] = x.request_id
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            if request.method == "HEAD" or upstream.status in (204, 304):
+                await response.write_eof()
+                completed = True
+            else:
+                completed = await self._upstream.relay(request, upstream, response, x, False)
+            x.upstream_done = time.perf_counter()
+            return response
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()
+
+
+class BodyMismatch(Exception):
+    """The uploaded body is not what the client declared; the argument is the S3 code."""
+
+    def __init__(self, code: str = "XAmzContentSHA256Mismatch") -> None:
+        super().__init__(code)
+        self.code = code
+
+    def as_error(self) -> errors.AwsError:
+        return errors.AwsError(400, self.code, _BODY_ERRORS[self.code])
+
+
+_BODY_ERRORS = {
+    "XAmzContentSHA256Mismatch": (
+        "The provided 'x-amz-content-sha256' header does not match the body"
+    ),
+    "IncompleteBody": (
+        "You did not provide the number of bytes specified by the Content-Length header"
+    ),
+    "EntityTooLarge": "Your proposed upload exceeds the maximum allowed size",
+}
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+async def _stream_body(
+    request: web.Request, length: int | None, declared: str, limit: int, x: Exchange
+) -> AsyncIterator[bytes]:
+    """The request body as it arrives. One chunk is always held back until the end is
+    known, so a body that does not hash to its declared SHA-256, is shorter than its
+    Content-Length, or grows past the limit is never sent whole."""
+    digest = hashlib.sha256() if _HEX_SHA256.fullmatch(declared) else None
+    received = 0
+    pending: bytes | None = None
+    content = request.content
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        received += len(chunk)
+        x.bytes_in = received
+        if received > limit or (length is not None and received > length):
+            raise BodyMismatch("EntityTooLarge")
+        if digest is not None:
+            digest.update(chunk)
+        if pending is not None:
+            yield pending
+        pending = chunk
+    if length is not None and received != length:
+        raise BodyMismatch("IncompleteBody")
+    if digest is not None and digest.hexdigest() != declared:
+        raise BodyMismatch("XAmzContentSHA256Mismatch")
+    if pending is not None:
+        yield pending

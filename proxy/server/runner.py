@@ -1,0 +1,119 @@
+"""The HTTP server around the app: aiohttp's runner plus the limits aiohttp leaves out.
+
+aiohttp has no deadline for a request's headers, so a slowloris client can hold a
+connection forever by trickling them. A sweeper closes every connection that has not
+completed its first request's headers within ``header_timeout``; between requests the
+keep-alive timeout applies, and the body has its own deadline (in ``forward``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from ..wire import errors
+
+log = logging.getLogger("bedrock_proxy.server")
+
+
+class ProxyRunner(web.AppRunner):
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        header_timeout: float,
+        keepalive_timeout: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=keepalive_timeout,
+            # Bodies are forwarded and signed as sent: a gzip body stays gzip.
+            auto_decompress=False,
+            **kwargs,
+        )
+        self._header_timeout = header_timeout
+        self._sweeper: asyncio.Task[None] | None = None
+        self.slow_clients_closed = 0
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same server, but its connections are AwsErrorRequestHandlers (Server has no
+        # hook for the handler class; AwsServer adds no state, so the swap is safe).
+        server.__class__ = AwsServer
+        return server
+
+    async def setup(self) -> None:
+        await super().setup()
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def cleanup(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await super().cleanup()
+
+    async def _sweep(self) -> None:
+        # Keyed by the handler itself, not id(): ids of closed connections are reused.
+        first_seen: dict[object, float] = {}
+        interval = min(1.0, self._header_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            server = self.server
+            if server is None:
+                continue
+            now = time.monotonic()
+            waiting = {}
+            for handler in server.connections:
+                if getattr(handler, "_request_count", 1):
+                    continue  # a request was read: keep-alive and handlers take over
+                started = waiting[handler] = first_seen.get(handler, now)
+                if now - started > self._header_timeout:
+                    self.slow_clients_closed += 1
+                    handler.force_close()
+                    transport = handler.transport
+                    if transport is not None:
+                        transport.close()
+            first_seen = waiting
+
+
+class AwsErrorRequestHandler(RequestHandler):
+    """Requests aiohttp itself refuses (unparseable HTTP, oversized headers) get an
+    AWS-shaped JSON error like every other refusal, not aiohttp's text/plain page, and
+    are logged as the client's mistake, without a traceback."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)  # raises: too late
+        if status < 500:
+            reason = (message or str(exc) or "malformed request")[:200]
+            log.info("refused a request aiohttp could not parse (%d): %s", status, reason)
+            response = errors.json_error_response(
+                status, "ValidationException", f"The request is not valid HTTP: {reason}"
+            )
+        else:
+            log.error("error handling request (%d)", status, exc_info=exc)
+            response = errors.internal().to_response()
+        response.force_close()
+        return response
+
+
+class AwsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return AwsErrorRequestHandler(self, loop=self._loop, **self._kwargs)

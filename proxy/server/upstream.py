@@ -1,0 +1,295 @@
+"""The upstream call every front shares: resolve, sign with the server's credentials, send
+on the pooled HTTP/1.1 client, and relay the response body as it arrives.
+
+Fronts prepare a request (path, headers, body) and decide how to answer; this module never
+calls back into them. Event streams are cut at frame boundaries, so a failure mid-stream
+is reported with an exception frame after the last whole frame, never after half of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from urllib.parse import quote
+
+from aiohttp import web
+
+from ..exchange import Exchange
+from ..metering.usage import Meter
+from ..wire import errors, eventstream, http1, sigv4
+from ..wire.endpoints import Endpoints, Upstream, valid_region
+from ..wire.routing import Service
+from .config import Settings
+from .credentials import CredentialProvider, NoCredentialsError
+from .pipeline import Shutdown
+
+S3_SERVICE = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
+BEDROCK_CONTROL = Service(name="bedrock", endpoint_prefix="bedrock", signing_name="bedrock")
+_CLIENT_GONE = "client gone"
+
+
+class UpstreamClient:
+    """Owns the connection pool and the credentials requests are re-signed with."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoints: Endpoints,
+        credentials: CredentialProvider,
+        shutdown: Shutdown,
+    ) -> None:
+        self._settings = settings
+        self._endpoints = endpoints
+        self._credentials = credentials
+        self._shutdown = shutdown
+        self._bearer = settings.upstream_bearer_token
+        self._pool: http1.Pool | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
+    @property
+    def pool(self) -> http1.Pool:
+        assert self._pool is not None, "UpstreamClient.start() was not awaited"
+        return self._pool
+
+    async def start(self) -> None:
+        s = self._settings
+        self._pool = http1.Pool(
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.first_byte_timeout,
+            keepalive_timeout=30,
+            limit_per_host=s.pool_size,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    # ------------------------------------------------------------------ where and how
+
+    def resolve(self, service: Service, request: web.BaseRequest) -> Upstream:
+        return self._endpoints.resolve(service, self._client_region(request))
+
+    def _client_region(self, request: web.BaseRequest) -> str | None:
+        """The region in the client's own SigV4 scope, if it signed and we honour it."""
+        if not self._settings.client_region:
+            return None
+        authorization = request.headers.get("Authorization")
+        if not authorization or not authorization.startswith(sigv4.ALGORITHM):
+            return None
+        region = sigv4.scope_region(authorization)
+        if region is None:
+            return None
+        if not valid_region(region):
+            raise errors.validation(f"{region!r} is not a valid AWS region")
+        return region
+
+    async def _aws_credentials(self) -> sigv4.Credentials:
+        try:
+            return await self._credentials.get()
+        except NoCredentialsError:
+            raise errors.service_unavailable(
+                "The proxy has no AWS credentials configured for the upstream"
+            ) from None
+
+    async def authorize(
+        self,
+        headers: dict[str, str],
+        *,
+        method: str,
+        raw_path: str,
+        raw_query: str,
+        payload_hash: str,
+        region: str,
+        service: Service,
+    ) -> None:
+        """Add the server's authorization to ``headers`` (which must hold ``host`` and only
+        headers no hop changes): the upstream bearer token, or a SigV4 signature."""
+        if self._bearer and service is not S3_SERVICE:
+            headers["authorization"] = "Bearer " + self._bearer
+            return
+        headers["authorization"] = sigv4.sign(
+            method=method,
+            raw_path=raw_path,
+            raw_query=raw_query,
+            headers=headers,
+            payload_hash=payload_hash,
+            credentials=await self._aws_credentials(),
+            region=region,
+            service=service.signing_name,
+            date=sigv4.amz_date(),
+            double_encode=service is not S3_SERVICE,  # S3 paths are encoded once
+        )
+
+    # ------------------------------------------------------------------ the call
+
+    async def send(
+        self,
+        method: str,
+        upstream: Upstream,
+        target: str,
+        headers: dict[str, str],
+        body: http1.Body,
+        x: Exchange,
+    ) -> http1.Response:
+        """Send and wait for the response's head; failures become AWS-shaped errors."""
+        x.upstream_started = time.perf_counter()
+        try:
+            response = await self.pool.request(method, upstream.origin, target, headers, body)
+        except http1.ReadTimeout:
+            raise errors.upstream_timeout(
+                "The upstream service did not respond within "
+                f"{self._settings.first_byte_timeout:g} s"
+            ) from None
+        except http1.UpstreamError as exc:
+            raise errors.service_unavailable(str(exc)) from None
+        x.upstream_headers_at = time.perf_counter()
+        x.status = response.status
+        return response
+
+    async def read_whole(self, upstream: http1.Response) -> bytes:
+        try:
+            return await upstream.read()
+        except http1.ReadTimeout:
+            raise errors.upstream_timeout(
+                "The upstream service stopped sending its response"
+            ) from None
+        except http1.UpstreamError as exc:
+            raise errors.service_unavailable(
+                f"The upstream response was cut short: {exc}"
+            ) from None
+
+    async def signed_get(self, service: Service, region: str, path: str) -> tuple[int, bytes]:
+        """A GET with the server's credentials, read whole: (status, body)."""
+        upstream = self._endpoints.resolve(service, region)
+        headers = {"host": upstream.host, "accept": "application/json"}
+        raw_path = upstream.base_path + path
+        if service is S3_SERVICE:
+            headers["x-amz-content-sha256"] = sigv4.EMPTY_SHA256
+        await self.authorize(
+            headers,
+            method="GET",
+            raw_path=raw_path,
+            raw_query="",
+            payload_hash=sigv4.EMPTY_SHA256,
+            region=region,
+            service=service,
+        )
+        response = await self.pool.request("GET", upstream.origin, raw_path, headers)
+        try:
+            return response.status, await response.read()
+        finally:
+            response.release()
+
+    async def control_get(self, region: str, path: str) -> tuple[int, bytes]:
+        """A GET on the Bedrock control plane (model references, batch jobs)."""
+        return await self.signed_get(BEDROCK_CONTROL, region, path)
+
+    async def s3_get(self, region: str, bucket: str, key: str) -> tuple[int, bytes]:
+        """An S3 object (path-style), read with the server's credentials."""
+        path = "/" + quote(bucket, safe="") + "/" + quote(key, safe="/-_.~")
+        return await self.signed_get(S3_SERVICE, region, path)
+
+    # ------------------------------------------------------------------ the body
+
+    async def relay(
+        self,
+        request: web.Request,
+        upstream: http1.Response,
+        response: web.StreamResponse,
+        x: Exchange,
+        is_event_stream: bool,
+    ) -> bool:
+        """Copy the body as it arrives, teeing it to the meter; True when copied whole."""
+        splitter = eventstream.FrameSplitter() if is_event_stream else None
+        try:
+            failure = await self._copy(response, upstream, splitter, x.meter, x)
+        except asyncio.CancelledError:
+            if splitter is not None and self._shutdown.stopping:
+                await _write_quietly(
+                    response,
+                    eventstream.exception_frame(
+                        "internalServerException", "The proxy is shutting down; retry the request"
+                    ),
+                )
+            raise
+        if failure is _CLIENT_GONE:
+            return False
+        if failure is None:
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
+            return True
+        x.error = "UpstreamStreamError"
+        x.incomplete = True
+        if splitter is None:
+            # No frame format to report the failure in: cut the connection so the client
+            # sees a truncated body instead of a complete-looking one.
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            return False
+        try:
+            await response.write(eventstream.exception_frame("internalServerException", failure))
+            await response.write_eof()
+        except ConnectionError:
+            pass
+        return False
+
+    async def _copy(
+        self,
+        response: web.StreamResponse,
+        upstream: http1.Response,
+        splitter: eventstream.FrameSplitter | None,
+        meter: Meter | None,
+        x: Exchange,
+    ) -> str | None:
+        """Copy until the end; the failure to report, _CLIENT_GONE, or None when complete."""
+        sent = 0
+        failure: str | None = None
+        while True:
+            try:
+                data = await upstream.readany()
+            except http1.ReadTimeout:
+                failure = (
+                    f"The upstream stream was idle for more than {self._settings.idle_timeout:g} s"
+                )
+                break
+            except http1.UpstreamError:
+                failure = "The upstream stream was cut off"
+                break
+            if not data:
+                if splitter is not None and splitter.pending:
+                    failure = "The upstream event stream ended in the middle of a frame"
+                break
+            if splitter is not None:
+                try:
+                    data = splitter.feed(data)
+                except eventstream.EventStreamError:
+                    failure = "The upstream sent bytes that are not a valid event stream"
+                    break
+                if not data:
+                    continue
+            if meter is not None:
+                meter.feed(data)
+            try:
+                await response.write(data)
+            except ConnectionError:
+                x.error = "ClientDisconnected"
+                x.bytes_out = sent
+                x.incomplete = True
+                return _CLIENT_GONE
+            if not sent:
+                x.first_byte_at = time.perf_counter()
+            sent += len(data)
+            x.bytes_out = sent
+        return failure
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    """Best effort, bounded: the client may already be gone."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(response.write(data), 1.0)
+        await asyncio.wait_for(response.write_eof(), 1.0)

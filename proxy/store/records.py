@@ -1,0 +1,92 @@
+"""What the store keeps about a virtual key: its spec (owner, allow-lists, limits) and its
+record (hashed token, sealed secret, times). Parsing admin input into a spec is ``access.keys``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..wire.clock import iso
+
+OPERATION_GROUPS = (
+    "inference",
+    "agents",
+    "guardrails",
+    "batch",
+    "control-read",
+    "control-write",
+    "files",
+)
+# Everything but changing the account's Bedrock resources.
+DEFAULT_GROUPS = ("inference", "agents", "guardrails", "batch", "control-read", "files")
+
+
+@dataclass(slots=True)
+class KeySpec:
+    key_alias: str | None = None
+    user_id: str | None = None
+    team_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # Exact IDs, ARNs or glob patterns; empty means every model.
+    models: list[str] = field(default_factory=list)
+    operation_groups: list[str] = field(default_factory=lambda: list(DEFAULT_GROUPS))
+    # None means no restriction; a list (even empty) is an allow-list.
+    guardrail_ids: list[str] | None = None
+    knowledge_base_ids: list[str] | None = None
+    agent_ids: list[str] | None = None
+    flow_ids: list[str] | None = None
+    # Files (S3) and batch-job S3 URIs: allowed buckets, and key prefixes within them.
+    file_buckets: list[str] | None = None
+    file_prefixes: list[str] | None = None
+    expires_at: float | None = None
+    blocked: bool = False
+    max_budget: float | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KeySpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    key_id: str
+    token_hash: str
+    token_hint: str
+    access_key_id: str
+    secret_enc: str
+    spec: KeySpec
+    created_at: float
+    updated_at: float
+
+    def refusal(self, now: float) -> str | None:
+        """Why this key may not be used right now, or None."""
+        if self.spec.blocked:
+            return "The API key is blocked"
+        if self.spec.expires_at is not None and now >= self.spec.expires_at:
+            return "The API key has expired"
+        return None
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows: never the token hash or the sealed secret."""
+        out = self.spec.to_json()
+        out["expires"] = iso(self.spec.expires_at)
+        del out["expires_at"]
+        out.update(
+            key_id=self.key_id,
+            token=self.key_id,
+            key_name=self.token_hint,
+            access_key_id=self.access_key_id,
+            created_at=iso(self.created_at),
+            updated_at=iso(self.updated_at),
+        )
+        return out
