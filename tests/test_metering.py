@@ -56,7 +56,7 @@ def test_ledger_batches_round_trip_every_value(store_settings, bg):
     """A batch goes to the database as one JSON array: every type, null and odd string
     must come back exactly as written, and a repeated request id must not double."""
     from proxy.store import open_store
-    from proxy.store.base import LABEL_COLUMNS, SPEND_COLUMNS
+    from proxy.store.records import LABEL_COLUMNS, SPEND_COLUMNS, LabelRow, SpendRow
 
     store = open_store(store_settings.get("database_url"), store_settings.get("sqlite_path", ""), 2)
     tag = f"rt-{time.time_ns()}"
@@ -99,20 +99,27 @@ def test_ledger_batches_round_trip_every_value(store_settings, bg):
     async def run():
         await store.open()
         try:
-            await store.insert_spend(rows, labels)
-            await store.insert_spend(rows[:10], [])  # a retried batch: rows are not doubled
-            got = await store.fetch(
+            await store.spend.insert(
+                [SpendRow(*row) for row in rows], [LabelRow(*label) for label in labels]
+            )
+            # a retried batch: rows are not doubled
+            await store.spend.insert(
+                [SpendRow(*row) for row in rows[:10]], []
+            )  # a retried batch: rows are not doubled
+            got = await store.db.fetch(
                 f"SELECT {', '.join(SPEND_COLUMNS)} FROM bp_spend WHERE request_id LIKE $1",
                 f"{tag}-%",
             )
-            got_labels = await store.fetch(
+            got_labels = await store.db.fetch(
                 f"SELECT {', '.join(LABEL_COLUMNS)} FROM bp_spend_labels WHERE request_id LIKE $1",
                 f"{tag}-%",
             )
             return got, got_labels
         finally:  # the store is shared with this module's other tests
-            await store.execute("DELETE FROM bp_spend WHERE request_id LIKE $1", f"{tag}-%")
-            await store.execute("DELETE FROM bp_spend_labels WHERE request_id LIKE $1", f"{tag}-%")
+            await store.db.execute("DELETE FROM bp_spend WHERE request_id LIKE $1", f"{tag}-%")
+            await store.db.execute(
+                "DELETE FROM bp_spend_labels WHERE request_id LIKE $1", f"{tag}-%"
+            )
             await store.close()
 
     got, got_labels = bg.run(run(), timeout=60)

@@ -450,7 +450,7 @@ async def test_migrations_apply_once(store_settings):
 
     first = open_store(store_settings.get("database_url"), store_settings.get("sqlite_path", ""))
     await first.open()
-    assert await first.migrate() == []  # already at the latest version
+    assert await first.db.migrate() == []  # already at the latest version
     await first.close()
 
 

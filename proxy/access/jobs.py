@@ -42,7 +42,7 @@ class JobRegistry:
         if label is None or identity.record is None:
             return
         identifier = labels.get(label, "")
-        owner = await self._store.job_owner(identifier)
+        owner = await self._store.jobs.owner(identifier)
         if owner != identity.key_id:
             raise errors.access_denied(
                 f"The API key may only read or stop jobs it created; {identifier!r} is not one"
@@ -75,7 +75,7 @@ class JobRegistry:
                 output_uri = config["s3Uri"] if isinstance(config["s3Uri"], str) else None
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 output_uri = None
-        await self._store.record_job(arn, identity.key_id, model, output_uri, region)
+        await self._store.jobs.record(arn, identity.key_id, model, output_uri, region)
 
     async def filter_listing(self, identity: Identity, op: Operation, body: bytes) -> bytes:
         """A listing as this key may see it: only the jobs it started."""
@@ -90,7 +90,7 @@ class JobRegistry:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             # Not the listing AWS documents: show nothing rather than someone else's jobs.
             raise errors.service_unavailable("The upstream listing could not be read") from None
-        owned = await self._store.owned_jobs(
+        owned = await self._store.jobs.owned(
             identity.key_id, [a for a in arns if isinstance(a, str)]
         )
         document[list_member] = [e for e, arn in zip(entries, arns, strict=True) if arn in owned]

@@ -39,7 +39,7 @@ class KeyCache:
         if missed_until is not None and missed_until > now:
             return None
         try:
-            record = await self._store.key_by(column, value)
+            record = await self._store.keys.by(column, value)
         except Exception:
             raise errors.service_unavailable("The key store is unavailable") from None
         if record is None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..store import Store
-from ..store.base import StoreConflict
+from ..store import Store, StoreConflict
 from ..wire import errors
 from ..wire.params import MAX_PAGE, check_page
 from .keycache import KeyCache
@@ -44,7 +43,7 @@ class KeyService:
             updated_at=now,
         )
         try:
-            await self._store.insert_key(record)
+            await self._store.keys.insert(record)
         except StoreConflict:
             raise errors.validation(f"key_alias {spec.key_alias!r} is already in use") from None
         return {
@@ -56,13 +55,13 @@ class KeyService:
     async def find(self, ref: str) -> KeyRecord:
         """A key by its token, its key_id, its access key id or its alias."""
         if ref.startswith(TOKEN_PREFIX):
-            record = await self._store.key_by("token_hash", hash_token(ref))
+            record = await self._store.keys.by("token_hash", hash_token(ref))
         else:
-            record = await self._store.key_by("key_id", ref)
+            record = await self._store.keys.by("key_id", ref)
             if record is None:
-                record = await self._store.key_by("access_key_id", ref)
+                record = await self._store.keys.by("access_key_id", ref)
             if record is None:
-                record = await self._store.key_by("key_alias", ref)
+                record = await self._store.keys.by("key_alias", ref)
         if record is None:
             raise errors.AwsError(404, "ResourceNotFoundException", "No such key")
         return record
@@ -75,7 +74,7 @@ class KeyService:
         record = await self.find(ref)
         spec = parse_spec(body, base=record.spec)
         try:
-            updated = await self._store.update_key(record.key_id, spec=spec)
+            updated = await self._store.keys.update(record.key_id, spec=spec)
         except StoreConflict:
             raise errors.validation(f"key_alias {spec.key_alias!r} is already in use") from None
         self._forget(record)
@@ -86,7 +85,7 @@ class KeyService:
         """New bearer token and access key pair; the old ones stop working."""
         record = await self.find(ref)
         minted = mint_credentials()
-        updated = await self._store.update_key(
+        updated = await self._store.keys.update(
             record.key_id,
             credentials=(
                 minted.token_hash,
@@ -107,7 +106,7 @@ class KeyService:
         deleted = []
         for ref in refs:
             record = await self.find(ref)
-            if await self._store.delete_key(record.key_id):
+            if await self._store.keys.delete(record.key_id):
                 self._forget(record)
                 deleted.append(record.key_id)
         return deleted
@@ -116,7 +115,7 @@ class KeyService:
         self, filters: dict[str, str], page: int, size: int, full: bool
     ) -> dict[str, Any]:
         check_page(page, size)
-        records, total = await self._store.list_keys(filters, size, (page - 1) * size)
+        records, total = await self._store.keys.list(filters, size, (page - 1) * size)
         return {
             "keys": [r.public() if full else r.key_id for r in records],
             "total_count": total,
@@ -129,11 +128,11 @@ class KeyService:
         count = 0
         page = 1
         while True:
-            records, _ = await self._store.list_keys({}, MAX_PAGE, (page - 1) * MAX_PAGE)
+            records, _ = await self._store.keys.list({}, MAX_PAGE, (page - 1) * MAX_PAGE)
             for record in records:
                 if self._box.needs_reseal(record.secret_enc):
                     plaintext = self._box.open(record.secret_enc)
-                    await self._store.reseal_secret(record.key_id, self._box.seal(plaintext))
+                    await self._store.keys.reseal_secret(record.key_id, self._box.seal(plaintext))
                     count += 1
             if len(records) < MAX_PAGE:
                 return count

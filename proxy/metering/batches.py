@@ -76,7 +76,7 @@ class BatchSettler:
     async def poll(self) -> int:
         """Charge every ended job among the oldest unsettled ones; how many were."""
         settled = 0
-        for job in await self._store.unsettled_jobs(_PER_POLL):
+        for job in await self._store.jobs.unsettled(_PER_POLL):
             if await self._settle(job):
                 settled += 1
         return settled
@@ -87,7 +87,7 @@ class BatchSettler:
             region, "/model-invocation-job/" + quote(job["job_arn"], safe="")
         )
         if status == 404:
-            await self._store.settle_job(job["job_arn"])  # gone: nothing will ever be read
+            await self._store.jobs.settle(job["job_arn"])  # gone: nothing will ever be read
             return False
         if status != 200:
             return False
@@ -97,7 +97,7 @@ class BatchSettler:
         usage = await self._manifest_usage(region, job)
         if usage is not None:
             await self._charge(job, usage)
-        await self._store.settle_job(job["job_arn"])
+        await self._store.jobs.settle(job["job_arn"])
         return True
 
     async def _manifest_usage(self, region: str, job: dict[str, Any]) -> Usage | None:

@@ -14,6 +14,7 @@ import logging
 import time
 
 from ..store import Store
+from ..store.records import LabelRow, SpendRow
 
 log = logging.getLogger("bedrock_proxy.ledger")
 
@@ -31,7 +32,7 @@ class Ledger:
         self._max_batch = max_batch
         self._max_queue = max_queue
         # (row, its label rows), in arrival order
-        self._entries: list[tuple[tuple, list[tuple]]] = []
+        self._entries: list[tuple[SpendRow, list[LabelRow]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -42,7 +43,7 @@ class Ledger:
     def depth(self) -> int:
         return len(self._entries)
 
-    def record(self, row: tuple, labels: list[tuple]) -> None:
+    def record(self, row: SpendRow, labels: list[LabelRow]) -> None:
         if len(self._entries) >= self._max_queue:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -70,7 +71,7 @@ class Ledger:
                 rows = [row for row, _ in batch]
                 labels = [label for _, row_labels in batch for label in row_labels]
                 try:
-                    await self._store.insert_spend(rows, labels)
+                    await self._store.spend.insert(rows, labels)
                 except Exception as exc:  # keep the rows and retry on the next tick
                     self._entries[:0] = batch
                     log.error(

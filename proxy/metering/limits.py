@@ -22,13 +22,12 @@ In-flight requests are kept as leases (request id, start time, reserve); a lease
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import orjson
 
 from ..wire import errors
-from ..wire.clock import iso
+from ..wire.clock import SYSTEM_CLOCK, Clock, iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +130,10 @@ def _rate_refusal(spec: LimitSpec, what: str, retry_after: float) -> errors.AwsE
 
 
 class InProcessLimiter:
-    def __init__(self, budgets: BudgetSource, lease_seconds: float = 3600.0) -> None:
+    def __init__(
+        self, budgets: BudgetSource, lease_seconds: float = 3600.0, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self._clock = clock
         self._budgets = budgets
         self._lease = lease_seconds
         self._requests: dict[tuple[str, str, int], int] = {}
@@ -144,7 +146,7 @@ class InProcessLimiter:
     async def admit(
         self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
     ) -> Admission:
-        now = time.time()
+        now = self._clock.time()
         minute = _minute(now)
         for spec in specs:  # budgets may need the ledger first: before any check
             if spec.max_budget is not None:
@@ -199,7 +201,7 @@ class InProcessLimiter:
     ) -> list[tuple[LimitSpec, float]]:
         """Release the reservation, charge the real figures; each budget's spend after.
         In-process there is nothing to wait for: settling at once saves a task per request."""
-        now = time.time()
+        now = self._clock.time()
         minute = _minute(now)
         totals: list[tuple[LimitSpec, float]] = []
         for spec in admission.specs:
@@ -221,7 +223,7 @@ class InProcessLimiter:
 
     async def claim_once(self, name: str, ttl: float) -> bool:
         """True the first time ``name`` is claimed (within ``ttl``): alerts fire once."""
-        now = time.time()
+        now = self._clock.time()
         if len(self._claims) > 10_000:
             self._claims = {k: v for k, v in self._claims.items() if v > now}
         if self._claims.get(name, 0.0) > now:
@@ -338,9 +340,11 @@ class RedisLimiter:
         budgets: BudgetSource,
         lease_seconds: float = 3600.0,
         prefix: str = "bp",
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         import redis.asyncio as redis
 
+        self._clock = clock
         self._redis = redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._budgets = budgets
         self._lease = lease_seconds
@@ -381,7 +385,7 @@ class RedisLimiter:
     async def _admit_once(
         self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int, retries: int
     ) -> Admission:
-        now = time.time()
+        now = self._clock.time()
         verdict, index, value = await self._admit(
             args=[self._payload(specs, now), repr(now), request_id, repr(reserve), int(tokens)]
         )
@@ -409,7 +413,7 @@ class RedisLimiter:
     async def settle(
         self, admission: Admission, tokens: int, cost: float | None
     ) -> list[tuple[LimitSpec, float]]:
-        now = time.time()
+        now = self._clock.time()
         spent = await self._settle(
             args=[
                 self._payload(admission.specs, now),

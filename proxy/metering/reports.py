@@ -1,4 +1,4 @@
-"""Spend reports and named limits: one implementation behind the admin API and the CLI."""
+"""Spend reports: one implementation behind the admin API and the CLI."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..store import Store
-from ..store.base import LOG_FILTERS, REPORT_GROUPS
 from ..store.records import KeyRecord
+from ..store.spend import LOG_FILTERS, REPORT_GROUPS
 from ..wire import errors
 from ..wire.clock import iso
-from ..wire.params import LIMIT_FIELDS, number_field, paging, parse_duration
+from ..wire.params import paging, parse_duration
 from .limits import LimitSpec
-
-# Who a named limit applies to (besides user:ID and team:ID limits, which apply to their
-# user or team by name).
-_MEMBER_FIELDS = ("key_ids", "user_ids", "team_ids")
 
 
 def parse_time(name: str, value: str | None) -> float | None:
@@ -45,7 +41,7 @@ class Reports:
     async def logs(self, query: dict[str, str]) -> dict[str, Any]:
         page, size = paging(query)
         filters = {k: query[k] for k in LOG_FILTERS if k in query}
-        rows, total = await self._store.spend_logs(
+        rows, total = await self._store.spend.logs(
             filters,
             parse_time("start", query.get("start")),
             parse_time("end", query.get("end")),
@@ -62,7 +58,7 @@ class Reports:
     async def report(self, group_by: str, start: str | None, end: str | None) -> dict[str, Any]:
         if group_by not in REPORT_GROUPS:
             raise errors.validation(f"group_by must be one of {', '.join(REPORT_GROUPS)}")
-        rows = await self._store.spend_report(
+        rows = await self._store.spend.report(
             group_by, parse_time("start", start), parse_time("end", end)
         )
         out = [{"group": r.pop("group_value"), **{k: _num(v) for k, v in r.items()}} for r in rows]
@@ -74,7 +70,7 @@ class Reports:
         return {"group_by": group_by, "start": start, "end": end, "rows": out, "totals": totals}
 
     async def key_totals(self, record: KeyRecord) -> dict[str, Any]:
-        spent_all = await self._store.spend_since("key", record.key_id, 0.0)
+        spent_all = await self._store.spend.since("key", record.key_id, 0.0)
         totals: dict[str, Any] = {"spend": spent_all}
         if record.spec.max_budget is not None:
             spec = LimitSpec(
@@ -85,52 +81,11 @@ class Reports:
                 anchor=record.created_at,
             )
             _, start, end = spec.period(time.time())
-            totals["budget_period_spend"] = await self._store.spend_since(
+            totals["budget_period_spend"] = await self._store.spend.since(
                 "key", record.key_id, start
             )
             totals["budget_resets_at"] = None if end == float("inf") else iso(end)
         return totals
-
-    # ---------------------------------------------------------------- named limits
-
-    async def upsert_limit(self, body: dict[str, Any], create: bool) -> dict[str, Any]:
-        limit_id = body.get("limit_id")
-        if not isinstance(limit_id, str) or not limit_id or len(limit_id) > 200:
-            raise errors.validation("limit_id is required (e.g. project-x, user:alice, team:ml)")
-        existing = await self._store.get_limit(limit_id)
-        if create and existing is not None:
-            raise errors.validation(f"limit {limit_id!r} already exists")
-        if not create and existing is None:
-            raise errors.AwsError(404, "ResourceNotFoundException", f"No limit {limit_id!r}")
-        fields = (*LIMIT_FIELDS, *_MEMBER_FIELDS)
-        spec = {k: existing[k] for k in fields if existing and k in existing}
-        for name, value in body.items():
-            if name == "limit_id":
-                continue
-            if name in _MEMBER_FIELDS:
-                if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                    raise errors.validation(f"{name} must be a list of ids")
-                spec[name] = value
-                continue
-            if name not in LIMIT_FIELDS:
-                raise errors.validation(f"Unknown field {name!r}")
-            spec[name] = _limit_value(name, value)
-        await self._store.upsert_limit(limit_id, spec)
-        return await self._store.get_limit(limit_id) or {}
-
-    async def limit_info(self, limit_id: str) -> dict[str, Any]:
-        found = await self._store.get_limit(limit_id)
-        if found is None:
-            raise errors.AwsError(404, "ResourceNotFoundException", f"No limit {limit_id!r}")
-        return found
-
-    async def list_limits(self) -> dict[str, Any]:
-        return {"limits": await self._store.list_limits()}
-
-    async def delete_limit(self, limit_id: str) -> dict[str, Any]:
-        if not await self._store.delete_limit(limit_id):
-            raise errors.AwsError(404, "ResourceNotFoundException", f"No limit {limit_id!r}")
-        return {"deleted_limits": [limit_id]}
 
 
 def _log_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -153,14 +108,3 @@ def _num(value: Any) -> Any:
 
 def _seconds(duration: str | None) -> int | None:
     return parse_duration("budget_duration", duration) if duration else None
-
-
-def _limit_value(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if name == "budget_duration":
-        if not isinstance(value, str):
-            raise errors.validation("budget_duration must be a string like 30d")
-        parse_duration(name, value)
-        return value
-    return number_field(name, value, float if name == "max_budget" else int)

@@ -14,47 +14,19 @@ import orjson
 
 from ..exchange import Exchange, Identity
 from ..store import Store
-from ..store.records import KeyRecord
+from ..store.records import KeyRecord, LabelRow, SpendRow
 from ..wire import errors
-from ..wire.params import LIMIT_FIELDS, parse_duration
+from ..wire.clock import SYSTEM_CLOCK, Clock
+from ..wire.params import LIMIT_FIELDS
 from ..wire.routing import Operation, Service
 from .alerts import BudgetAlerts
 from .ledger import Ledger
 from .limits import Admission, BudgetSource, InProcessLimiter, LimitSpec, RedisLimiter
+from .named import NamedLimits, limit_spec
 from .pricing import PriceTable, tokens_cost
 from .usage import EventStreamMeter, Usage
 
 log = logging.getLogger("bedrock_proxy.metering")
-
-
-class NamedLimits:
-    """The named limits, and who each applies to."""
-
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.specs: dict[str, LimitSpec | None] = {}
-        self._members: dict[tuple[str, str], list[str]] = {}
-        for row in rows:
-            limit_id = row["limit_id"]
-            scope, _, ident = limit_id.partition(":")
-            if scope in ("user", "team") and ident:
-                self.specs[limit_id] = _limit_spec(scope, ident, row, row["created_at"])
-                self._members.setdefault((scope, ident), []).append(limit_id)
-            else:
-                self.specs[limit_id] = _limit_spec("limit", limit_id, row, row["created_at"])
-            for scope, field_name in (
-                ("key", "key_ids"),
-                ("user", "user_ids"),
-                ("team", "team_ids"),
-            ):
-                for member in row.get(field_name) or ():
-                    self._members.setdefault((scope, member), []).append(limit_id)
-
-    def member_of(self, record: KeyRecord) -> list[str]:
-        found = list(self._members.get(("key", record.key_id), ()))
-        for scope, ident in (("user", record.spec.user_id), ("team", record.spec.team_id)):
-            if ident:
-                found += [i for i in self._members.get((scope, ident), ()) if i not in found]
-        return found
 
 
 class LedgerBudgets(BudgetSource):
@@ -62,7 +34,7 @@ class LedgerBudgets(BudgetSource):
         self._store = store
 
     async def spent(self, spec: LimitSpec, since: float) -> float:
-        return await self._store.spend_since(spec.scope, spec.id, since)
+        return await self._store.spend.since(spec.scope, spec.id, since)
 
 
 # What a batch job's settlement is recorded as in the ledger.
@@ -110,13 +82,17 @@ class Metering:
         cost_headers: bool,
         request_prices: dict[str, float] | None = None,
         batch_discount: float = 0.5,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock
         self._store = store
         self.prices = prices
         self.ledger = ledger
         budgets = LedgerBudgets(store)
         self.limiter: InProcessLimiter | RedisLimiter = (
-            RedisLimiter(redis_url, budgets) if redis_url else InProcessLimiter(budgets)
+            RedisLimiter(redis_url, budgets, clock=clock)
+            if redis_url
+            else InProcessLimiter(budgets, clock=clock)
         )
         self._limits_ttl = limits_ttl
         self._named: tuple[float, NamedLimits] | None = None
@@ -219,7 +195,7 @@ class Metering:
         if cached is not None and cached[0] is record:
             return cached[1]
         fields = {name: getattr(record.spec, name) for name in LIMIT_FIELDS}
-        spec = _limit_spec("key", record.key_id, fields, record.created_at)
+        spec = limit_spec("key", record.key_id, fields, record.created_at)
         if len(self._key_limits) > 100_000:
             self._key_limits.clear()
         self._key_limits[record.key_id] = (record, spec)
@@ -228,10 +204,10 @@ class Metering:
     async def _named_limits(self) -> NamedLimits:
         """All named limits, re-read at most every ``limits_ttl`` (a replica sees another's
         change within that time, this one's at once through ``forget_limit``)."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if self._named is not None and self._named[0] > now:
             return self._named[1]
-        rows = await self._store.list_limits()
+        rows = await self._store.limits.list()
         limits = NamedLimits(rows)
         self._named = (now + self._limits_ttl, limits)
         return limits
@@ -286,7 +262,7 @@ class Metering:
     async def charge_job(self, job: dict[str, Any], usage: Usage) -> None:
         """A batch job's tokens, once it ended: one ledger row under the job's ARN, and its
         cost against every limit of its key (see ``batches``)."""
-        record = await self._store.key_by("key_id", job["key_id"])
+        record = await self._store.keys.by("key_id", job["key_id"])
         x = Exchange(job["job_arn"], "POST", time.perf_counter(), operation=BATCH_JOB)
         x.model, x.status, x.usage = job.get("model"), 200, usage
         found = self.prices.price_for(x.model) if x.model else None
@@ -323,13 +299,14 @@ class Metering:
 
     def _row(
         self, x: Exchange, usage: Usage, cost: float | None, latency_ms: float
-    ) -> tuple[tuple, list[tuple]]:
+    ) -> tuple[SpendRow, list[LabelRow]]:
         identity = x.identity
         record = identity.record if identity is not None else None
         spec = record.spec if record is not None else None
-        now = time.time()
+        now = self._clock.time()
         annotations = x.annotations
-        row = (
+        op = x.operation
+        row = SpendRow(
             x.request_id,
             now,
             _utc_day(now),
@@ -338,8 +315,8 @@ class Metering:
             spec.user_id if spec else None,
             spec.team_id if spec else None,
             annotations.get("end_user_id"),
-            x.operation.name if x.operation else "",
-            x.operation.service.name if x.operation else "",
+            op.name if op else "",
+            op.service.name if op else "",
             x.model,
             x.status,
             latency_ms,
@@ -357,13 +334,20 @@ class Metering:
             x.model_ref,
         )
         labels = [
-            (x.request_id, "tag", tag, now, cost, usage.total_tokens)
+            LabelRow(x.request_id, "tag", tag, now, cost, usage.total_tokens)
             for tag in annotations.get("tags", ())
         ] + [
-            (x.request_id, "limit", limit_id, now, cost, usage.total_tokens)
+            LabelRow(x.request_id, "limit", limit_id, now, cost, usage.total_tokens)
             for limit_id in annotations.get("limit_ids", ())
         ]
         return row, labels
+
+    async def drain(self) -> None:
+        """Wait for every settlement in flight, then write the ledger's queue: what a
+        finished request charged is then visible to the limits and in the store."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.ledger.flush()
 
     async def close(self) -> None:
         if self._pending:
@@ -384,20 +368,3 @@ def _utc_day(ts: float) -> str:
     if _day_cache[0] != day:
         _day_cache = (day, datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d"))
     return _day_cache[1]
-
-
-def _limit_spec(scope: str, ident: str, fields: dict[str, Any], anchor: float) -> LimitSpec | None:
-    values = {name: fields.get(name) for name in LIMIT_FIELDS}
-    if all(v is None for v in values.values()):
-        return None
-    duration = values["budget_duration"]
-    return LimitSpec(
-        scope=scope,
-        id=ident,
-        rpm=values["rpm_limit"],
-        tpm=values["tpm_limit"],
-        max_parallel=values["max_parallel_requests"],
-        max_budget=values["max_budget"],
-        budget_seconds=parse_duration("budget_duration", duration) if duration else None,
-        anchor=anchor,
-    )

@@ -14,8 +14,9 @@ from aiohttp import web
 
 from ..access.auth import Authenticator
 from ..access.keyservice import KeyService
+from ..metering.named import NamedLimitAdmin
 from ..metering.reports import Reports
-from ..store.base import LOG_FILTERS
+from ..store.spend import LOG_FILTERS
 from ..wire import errors
 from ..wire.params import paging
 
@@ -29,11 +30,13 @@ class AdminApi:
         service: KeyService | None,
         auth: Authenticator,
         reports: Reports,
+        limits: NamedLimitAdmin,
         on_limit_change: Callable[[str], None] | None = None,
     ) -> None:
         self._service = service
         self._auth = auth
         self._reports = reports
+        self._limits = limits
         self._on_limit_change = on_limit_change
 
     def add_routes(self, app: web.Application) -> None:
@@ -143,12 +146,12 @@ class AdminApi:
         )
 
     async def limit_new(self, request: web.Request) -> Any:
-        result = await self._reports.upsert_limit(await _json_body(request), create=True)
+        result = await self._limits.upsert_limit(await _json_body(request), create=True)
         self._limit_changed(result["limit_id"])
         return result
 
     async def limit_update(self, request: web.Request) -> Any:
-        result = await self._reports.upsert_limit(await _json_body(request), create=False)
+        result = await self._limits.upsert_limit(await _json_body(request), create=False)
         self._limit_changed(result["limit_id"])
         return result
 
@@ -156,15 +159,15 @@ class AdminApi:
         limit_id = (await _json_body(request)).get("limit_id")
         if not isinstance(limit_id, str):
             raise errors.validation("limit_id is required")
-        result = await self._reports.delete_limit(limit_id)
+        result = await self._limits.delete_limit(limit_id)
         self._limit_changed(limit_id)
         return result
 
     async def limit_info(self, request: web.Request) -> Any:
-        return await self._reports.limit_info(request.query.get("limit_id", ""))
+        return await self._limits.limit_info(request.query.get("limit_id", ""))
 
     async def limit_list(self, request: web.Request) -> Any:
-        return await self._reports.list_limits()
+        return await self._limits.list_limits()
 
     def _limit_changed(self, limit_id: str) -> None:
         if self._on_limit_change is not None:

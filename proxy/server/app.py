@@ -18,6 +18,7 @@ from ..metering.alerts import BudgetAlerts
 from ..metering.batches import BatchSettler
 from ..metering.ledger import Ledger
 from ..metering.limits import RedisLimiter
+from ..metering.named import NamedLimitAdmin
 from ..metering.pricing import PriceTable
 from ..metering.reports import Reports
 from ..metering.service import Metering
@@ -172,7 +173,9 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     if keys is not None:
         app[KEYS] = keys
     app.cleanup_ctx.append(_lifecycle)
-    AdminApi(keys, authenticator, Reports(store), metering.forget_limit).add_routes(app)
+    AdminApi(
+        keys, authenticator, Reports(store), NamedLimitAdmin(store), metering.forget_limit
+    ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))
     app.router.add_get("/health/readiness", _readiness)

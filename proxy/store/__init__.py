@@ -1,18 +1,53 @@
-"""The key and ledger store: SQLite by default, PostgreSQL when a database URL is set."""
+"""The store: keys, spend, named limits and jobs, as repositories over one database
+(SQLite by default, PostgreSQL when a database URL is set)."""
 
 from __future__ import annotations
 
-from .base import Store
+from ..wire.clock import SYSTEM_CLOCK, Clock
+from .database import Database, StoreConflict
+from .jobs import JobRepository
+from .keys import KeyRepository
+from .limits import LimitRepository
+from .spend import SpendRepository
 
 
-def open_store(database_url: str | None, sqlite_path: str, pool_size: int = 10) -> Store:
+class Store:
+    def __init__(self, db: Database, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.db = db
+        self.keys = KeyRepository(db, clock)
+        self.spend = SpendRepository(db)
+        self.limits = LimitRepository(db, clock)
+        self.jobs = JobRepository(db, clock)
+
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+        await self.db.connect()
+        await self.db.migrate()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def ping(self) -> None:
+        await self.db.ping()
+
+
+def open_store(
+    database_url: str | None, sqlite_path: str, pool_size: int = 10, clock: Clock = SYSTEM_CLOCK
+) -> Store:
+    db: Database
     if database_url:
-        from .postgres import PostgresStore
+        from .postgres import PostgresDatabase
 
-        return PostgresStore(database_url, max_size=pool_size)
-    from .sqlite import SqliteStore
+        db = PostgresDatabase(database_url, max_size=pool_size)
+    else:
+        from .sqlite import SqliteDatabase
 
-    return SqliteStore(sqlite_path)
+        db = SqliteDatabase(sqlite_path)
+    return Store(db, clock)
 
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Database", "Store", "StoreConflict", "open_store"]

@@ -7,14 +7,14 @@ from typing import Any
 
 import asyncpg
 
-from .base import Store, StoreConflict
+from .database import Database, StoreConflict
 from .migrations import statements
 
 # pg_advisory_xact_lock key: one migrator at a time across every replica.
 _MIGRATION_LOCK = 0x62_70_6D_69_67  # "bpmig"
 
 
-class PostgresStore(Store):
+class PostgresDatabase(Database):
     dialect = "postgres"
 
     def __init__(self, url: str, min_size: int = 1, max_size: int = 10) -> None:
@@ -23,11 +23,10 @@ class PostgresStore(Store):
         self._max = max_size
         self._pool: asyncpg.Pool | None = None
 
-    async def open(self) -> None:
+    async def connect(self) -> None:
         self._pool = await asyncpg.create_pool(
             self.url, min_size=self._min, max_size=self._max, command_timeout=30
         )
-        await self.migrate()
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -5,6 +5,7 @@ record (hashed token, sealed secret, times). Parsing admin input into a spec is 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,3 +91,57 @@ class KeyRecord:
             updated_at=iso(self.updated_at),
         )
         return out
+
+
+@dataclass(slots=True)
+class SpendRow:
+    """One ledger row: a request (or a batch job), who made it, what it used and cost.
+
+    The field order is the column order of ``bp_spend``: ``SPEND_COLUMNS`` is derived from
+    it, so a row and its columns cannot drift apart.
+    """
+
+    request_id: str
+    ts: float
+    day: str
+    key_id: str | None
+    key_alias: str | None
+    user_id: str | None
+    team_id: str | None
+    end_user: str | None
+    operation: str
+    service: str
+    model: str | None
+    status: int
+    latency_ms: float
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    total_tokens: int
+    cost: float | None
+    incomplete: int
+    use_case: str | None
+    annotations: str | None  # JSON
+    error: str | None
+    estimated: int
+    model_ref: str | None
+
+
+@dataclass(slots=True)
+class LabelRow:
+    """A tag or named limit a request was charged under (reports group by these)."""
+
+    request_id: str
+    kind: str  # "tag" or "limit"
+    value: str
+    ts: float
+    cost: float | None
+    total_tokens: int
+
+
+SPEND_COLUMNS = tuple(f.name for f in dataclasses.fields(SpendRow))
+LABEL_COLUMNS = tuple(f.name for f in dataclasses.fields(LabelRow))
+# A row's values in column order, in C (a dataclass's astuple deep-copies).
+spend_values = operator.attrgetter(*SPEND_COLUMNS)
+label_values = operator.attrgetter(*LABEL_COLUMNS)

@@ -1,0 +1,165 @@
+"""The ledger's table: batched inserts, the spend logs, reports and budget sums."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .database import Database
+from .records import LABEL_COLUMNS, SPEND_COLUMNS, LabelRow, SpendRow, label_values, spend_values
+
+# Column types, for unpacking a JSON batch of rows in SQL (see insert).
+_COLUMN_TYPES = {
+    "ts": "double precision",
+    "latency_ms": "double precision",
+    "cost": "double precision",
+    "status": "integer",
+    "incomplete": "integer",
+    "estimated": "integer",
+    "input_tokens": "bigint",
+    "output_tokens": "bigint",
+    "cache_read_tokens": "bigint",
+    "cache_write_tokens": "bigint",
+    "total_tokens": "bigint",
+}
+# group_by name -> (column expression, FROM clause)
+REPORT_GROUPS = {
+    "key": ("key_id", "bp_spend"),
+    "user": ("user_id", "bp_spend"),
+    "team": ("team_id", "bp_spend"),
+    "model": ("model", "bp_spend"),
+    "operation": ("operation", "bp_spend"),
+    "use_case": ("use_case", "bp_spend"),
+    "end_user": ("end_user", "bp_spend"),
+    "day": ("day", "bp_spend"),
+    "tag": ("value", "bp_spend_labels"),
+    "limit": ("value", "bp_spend_labels"),
+}
+LOG_FILTERS = (
+    "key_id",
+    "user_id",
+    "team_id",
+    "model",
+    "operation",
+    "end_user",
+    "use_case",
+    "request_id",
+)
+
+
+def _insert_batch_sql(table: str, columns: tuple[str, ...], dialect: str, upsert: str) -> str:
+    """INSERT of every row of one JSON array of rows, passed as the only parameter."""
+    if dialect == "sqlite":
+        values = [f"json_extract(value, '$[{i}]')" for i in range(len(columns))]
+        source = "json_each($1) WHERE true"  # WHERE: SQLite's upsert-after-SELECT rule
+    else:
+        values = [
+            f"(r->>{i})::{_COLUMN_TYPES.get(column, 'text')}" for i, column in enumerate(columns)
+        ]
+        source = "json_array_elements($1::json) AS rows(r)"
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(values)} FROM {source}"
+        f"{upsert}"
+    )
+
+
+class SpendRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._insert_rows = _insert_batch_sql(
+            "bp_spend", SPEND_COLUMNS, db.dialect, " ON CONFLICT (request_id) DO NOTHING"
+        )
+        self._insert_labels = _insert_batch_sql("bp_spend_labels", LABEL_COLUMNS, db.dialect, "")
+
+    async def insert(self, rows: list[SpendRow], labels: list[LabelRow]) -> None:
+        """A batch is one statement with one JSON parameter, unpacked by the database:
+        binding 25 parameters per row holds the GIL (SQLite's writer thread) or the loop
+        (asyncpg) for every row; one statement releases SQLite's thread from the GIL for
+        the whole batch."""
+        await self._db.execute(
+            self._insert_rows, orjson.dumps([spend_values(r) for r in rows]).decode()
+        )
+        if labels:
+            await self._db.execute(
+                self._insert_labels, orjson.dumps([label_values(r) for r in labels]).decode()
+            )
+
+    async def logs(
+        self,
+        filters: dict[str, str],
+        start: float | None,
+        end: float | None,
+        limit: int,
+        offset: int,
+    ) -> tuple[list[dict[str, Any]], int]:
+        where, args = _time_range(start, end)
+        return await self._db.page(
+            "bp_spend",
+            ", ".join(SPEND_COLUMNS),
+            LOG_FILTERS,
+            filters,
+            where,
+            args,
+            "ts DESC, request_id",
+            limit,
+            offset,
+        )
+
+    async def report(
+        self, group_by: str, start: float | None, end: float | None
+    ) -> list[dict[str, Any]]:
+        column, table = REPORT_GROUPS[group_by]
+        where, args = _time_range(start, end)
+        if table == "bp_spend_labels":
+            args.append(group_by)
+            where.append(f"kind = ${len(args)}")
+            sums = "COUNT(*) AS requests, SUM(total_tokens) AS total_tokens, SUM(cost) AS cost"
+        else:
+            sums = (
+                "COUNT(*) AS requests, SUM(input_tokens) AS input_tokens,"
+                " SUM(output_tokens) AS output_tokens, SUM(cache_read_tokens) AS cache_read_tokens,"
+                " SUM(cache_write_tokens) AS cache_write_tokens, SUM(total_tokens) AS total_tokens,"
+                " SUM(cost) AS cost, SUM(CASE WHEN cost IS NULL THEN 1 ELSE 0 END) AS unpriced"
+            )
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        return await self._db.fetch(
+            f"SELECT {column} AS group_value, {sums} FROM {table}{clause}"
+            f" GROUP BY {column} ORDER BY cost DESC NULLS LAST, group_value",
+            *args,
+        )
+
+    async def since(self, scope: str, value: str, since: float) -> float:
+        """Cost charged to a key, user, team or named limit since a time (budget periods)."""
+        if scope == "limit":
+            row = await self._db.fetchrow(
+                "SELECT COALESCE(SUM(cost), 0) AS cost FROM bp_spend_labels"
+                " WHERE kind = 'limit' AND value = $1 AND ts >= $2",
+                value,
+                since,
+            )
+        else:
+            column = {"key": "key_id", "user": "user_id", "team": "team_id"}[scope]
+            row = await self._db.fetchrow(
+                "SELECT COALESCE(SUM(cost), 0) AS cost FROM bp_spend"
+                f" WHERE {column} = $1 AND ts >= $2",
+                value,
+                since,
+            )
+        return float(row["cost"]) if row else 0.0
+
+    async def count(self) -> int:
+        row = await self._db.fetchrow("SELECT COUNT(*) AS n FROM bp_spend")
+        return int(row["n"]) if row else 0
+
+
+def _time_range(start: float | None, end: float | None) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if start is not None:
+        args.append(start)
+        where.append(f"ts >= ${len(args)}")
+    if end is not None:
+        args.append(end)
+        where.append(f"ts < ${len(args)}")
+    return where, args
