@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
 
-.PHONY: install run run-tls test lint bench clean wheel deploy-check
+.PHONY: install run run-tls test typecheck lint bench clean wheel deploy-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,14 @@ run-tls: install
 			--tls-cert .tls/cert.pem --tls-key .tls/key.pem; \
 	fi
 
-test: install deploy-check
+test: install deploy-check typecheck
 	$(VENV)/bin/ruff check proxy tests
 	$(PY) -m pytest
+
+# Types (strict on wire/ and store/) and the layer contract (imports point down only).
+typecheck: install
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The wheel deploy/Dockerfile installs (it builds the same one in its first stage).
 wheel: install

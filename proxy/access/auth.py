@@ -152,6 +152,7 @@ class Authenticator:
                     "The provided x-amz-content-sha256 header does not match the body",
                 )
             payload_hash = declared
+        assert self._keys is not None  # a record came from it
         try:
             secret = self._keys.secret(record)
             sigv4.verify(

@@ -236,12 +236,13 @@ def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]
 def model_candidates(model_id: str) -> list[str]:
     """The names a model reference answers to: the ARN, its model id, the base model."""
     candidates = [model_id]
-    model: str | None = model_id
+    model = model_id
     if model_id.startswith("arn:"):
-        model = arn_model_id(model_id)
-        if model is None:
+        named = arn_model_id(model_id)
+        if named is None:
             return candidates  # provisioned, imported, application profiles: the ARN only
-        candidates.append(model)
+        candidates.append(named)
+        model = named
     prefix, base = split_profile(model)
     if prefix is not None:
         candidates.append(base)

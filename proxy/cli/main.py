@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -30,6 +31,7 @@ from ..store import Store, open_store
 from ..wire.errors import AwsError
 
 log = logging.getLogger("bedrock_proxy")
+_T = TypeVar("_T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +182,10 @@ def _serve_command(args: argparse.Namespace) -> int:
         if settings.workers > 1:
             return supervise(settings.workers)
         app = create_app(settings)
-        tls = server_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+        tls = None
+        if settings.tls_cert is not None:
+            assert settings.tls_key is not None  # the config requires both or neither
+            tls = server_context(settings.tls_cert, settings.tls_key)
     except ConfigError as exc:
         print(f"bedrock-proxy: {exc}", file=sys.stderr)
         return 2
@@ -204,8 +209,8 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def _with_store(
-    args: argparse.Namespace, work: Callable[[Settings, Store], Awaitable[object]]
-) -> tuple[int, object]:
+    args: argparse.Namespace, work: Callable[[Settings, Store], Awaitable[_T]]
+) -> tuple[int, _T | None]:
     """Load settings, open the configured store, run one job on it: (exit code, result)."""
     try:
         settings = load_settings(args.config)
@@ -213,7 +218,7 @@ def _with_store(
         print(f"bedrock-proxy: {exc}", file=sys.stderr)
         return 2, None
 
-    async def run() -> object:
+    async def run() -> _T:
         store = open_store(settings.database_url, settings.sqlite_path)
         await store.open()
         try:
@@ -261,16 +266,16 @@ def _keys_command(args: argparse.Namespace) -> int:
 
 
 def _spend_command(args: argparse.Namespace) -> int:
-    async def work(settings: Settings, store: Store) -> object:
+    async def work(settings: Settings, store: Store) -> dict[str, Any]:
         return await Reports(store).report(args.group_by, args.start, args.end)
 
     code, report = _with_store(args, work)
-    if code == 0:
+    if report is not None:
         print(json.dumps(report, indent=2) if args.json else format_report(report))
     return code
 
 
-def format_report(report: dict) -> str:
+def format_report(report: dict[str, Any]) -> str:
     columns = ["requests", "input_tokens", "output_tokens", "total_tokens", "cost"]
     rows = [
         [str(r["group"] if r["group"] is not None else "-")] + [_cell(r.get(c)) for c in columns]
@@ -429,6 +434,8 @@ def _without_workers_flag(argv: list[str]) -> list[str]:
 def _reload_tls(context: ssl.SSLContext, settings: Settings) -> None:
     """SIGHUP: new handshakes get the new certificate; open connections keep theirs."""
     try:
+        # SIGHUP is only handled when serving TLS, and the config requires both files.
+        assert settings.tls_cert is not None and settings.tls_key is not None
         load_chain(context, settings.tls_cert, settings.tls_key)
     except TLSConfigError as exc:
         log.error("certificate reload failed, keeping the current one: %s", exc)

@@ -204,8 +204,12 @@ def _maintained(model: str) -> Price | None:
         prices.cache_read_mtok,
         prices.cache_write_mtok,
     ]
-    if all(p is None or isinstance(p, int | float | Decimal) for p in linear):
-        values = [None if p is None else float(p) / 1000 for p in linear]
+    values: list[float | None] = []
+    for p in linear:
+        if p is not None and not isinstance(p, int | float | Decimal):
+            break  # tiered: priced by genai-prices' own arithmetic (below)
+        values.append(None if p is None else float(p) / 1000)
+    else:
         return Price(
             input=values[0] or 0.0,
             output=values[1] or 0.0,

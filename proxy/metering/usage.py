@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 from ..wire.eventstream import decode_headers
 
@@ -68,7 +68,7 @@ class Meter:
     def __init__(self) -> None:
         self.usage = Usage()
 
-    def on_headers(self, status: int, headers: CIMultiDictProxy[str]) -> None:
+    def on_headers(self, status: int, headers: MultiMapping[str]) -> None:
         pass
 
     def feed(self, data: bytes) -> None:
@@ -89,7 +89,7 @@ class JsonBodyMeter(Meter):
         self._size = 0
         self._ok = False
 
-    def on_headers(self, status: int, headers: CIMultiDictProxy[str]) -> None:
+    def on_headers(self, status: int, headers: MultiMapping[str]) -> None:
         self._ok = status == 200
 
     def feed(self, data: bytes) -> None:
@@ -139,7 +139,7 @@ class InvokeHeadersMeter(Meter):
 
     __slots__ = ()
 
-    def on_headers(self, status: int, headers: CIMultiDictProxy[str]) -> None:
+    def on_headers(self, status: int, headers: MultiMapping[str]) -> None:
         u = self.usage
         u.input_tokens = _int(headers.get("X-Amzn-Bedrock-Input-Token-Count"))
         u.output_tokens = _int(headers.get("X-Amzn-Bedrock-Output-Token-Count"))

@@ -96,6 +96,7 @@ class AdminApi:
                 record = None
             if record is None or record.key_id != identity.key_id:
                 raise errors.access_denied("A virtual key may only read its own info")
+        assert record is not None  # find() raises when there is none
         info = record.public()
         info.update(await self._reports.key_totals(record))
         return {"key": record.key_id, "info": info}

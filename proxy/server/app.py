@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -160,7 +161,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         lambda: upstream.pool.open_connections if upstream.started else 0,
     )
 
-    app, router = application(handler_args={"max_field_size": 65536})
+    app, dispatcher = application(handler_args={"max_field_size": 65536})
     app[PIPELINE] = pipeline
     app[UPSTREAM] = upstream
     app[ACCESS_LOG] = access_log
@@ -181,13 +182,13 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     app.router.add_get("/health/readiness", _readiness)
     for path in (FILES_PATH, FILES_PATH + "/{tail:.*}"):  # before /bedrock/{tail}
         app.router.add_route("*", path, pipeline.handler(files))
-    router.add_prefix_route(
+    dispatcher.add_prefix_route(
         BASE_PATH,
         pipeline.handler(bedrock),
         expect_handler=bedrock.expect_handler,
         excluded=(FILES_PATH,),
     )
-    router.fallback = app.router.add_route("*", "/{tail:.*}", _unknown_route)
+    dispatcher.fallback = app.router.add_route("*", "/{tail:.*}", _unknown_route)
     return app
 
 
@@ -206,7 +207,7 @@ def create_ops_app(main: web.Application) -> web.Application:
     return app
 
 
-async def _lifecycle(app: web.Application):
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     try:
         await store.open()
@@ -262,7 +263,9 @@ async def _readiness(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-def _metrics_handler(auth: Authenticator | None, public: bool):
+def _metrics_handler(
+    auth: Authenticator | None, public: bool
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def metrics(request: web.Request) -> web.Response:
         if not public:
             assert auth is not None
@@ -286,6 +289,9 @@ def _profile_region(settings: Settings) -> str | None:
     import botocore.session
 
     try:
-        return botocore.session.Session(profile=settings.aws_profile).get_config_variable("region")
+        region = botocore.session.Session(profile=settings.aws_profile).get_config_variable(
+            "region"
+        )
+        return region if isinstance(region, str) else None
     except Exception:
         return None

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from aiobotocore.session import AioSession
 
@@ -33,7 +34,7 @@ class NoCredentialsError(Exception):
 class CredentialProvider:
     def __init__(self, profile: str | None = None) -> None:
         self._profile = profile
-        self._source = None  # aiobotocore credentials object
+        self._source: Any = None  # aiobotocore's credentials object (untyped)
         self._frozen: Credentials | None = None
         self._next_check = 0.0
         self._refresh_task: asyncio.Task[None] | None = None

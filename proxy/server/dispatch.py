@@ -9,12 +9,13 @@ aiohttp as usual.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractMatchInfo
 from aiohttp.web_urldispatcher import AbstractRoute, UrlMappingMatchInfo
+
+from .aiohttp_adapter import application_with_router
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
@@ -58,7 +59,7 @@ class PrefixDispatcher(web.UrlDispatcher):
                 return False
         return True
 
-    async def resolve(self, request: web.Request) -> AbstractMatchInfo:
+    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
         route = self._route
         if route is not None and self._shortcut(request.raw_path):
             return UrlMappingMatchInfo({}, route)
@@ -68,11 +69,7 @@ class PrefixDispatcher(web.UrlDispatcher):
         return found
 
 
-def application(**kwargs: object) -> tuple[web.Application, PrefixDispatcher]:
-    """An Application on a PrefixDispatcher (aiohttp deprecates passing a router, but
-    still supports it; nothing else lets a router resolve before URL decoding)."""
+def application(**kwargs: Any) -> tuple[web.Application, PrefixDispatcher]:
+    """An Application on a PrefixDispatcher."""
     router = PrefixDispatcher()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        app = web.Application(router=router, **kwargs)  # type: ignore[arg-type]
-    return app, router
+    return application_with_router(router, **kwargs), router

@@ -271,6 +271,7 @@ class FilesFront:
                 raise errors.access_denied(f"The header {name} is not available to API keys")
         if op.name in ("ListBuckets", "BucketAdministration"):
             raise errors.access_denied(f"{op.name} needs the master key")
+        target: str | None
         if op.name in ("ListObjectsV2", "ListObjects", "ListMultipartUploads"):
             target = params.get("prefix", "")
         elif op.name in ("HeadBucket", "DeleteObjects"):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from ..exchange import Exchange, Observer
 from ..wire import errors
@@ -60,7 +61,7 @@ class Pipeline:
         for task in list(self._active):
             task.cancel()
 
-    def handler(self, front: Front) -> web.Handler:
+    def handler(self, front: Front) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             return await self.serve(request, front)
 
@@ -94,10 +95,10 @@ class Pipeline:
             raise
         except Exception:
             log.exception("unexpected error forwarding request %s", x.request_id)
-            exc = errors.internal()
-            x.error = exc.code
-            x.status = exc.status
-            return front.render(exc, x, request)
+            internal = errors.internal()
+            x.error = internal.code
+            x.status = internal.status
+            return front.render(internal, x, request)
         finally:
             if task is not None:
                 self._active.discard(task)

@@ -16,9 +16,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
-from ..wire import errors
+from .aiohttp_adapter import awaiting_first_request, use_aws_error_handler
 
 log = logging.getLogger("bedrock_proxy.server")
 
@@ -46,11 +45,7 @@ class ProxyRunner(web.AppRunner):
         self.slow_clients_closed = 0
 
     async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # Same server, but its connections are AwsErrorRequestHandlers (Server has no
-        # hook for the handler class; AwsServer adds no state, so the swap is safe).
-        server.__class__ = AwsServer
-        return server
+        return use_aws_error_handler(await super()._make_server())
 
     async def setup(self) -> None:
         await super().setup()
@@ -65,7 +60,7 @@ class ProxyRunner(web.AppRunner):
 
     async def _sweep(self) -> None:
         # Keyed by the handler itself, not id(): ids of closed connections are reused.
-        first_seen: dict[object, float] = {}
+        first_seen: dict[RequestHandler, float] = {}
         interval = min(1.0, self._header_timeout / 4)
         while True:
             await asyncio.sleep(interval)
@@ -75,7 +70,7 @@ class ProxyRunner(web.AppRunner):
             now = time.monotonic()
             waiting = {}
             for handler in server.connections:
-                if getattr(handler, "_request_count", 1):
+                if not awaiting_first_request(handler):
                     continue  # a request was read: keep-alive and handlers take over
                 started = waiting[handler] = first_seen.get(handler, now)
                 if now - started > self._header_timeout:
@@ -85,35 +80,3 @@ class ProxyRunner(web.AppRunner):
                     if transport is not None:
                         transport.close()
             first_seen = waiting
-
-
-class AwsErrorRequestHandler(RequestHandler):
-    """Requests aiohttp itself refuses (unparseable HTTP, oversized headers) get an
-    AWS-shaped JSON error like every other refusal, not aiohttp's text/plain page, and
-    are logged as the client's mistake, without a traceback."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            return super().handle_error(request, status, exc, message)  # raises: too late
-        if status < 500:
-            reason = (message or str(exc) or "malformed request")[:200]
-            log.info("refused a request aiohttp could not parse (%d): %s", status, reason)
-            response = errors.json_error_response(
-                status, "ValidationException", f"The request is not valid HTTP: {reason}"
-            )
-        else:
-            log.error("error handling request (%d)", status, exc_info=exc)
-            response = errors.internal().to_response()
-        response.force_close()
-        return response
-
-
-class AwsServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return AwsErrorRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -8,11 +8,14 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from .database import Database, StoreConflict
 from .migrations import statements
+
+_T = TypeVar("_T")
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
@@ -34,7 +37,7 @@ class SqliteDatabase(Database):
         self._conn: sqlite3.Connection | None = None
         self._sql: dict[str, str] = {}
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _translate(self, sql: str) -> str:

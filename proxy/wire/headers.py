@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from . import errors
 
@@ -122,7 +122,7 @@ def split_request_headers(
     return signed, unsigned
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones (and those Connection names)."""
     out: CIMultiDict[str] = CIMultiDict()
     connection_listed = _connection_tokens(headers)
@@ -134,7 +134,7 @@ def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     connection = headers.get("Connection")
     if not connection:
         return frozenset()

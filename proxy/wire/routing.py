@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
 
 from botocore.loaders import Loader, create_loader
@@ -191,7 +192,7 @@ def load_operations(
     return operations
 
 
-def _has_event_stream_output(op: dict, shapes: dict) -> bool:
+def _has_event_stream_output(op: dict[str, Any], shapes: dict[str, Any]) -> bool:
     output = op.get("output")
     if not output:
         return False
