@@ -36,9 +36,11 @@ run-tls: install
 			--tls-cert .tls/cert.pem --tls-key .tls/key.pem; \
 	fi
 
+# Two workers, a test file each at a time (module fixtures stay in one process); every
+# server a test starts listens on its own port and PostgreSQL gives each worker a database.
 test: install deploy-check typecheck
 	$(VENV)/bin/ruff check proxy tests
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # Types (strict on wire/ and store/) and the layer contract (imports point down only).
 typecheck: install

@@ -73,12 +73,47 @@ class BackgroundLoop:
         self.thread.join(5)
 
 
+class OffsetClock:
+    """The system's clock plus an offset a test moves forward: windows and budget periods
+    end when the test says, not after a sleep. Time still passes normally in between."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def fresh_minute(self, margin: float = 0.05) -> None:
+        """Move to just past the start of the next calendar minute (rate windows)."""
+        self.advance(60 - self.time() % 60 + margin)
+
+
 @dataclass
 class Server:
     url: str
     app: web.Application
     runner: web.AppRunner
     log: io.BytesIO | None = None
+    clock: OffsetClock | None = None
+    bg: BackgroundLoop | None = None
+
+    def settle(self) -> None:
+        """Wait until every finished request has been charged and its ledger row written
+        (the proxy does both after the response has gone out)."""
+        from proxy.server.app import METERING
+
+        async def settled() -> None:
+            await self.app[PIPELINE].idle()
+            await self.app[METERING].drain()
+
+        assert self.bg is not None
+        self.bg.run(settled(), timeout=10)
 
     @property
     def base(self) -> str:
@@ -162,6 +197,7 @@ def start_proxy(
     def factory(**overrides: Any) -> Server:
         env = overrides.pop("env", {})
         tls = overrides.pop("tls", None)
+        clock = overrides.pop("clock", None) or OffsetClock()
         values: dict[str, Any] = {
             "master_key": MASTER_KEY,
             "aws_profile": "upstream",
@@ -177,9 +213,9 @@ def start_proxy(
         values.update(overrides)
         settings = load_settings(env=env, overrides=values)
         log = io.BytesIO()
-        app = create_app(settings, access_log=AccessLog(True, log))
+        app = create_app(settings, access_log=AccessLog(True, log), clock=clock)
         url, runner = bg.run(start_server(app, tls))
-        server = Server(url, app, runner, log)
+        server = Server(url, app, runner, log, clock, bg)
         started.append(server)
         return server
 

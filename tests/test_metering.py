@@ -269,10 +269,9 @@ def test_report_totals_equal_the_ledger(metered, fake):
 # ---------------------------------------------------------------- limits
 
 
-def _wait_for_fresh_minute(margin: float = 4.0) -> None:
-    """Rate windows are calendar minutes: start a burst well inside one."""
-    if 60 - time.time() % 60 < margin:
-        time.sleep(60 - time.time() % 60 + 0.1)
+def _wait_for_fresh_minute(server) -> None:
+    """Rate windows are calendar minutes: move the proxy's clock to the start of one."""
+    server.clock.fresh_minute()
 
 
 async def _burst(
@@ -293,7 +292,7 @@ async def _burst(
 
 async def test_rpm_exact_under_concurrency(metered, fake):
     key = await asyncio.to_thread(new_key, metered, rpm_limit=10)
-    _wait_for_fresh_minute()
+    _wait_for_fresh_minute(metered)
     results = await _burst(metered.base + f"/model/{HAIKU}/converse", key["key"], 30)
     statuses = sorted(status for status, _, _ in results)
     assert statuses.count(200) == 10 and statuses.count(429) == 20
@@ -304,7 +303,7 @@ async def test_rpm_exact_under_concurrency(metered, fake):
 
 
 async def test_parallel_cap(metered, fake):
-    fake.frame_delay = 0.3  # streams of ~3 s: all six requests arrive while two are open
+    fake.frame_delay = 0.15  # streams of ~1.5 s: all six requests arrive while two are open
     key = await asyncio.to_thread(new_key, metered, max_parallel_requests=2)
     results = await _burst(metered.base + "/model/test.slow/converse-stream", key["key"], 6)
     statuses = sorted(status for status, _, _ in results)
@@ -315,13 +314,13 @@ async def test_parallel_cap(metered, fake):
 
 
 def test_tpm_limit(metered, fake):
-    _wait_for_fresh_minute()
+    _wait_for_fresh_minute(metered)
     key = new_key(metered, tpm_limit=20)
     client = sigv4_client("bedrock-runtime", metered, key)
     client.converse(modelId=HAIKU, messages=MESSAGES)  # 18 tokens
-    time.sleep(0.5)  # settled after the response (in the background)
+    metered.settle()  # charged after the response
     client.converse(modelId=HAIKU, messages=MESSAGES)  # 36: over, but admitted at 18
-    time.sleep(0.5)
+    metered.settle()
     with pytest.raises(client.exceptions.ThrottlingException, match="20 tokens per minute"):
         client.converse(modelId=HAIKU, messages=MESSAGES)
 
@@ -331,9 +330,9 @@ def test_budget_exhaustion_and_reset(metered, fake):
     key = new_key(metered, max_budget=one_call * 1.5, budget_duration="6s")
     client = sigv4_client("bedrock-runtime", metered, key)
     client.converse(modelId=HAIKU, messages=MESSAGES)
-    time.sleep(0.5)
+    metered.settle()
     client.converse(modelId=HAIKU, messages=MESSAGES)  # spent < budget: admitted
-    time.sleep(0.5)
+    metered.settle()
     with pytest.raises(client.exceptions.ServiceQuotaExceededException) as info:
         client.converse(modelId=HAIKU, messages=MESSAGES)
     message = info.value.response["Error"]["Message"]
@@ -341,12 +340,12 @@ def test_budget_exhaustion_and_reset(metered, fake):
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
     # The next period starts 6 s after the key was created.
     created = datetime.fromisoformat(key["created_at"].replace("Z", "+00:00")).timestamp()
-    time.sleep(max(0.0, created + 6.2 - time.time()))
+    metered.clock.advance(max(0.0, created + 6.2 - metered.clock.time()))
     client.converse(modelId=HAIKU, messages=MESSAGES)
 
 
 def test_named_limit_by_header(metered, fake):
-    _wait_for_fresh_minute()
+    _wait_for_fresh_minute(metered)
     status, created = admin(
         metered, "POST", "/limit/new", {"limit_id": f"proj-{time.time_ns()}", "rpm_limit": 2}
     )
@@ -385,7 +384,7 @@ def test_spend_command_prints_a_table(metered, store_settings, fake):
     import sys
 
     boto_client("bedrock-runtime", metered).converse(modelId=HAIKU, messages=MESSAGES)
-    time.sleep(0.5)
+    metered.settle()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEDROCK_PROXY_")}
     for name, value in store_settings.items():
         env["BEDROCK_PROXY_" + name.upper()] = value

@@ -217,7 +217,7 @@ def test_tpm_holds_under_a_concurrent_burst(start_proxy, fake, tmp_path, shared,
         extra["redis_url"] = request.getfixturevalue("redis_url")
     server = start_proxy(sqlite_path=str(tmp_path / "tpm.db"), **extra)
     key = new_key(server, tpm_limit=20)
-    _wait_for_fresh_minute()
+    _wait_for_fresh_minute(server)
     url = server.base + "/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
     statuses = asyncio.run(_concurrent(url, key["key"], 30))
     # Each admission reserves its estimate (input by size + reserve_output_tokens): the
@@ -243,7 +243,7 @@ def redis_url():
 
 
 def test_named_limits_belong_to_their_members(spend_proxy, fake):
-    _wait_for_fresh_minute()
+    _wait_for_fresh_minute(spend_proxy)
     team = f"team-{time.time_ns()}"
     member = new_key(spend_proxy)
     teammate = new_key(spend_proxy, team_id=team)
@@ -405,7 +405,7 @@ def test_budget_alerts_fire_once_at_80_and_100_percent(start_proxy, fake, tmp_pa
             client.converse(modelId="anthropic.claude-3-haiku-20240307-v1:0", messages=MESSAGES)
         except client.exceptions.ServiceQuotaExceededException:
             break
-        time.sleep(0.2)  # settled in the background
+        server.settle()  # charged after the response
     _wait_for(lambda: len(receiver.bodies) >= 2)
     time.sleep(0.5)  # nothing more comes
     # The first delivery (the 80 % one) failed and was retried, so they may come swapped.

@@ -3,11 +3,11 @@ the admin API and the ``bedrock-proxy keys`` command."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from ..store import Store, StoreConflict
 from ..wire import errors
+from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.params import MAX_PAGE, check_page
 from .keycache import KeyCache
 from .keys import (
@@ -23,7 +23,14 @@ from .secretbox import SecretBox
 
 
 class KeyService:
-    def __init__(self, store: Store, box: SecretBox, cache: KeyCache | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        box: SecretBox,
+        cache: KeyCache | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._clock = clock  # created_at anchors budget periods: the limits' clock
         self._store = store
         self._box = box
         self._cache = cache
@@ -31,7 +38,7 @@ class KeyService:
     async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = parse_spec(body)
         minted = mint_credentials()
-        now = time.time()
+        now = self._clock.time()
         record = KeyRecord(
             key_id=new_key_id(),
             token_hash=minted.token_hash,

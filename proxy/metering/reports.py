@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +9,7 @@ from ..store import Store
 from ..store.records import KeyRecord
 from ..store.spend import LOG_FILTERS, REPORT_GROUPS
 from ..wire import errors
-from ..wire.clock import iso
+from ..wire.clock import SYSTEM_CLOCK, Clock, iso
 from ..wire.params import paging, parse_duration
 from .limits import LimitSpec
 
@@ -35,8 +34,9 @@ def parse_time(name: str, value: str | None) -> float | None:
 
 
 class Reports:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, clock: Clock = SYSTEM_CLOCK) -> None:
         self._store = store
+        self._clock = clock
 
     async def logs(self, query: dict[str, str]) -> dict[str, Any]:
         page, size = paging(query)
@@ -80,7 +80,7 @@ class Reports:
                 budget_seconds=_seconds(record.spec.budget_duration),
                 anchor=record.created_at,
             )
-            _, start, end = spec.period(time.time())
+            _, start, end = spec.period(self._clock.time())
             totals["budget_period_spend"] = await self._store.spend.since(
                 "key", record.key_id, start
             )

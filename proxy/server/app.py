@@ -28,6 +28,7 @@ from ..observe.metrics import Metrics
 from ..observe.tracing import Tracing
 from ..store import Store, open_store
 from ..wire import errors
+from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.endpoints import Endpoints, sdk_endpoint_overrides, valid_region
 from ..wire.routing import SERVICE_NAMES, Router, load_operations
 from .admin import AdminApi
@@ -58,7 +59,11 @@ STATE = web.AppKey("state", dict)
 BATCHES = web.AppKey("batches", BatchSettler)
 
 
-def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.Application:
+def create_app(
+    settings: Settings, access_log: AccessLog | None = None, clock: Clock = SYSTEM_CLOCK
+) -> web.Application:
+    """The proxy's application; ``clock`` is what limits, metering and the ledger read
+    (tests move it instead of sleeping through windows and budget periods)."""
     if settings.master_key is None and not settings.allow_unauthenticated:
         raise ConfigError(
             "config error: master_key: BEDROCK_PROXY_MASTER_KEY is not set "
@@ -75,7 +80,9 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     except ValueError as exc:
         raise ConfigError(f"config error: endpoints: {exc}") from None
     credentials = CredentialProvider(settings.aws_profile)
-    store = open_store(settings.database_url, settings.sqlite_path, settings.database_pool_size)
+    store = open_store(
+        settings.database_url, settings.sqlite_path, settings.database_pool_size, clock
+    )
     sealing_secret = settings.secret_key or settings.master_key
     box = SecretBox(sealing_secret, settings.previous_secret_keys) if sealing_secret else None
     cache = KeyCache(store, box, settings.key_cache_ttl)
@@ -86,7 +93,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         keys=cache,
         max_skew_seconds=settings.sigv4_max_skew,
     )
-    keys = KeyService(store, box, cache) if box is not None and settings.master_key else None
+    keys = KeyService(store, box, cache, clock) if box is not None and settings.master_key else None
     try:
         prices = PriceTable.load(
             settings.prices_file, settings.prices, settings.unpriced_model_price or None
@@ -103,6 +110,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         settings.cost_headers,
         {k: float(v) for k, v in settings.request_prices.items()},
         settings.batch_discount,
+        clock,
     )
     shutdown = Shutdown()
     upstream = UpstreamClient(settings, endpoints, credentials, shutdown)
@@ -175,7 +183,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
         app[KEYS] = keys
     app.cleanup_ctx.append(_lifecycle)
     AdminApi(
-        keys, authenticator, Reports(store), NamedLimitAdmin(store), metering.forget_limit
+        keys, authenticator, Reports(store, clock), NamedLimitAdmin(store), metering.forget_limit
     ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))

@@ -55,6 +55,11 @@ class Pipeline:
     def in_flight(self) -> int:
         return len(self._active)
 
+    async def idle(self) -> None:
+        """Wait until no request is in flight: every finished exchange has been observed."""
+        while self._active:
+            await asyncio.wait(list(self._active))
+
     def abort_all(self) -> None:
         """Shutdown deadline: end every request now; streams get an exception frame."""
         self.shutdown.stopping = True
