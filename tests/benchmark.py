@@ -349,6 +349,48 @@ async def drive_streams(url: str, count: int, ramp: float, headers: dict[str, st
     return {"ttfb": ttfb, "frame_delays": frame_delays, "failures": failures}
 
 
+def _drive_in_process(
+    url: str, count: int, ramp: float, headers: dict[str, str], start_at: float
+) -> dict:
+    """One client process's share of the streams (run in a spawned process)."""
+    sys.path.insert(0, str(HERE.parent))
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    time.sleep(max(0.0, start_at - time.time()))  # every process starts together
+    return asyncio.run(drive_streams(url, count, ramp, headers))
+
+
+async def drive_spread(
+    url: str, count: int, ramp: float, headers: dict[str, str], procs: int
+) -> dict:
+    """The streams spread over ``procs`` client processes: one process parsing thousands
+    of streams' frames was the bottleneck, and its lag showed up as latency in both the
+    direct and the proxied runs (a negative 'added' delay)."""
+    import concurrent.futures
+    import multiprocessing
+
+    procs = max(1, min(procs, count))
+    shares = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
+    start_at = time.time() + 1.0
+    context = multiprocessing.get_context("spawn")
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=context) as pool:
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(pool, _drive_in_process, url, n, ramp, headers, start_at)
+                for n in shares
+            )
+        )
+    return {
+        "ttfb": [v for part in parts for v in part["ttfb"]],
+        "frame_delays": [v for part in parts for v in part["frame_delays"]],
+        "failures": sum(part["failures"] for part in parts),
+        "started_at": start_at,
+    }
+
+
 def stream_phase(
     url: str,
     count: int,
@@ -357,6 +399,7 @@ def stream_phase(
     open_rate: float,
     interval: float,
     metrics_url: str | None = None,
+    client_procs: int = 4,
 ) -> dict:
     ramp = max(0.2, count / open_rate)
     sample: dict[str, int] = {}
@@ -367,8 +410,9 @@ def stream_phase(
 
             async def sample_rss() -> None:
                 # All streams are open once the ramp is over and before the first ones end;
-                # the proxy's own gauge says how many it is relaying at that moment.
-                await asyncio.sleep(ramp + interval / 2)
+                # the proxy's own gauge says how many it is relaying at that moment. (The
+                # client processes start about a second after this.)
+                await asyncio.sleep(1.0 + ramp + interval / 2)
                 sample["open"] = rss_kib(proxy_pid)
                 sample["idle"] = idle
                 if metrics_url is not None:
@@ -376,7 +420,7 @@ def stream_phase(
 
             sampler = asyncio.create_task(sample_rss())
         cpu_before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
-        result = await drive_streams(url, count, ramp, headers)
+        result = await drive_spread(url, count, ramp, headers, client_procs)
         if proxy_pid is not None:
             await sampler
             result["cpu_s"] = cpu_seconds(proxy_pid) - cpu_before
@@ -445,15 +489,19 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results.json")
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per target; the best counts")
-    parser.add_argument("--streams", default="100,1000,5000")
-    parser.add_argument("--frames", type=int, default=25, help="frames per stream")
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between frames")
+    parser.add_argument("--streams", default="100,1000,5000,10000")
+    # 15 frames 2 s apart: streams live 30 s, longer than the 20 s it takes to open 10,000
+    # at 500 a second, at a frame rate (5,000 a second at the peak) two cores can carry
+    # through the client, the proxy and the upstream together.
+    parser.add_argument("--frames", type=int, default=15, help="frames per stream")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
     parser.add_argument(
         "--open-rate",
         type=float,
         default=500,
         help="new streams per second; streams must outlive the ramp for all N to be open at once",
     )
+    parser.add_argument("--client-procs", type=int, default=2, help="processes driving the streams")
     parser.add_argument("--body-mib", type=int, default=25)
     parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
     parser.add_argument(
@@ -568,6 +616,7 @@ def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dic
                 None,
                 args.open_rate,
                 args.interval,
+                client_procs=args.client_procs,
             )
             proxied = stream_phase(
                 f"http://127.0.0.1:{proxy_port}/bedrock/model/{MODEL}/converse-stream",
@@ -577,6 +626,7 @@ def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dic
                 args.open_rate,
                 args.interval,
                 f"http://127.0.0.1:{proxy_port}/metrics",
+                client_procs=args.client_procs,
             )
             frames = len(proxied["frame_delays"])
             streams[str(count)] = {

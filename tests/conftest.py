@@ -175,9 +175,7 @@ def fake_s3_server(bg: BackgroundLoop) -> Iterator[tuple[FakeS3, str]]:
 
 @pytest.fixture
 def fake(fake_server: tuple[FakeBedrock, str]) -> FakeBedrock:
-    fake_server[0].requests.clear()
-    fake_server[0].slow_models.clear()
-    fake_server[0].model_refs.clear()
+    fake_server[0].reset()
     return fake_server[0]
 
 

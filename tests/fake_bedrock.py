@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +54,10 @@ class Received:
     region: str | None
 
 
+# Job and invocation ids: unique for the whole session, like AWS's.
+_IDS = itertools.count(1)
+
+
 @dataclass
 class FakeBedrock:
     requests: list[Received] = field(default_factory=list)
@@ -69,6 +74,17 @@ class FakeBedrock:
     expected_token: str | None = UPSTREAM_SESSION_TOKEN
     # When set, a job writes "<input>.out" under its output URI as it completes, as Bedrock does.
     s3: Any = None
+
+    def reset(self) -> None:
+        """Every field back to its default between tests, so no test sees another's
+        settings or records (open streams are counted by the connections themselves)."""
+        for spec in fields(self):
+            if spec.name in ("active_streams",):
+                continue
+            if spec.default_factory is not MISSING:
+                setattr(self, spec.name, spec.default_factory())
+            else:
+                setattr(self, spec.name, spec.default)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=2 * 1024**3)
@@ -457,7 +473,7 @@ class FakeBedrock:
 
     async def op_CreateModelInvocationJob(self, request, params, body):
         spec = json.loads(body)
-        job_id = f"job{len(self.jobs) + 1:04d}"
+        job_id = f"job{next(_IDS):04d}"  # never reused, across resets too, as on AWS
         arn = f"arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/{job_id}"
         self.jobs[job_id] = {
             "jobArn": arn,
@@ -485,7 +501,7 @@ class FakeBedrock:
 
     async def op_StartAsyncInvoke(self, request, params, body):
         spec = json.loads(body)
-        invocation_id = f"{len(self.async_invokes) + 1:012d}"
+        invocation_id = f"{next(_IDS):012d}"
         arn = f"arn:aws:bedrock:us-east-1:123456789012:async-invoke/{invocation_id}"
         self.async_invokes[arn] = {
             "invocationArn": arn,

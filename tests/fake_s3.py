@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from urllib.parse import parse_qsl, unquote
 from xml.sax.saxutils import escape
 
@@ -44,6 +44,15 @@ class FakeS3:
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     max_body_seen: int = 0
     chunked_uploads: int = 0
+
+    def reset(self) -> None:
+        """Every field back to its default between tests, so no test sees another's
+        settings or records."""
+        for spec in fields(self):
+            if spec.default_factory is not MISSING:
+                setattr(self, spec.name, spec.default_factory())
+            else:
+                setattr(self, spec.name, spec.default)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=2 * 1024**3)

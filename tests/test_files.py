@@ -37,6 +37,7 @@ def files_proxy(start_proxy):
 
 @pytest.fixture
 def fake_s3(fake_s3_server):
+    fake_s3_server[0].reset()
     return fake_s3_server[0]
 
 

@@ -189,7 +189,7 @@ def test_workers_share_one_port(fake_server, tmp_path):
             ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
         ).stdout.split()
         assert sorted(again) == sorted(children)
-        for _ in range(10):
+        for _ in range(20):  # a connection each: the kernel spreads them over both workers
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}/bedrock/model/m/count-tokens",
                 data=b'{"input": {}}',
@@ -197,9 +197,25 @@ def test_workers_share_one_port(fake_server, tmp_path):
             )
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert json.loads(response.read()) == {"inputTokens": 17}
-        # Metrics need no key on the plain-HTTP operations port.
-        with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/metrics", timeout=5) as response:
-            assert b"bedrock_proxy_requests_total" in response.read()
+
+        # Metrics need no key on the plain-HTTP operations port, and whichever worker
+        # answers counts both workers' requests (snapshots are shared once a second).
+        def counted() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/metrics", timeout=5) as r:
+                lines = r.read().decode().splitlines()
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in lines
+                if line.startswith("bedrock_proxy_requests_total{")
+                and 'operation="CountTokens"' in line
+            )
+
+        deadline = time.monotonic() + 5  # a snapshot is at most 1 s old
+        scrapes = [counted() for _ in range(6)]
+        while scrapes != [20] * 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            scrapes = [counted() for _ in range(6)]
+        assert scrapes == [20] * 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     for pid in children:

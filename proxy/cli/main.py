@@ -9,10 +9,12 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -389,7 +391,14 @@ def supervise(workers: int) -> int:
     """``--workers N``: N copies of this command on one port (SO_REUSEPORT). Signals are
     passed on; a worker that dies is replaced; the supervisor exits when all have stopped."""
     argv = _without_workers_flag(sys.argv[1:])
-    env = dict(os.environ, BEDROCK_PROXY_WORKERS="1", BEDROCK_PROXY_REUSE_PORT="true")
+    # Where the workers share their metrics (observe.shared): private to this supervisor.
+    metrics_dir = tempfile.mkdtemp(prefix="bedrock-proxy-metrics-")
+    env = dict(
+        os.environ,
+        BEDROCK_PROXY_WORKERS="1",
+        BEDROCK_PROXY_REUSE_PORT="true",
+        BEDROCK_PROXY_METRICS_DIR=metrics_dir,
+    )
     command = [sys.executable, "-m", "proxy", *argv]
     children = [subprocess.Popen(command, env=env) for _ in range(workers)]
     stopping = False
@@ -415,6 +424,7 @@ def supervise(workers: int) -> int:
                 time.sleep(1)
                 children[i] = subprocess.Popen(command, env=env)
         time.sleep(0.2)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return max((c.returncode or 0) for c in children)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..exchange import Exchange
@@ -52,6 +52,10 @@ class Histogram:
             row = self.series[labels] = [0.0] * (len(self.buckets) + 2)
         row[bisect.bisect_left(self.buckets, value)] += 1
         row[-1] += value
+
+
+_SERIES = ("requests", "tokens", "cost", "upstream_errors", "refusals", "unpriced")
+_HISTOGRAMS = ("duration", "upstream", "overhead", "ttfb")
 
 
 class Metrics:
@@ -108,7 +112,61 @@ class Metrics:
             elif not usage.free:
                 _inc(self.unpriced, (model,))
 
-    def render(self) -> bytes:
+    # ---------------------------------------------------------------- across workers
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything ``render`` shows, as JSON-able data another worker can add to its own."""
+        return {
+            "series": {n: [[list(k), v] for k, v in getattr(self, n).items()] for n in _SERIES},
+            "histograms": {
+                n: [[list(k), row] for k, row in getattr(self, n).series.items()]
+                for n in _HISTOGRAMS
+            },
+            "gauges": self._gauge_values(),
+        }
+
+    def _gauge_values(self) -> dict[str, float]:
+        values: dict[str, float] = {"bedrock_proxy_active_streams": self.active_streams}
+        for name, (_, read) in self.gauges.items():
+            values[name] = read()
+        return values
+
+    def render(self, others: Sequence[dict[str, Any]] = (), live: Sequence[bool] = ()) -> bytes:
+        """The exposition; with ``others`` (other workers' snapshots) their counters and
+        histograms are added to this one's, and the gauges of those still ``live``."""
+        view = self._merged(others) if others else self
+        gauges = self._gauge_values()
+        for snap, alive in zip(others, live, strict=True):
+            if alive:
+                for name, value in snap["gauges"].items():
+                    gauges[name] = gauges.get(name, 0.0) + value
+        return view._render(gauges)
+
+    def _merged(self, others: Sequence[dict[str, Any]]) -> Metrics:
+        merged = Metrics()
+        for name in _SERIES:
+            series: dict[tuple[str, ...], Any] = dict(getattr(self, name))
+            for snap in others:
+                for labels, value in snap["series"].get(name, ()):
+                    key = tuple(labels)
+                    series[key] = series.get(key, 0) + value
+            setattr(merged, name, series)
+        for name in _HISTOGRAMS:
+            target: Histogram = getattr(merged, name)
+            for key, row in getattr(self, name).series.items():
+                target.series[key] = list(row)
+            for snap in others:
+                for labels, row in snap["histograms"].get(name, ()):
+                    key = tuple(labels)
+                    have = target.series.get(key)
+                    if have is None or len(have) != len(row):
+                        target.series[key] = list(row)
+                    else:
+                        target.series[key] = [a + b for a, b in zip(have, row, strict=True)]
+        merged.gauges = self.gauges
+        return merged
+
+    def _render(self, gauges: dict[str, float]) -> bytes:
         out: list[str] = []
         _counter(
             out,
@@ -143,7 +201,9 @@ class Metrics:
         )
         out.append("# HELP bedrock_proxy_active_streams Streams being relayed now.")
         out.append("# TYPE bedrock_proxy_active_streams gauge")
-        out.append(f"bedrock_proxy_active_streams {self.active_streams}")
+        out.append(
+            f"bedrock_proxy_active_streams {_number(gauges['bedrock_proxy_active_streams'])}"
+        )
         _counter(
             out,
             "bedrock_proxy_tokens_total",
@@ -179,10 +239,10 @@ class Metrics:
             ("model",),
             self.unpriced,
         )
-        for name, (help_text, read) in self.gauges.items():
+        for name, (help_text, _) in self.gauges.items():
             out.append(f"# HELP {name} {help_text}")
             out.append(f"# TYPE {name} gauge")
-            out.append(f"{name} {_number(read())}")
+            out.append(f"{name} {_number(gauges[name])}")
         return ("\n".join(out) + "\n").encode()
 
 

@@ -25,6 +25,7 @@ from ..metering.reports import Reports
 from ..metering.service import Metering
 from ..observe.accesslog import AccessLog
 from ..observe.metrics import Metrics
+from ..observe.shared import SharedMetrics
 from ..observe.tracing import Tracing
 from ..store import Store, open_store
 from ..wire import errors
@@ -56,6 +57,7 @@ METERING = web.AppKey("metering", Metering)
 METRICS = web.AppKey("metrics", Metrics)
 CREDENTIALS = web.AppKey("credentials", CredentialProvider)
 STATE = web.AppKey("state", dict)
+SHARED_METRICS = web.AppKey("shared_metrics", SharedMetrics)
 BATCHES = web.AppKey("batches", BatchSettler)
 
 
@@ -174,6 +176,8 @@ def create_app(
     app[UPSTREAM] = upstream
     app[ACCESS_LOG] = access_log
     app[METRICS] = metrics
+    if settings.metrics_dir:
+        app[SHARED_METRICS] = SharedMetrics(metrics, settings.metrics_dir)
     app[CREDENTIALS] = credentials
     app[STORE] = store
     app[METERING] = metering
@@ -208,6 +212,8 @@ def create_ops_app(main: web.Application) -> web.Application:
     app[STORE] = main[STORE]
     app[METERING] = main[METERING]
     app[METRICS] = main[METRICS]
+    if SHARED_METRICS in main:
+        app[SHARED_METRICS] = main[SHARED_METRICS]
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(None, True))
     app.router.add_get("/health/readiness", _readiness)
@@ -232,10 +238,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if app[STATE]["needs_credentials"]:
         await app[CREDENTIALS].start()
     app[BATCHES].start()
+    if SHARED_METRICS in app:
+        app[SHARED_METRICS].start()
     app[STATE]["ready"] = True
     yield
     app[STATE]["ready"] = False
     await app[BATCHES].close()
+    if SHARED_METRICS in app:
+        await app[SHARED_METRICS].close()
     await upstream.close()
     app[ACCESS_LOG].flush()
     await metering.close()  # flushes the ledger
@@ -282,11 +292,16 @@ def _metrics_handler(
             except errors.AwsError as exc:
                 return exc.to_response()
         return web.Response(
-            body=request.app[METRICS].render(),
+            body=_exposition(request.app),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
     return metrics
+
+
+def _exposition(app: web.Application) -> bytes:
+    shared = app.get(SHARED_METRICS)
+    return shared.render() if shared is not None else app[METRICS].render()
 
 
 async def _unknown_route(request: web.Request) -> web.Response:

@@ -104,6 +104,8 @@ class Settings:
     # Processes serving one port (SO_REUSEPORT); see the README on when to raise it.
     workers: int = 1
     reuse_port: bool = False
+    # Set by the --workers supervisor: where workers share their metrics (observe.shared).
+    metrics_dir: str | None = None
     # On SIGTERM: how long in-flight requests and streams may take to finish.
     shutdown_timeout: float = 30.0
     # /metrics on the main port without the master key (it is open on http_port anyway).
