@@ -60,6 +60,7 @@ class Authenticator:
         self._headers = tuple(h.lower() for h in auth_headers)
         self.open = allow_unauthenticated and master_key is None
         self._keys = keys
+        self._identities: dict[str, Identity] = {}
         self._max_skew = max_skew_seconds
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
@@ -90,8 +91,11 @@ class Authenticator:
         bearer key is checked in full; a SigV4 key id must exist (its signature covers the
         body, so it is verified by ``authenticate`` once the body is in). None means the
         request is signed by a known key and waits for its body."""
-        if self.open or self.presented_key(request.headers) is not None:
-            return await self.authenticate(request)
+        if self.open:
+            return ANONYMOUS
+        key = self.presented_key(request.headers)
+        if key is not None:
+            return await self._bearer(key)
         authorization = request.headers.get("Authorization", "")
         if not authorization.startswith(sigv4.ALGORITHM):
             self.precheck(request)
@@ -129,7 +133,7 @@ class Authenticator:
         record = await self._keys.get("token_hash", hash_token(key)) if self._keys else None
         if record is None:
             raise errors.access_denied("The API key in the request is not valid")
-        return _usable(record)
+        return self._usable(record)
 
     async def _sigv4(
         self, request: web.BaseRequest, authorization: str, signed: SignedRequest
@@ -179,7 +183,21 @@ class Authenticator:
                     "InvalidSignatureException",
                     f"The request includes header {name}, which is not signed",
                 )
-        return _usable(record)
+        return self._usable(record)
+
+    def _usable(self, record: KeyRecord) -> Identity:
+        refusal = record.refusal(time.time())
+        if refusal is not None:
+            raise errors.access_denied(refusal)
+        # One Identity per cached record (a changed key is a new record), not per request.
+        identity = self._identities.get(record.key_id)
+        if identity is None or identity.record is not record:
+            if len(self._identities) > 100_000:  # bounded like the key cache it mirrors
+                self._identities.clear()
+            identity = self._identities[record.key_id] = Identity(
+                "virtual", key_id=record.key_id, alias=record.spec.key_alias, record=record
+            )
+        return identity
 
     async def _signing_key(self, authorization: str) -> tuple[sigv4.ParsedAuthorization, KeyRecord]:
         """The parsed Authorization and the key it names, or the refusal AWS gives."""
@@ -198,13 +216,6 @@ class Authenticator:
                 "The security token included in the request is invalid.",
             )
         return parsed, record
-
-
-def _usable(record: KeyRecord) -> Identity:
-    refusal = record.refusal(time.time())
-    if refusal is not None:
-        raise errors.access_denied(refusal)
-    return Identity("virtual", key_id=record.key_id, alias=record.spec.key_alias, record=record)
 
 
 def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
