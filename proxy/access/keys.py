@@ -11,11 +11,11 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from ..store.records import DEFAULT_GROUPS, OPERATION_GROUPS, KeyRecord, KeySpec
 from ..wire import errors
+from ..wire.clock import parse_iso
 from ..wire.params import number_field, parse_duration
 
 __all__ = ["DEFAULT_GROUPS", "OPERATION_GROUPS", "KeyRecord", "KeySpec"]
@@ -115,15 +115,11 @@ def _expiry(name: str, value: Any) -> float | None:
             raise errors.validation("expires: a Unix time must be between 0 and year 9999")
         return float(value)
     try:
-        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return parse_iso(str(value))
+    except OverflowError:
+        raise errors.validation(f"expires: {value!r} is out of range") from None
     except ValueError:
         raise errors.validation(f"expires: {value!r} is not an ISO 8601 time") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    try:
-        return when.timestamp()
-    except (OverflowError, ValueError):
-        raise errors.validation(f"expires: {value!r} is out of range") from None
 
 
 def _optional_str(name: str, value: Any) -> str | None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from ..store import Store
 from ..store.records import KeyRecord
 from ..store.spend import LOG_FILTERS, REPORT_GROUPS
 from ..wire import errors
-from ..wire.clock import SYSTEM_CLOCK, Clock, iso
+from ..wire.clock import SYSTEM_CLOCK, Clock, iso, parse_iso
 from ..wire.params import paging, parse_duration
 from .limits import LimitSpec
 
@@ -22,8 +21,7 @@ def parse_time(name: str, value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         try:
-            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            seconds = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+            seconds = parse_iso(value)
         except (ValueError, OverflowError):
             raise errors.validation(
                 f"{name}: {value!r} is not an ISO 8601 time or epoch seconds"

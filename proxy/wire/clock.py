@@ -42,7 +42,8 @@ def iso(ts: float | None) -> str | None:
 
 
 def parse_iso(text: str) -> float:
-    """The inverse of ``iso``; a naive time is read as UTC. Raises ValueError."""
+    """The inverse of ``iso``; a naive time is read as UTC. Raises ValueError (not a time)
+    or OverflowError (a time past what the platform represents)."""
     when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
