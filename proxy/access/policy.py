@@ -111,7 +111,19 @@ def needs_body(spec: KeySpec, op: Operation) -> bool:
 
 
 def restricted_kinds(spec: KeySpec) -> frozenset[str]:
-    """The kinds of resource this key's allow-lists restrict."""
+    """The kinds of resource this key's allow-lists restrict (worked out once per spec: a
+    changed key is a new spec)."""
+    cached = _KINDS.get(id(spec))
+    if cached is not None and cached[0] is spec:  # held here, so its id is not reused
+        return cached[1]
+    kinds = _restricted_kinds(spec)
+    if len(_KINDS) >= 100_000:  # specs come from the store: bounded, but be sure
+        _KINDS.clear()
+    _KINDS[id(spec)] = (spec, kinds)
+    return kinds
+
+
+def _restricted_kinds(spec: KeySpec) -> frozenset[str]:
     kinds: set[str] = set()
     if spec.models:
         kinds.add(resources.MODEL)
@@ -197,15 +209,24 @@ def _check_body(
     # bytes, or is spelled with \\u escapes: a body with neither has nothing to check, and
     # parsing it (strictly, ~10 us for a small body, more for a large one) would only
     # prove that.
-    if b"\\u" not in body and not any(
-        name in body for kind, names in fields.body_names if kind in restricted for name in names
-    ):
+    if b"\\u" not in body and not any(name in body for name in _scanned(fields, restricted)):
         return
     document = parse_strict(body)
     for path, kind in fields.body:
         if kind in restricted:
             for value in _values(document, path, 0):
                 _check_one(spec, kind, value)
+
+
+def _scanned(fields: OperationFields, restricted: frozenset[str]) -> tuple[bytes, ...]:
+    """The quoted member names whose presence means a body must be parsed."""
+    key = (id(fields), restricted)  # fields are loaded once and live as long as the process
+    names = _SCANNED.get(key)
+    if names is None:
+        names = _SCANNED[key] = tuple(
+            name for kind, found in fields.body_names if kind in restricted for name in found
+        )
+    return names
 
 
 def model_allowed(patterns: list[str], model_id: str) -> bool:
@@ -224,6 +245,10 @@ def model_allowed(patterns: list[str], model_id: str) -> bool:
 
 # (allow-list, model id) -> allowed: the same few pairs come in request after request.
 _ALLOWED: dict[tuple[tuple[str, ...], str], bool] = {}
+# Per spec: (the spec, the kinds it restricts). Per (operation fields, kinds): names to scan
+# for (operations times sets of kinds: bounded).
+_KINDS: dict[int, tuple[KeySpec, frozenset[str]]] = {}
+_SCANNED: dict[tuple[int, frozenset[str]], tuple[bytes, ...]] = {}
 
 
 @lru_cache(maxsize=1024)

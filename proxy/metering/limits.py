@@ -129,6 +129,27 @@ def _rate_refusal(spec: LimitSpec, what: str, retry_after: float) -> errors.AwsE
     return errors.throttled(f"Rate limit exceeded for {spec.name}: {what}", retry_after, kind)
 
 
+class _Window:
+    """One limit's state in this process: its current minute's counts, its requests in
+    flight, and its budget period's spend. One lookup per limit and request; the counts
+    of a minute that has passed are never read again, so they are simply replaced."""
+
+    __slots__ = ("leases", "minute", "period", "requests", "spent", "tokens")
+
+    def __init__(self) -> None:
+        self.minute = -1
+        self.requests = 0
+        self.tokens = 0
+        self.leases = _Leases()
+        self.period: int | None = None  # the budget period ``spent`` belongs to
+        self.spent = 0.0
+
+    def at(self, minute: int) -> _Window:
+        if minute != self.minute:
+            self.minute, self.requests, self.tokens = minute, 0, 0
+        return self
+
+
 class InProcessLimiter:
     def __init__(
         self, budgets: BudgetSource, lease_seconds: float = 3600.0, clock: Clock = SYSTEM_CLOCK
@@ -136,59 +157,51 @@ class InProcessLimiter:
         self._clock = clock
         self._budgets = budgets
         self._lease = lease_seconds
-        self._requests: dict[tuple[str, str, int], int] = {}
-        self._tokens: dict[tuple[str, str, int], int] = {}
-        self._inflight: dict[tuple[str, str], _Leases] = {}
-        # (scope, id, period index) -> spent
-        self._spent: dict[tuple[str, str, int], float] = {}
+        self._windows: dict[tuple[str, str], _Window] = {}
         self._claims: dict[str, float] = {}
+
+    def _window(self, spec: LimitSpec) -> _Window:
+        ident = (spec.scope, spec.id)
+        window = self._windows.get(ident)
+        if window is None:
+            window = self._windows[ident] = _Window()
+        return window
 
     async def admit(
         self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
     ) -> Admission:
         now = self._clock.time()
         minute = _minute(now)
-        for spec in specs:  # budgets may need the ledger first: before any check
-            if spec.max_budget is not None:
+        windows = [self._window(spec) for spec in specs]
+        for spec, window in zip(specs, windows, strict=True):
+            if spec.max_budget is not None:  # the ledger first, before any check
                 index, start, _ = spec.period(now)
-                key = (spec.scope, spec.id, index)
-                if key not in self._spent:
+                if window.period != index:
                     spent = await self._budgets.spent(spec, start)
-                    self._spent.setdefault(key, spent)  # a settle may have landed meanwhile
-        for spec in specs:
-            ident = (spec.scope, spec.id)
-            if spec.rpm is not None and self._requests.get((*ident, minute), 0) >= spec.rpm:
+                    if window.period != index:  # a settle may have landed meanwhile
+                        window.period, window.spent = index, spent
+        for spec, window in zip(specs, windows, strict=True):
+            window.at(minute)
+            if spec.rpm is not None and window.requests >= spec.rpm:
                 raise _rate_refusal(
                     spec, f"{spec.rpm} requests per minute", _retry_after_minute(now)
                 )
-            if spec.tpm is not None and self._tokens.get((*ident, minute), 0) >= spec.tpm:
+            if spec.tpm is not None and window.tokens >= spec.tpm:
                 raise _rate_refusal(spec, f"{spec.tpm} tokens per minute", _retry_after_minute(now))
-            leases = self._inflight.get(ident)
-            if leases is not None:
+            leases = window.leases
+            if leases.held:
                 leases.expire(now - self._lease)
-            if (
-                spec.max_parallel is not None
-                and leases is not None
-                and len(leases.held) >= spec.max_parallel
-            ):
+            if spec.max_parallel is not None and len(leases.held) >= spec.max_parallel:
                 raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
-            if spec.max_budget is not None:
-                spent = self._spent[(*ident, spec.period(now)[0])]
-                reserved = leases.reserved if leases is not None else 0.0
-                if spent + reserved >= spec.max_budget:
-                    raise _budget_refusal(spec, spent, now)
-        for spec in specs:
-            ident = (spec.scope, spec.id)
+            if spec.max_budget is not None and window.spent + leases.reserved >= spec.max_budget:
+                raise _budget_refusal(spec, window.spent, now)
+        for spec, window in zip(specs, windows, strict=True):
             if spec.rpm is not None:
-                self._requests[(*ident, minute)] = self._requests.get((*ident, minute), 0) + 1
-            if spec.tpm is not None and tokens:
-                self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + tokens
+                window.requests += 1
+            if spec.tpm is not None:
+                window.tokens += tokens
             if spec.max_parallel is not None or spec.max_budget is not None:
-                leases = self._inflight.get(ident)
-                if leases is None:
-                    leases = self._inflight[ident] = _Leases()
-                leases.add(request_id, now, reserve)
-        self._expire(minute)
+                window.leases.add(request_id, now, reserve)
         return Admission(request_id, specs, reserve, tokens, minute)
 
     async def settle(
@@ -205,20 +218,19 @@ class InProcessLimiter:
         minute = _minute(now)
         totals: list[tuple[LimitSpec, float]] = []
         for spec in admission.specs:
-            ident = (spec.scope, spec.id)
-            leases = self._inflight.get(ident)
-            if leases is not None:
-                leases.release(admission.request_id)
+            window = self._window(spec)
+            window.leases.release(admission.request_id)
             if spec.tpm is not None:
                 # The reservation made at admission becomes the real count (in the minute
                 # of admission while it lasts; a later minute gets the real count alone).
-                delta = tokens - admission.tokens if minute == admission.minute else tokens
-                if delta:
-                    self._tokens[(*ident, minute)] = self._tokens.get((*ident, minute), 0) + delta
+                window.at(minute)
+                window.tokens += tokens - admission.tokens if minute == admission.minute else tokens
             if spec.max_budget is not None and cost:
-                key = (*ident, spec.period(now)[0])
-                self._spent[key] = self._spent.get(key, 0.0) + cost
-                totals.append((spec, self._spent[key]))
+                index = spec.period(now)[0]
+                if window.period != index:  # a new period: its spend starts here
+                    window.period, window.spent = index, 0.0
+                window.spent += cost
+                totals.append((spec, window.spent))
         return totals
 
     async def claim_once(self, name: str, ttl: float) -> bool:
@@ -230,12 +242,6 @@ class InProcessLimiter:
             return False
         self._claims[name] = now + ttl
         return True
-
-    def _expire(self, minute: int) -> None:
-        if len(self._requests) > 10_000:
-            self._requests = {k: v for k, v in self._requests.items() if k[2] >= minute - 1}
-        if len(self._tokens) > 10_000:
-            self._tokens = {k: v for k, v in self._tokens.items() if k[2] >= minute - 1}
 
     async def close(self) -> None:
         pass
