@@ -117,7 +117,7 @@ def restricted_kinds(spec: KeySpec) -> frozenset[str]:
     if cached is not None and cached[0] is spec:  # held here, so its id is not reused
         return cached[1]
     kinds = _restricted_kinds(spec)
-    if len(_KINDS) >= 100_000:  # specs come from the store: bounded, but be sure
+    if len(_KINDS) >= 4096:  # each key-cache reload makes new specs: keep few old ones
         _KINDS.clear()
     _KINDS[id(spec)] = (spec, kinds)
     return kinds
