@@ -76,24 +76,20 @@ class Metering:
         store: Store,
         prices: PriceTable,
         ledger: Ledger,
-        redis_url: str | None,
+        limiter: InProcessLimiter | RedisLimiter,
         limits_ttl: float,
         reserve_output_tokens: int,
         cost_headers: bool,
         request_prices: dict[str, float] | None = None,
         batch_discount: float = 0.5,
         clock: Clock = SYSTEM_CLOCK,
+        alerts: BudgetAlerts | None = None,
     ) -> None:
         self._clock = clock
         self._store = store
         self.prices = prices
         self.ledger = ledger
-        budgets = LedgerBudgets(store)
-        self.limiter: InProcessLimiter | RedisLimiter = (
-            RedisLimiter(redis_url, budgets, clock=clock)
-            if redis_url
-            else InProcessLimiter(budgets, clock=clock)
-        )
+        self.limiter = limiter
         self._limits_ttl = limits_ttl
         self._named: tuple[float, NamedLimits] | None = None
         # Per key: the record its spec was built from (a changed key is a new record).
@@ -103,7 +99,7 @@ class Metering:
         self.request_prices = request_prices or {}
         self.batch_discount = batch_discount
         self._pending: set[asyncio.Task[None]] = set()
-        self.alerts: BudgetAlerts | None = None
+        self.alerts = alerts
 
     # ---------------------------------------------------------------- admission
 

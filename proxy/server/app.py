@@ -18,11 +18,11 @@ from ..exchange import Observer
 from ..metering.alerts import BudgetAlerts
 from ..metering.batches import BatchSettler
 from ..metering.ledger import Ledger
-from ..metering.limits import RedisLimiter
+from ..metering.limits import InProcessLimiter, RedisLimiter
 from ..metering.named import NamedLimitAdmin
 from ..metering.pricing import PriceTable
 from ..metering.reports import Reports
-from ..metering.service import Metering
+from ..metering.service import LedgerBudgets, Metering
 from ..observe.accesslog import AccessLog
 from ..observe.metrics import Metrics
 from ..observe.shared import SharedMetrics
@@ -102,17 +102,33 @@ def create_app(
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"config error: prices_file/prices: {exc}") from None
+    budgets = LedgerBudgets(store)
+    limiter: InProcessLimiter | RedisLimiter = (
+        RedisLimiter(settings.redis_url, budgets, clock=clock)
+        if settings.redis_url
+        else InProcessLimiter(budgets, clock=clock)
+    )
+    alerts = (
+        BudgetAlerts(
+            settings.alert_webhook_url,
+            limiter.claim_once,
+            slack=settings.alert_webhook_format == "slack",
+        )
+        if settings.alert_webhook_url
+        else None
+    )
     metering = Metering(
         store,
         prices,
         Ledger(store, settings.ledger_flush_interval),
-        settings.redis_url,
+        limiter,
         settings.key_cache_ttl,
         settings.reserve_output_tokens,
         settings.cost_headers,
         {k: float(v) for k, v in settings.request_prices.items()},
         settings.batch_discount,
         clock,
+        alerts,
     )
     shutdown = Shutdown()
     upstream = UpstreamClient(settings, endpoints, credentials, shutdown)
@@ -145,16 +161,10 @@ def create_app(
         upstream.control_get,
         upstream.s3_get,
         metering.charge_job,
-        metering.limiter.claim_once,
+        limiter.claim_once,
         region,
         settings.batch_poll_interval,
     )
-    if settings.alert_webhook_url:
-        metering.alerts = BudgetAlerts(
-            settings.alert_webhook_url,
-            metering.limiter.claim_once,
-            slack=settings.alert_webhook_format == "slack",
-        )
     metrics.gauge(
         "bedrock_proxy_ledger_queue_depth",
         "Ledger rows waiting to be written.",
