@@ -362,6 +362,14 @@ class FakeBedrock:
             }
         )
 
+    async def op_Rerank(self, request, params, body):
+        payload = json.loads(body)
+        config = payload["rerankingConfiguration"]["bedrockRerankingConfiguration"]
+        count = min(len(payload["sources"]), config.get("numberOfResults", 10))
+        return json_response(
+            {"results": [{"index": i, "relevanceScore": 1.0 - i / 100} for i in range(count)]}
+        )
+
     async def op_RetrieveAndGenerate(self, request, params, body):
         return json_response(
             {"sessionId": "sess-1", "output": {"text": "generated answer"}, "citations": []}
@@ -626,6 +634,7 @@ _ROUTES = [
     ),
     ("POST", r"/knowledgebases/(?P<knowledgeBaseId>[^/]+)/retrieve", "Retrieve"),
     ("POST", r"/retrieveAndGenerate", "RetrieveAndGenerate"),
+    ("POST", r"/rerank", "Rerank"),
     (
         "POST",
         r"/agents/(?P<agentId>[^/]+)/agentAliases/(?P<agentAliasId>[^/]+)/sessions/(?P<sessionId>[^/]+)/text",

@@ -546,3 +546,63 @@ def test_the_anthropic_sdk_through_the_proxy_is_priced_and_bound(spend_proxy, fa
             break
         assert time.monotonic() < deadline, "the budget never bound"
         time.sleep(0.1)
+
+
+def test_rerank_is_charged_per_query_and_bound_by_the_budget(start_proxy, fake, tmp_path):
+    """AWS bills Rerank per query: each search query over up to 100 document chunks. A
+    flat price per request would let one request with thousands of chunks pass as one."""
+    server = start_proxy(sqlite_path=str(tmp_path / "rerank.db"), ledger_flush_interval=0.1)
+    key = new_key(server, max_budget=0.005)  # amazon.rerank-v1:0 is $1 per 1,000 queries
+    agents = sigv4_client("bedrock-agent-runtime", server, key)
+    arn = "arn:aws:bedrock:us-east-1::foundation-model/amazon.rerank-v1:0"
+
+    def rerank(chunks: int, model_arn: str = arn) -> dict:
+        return agents.rerank(
+            queries=[{"type": "TEXT", "textQuery": {"text": "which?"}}],
+            sources=[
+                {
+                    "type": "INLINE",
+                    "inlineDocumentSource": {"type": "TEXT", "textDocument": {"text": f"d{i}"}},
+                }
+                for i in range(chunks)
+            ],
+            rerankingConfiguration={
+                "type": "BEDROCK_RERANKING_MODEL",
+                "bedrockRerankingConfiguration": {
+                    "numberOfResults": 3,
+                    "modelConfiguration": {"modelArn": model_arn},
+                },
+            },
+        )
+
+    reply = rerank(250)  # 3 queries: 100 + 100 + 50 chunks
+    assert len(reply["results"]) == 3
+    row = ledger_row(server, reply["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-request-id"])
+    assert row["model"] == "amazon.rerank-v1:0" and row["cost"] == pytest.approx(0.003)
+    server.settle()
+    rerank(100)  # 0.003 spent < 0.005: admitted, 0.004 after
+    server.settle()
+    rerank(1)  # 0.004 < 0.005: admitted, 0.005 after
+    server.settle()
+    with pytest.raises(agents.exceptions.ServiceQuotaExceededException):
+        rerank(1)
+    # A rerank model with no price is refused to a budgeted key, not let through free.
+    other = sigv4_client("bedrock-agent-runtime", server, new_key(server, max_budget=1))
+    with pytest.raises(other.exceptions.AccessDeniedException, match="no price"):
+        other.rerank(
+            queries=[{"type": "TEXT", "textQuery": {"text": "q"}}],
+            sources=[
+                {
+                    "type": "INLINE",
+                    "inlineDocumentSource": {"type": "TEXT", "textDocument": {"text": "d"}},
+                }
+            ],
+            rerankingConfiguration={
+                "type": "BEDROCK_RERANKING_MODEL",
+                "bedrockRerankingConfiguration": {
+                    "modelConfiguration": {
+                        "modelArn": "arn:aws:bedrock:us-east-1::foundation-model/acme.rerank-v9"
+                    }
+                },
+            },
+        )

@@ -55,11 +55,14 @@ class PriceTable:
         guardrails: dict[str, float],
         fallback: Price | None = None,
         use_maintained: bool = True,
+        rerank: dict[str, float] | None = None,
     ) -> None:
         self.overrides = overrides
         self.shipped = shipped
         self.multipliers = multipliers
         self.guardrails = guardrails
+        # Rerank models: USD per 1,000 queries (genai-prices has no per-query prices).
+        self.rerank = rerank or {}
         self.fallback = fallback
         self._use_maintained = use_maintained
         self._found: dict[str, tuple[Price, float] | None] = {}
@@ -84,6 +87,7 @@ class PriceTable:
         shipped = {m: _price(m, spec, "shipped") for m, spec in data.get("models", {}).items()}
         multipliers = {k: float(v) for k, v in data.get("profile_multipliers", {}).items()}
         guardrails = {k: float(v) for k, v in data.get("guardrails", {}).items()}
+        rerank = {k: float(v) for k, v in data.get("rerank", {}).items()}
         operator: dict[str, Price] = {}
         layers: list[tuple[str, dict[str, Any]]] = []
         if extra_file:
@@ -98,8 +102,17 @@ class PriceTable:
                 {k: float(v) for k, v in layer.get("profile_multipliers", {}).items()}
             )
             guardrails.update({k: float(v) for k, v in layer.get("guardrails", {}).items()})
+            rerank.update({k: float(v) for k, v in layer.get("rerank", {}).items()})
         fallback_price = _price("unpriced_model_price", fallback, "fallback") if fallback else None
-        return cls(operator, shipped, multipliers, guardrails, fallback_price, use_maintained)
+        return cls(
+            operator, shipped, multipliers, guardrails, fallback_price, use_maintained, rerank
+        )
+
+    def query_price(self, model: str | None) -> float | None:
+        """USD per 1,000 Rerank queries of a model id or its foundation-model ARN."""
+        if not model:
+            return None
+        return self.rerank.get(arn_model_id(model) or model)
 
     def price_for(self, model_id: str) -> tuple[Price, float] | None:
         """The price of a model id, ARN or inference profile, and the multiplier to apply
@@ -143,6 +156,9 @@ class PriceTable:
         if not usage.found:
             # AWS does not bill a refused or failed call; a success without usage is unknown.
             return None if succeeded else 0.0
+        if usage.queries:
+            per_thousand = self.query_price(model)
+            return None if per_thousand is None else usage.queries * per_thousand / 1000
         found = self.price_for(model) if model else None
         if found is None:
             self.unpriced[model or "(none)"] += 1

@@ -125,14 +125,20 @@ class Metering:
             x.operation is not None
             and x.operation.name in REQUEST_PRICED
             and x.operation.name not in self.request_prices
+            and not self._priced_by_query(x)
             and any(spec.max_budget is not None for spec in specs)
         ):
             # Agents, flows and knowledge-base generation bill models AWS does not name in
             # the response (an agent's tokens show only in its trace): unpriced, they
             # would be free under a budget.
             raise errors.access_denied(
-                f"{x.operation.name} has no price, and a budget applies to this request: "
-                f"set request_prices.{x.operation.name} in the proxy's settings"
+                f"{x.operation.name}{_named_model(x)} has no price, and a budget applies to "
+                f"this request: set request_prices.{x.operation.name} in the proxy's settings"
+                + (
+                    " or price the model in a prices_file's rerank section"
+                    if x.meter and x.meter.reads_request
+                    else ""
+                )
             )
         try:
             tokens = (
@@ -140,12 +146,25 @@ class Metering:
                 if any(spec.tpm is not None for spec in specs)
                 else 0
             )
-            x.admission = await self.limiter.admit(
-                specs, x.request_id, self.estimate(x.model, body_size), tokens
+            reserve = (
+                self._query_cost(x)
+                if self._priced_by_query(x)
+                else self.estimate(x.model, body_size)
             )
+            x.admission = await self.limiter.admit(specs, x.request_id, reserve, tokens)
         except errors.AwsError as exc:
             x.refusal = exc.reason
             raise
+
+    def _priced_by_query(self, x: Exchange) -> bool:
+        """Rerank: billed per query, counted from the request, for a model with a price."""
+        usage = x.meter.usage if x.meter is not None else None
+        return bool(usage and usage.queries and self.prices.query_price(usage.model))
+
+    def _query_cost(self, x: Exchange) -> float:
+        assert x.meter is not None
+        usage = x.meter.usage
+        return usage.queries * (self.prices.query_price(usage.model) or 0.0) / 1000
 
     def estimate(self, model: str | None, body_size: int) -> float:
         """Input tokens guessed from the body size, plus a fixed allowance of output."""
@@ -232,7 +251,8 @@ class Metering:
         if x.model is None and usage.model is not None:
             x.model = usage.model  # an agent's model, from its trace
         per_request = self.request_prices.get(x.operation.name) if x.operation else None
-        if per_request is not None and not usage.found:
+        unpriced_queries = bool(usage.queries) and self.prices.query_price(x.model) is None
+        if per_request is not None and (not usage.found or unpriced_queries):
             x.cost = per_request if succeeded else 0.0
         else:
             x.cost = self.prices.cost(x.model, usage, succeeded=succeeded)
@@ -355,6 +375,11 @@ class Metering:
 
 
 _day_cache: tuple[int, str] = (-1, "")
+
+
+def _named_model(x: Exchange) -> str:
+    model = x.meter.usage.model if x.meter is not None else None
+    return f" with model {model!r}" if model else ""
 
 
 def _utc_day(ts: float) -> str:

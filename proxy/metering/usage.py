@@ -17,6 +17,7 @@ import orjson
 from multidict import MultiMapping
 
 from ..wire.eventstream import decode_headers
+from ..wire.modelids import arn_model_id
 
 _PRELUDE = struct.Struct(">II")
 # A JSON response body bigger than this is not kept for its usage field.
@@ -40,6 +41,8 @@ class Usage:
     # The model that consumed the tokens, when the response says and the request did not
     # (an agent's foundation model, from its trace).
     model: str | None = None
+    # Rerank queries billed (one per search query per 100 document chunks).
+    queries: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -64,9 +67,14 @@ class Meter:
     """Default: an operation that is counted as a request, with no tokens."""
 
     __slots__ = ("usage",)
+    # Whether the request body says what is billed (``on_request`` is then called).
+    reads_request = False
 
     def __init__(self) -> None:
         self.usage = Usage()
+
+    def on_request(self, body: bytes) -> None:
+        pass
 
     def on_headers(self, status: int, headers: MultiMapping[str]) -> None:
         pass
@@ -269,6 +277,55 @@ class AgentTraceMeter(Meter):
                 u.found = True
 
 
+class RerankMeter(Meter):
+    """Rerank is billed per query: each search query over up to 100 document chunks is
+    one query, and more chunks are more queries. The response says nothing of it, so the
+    count comes from the request; the model from its ``modelArn``."""
+
+    __slots__ = ("_ok",)
+    reads_request = True
+    CHUNKS_PER_QUERY = 100
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ok = False
+
+    def on_request(self, body: bytes) -> None:
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return  # AWS refuses it: nothing is billed
+        if not isinstance(request, dict):
+            return
+        queries = request.get("queries")
+        sources = request.get("sources")
+        if not isinstance(queries, list) or not isinstance(sources, list):
+            return
+        chunks = -(-len(sources) // self.CHUNKS_PER_QUERY)  # ceiling
+        self.usage.queries = len(queries) * max(1, chunks)
+        config = request.get("rerankingConfiguration")
+        model = _dig(config, "bedrockRerankingConfiguration", "modelConfiguration", "modelArn")
+        if isinstance(model, str):
+            self.usage.model = arn_model_id(model) or model
+
+    def on_headers(self, status: int, headers: MultiMapping[str]) -> None:
+        self._ok = status == 200
+
+    def finish(self) -> Usage:
+        self.usage.found = self._ok and self.usage.queries > 0
+        if not self._ok:
+            self.usage.queries = 0  # a refused call is not billed
+        return self.usage
+
+
+def _dig(node: Any, *path: str) -> Any:
+    for name in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(name)
+    return node
+
+
 _METERS: dict[str, type[Meter]] = {
     "Converse": JsonBodyMeter,
     "ConverseStream": ConverseStreamMeter,
@@ -278,6 +335,7 @@ _METERS: dict[str, type[Meter]] = {
     "CountTokens": CountTokensMeter,
     "InvokeAgent": AgentTraceMeter,
     "InvokeInlineAgent": AgentTraceMeter,
+    "Rerank": RerankMeter,
 }
 
 

@@ -126,7 +126,9 @@ class BedrockFront:
         if x.model is None and op.name in _MODEL_IN_BODY:
             x.model = policy.body_model(op, body.joined())
         x.annotations = read_annotations(request.headers)
-        x.meter = meter_for(op.name)
+        meter = x.meter = meter_for(op.name)
+        if meter.reads_request:  # what is billed is in the request (Rerank's queries)
+            meter.on_request(body.joined())
         await self._metering.admit(x, body.size)
         signed, unsigned = split_request_headers(request.headers)
         signed["host"] = upstream.host
