@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from proxy.metering.pricing import PriceTable
 from proxy.metering.usage import Usage
+from tests.test_auth_and_errors import curl
 from tests.test_metering import _wait_for_fresh_minute, ledger_row
 from tests.test_virtual_keys import admin, new_key, sigv4_client
 
@@ -586,6 +587,22 @@ def test_rerank_is_charged_per_query_and_bound_by_the_budget(start_proxy, fake, 
     server.settle()
     with pytest.raises(agents.exceptions.ServiceQuotaExceededException):
         rerank(1)
+    # Counted from the document AWS reads: a body with two "sources" is refused, not
+    # counted by one copy and billed by the other.
+    one = '{"type":"INLINE","inlineDocumentSource":{"type":"TEXT","textDocument":{"text":"d"}}}'
+    twice = (
+        '{"queries":[{"type":"TEXT","textQuery":{"text":"q"}}],'
+        f'"sources":[{one}],"sources":[{",".join([one] * 500)}],'
+        '"rerankingConfiguration":{"type":"BEDROCK_RERANKING_MODEL",'
+        f'"bedrockRerankingConfiguration":{{"modelConfiguration":{{"modelArn":"{arn}"}}}}}}}}'
+    )
+    fresh = new_key(server, max_budget=1)
+    seen = len(fake.requests)
+    status, headers, body = curl(
+        server.base + "/rerank", "-H", f"Authorization: Bearer {fresh['key']}", data=twice
+    )
+    assert status == 400 and headers["x-amzn-errortype"].startswith("ValidationException")
+    assert b"more than once" in body and len(fake.requests) == seen
     # A rerank model with no price is refused to a budgeted key, not let through free.
     other = sigv4_client("bedrock-agent-runtime", server, new_key(server, max_budget=1))
     with pytest.raises(other.exceptions.AccessDeniedException, match="no price"):

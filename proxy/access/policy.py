@@ -9,7 +9,6 @@ parser and ours cannot read it two ways.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from urllib.parse import parse_qs
 from ..wire import errors
 from ..wire.modelids import arn_model_id, parse_arn, split_profile
 from ..wire.routing import Operation
+from ..wire.strictjson import parse_strict
 from . import resources
 from .keys import KeySpec
 
@@ -382,38 +382,6 @@ def _values(node: Any, path: tuple[str, ...], depth: int) -> Iterator[Any]:
         if not isinstance(node, dict):
             raise _unreadable()
         yield from _values(node.get(step), path, depth + 1)
-
-
-def _no_constants(name: str) -> Any:
-    raise errors.validation(f"The request body is not strict JSON: {name} is not a number")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document = dict(pairs)
-    if len(document) != len(pairs):
-        raise errors.validation("The request body names the same field more than once")
-    return document
-
-
-def parse_strict(body: bytes) -> Any:
-    """The body as strict JSON (RFC 8259: one value, no trailing data, no comments, no raw
-    control characters, no NaN, no duplicate names, UTF-8 only), or a 400.
-
-    AWS's parser and ours must not read a body differently: a body only one of them
-    accepts, or reads another way, could carry a field past the check.
-    """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise errors.validation("The request body is not valid UTF-8") from None
-    if text.startswith("\ufeff"):
-        raise errors.validation("The request body must not start with a byte-order mark")
-    try:
-        return json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, strict=True
-        )
-    except ValueError as exc:
-        raise errors.validation(f"The request body is not valid JSON: {exc}") from None
 
 
 def _dig(document: Any, path: tuple[str, ...]) -> Any:

@@ -18,6 +18,7 @@ from multidict import MultiMapping
 
 from ..wire.eventstream import decode_headers
 from ..wire.modelids import arn_model_id
+from ..wire.strictjson import parse_strict
 
 _PRELUDE = struct.Struct(">II")
 # A JSON response body bigger than this is not kept for its usage field.
@@ -74,7 +75,8 @@ class Meter:
         self.usage = Usage()
 
     def on_request(self, body: bytes) -> None:
-        pass
+        """The request body, for a meter that ``reads_request``; raises AwsError (400)
+        when it cannot be read strictly, since what it bills could not be counted."""
 
     def on_headers(self, status: int, headers: MultiMapping[str]) -> None:
         pass
@@ -291,10 +293,8 @@ class RerankMeter(Meter):
         self._ok = False
 
     def on_request(self, body: bytes) -> None:
-        try:
-            request = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return  # AWS refuses it: nothing is billed
+        # Strictly, or a 400: what is billed is counted from the document AWS reads.
+        request = parse_strict(body)
         if not isinstance(request, dict):
             return
         queries = request.get("queries")
