@@ -287,4 +287,4 @@ def boto_client(
     return client
 
 
-from tests.stores import pg_database, store_settings  # noqa: E402, F401  (shared fixtures)
+from tests.stores import pg_database, redis_url, store_settings  # noqa: E402, F401  (shared)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 PG_ADMIN_URL = os.environ.get("BEDROCK_PROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BEDROCK_PROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def unreachable(service: str, reason: str) -> None:
@@ -59,3 +60,15 @@ def store_settings(request, tmp_path_factory) -> dict[str, str]:
     if request.param == "sqlite":
         return {"sqlite_path": str(tmp_path_factory.mktemp("sqlite") / "keys.db")}
     return {"database_url": request.getfixturevalue("pg_database")}
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The machine's Redis (127.0.0.1:6379), once it answers a ping."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except Exception as exc:
+        unreachable("Redis at 127.0.0.1:6379", f"{type(exc).__name__}: {exc}")
+    return REDIS_URL

@@ -141,20 +141,6 @@ def make_run(request) -> Callable[[], Run]:
     return make
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    import redis
-
-    from tests.stores import unreachable
-    from tests.test_replicas import REDIS_URL
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except Exception as exc:
-        unreachable("Redis at 127.0.0.1:6379", f"{type(exc).__name__}: {exc}")
-    return REDIS_URL
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
 def test_limit_case(make_run, case) -> None:
     run = make_run()

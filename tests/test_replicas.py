@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import time
@@ -15,23 +14,10 @@ import aiohttp
 import pytest
 
 from tests.conftest import MASTER_KEY
-from tests.stores import unreachable
 from tests.test_cli import BIN, free_port, running, server_env
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 BODY = {"messages": [{"role": "user", "content": [{"text": "Hello"}]}]}
-REDIS_URL = os.environ.get("BEDROCK_PROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except Exception as exc:
-        unreachable("Redis at 127.0.0.1:6379", f"{type(exc).__name__}: {exc}")
-    return REDIS_URL
 
 
 def generate_key(port: int, **fields) -> dict:

@@ -229,20 +229,6 @@ def test_tpm_holds_under_a_concurrent_burst(start_proxy, fake, tmp_path, shared,
     assert statuses.count(200) + statuses.count(429) == 30, statuses
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    import redis
-
-    from tests.stores import unreachable
-    from tests.test_replicas import REDIS_URL
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except Exception as exc:
-        unreachable("Redis at 127.0.0.1:6379", f"{type(exc).__name__}: {exc}")
-    return REDIS_URL
-
-
 def test_named_limits_belong_to_their_members(spend_proxy, fake):
     _wait_for_fresh_minute(spend_proxy)
     team = f"team-{time.time_ns()}"
