@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
 
-.PHONY: install run run-tls test typecheck lint bench clean wheel deploy-check
+.PHONY: install js-install run run-tls test typecheck lint bench clean wheel deploy-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,15 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+# The JavaScript clients the tests drive (the AWS SDK v3 with its default HTTP/2 handler,
+# LangChain.js), exactly as locked.
+JS_STAMP := tests/js/node_modules/.installed-stamp
+$(JS_STAMP): tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+js-install: $(JS_STAMP)
 
 # Without BEDROCK_PROXY_MASTER_KEY the proxy only runs unauthenticated, so it is bound to loopback.
 run: install
@@ -38,7 +47,7 @@ run-tls: install
 
 # Two workers, a test file each at a time (module fixtures stay in one process); every
 # server a test starts listens on its own port and PostgreSQL gives each worker a database.
-test: install deploy-check typecheck
+test: install js-install deploy-check typecheck
 	$(VENV)/bin/ruff check proxy tests
 	$(PY) -m pytest -n 2 --dist loadfile
 

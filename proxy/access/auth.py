@@ -146,6 +146,9 @@ class Authenticator:
                 f"Credential should be scoped to correct service: '{signed.service}'.",
             )
         headers = _lower_headers(request.headers)
+        if request.version.major == 2 and "host" in headers:
+            # The HTTP/2 front made Host from :authority; a client may have signed either.
+            headers[":authority"] = headers["host"]
         declared = headers.get("x-amz-content-sha256")
         payload_hash = signed.payload_sha256
         if declared is not None and declared != payload_hash:

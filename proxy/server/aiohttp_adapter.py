@@ -6,13 +6,20 @@ cover each are named beside it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpVersion
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from ..wire import errors
 
@@ -37,11 +44,83 @@ def use_aws_error_handler(server: web.Server) -> web.Server:
     return server
 
 
-def awaiting_first_request(handler: RequestHandler) -> bool:
+def awaiting_first_request(handler: Any) -> bool:
     """True while a connection has not completed its first request's headers. aiohttp
     counts requests only in the private ``_request_count`` and has no header deadline of
-    its own. Tests: test_resilience (slowloris headers are cut)."""
+    its own; an HTTP/2 connection answers for itself. Tests: test_resilience (slowloris
+    headers are cut), test_http2."""
+    if not isinstance(handler, RequestHandler):
+        return bool(handler.awaiting_first_request())
     return not getattr(handler, "_request_count", 1)
+
+
+# ---------------------------------------------------------------------------- HTTP/2
+# An HTTP/2 stream becomes the same ``web.Request`` an HTTP/1.1 message does: aiohttp's
+# public RawRequestMessage, StreamReader and request factory, fed by ``server.http2``
+# instead of aiohttp's parser. Tests: test_http2 (every route over h2c and h2).
+
+HTTP2 = HttpVersion(2, 0)
+StreamBody = StreamReader
+_BODY_LIMIT = 2**16  # aiohttp's own per-request read buffer
+
+
+def http2_request_message(
+    fields: list[tuple[bytes, bytes]], transport: asyncio.Transport | None
+) -> RawRequestMessage:
+    """The request an HTTP/2 HEADERS block describes, as aiohttp's parser would give it.
+    ``:authority`` becomes ``Host`` (RFC 9113 8.3.1); a second, different Host is
+    refused rather than letting the policy and the signature read different hosts."""
+    pseudo: dict[bytes, bytes] = {}
+    headers: CIMultiDict[str] = CIMultiDict()
+    raw: list[tuple[bytes, bytes]] = []
+    for name, value in fields:
+        if name.startswith(b":"):
+            pseudo[name] = value
+            continue
+        headers.add(
+            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        )
+        raw.append((name, value))
+    method = pseudo.get(b":method", b"").decode("ascii", "replace")
+    path = pseudo.get(b":path", b"").decode("utf-8", "surrogateescape")
+    if method == "CONNECT" or not path.startswith("/"):
+        raise errors.AwsError(405, "ValidationException", f"Unsupported method {method}")
+    authority = pseudo.get(b":authority")
+    if authority is not None:
+        host = authority.decode("utf-8", "surrogateescape")
+        given = headers.getall("Host", [])
+        if any(h != host for h in given) or len(given) > 1:
+            raise errors.validation("The Host header does not match :authority")
+        if not given:
+            headers["Host"] = host
+            raw.append((b"host", authority))
+    target, _, fragment = path.partition("#")
+    target, _, query = target.partition("?")
+    try:
+        url = URL.build(path=target, query_string=query, fragment=fragment, encoded=True)
+    except ValueError:
+        raise errors.validation("The request path is not valid") from None
+    return RawRequestMessage(
+        method, path, HTTP2, CIMultiDictProxy(headers), tuple(raw), False, None, False, False, url
+    )
+
+
+def stream_request(
+    server: web.Server,
+    message: RawRequestMessage,
+    body: StreamReader | None,
+    protocol: Any,
+    writer: Any,
+    task: asyncio.Task[Any],
+) -> BaseRequest:
+    """The server's own request (the app's ``web.Request``) for one HTTP/2 stream."""
+    payload = body if body is not None else EMPTY_PAYLOAD
+    return server.request_factory(message, payload, protocol, writer, task)
+
+
+def new_stream_body(flow: Any, loop: asyncio.AbstractEventLoop) -> StreamReader:
+    """A request body reader whose pauses and resumes drive one stream's window."""
+    return StreamReader(flow, _BODY_LIMIT, loop=loop)
 
 
 class AwsErrorRequestHandler(RequestHandler):
@@ -72,7 +151,15 @@ class AwsErrorRequestHandler(RequestHandler):
 
 
 class AwsServer(web.Server):
-    """A ``web.Server`` whose connections render aiohttp's own refusals the AWS way."""
+    """A ``web.Server`` whose connections render aiohttp's own refusals the AWS way, and
+    whose listener may first choose the protocol (``connection_factory``)."""
 
-    def __call__(self) -> RequestHandler:
+    connection_factory: Callable[[AwsServer], asyncio.BaseProtocol] | None = None
+
+    def __call__(self) -> Any:
+        if self.connection_factory is not None:
+            return self.connection_factory(self)
+        return self.http1()
+
+    def http1(self) -> RequestHandler:
         return AwsErrorRequestHandler(self, loop=self._loop, **self._kwargs)

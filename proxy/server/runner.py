@@ -1,4 +1,5 @@
-"""The HTTP server around the app: aiohttp's runner plus the limits aiohttp leaves out.
+"""The HTTP server around the app: aiohttp's runner, HTTP/2 on the same listeners
+(``listener``, ``http2``), and the limits aiohttp leaves out.
 
 aiohttp has no deadline for a request's headers, so a slowloris client can hold a
 connection forever by trickling them. A sweeper closes every connection that has not
@@ -17,7 +18,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .aiohttp_adapter import awaiting_first_request, use_aws_error_handler
+from .aiohttp_adapter import AwsServer, awaiting_first_request, use_aws_error_handler
+from .http2 import Http2Limits, Http2ServerConnection
+from .listener import ProtocolSniffer
 
 log = logging.getLogger("bedrock_proxy.server")
 
@@ -29,6 +32,7 @@ class ProxyRunner(web.AppRunner):
         *,
         header_timeout: float,
         keepalive_timeout: float,
+        http2: Http2Limits | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -41,11 +45,27 @@ class ProxyRunner(web.AppRunner):
             **kwargs,
         )
         self._header_timeout = header_timeout
+        self._keepalive_timeout = keepalive_timeout
+        self._http2 = http2 or Http2Limits()
         self._sweeper: asyncio.Task[None] | None = None
         self.slow_clients_closed = 0
 
     async def _make_server(self) -> web.Server:
-        return use_aws_error_handler(await super()._make_server())
+        server = use_aws_error_handler(await super()._make_server())
+        assert isinstance(server, AwsServer)
+        loop = asyncio.get_running_loop()
+        limits, keepalive, timeout = self._http2, self._keepalive_timeout, self._header_timeout
+
+        def connection(server: AwsServer) -> asyncio.BaseProtocol:
+            return ProtocolSniffer(
+                server.http1,
+                lambda: Http2ServerConnection(server, limits, keepalive, loop),
+                timeout,
+                loop,
+            )
+
+        server.connection_factory = connection
+        return server
 
     async def setup(self) -> None:
         await super().setup()

@@ -25,6 +25,8 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # HTTP/2 by ALPN on the same listener (the AWS SDK for JavaScript asks only for h2).
+    context.set_alpn_protocols(["h2", "http/1.1"])
     load_chain(context, cert_file, key_file)
     return context
 

@@ -245,7 +245,9 @@ def verify(
     if date[:8] != parsed.day:
         raise SignatureError("InvalidSignatureException", "Credential scope date does not match")
     names = parsed.signed_headers
-    if "host" not in names or names != sorted(names):
+    # Over HTTP/2 clients sign the :authority pseudo-header in place of host (the AWS SDK
+    # for JavaScript does); the caller maps it to the request's authority.
+    if ("host" not in names and ":authority" not in names) or names != sorted(names):
         raise SignatureError("InvalidSignatureException", "SignedHeaders must include host, sorted")
     missing = [n for n in names if n not in headers]
     if missing:

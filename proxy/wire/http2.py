@@ -1,0 +1,82 @@
+"""HTTP/2 framing on ``h2``, with the one behaviour of it the proxy cannot use.
+
+hyper-h2 treats a peer's GOAWAY as the end of the connection: its state machine moves
+to CLOSED and it empties the outbound buffer, so every later frame on a stream that is
+still open raises ``ProtocolError`` (python-hyper/h2 issue 1181, open). A GOAWAY only
+says the sender will start no new streams; streams already open must finish. Node's
+HTTP/2 client sends one as soon as a response's headers arrive when it closes the
+session behind a request (the AWS SDK does, ``disableConcurrentStreams``), so with h2's
+behaviour every streamed answer would be cut after its headers. ``Http2Connection``
+records the GOAWAY as an event and leaves the connection open; sending one (a drain)
+leaves it open too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated, Event
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Connection-specific fields HTTP/2 forbids (RFC 9113 8.2.2); aiohttp adds some of them
+# to HTTP/1.1-shaped responses.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+
+__all__ = [
+    "HOP_BY_HOP",
+    "PREFACE",
+    "ErrorCodes",
+    "Http2Connection",
+    "ProtocolError",
+    "SettingCodes",
+    "configuration",
+]
+
+
+def configuration(*, client_side: bool) -> H2Configuration:
+    # Header names and values stay bytes: the proxy decodes them as aiohttp does.
+    return H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_inbound_headers=True,
+        normalize_inbound_headers=True,
+        validate_outbound_headers=True,
+    )
+
+
+class Http2Connection(H2Connection):
+    """An ``H2Connection`` on which a peer's GOAWAY ends nothing already open."""
+
+    peer_went_away = False
+
+    def send_goaway(self, code: ErrorCodes, last_stream_id: int | None = None) -> None:
+        """GOAWAY, with the streams already open still able to finish (RFC 9113 6.8);
+        h2's ``close_connection`` would also move its state machine to CLOSED."""
+        state = self.state_machine.state
+        self.close_connection(code, last_stream_id=last_stream_id)
+        self.state_machine.state = state
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Event]]:
+        # Overrides a private h2 method (see the module docstring): no state change, no
+        # cleared buffer; the caller stops opening streams and closes when all are done.
+        self.peer_went_away = True
+        event = ConnectionTerminated()
+        event.error_code = _error_code(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def _error_code(code: int) -> ErrorCodes | int:
+    try:
+        return ErrorCodes(code)
+    except ValueError:
+        return code

@@ -1,0 +1,388 @@
+"""HTTP/2 on the proxy's own listeners: h2c by prior knowledge, h2 by ALPN, HTTP/1.1
+untouched; the JavaScript SDK's default client and LangChain.js unmodified; the limits
+against abuse, resets, GOAWAY and drain."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from proxy.server.tls import server_context, write_self_signed
+from tests.conftest import MASTER_KEY, REGION
+from tests.h2client import H2Client
+from tests.test_cli import BIN, free_port, running
+from tests.test_operations import _proxy_env
+from tests.test_virtual_keys import admin, new_key
+
+JS = os.path.join(os.path.dirname(__file__), "js")
+BODY = json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}).encode()
+BEARER = [("authorization", f"Bearer {MASTER_KEY}"), ("content-type", "application/json")]
+ENHANCE_YOUR_CALM = 11
+
+
+@pytest.fixture(scope="module")
+def cert_pair(tmp_path_factory):
+    return write_self_signed(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="module")
+def https_proxy(start_proxy, cert_pair):
+    return start_proxy(tls=server_context(*cert_pair))
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=20
+    )
+
+
+def js_clients(spec: dict, env: dict[str, str], cafile: str | None = None) -> dict[str, dict]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    base.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull, **env)
+    base["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    if cafile:
+        base["NODE_EXTRA_CA_CERTS"] = cafile
+    spec = {"region": REGION, "model": "m1", "knowledgeBase": "KB12345678", **spec}
+    out = subprocess.run(
+        ["node", os.path.join(JS, "clients.mjs"), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=base,
+    )
+    assert out.returncode == 0, out.stderr
+    return {r["call"]: r for r in map(json.loads, out.stdout.splitlines())}
+
+
+# ---------------------------------------------------------------------------- one port
+
+
+def test_curl_speaks_h2c_and_http1_on_one_port(proxy, fake):
+    url = proxy.base + "/model/m1/converse"
+    for flag, version in (("--http2-prior-knowledge", "2"), ("--http1.1", "1.1")):
+        out = curl(
+            flag,
+            "-H",
+            f"Authorization: Bearer {MASTER_KEY}",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            BODY.decode(),
+            url,
+            "-w",
+            "\n%{http_version} %{http_code}",
+        )
+        body, _, status = out.stdout.rpartition("\n")
+        assert status == f"{version} 200", out.stderr
+        assert json.loads(body)["output"]["message"]["content"][0]["text"] == "model=m1"
+        # Upstream it is HTTP/1.1 either way, re-signed, the body byte for byte.
+        assert fake.requests[-1].body == BODY
+        assert fake.requests[-1].headers["Authorization"].startswith("AWS4-HMAC-SHA256")
+
+
+def test_curl_negotiates_h2_by_alpn_on_tls(https_proxy, cert_pair):
+    url = https_proxy.base + "/model/m1/converse-stream"
+    for flag, version in (("--http2", "2"), ("--http1.1", "1.1")):
+        out = curl(
+            flag,
+            "--cacert",
+            cert_pair[0],
+            "-H",
+            f"Authorization: Bearer {MASTER_KEY}",
+            "--data",
+            BODY.decode(),
+            url,
+            "-o",
+            os.devnull,
+            "-w",
+            "%{http_version} %{http_code} %{size_download}",
+        )
+        got_version, status, size = out.stdout.split()
+        assert (got_version, status) == (version, "200"), out.stderr
+        assert int(size) > 500  # the whole event stream
+
+
+def test_errors_stay_aws_shaped_over_h2(proxy):
+    client = H2Client(proxy.base)
+    try:
+        refused = client.fetch(
+            "POST",
+            "/bedrock/model/m1/converse",
+            headers=[
+                ("authorization", "Bearer sk-bp-not-a-key"),
+                ("content-type", "application/json"),
+            ],
+            body=BODY,
+        )
+        assert refused.status == 403 and refused.headers["x-amzn-errortype"]
+        assert "message" in json.loads(refused.body)
+    finally:
+        client.close()
+    # A Host that differs from :authority is a malformed request (RFC 9113 8.3.1): the
+    # policy and the signature must not read different hosts.
+    client = H2Client(proxy.base)
+    try:
+        client.conn.config.validate_outbound_headers = False
+        client.request("GET", "/health/liveness", headers=[("host", "elsewhere.example")])
+        assert _goaway_code(client) == 1  # PROTOCOL_ERROR
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------- JS SDK
+
+
+@pytest.mark.parametrize("listener", ["h2c", "tls"])
+def test_js_sdk_default_clients_with_a_bearer_key(request, listener, cert_pair, fake):
+    server = request.getfixturevalue("proxy" if listener == "h2c" else "https_proxy")
+    results = js_clients(
+        {"endpoint": server.base, "calls": ["converse", "converse-stream"]},
+        {"AWS_BEARER_TOKEN_BEDROCK": MASTER_KEY},
+        cert_pair[0],
+    )
+    assert results["converse"] == {
+        "call": "converse",
+        "ok": True,
+        "handler": "NodeHttp2Handler",
+        "text": "model=m1",
+        "usage": {"inputTokens": 11, "outputTokens": 7, "totalTokens": 18},
+    }
+    stream = results["converse-stream"]
+    assert stream["ok"] and stream["text"] == "Hello from m1", stream
+    assert (stream["first"], stream["last"]) == ("messageStart", "metadata")
+
+
+@pytest.mark.parametrize("listener", ["h2c", "tls"])
+def test_js_sdk_and_langchain_with_a_virtual_key_pair(
+    request, listener, cert_pair, fake, monkeypatch
+):
+    """SigV4 over HTTP/2 signs :authority, not host; the proxy verifies it, re-signs, and
+    meters the key's spend."""
+    server = request.getfixturevalue("proxy" if listener == "h2c" else "https_proxy")
+    monkeypatch.setenv("SSL_CERT_FILE", cert_pair[0])  # for the admin calls over https
+    key = new_key(server, models=["m1"], knowledge_base_ids=["KB12345678"], rpm_limit=100)
+    results = js_clients(
+        {
+            "endpoint": server.base,
+            "calls": ["converse", "converse-stream", "retrieve", "langchain"],
+        },
+        {
+            "AWS_ACCESS_KEY_ID": key["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": key["secret_access_key"],
+        },
+        cert_pair[0],
+    )
+    assert all(r["ok"] for r in results.values()), results
+    assert results["retrieve"]["results"] >= 1
+    assert results["langchain"]["handler"] == "NodeHttp2Handler"
+    assert results["langchain"]["text"] == "model=m1"
+    assert key["access_key_id"] not in fake.requests[-1].headers["Authorization"]
+    server.settle()
+    _, logs = admin(server, "GET", f"/spend/logs?api_key={key['key_id']}")
+    operations = sorted(row["operation"] for row in logs["logs"])
+    assert operations == ["Converse", "Converse", "ConverseStream", "Retrieve"], logs
+    assert sum(row["total_tokens"] or 0 for row in logs["logs"]) == 18 + 18 + 21
+    # A model outside the key's allow-list is refused over HTTP/2 as over HTTP/1.1.
+    denied = js_clients(
+        {"endpoint": server.base, "model": "m2", "calls": ["converse"]},
+        {
+            "AWS_ACCESS_KEY_ID": key["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": key["secret_access_key"],
+        },
+        cert_pair[0],
+    )["converse"]
+    assert (denied["ok"], denied["error"], denied["status"]) == (
+        False,
+        "AccessDeniedException",
+        403,
+    )
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+def test_goaway_from_the_client_lets_open_streams_finish(proxy, fake):
+    """Node sends GOAWAY as soon as a response's headers arrive; the stream must go on."""
+    fake.reset()
+    client = H2Client(proxy.base)
+    try:
+        stream_id = client.request(
+            "POST", "/bedrock/model/test.slow/converse-stream", headers=BEARER, body=BODY
+        )
+        client.pump(lambda: client.answers[stream_id].status is not None)
+        client.send_goaway()
+        client.pump(lambda: client.done(stream_id), timeout=10)
+        answer = client.answers[stream_id]
+        assert answer.ended and answer.reset is None
+        assert answer.body.count(b"contentBlockDelta") == 10 and b"metadata" in answer.body
+    finally:
+        client.close()
+
+
+def test_a_reset_stream_cancels_its_upstream_call_and_only_that_one(proxy, fake):
+    fake.reset()
+    fake.frame_delay = 0.2
+    client = H2Client(proxy.base)
+    try:
+        doomed = client.request(
+            "POST", "/bedrock/model/test.slow/converse-stream", headers=BEARER, body=BODY
+        )
+        kept = client.request(
+            "POST", "/bedrock/model/test.slow/converse-stream", headers=BEARER, body=BODY
+        )
+        client.pump(lambda: all(a.body for a in client.answers.values()))
+        client.conn.reset_stream(doomed)
+        client.flush()
+        client.pump(lambda: client.done(kept), timeout=10)
+        assert client.answers[kept].ended and b"metadata" in client.answers[kept].body
+        deadline = time.monotonic() + 5
+        while fake.stream_disconnects < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake.stream_disconnects == 1
+    finally:
+        client.close()
+    line = proxy.wait_log_line(lambda r: r.get("error") == "ClientDisconnected")
+    assert line["operation"] == "ConverseStream"
+
+
+def test_request_body_flow_control_both_ways(proxy, fake):
+    """A body larger than every window arrives whole: windows are granted as it is read."""
+    big = json.dumps({"messages": [{"role": "user", "content": [{"text": "x" * 3_000_000}]}]})
+    client = H2Client(proxy.base, timeout=20)
+    try:
+        stream_id = client.request("POST", "/bedrock/model/m1/converse", headers=BEARER, end=False)
+        client.send_all(stream_id, big.encode())
+        client.pump(lambda: client.done(stream_id))
+        answer = client.answers[stream_id]
+        assert answer.status == 200, answer.body[:200]
+        assert fake.requests[-1].body == big.encode()
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------- abuse
+
+
+def _goaway_code(client: H2Client, timeout: float = 5) -> int | None:
+    client.pump(lambda: client.goaway is not None, timeout=timeout)
+    return int(client.goaway.error_code) if client.goaway else None
+
+
+def test_rapid_reset_is_cut(proxy, fake, caplog):
+    fake.reset()
+    client = H2Client(proxy.base)
+    try:
+        with contextlib.suppress(OSError):  # closed while still sending: that is the point
+            for _ in range(250):
+                stream_id = client.request(
+                    "POST", "/bedrock/model/m1/converse", headers=BEARER, end=False
+                )
+                client.conn.reset_stream(stream_id)
+            client.flush()
+        code = _goaway_code(client)
+        assert code == ENHANCE_YOUR_CALM or (code is None and client.closed)
+    finally:
+        client.close()
+    assert any("resets" in r.getMessage() for r in caplog.records)
+    assert not fake.requests  # none of them reached the upstream
+    assert H2Client(proxy.base).fetch("GET", "/health/liveness").status == 200  # others unaffected
+
+
+@pytest.mark.parametrize("flood", ["ping", "settings", "empty-data"])
+def test_control_frame_floods_are_cut(proxy, flood):
+    client = H2Client(proxy.base)
+    try:
+        stream_id = client.request("POST", "/bedrock/model/m1/converse", headers=BEARER, end=False)
+        for i in range(600):
+            if flood == "ping":
+                client.conn.ping(i.to_bytes(8, "big"))
+            elif flood == "settings":
+                client.conn.update_settings({})
+            else:
+                client.conn.send_data(stream_id, b"")
+        with contextlib.suppress(OSError):  # closed while still sending: that is the point
+            client.flush()
+        code = _goaway_code(client)
+        assert code == ENHANCE_YOUR_CALM or (code is None and client.closed)
+    finally:
+        client.close()
+
+
+def test_too_many_streams_and_oversized_headers_are_refused(proxy, fake):
+    fake.reset()
+    client = H2Client(proxy.base)
+    try:
+        client.pump(lambda: client.conn.remote_settings.max_concurrent_streams == 100)
+        # Past the advertised limit the connection is refused (a protocol error).
+        client.conn.remote_settings.max_concurrent_streams = 1000
+        client.conn.remote_settings.acknowledge()
+        for _ in range(101):
+            client.request(
+                "POST", "/bedrock/model/test.slow/converse-stream", headers=BEARER, end=False
+            )
+        assert _goaway_code(client) is not None
+    finally:
+        client.close()
+    client = H2Client(proxy.base)
+    try:
+        client.request("GET", "/health/liveness", headers=[("x-big", "v" * 70_000)])
+        assert _goaway_code(client) is not None
+    finally:
+        client.close()
+
+
+def test_connections_that_send_no_request_are_closed(proxy):
+    """The header deadline (2 s here) covers a silent socket and a bare HTTP/2 preface."""
+    silent = socket.create_connection(("127.0.0.1", urlsplit(proxy.base).port))
+    preface_only = H2Client(proxy.base)
+    try:
+        started = time.monotonic()
+        silent.settimeout(6)
+        assert silent.recv(1) == b""
+        preface_only.pump(lambda: False, timeout=6)
+        assert preface_only.closed and time.monotonic() - started < 6
+    finally:
+        silent.close()
+        preface_only.close()
+
+
+def test_sigterm_drains_http2_streams(fake_server, tmp_path):
+    fake, fake_url = fake_server
+    fake.reset()
+    fake.frame_delay = 0.15  # a stream of ~1.5 s
+    port = free_port()
+    with running([BIN, "serve"], _proxy_env(fake_url, port, tmp_path), port) as proc:
+        client = H2Client(f"http://127.0.0.1:{port}", timeout=15)
+        stream_id = client.request(
+            "POST", "/bedrock/model/test.slow/converse-stream", headers=BEARER, body=BODY
+        )
+        client.pump(lambda: bool(client.answers[stream_id].body))
+        proc.send_signal(signal.SIGTERM)
+        client.pump(lambda: client.done(stream_id))
+        assert client.answers[stream_id].ended and b"metadata" in client.answers[stream_id].body
+        assert client.goaway is not None and int(client.goaway.error_code) == 0
+        assert proc.wait(15) == 0
+        client.close()
+
+
+def test_http1_clients_are_unchanged_by_the_sniffer(proxy):
+    """Pipelined HTTP/1.1 in the first packet, and a request split before its 3rd byte."""
+    port = urlsplit(proxy.base).port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /health/liveness HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        seen = b""
+        while seen.count(b"HTTP/1.1 200") < 2:
+            seen += sock.recv(65536)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"PR")
+        time.sleep(0.1)
+        sock.sendall(b"OPFIND / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 ")
