@@ -147,6 +147,33 @@ def test_sighup_reloads_certificate_without_dropping_a_stream(fake_server, tmp_p
             f"http://127.0.0.1:{http_port}/health/liveness", timeout=5
         ) as r:
             assert json.loads(r.read())["status"] == "alive"
+        # Both listeners take HTTP/2 as well: h2c on the plain one, h2 by ALPN on TLS.
+        for args in (
+            ["--http2-prior-knowledge", f"http://127.0.0.1:{http_port}/health/liveness"],
+            [
+                "--http2",
+                "--cacert",
+                str(tmp_path / "live" / "cert.pem"),
+                f"https://127.0.0.1:{port}/health/liveness",
+            ],
+        ):
+            out = subprocess.run(
+                [
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "-o",
+                    os.devnull,
+                    "-w",
+                    "%{http_version}",
+                    *args,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            assert out.stdout == "2", out.stderr
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(
                 f"http://127.0.0.1:{http_port}/bedrock/model/m/converse", timeout=5

@@ -331,7 +331,13 @@ async def serve(
         )
     ]
     if settings.http_port is not None:
-        runners.append(web.AppRunner(create_ops_app(app), access_log=None))
+        runners.append(
+            ProxyRunner(
+                create_ops_app(app),
+                header_timeout=settings.header_timeout,
+                keepalive_timeout=settings.keepalive_timeout,
+            )
+        )
     for runner in runners:
         await runner.setup()
     try:
