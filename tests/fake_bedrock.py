@@ -23,6 +23,7 @@ import time
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 from botocore.auth import SigV4Auth
@@ -30,7 +31,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
-from proxy.wire.eventstream import encode_frame
+from proxy.wire.eventsig import STREAMING_EVENTS, ChunkSignatureError, SignatureChain
+from proxy.wire.eventstream import FrameSplitter, encode_frame, exception_frame, iter_frames
 
 UPSTREAM_ACCESS_KEY = "AKIDUPSTREAMFAKE0001"
 UPSTREAM_SECRET_KEY = "upstream/secret+key/for/the/fake"
@@ -74,6 +76,12 @@ class FakeBedrock:
     expected_token: str | None = UPSTREAM_SESSION_TOKEN
     # When set, a job writes "<input>.out" under its output URI as it completes, as Bedrock does.
     s3: Any = None
+    # InvokeModelWithBidirectionalStream: the client events received (decoded), how many
+    # sessions ended with their signed empty frame, and frames refused for their signature.
+    bidi_events: list[dict] = field(default_factory=list)
+    bidi_completed: int = 0
+    bidi_bad_signatures: int = 0
+    bidi_disconnects: int = 0
 
     def reset(self) -> None:
         """Every field back to its default between tests, so no test sees another's
@@ -94,6 +102,8 @@ class FakeBedrock:
     # ------------------------------------------------------------------ entry
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.raw_path.split("?", 1)[0].endswith("/invoke-with-bidirectional-stream"):
+            return await self.bidirectional(request)
         body = await request.read()
         error, region = self._check_auth(request, body)
         operation, params = _route(request.method, request.raw_path.split("?", 1)[0])
@@ -172,7 +182,7 @@ class FakeBedrock:
         declared = request.headers.get("X-Amz-Content-SHA256")
         if (
             declared is not None
-            and declared != "UNSIGNED-PAYLOAD"
+            and declared not in ("UNSIGNED-PAYLOAD", STREAMING_EVENTS)
             and declared != hashlib.sha256(body).hexdigest()
         ):
             return aws_error(400, "XAmzContentSHA256Mismatch", "payload hash mismatch"), region
@@ -196,6 +206,82 @@ class FakeBedrock:
                 "The request signature we calculated does not match the signature you provided.",
             ), region
         return None, region
+
+    async def bidirectional(self, request: web.Request) -> web.StreamResponse:
+        """Nova Sonic's wire as AWS speaks it: HTTP/2 only; every client frame's chunk
+        signature checked on the request's chain; each event answered as it arrives (a
+        textOutput, then a cumulative usageEvent), while the request is still open."""
+        error, region = self._check_auth(request, b"")
+        model = unquote(request.raw_path.split("/")[2])
+        self.requests.append(
+            Received(
+                request.method,
+                request.raw_path,
+                CIMultiDict(request.headers),
+                b"",
+                "InvokeModelWithBidirectionalStream",
+                region,
+            )
+        )
+        if error is not None:
+            return error
+        if request.version.major != 2:
+            return aws_error(400, "ValidationException", "HTTP/2 is required")
+        if request.headers.get("X-Amz-Content-SHA256") != STREAMING_EVENTS:
+            return aws_error(400, "ValidationException", "The event stream must be signed")
+        m = _AUTH_RE.fullmatch(request.headers["Authorization"])
+        assert m is not None  # checked above
+        _, day, region, service, _, seed = m.groups()
+        chain = SignatureChain.for_credentials(UPSTREAM_SECRET_KEY, day, region, service, seed)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/vnd.amazon.eventstream",
+                "x-amzn-RequestId": "fake-request-id",
+            }
+        )
+        await response.prepare(request)
+        splitter = FrameSplitter()
+        turns = 0
+        self.active_streams += 1
+        try:
+            async for data in request.content.iter_any():
+                for frame in iter_frames(splitter.feed(data)):
+                    try:
+                        payload = chain.verify(frame)
+                    except ChunkSignatureError as exc:
+                        self.bidi_bad_signatures += 1
+                        await response.write(exception_frame("validationException", str(exc)))
+                        await response.write_eof()
+                        return response
+                    if not payload:
+                        self.bidi_completed += 1
+                        await response.write_eof()
+                        return response
+                    inner = next(iter_frames(payload))
+                    event = json.loads(base64.b64decode(json.loads(inner.payload)["bytes"]))
+                    self.bidi_events.append(event)
+                    turns += 1
+                    text = event.get("event", {}).get("text", "")
+                    for answer in (
+                        {"event": {"textOutput": {"content": f"{model}: {text}", "turn": turns}}},
+                        {
+                            "event": {
+                                "usageEvent": {
+                                    "totalInputTokens": 10 * turns,
+                                    "totalOutputTokens": 5 * turns,
+                                    "totalTokens": 15 * turns,
+                                }
+                            }
+                        },
+                    ):
+                        encoded = base64.b64encode(json.dumps(answer).encode()).decode()
+                        await response.write(event_frame("chunk", {"bytes": encoded}))
+            return response  # the client ended without its final frame
+        except (ConnectionError, asyncio.CancelledError):
+            self.bidi_disconnects += 1
+            raise
+        finally:
+            self.active_streams -= 1
 
     async def _fault(self, request: web.Request, model: str) -> web.StreamResponse | None:
         if model == "test.throttle":

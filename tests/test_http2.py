@@ -4,6 +4,7 @@ against abuse, resets, GOAWAY and drain."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -14,9 +15,14 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 from proxy.server.tls import server_context, write_self_signed
-from tests.conftest import MASTER_KEY, REGION
+from proxy.wire.eventsig import STREAMING_EVENTS, SignatureChain
+from proxy.wire.eventstream import encode_frame, iter_frames
+from tests.conftest import MASTER_KEY, REGION, UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY
 from tests.h2client import H2Client
 from tests.test_cli import BIN, free_port, running
 from tests.test_operations import _proxy_env
@@ -386,3 +392,180 @@ def test_http1_clients_are_unchanged_by_the_sniffer(proxy):
         time.sleep(0.1)
         sock.sendall(b"OPFIND / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 ")
+
+
+# ---------------------------------------------------------------------------- bidirectional
+
+
+@pytest.mark.parametrize("listener", ["h2c", "tls"])
+def test_js_sdk_bidirectional_stream_full_duplex(request, listener, cert_pair, fake, monkeypatch):
+    """Each event goes only after the previous answer arrived: only a true full-duplex
+    path passes. The client's chain is verified, the server's chain re-signed (the fake
+    checks every frame), the inner frames arrive unchanged, and the usage is metered."""
+    fake.reset()
+    server = request.getfixturevalue("proxy" if listener == "h2c" else "https_proxy")
+    monkeypatch.setenv("SSL_CERT_FILE", cert_pair[0])
+    key = new_key(server, models=["amazon.nova-sonic-v1:0"], rpm_limit=100)
+    result = js_clients(
+        {"endpoint": server.base, "model": "amazon.nova-sonic-v1:0", "calls": ["bidi"], "turns": 3},
+        {
+            "AWS_ACCESS_KEY_ID": key["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": key["secret_access_key"],
+        },
+        cert_pair[0],
+    )["bidi"]
+    assert result["ok"], result
+    texts = [
+        a["event"]["textOutput"]["content"] for a in result["answers"] if "textOutput" in a["event"]
+    ]
+    assert texts == [f"amazon.nova-sonic-v1:0: event {i}" for i in range(3)]
+    assert [e["event"]["turn"] for e in fake.bidi_events] == [0, 1, 2]
+    assert fake.bidi_completed == 1 and fake.bidi_bad_signatures == 0
+    line = server.wait_log_line(
+        lambda r: r.get("operation") == "InvokeModelWithBidirectionalStream" and "tokens" in r
+    )
+    assert line["tokens"] == 45 and line["status"] == 200
+
+
+def _bidi_session(
+    base: str, access_key: str, secret_key: str, model: str = "amazon.nova-sonic-v1:0"
+):
+    """A hand-made bidirectional session (what the SDK does, step by step): the request
+    signed for a streaming body, and the chain its frames are signed on."""
+    path = f"/model/{model.replace(':', '%3A')}/invoke-with-bidirectional-stream"
+    url = base + path
+    aws_request = AWSRequest(
+        method="POST", url=url, headers={"x-amz-content-sha256": STREAMING_EVENTS}
+    )
+    SigV4Auth(Credentials(access_key, secret_key), "bedrock", REGION).add_auth(aws_request)
+    headers = [(k.lower(), v) for k, v in aws_request.headers.items()]
+    seed = aws_request.headers["Authorization"].rpartition("Signature=")[2]
+    day = aws_request.headers["X-Amz-Date"][:8]
+    chain = SignatureChain.for_credentials(secret_key, day, REGION, "bedrock", seed)
+    return urlsplit(url).path, headers, chain
+
+
+def _event(turn: int) -> bytes:
+    data = base64.b64encode(json.dumps({"event": {"turn": turn, "text": f"e{turn}"}}).encode())
+    return encode_frame(
+        {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"},
+        json.dumps({"bytes": data.decode()}).encode(),
+    )
+
+
+def test_a_tampered_client_frame_never_reaches_the_upstream(proxy, fake):
+    fake.reset()
+    key = new_key(proxy, models=["amazon.nova-sonic-v1:0"])
+    path, headers, chain = _bidi_session(proxy.base, key["access_key_id"], key["secret_access_key"])
+    client = H2Client(proxy.base)
+    try:
+        stream_id = client.request("POST", path, headers=headers, end=False)
+        client.conn.send_data(stream_id, chain.sign(_event(0)))
+        client.flush()
+        client.pump(lambda: client.answers[stream_id].body.count(b"\x00\x05chunk") >= 2)
+        frame = bytearray(chain.sign(_event(1)))
+        frame[-10] ^= 0x01  # one bit of the payload
+        import zlib
+
+        frame[-4:] = zlib.crc32(frame[:-4]).to_bytes(4, "big")  # a valid frame, a bad signature
+        client.conn.send_data(stream_id, bytes(frame))
+        client.flush()
+        client.pump(lambda: client.done(stream_id))
+        answer = client.answers[stream_id]
+        frames = list(iter_frames(bytes(answer.body)))
+        assert frames[-1].headers[":message-type"] == "exception"
+        assert frames[-1].headers[":exception-type"] == "InvalidSignatureException"
+    finally:
+        client.close()
+    assert [e["event"]["turn"] for e in fake.bidi_events] == [0]
+    _wait(lambda: fake.bidi_disconnects == 1)  # the upstream stream was reset, not ended
+    assert fake.bidi_completed == 0 and fake.bidi_bad_signatures == 0
+
+
+def test_frames_not_re_signed_fail_upstream(fake_server):
+    """The fake checks every chunk signature as AWS does: frames on any chain but the
+    request's own are refused (so forwarding the client's frames as they are would fail)."""
+    fake, url = fake_server
+    fake.reset()
+    path, headers, _ = _bidi_session(url, UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY)
+    headers.append(("x-amz-security-token", fake.expected_token))
+    _, _, other_chain = _bidi_session(url, "BPKSOMEVIRTUALKEY000", "not-the-upstream-secret")
+    # (the token is added unsigned; re-sign with it in the signed set)
+    aws_request = AWSRequest(
+        method="POST",
+        url=url + path,
+        headers={"x-amz-content-sha256": STREAMING_EVENTS},
+    )
+    SigV4Auth(
+        Credentials(UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY, fake.expected_token),
+        "bedrock",
+        REGION,
+    ).add_auth(aws_request)
+    headers = [(k.lower(), v) for k, v in aws_request.headers.items()]
+    client = H2Client(url)
+    try:
+        stream_id = client.request("POST", path, headers=headers, end=False)
+        client.conn.send_data(stream_id, other_chain.sign(_event(0)))
+        client.flush()
+        client.pump(lambda: client.done(stream_id))
+        frames = list(iter_frames(bytes(client.answers[stream_id].body)))
+        assert frames[-1].headers[":message-type"] == "exception"
+    finally:
+        client.close()
+    assert fake.bidi_bad_signatures == 1 and not fake.bidi_events
+
+
+def test_a_client_reset_resets_the_upstream_stream(proxy, fake):
+    fake.reset()
+    key = new_key(proxy, models=["amazon.nova-sonic-v1:0"])
+    path, headers, chain = _bidi_session(proxy.base, key["access_key_id"], key["secret_access_key"])
+    client = H2Client(proxy.base)
+    try:
+        stream_id = client.request("POST", path, headers=headers, end=False)
+        client.conn.send_data(stream_id, chain.sign(_event(0)))
+        client.flush()
+        client.pump(lambda: client.answers[stream_id].body.count(b"\x00\x05chunk") >= 2)
+        assert fake.active_streams >= 1
+        client.conn.reset_stream(stream_id)
+        client.flush()
+        _wait(lambda: fake.bidi_disconnects == 1)
+    finally:
+        client.close()
+    line = proxy.wait_log_line(
+        lambda r: (
+            r.get("operation") == "InvokeModelWithBidirectionalStream"
+            and r.get("error") == "ClientDisconnected"
+        )
+    )
+    assert line["tokens"] == 15  # what the usage events reported before the reset
+
+
+def test_bidirectional_refusals(proxy, fake):
+    fake.reset()
+    key = new_key(proxy, models=["amazon.nova-lite-v1:0"])
+    path, headers, _ = _bidi_session(proxy.base, key["access_key_id"], key["secret_access_key"])
+    client = H2Client(proxy.base)
+    try:
+        refused = client.fetch("POST", path, headers=headers, body=b"")
+        assert refused.status == 403 and "AccessDenied" in refused.headers["x-amzn-errortype"]
+    finally:
+        client.close()
+    out = curl(
+        "--http1.1",
+        "-H",
+        f"Authorization: Bearer {MASTER_KEY}",
+        "--data",
+        "x",
+        proxy.base.rsplit("/bedrock", 1)[0] + path,
+        "-w",
+        "\n%{http_code}",
+    )
+    assert out.stdout.endswith("\n400") and "HTTP/2" in out.stdout
+    assert not fake.requests
+
+
+def _wait(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

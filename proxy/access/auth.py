@@ -22,6 +22,7 @@ from aiohttp import web
 
 from ..exchange import ANONYMOUS, MASTER, Identity
 from ..wire import errors, sigv4
+from ..wire.eventsig import SignatureChain
 from ..wire.headers import forwarded_amz
 from .keycache import KeyCache
 from .keys import KeyRecord, hash_token
@@ -116,6 +117,15 @@ class Authenticator:
             return await self._sigv4(request, authorization, signed)
         self.precheck(request)
         raise errors.access_denied("Missing credentials")
+
+    async def event_chain(self, request: web.BaseRequest) -> SignatureChain:
+        """The chain a SigV4 client signs its event frames on (after ``authenticate``):
+        the virtual key's signing key, seeded with the request's own signature."""
+        parsed, record = await self._signing_key(request.headers.get("Authorization", ""))
+        assert self._keys is not None  # a record came from it
+        return SignatureChain.for_credentials(
+            self._keys.secret(record), parsed.day, parsed.region, parsed.service, parsed.signature
+        )
 
     async def master_only(self, request: web.BaseRequest) -> None:
         key = self.presented_key(request.headers)

@@ -183,7 +183,9 @@ class EventStreamMeter(Meter):
             if event in headers.tobytes():
                 decoded = decode_headers(headers)
                 if decoded.get(":event-type") == event.decode():
-                    self._last = bytes(view[pos + 12 + headers_len : pos + total - 4])
+                    payload = view[pos + 12 + headers_len : pos + total - 4]
+                    if self.wanted(payload):
+                        self._last = bytes(payload)
             self.streamed += total - headers_len - 16
             pos += total
 
@@ -192,6 +194,10 @@ class EventStreamMeter(Meter):
             with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError):
                 self.read(orjson.loads(self._last))
         return self.usage
+
+    def wanted(self, payload: memoryview) -> bool:
+        """Whether a frame of ``event_type`` is one to keep (all are, unless overridden)."""
+        return True
 
     def estimate(self, input_bytes: int) -> None:
         """Usage for a stream that ended before the upstream reported it: input from the
@@ -234,6 +240,39 @@ class InvokeStreamMeter(EventStreamMeter):
             u.output_tokens = _int(metrics.get("outputTokenCount"))
             u.cache_read_tokens = _int(metrics.get("cacheReadInputTokenCount"))
             u.cache_write_tokens = _int(metrics.get("cacheWriteInputTokenCount"))
+            u.found = True
+
+
+class BidirectionalStreamMeter(EventStreamMeter):
+    """InvokeModelWithBidirectionalStream (Nova Sonic): usage comes in ``usageEvent``
+    chunks whose totals are cumulative, so the last one counts. A chunk's bytes are base64
+    JSON; only the first 48 decoded bytes are looked at to tell a usage event from audio."""
+
+    __slots__ = ()
+    event_type = b"chunk"
+
+    def wanted(self, payload: memoryview) -> bool:
+        head = bytes(payload[:120])
+        start = head.find(b'"bytes"')
+        if start < 0:
+            return False
+        quote = head.find(b'"', head.find(b":", start) + 1)
+        if quote < 0:
+            return False
+        encoded = head[quote + 1 : quote + 65]
+        try:
+            return b"usageEvent" in base64.b64decode(encoded[: len(encoded) // 4 * 4])
+        except ValueError:
+            return False
+
+    def read(self, payload: Any) -> None:
+        if not isinstance(payload, dict) or not isinstance(payload.get("bytes"), str):
+            return
+        event = _dig(orjson.loads(base64.b64decode(payload["bytes"])), "event", "usageEvent")
+        if isinstance(event, dict):
+            u = self.usage
+            u.input_tokens = _int(event.get("totalInputTokens"))
+            u.output_tokens = _int(event.get("totalOutputTokens"))
             u.found = True
 
 
@@ -336,6 +375,7 @@ _METERS: dict[str, type[Meter]] = {
     "InvokeAgent": AgentTraceMeter,
     "InvokeInlineAgent": AgentTraceMeter,
     "Rerank": RerankMeter,
+    "InvokeModelWithBidirectionalStream": BidirectionalStreamMeter,
 }
 
 

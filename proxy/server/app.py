@@ -37,6 +37,7 @@ from .bedrock import BASE_PATH, BedrockFront
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
 from .dispatch import application
+from .duplex import DuplexRelay
 from .files import FILES_PATH, FilesFront
 from .pipeline import Pipeline, Shutdown
 from .upstream import UpstreamClient
@@ -154,6 +155,7 @@ def create_app(
         metrics,
         jobs,
         ModelRefs(upstream.control_get, settings.model_ref_ttl),
+        DuplexRelay(settings.idle_timeout, settings.first_byte_timeout, metrics, shutdown),
     )
     files = FilesFront(upstream, authenticator, metering, settings.max_file_bytes)
     batches = BatchSettler(

@@ -25,9 +25,11 @@ from ..metering.annotations import read_annotations
 from ..metering.service import Metering
 from ..metering.usage import meter_for
 from ..observe.metrics import Metrics
-from ..wire import errors, eventstream, http1
+from ..wire import errors, eventsig, eventstream, http1
+from ..wire.h2client import Http2Stream
 from ..wire.headers import check_request_headers, response_headers, split_request_headers
 from ..wire.routing import Router
+from . import duplex
 from .bodies import RequestBody, read_body
 from .config import Settings
 from .upstream import UpstreamClient
@@ -50,8 +52,10 @@ class BedrockFront:
         metrics: Metrics,
         jobs: JobRegistry,
         model_refs: ModelRefs,
+        duplex_relay: duplex.DuplexRelay,
     ) -> None:
         self._settings = settings
+        self._duplex = duplex_relay
         self._router = router
         self._auth = authenticator
         self._upstream = upstream
@@ -93,6 +97,8 @@ class BedrockFront:
         x.model = match.labels.get("modelId")
         refuse_other_providers(request)
         check_request_headers(request.headers.items())
+        if op.name == duplex.OPERATION:
+            return await self._bidirectional(request, x, match.labels, match.path, query)
         # The credential is judged from the headers before any body is read, so a refusal
         # costs no body and keeps nothing.
         identity = await self._auth.identify(request)
@@ -149,6 +155,64 @@ class BedrockFront:
             request.method, upstream, target, signed, body.payload(), x
         )
         return await self._respond(request, reply, body, x)
+
+    async def _bidirectional(
+        self,
+        request: web.Request,
+        x: Exchange,
+        labels: dict[str, str],
+        path: str,
+        query: str,
+    ) -> web.StreamResponse:
+        """InvokeModelWithBidirectionalStream: the same checks as any call, on the headers
+        alone (the body is the session), then the full-duplex relay (``duplex``)."""
+        op = x.operation
+        assert op is not None
+        identity = await self._auth.identify(request)
+        client_chain = None
+        if identity is None:  # SigV4 by a known key: the frames are signed on its chain
+            client_path, _, _ = request.raw_path.partition("?")
+            identity = await self._auth.authenticate(
+                request,
+                SignedRequest(request.method, client_path, query, eventsig.STREAMING_EVENTS),
+            )
+            client_chain = await self._auth.event_chain(request)
+        x.identity = identity
+        upstream = self._upstream.resolve(op.service, request)
+        x.region = upstream.region
+        if x.model is not None and resolvable(x.model):
+            resolved = await self._model_refs.resolve(x.model)
+            if resolved is not None:
+                x.model_ref, x.model = x.model, resolved
+        if identity.spec is not None:
+            aliases = {x.model_ref: x.model} if x.model_ref and x.model else None
+            policy.check(identity.spec, op, labels, request.headers, None, query, aliases)
+        if request.version.major != 2:
+            raise errors.validation(f"{op.name} requires HTTP/2")
+        x.annotations = read_annotations(request.headers)
+        x.meter = meter_for(op.name)
+        await self._metering.admit(x, 0)
+        signed, unsigned = split_request_headers(request.headers)
+        signed["host"] = upstream.host
+        signed.pop("x-amz-content-sha256", None)
+        raw_path = upstream.base_path + path
+        server_chain = await self._upstream.authorize_stream(
+            signed, raw_path=raw_path, raw_query=query, region=upstream.region, service=op.service
+        )
+        signed.update(unsigned)
+        x.upstream_started = time.perf_counter()
+        try:
+            up = await Http2Stream.open(
+                upstream.origin,
+                "POST",
+                raw_path + ("?" + query if query else ""),
+                list(signed.items()),
+                self._settings.connect_timeout,
+            )
+        except http1.UpstreamError as exc:
+            raise errors.service_unavailable(str(exc)) from None
+        out_headers = CIMultiDict({"x-bedrock-proxy-request-id": x.request_id})
+        return await self._duplex.run(request, x, up, client_chain, server_chain, out_headers)
 
     async def _read_body(self, request: web.Request) -> RequestBody:
         return await read_body(request, self._max_body, self._settings.body_timeout)

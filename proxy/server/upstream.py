@@ -17,8 +17,9 @@ from aiohttp import web
 
 from ..exchange import Exchange
 from ..metering.usage import Meter
-from ..wire import errors, eventstream, http1, sigv4
+from ..wire import errors, eventsig, eventstream, http1, sigv4
 from ..wire.endpoints import Endpoints, Upstream, valid_region
+from ..wire.eventsig import SignatureChain
 from ..wire.routing import Service
 from .config import Settings
 from .credentials import CredentialProvider, NoCredentialsError
@@ -122,6 +123,41 @@ class UpstreamClient:
             service=service.signing_name,
             date=sigv4.amz_date(),
             double_encode=service is not S3_SERVICE,  # S3 paths are encoded once
+        )
+
+    async def authorize_stream(
+        self,
+        headers: dict[str, str],
+        *,
+        raw_path: str,
+        raw_query: str,
+        region: str,
+        service: Service,
+    ) -> SignatureChain:
+        """Sign a request whose body is a signed event stream, and return the chain its
+        frames are signed on (the server's key, seeded with this signature)."""
+        if self._bearer:
+            raise errors.validation(
+                "InvokeModelWithBidirectionalStream needs AWS credentials upstream: its "
+                "events are signed with them, and the proxy is configured with a Bedrock API key"
+            )
+        credentials = await self._aws_credentials()
+        headers["x-amz-content-sha256"] = eventsig.STREAMING_EVENTS
+        date = sigv4.amz_date()
+        authorization = headers["authorization"] = sigv4.sign(
+            method="POST",
+            raw_path=raw_path,
+            raw_query=raw_query,
+            headers=headers,
+            payload_hash=eventsig.STREAMING_EVENTS,
+            credentials=credentials,
+            region=region,
+            service=service.signing_name,
+            date=date,
+        )
+        signature = authorization.rpartition("Signature=")[2]
+        return SignatureChain.for_credentials(
+            credentials.secret_key, date[:8], region, service.signing_name, signature
         )
 
     # ------------------------------------------------------------------ the call

@@ -50,7 +50,11 @@ def encode_frame(headers: dict[str, str | bytes], payload: bytes) -> bytes:
             raw_value = value.encode()
             parts.append(struct.pack(">B", len(raw_name)) + raw_name)
             parts.append(struct.pack(">BH", _STRING, len(raw_value)) + raw_value)
-    header_bytes = b"".join(parts)
+    return encode_raw(b"".join(parts), payload)
+
+
+def encode_raw(header_bytes: bytes, payload: bytes) -> bytes:
+    """One frame from headers already encoded (any header types), CRCs included."""
     total = _PRELUDE_LEN + len(header_bytes) + len(payload) + _CRC_LEN
     prelude = _PRELUDE.pack(total, len(header_bytes))
     prelude += struct.pack(">I", zlib.crc32(prelude))

@@ -103,7 +103,7 @@ const calls = {
       if (event.chunk) {
         const payload = JSON.parse(decoder.decode(event.chunk.bytes));
         seen.push(payload);
-        answered.push(payload);
+        if (payload.event?.textOutput) answered.push(payload);
         if (wake) {
           const w = wake;
           wake = null;

@@ -1,0 +1,298 @@
+"""InvokeModelWithBidirectionalStream (Nova Sonic speech-to-speech): a full-duplex relay
+between the client's HTTP/2 stream and an HTTP/2 stream to bedrock-runtime.
+
+Two directions run at once. Up: the client's outer frames are cut at frame boundaries,
+their chunk signatures checked on the client's chain (a virtual key pair; a Bearer key
+authenticated the stream itself), and each payload, the inner frame byte for byte, is
+re-signed on the server's chain; the client's final empty frame becomes ours. Down: the
+upstream's event frames go to the client as they arrive, teed to the meter, which reads
+the usage events. Either side ending early ends both: a client gone or a bad frame resets
+the upstream stream; an upstream gone, an idle timeout or a shutdown ends the client's
+stream with an exception frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..exchange import Exchange
+from ..observe.metrics import Metrics
+from ..wire import errors, eventstream, http1
+from ..wire.eventsig import ChunkSignatureError, SignatureChain
+from ..wire.h2client import Http2Stream
+from .pipeline import Shutdown
+
+OPERATION = "InvokeModelWithBidirectionalStream"
+
+
+class _Refused(Exception):
+    """The client sent a frame that cannot go on: its exception frame says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DuplexRelay:
+    def __init__(
+        self, idle_timeout: float, first_byte_timeout: float, metrics: Metrics, shutdown: Shutdown
+    ) -> None:
+        self._idle = idle_timeout
+        self._first_byte = first_byte_timeout
+        self._metrics = metrics
+        self._shutdown = shutdown
+
+    async def run(
+        self,
+        request: web.Request,
+        x: Exchange,
+        up: Http2Stream,
+        client_chain: SignatureChain | None,
+        server_chain: SignatureChain,
+        out_headers: CIMultiDict[str],
+    ) -> web.StreamResponse:
+        pump = asyncio.create_task(self._pump_up(request, up, client_chain, server_chain, x))
+        response: web.StreamResponse | None = None
+        try:
+            status, headers = await self._response_head(up, pump)
+            x.upstream_headers_at = time.perf_counter()
+            x.status = status
+            if status >= 400:
+                return await self._error_response(up, status, headers, x)
+            for name, value in headers:
+                if name.startswith(b":") or name.lower() in _DROPPED:
+                    continue
+                out_headers.add(name.decode("latin-1"), value.decode("latin-1"))
+            response = web.StreamResponse(status=status, headers=out_headers)
+            await response.prepare(request)
+            self._metrics.active_streams += 1
+            try:
+                await self._pump_down(up, pump, response, x)
+            finally:
+                self._metrics.active_streams -= 1
+            return response
+        except asyncio.CancelledError:
+            if response is not None and self._shutdown.stopping:
+                await _write_quietly(
+                    response,
+                    eventstream.exception_frame(
+                        "internalServerException", "The proxy is shutting down; retry the request"
+                    ),
+                )
+            raise
+        finally:
+            x.upstream_done = time.perf_counter()
+            if not pump.done():
+                pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+            if not x.incomplete and x.error is None:
+                up.close()
+            else:
+                up.reset()
+
+    # ------------------------------------------------------------------ up
+
+    async def _pump_up(
+        self,
+        request: web.Request,
+        up: Http2Stream,
+        client_chain: SignatureChain | None,
+        server_chain: SignatureChain,
+        x: Exchange,
+    ) -> None:
+        """Client frames, checked and re-signed, until the client's final empty frame."""
+        splitter = eventstream.FrameSplitter()
+        content = request.content
+        received = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    data = await content.readany()
+            except TimeoutError:
+                raise _Refused(
+                    "ValidationException",
+                    f"No event arrived from the client for {self._idle:g} s",
+                ) from None
+            if not data:
+                if splitter.pending:
+                    raise _Refused("ValidationException", "The event stream ended mid-frame")
+                break  # the client half-closed without a final frame: end ours
+            try:
+                whole = splitter.feed(data)
+                frames = list(eventstream.iter_frames(whole)) if whole else []
+            except eventstream.EventStreamError as exc:
+                raise _Refused("ValidationException", f"Not a valid event stream: {exc}") from None
+            for frame in frames:
+                if client_chain is not None:
+                    try:
+                        payload = client_chain.verify(frame)
+                    except ChunkSignatureError as exc:
+                        raise _Refused("InvalidSignatureException", str(exc)) from None
+                else:
+                    payload = frame.payload
+                if not payload:
+                    await up.send(server_chain.sign(b""))
+                    up.end()
+                    return
+                received += len(payload)
+                x.bytes_in = received
+                await up.send(server_chain.sign(payload))
+        await up.send(server_chain.sign(b""))
+        up.end()
+
+    # ------------------------------------------------------------------ down
+
+    async def _response_head(
+        self, up: Http2Stream, pump: asyncio.Task[None]
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        head = asyncio.ensure_future(up.response(self._first_byte))
+        try:
+            while True:
+                done, _ = await asyncio.wait({head, pump}, return_when=asyncio.FIRST_COMPLETED)
+                if head in done:
+                    return _upstream_result(head)
+                failure = pump.exception()
+                if isinstance(failure, _Refused):
+                    status = 403 if failure.code == "InvalidSignatureException" else 400
+                    raise errors.AwsError(status, failure.code, failure.message)
+                if failure is not None:
+                    raise _as_unavailable(failure)
+                # The client finished sending before any answer: wait for the answer alone.
+                await asyncio.wait({head})
+                return _upstream_result(head)
+        finally:
+            if not head.done():
+                head.cancel()
+
+    async def _pump_down(
+        self,
+        up: Http2Stream,
+        pump: asyncio.Task[None],
+        response: web.StreamResponse,
+        x: Exchange,
+    ) -> None:
+        splitter = eventstream.FrameSplitter()
+        meter = x.meter
+        sent = 0
+        failure: str | None = None
+        while True:
+            if pump.done() and not pump.cancelled() and pump.exception() is not None:
+                refused = pump.exception()
+                if isinstance(refused, _Refused):
+                    x.error = refused.code
+                    x.incomplete = True
+                    await _write_quietly(
+                        response, eventstream.exception_frame(refused.code, refused.message)
+                    )
+                    return
+                failure = "The upstream stream was cut off"
+                break
+            try:
+                data = await _first(up.read(self._idle), pump)
+            except http1.ReadTimeout:
+                failure = f"The upstream stream was idle for more than {self._idle:g} s"
+                break
+            except http1.UpstreamError:
+                if pump.done() and isinstance(pump.exception(), _Refused):
+                    continue  # reported above
+                failure = "The upstream stream was cut off"
+                break
+            if data is None:
+                continue  # the client side finished or failed: look at it above
+            if not data:
+                if splitter.pending:
+                    failure = "The upstream event stream ended in the middle of a frame"
+                break
+            try:
+                data = splitter.feed(data)
+            except eventstream.EventStreamError:
+                failure = "The upstream sent bytes that are not a valid event stream"
+                break
+            if not data:
+                continue
+            if meter is not None:
+                meter.feed(data)
+            try:
+                await response.write(data)
+            except ConnectionError:
+                x.error = "ClientDisconnected"
+                x.incomplete = True
+                return
+            if not sent:
+                x.first_byte_at = time.perf_counter()
+            sent += len(data)
+            x.bytes_out = sent
+        if failure is not None:
+            x.error = "UpstreamStreamError"
+            x.incomplete = True
+            await _write_quietly(
+                response, eventstream.exception_frame("internalServerException", failure)
+            )
+            return
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+
+    async def _error_response(
+        self, up: Http2Stream, status: int, headers: list[tuple[bytes, bytes]], x: Exchange
+    ) -> web.Response:
+        """An upstream refusal, passed on as AWS sent it."""
+        chunks = []
+        with contextlib.suppress(http1.UpstreamError):
+            while chunk := await up.read(self._idle):
+                chunks.append(chunk)
+        out = CIMultiDict(
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in headers
+            if not n.startswith(b":") and n.lower() not in _DROPPED
+        )
+        x.upstream_error = out.get("x-amzn-ErrorType", "").split(":")[0] or str(status)
+        return web.Response(status=status, body=b"".join(chunks), headers=out)
+
+
+# Fields the relay sets itself, or that HTTP/2 forbids on the way back.
+_DROPPED = frozenset({b"content-length", b"transfer-encoding", b"connection", b"date", b"server"})
+
+
+def _upstream_result(
+    head: asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]],
+) -> tuple[int, list[tuple[bytes, bytes]]]:
+    try:
+        return head.result()
+    except http1.ReadTimeout as exc:
+        raise errors.upstream_timeout(str(exc)) from None
+    except http1.UpstreamError as exc:
+        raise errors.service_unavailable(str(exc)) from None
+
+
+def _as_unavailable(failure: BaseException) -> errors.AwsError:
+    return errors.service_unavailable(f"The upstream stream failed: {failure}")
+
+
+async def _first(read: Coroutine[Any, Any, bytes], pump: asyncio.Task[None]) -> bytes | None:
+    """The next upstream data, or None as soon as the client side has ended (either way)."""
+    reading = asyncio.ensure_future(read)
+    if pump.done():
+        return await reading
+    done, _ = await asyncio.wait({reading, pump}, return_when=asyncio.FIRST_COMPLETED)
+    if reading in done:
+        return reading.result()
+    reading.cancel()
+    with contextlib.suppress(BaseException):
+        await reading
+    return None
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    """Best effort, bounded: the client may already be gone."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(response.write(data), 1.0)
+        await asyncio.wait_for(response.write_eof(), 1.0)
