@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from urllib.parse import urlsplit
@@ -22,7 +23,14 @@ from botocore.credentials import Credentials
 from proxy.server.tls import server_context, write_self_signed
 from proxy.wire.eventsig import STREAMING_EVENTS, SignatureChain
 from proxy.wire.eventstream import encode_frame, iter_frames
-from tests.conftest import MASTER_KEY, REGION, UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY
+from tests.conftest import (
+    MASTER_KEY,
+    REGION,
+    UPSTREAM_ACCESS_KEY,
+    UPSTREAM_SECRET_KEY,
+    start_server,
+)
+from tests.fake_bedrock import FakeBedrock
 from tests.h2client import H2Client
 from tests.test_cli import BIN, free_port, running
 from tests.test_operations import _proxy_env
@@ -569,3 +577,65 @@ def _wait(predicate, timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_js_sdk_bidirectional_stream_with_a_bearer_key(proxy, fake):
+    """With a Bedrock API key the SDK still signs its event frames, with whatever AWS
+    credentials it finds (it fails before sending without any). The proxy authenticates
+    the stream by the key, takes the frames' payloads and signs them on its own chain."""
+    fake.reset()
+    env = {"AWS_BEARER_TOKEN_BEDROCK": MASTER_KEY}
+    spec = {
+        "endpoint": proxy.base,
+        "model": "amazon.nova-sonic-v1:0",
+        "calls": ["bidi"],
+        "turns": 2,
+    }
+    without = js_clients(spec, env)["bidi"]
+    assert not without["ok"] and "credentials" in without["message"]
+    assert not fake.bidi_events  # nothing was sent
+    dummy = {"AWS_ACCESS_KEY_ID": "any", "AWS_SECRET_ACCESS_KEY": "any"}
+    result = js_clients(spec, {**env, **dummy})["bidi"]
+    assert result["ok"], result
+    assert len(fake.bidi_events) == 2 and fake.bidi_completed == 1
+    assert fake.requests[-1].headers["Authorization"].startswith("AWS4-HMAC-SHA256")
+
+
+def test_the_upstream_stream_is_tls_verified_and_must_negotiate_h2(
+    bg, start_proxy, cert_pair, monkeypatch
+):
+    from aiohttp import web
+
+    fake = FakeBedrock()
+    url, runner = bg.run(start_server(fake.app(), server_context(*cert_pair)))
+    # The same fake behind TLS that offers only http/1.1 by ALPN.
+    http1_only = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    http1_only.load_cert_chain(*cert_pair)
+    http1_only.set_alpn_protocols(["http/1.1"])
+    plain_runner = web.AppRunner(fake.app())
+    bg.run(plain_runner.setup())
+    site = web.TCPSite(plain_runner, "127.0.0.1", 0, ssl_context=http1_only)
+    bg.run(site.start())
+    http1_url = f"https://127.0.0.1:{plain_runner.addresses[0][1]}"
+    try:
+        spec = {"model": "amazon.nova-sonic-v1:0", "calls": ["bidi"], "turns": 1}
+        env = {
+            "AWS_BEARER_TOKEN_BEDROCK": MASTER_KEY,
+            "AWS_ACCESS_KEY_ID": "a",
+            "AWS_SECRET_ACCESS_KEY": "b",
+        }
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+        proxy = start_proxy(endpoints={"bedrock-runtime": url})
+        untrusted = js_clients({**spec, "endpoint": proxy.base}, env)["bidi"]
+        assert (untrusted["ok"], untrusted["status"]) == (False, 503), untrusted
+        assert not fake.requests
+        monkeypatch.setenv("AWS_CA_BUNDLE", cert_pair[0])
+        trusted = js_clients({**spec, "endpoint": proxy.base}, env)["bidi"]
+        assert trusted["ok"] and fake.bidi_completed == 1, trusted
+        proxy = start_proxy(endpoints={"bedrock-runtime": http1_url})
+        refused = js_clients({**spec, "endpoint": proxy.base}, env)["bidi"]
+        assert (refused["ok"], refused["status"]) == (False, 503), refused
+        assert "HTTP/2" in refused["message"]
+    finally:
+        bg.run(runner.cleanup())
+        bg.run(plain_runner.cleanup())
