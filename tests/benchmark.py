@@ -50,6 +50,7 @@ TARGETS = {
     "stream_rss_kib_per_stream_5000": "<= 30",
     "large_body_peak_ratio": "<= 2.5",
     "upload_1gib_peak_growth_mib": "<= 64",
+    "h2_32_over_proxy_32": ">= 0.6",
 }
 
 
@@ -244,6 +245,55 @@ def wrk(
     }
     if server_pid:
         result["cpu_us_per_req"] = (cpu_seconds(server_pid) - cpu_before) * 1e6 / max(requests, 1)
+    return result
+
+
+def h2load(
+    url: str,
+    clients: int,
+    streams: int,
+    seconds: int,
+    headers: dict[str, str],
+    workdir: Path,
+    server_pid: int | None = None,
+) -> dict:
+    """HTTP/2 by prior knowledge: ``clients`` connections, ``streams`` concurrent each.
+    h2load costs more CPU per request than wrk on the same two cores, so the proxy's own
+    CPU per request is the fairer comparison with HTTP/1.1."""
+    body = workdir / "h2load-body.json"
+    body.write_text(CONVERSE_BODY)
+    cmd = [
+        "h2load",
+        "-c",
+        str(clients),
+        "-m",
+        str(streams),
+        "-t",
+        "1",
+        "-D",
+        str(seconds),
+        "--warm-up-time=1",
+        "-d",
+        str(body),
+    ]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds + 30).stdout
+    cpu = cpu_seconds(server_pid) - cpu_before if server_pid else 0.0
+    rps = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    codes = re.search(r"status codes: (\d+) 2xx", out)
+    ok = int(codes.group(1)) if codes else 0
+    result = {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "errors": (int(done.group(1)) - ok) if done else -1,
+        "streams": clients * streams,
+    }
+    if server_pid and done:
+        # (warm-up requests are included in the CPU and the count alike)
+        total = re.search(r"requests: (\d+) total", out)
+        result["cpu_us_per_req"] = cpu * 1e6 / max(int(total.group(1)) if total else 1, 1)
     return result
 
 
@@ -585,6 +635,15 @@ def http_phase(workdir: Path, seconds: int, repeat: int) -> dict:
                     best = out.get(f"{name}_{connections}")
                     if best is None or run["rps"] > best["rps"]:
                         out[f"{name}_{connections}"] = run
+        if shutil.which("h2load"):
+            # HTTP/2 on the same listener: 32 streams as 32 connections (the AWS SDK for
+            # JavaScript opens one per request) and as one connection carrying 32.
+            for clients, streams in ((32, 1), (1, 32)):
+                for _ in range(repeat):
+                    run = h2load(proxied, clients, streams, seconds, auth, workdir, proxy.pid)
+                    best = out.get(f"h2_{clients}x{streams}")
+                    if best is None or run["rps"] > best["rps"]:
+                        out[f"h2_{clients}x{streams}"] = run
         out["proxy_rss_mib"] = rss_kib(proxy.pid) / 1024
     return out
 
@@ -730,6 +789,21 @@ def print_http_table(h: dict) -> None:
         f"CPU per request, proxy/thin: "
         f"{h['proxy_32']['cpu_us_per_req'] / h['thin_32']['cpu_us_per_req']:.2f}"
     )
+    for shape in ("32x1", "1x32"):
+        row = h.get(f"h2_{shape}")
+        if row:
+            cpu = row.get("cpu_us_per_req")
+            print(
+                f"HTTP/2 (h2load, {shape} conns x streams): {row['rps']:.0f} req/s, "
+                f"{row['errors']} non-2xx; /proxy HTTP/1.1 @32: "
+                f"{row['rps'] / h['proxy_32']['rps']:.2f}"
+                + (
+                    f"; CPU {cpu:.0f} us/req, HTTP/1.1/HTTP/2 CPU per request "
+                    f"{h['proxy_32']['cpu_us_per_req'] / cpu:.2f}"
+                    if cpu
+                    else ""
+                )
+            )
     added = h["proxy_1"]["p50_ms"] - h["direct_1"]["p50_ms"]
     print(
         f"added p50 latency @1: {added:.3f} ms   proxy RSS after load: {h['proxy_rss_mib']:.0f} MiB"

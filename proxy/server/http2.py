@@ -33,6 +33,7 @@ from ..wire.http2 import (
     HOP_BY_HOP,
     ErrorCodes,
     Http2Connection,
+    LiteralEncoder,
     ProtocolError,
     SettingCodes,
     configuration,
@@ -107,7 +108,11 @@ class Http2ServerConnection(asyncio.Protocol):
         self._keepalive_timeout = keepalive_timeout
         self._loop = loop
         self.transport: asyncio.Transport | None = None
-        self._h2 = Http2Connection(config=configuration(client_side=False))
+        # Our own encoder checks what h2's outbound validation would (see LiteralEncoder);
+        # the response's names are lower-case and hop-by-hop fields are dropped below.
+        self._h2 = Http2Connection(config=configuration(client_side=False, validate_outbound=False))
+        self._h2.encoder = LiteralEncoder()  # type: ignore[assignment]
+        self._flush_pending = False
         self._streams: dict[int, _Stream] = {}
         self._requests_seen = 0
         self._closing = False  # GOAWAY sent: no new streams
@@ -409,6 +414,15 @@ class Http2ServerConnection(asyncio.Protocol):
             await self._writable
 
     def _flush(self) -> None:
+        """Write what h2 has queued at the end of this loop turn: a response's HEADERS and
+        DATA, and the window updates of its request, go out in one write (they were three
+        to five, and the writes were 5 % of an HTTP/2 request's CPU)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
         data = self._h2.data_to_send()
         if data and self.transport is not None:
             self.transport.write(data)
@@ -440,7 +454,7 @@ class Http2ServerConnection(asyncio.Protocol):
 
     def _close_if_done(self) -> None:
         if self._closing and not self._streams and self.transport is not None:
-            self._flush()
+            self._flush_now()
             self.transport.close()
 
     def _arm_idle(self) -> None:
@@ -480,7 +494,7 @@ class Http2ServerConnection(asyncio.Protocol):
             return
         with contextlib.suppress(ProtocolError):
             self._h2.close_connection(code)
-        self._flush()
+        self._flush_now()
         self.transport.close()
         self.transport = None  # nothing more is read or sent; connection_lost follows
         gone = ConnectionResetError("the HTTP/2 connection was closed")
