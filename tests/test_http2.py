@@ -140,15 +140,40 @@ def test_errors_stay_aws_shaped_over_h2(proxy):
         assert "message" in json.loads(refused.body)
     finally:
         client.close()
-    # A Host that differs from :authority is a malformed request (RFC 9113 8.3.1): the
-    # policy and the signature must not read different hosts.
+
+
+MALFORMED = {
+    "host differs from :authority": [("host", "elsewhere.example")],
+    "upper-case name": [("X-Upper", "1")],
+    "CR in a value": [("x-a", "1\r\nx-b: 2")],
+    "NUL in a value": [("x-a", "1\x002")],
+    "leading space": [("x-a", " 1")],
+    "connection header": [("connection", "close")],
+    "transfer-encoding": [("transfer-encoding", "chunked")],
+    "TE not trailers": [("te", "gzip")],
+    "colon inside a name": [("x:a", "1")],
+    "unknown pseudo-header": [(":protocol", "websocket")],
+    "pseudo-header after a field": [("x-a", "1"), (":scheme", "http")],
+}
+
+
+@pytest.mark.parametrize("fields", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_requests_are_reset_and_never_forwarded(proxy, fake, fields):
+    """RFC 9113 8.1.1: a stream error PROTOCOL_ERROR; the connection serves on."""
+    fake.reset()
     client = H2Client(proxy.base)
     try:
         client.conn.config.validate_outbound_headers = False
-        client.request("GET", "/health/liveness", headers=[("host", "elsewhere.example")])
-        assert _goaway_code(client) == 1  # PROTOCOL_ERROR
+        client.conn.config.normalize_outbound_headers = False
+        bad = client.request(
+            "POST", "/bedrock/model/m1/converse", headers=BEARER + fields, body=BODY
+        )
+        client.pump(lambda: client.done(bad))
+        assert client.answers[bad].reset == 1  # PROTOCOL_ERROR
+        assert client.fetch("GET", "/health/liveness").status == 200
     finally:
         client.close()
+    assert not fake.requests
 
 
 # ---------------------------------------------------------------------------- JS SDK
@@ -639,3 +664,25 @@ def test_the_upstream_stream_is_tls_verified_and_must_negotiate_h2(
     finally:
         bg.run(runner.cleanup())
         bg.run(plain_runner.cleanup())
+
+
+def test_the_literal_encoder_is_read_by_hpack_as_written():
+    from hpack import Decoder
+
+    from proxy.wire.http2 import LiteralEncoder, ProtocolError
+
+    fields = [
+        (b":status", b"200"),
+        (b":status", b"429"),
+        (b"content-type", b"application/vnd.amazon.eventstream"),
+        (b"x-amzn-requestid", b"r" * 40),
+        (b"x-long", b"v" * 70_000),
+        (b"x-empty", b""),
+    ]
+    encoder, decoder = LiteralEncoder(), Decoder()
+    decoder.max_header_list_size = 1 << 20
+    for _ in range(2):  # the table-size update only leads the first block
+        assert decoder.decode(encoder.encode(fields), raw=True) == fields
+    assert decoder.header_table_size == 0
+    with pytest.raises(ProtocolError):
+        encoder.encode([(b"x-a", b"1\r\nx-b: 2")])

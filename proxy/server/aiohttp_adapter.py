@@ -22,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..wire import errors
+from ..wire.http2 import request_fields
 
 log = logging.getLogger("bedrock_proxy.server")
 
@@ -64,36 +65,23 @@ StreamBody = StreamReader
 _BODY_LIMIT = 2**16  # aiohttp's own per-request read buffer
 
 
-def http2_request_message(
-    fields: list[tuple[bytes, bytes]], transport: asyncio.Transport | None
-) -> RawRequestMessage:
-    """The request an HTTP/2 HEADERS block describes, as aiohttp's parser would give it.
-    ``:authority`` becomes ``Host`` (RFC 9113 8.3.1); a second, different Host is
-    refused rather than letting the policy and the signature read different hosts."""
-    pseudo: dict[bytes, bytes] = {}
-    headers: CIMultiDict[str] = CIMultiDict()
-    raw: list[tuple[bytes, bytes]] = []
-    for name, value in fields:
-        if name.startswith(b":"):
-            pseudo[name] = value
-            continue
-        headers.add(
-            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
-        )
-        raw.append((name, value))
-    method = pseudo.get(b":method", b"").decode("ascii", "replace")
-    path = pseudo.get(b":path", b"").decode("utf-8", "surrogateescape")
+def http2_request_message(fields: list[tuple[bytes, bytes]]) -> RawRequestMessage:
+    """The request an HTTP/2 HEADERS block describes, as aiohttp's parser would give it;
+    raises ``MalformedRequest`` (see ``wire.http2.request_fields``). ``:authority``
+    becomes ``Host`` (RFC 9113 8.3.1), so the policy and the signature read one host."""
+    pseudo, regular = request_fields(fields)
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in regular
+    )
+    authority = pseudo.get(b":authority")
+    if authority is not None and "Host" not in headers:
+        headers["Host"] = authority.decode("utf-8", "surrogateescape")
+        regular.append((b"host", authority))
+    method = pseudo[b":method"].decode("ascii", "replace")
+    path = pseudo[b":path"].decode("utf-8", "surrogateescape")
     if method == "CONNECT" or not path.startswith("/"):
         raise errors.AwsError(405, "ValidationException", f"Unsupported method {method}")
-    authority = pseudo.get(b":authority")
-    if authority is not None:
-        host = authority.decode("utf-8", "surrogateescape")
-        given = headers.getall("Host", [])
-        if any(h != host for h in given) or len(given) > 1:
-            raise errors.validation("The Host header does not match :authority")
-        if not given:
-            headers["Host"] = host
-            raw.append((b"host", authority))
     target, _, fragment = path.partition("#")
     target, _, query = target.partition("?")
     try:
@@ -101,7 +89,16 @@ def http2_request_message(
     except ValueError:
         raise errors.validation("The request path is not valid") from None
     return RawRequestMessage(
-        method, path, HTTP2, CIMultiDictProxy(headers), tuple(raw), False, None, False, False, url
+        method,
+        path,
+        HTTP2,
+        CIMultiDictProxy(headers),
+        tuple(regular),
+        False,
+        None,
+        False,
+        False,
+        url,
     )
 
 

@@ -34,6 +34,7 @@ from ..wire.http2 import (
     ErrorCodes,
     Http2Connection,
     LiteralEncoder,
+    MalformedRequest,
     ProtocolError,
     SettingCodes,
     configuration,
@@ -110,7 +111,8 @@ class Http2ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # Our own encoder checks what h2's outbound validation would (see LiteralEncoder);
         # the response's names are lower-case and hop-by-hop fields are dropped below.
-        self._h2 = Http2Connection(config=configuration(client_side=False, validate_outbound=False))
+        # Inbound fields are checked by http2_request_message (wire.http2.request_fields).
+        self._h2 = Http2Connection(config=configuration(client_side=False, validate=False))
         self._h2.encoder = LiteralEncoder()  # type: ignore[assignment]
         self._flush_pending = False
         self._streams: dict[int, _Stream] = {}
@@ -247,7 +249,13 @@ class Http2ServerConnection(asyncio.Protocol):
         stream = self._streams[stream_id] = _Stream(self, stream_id)
         ended = event.stream_ended is not None
         try:
-            message = http2_request_message(event.headers or [], self.transport)
+            message = http2_request_message(event.headers or [])
+        except MalformedRequest as exc:
+            log.info("malformed HTTP/2 request from %s: %s", self.peername, exc)
+            del self._streams[stream_id]
+            self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self._after_stream()
+            return
         except errors.AwsError as exc:
             self._refuse(stream, exc)
             return

@@ -13,6 +13,7 @@ leaves it open too.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from h2.config import H2Configuration
@@ -37,21 +38,79 @@ __all__ = [
     "ErrorCodes",
     "Http2Connection",
     "LiteralEncoder",
+    "MalformedRequest",
     "ProtocolError",
     "SettingCodes",
     "configuration",
+    "request_fields",
 ]
 
 
-def configuration(*, client_side: bool, validate_outbound: bool = True) -> H2Configuration:
-    # Header names and values stay bytes: the proxy decodes them as aiohttp does.
+def configuration(*, client_side: bool, validate: bool = True) -> H2Configuration:
+    """Header names and values stay bytes (the proxy decodes them as aiohttp does).
+    ``validate=False`` is for the server, which checks requests with ``request_fields``
+    and encodes responses with ``LiteralEncoder``."""
     return H2Configuration(
         client_side=client_side,
         header_encoding=None,
-        validate_inbound_headers=True,
-        normalize_inbound_headers=True,
-        validate_outbound_headers=validate_outbound,
+        validate_inbound_headers=validate,
+        normalize_inbound_headers=validate,
+        validate_outbound_headers=validate,
     )
+
+
+class MalformedRequest(ProtocolError):
+    """A request header block RFC 9113 calls malformed: a stream error, PROTOCOL_ERROR."""
+
+
+# A field name: visible ASCII without upper case, and a colon only as a pseudo-header's
+# first character. A field value: no NUL, CR or LF; no leading or trailing SP or HTAB.
+_NAME = re.compile(rb":?[\x21-\x39\x3b-\x40\x5b-\x7e]+\Z")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def request_fields(
+    fields: list[tuple[bytes, bytes]],
+) -> tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]:
+    """A request's pseudo-headers and regular fields, checked as RFC 9113 8.2 and 8.3 ask,
+    with its Cookie fields joined for HTTP/1.1 (8.2.3).
+
+    The server runs h2 with its inbound validation off and checks here instead, in one
+    pass of two compiled expressions per field: h2's chain of per-character generator
+    checks was a quarter of its cost for a request (100 of 360 µs on the development VM).
+    The checks are h2's: names, values, TE, connection-specific fields, pseudo-header
+    order, duplicates and presence, :path not empty, Host agreeing with :authority."""
+    pseudo: dict[bytes, bytes] = {}
+    regular: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    for name, value in fields:
+        if _NAME.match(name) is None:
+            raise MalformedRequest(f"invalid header name {name[:64]!r}")
+        if value and _BAD_VALUE.search(value) is not None:
+            raise MalformedRequest(f"invalid value for header {name[:64]!r}")
+        if name[0] == 0x3A:  # ":"
+            if regular or name in pseudo or name not in _PSEUDO:
+                raise MalformedRequest(f"misplaced, repeated or unknown {name[:64]!r}")
+            pseudo[name] = value
+        elif name in _HOP_BY_HOP:
+            raise MalformedRequest(f"connection-specific header {name!r}")
+        elif name == b"te" and value.lower() != b"trailers":
+            raise MalformedRequest("TE other than trailers")
+        elif name == b"cookie":
+            cookies.append(value)
+        else:
+            regular.append((name, value))
+    if cookies:
+        regular.append((b"cookie", b"; ".join(cookies)))
+    if b":method" not in pseudo or b":scheme" not in pseudo or not pseudo.get(b":path"):
+        raise MalformedRequest("a request needs :method, :scheme and :path")
+    authority = pseudo.get(b":authority")
+    for name, value in regular:
+        if name == b"host" and authority is not None and value != authority:
+            raise MalformedRequest("Host does not match :authority")
+    return pseudo, regular
 
 
 # Static-table entries (RFC 7541 appendix A): whole fields, and names.
@@ -72,6 +131,17 @@ def _integer(value: int, prefix_bits: int, flags: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _name_prefix(name: bytes) -> bytes:
+    """A literal field's start: without indexing, by static-table name or literal name."""
+    index = _STATIC_NAMES.get(name)
+    if index is not None:
+        return _integer(index, 4, 0x00)
+    return b"\x00" + _integer(len(name), 7, 0x00) + name
+
+
+_NAME_PREFIXES: dict[bytes, bytes] = {}
 
 
 class LiteralEncoder:
@@ -97,6 +167,7 @@ class LiteralEncoder:
         if not self._sized:
             out += b"\x20"  # dynamic table size update: 0
             self._sized = True
+        names = _NAME_PREFIXES
         for name, value in headers:
             if b"\r" in value or b"\n" in value or b"\x00" in value:
                 raise ProtocolError(f"header {name!r} has a forbidden character")
@@ -104,12 +175,15 @@ class LiteralEncoder:
             if whole is not None:
                 out += _integer(whole, 7, 0x80)
                 continue
-            index = _STATIC_NAMES.get(name)
-            if index is not None:
-                out += _integer(index, 4, 0x00)  # literal without indexing, indexed name
-            else:
-                out += b"\x00" + _integer(len(name), 7, 0x00) + name
-            out += _integer(len(value), 7, 0x00) + value
+            prefix = names.get(name)
+            if prefix is None:
+                prefix = _name_prefix(name)
+                if len(names) < 1024:  # names repeat; values mostly do not
+                    names[name] = prefix
+            out += prefix
+            size = len(value)
+            out += bytes((size,)) if size < 127 else _integer(size, 7, 0x00)
+            out += value
         return bytes(out)
 
 
