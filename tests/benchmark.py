@@ -8,6 +8,9 @@
   open stream, proxy CPU per 1,000 frames.
 - Large bodies: a 25 MiB InvokeModel body and a 1 GiB S3 upload through /bedrock/files,
   direct and through the proxy: time, and the proxy's peak RSS over idle.
+- HTTP/2: h2load at 32 streams (32 connections of one, one of 32) against the proxy, and a
+  bidirectional stream's added time from event to answer (the test suite's fake upstream,
+  which checks every chunk signature).
 
 Results go to a JSON file as well (``--out``), with the machine's core count, so runs can be
 compared between commits. Every server listens on 127.0.0.1; every phase is bounded in time.
@@ -32,6 +35,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent / "bedrock-proxy"
@@ -51,6 +55,7 @@ TARGETS = {
     "large_body_peak_ratio": "<= 2.5",
     "upload_1gib_peak_growth_mib": "<= 64",
     "h2_32_over_proxy_32": ">= 0.6",
+    "bidi_added_p50_ms": "<= 1",
 }
 
 
@@ -555,7 +560,12 @@ def main() -> int:
     parser.add_argument("--body-mib", type=int, default=25)
     parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
     parser.add_argument(
-        "--only", choices=("http", "streams"), help="run one phase (streams includes bodies)"
+        "--only",
+        choices=("http", "streams", "bidi"),
+        help="run one phase (streams includes bodies)",
+    )
+    parser.add_argument(
+        "--turns", type=int, default=300, help="events in the bidirectional-stream phase"
     )
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -575,6 +585,8 @@ def main() -> int:
             results["http"] = http_phase(workdir, args.seconds, args.repeat)
         if args.only in (None, "streams"):
             results["streams"], results["large_body"] = stream_and_body_phases(workdir, args)
+        if args.only in (None, "bidi"):
+            results["bidi"] = bidi_phase(workdir, args.turns)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"\nresults written to {args.out}")
@@ -756,6 +768,17 @@ def print_table(r: dict) -> None:
         print_http_table(r["http"])
     if "streams" in r:
         print_stream_tables(r["streams"], r["large_body"])
+    if "bidi" in r:
+        b = r["bidi"]
+        print(
+            f"\nInvokeModelWithBidirectionalStream over HTTP/2 ({b['turns']} events, each sent"
+            " when the previous answer arrived; chain verified and re-signed per event):"
+        )
+        print(
+            f"event to answer p50: direct {b['direct_p50_ms']:.2f} ms, proxy "
+            f"{b['proxy_p50_ms']:.2f} ms; added p50 {b['added_p50_ms']:.2f} ms, "
+            f"p99 {b['added_p99_ms']:.2f} ms"
+        )
     print("\nTargets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
 
 
@@ -904,9 +927,138 @@ def run_thin_hop(port: int, upstream: str) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
+# ------------------------------------------------------------------ bidirectional
+
+
+def run_bidi_stub(port: int) -> None:
+    """The test suite's fake Bedrock on the proxy's own listener: HTTP/2 on its port,
+    InvokeModelWithBidirectionalStream answered event by event, every chunk signature
+    checked."""
+    from aiohttp import web
+
+    from proxy.server.runner import ProxyRunner
+    from tests.fake_bedrock import FakeBedrock
+
+    async def serve() -> None:
+        runner = ProxyRunner(FakeBedrock().app(), header_timeout=30, keepalive_timeout=75)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(serve())
+
+
+def bidi_round_trips(
+    base: str, access_key: str, secret_key: str, token: str | None, turns: int
+) -> list[float]:
+    """One session, ``turns`` events, each sent when the previous answer has arrived:
+    the time from sending an event to its answer, in ms."""
+    import base64 as b64
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from proxy.wire.eventsig import STREAMING_EVENTS, SignatureChain
+    from proxy.wire.eventstream import encode_frame
+    from tests.h2client import H2Client
+
+    path = f"/model/{MODEL}/invoke-with-bidirectional-stream"
+    request = AWSRequest(
+        method="POST", url=base + path, headers={"x-amz-content-sha256": STREAMING_EVENTS}
+    )
+    SigV4Auth(Credentials(access_key, secret_key, token), "bedrock", "us-east-1").add_auth(request)
+    headers = [(k.lower(), v) for k, v in request.headers.items()]
+    seed = request.headers["Authorization"].rpartition("Signature=")[2]
+    chain = SignatureChain.for_credentials(
+        secret_key, request.headers["X-Amz-Date"][:8], "us-east-1", "bedrock", seed
+    )
+    client = H2Client(base, timeout=10)
+    prefix = urlsplit(base).path.rstrip("/")
+    stream_id = client.request("POST", prefix + path, headers=headers, end=False)
+    times = []
+    try:
+        for turn in range(turns):
+            data = b64.b64encode(json.dumps({"event": {"turn": turn, "text": "hi"}}).encode())
+            inner = encode_frame(
+                {
+                    ":event-type": "chunk",
+                    ":content-type": "application/json",
+                    ":message-type": "event",
+                },
+                json.dumps({"bytes": data.decode()}).encode(),
+            )
+            seen = _chunks(client, stream_id)  # each event is answered with two chunks
+            started = time.perf_counter()
+            client.conn.send_data(stream_id, chain.sign(inner))
+            client.flush()
+            client.pump(lambda seen=seen: _chunks(client, stream_id) >= seen + 2)
+            times.append((time.perf_counter() - started) * 1000)
+        client.conn.send_data(stream_id, chain.sign(b""), end_stream=True)
+        client.flush()
+        client.pump(lambda: client.done(stream_id))
+    finally:
+        client.close()
+    return times
+
+
+def _chunks(client: object, stream_id: int) -> int:
+    return client.answers[stream_id].body.count(b"\x00\x05chunk")  # type: ignore[attr-defined]
+
+
+def bidi_phase(workdir: Path, turns: int) -> dict:
+    from tests.fake_bedrock import UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY, UPSTREAM_SESSION_TOKEN
+
+    stub_port, proxy_port = free_port(), free_port()
+    env = proxy_env(workdir, f"http://127.0.0.1:{stub_port}", proxy_port)
+    env.update(
+        AWS_ACCESS_KEY_ID=UPSTREAM_ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=UPSTREAM_SECRET_KEY,
+        AWS_SESSION_TOKEN=UPSTREAM_SESSION_TOKEN,
+    )
+    key = json.loads(
+        subprocess.run(
+            [str(BIN), "keys", "create", "--alias", "bidi-bench"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    stub_cmd = [sys.executable, __file__, "bidi-stub", "--port", str(stub_port)]
+    with process(stub_cmd, stub_port), process([str(BIN), "serve"], proxy_port, env):
+        direct, proxied = [], []
+        for _ in range(2):  # interleaved; the first round warms both paths
+            direct = bidi_round_trips(
+                f"http://127.0.0.1:{stub_port}",
+                UPSTREAM_ACCESS_KEY,
+                UPSTREAM_SECRET_KEY,
+                UPSTREAM_SESSION_TOKEN,
+                turns,
+            )
+            proxied = bidi_round_trips(
+                f"http://127.0.0.1:{proxy_port}/bedrock",
+                key["access_key_id"],
+                key["secret_access_key"],
+                None,
+                turns,
+            )
+    return {
+        "turns": turns,
+        "direct_p50_ms": pct(direct, 0.5),
+        "proxy_p50_ms": pct(proxied, 0.5),
+        "added_p50_ms": pct(proxied, 0.5) - pct(direct, 0.5),
+        "added_p99_ms": pct(proxied, 0.99) - pct(direct, 0.99),
+    }
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
-    if len(sys.argv) > 1 and sys.argv[1] in ("stub", "stream-stub", "thin"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("stub", "stream-stub", "thin", "bidi-stub"):
         sub = argparse.ArgumentParser()
         sub.add_argument("kind")
         sub.add_argument("--port", type=int, required=True)
@@ -916,6 +1068,8 @@ if __name__ == "__main__":
         a = sub.parse_args()
         if a.kind == "stub":
             run_static_stub(a.port)
+        elif a.kind == "bidi-stub":
+            run_bidi_stub(a.port)
         elif a.kind == "thin":
             run_thin_hop(a.port, a.upstream)
         else:

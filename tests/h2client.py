@@ -115,7 +115,10 @@ class H2Client:
                 break
             for event in self.conn.receive_data(data):
                 self._on(event)
-            self.flush()
+            try:
+                self.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.closed = True  # the server closed while we answered its frames
 
     def _on(self, event: Any) -> None:
         if isinstance(event, h2.events.ResponseReceived):

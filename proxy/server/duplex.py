@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -109,6 +107,20 @@ class DuplexRelay:
         server_chain: SignatureChain,
         x: Exchange,
     ) -> None:
+        try:
+            await self._send_events(request, up, client_chain, server_chain, x)
+        except BaseException:
+            up.reset()  # the reader of the answers wakes, and finds out why from this task
+            raise
+
+    async def _send_events(
+        self,
+        request: web.Request,
+        up: Http2Stream,
+        client_chain: SignatureChain | None,
+        server_chain: SignatureChain,
+        x: Exchange,
+    ) -> None:
         """Client frames, checked and re-signed, until the client's final empty frame."""
         splitter = eventstream.FrameSplitter()
         content = request.content
@@ -158,12 +170,12 @@ class DuplexRelay:
         try:
             while True:
                 done, _ = await asyncio.wait({head, pump}, return_when=asyncio.FIRST_COMPLETED)
-                if head in done:
-                    return _upstream_result(head)
-                failure = pump.exception()
-                if isinstance(failure, _Refused):
+                failure = _failure_of(pump)
+                if isinstance(failure, _Refused):  # before the answer (which it reset)
                     status = 403 if failure.code == "InvalidSignatureException" else 400
                     raise errors.AwsError(status, failure.code, failure.message)
+                if head in done:
+                    return _upstream_result(head)
                 if failure is not None:
                     raise _as_unavailable(failure)
                 # The client finished sending before any answer: wait for the answer alone.
@@ -185,8 +197,13 @@ class DuplexRelay:
         sent = 0
         failure: str | None = None
         while True:
-            if pump.done() and not pump.cancelled() and pump.exception() is not None:
-                refused = pump.exception()
+            try:
+                data = await up.read(self._idle)
+            except http1.ReadTimeout:
+                failure = f"The upstream stream was idle for more than {self._idle:g} s"
+                break
+            except http1.UpstreamError:
+                refused = _failure_of(pump)
                 if isinstance(refused, _Refused):
                     x.error = refused.code
                     x.incomplete = True
@@ -196,18 +213,6 @@ class DuplexRelay:
                     return
                 failure = "The upstream stream was cut off"
                 break
-            try:
-                data = await _first(up.read(self._idle), pump)
-            except http1.ReadTimeout:
-                failure = f"The upstream stream was idle for more than {self._idle:g} s"
-                break
-            except http1.UpstreamError:
-                if pump.done() and isinstance(pump.exception(), _Refused):
-                    continue  # reported above
-                failure = "The upstream stream was cut off"
-                break
-            if data is None:
-                continue  # the client side finished or failed: look at it above
             if not data:
                 if splitter.pending:
                     failure = "The upstream event stream ended in the middle of a frame"
@@ -277,18 +282,10 @@ def _as_unavailable(failure: BaseException) -> errors.AwsError:
     return errors.service_unavailable(f"The upstream stream failed: {failure}")
 
 
-async def _first(read: Coroutine[Any, Any, bytes], pump: asyncio.Task[None]) -> bytes | None:
-    """The next upstream data, or None as soon as the client side has ended (either way)."""
-    reading = asyncio.ensure_future(read)
-    if pump.done():
-        return await reading
-    done, _ = await asyncio.wait({reading, pump}, return_when=asyncio.FIRST_COMPLETED)
-    if reading in done:
-        return reading.result()
-    reading.cancel()
-    with contextlib.suppress(BaseException):
-        await reading
-    return None
+def _failure_of(pump: asyncio.Task[None]) -> BaseException | None:
+    if not pump.done() or pump.cancelled():
+        return None
+    return pump.exception()
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
