@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
 
-.PHONY: install js-install run run-tls test typecheck lint bench clean wheel deploy-check
+.PHONY: install js-install sdk-install run run-tls test typecheck lint bench clean wheel deploy-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,21 @@ $(JS_STAMP): tests/js/package.json tests/js/package-lock.json
 	touch $@
 
 js-install: $(JS_STAMP)
+
+# The Python SDK for Bedrock (aws-sdk-bedrock-runtime, CRT transport) needs Python >= 3.12:
+# its own venv when one is installed (pyenv's, or on PATH); its test skips without one.
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3) \
+	$(shell for p in python3.13 python3.12; do $$p -c 'import sys; assert sys.version_info >= (3, 12)' \
+	2>/dev/null && command -v $$p && break; done))
+SDK_VENV := tests/py312/.venv
+SDK_STAMP := $(SDK_VENV)/.installed-stamp
+$(SDK_STAMP): tests/py312/requirements.txt
+	@if [ -n "$(PY312)" ]; then \
+		$(PY312) -m venv $(SDK_VENV) && $(SDK_VENV)/bin/pip install -q -r tests/py312/requirements.txt \
+		&& touch $@; \
+	else echo "no Python >= 3.12: the Python SDK's test will be skipped"; fi
+
+sdk-install: $(SDK_STAMP)
 
 # Without BEDROCK_PROXY_MASTER_KEY the proxy only runs unauthenticated, so it is bound to loopback.
 run: install
@@ -47,7 +62,7 @@ run-tls: install
 
 # Two workers, a test file each at a time (module fixtures stay in one process); every
 # server a test starts listens on its own port and PostgreSQL gives each worker a database.
-test: install js-install deploy-check typecheck
+test: install js-install sdk-install deploy-check typecheck
 	$(VENV)/bin/ruff check proxy tests
 	$(PY) -m pytest -n 2 --dist loadfile
 

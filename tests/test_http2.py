@@ -686,3 +686,44 @@ def test_the_literal_encoder_is_read_by_hpack_as_written():
     assert decoder.header_table_size == 0
     with pytest.raises(ProtocolError):
         encoder.encode([(b"x-a", b"1\r\nx-b: 2")])
+
+
+SDK_PYTHON = os.path.join(os.path.dirname(__file__), "py312", ".venv", "bin", "python")
+
+
+@pytest.mark.skipif(
+    not os.path.exists(SDK_PYTHON),
+    reason="no Python >= 3.12 venv with aws-sdk-bedrock-runtime (make test builds one "
+    "where Python 3.12 or newer is installed)",
+)
+def test_python_sdk_crt_bidirectional_stream_over_tls(https_proxy, cert_pair, fake, monkeypatch):
+    """aws-sdk-bedrock-runtime on its CRT transport: h2 by ALPN, events signed by awscrt's
+    own SigV4 implementation, each sent after the previous answer."""
+    fake.reset()
+    monkeypatch.setenv("SSL_CERT_FILE", cert_pair[0])
+    key = new_key(https_proxy, models=["amazon.nova-sonic-v1:0"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ACCESS_KEY_ID=key["access_key_id"], AWS_SECRET_ACCESS_KEY=key["secret_access_key"]
+    )
+    out = subprocess.run(
+        [
+            SDK_PYTHON,
+            os.path.join(os.path.dirname(__file__), "py312", "bidi_client.py"),
+            https_proxy.base,
+            "amazon.nova-sonic-v1:0",
+            cert_pair[0],
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    result = json.loads(out.stdout or "{}")
+    assert result.get("ok"), (result, out.stderr[-2000:])
+    texts = [
+        a["event"]["textOutput"]["content"] for a in result["answers"] if "textOutput" in a["event"]
+    ]
+    assert texts == [f"amazon.nova-sonic-v1:0: py {i}" for i in range(3)]
+    assert fake.bidi_completed == 1 and fake.bidi_bad_signatures == 0
