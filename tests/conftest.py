@@ -229,6 +229,22 @@ def proxy(start_proxy: ProxyFactory) -> Server:
     return start_proxy()
 
 
+@pytest.fixture(scope="module")
+def cert_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
+    from proxy.server.tls import write_self_signed
+
+    return write_self_signed(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="module")
+def https_proxy(start_proxy: ProxyFactory, cert_pair: tuple[str, str]) -> Server:
+    """A proxy on TLS (ALPN h2 and http/1.1) with that certificate."""
+    from proxy.server.tls import server_context
+
+    return start_proxy(tls=server_context(*cert_pair))
+
+
 @contextlib.contextmanager
 def unanswered_port() -> Iterator[int]:
     """A loopback port whose listener never accepts and whose accept queue is full, so a

@@ -20,7 +20,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from proxy.server.tls import server_context, write_self_signed
+from proxy.server.tls import server_context
 from proxy.wire.eventsig import STREAMING_EVENTS, SignatureChain
 from proxy.wire.eventstream import encode_frame, iter_frames
 from tests.conftest import (
@@ -40,16 +40,6 @@ JS = os.path.join(os.path.dirname(__file__), "js")
 BODY = json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}).encode()
 BEARER = [("authorization", f"Bearer {MASTER_KEY}"), ("content-type", "application/json")]
 ENHANCE_YOUR_CALM = 11
-
-
-@pytest.fixture(scope="module")
-def cert_pair(tmp_path_factory):
-    return write_self_signed(str(tmp_path_factory.mktemp("tls")))
-
-
-@pytest.fixture(scope="module")
-def https_proxy(start_proxy, cert_pair):
-    return start_proxy(tls=server_context(*cert_pair))
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:

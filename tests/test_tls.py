@@ -23,16 +23,6 @@ from tests.test_cli import BIN, free_port, running, server_env
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 
 
-@pytest.fixture(scope="module")
-def cert_pair(tmp_path_factory):
-    return write_self_signed(str(tmp_path_factory.mktemp("tls")))
-
-
-@pytest.fixture(scope="module")
-def https_proxy(start_proxy, cert_pair):
-    return start_proxy(tls=server_context(*cert_pair))
-
-
 def test_bearer_token_client_over_https(https_proxy, fake, cert_pair, monkeypatch):
     monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", MASTER_KEY)
     client = boto3.client(

@@ -155,7 +155,9 @@ def create_app(
         metrics,
         jobs,
         ModelRefs(upstream.control_get, settings.model_ref_ttl),
-        DuplexRelay(settings.idle_timeout, settings.first_byte_timeout, metrics, shutdown),
+        DuplexRelay(
+            upstream, settings.idle_timeout, settings.first_byte_timeout, metrics, shutdown
+        ),
     )
     files = FilesFront(upstream, authenticator, metering, settings.max_file_bytes)
     batches = BatchSettler(

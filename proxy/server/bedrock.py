@@ -26,6 +26,7 @@ from ..metering.service import Metering
 from ..metering.usage import meter_for
 from ..observe.metrics import Metrics
 from ..wire import errors, eventsig, eventstream, http1
+from ..wire.endpoints import Upstream
 from ..wire.h2client import Http2Stream
 from ..wire.headers import check_request_headers, response_headers, split_request_headers
 from ..wire.routing import Router
@@ -113,12 +114,7 @@ class BedrockFront:
             body = await self._read_body(request)
         x.bytes_in = body.size
         x.identity = identity  # before the policy, so a refusal is attributed to the key
-        upstream = self._upstream.resolve(op.service, request)
-        x.region = upstream.region
-        if x.model is not None and resolvable(x.model):
-            resolved = await self._model_refs.resolve(x.model)
-            if resolved is not None:
-                x.model_ref, x.model = x.model, resolved
+        upstream = await self._target(request, x)
         spec = identity.spec
         if spec is not None:
             # A body read in one piece is checked as it is; a large one is joined (a copy)
@@ -126,8 +122,7 @@ class BedrockFront:
             data = body.data if isinstance(body.data, bytes) else None
             if data is None and policy.needs_body(spec, op):
                 data = body.joined()
-            aliases = {x.model_ref: x.model} if x.model_ref and x.model else None
-            policy.check(spec, op, match.labels, request.headers, data, query, aliases)
+            policy.check(spec, op, match.labels, request.headers, data, query, _aliases(x))
         await self._jobs.check(identity, op, match.labels)
         if x.model is None and op.name in _MODEL_IN_BODY:
             x.model = policy.body_model(op, body.joined())
@@ -178,15 +173,9 @@ class BedrockFront:
             )
             client_chain = await self._auth.event_chain(request)
         x.identity = identity
-        upstream = self._upstream.resolve(op.service, request)
-        x.region = upstream.region
-        if x.model is not None and resolvable(x.model):
-            resolved = await self._model_refs.resolve(x.model)
-            if resolved is not None:
-                x.model_ref, x.model = x.model, resolved
+        upstream = await self._target(request, x)
         if identity.spec is not None:
-            aliases = {x.model_ref: x.model} if x.model_ref and x.model else None
-            policy.check(identity.spec, op, labels, request.headers, None, query, aliases)
+            policy.check(identity.spec, op, labels, request.headers, None, query, _aliases(x))
         if request.version.major != 2:
             raise errors.validation(f"{op.name} requires HTTP/2")
         x.annotations = read_annotations(request.headers)
@@ -213,6 +202,18 @@ class BedrockFront:
             raise errors.service_unavailable(str(exc)) from None
         out_headers = CIMultiDict({"x-bedrock-proxy-request-id": x.request_id})
         return await self._duplex.run(request, x, up, client_chain, server_chain, out_headers)
+
+    async def _target(self, request: web.Request, x: Exchange) -> Upstream:
+        """Where the request goes, and the model it names once an application-profile or
+        provisioned-model ARN is resolved (the policy checks both)."""
+        assert x.operation is not None
+        upstream = self._upstream.resolve(x.operation.service, request)
+        x.region = upstream.region
+        if x.model is not None and resolvable(x.model):
+            resolved = await self._model_refs.resolve(x.model)
+            if resolved is not None:
+                x.model_ref, x.model = x.model, resolved
+        return upstream
 
     async def _read_body(self, request: web.Request) -> RequestBody:
         return await read_body(request, self._max_body, self._settings.body_timeout)
@@ -298,6 +299,10 @@ class BedrockFront:
             headers["x-bedrock-proxy-tokens"] = str(x.usage.total_tokens)
             if cost is not None:
                 headers["x-bedrock-proxy-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
+
+
+def _aliases(x: Exchange) -> dict[str, str] | None:
+    return {x.model_ref: x.model} if x.model_ref and x.model else None
 
 
 def refuse_other_providers(request: web.BaseRequest) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -25,7 +26,9 @@ from ..observe.metrics import Metrics
 from ..wire import errors, eventstream, http1
 from ..wire.eventsig import ChunkSignatureError, SignatureChain
 from ..wire.h2client import Http2Stream
+from ..wire.headers import response_headers
 from .pipeline import Shutdown
+from .upstream import CLIENT_GONE, UpstreamClient
 
 OPERATION = "InvokeModelWithBidirectionalStream"
 
@@ -41,8 +44,14 @@ class _Refused(Exception):
 
 class DuplexRelay:
     def __init__(
-        self, idle_timeout: float, first_byte_timeout: float, metrics: Metrics, shutdown: Shutdown
+        self,
+        upstream: UpstreamClient,
+        idle_timeout: float,
+        first_byte_timeout: float,
+        metrics: Metrics,
+        shutdown: Shutdown,
     ) -> None:
+        self._upstream = upstream
         self._idle = idle_timeout
         self._first_byte = first_byte_timeout
         self._metrics = metrics
@@ -57,7 +66,10 @@ class DuplexRelay:
         server_chain: SignatureChain,
         out_headers: CIMultiDict[str],
     ) -> web.StreamResponse:
-        pump = asyncio.create_task(self._pump_up(request, up, client_chain, server_chain, x))
+        pump = asyncio.create_task(self._send_events(request, up, client_chain, server_chain, x))
+        # However the client side ends early, the upstream stream is reset: the reader of
+        # the answers wakes, and finds out why from this task.
+        pump.add_done_callback(_reset_on_failure(up))
         response: web.StreamResponse | None = None
         try:
             status, headers = await self._response_head(up, pump)
@@ -65,10 +77,7 @@ class DuplexRelay:
             x.status = status
             if status >= 400:
                 return await self._error_response(up, status, headers, x)
-            for name, value in headers:
-                if name.startswith(b":") or name.lower() in _DROPPED:
-                    continue
-                out_headers.add(name.decode("latin-1"), value.decode("latin-1"))
+            out_headers.extend(response_headers(_fields(headers)))
             response = web.StreamResponse(status=status, headers=out_headers)
             await response.prepare(request)
             self._metrics.active_streams += 1
@@ -98,20 +107,6 @@ class DuplexRelay:
                 up.reset()
 
     # ------------------------------------------------------------------ up
-
-    async def _pump_up(
-        self,
-        request: web.Request,
-        up: Http2Stream,
-        client_chain: SignatureChain | None,
-        server_chain: SignatureChain,
-        x: Exchange,
-    ) -> None:
-        try:
-            await self._send_events(request, up, client_chain, server_chain, x)
-        except BaseException:
-            up.reset()  # the reader of the answers wakes, and finds out why from this task
-            raise
 
     async def _send_events(
         self,
@@ -192,59 +187,23 @@ class DuplexRelay:
         response: web.StreamResponse,
         x: Exchange,
     ) -> None:
-        splitter = eventstream.FrameSplitter()
-        meter = x.meter
-        sent = 0
-        failure: str | None = None
-        while True:
-            try:
-                data = await up.read(self._idle)
-            except http1.ReadTimeout:
-                failure = f"The upstream stream was idle for more than {self._idle:g} s"
-                break
-            except http1.UpstreamError:
-                refused = _failure_of(pump)
-                if isinstance(refused, _Refused):
-                    x.error = refused.code
-                    x.incomplete = True
-                    await _write_quietly(
-                        response, eventstream.exception_frame(refused.code, refused.message)
-                    )
-                    return
-                failure = "The upstream stream was cut off"
-                break
-            if not data:
-                if splitter.pending:
-                    failure = "The upstream event stream ended in the middle of a frame"
-                break
-            try:
-                data = splitter.feed(data)
-            except eventstream.EventStreamError:
-                failure = "The upstream sent bytes that are not a valid event stream"
-                break
-            if not data:
-                continue
-            if meter is not None:
-                meter.feed(data)
-            try:
-                await response.write(data)
-            except ConnectionError:
-                x.error = "ClientDisconnected"
-                x.incomplete = True
-                return
-            if not sent:
-                x.first_byte_at = time.perf_counter()
-            sent += len(data)
-            x.bytes_out = sent
-        if failure is not None:
-            x.error = "UpstreamStreamError"
-            x.incomplete = True
-            await _write_quietly(
-                response, eventstream.exception_frame("internalServerException", failure)
-            )
+        failure = await self._upstream.copy(
+            response, lambda: up.read(self._idle), eventstream.FrameSplitter(), x.meter, x
+        )
+        if failure is CLIENT_GONE:
             return
-        with contextlib.suppress(ConnectionError):
-            await response.write_eof()
+        refused = _failure_of(pump)
+        if isinstance(refused, _Refused):  # the upstream was reset because of it
+            x.error, x.incomplete = refused.code, True
+            frame = eventstream.exception_frame(refused.code, refused.message)
+        elif failure is not None:
+            x.error, x.incomplete = "UpstreamStreamError", True
+            frame = eventstream.exception_frame("internalServerException", failure)
+        else:
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
+            return
+        await _write_quietly(response, frame)
 
     async def _error_response(
         self, up: Http2Stream, status: int, headers: list[tuple[bytes, bytes]], x: Exchange
@@ -254,17 +213,18 @@ class DuplexRelay:
         with contextlib.suppress(http1.UpstreamError):
             while chunk := await up.read(self._idle):
                 chunks.append(chunk)
-        out = CIMultiDict(
-            (n.decode("latin-1"), v.decode("latin-1"))
-            for n, v in headers
-            if not n.startswith(b":") and n.lower() not in _DROPPED
-        )
+        out = response_headers(_fields(headers))
         x.upstream_error = out.get("x-amzn-ErrorType", "").split(":")[0] or str(status)
         return web.Response(status=status, body=b"".join(chunks), headers=out)
 
 
-# Fields the relay sets itself, or that HTTP/2 forbids on the way back.
-_DROPPED = frozenset({b"content-length", b"transfer-encoding", b"connection", b"date", b"server"})
+def _fields(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """An HTTP/2 response's regular fields, as the HTTP/1.1 client would give them."""
+    return CIMultiDict(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+        if not name.startswith(b":")
+    )
 
 
 def _upstream_result(
@@ -280,6 +240,14 @@ def _upstream_result(
 
 def _as_unavailable(failure: BaseException) -> errors.AwsError:
     return errors.service_unavailable(f"The upstream stream failed: {failure}")
+
+
+def _reset_on_failure(up: Http2Stream) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        if _failure_of(task) is not None:
+            up.reset()
+
+    return done
 
 
 def _failure_of(pump: asyncio.Task[None]) -> BaseException | None:

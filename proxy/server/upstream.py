@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import web
@@ -27,7 +28,7 @@ from .pipeline import Shutdown
 
 S3_SERVICE = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
 BEDROCK_CONTROL = Service(name="bedrock", endpoint_prefix="bedrock", signing_name="bedrock")
-_CLIENT_GONE = "client gone"
+CLIENT_GONE = "client gone"
 
 
 class UpstreamClient:
@@ -242,7 +243,7 @@ class UpstreamClient:
         """Copy the body as it arrives, teeing it to the meter; True when copied whole."""
         splitter = eventstream.FrameSplitter() if is_event_stream else None
         try:
-            failure = await self._copy(response, upstream, splitter, x.meter, x)
+            failure = await self.copy(response, upstream.readany, splitter, x.meter, x)
         except asyncio.CancelledError:
             if splitter is not None and self._shutdown.stopping:
                 await _write_quietly(
@@ -252,7 +253,7 @@ class UpstreamClient:
                     ),
                 )
             raise
-        if failure is _CLIENT_GONE:
+        if failure is CLIENT_GONE:
             return False
         if failure is None:
             with contextlib.suppress(ConnectionError):
@@ -274,20 +275,22 @@ class UpstreamClient:
             pass
         return False
 
-    async def _copy(
+    async def copy(
         self,
         response: web.StreamResponse,
-        upstream: http1.Response,
+        read: Callable[[], Awaitable[bytes]],
         splitter: eventstream.FrameSplitter | None,
         meter: Meter | None,
         x: Exchange,
     ) -> str | None:
-        """Copy until the end; the failure to report, _CLIENT_GONE, or None when complete."""
+        """Copy what ``read`` returns (an HTTP/1.1 body, or an HTTP/2 stream's: both raise
+        ``http1``'s errors) until it ends; the failure to report, CLIENT_GONE, or None when
+        complete. Event streams are cut at frame boundaries."""
         sent = 0
         failure: str | None = None
         while True:
             try:
-                data = await upstream.readany()
+                data = await read()
             except http1.ReadTimeout:
                 failure = (
                     f"The upstream stream was idle for more than {self._settings.idle_timeout:g} s"
@@ -316,7 +319,7 @@ class UpstreamClient:
                 x.error = "ClientDisconnected"
                 x.bytes_out = sent
                 x.incomplete = True
-                return _CLIENT_GONE
+                return CLIENT_GONE
             if not sent:
                 x.first_byte_at = time.perf_counter()
             sent += len(data)
