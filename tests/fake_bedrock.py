@@ -276,6 +276,9 @@ class FakeBedrock:
                     ):
                         encoded = base64.b64encode(json.dumps(answer).encode()).decode()
                         await response.write(event_frame("chunk", {"bytes": encoded}))
+                    if model == "test.cut":  # the upstream goes away mid-session
+                        request.transport.abort()
+                        return response
             return response  # the client ended without its final frame
         except (ConnectionError, asyncio.CancelledError):
             self.bidi_disconnects += 1
@@ -351,6 +354,14 @@ class FakeBedrock:
         if model == "test.big":
             data = bytes(range(256)) * (3 * 1024 * 1024 // 256)
             return web.Response(body=data, content_type="application/octet-stream")
+        if model == "test.cut-body":  # a large answer that stops a third of the way
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            response.content_length = 3 * 1024 * 1024
+            await response.prepare(request)
+            await response.write(b"x" * (1024 * 1024))
+            await asyncio.sleep(0.05)
+            request.transport.abort()
+            return response
         try:
             payload = json.loads(body)
         except ValueError:

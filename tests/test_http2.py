@@ -717,3 +717,91 @@ def test_python_sdk_crt_bidirectional_stream_over_tls(https_proxy, cert_pair, fa
     ]
     assert texts == [f"amazon.nova-sonic-v1:0: py {i}" for i in range(3)]
     assert fake.bidi_completed == 1 and fake.bidi_bad_signatures == 0
+
+
+def _open_bidi(server, model: str = "amazon.nova-sonic-v1:0"):
+    key = new_key(server, models=[model])
+    path, headers, chain = _bidi_session(
+        server.base, key["access_key_id"], key["secret_access_key"], model
+    )
+    client = H2Client(server.base, timeout=10)
+    stream_id = client.request("POST", path, headers=headers, end=False)
+    client.conn.send_data(stream_id, chain.sign(_event(0)))
+    client.flush()
+    return client, stream_id
+
+
+def _last_frame(client: H2Client, stream_id: int):
+    client.pump(lambda: client.done(stream_id))
+    return list(iter_frames(bytes(client.answers[stream_id].body)))[-1]
+
+
+def test_a_silent_client_is_ended_by_the_idle_timeout(start_proxy, fake):
+    fake.reset()
+    server = start_proxy(idle_timeout=1.0)
+    client, stream_id = _open_bidi(server)
+    try:
+        started = time.monotonic()
+        last = _last_frame(client, stream_id)
+        assert last.headers[":message-type"] == "exception"
+        assert b"No event arrived" in last.payload and time.monotonic() - started < 5
+    finally:
+        client.close()
+    _wait(lambda: fake.bidi_disconnects == 1)  # the upstream stream was reset
+
+
+def test_an_upstream_gone_mid_session_ends_the_client_stream_cleanly(proxy, fake):
+    fake.reset()
+    client, stream_id = _open_bidi(proxy, "test.cut")
+    try:
+        last = _last_frame(client, stream_id)
+        assert last.headers[":message-type"] == "exception"
+        assert last.headers[":exception-type"] == "internalServerException"
+        assert client.answers[stream_id].ended  # an exception frame, then a clean end
+    finally:
+        client.close()
+    line = proxy.wait_log_line(
+        lambda r: r.get("model") == "test.cut" and r.get("error") == "UpstreamStreamError"
+    )
+    assert line["tokens"] == 15  # the usage reported before the cut is charged
+
+
+def test_shutdown_ends_a_session_with_an_exception_frame(fake_server, tmp_path):
+    fake, fake_url = fake_server
+    fake.reset()
+    port = free_port()
+    env = _proxy_env(fake_url, port, tmp_path, BEDROCK_PROXY_SHUTDOWN_TIMEOUT="1")
+    with running([BIN, "serve"], env, port) as proc:
+        origin = f"http://127.0.0.1:{port}"
+        server = type("S", (), {"base": origin + "/bedrock", "url": origin})()
+        client, stream_id = _open_bidi(server)
+        try:
+            client.pump(lambda: client.answers[stream_id].body.count(b"\x00\x05chunk") >= 2)
+            proc.send_signal(signal.SIGTERM)
+            last = _last_frame(client, stream_id)
+            assert last.headers[":message-type"] == "exception"
+            assert b"shutting down" in last.payload
+            assert proc.wait(15) == 0
+        finally:
+            client.close()
+
+
+def test_a_cut_response_resets_its_stream_and_only_that_one(proxy, fake):
+    """A body without frames to carry an error is cut (HTTP/1.1 closes the connection);
+    on HTTP/2 only its stream is reset, and the connection's other streams go on."""
+    fake.reset()
+    fake.frame_delay = 0.1
+    client = H2Client(proxy.base, timeout=10)
+    try:
+        kept = client.request(
+            "POST", "/bedrock/model/test.slow/converse-stream", headers=BEARER, body=BODY
+        )
+        cut = client.request(
+            "POST", "/bedrock/model/test.cut-body/invoke", headers=BEARER, body=b"{}"
+        )
+        client.pump(lambda: client.done(cut) and client.done(kept))
+        assert client.answers[cut].status == 200 and client.answers[cut].reset is not None
+        assert 0 < len(client.answers[cut].body) < 3 * 1024 * 1024
+        assert client.answers[kept].ended and b"metadata" in client.answers[kept].body
+    finally:
+        client.close()

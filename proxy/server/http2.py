@@ -57,19 +57,48 @@ class Http2Limits:
 
 
 class _Stream:
-    """One request's share of the connection: its body reader's flow control (the
-    ``protocol`` aiohttp's StreamReader pauses and resumes) and its handler task."""
+    """One request's share of the connection, and the ``protocol`` its ``web.Request``
+    and body reader see: flow control (aiohttp's StreamReader pauses and resumes it), the
+    handler task, and a ``transport`` that is this stream, not the connection (closing or
+    aborting it ends this request only)."""
 
-    __slots__ = ("_reading_paused", "body", "conn", "stream_id", "task", "unacked", "window")
+    __slots__ = (
+        "_reading_paused",
+        "body",
+        "conn",
+        "stream_id",
+        "task",
+        "transport",
+        "unacked",
+        "window",
+        "writer",
+    )
+    max_field_size = 8190
+    max_headers = 128
 
     def __init__(self, conn: Http2ServerConnection, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.body: StreamBody | None = None
         self.task: asyncio.Task[None] | None = None
+        self.writer: Http2StreamWriter | None = None
+        self.transport = _StreamTransport(conn, self)
         self._reading_paused = False
         self.unacked = 0  # bytes received but not yet granted back to the peer
         self.window: asyncio.Future[None] | None = None  # waiting for send window
+
+    # -- what aiohttp's web.Request reads from its protocol
+    @property
+    def ssl_context(self) -> Any:
+        return self.conn.ssl_context
+
+    @property
+    def peername(self) -> Any:
+        return self.conn.peername
+
+    @property
+    def sockname(self) -> Any:
+        return self.conn.sockname
 
     # -- what aiohttp's StreamReader calls on its protocol
     @property
@@ -92,6 +121,31 @@ class _Stream:
                 waiter.set_result(None)
             else:
                 waiter.set_exception(exc)
+
+
+class _StreamTransport:
+    """``request.transport`` for an HTTP/2 request: one stream of the connection."""
+
+    __slots__ = ("_conn", "_stream")
+
+    def __init__(self, conn: Http2ServerConnection, stream: _Stream) -> None:
+        self._conn = conn
+        self._stream = stream
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        transport = self._conn.transport
+        return transport.get_extra_info(name, default) if transport is not None else default
+
+    def is_closing(self) -> bool:
+        return not self._conn.is_open(self._stream)
+
+    def close(self) -> None:
+        """End the response after what was written (END_STREAM)."""
+        self._conn.end_now(self._stream)
+
+    def abort(self) -> None:
+        """Cut the response (RST_STREAM): the client sees it incomplete."""
+        self._conn.reset(self._stream, ErrorCodes.INTERNAL_ERROR)
 
 
 class Http2ServerConnection(asyncio.Protocol):
@@ -124,12 +178,10 @@ class Http2ServerConnection(asyncio.Protocol):
         self._window_start = 0.0
         self._resets = 0
         self._control_frames = 0
-        # What aiohttp's web.Request reads from its protocol.
+        # What each stream's web.Request reads from its protocol (through _Stream).
         self.ssl_context: Any = None
         self.peername: Any = None
         self.sockname: Any = None
-        self.max_field_size = 8190
-        self.max_headers = 128
         # web.Server.connection_lost looks for a handler task; streams have their own.
         self._task_handler = None
 
@@ -261,7 +313,7 @@ class Http2ServerConnection(asyncio.Protocol):
             return
         if not ended:
             stream.body = new_stream_body(stream, self._loop)
-        writer = Http2StreamWriter(self, stream)
+        writer = stream.writer = Http2StreamWriter(self, stream)
         stream.task = self._loop.create_task(self._serve(stream, message, writer))
 
     def _on_data(self, event: ev.DataReceived) -> None:
@@ -333,7 +385,7 @@ class Http2ServerConnection(asyncio.Protocol):
         server = self._server
         task = asyncio.current_task()
         assert task is not None
-        request = stream_request(server, message, stream.body, self, writer, task)
+        request = stream_request(server, message, stream.body, stream, writer, task)
         try:
             try:
                 response = await server.request_handler(request)
@@ -374,6 +426,37 @@ class Http2ServerConnection(asyncio.Protocol):
         self._h2.send_headers(stream.stream_id, headers)
         self._h2.send_data(stream.stream_id, body, end_stream=True)
         del self._streams[stream.stream_id]
+        self._after_stream()
+
+    # ------------------------------------------------------------------ one stream
+
+    def is_open(self, stream: _Stream) -> bool:
+        return self.transport is not None and self._streams.get(stream.stream_id) is stream
+
+    def end_now(self, stream: _Stream) -> None:
+        writer = stream.writer
+        if not self.is_open(stream) or writer is None or writer.ended:
+            return
+        writer.ended = True
+        with contextlib.suppress(ProtocolError):
+            if not writer.headers_sent:
+                self._h2.send_headers(stream.stream_id, [(b":status", b"200")])
+            self._h2.end_stream(stream.stream_id)
+            self._flush()
+
+    def reset(self, stream: _Stream, code: ErrorCodes) -> None:
+        """Reset one stream from our side; its handler carries on to its end."""
+        if not self.is_open(stream):
+            return
+        del self._streams[stream.stream_id]
+        with contextlib.suppress(ProtocolError):
+            self._h2.reset_stream(stream.stream_id, code)
+            self._flush()
+        gone = ConnectionResetError("the stream was reset")
+        if stream.body is not None and not stream.body.is_eof():
+            stream.body.set_exception(gone)
+        stream.wake(gone)
+        self._discard_unread(stream)
         self._after_stream()
 
     # ------------------------------------------------------------------ sending
