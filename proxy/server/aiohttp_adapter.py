@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..wire import errors
-from ..wire.http2 import request_fields
+from ..wire.http2 import PREFACE, request_fields
 
 log = logging.getLogger("bedrock_proxy.server")
 
@@ -121,9 +121,61 @@ def new_stream_body(flow: Any, loop: asyncio.AbstractEventLoop) -> StreamReader:
 
 
 class AwsErrorRequestHandler(RequestHandler):
-    """Requests aiohttp itself refuses (unparseable HTTP, oversized headers) get an
-    AWS-shaped JSON error like every other refusal, not aiohttp's text/plain page, and
-    are logged as the client's mistake, without a traceback."""
+    """aiohttp's connection handler, with two changes.
+
+    Requests aiohttp itself refuses (unparseable HTTP, oversized headers) get an
+    AWS-shaped JSON error like every other refusal, not aiohttp's text/plain page, and are
+    logged as the client's mistake, without a traceback.
+
+    And the connection may turn out to be HTTP/2 (``server.http2``): negotiated by ALPN on
+    TLS, it is handed over before aiohttp sets anything up; on plain TCP the first bytes
+    decide, and a connection that opens with the HTTP/2 preface is let go (its transport
+    taken back, the handler force-closed without it, the server told it is gone: public
+    methods only) and handed over with those bytes. An HTTP/1.1 connection runs exactly as
+    aiohttp runs it, plus one attribute test per read. Tests: test_http2, test_resilience.
+    """
+
+    _http2: Callable[[], asyncio.Protocol] | None = None
+    _owner: web.Server | None = None
+    # The first bytes while they may still be the start of a preface; None once decided.
+    _first: bytes | None = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._http2 is None:
+            self._first = None
+        else:
+            ssl_object = transport.get_extra_info("ssl_object")
+            chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+            if chosen == "h2":
+                self._first = None
+                _hand_over(transport, self._http2(), b"")
+                return
+            if chosen is not None:
+                self._first = None  # http/1.1 by ALPN
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        first = self._first
+        if first is not None:
+            if first:
+                data = first + data
+            if data[: len(PREFACE)] == PREFACE[: len(data)]:
+                if len(data) < len(PREFACE):
+                    self._first = data  # the start of a preface: wait for the rest
+                    return
+                self._let_go_to_http2(data)
+                return
+            self._first = None
+        RequestHandler.data_received(self, data)
+
+    def _let_go_to_http2(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None and self._http2 is not None and self._owner is not None
+        self._first = None
+        self.transport = None  # so that force_close leaves the connection open
+        self.force_close()  # ends aiohttp's wait for a first request
+        self._owner.connection_lost(self, None)
+        _hand_over(transport, self._http2(), data)
 
     def handle_error(
         self,
@@ -147,16 +199,22 @@ class AwsErrorRequestHandler(RequestHandler):
         return response
 
 
+def _hand_over(transport: asyncio.BaseTransport, protocol: asyncio.Protocol, data: bytes) -> None:
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if data:
+        protocol.data_received(data)
+
+
 class AwsServer(web.Server):
     """A ``web.Server`` whose connections render aiohttp's own refusals the AWS way, and
-    whose listener may first choose the protocol (``connection_factory``)."""
+    may be HTTP/2 (``http2``: a factory of HTTP/2 connections, set by the runner)."""
 
-    connection_factory: Callable[[AwsServer], asyncio.BaseProtocol] | None = None
+    http2: Callable[[], asyncio.Protocol] | None = None
 
-    def __call__(self) -> Any:
-        if self.connection_factory is not None:
-            return self.connection_factory(self)
-        return self.http1()
-
-    def http1(self) -> RequestHandler:
-        return AwsErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+    def __call__(self) -> RequestHandler:
+        handler = AwsErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        if self.http2 is not None:
+            handler._http2 = self.http2
+            handler._owner = self
+        return handler

@@ -1,7 +1,8 @@
 """HTTP/2 connections on the proxy's own listeners, each stream an ordinary aiohttp request.
 
-aiohttp serves HTTP/1.1 only. ``listener.py`` hands a connection here when it opens with
-the HTTP/2 preface (h2c by prior knowledge) or negotiated ``h2`` by ALPN. Every stream
+aiohttp serves HTTP/1.1 only. Its connection handler (``aiohttp_adapter``) hands a
+connection here when it opens with the HTTP/2 preface (h2c by prior knowledge) or
+negotiated ``h2`` by ALPN. Every stream
 becomes a ``web.Request`` made by the server's own request factory and answered by its
 own handler, so the Bedrock, files and admin routes, the pipeline and the observers run
 unchanged; only the framing differs.

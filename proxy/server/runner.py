@@ -1,5 +1,5 @@
 """The HTTP server around the app: aiohttp's runner, HTTP/2 on the same listeners
-(``listener``, ``http2``), and the limits aiohttp leaves out.
+(``http2``; the choice is made in ``aiohttp_adapter``), and the limits aiohttp leaves out.
 
 aiohttp has no deadline for a request's headers, so a slowloris client can hold a
 connection forever by trickling them. A sweeper closes every connection that has not
@@ -20,7 +20,6 @@ from aiohttp.web_protocol import RequestHandler
 
 from .aiohttp_adapter import AwsServer, awaiting_first_request, use_aws_error_handler
 from .http2 import Http2Limits, Http2ServerConnection
-from .listener import ProtocolSniffer
 
 log = logging.getLogger("bedrock_proxy.server")
 
@@ -54,17 +53,8 @@ class ProxyRunner(web.AppRunner):
         server = use_aws_error_handler(await super()._make_server())
         assert isinstance(server, AwsServer)
         loop = asyncio.get_running_loop()
-        limits, keepalive, timeout = self._http2, self._keepalive_timeout, self._header_timeout
-
-        def connection(server: AwsServer) -> asyncio.BaseProtocol:
-            return ProtocolSniffer(
-                server.http1,
-                lambda: Http2ServerConnection(server, limits, keepalive, loop),
-                timeout,
-                loop,
-            )
-
-        server.connection_factory = connection
+        limits, keepalive = self._http2, self._keepalive_timeout
+        server.http2 = lambda: Http2ServerConnection(server, limits, keepalive, loop)
         return server
 
     async def setup(self) -> None:
