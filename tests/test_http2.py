@@ -4,6 +4,7 @@ against abuse, resets, GOAWAY and drain."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -805,3 +806,40 @@ def test_a_cut_response_resets_its_stream_and_only_that_one(proxy, fake):
         assert client.answers[kept].ended and b"metadata" in client.answers[kept].body
     finally:
         client.close()
+
+
+def test_idle_connections_close_after_the_keepalive_timeout_busy_ones_do_not(bg):
+    """One lazy timer per connection: a stream longer than the timeout keeps the
+    connection; the timeout counts from the end of the last stream."""
+    from aiohttp import web
+
+    from proxy.server.runner import ProxyRunner
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("s", "0")))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", slow)
+    runner = ProxyRunner(app, header_timeout=5, keepalive_timeout=0.5)
+
+    async def start() -> str:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    base = bg.run(start())
+    try:
+        client = H2Client(base)
+        started = time.monotonic()
+        assert client.fetch("GET", "/?s=1.2").status == 200  # outlives the timeout
+        assert client.fetch("GET", "/").status == 200  # the connection is still there
+        ended = time.monotonic()
+        client.pump(lambda: client.goaway is not None, timeout=3)
+        idle_for = time.monotonic() - ended
+        assert int(client.goaway.error_code) == 0 and 0.3 < idle_for < 1.5
+        assert ended - started > 1.2
+        client.close()
+    finally:
+        bg.run(runner.cleanup())

@@ -175,6 +175,7 @@ class Http2ServerConnection(asyncio.Protocol):
         self._closing = False  # GOAWAY sent: no new streams
         self._writable: asyncio.Future[None] | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
         self._all_done: asyncio.Future[None] | None = None
         self._window_start = 0.0
         self._resets = 0
@@ -296,9 +297,6 @@ class Http2ServerConnection(asyncio.Protocol):
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         self._requests_seen += 1
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
         stream = self._streams[stream_id] = _Stream(self, stream_id)
         ended = event.stream_ended is not None
         try:
@@ -550,14 +548,26 @@ class Http2ServerConnection(asyncio.Protocol):
             self.transport.close()
 
     def _arm_idle(self) -> None:
+        """One lazy timer per connection (not one per request): it notes when the last
+        stream ended, and when it fires checks whether the connection has been idle for
+        the whole keep-alive timeout since, re-arming for the rest if not."""
+        self._idle_since = self._loop.time()
         if self._idle_handle is not None or self.transport is None or self._closing:
             return
         self._idle_handle = self._loop.call_later(self._keepalive_timeout, self._idle)
 
     def _idle(self) -> None:
         self._idle_handle = None
-        if not self._streams:
-            self.close()
+        if self.transport is None or self._closing:
+            return
+        if self._streams:
+            wait = self._keepalive_timeout  # busy: look again later
+        else:
+            wait = self._idle_since + self._keepalive_timeout - self._loop.time()
+            if wait <= 0:
+                self.close()
+                return
+        self._idle_handle = self._loop.call_later(wait, self._idle)
 
     def _count_control(self) -> None:
         self._control_frames += 1
