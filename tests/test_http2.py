@@ -479,13 +479,8 @@ def _event(turn: int) -> bytes:
 
 def test_a_tampered_client_frame_never_reaches_the_upstream(proxy, fake):
     fake.reset()
-    key = new_key(proxy, models=["amazon.nova-sonic-v1:0"])
-    path, headers, chain = _bidi_session(proxy.base, key["access_key_id"], key["secret_access_key"])
-    client = H2Client(proxy.base)
+    client, stream_id, chain = _open_bidi(proxy)
     try:
-        stream_id = client.request("POST", path, headers=headers, end=False)
-        client.conn.send_data(stream_id, chain.sign(_event(0)))
-        client.flush()
         client.pump(lambda: client.answers[stream_id].body.count(b"\x00\x05chunk") >= 2)
         frame = bytearray(chain.sign(_event(1)))
         frame[-10] ^= 0x01  # one bit of the payload
@@ -541,13 +536,8 @@ def test_frames_not_re_signed_fail_upstream(fake_server):
 
 def test_a_client_reset_resets_the_upstream_stream(proxy, fake):
     fake.reset()
-    key = new_key(proxy, models=["amazon.nova-sonic-v1:0"])
-    path, headers, chain = _bidi_session(proxy.base, key["access_key_id"], key["secret_access_key"])
-    client = H2Client(proxy.base)
+    client, stream_id, _ = _open_bidi(proxy)
     try:
-        stream_id = client.request("POST", path, headers=headers, end=False)
-        client.conn.send_data(stream_id, chain.sign(_event(0)))
-        client.flush()
         client.pump(lambda: client.answers[stream_id].body.count(b"\x00\x05chunk") >= 2)
         assert fake.active_streams >= 1
         client.conn.reset_stream(stream_id)
@@ -729,7 +719,7 @@ def _open_bidi(server, model: str = "amazon.nova-sonic-v1:0"):
     stream_id = client.request("POST", path, headers=headers, end=False)
     client.conn.send_data(stream_id, chain.sign(_event(0)))
     client.flush()
-    return client, stream_id
+    return client, stream_id, chain
 
 
 def _last_frame(client: H2Client, stream_id: int):
@@ -740,7 +730,7 @@ def _last_frame(client: H2Client, stream_id: int):
 def test_a_silent_client_is_ended_by_the_idle_timeout(start_proxy, fake):
     fake.reset()
     server = start_proxy(idle_timeout=1.0)
-    client, stream_id = _open_bidi(server)
+    client, stream_id, _ = _open_bidi(server)
     try:
         started = time.monotonic()
         last = _last_frame(client, stream_id)
@@ -753,7 +743,7 @@ def test_a_silent_client_is_ended_by_the_idle_timeout(start_proxy, fake):
 
 def test_an_upstream_gone_mid_session_ends_the_client_stream_cleanly(proxy, fake):
     fake.reset()
-    client, stream_id = _open_bidi(proxy, "test.cut")
+    client, stream_id, _ = _open_bidi(proxy, "test.cut")
     try:
         last = _last_frame(client, stream_id)
         assert last.headers[":message-type"] == "exception"
@@ -775,7 +765,7 @@ def test_shutdown_ends_a_session_with_an_exception_frame(fake_server, tmp_path):
     with running([BIN, "serve"], env, port) as proc:
         origin = f"http://127.0.0.1:{port}"
         server = type("S", (), {"base": origin + "/bedrock", "url": origin})()
-        client, stream_id = _open_bidi(server)
+        client, stream_id, _ = _open_bidi(server)
         try:
             client.pump(lambda: client.answers[stream_id].body.count(b"\x00\x05chunk") >= 2)
             proc.send_signal(signal.SIGTERM)

@@ -28,7 +28,7 @@ from ..wire.eventsig import ChunkSignatureError, SignatureChain
 from ..wire.h2client import Http2Stream
 from ..wire.headers import response_headers
 from .pipeline import Shutdown
-from .upstream import CLIENT_GONE, UpstreamClient
+from .upstream import CLIENT_GONE, SHUTTING_DOWN, UpstreamClient, write_quietly
 
 OPERATION = "InvokeModelWithBidirectionalStream"
 
@@ -88,12 +88,7 @@ class DuplexRelay:
             return response
         except asyncio.CancelledError:
             if response is not None and self._shutdown.stopping:
-                await _write_quietly(
-                    response,
-                    eventstream.exception_frame(
-                        "internalServerException", "The proxy is shutting down; retry the request"
-                    ),
-                )
+                await write_quietly(response, SHUTTING_DOWN)
             raise
         finally:
             x.upstream_done = time.perf_counter()
@@ -203,7 +198,7 @@ class DuplexRelay:
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
             return
-        await _write_quietly(response, frame)
+        await write_quietly(response, frame)
 
     async def _error_response(
         self, up: Http2Stream, status: int, headers: list[tuple[bytes, bytes]], x: Exchange
@@ -254,10 +249,3 @@ def _failure_of(pump: asyncio.Task[None]) -> BaseException | None:
     if not pump.done() or pump.cancelled():
         return None
     return pump.exception()
-
-
-async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
-    """Best effort, bounded: the client may already be gone."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(response.write(data), 1.0)
-        await asyncio.wait_for(response.write_eof(), 1.0)

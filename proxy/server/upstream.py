@@ -29,6 +29,10 @@ from .pipeline import Shutdown
 S3_SERVICE = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
 BEDROCK_CONTROL = Service(name="bedrock", endpoint_prefix="bedrock", signing_name="bedrock")
 CLIENT_GONE = "client gone"
+# How a stream cut by the proxy's shutdown ends: SDKs raise on it, and retry.
+SHUTTING_DOWN = eventstream.exception_frame(
+    "internalServerException", "The proxy is shutting down; retry the request"
+)
 
 
 class UpstreamClient:
@@ -246,12 +250,7 @@ class UpstreamClient:
             failure = await self.copy(response, upstream.readany, splitter, x.meter, x)
         except asyncio.CancelledError:
             if splitter is not None and self._shutdown.stopping:
-                await _write_quietly(
-                    response,
-                    eventstream.exception_frame(
-                        "internalServerException", "The proxy is shutting down; retry the request"
-                    ),
-                )
+                await write_quietly(response, SHUTTING_DOWN)
             raise
         if failure is CLIENT_GONE:
             return False
@@ -327,7 +326,7 @@ class UpstreamClient:
         return failure
 
 
-async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+async def write_quietly(response: web.StreamResponse, data: bytes) -> None:
     """Best effort, bounded: the client may already be gone."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(response.write(data), 1.0)
