@@ -833,3 +833,28 @@ def test_idle_connections_close_after_the_keepalive_timeout_busy_ones_do_not(bg)
         client.close()
     finally:
         bg.run(runner.cleanup())
+
+
+def test_a_budget_binds_in_the_middle_of_a_session(proxy, fake):
+    """A session lasts minutes: once its usage events say it costs more than what is left
+    of the key's budget, it is cut with an exception frame, and the upstream reset."""
+    fake.reset()
+    # Nova Sonic's totals in the fake cost $1.8e-6 a turn: the budget holds one turn.
+    key = new_key(proxy, models=["amazon.nova-sonic-v1:0"], max_budget=0.000003)
+    result = js_clients(
+        {"endpoint": proxy.base, "model": "amazon.nova-sonic-v1:0", "calls": ["bidi"], "turns": 5},
+        {
+            "AWS_ACCESS_KEY_ID": key["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": key["secret_access_key"],
+        },
+    )["bidi"]
+    assert not result["ok"] and "Budget exceeded" in result["message"], result
+    assert len(fake.bidi_events) <= 3 and fake.bidi_completed == 0
+    _wait(lambda: fake.bidi_disconnects == 1)
+    line = proxy.wait_log_line(
+        lambda r: (
+            r.get("operation") == "InvokeModelWithBidirectionalStream"
+            and r.get("error") == "ServiceQuotaExceededException"
+        )
+    )
+    assert line["tokens"] == 30  # what the session used is still charged

@@ -248,8 +248,23 @@ class BidirectionalStreamMeter(EventStreamMeter):
     chunks whose totals are cumulative, so the last one counts. A chunk's bytes are base64
     JSON; only the first 48 decoded bytes are looked at to tell a usage event from audio."""
 
-    __slots__ = ()
+    __slots__ = ("_read",)
     event_type = b"chunk"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read: bytes | None = None
+
+    def so_far(self) -> Usage | None:
+        """The totals of the latest usage event, while the session goes on (a session
+        lasts minutes: budgets bind on it before it ends); None when no new one came."""
+        last = self._last
+        if last is None or last is self._read:
+            return None
+        self._read = last
+        with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError):
+            self.read(orjson.loads(last))
+        return self.usage
 
     def wanted(self, payload: memoryview) -> bool:
         head = bytes(payload[:120])

@@ -156,7 +156,12 @@ def create_app(
         jobs,
         ModelRefs(upstream.control_get, settings.model_ref_ttl),
         DuplexRelay(
-            upstream, settings.idle_timeout, settings.first_byte_timeout, metrics, shutdown
+            upstream,
+            metering,
+            settings.idle_timeout,
+            settings.first_byte_timeout,
+            metrics,
+            shutdown,
         ),
     )
     files = FilesFront(upstream, authenticator, metering, settings.max_file_bytes)

@@ -22,6 +22,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..exchange import Exchange
+from ..metering.service import Metering
+from ..metering.usage import BidirectionalStreamMeter
 from ..observe.metrics import Metrics
 from ..wire import errors, eventstream, http1
 from ..wire.eventsig import ChunkSignatureError, SignatureChain
@@ -46,12 +48,14 @@ class DuplexRelay:
     def __init__(
         self,
         upstream: UpstreamClient,
+        metering: Metering,
         idle_timeout: float,
         first_byte_timeout: float,
         metrics: Metrics,
         shutdown: Shutdown,
     ) -> None:
         self._upstream = upstream
+        self._metering = metering
         self._idle = idle_timeout
         self._first_byte = first_byte_timeout
         self._metrics = metrics
@@ -182,9 +186,25 @@ class DuplexRelay:
         response: web.StreamResponse,
         x: Exchange,
     ) -> None:
-        failure = await self._upstream.copy(
-            response, lambda: up.read(self._idle), eventstream.FrameSplitter(), x.meter, x
-        )
+        meter = x.meter
+        so_far = meter.so_far if isinstance(meter, BidirectionalStreamMeter) else None
+
+        async def read() -> bytes:
+            data = await up.read(self._idle)
+            usage = so_far() if so_far is not None else None
+            if usage is not None:  # a new usage event went by: is there budget left?
+                await self._metering.check_budget(x, usage)
+            return data
+
+        try:
+            failure = await self._upstream.copy(
+                response, read, eventstream.FrameSplitter(), meter, x
+            )
+        except errors.AwsError as exc:  # the budget ran out mid-session
+            up.reset()
+            x.error, x.incomplete, x.refusal = exc.code, True, exc.reason
+            await write_quietly(response, eventstream.exception_frame(exc.code, exc.message))
+            return
         if failure is CLIENT_GONE:
             return
         refused = _failure_of(pump)
