@@ -4,6 +4,7 @@ CI=true it fails, so a green run always means both were tested."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import Iterator
@@ -36,12 +37,19 @@ def pg_database(bg) -> Iterator[str]:
             await conn.close()
 
     async def drop() -> None:
+        # WITH (FORCE) ends the sessions still open (a replica that is just exiting) in
+        # the same statement; terminating them first and dropping after raced with their
+        # exit ("database is being accessed by other users").
         conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
         try:
-            await conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
-            )
-            await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            for attempt in range(5):
+                try:
+                    await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                    return
+                except asyncpg.ObjectInUseError:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2)
         finally:
             await conn.close()
 
