@@ -57,6 +57,9 @@ class Exchange:
     # The model as the request named it, when that was an ARN resolved to ``model``.
     model_ref: str | None = None
     region: str | None = None
+    # The upstream account and pool member ("account/region") that served the request.
+    account: str | None = None
+    upstream: str | None = None
     identity: Identity | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
     admission: Admission | None = None

@@ -89,6 +89,8 @@ def test_ledger_batches_round_trip_every_value(store_settings, bg):
             None
             if i % 3
             else f"arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/p{i}",
+            None if i % 4 else "team-a",
+            None if i % 4 else "eu-west-1",
         )
         for i in range(2500)
     ]

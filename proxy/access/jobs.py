@@ -19,7 +19,7 @@ from ..wire import errors
 from ..wire.routing import Operation
 
 # Operations that name one job, by the label that names it.
-_OWNED = {
+JOB_LABELS = _OWNED = {
     "GetModelInvocationJob": "jobIdentifier",
     "StopModelInvocationJob": "jobIdentifier",
     "GetAsyncInvoke": "invocationArn",
@@ -47,6 +47,12 @@ class JobRegistry:
             raise errors.access_denied(
                 f"The API key may only read or stop jobs it created; {identifier!r} is not one"
             )
+
+    async def arn(self, identifier: str) -> str | None:
+        """A job's ARN (which names its account and region), from its id if need be."""
+        if not identifier or identifier.startswith("arn:"):
+            return identifier or None
+        return await self._store.jobs.arn(identifier)
 
     async def remember(
         self,

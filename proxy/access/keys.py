@@ -64,7 +64,7 @@ def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
             continue
         if name in ("duration", "expires"):
             spec.expires_at = _expiry(name, value)
-        elif name in ("key_alias", "user_id", "team_id", "budget_duration"):
+        elif name in ("key_alias", "user_id", "team_id", "budget_duration", "upstream"):
             spec_value = _optional_str(name, value)
             if name == "budget_duration" and spec_value is not None:
                 parse_duration(name, spec_value)

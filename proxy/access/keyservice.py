@@ -3,6 +3,7 @@ the admin API and the ``bedrock-proxy keys`` command."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..store import Store, StoreConflict
@@ -29,14 +30,24 @@ class KeyService:
         box: SecretBox,
         cache: KeyCache | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        pools: Collection[str] = (),
+        on_team_upstream: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self._clock = clock  # created_at anchors budget periods: the limits' clock
+        self._pools = frozenset(pools)
+        self._on_team_upstream = on_team_upstream
         self._store = store
         self._box = box
         self._cache = cache
 
+    def _check_upstream(self, pool: str | None) -> None:
+        if pool is not None and pool not in self._pools:
+            known = ", ".join(sorted(self._pools)) or "none is configured"
+            raise errors.validation(f"upstream: {pool!r} is not an upstream pool ({known})")
+
     async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = parse_spec(body)
+        self._check_upstream(spec.upstream)
         minted = mint_credentials()
         now = self._clock.time()
         record = KeyRecord(
@@ -80,6 +91,7 @@ class KeyService:
     async def update(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
         record = await self.find(ref)
         spec = parse_spec(body, base=record.spec)
+        self._check_upstream(spec.upstream)
         try:
             updated = await self._store.keys.update(record.key_id, spec=spec)
         except StoreConflict:
@@ -128,6 +140,37 @@ class KeyService:
             "total_count": total,
             "current_page": page,
             "total_pages": (total + size - 1) // size,
+        }
+
+    # ------------------------------------------------------------------ teams
+
+    async def set_team(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A team's settings: the upstream pool its keys use when they name none."""
+        team_id = body.get("team_id")
+        if not isinstance(team_id, str) or not team_id or len(team_id) > 256:
+            raise errors.validation("team_id must be a non-empty string")
+        unknown = sorted(set(body) - {"team_id", "upstream"})
+        if unknown:
+            raise errors.validation(f"Unknown field {unknown[0]!r}")
+        pool = body.get("upstream")
+        if pool is not None and not isinstance(pool, str):
+            raise errors.validation("upstream must be a string or null")
+        self._check_upstream(pool)
+        await self._store.teams.set_upstream(team_id, pool)
+        if self._on_team_upstream is not None:
+            self._on_team_upstream(team_id, pool)
+        return {"team_id": team_id, "upstream": pool}
+
+    async def team_info(self, team_id: str) -> dict[str, Any]:
+        found = await self._store.teams.get(team_id)
+        return {"team_id": team_id, "upstream": found["upstream"] if found else None}
+
+    async def teams(self) -> dict[str, Any]:
+        return {
+            "teams": [
+                {"team_id": t["team_id"], "upstream": t["upstream"]}
+                for t in await self._store.teams.list()
+            ]
         }
 
     async def reseal_secrets(self) -> int:

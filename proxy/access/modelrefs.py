@@ -32,8 +32,8 @@ _LOOKUPS = {
 _MAX_ENTRIES = 4096
 _FAILURE_TTL = 30.0
 
-# (region, path) -> (status, body): a signed GET on the control plane.
-ControlGet = Callable[[str, str], Awaitable[tuple[int, bytes]]]
+# (region, path, the ARN whose account answers) -> (status, body): a signed control-plane GET.
+ControlGet = Callable[[str, str, str], Awaitable[tuple[int, bytes]]]
 
 
 def resolvable(model: str) -> bool:
@@ -69,7 +69,7 @@ class ModelRefs:
         if not valid_region(region):
             return None
         try:
-            status, body = await self._get(region, _LOOKUPS[kind] + quote(arn, safe=""))
+            status, body = await self._get(region, _LOOKUPS[kind] + quote(arn, safe=""), arn)
         except Exception as exc:  # the request goes on, priced as unknown
             log.warning("could not resolve %s: %s", arn, type(exc).__name__)
             return None

@@ -27,6 +27,7 @@ from ..metering.reports import Reports
 from ..observe.accesslog import configure_logging
 from ..server.app import PIPELINE, STATE, StartupError, create_app, create_ops_app
 from ..server.config import ConfigError, Settings, load_settings
+from ..server.fleet.config import parse_fleet
 from ..server.runner import ProxyRunner
 from ..server.tls import TLSConfigError, load_chain, server_context, write_self_signed
 from ..store import Store, open_store
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     blocking.add_argument("--block", dest="blocked", action="store_true", default=None)
     blocking.add_argument("--unblock", dest="blocked", action="store_false")
 
+    teams = commands.add_parser("teams", help="teams' settings: the upstream pool they use")
+    teams.add_argument("--config", help="YAML settings file (BEDROCK_PROXY_CONFIG)")
+    team_commands = teams.add_subparsers(dest="teams_command", required=True)
+    team_set = team_commands.add_parser("set", help="set a team's upstream pool")
+    team_set.add_argument("team", help="the team_id its keys carry")
+    team_set.add_argument("--upstream", help="a pool name; omit to clear it")
+    team_commands.add_parser("info", help="show one team").add_argument("team")
+    team_commands.add_parser("list", help="list teams with settings")
+
     spend = commands.add_parser("spend", help="spend report from the ledger, as a table")
     spend.add_argument("--config", help="YAML settings file (BEDROCK_PROXY_CONFIG)")
     spend.add_argument(
@@ -119,6 +129,7 @@ def _key_fields(parser: argparse.ArgumentParser) -> None:
     add("--tpm", dest="tpm_limit", type=int)
     add("--parallel", dest="max_parallel_requests", type=int)
     add("--metadata", type=json.loads, help="a JSON object")
+    add("--upstream", help="the upstream pool this key's requests go to (upstreams.pools)")
 
 
 _KEY_FIELDS = (
@@ -142,6 +153,7 @@ _KEY_FIELDS = (
     "max_parallel_requests",
     "metadata",
     "blocked",
+    "upstream",
 )
 
 
@@ -157,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return _keys_command(args)
     if args.command == "spend":
         return _spend_command(args)
+    if args.command == "teams":
+        return _teams_command(args)
     if args.command == "tls-selfsigned":
         cert, _ = write_self_signed(args.out)
         # The two things a boto3 user needs: pass verify=, or set AWS_CA_BUNDLE.
@@ -246,7 +260,11 @@ def _keys_command(args: argparse.Namespace) -> int:
                 "config error",
                 "keys need BEDROCK_PROXY_MASTER_KEY (or secret_key) to seal their secrets",
             )
-        service = KeyService(store, SecretBox(secret, settings.previous_secret_keys))
+        service = KeyService(
+            store,
+            SecretBox(secret, settings.previous_secret_keys),
+            pools=parse_fleet(settings.upstreams).pools,
+        )
         command = args.keys_command
         if command == "create":
             return await service.generate(fields)
@@ -260,6 +278,24 @@ def _keys_command(args: argparse.Namespace) -> int:
         if command == "regenerate":
             return await service.regenerate(args.key)
         return {"deleted_keys": await service.delete([args.key])}
+
+    code, result = _with_store(args, work)
+    if code == 0:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    return code
+
+
+def _teams_command(args: argparse.Namespace) -> int:
+    async def work(settings: Settings, store: Store) -> object:
+        secret = settings.secret_key or settings.master_key or "-" * 16  # teams seal nothing
+        service = KeyService(
+            store, SecretBox(secret, []), pools=parse_fleet(settings.upstreams).pools
+        )
+        if args.teams_command == "set":
+            return await service.set_team({"team_id": args.team, "upstream": args.upstream})
+        if args.teams_command == "info":
+            return await service.team_info(args.team)
+        return await service.teams()
 
     code, result = _with_store(args, work)
     if code == 0:

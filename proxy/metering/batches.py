@@ -28,8 +28,10 @@ log = logging.getLogger("bedrock_proxy.batches")
 _ENDED = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
 _PER_POLL = 100
 
-ControlGet = Callable[[str, str], Awaitable[tuple[int, bytes]]]
-S3Get = Callable[[str, str, str], Awaitable[tuple[int, bytes]]]
+# (region, path, the job's ARN: whose account answers) -> (status, body)
+ControlGet = Callable[[str, str, str], Awaitable[tuple[int, bytes]]]
+# (region, bucket, key, the job's ARN) -> (status, body)
+S3Get = Callable[[str, str, str, str], Awaitable[tuple[int, bytes]]]
 Charge = Callable[[dict[str, Any], Usage], Awaitable[None]]
 ClaimOnce = Callable[[str, float], Awaitable[bool]]
 
@@ -84,7 +86,7 @@ class BatchSettler:
     async def _settle(self, job: dict[str, Any]) -> bool:
         region = job.get("region") or self._region
         status, body = await self._control_get(
-            region, "/model-invocation-job/" + quote(job["job_arn"], safe="")
+            region, "/model-invocation-job/" + quote(job["job_arn"], safe=""), job["job_arn"]
         )
         if status == 404:
             await self._store.jobs.settle(job["job_arn"])  # gone: nothing will ever be read
@@ -107,7 +109,7 @@ class BatchSettler:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         status, body = await self._s3_get(
-            region, bucket, f"{prefix}{job['job_id']}/manifest.json.out"
+            region, bucket, f"{prefix}{job['job_id']}/manifest.json.out", job["job_arn"]
         )
         if status != 200:
             log.warning("no manifest for batch job %s (S3 answered %d)", job["job_arn"], status)

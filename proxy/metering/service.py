@@ -303,6 +303,7 @@ class Metering:
         record = await self._store.keys.by("key_id", job["key_id"])
         x = Exchange(job["job_arn"], "POST", time.perf_counter(), operation=BATCH_JOB)
         x.model, x.status, x.usage = job.get("model"), 200, usage
+        x.region = job.get("region")
         found = self.prices.price_for(x.model) if x.model else None
         price = found or ((self.prices.fallback, 1.0) if self.prices.fallback else None)
         x.cost = tokens_cost(price[0], usage, price[1]) * self.batch_discount if price else None
@@ -370,6 +371,8 @@ class Metering:
             x.error,
             1 if usage.estimated else 0,
             x.model_ref,
+            x.account,
+            x.region,
         )
         labels = [
             LabelRow(x.request_id, "tag", tag, now, cost, usage.total_tokens)

@@ -54,7 +54,15 @@ class Histogram:
         row[-1] += value
 
 
-_SERIES = ("requests", "tokens", "cost", "upstream_errors", "refusals", "unpriced")
+_SERIES = ("requests", "tokens", "cost", "upstream_errors", "refusals", "unpriced", "members")
+# Per upstream pool member: what ``members`` counts, as one counter family each.
+_MEMBER_EVENTS = {
+    "requests": "Requests served by each upstream pool member (account/region).",
+    "throttles": "Throttled answers from each member, moved to the next one.",
+    "failures": "5xx answers and failed connections of each member, moved to the next one.",
+    "failovers": "Requests moved off each member to the next one.",
+    "cooldowns": "Times each member was put to cool down.",
+}
 _HISTOGRAMS = ("duration", "upstream", "overhead", "ttfb")
 
 
@@ -66,6 +74,7 @@ class Metrics:
         self.upstream_errors: dict[tuple[str, ...], int] = {}
         self.refusals: dict[tuple[str, ...], int] = {}
         self.unpriced: dict[tuple[str, ...], int] = {}
+        self.members: dict[tuple[str, ...], int] = {}
         self.duration = Histogram(_LATENCY_BUCKETS)
         self.upstream = Histogram(_LATENCY_BUCKETS)
         self.overhead = Histogram(_OVERHEAD_BUCKETS)
@@ -75,6 +84,10 @@ class Metrics:
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
+
+    def upstream_event(self, member: str, event: str) -> None:
+        """One of ``_MEMBER_EVENTS`` for a configured member (a bounded label set)."""
+        _inc(self.members, (member, event))
 
     def completed(self, x: Exchange) -> None:
         if x.refusal is not None:
@@ -88,6 +101,8 @@ class Metrics:
         if x.identity is not None:
             key = x.identity.alias or x.identity.key_id or x.identity.kind
         _inc(self.requests, (op, model, str(x.status), key))
+        if x.upstream is not None:
+            _inc(self.members, (x.upstream, "requests"))
         self.duration.observe((op,), seconds)
         if x.upstream_started is not None and x.upstream_done is not None:
             upstream = x.upstream_done - x.upstream_started
@@ -239,6 +254,14 @@ class Metrics:
             ("model",),
             self.unpriced,
         )
+        for event, help_text in _MEMBER_EVENTS.items():
+            _counter(
+                out,
+                f"bedrock_proxy_upstream_member_{event}_total",
+                help_text,
+                ("member",),
+                {k[:1]: v for k, v in self.members.items() if k[1] == event},
+            )
         for name, (help_text, _) in self.gauges.items():
             out.append(f"# HELP {name} {help_text}")
             out.append(f"# TYPE {name} gauge")

@@ -1,7 +1,7 @@
 """The admin API, LiteLLM-compatible so people can move over: /key/generate, /key/info,
 /key/update, /key/delete, /key/list, /key/regenerate; spend reports (/spend/logs,
-/spend/report) and named limits (/limit/*). Master key only, except that a virtual key may
-read its own /key/info, totals included."""
+/spend/report), named limits (/limit/*) and teams' upstream pools (/team/*). Master key
+only, except that a virtual key may read its own /key/info, totals included."""
 
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ class AdminApi:
         app.router.add_post("/limit/delete", wrap(self.limit_delete))
         app.router.add_get("/limit/info", wrap(self.limit_info, ("limit_id",)))
         app.router.add_get("/limit/list", wrap(self.limit_list))
+        app.router.add_post("/team/update", wrap(self.team_update))
+        app.router.add_get("/team/info", wrap(self.team_info, ("team_id",)))
+        app.router.add_get("/team/list", wrap(self.team_list))
 
     def _wrap(
         self, handler: Handler, params: tuple[str, ...] = (), master_only: bool = True
@@ -100,6 +103,18 @@ class AdminApi:
         info = record.public()
         info.update(await self._reports.key_totals(record))
         return {"key": record.key_id, "info": info}
+
+    async def team_update(self, request: web.Request) -> Any:
+        return await self.service.set_team(await _json_body(request))
+
+    async def team_info(self, request: web.Request) -> Any:
+        team_id = request.query.get("team_id")
+        if not team_id:
+            raise errors.validation("team_id is required")
+        return await self.service.team_info(team_id)
+
+    async def team_list(self, request: web.Request) -> Any:
+        return await self.service.teams()
 
     async def update(self, request: web.Request) -> Any:
         body = await _json_body(request)

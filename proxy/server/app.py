@@ -39,6 +39,8 @@ from .credentials import CredentialProvider
 from .dispatch import application
 from .duplex import DuplexRelay
 from .files import FILES_PATH, FilesFront
+from .fleet import Fleet
+from .fleet.config import FleetConfigError, parse_fleet
 from .pipeline import Pipeline, Shutdown
 from .upstream import UpstreamClient
 
@@ -79,13 +81,28 @@ def create_app(
     if not valid_region(region):
         raise ConfigError(f"config error: region: {region!r} is not an AWS region name")
     try:
-        endpoints = Endpoints(overrides, region)
+        Endpoints(overrides, region)
     except ValueError as exc:
         raise ConfigError(f"config error: endpoints: {exc}") from None
     credentials = CredentialProvider(settings.aws_profile)
     store = open_store(
         settings.database_url, settings.sqlite_path, settings.database_pool_size, clock
     )
+    metrics = Metrics()
+    try:
+        fleet = Fleet(
+            parse_fleet(settings.upstreams),
+            overrides,
+            region,
+            credentials,
+            store,
+            clock,
+            settings.redis_url,
+            lambda member: metrics.upstream_event(member, "cooldowns"),
+            settings.key_cache_ttl,
+        )
+    except (FleetConfigError, ValueError) as exc:
+        raise ConfigError(f"config error: {exc}") from None
     sealing_secret = settings.secret_key or settings.master_key
     box = SecretBox(sealing_secret, settings.previous_secret_keys) if sealing_secret else None
     cache = KeyCache(store, box, settings.key_cache_ttl)
@@ -96,7 +113,7 @@ def create_app(
         keys=cache,
         max_skew_seconds=settings.sigv4_max_skew,
     )
-    keys = KeyService(store, box, cache, clock) if box is not None and settings.master_key else None
+    keys: KeyService | None = None
     try:
         prices = PriceTable.load(
             settings.prices_file, settings.prices, settings.unpriced_model_price or None
@@ -132,8 +149,9 @@ def create_app(
         alerts,
     )
     shutdown = Shutdown()
-    upstream = UpstreamClient(settings, endpoints, credentials, shutdown)
-    metrics = Metrics()
+    upstream = UpstreamClient(settings, fleet, shutdown, metrics)
+    if box is not None and settings.master_key:
+        keys = KeyService(store, box, cache, clock, fleet.config.pools, fleet.set_team_upstream)
     access_log = access_log or AccessLog(settings.access_log)
     # Metering first: the others read the cost it works out.
     observers: list[Observer] = [metering, metrics, access_log]

@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from ..access import policy
 from ..access.auth import Authenticator, SignedRequest
-from ..access.jobs import LISTINGS, STARTS, JobRegistry
+from ..access.jobs import JOB_LABELS, LISTINGS, STARTS, JobRegistry
 from ..access.modelrefs import ModelRefs, resolvable
 from ..access.unverified import UnverifiedBodies
 from ..exchange import Exchange
@@ -26,14 +26,18 @@ from ..metering.service import Metering
 from ..metering.usage import meter_for
 from ..observe.metrics import Metrics
 from ..wire import errors, eventsig, eventstream, http1
-from ..wire.endpoints import Upstream
 from ..wire.h2client import Http2Stream
 from ..wire.headers import check_request_headers, response_headers, split_request_headers
-from ..wire.routing import Router
+from ..wire.routing import Operation, Router
 from . import duplex
 from .bodies import RequestBody, read_body
 from .config import Settings
+from .fleet import Target
+from .fleet.affinity import AFFINITY_HEADER, affinity_key
 from .upstream import UpstreamClient
+
+# Which pool member served the request ("account/region"), when upstreams are configured.
+UPSTREAM_HEADER = "x-bedrock-proxy-upstream"
 
 BASE_PATH = "/bedrock"
 # Responses of known length up to this size are read whole and sent in one write.
@@ -114,7 +118,7 @@ class BedrockFront:
             body = await self._read_body(request)
         x.bytes_in = body.size
         x.identity = identity  # before the policy, so a refusal is attributed to the key
-        upstream = await self._target(request, x)
+        await self._resolve_model(x)
         spec = identity.spec
         if spec is not None:
             # A body read in one piece is checked as it is; a large one is joined (a copy)
@@ -126,28 +130,27 @@ class BedrockFront:
         await self._jobs.check(identity, op, match.labels)
         if x.model is None and op.name in _MODEL_IN_BODY:
             x.model = policy.body_model(op, body.joined())
+        targets = await self._targets(request, x, match.labels, body)
         x.annotations = read_annotations(request.headers)
         meter = x.meter = meter_for(op.name)
         if meter.reads_request:  # what is billed is in the request (Rerank's queries)
             meter.on_request(body.joined())
         await self._metering.admit(x, body.size)
         signed, unsigned = split_request_headers(request.headers)
-        signed["host"] = upstream.host
         if body.size or not isinstance(body.data, bytes):
             unsigned["content-length"] = str(body.size)
-        await self._upstream.authorize(
+        reply = await self._upstream.exchange(
+            request.method,
+            targets,
+            match.path,
+            query,
             signed,
-            method=request.method,
-            raw_path=upstream.base_path + match.path,
-            raw_query=query,
-            payload_hash=body.sha256,
-            region=upstream.region,
-            service=op.service,
-        )
-        signed.update(unsigned)
-        target = upstream.base_path + match.path + ("?" + query if query else "")
-        reply = await self._upstream.send(
-            request.method, upstream, target, signed, body.payload(), x
+            unsigned,
+            body.sha256,
+            body.payload(),
+            x,
+            op.service,
+            may_failover(op, request.method),
         )
         return await self._respond(request, reply, body, x)
 
@@ -173,9 +176,14 @@ class BedrockFront:
             )
             client_chain = await self._auth.event_chain(request)
         x.identity = identity
-        upstream = await self._target(request, x)
+        await self._resolve_model(x)
         if identity.spec is not None:
             policy.check(identity.spec, op, labels, request.headers, None, query, _aliases(x))
+        # A session is one long request: it goes to the first member, and is never moved.
+        target = (await self._targets(request, x, labels, None))[0]
+        upstream = target.upstream
+        if self._upstream.fleet.configured:
+            x.account, x.upstream = target.member.account.name, target.member.name
         if request.version.major != 2:
             raise errors.validation(f"{op.name} requires HTTP/2")
         x.annotations = read_annotations(request.headers)
@@ -186,7 +194,12 @@ class BedrockFront:
         signed.pop("x-amz-content-sha256", None)
         raw_path = upstream.base_path + path
         server_chain = await self._upstream.authorize_stream(
-            signed, raw_path=raw_path, raw_query=query, region=upstream.region, service=op.service
+            signed,
+            raw_path=raw_path,
+            raw_query=query,
+            target=target,
+            service=op.service,
+            identity=identity,
         )
         signed.update(unsigned)
         x.upstream_started = time.perf_counter()
@@ -201,19 +214,40 @@ class BedrockFront:
         except http1.UpstreamError as exc:
             raise errors.service_unavailable(str(exc)) from None
         out_headers = CIMultiDict({"x-bedrock-proxy-request-id": x.request_id})
+        if x.upstream is not None:
+            out_headers[UPSTREAM_HEADER] = x.upstream
         return await self._duplex.run(request, x, up, client_chain, server_chain, out_headers)
 
-    async def _target(self, request: web.Request, x: Exchange) -> Upstream:
-        """Where the request goes, and the model it names once an application-profile or
-        provisioned-model ARN is resolved (the policy checks both)."""
-        assert x.operation is not None
-        upstream = self._upstream.resolve(x.operation.service, request)
-        x.region = upstream.region
+    async def _resolve_model(self, x: Exchange) -> None:
+        """The model an application-profile or provisioned-model ARN runs (the policy
+        checks both), looked up in the account and region the ARN names."""
         if x.model is not None and resolvable(x.model):
             resolved = await self._model_refs.resolve(x.model)
             if resolved is not None:
                 x.model_ref, x.model = x.model, resolved
-        return upstream
+
+    async def _targets(
+        self, request: web.Request, x: Exchange, labels: dict[str, str], body: RequestBody | None
+    ) -> list[Target]:
+        """The members to try: where the named model (or job) may go, in the pool the
+        key's route picks, the conversation's member first."""
+        op = x.operation
+        assert op is not None
+        named = x.model_ref or x.model
+        fleet = self._upstream.fleet
+        if fleet.configured and op.name in JOB_LABELS:
+            named = await self._jobs.arn(labels.get(JOB_LABELS[op.name], ""))
+        key_id = x.identity.key_id if x.identity is not None else None
+
+        def affinity() -> bytes | None:
+            data = body.data if body is not None and isinstance(body.data, bytes) else None
+            return affinity_key(key_id, request.headers.get(AFFINITY_HEADER), data)
+
+        targets = self._upstream.targets(
+            op.service, request, x.identity, named, affinity, route_model=x.model
+        )
+        x.region = targets[0].upstream.region
+        return targets
 
     async def _read_body(self, request: web.Request) -> RequestBody:
         return await read_body(request, self._max_body, self._settings.body_timeout)
@@ -233,6 +267,8 @@ class BedrockFront:
             x.upstream_request_id = upstream.headers.get("x-amzn-RequestId")
             out_headers = response_headers(upstream.headers)
             out_headers["x-bedrock-proxy-request-id"] = x.request_id
+            if x.upstream is not None:
+                out_headers[UPSTREAM_HEADER] = x.upstream
             if meter is not None:
                 meter.on_headers(upstream.status, upstream.headers)
             content_type = upstream.headers.get("Content-Type", "")
@@ -299,6 +335,29 @@ class BedrockFront:
             headers["x-bedrock-proxy-tokens"] = str(x.usage.total_tokens)
             if cost is not None:
                 headers["x-bedrock-proxy-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
+
+
+# Operations that run only models (or read a knowledge base): moving one that was throttled
+# or failed to another member repeats nothing. Writes, jobs and agents (which may have run
+# actions, and keep sessions in one account) are never moved.
+_MOVABLE_AGENT_RUNTIME = frozenset(
+    {
+        "Retrieve",
+        "Rerank",
+        "GenerateQuery",
+        "OptimizePrompt",
+        "RetrieveAndGenerate",
+        "RetrieveAndGenerateStream",
+    }
+)
+
+
+def may_failover(op: Operation, method: str) -> bool:
+    if method in ("GET", "HEAD"):
+        return True
+    if op.service.name == "bedrock-runtime":
+        return op.name != "StartAsyncInvoke"
+    return op.service.name == "bedrock-agent-runtime" and op.name in _MOVABLE_AGENT_RUNTIME
 
 
 def _aliases(x: Exchange) -> dict[str, str] | None:

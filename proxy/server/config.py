@@ -14,6 +14,7 @@ import yaml
 
 from ..wire.endpoints import valid_region
 from ..wire.routing import SERVICE_NAMES
+from .fleet.config import FleetConfigError, parse_fleet
 
 ENV_PREFIX = "BEDROCK_PROXY_"
 DEFAULT_AUTH_HEADERS = ("x-api-key", "litellm_user_api_key", "x-litellm-api-key", "x-bf-vk")
@@ -112,6 +113,9 @@ class Settings:
     metrics_public: bool = False
     # OpenTelemetry spans per request (needs the "otel" extra; configured by OTEL_* vars).
     tracing: bool = False
+    # Upstream routing: named AWS accounts, pools of (account, region) members, routes
+    # (see docs/operations.md). Unset: one upstream, the default credentials and region.
+    upstreams: dict[str, Any] = field(default_factory=dict)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -278,5 +282,9 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config error: database_url: must be a postgresql:// URL")
     if s.secret_key is not None and len(s.secret_key) < 16:
         raise ConfigError("config error: secret_key: must be at least 16 characters")
+    try:
+        parse_fleet(s.upstreams)
+    except FleetConfigError as exc:
+        raise ConfigError(f"config error: {exc}") from None
     if s.master_key is not None and len(s.master_key) < 8:
         raise ConfigError("config error: master_key: must be at least 8 characters")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiobotocore.session import AioSession
@@ -31,15 +32,24 @@ class NoCredentialsError(Exception):
     """The chain found no AWS credentials."""
 
 
+# Finds aiobotocore's credentials object (refreshable or not), or None when there are none.
+SourceLoader = Callable[[], Awaitable[Any]]
+
+
 class CredentialProvider:
-    def __init__(self, profile: str | None = None) -> None:
+    def __init__(
+        self, profile: str | None = None, load: SourceLoader | None = None, name: str = "default"
+    ) -> None:
         self._profile = profile
+        self._load_source = load or self._chain
+        self.name = name
         self._source: Any = None  # aiobotocore's credentials object (untyped)
         self._frozen: Credentials | None = None
         self._next_check = 0.0
         self._refresh_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._last_lookup = -_RETRY_MISSING_EVERY
+        self._why = "no AWS credentials available to the proxy"
 
     async def start(self) -> None:
         """Resolve once at startup; missing credentials are logged, not fatal."""
@@ -70,18 +80,35 @@ class CredentialProvider:
             if self._frozen is not None:
                 return self._frozen
             if time.monotonic() - self._last_lookup < _RETRY_MISSING_EVERY and self._source is None:
-                raise NoCredentialsError("no AWS credentials available to the proxy")
+                raise NoCredentialsError(self._why)
             self._last_lookup = time.monotonic()
-            session = AioSession(profile=self._profile)
-            source = await session.get_credentials()
-            if source is None:
-                raise NoCredentialsError("no AWS credentials available to the proxy")
-            self._source = source
-            return await self._freeze()
+            try:
+                source = await self._load_source()
+                if source is None:
+                    raise NoCredentialsError("no AWS credentials available to the proxy")
+                self._source = source
+                return await self._freeze()
+            except NoCredentialsError as exc:
+                self._why = str(exc)
+                raise
+            except Exception as exc:  # STS refused, a profile is broken: retried later
+                self._source = None
+                self._why = f"AWS credentials for {self.name} could not be obtained"
+                log.warning("%s: %s: %s", self._why, type(exc).__name__, exc)
+                raise NoCredentialsError(self._why) from None
+
+    async def _chain(self) -> Any:
+        return await AioSession(profile=self._profile).get_credentials()
 
     async def _refresh(self) -> Credentials:
         async with self._lock:
-            return await self._freeze()
+            try:
+                return await self._freeze()
+            except Exception as exc:
+                log.warning("refreshing AWS credentials for %s failed: %s", self.name, exc)
+                raise NoCredentialsError(
+                    f"AWS credentials for {self.name} could not be refreshed"
+                ) from None
 
     async def _freeze(self) -> Credentials:
         frozen = await self._source.get_frozen_credentials()
@@ -93,7 +120,9 @@ class CredentialProvider:
         try:
             await self._refresh()
         except Exception as exc:  # keep serving with the current credentials
-            log.warning("background credential refresh failed: %s", type(exc).__name__)
+            log.warning(
+                "background credential refresh failed for %s: %s", self.name, type(exc).__name__
+            )
         finally:
             self._refresh_task = None
 

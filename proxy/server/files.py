@@ -208,7 +208,12 @@ class FilesFront:
                 f"Your proposed upload exceeds the limit of {self._max} bytes",
             )
         await self._metering.admit(x, length or 0)
-        upstream = self._upstream.resolve(S3, request)
+        # The bucket lives in one account: the pool's first member (never moved: a write).
+        destination = self._upstream.targets(S3, request, identity, None)[0]
+        upstream = destination.upstream
+        x.region = upstream.region
+        if self._upstream.fleet.configured:
+            x.account, x.upstream = destination.member.account.name, destination.member.name
         signed, unsigned = split_request_headers(request.headers)
         signed["host"] = upstream.host
         payload_mode = (
@@ -236,8 +241,9 @@ class FilesFront:
             raw_path=upstream_path,
             raw_query=query,
             payload_hash=payload_mode,
-            region=upstream.region,
+            target=destination,
             service=S3,
+            identity=identity,
         )
         signed.update(unsigned)
         target = upstream_path + ("?" + query if query else "")

@@ -10,21 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import web
 
-from ..exchange import Exchange
+from ..exchange import Exchange, Identity
 from ..metering.usage import Meter
+from ..observe.metrics import Metrics
 from ..wire import errors, eventsig, eventstream, http1, sigv4
-from ..wire.endpoints import Endpoints, Upstream, valid_region
+from ..wire.endpoints import Upstream, valid_region
 from ..wire.eventsig import SignatureChain
 from ..wire.routing import Service
 from .config import Settings
-from .credentials import CredentialProvider, NoCredentialsError
+from .credentials import NoCredentialsError
+from .fleet import Fleet, Member, Target
+from .fleet.config import DEFAULT_ACCOUNT
 from .pipeline import Shutdown
+
+log = logging.getLogger("bedrock_proxy.upstreams")
+
+
+def _NO_AFFINITY() -> bytes | None:
+    return None
+
 
 S3_SERVICE = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
 BEDROCK_CONTROL = Service(name="bedrock", endpoint_prefix="bedrock", signing_name="bedrock")
@@ -36,19 +47,19 @@ SHUTTING_DOWN = eventstream.exception_frame(
 
 
 class UpstreamClient:
-    """Owns the connection pool and the credentials requests are re-signed with."""
+    """Owns the connection pool; signs with each member's credentials (``fleet``)."""
 
     def __init__(
         self,
         settings: Settings,
-        endpoints: Endpoints,
-        credentials: CredentialProvider,
+        fleet: Fleet,
         shutdown: Shutdown,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
-        self._endpoints = endpoints
-        self._credentials = credentials
+        self.fleet = fleet
         self._shutdown = shutdown
+        self._metrics = metrics
         self._bearer = settings.upstream_bearer_token
         self._pool: http1.Pool | None = None
 
@@ -69,15 +80,29 @@ class UpstreamClient:
             keepalive_timeout=30,
             limit_per_host=s.pool_size,
         )
+        await self.fleet.start()
 
     async def close(self) -> None:
+        await self.fleet.close()
         if self._pool is not None:
             await self._pool.close()
 
     # ------------------------------------------------------------------ where and how
 
-    def resolve(self, service: Service, request: web.BaseRequest) -> Upstream:
-        return self._endpoints.resolve(service, self._client_region(request))
+    def targets(
+        self,
+        service: Service,
+        request: web.BaseRequest,
+        identity: Identity | None,
+        model: str | None,
+        affinity: Callable[[], bytes | None] = _NO_AFFINITY,
+        route_model: str | None = None,
+    ) -> list[Target]:
+        """The pool members to try, in order; ``model`` as the request names it (where it
+        may go), ``route_model`` as it resolves (which route it takes). The client's SigV4
+        region counts only without ``upstreams`` (a pool's members name their regions)."""
+        region = None if self.fleet.configured else self._client_region(request)
+        return self.fleet.targets(service, region, identity, model, affinity, route_model or model)
 
     def _client_region(self, request: web.BaseRequest) -> str | None:
         """The region in the client's own SigV4 scope, if it signed and we honour it."""
@@ -93,12 +118,16 @@ class UpstreamClient:
             raise errors.validation(f"{region!r} is not a valid AWS region")
         return region
 
-    async def _aws_credentials(self) -> sigv4.Credentials:
+    async def _aws_credentials(
+        self, member: Member, identity: Identity | None
+    ) -> sigv4.Credentials:
         try:
-            return await self._credentials.get()
-        except NoCredentialsError:
+            return await self.fleet.credentials_for(member, identity)
+        except NoCredentialsError as exc:
             raise errors.service_unavailable(
-                "The proxy has no AWS credentials configured for the upstream"
+                "The proxy has no AWS credentials for the upstream"
+                + ("" if member.account.name == DEFAULT_ACCOUNT else f" {member.name}")
+                + ("" if str(exc).startswith("no AWS") else f": {exc}")
             ) from None
 
     async def authorize(
@@ -109,11 +138,13 @@ class UpstreamClient:
         raw_path: str,
         raw_query: str,
         payload_hash: str,
-        region: str,
+        target: Target,
         service: Service,
+        identity: Identity | None = None,
     ) -> None:
         """Add the server's authorization to ``headers`` (which must hold ``host`` and only
-        headers no hop changes): the upstream bearer token, or a SigV4 signature."""
+        headers no hop changes): the upstream bearer token, or a SigV4 signature with the
+        target member's credentials."""
         if self._bearer and service is not S3_SERVICE:
             headers["authorization"] = "Bearer " + self._bearer
             return
@@ -123,8 +154,8 @@ class UpstreamClient:
             raw_query=raw_query,
             headers=headers,
             payload_hash=payload_hash,
-            credentials=await self._aws_credentials(),
-            region=region,
+            credentials=await self._aws_credentials(target.member, identity),
+            region=target.upstream.region,
             service=service.signing_name,
             date=sigv4.amz_date(),
             double_encode=service is not S3_SERVICE,  # S3 paths are encoded once
@@ -136,8 +167,9 @@ class UpstreamClient:
         *,
         raw_path: str,
         raw_query: str,
-        region: str,
+        target: Target,
         service: Service,
+        identity: Identity | None = None,
     ) -> SignatureChain:
         """Sign a request whose body is a signed event stream, and return the chain its
         frames are signed on (the server's key, seeded with this signature)."""
@@ -146,7 +178,8 @@ class UpstreamClient:
                 "InvokeModelWithBidirectionalStream needs AWS credentials upstream: its "
                 "events are signed with them, and the proxy is configured with a Bedrock API key"
             )
-        credentials = await self._aws_credentials()
+        credentials = await self._aws_credentials(target.member, identity)
+        region = target.upstream.region
         headers["x-amz-content-sha256"] = eventsig.STREAMING_EVENTS
         date = sigv4.amz_date()
         authorization = headers["authorization"] = sigv4.sign(
@@ -166,6 +199,74 @@ class UpstreamClient:
         )
 
     # ------------------------------------------------------------------ the call
+
+    async def exchange(
+        self,
+        method: str,
+        targets: list[Target],
+        path: str,
+        query: str,
+        signed: dict[str, str],
+        unsigned: dict[str, str],
+        payload_hash: str,
+        body: http1.Body,
+        x: Exchange,
+        service: Service,
+        failover: bool,
+    ) -> http1.Response:
+        """Sign for and send to the first target; on a throttle, a 5xx or a failed
+        connection, the same bytes go to the next (when ``failover``). Nothing of the
+        response has reached the client yet, so a user sees only the latency. The last
+        target's answer, whatever it is, is the one returned."""
+        identity = x.identity
+        last = len(targets) - 1 if failover else 0
+        for i, target in enumerate(targets):
+            member = target.member
+            if self.fleet.configured:
+                x.account, x.upstream = member.account.name, member.name
+            x.region = target.upstream.region
+            upstream = target.upstream
+            headers = dict(signed)
+            headers["host"] = upstream.host
+            raw_path = upstream.base_path + path
+            try:
+                await self.authorize(
+                    headers,
+                    method=method,
+                    raw_path=raw_path,
+                    raw_query=query,
+                    payload_hash=payload_hash,
+                    target=target,
+                    service=service,
+                    identity=identity,
+                )
+                headers.update(unsigned)
+                response = await self.send(
+                    method, upstream, raw_path + ("?" + query if query else ""), headers, body, x
+                )
+            except errors.AwsError as exc:
+                # No credentials for the member, or no connection to it; a read timeout
+                # (the request may be running upstream) is never moved.
+                if i >= last or exc.code == "ModelTimeoutException":
+                    raise
+                self._moved(member, "failure", str(exc.code))
+                continue
+            if i < last and (response.status == 429 or response.status >= 500):
+                code = response.headers.get("x-amzn-ErrorType", "").split(":")[0]
+                response.close()
+                self._moved(member, "throttle" if response.status == 429 else "failure", code)
+                continue
+            if self.fleet.configured and response.status < 500 and response.status != 429:
+                self.fleet.health.succeeded(member.name)
+            return response
+        raise AssertionError("unreachable: the last target returns or raises")
+
+    def _moved(self, member: Member, kind: str, code: str) -> None:
+        self.fleet.health.failed(member.name)
+        if self._metrics is not None:
+            self._metrics.upstream_event(member.name, kind + "s")
+            self._metrics.upstream_event(member.name, "failovers")
+        log.info("moved a request off %s after %s %s", member.name, kind, code)
 
     async def send(
         self,
@@ -203,9 +304,13 @@ class UpstreamClient:
                 f"The upstream response was cut short: {exc}"
             ) from None
 
-    async def signed_get(self, service: Service, region: str, path: str) -> tuple[int, bytes]:
-        """A GET with the server's credentials, read whole: (status, body)."""
-        upstream = self._endpoints.resolve(service, region)
+    async def signed_get(
+        self, service: Service, region: str, path: str, arn: str | None = None
+    ) -> tuple[int, bytes]:
+        """A GET with the server's credentials, read whole: (status, body). It goes to
+        the account and region that own ``arn`` (a job, a profile) when one is named."""
+        target = self.fleet.owner_target(service, region, arn)
+        upstream = target.upstream
         headers = {"host": upstream.host, "accept": "application/json"}
         raw_path = upstream.base_path + path
         if service is S3_SERVICE:
@@ -216,7 +321,7 @@ class UpstreamClient:
             raw_path=raw_path,
             raw_query="",
             payload_hash=sigv4.EMPTY_SHA256,
-            region=region,
+            target=target,
             service=service,
         )
         response = await self.pool.request("GET", upstream.origin, raw_path, headers)
@@ -225,14 +330,18 @@ class UpstreamClient:
         finally:
             response.release()
 
-    async def control_get(self, region: str, path: str) -> tuple[int, bytes]:
+    async def control_get(
+        self, region: str, path: str, arn: str | None = None
+    ) -> tuple[int, bytes]:
         """A GET on the Bedrock control plane (model references, batch jobs)."""
-        return await self.signed_get(BEDROCK_CONTROL, region, path)
+        return await self.signed_get(BEDROCK_CONTROL, region, path, arn)
 
-    async def s3_get(self, region: str, bucket: str, key: str) -> tuple[int, bytes]:
+    async def s3_get(
+        self, region: str, bucket: str, key: str, arn: str | None = None
+    ) -> tuple[int, bytes]:
         """An S3 object (path-style), read with the server's credentials."""
         path = "/" + quote(bucket, safe="") + "/" + quote(key, safe="/-_.~")
-        return await self.signed_get(S3_SERVICE, region, path)
+        return await self.signed_get(S3_SERVICE, region, path, arn)
 
     # ------------------------------------------------------------------ the body
 

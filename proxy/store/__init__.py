@@ -1,4 +1,4 @@
-"""The store: keys, spend, named limits and jobs, as repositories over one database
+"""The store: keys, spend, named limits, jobs and teams, as repositories over one database
 (SQLite by default, PostgreSQL when a database URL is set)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from .jobs import JobRepository
 from .keys import KeyRepository
 from .limits import LimitRepository
 from .spend import SpendRepository
+from .teams import TeamRepository
 
 
 class Store:
@@ -18,6 +19,7 @@ class Store:
         self.spend = SpendRepository(db)
         self.limits = LimitRepository(db, clock)
         self.jobs = JobRepository(db, clock)
+        self.teams = TeamRepository(db, clock)
 
     @property
     def dialect(self) -> str:

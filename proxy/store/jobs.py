@@ -55,6 +55,10 @@ class JobRepository:
         )
         return row["key_id"] if row else None
 
+    async def arn(self, job_id: str) -> str | None:
+        row = await self._db.fetchrow("SELECT job_arn FROM bp_jobs WHERE job_id = $1", job_id)
+        return row["job_arn"] if row else None
+
     async def owned(self, key_id: str, arns: list[str]) -> set[str]:
         """Which of these job ARNs the key created."""
         if not arns:

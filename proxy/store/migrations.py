@@ -104,6 +104,20 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         ALTER TABLE bp_jobs ADD COLUMN settled_at DOUBLE PRECISION
         """,
     ),
+    (
+        5,
+        # Upstream routing: the account and region that served a request, and the pool a
+        # team's keys use when they name none themselves.
+        """
+        ALTER TABLE bp_spend ADD COLUMN account TEXT;
+        ALTER TABLE bp_spend ADD COLUMN region TEXT;
+        CREATE TABLE bp_teams (
+            team_id TEXT PRIMARY KEY,
+            upstream TEXT,
+            updated_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
 ]
 
 

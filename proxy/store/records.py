@@ -48,6 +48,9 @@ class KeySpec:
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     max_parallel_requests: int | None = None
+    # The upstream pool this key's requests go to (``upstreams.pools``); None: its team's,
+    # then the routes'.
+    upstream: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +129,8 @@ class SpendRow:
     error: str | None
     estimated: int
     model_ref: str | None
+    account: str | None
+    region: str | None
 
 
 @dataclass(slots=True)
