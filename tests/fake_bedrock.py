@@ -82,6 +82,14 @@ class FakeBedrock:
     bidi_completed: int = 0
     bidi_bad_signatures: int = 0
     bidi_disconnects: int = 0
+    # Upstream routing: the account this fake stands for (in the ARNs it mints), the
+    # credentials it accepts besides the default pair (access key -> (secret, token): an
+    # account's own keys, or a role session issued by the fake STS), and a fault on every
+    # model call ("throttle" 429, "unavailable" 503, "error500" 500) to force failovers.
+    account_id: str = "123456789012"
+    credentials: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    accept_default: bool = True
+    fault: str | None = None
 
     def reset(self) -> None:
         """Every field back to its default between tests, so no test sees another's
@@ -144,7 +152,10 @@ class FakeBedrock:
                 403, "MissingAuthenticationTokenException", "Missing Authentication Token"
             ), None
         akid, day, region, service, signed, signature = m.groups()
-        if akid != UPSTREAM_ACCESS_KEY:
+        secret, expected_token = self.credentials.get(akid, (None, None))
+        if akid == UPSTREAM_ACCESS_KEY and self.accept_default:
+            secret, expected_token = UPSTREAM_SECRET_KEY, self.expected_token
+        if secret is None:
             return aws_error(
                 403,
                 "UnrecognizedClientException",
@@ -173,7 +184,7 @@ class FakeBedrock:
         if "host" not in names:
             return aws_error(403, "InvalidSignatureException", "host must be signed"), region
         token = request.headers.get("X-Amz-Security-Token")
-        if token != self.expected_token:
+        if token != expected_token:
             return aws_error(
                 403,
                 "UnrecognizedClientException",
@@ -196,7 +207,7 @@ class FakeBedrock:
             headers=headers,
         )
         aws_request.context["timestamp"] = date
-        signer = SigV4Auth(Credentials(akid, UPSTREAM_SECRET_KEY, token), service, region)
+        signer = SigV4Auth(Credentials(akid, secret, token), service, region)
         canonical = signer.canonical_request(aws_request)
         expected = signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
         if expected != signature:
@@ -287,6 +298,10 @@ class FakeBedrock:
             self.active_streams -= 1
 
     async def _fault(self, request: web.Request, model: str) -> web.StreamResponse | None:
+        if self.fault is not None:
+            model = "test." + self.fault
+        if model == "test.unavailable":
+            return aws_error(503, "ServiceUnavailableException", "Service is unavailable.")
         if model == "test.throttle":
             return aws_error(
                 429, "ThrottlingException", "Too many requests, please wait before trying again."
@@ -579,7 +594,7 @@ class FakeBedrock:
     async def op_CreateModelInvocationJob(self, request, params, body):
         spec = json.loads(body)
         job_id = f"job{next(_IDS):04d}"  # never reused, across resets too, as on AWS
-        arn = f"arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/{job_id}"
+        arn = f"arn:aws:bedrock:{self._region(request)}:{self.account_id}:model-invocation-job/{job_id}"
         self.jobs[job_id] = {
             "jobArn": arn,
             "jobName": spec["jobName"],
@@ -607,7 +622,7 @@ class FakeBedrock:
     async def op_StartAsyncInvoke(self, request, params, body):
         spec = json.loads(body)
         invocation_id = f"{next(_IDS):012d}"
-        arn = f"arn:aws:bedrock:us-east-1:123456789012:async-invoke/{invocation_id}"
+        arn = f"arn:aws:bedrock:{self._region(request)}:{self.account_id}:async-invoke/{invocation_id}"
         self.async_invokes[arn] = {
             "invocationArn": arn,
             "modelArn": f"arn:aws:bedrock:us-east-1::foundation-model/{spec['modelId']}",
@@ -675,6 +690,11 @@ class FakeBedrock:
         self.s3.buckets[out_bucket][f"{out_prefix}{job_id}/manifest.json.out"] = Obj(
             manifest, f'"{hashlib.md5(manifest).hexdigest()}"', "application/json"
         )
+
+    def _region(self, request: web.Request) -> str:
+        """The region the request was signed for (where the job is made), as AWS's."""
+        m = _AUTH_RE.fullmatch(request.headers.get("Authorization", ""))
+        return m.group(3) if m else "us-east-1"
 
     def _job(self, identifier: str) -> dict | None:
         return self.jobs.get(identifier.rsplit("/", 1)[-1])
