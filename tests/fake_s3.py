@@ -44,6 +44,8 @@ class FakeS3:
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     max_body_seen: int = 0
     chunked_uploads: int = 0
+    # Another account's S3 (upstream routing): the access key and secret it takes instead.
+    account_key: tuple[str, str] | None = None
 
     def reset(self) -> None:
         """Every field back to its default between tests, so no test sees another's
@@ -197,7 +199,8 @@ class FakeS3:
         if m is None:
             return s3_error(403, "AccessDenied", "Access Denied", head=head)
         akid, _day, region, service, signed, signature = m.groups()
-        if akid != UPSTREAM_ACCESS_KEY or service != "s3":
+        expected, secret = self.account_key or (UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY)
+        if akid != expected or service != "s3":
             return s3_error(
                 403,
                 "InvalidAccessKeyId",
@@ -240,7 +243,7 @@ class FakeS3:
         )
         aws_request.context["timestamp"] = date
         signer = S3SigV4Auth(
-            Credentials(akid, UPSTREAM_SECRET_KEY, request.headers.get("X-Amz-Security-Token")),
+            Credentials(akid, secret, request.headers.get("X-Amz-Security-Token")),
             "s3",
             region,
         )

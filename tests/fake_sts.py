@@ -48,6 +48,8 @@ class FakeSts:
     # Role ARNs whose assumption is refused (AccessDenied), and a required external id.
     denied: set[str] = field(default_factory=set)
     external_ids: dict[str, str] = field(default_factory=dict)
+    # Sessions that end sooner than asked for, to see them refreshed (None: as asked).
+    expires_in: float | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -94,7 +96,8 @@ class FakeSts:
             )
         )
         self.grant(role, akid, secret, token)
-        expiry = datetime.fromtimestamp(time.time() + duration, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lifetime = duration if self.expires_in is None else self.expires_in
+        expiry = datetime.fromtimestamp(time.time() + lifetime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         account = role.split(":")[4]
         session = params.get("RoleSessionName", "")
         role_name = role.rsplit("/", 1)[-1]

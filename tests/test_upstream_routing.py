@@ -15,8 +15,10 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import boto3
 import botocore.exceptions
 import pytest
+from botocore.config import Config
 
 from proxy.server.app import UPSTREAM
 from proxy.server.config import ConfigError, load_settings
@@ -27,6 +29,7 @@ from tests.fake_bedrock import (
     UPSTREAM_SESSION_TOKEN,
     FakeBedrock,
 )
+from tests.fake_s3 import FakeS3
 from tests.fake_sts import FakeSts
 from tests.test_virtual_keys import admin, new_key
 
@@ -40,9 +43,16 @@ MESSAGE = [{"role": "user", "content": [{"text": "Hello"}]}]
 
 class Fleet:
     def __init__(
-        self, fakes: dict[str, FakeBedrock], urls: dict[str, str], sts: FakeSts, sts_url: str
+        self,
+        fakes: dict[str, FakeBedrock],
+        urls: dict[str, str],
+        sts: FakeSts,
+        sts_url: str,
+        s3_b: FakeS3,
+        s3_b_url: str,
     ) -> None:
         self.fakes, self.urls, self.sts, self.sts_url = fakes, urls, sts, sts_url
+        self.s3_b, self.s3_b_url = s3_b, s3_b_url
 
     def clear(self) -> None:
         for fake in self.fakes.values():
@@ -68,7 +78,7 @@ class Fleet:
                 "b": {
                     "regions": ["us-west-2"],
                     "profile": "account-b",
-                    "endpoints": endpoints("b"),
+                    "endpoints": {**endpoints("b"), "s3": self.s3_b_url},
                     "account_id": ACCOUNT_IDS["b"],
                 },
                 "c": {
@@ -91,7 +101,10 @@ class Fleet:
                 "research": [{"account": "c"}],
                 "geo": [{"account": "c"}, {"account": "a", "priority": 1}],
             },
-            "routes": [{"team": "research", "pool": "research"}],
+            "routes": [
+                {"team": "research", "pool": "research"},
+                {"user": "eve", "account": "b", "region": "us-west-2"},
+            ],
             "default_pool": "main",
             "cooldown_seconds": 30,
         }
@@ -105,8 +118,10 @@ def fleet(bg) -> Iterator[Fleet]:
     fakes["b"].accept_default = False
     fakes["b"].credentials[B_KEY_ID] = (B_SECRET, None)
     fakes["c"].accept_default = False
+    s3_b = FakeS3(account_key=(B_KEY_ID, B_SECRET))
     started = {name: bg.run(start_server(fake.app())) for name, fake in fakes.items()}
     urls = {name: url for name, (url, _) in started.items()}
+    s3_b_url, s3_b_runner = bg.run(start_server(s3_b.app()))
 
     def grant(role: str, akid: str, secret: str, token: str) -> None:
         assert role == ROLE_C
@@ -120,7 +135,8 @@ def fleet(bg) -> Iterator[Fleet]:
         fh.write(
             f"\n[account-b]\naws_access_key_id = {B_KEY_ID}\naws_secret_access_key = {B_SECRET}\n"
         )
-    yield Fleet(fakes, urls, sts, sts_url)
+    yield Fleet(fakes, urls, sts, sts_url, s3_b, s3_b_url)
+    bg.run(s3_b_runner.cleanup())
     for _, runner in started.values():
         bg.run(runner.cleanup())
     bg.run(sts_runner.cleanup())
@@ -167,6 +183,10 @@ def test_each_member_signs_with_its_own_account(routed, fleet):
     assert served_by(converse(boto_client("bedrock-runtime", proxy, key=b_key["key"]))) == (
         "b/us-west-2"
     )
+    eve = new_key(proxy, user_id="eve")  # a route may name one account instead of a pool
+    assert served_by(converse(boto_client("bedrock-runtime", proxy, key=eve["key"]))) == (
+        "b/us-west-2"
+    )
     assert signed_with(fleet.fakes["a"]) == {(UPSTREAM_ACCESS_KEY, "us-east-1")}
     assert signed_with(fleet.fakes["b"]) == {(B_KEY_ID, "us-west-2")}
     assert "X-Amz-Security-Token" not in fleet.fakes["b"].requests[0].headers
@@ -174,6 +194,25 @@ def test_each_member_signs_with_its_own_account(routed, fleet):
     boto_client("bedrock", proxy, key=b_key["key"]).list_foundation_models()
     assert fleet.fakes["b"].requests[-1].operation == "ListFoundationModels"
     assert signed_with(fleet.fakes["b"]) == {(B_KEY_ID, "us-west-2")}
+
+
+def test_files_go_to_the_bucket_of_the_keys_account(routed, fleet):
+    proxy = routed()
+    key = new_key(proxy, upstream="only-b", file_buckets=["team-b"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=proxy.base + "/files",
+        region_name="us-east-1",
+        aws_access_key_id=key["access_key_id"],
+        aws_secret_access_key=key["secret_access_key"],
+        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+    )
+    put = s3.put_object(Bucket="team-b", Key="batch/in.jsonl", Body=b'{"recordId": "1"}\n')
+    assert put["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-upstream"] == "b/us-west-2"
+    assert fleet.s3_b.buckets["team-b"]["batch/in.jsonl"].data == b'{"recordId": "1"}\n'
+    _, _, headers = fleet.s3_b.requests[-1]
+    authorization = {k.lower(): v for k, v in headers.items()}["authorization"]
+    assert f"{B_KEY_ID}/" in authorization and "/us-west-2/s3/" in authorization
 
 
 def test_assumed_role_carries_session_tags_and_its_own_temporary_credentials(routed, fleet):
@@ -201,6 +240,31 @@ def test_assumed_role_carries_session_tags_and_its_own_temporary_credentials(rou
         calls[1].issued_access_key,
     }
     assert not fleet.fakes["a"].requests and not fleet.fakes["b"].requests
+
+
+def test_a_role_session_is_refreshed_before_it_expires_without_a_request_waiting(routed, fleet):
+    proxy = routed()
+    key = new_key(proxy, team_id="research", user_id="cy")
+    client = boto_client("bedrock-runtime", proxy, key=key["key"])
+    fleet.sts.expires_in = 400.0  # inside the 1800 s session's refresh window (450 s)
+    try:
+        converse(client)
+        first = fleet.sts.calls[-1]
+        time.sleep(1.1)  # providers look at expiry at most once a second
+        converse(client)  # still signed with the first session; a refresh starts
+        deadline = time.monotonic() + 5
+        while len(fleet.sts.calls) < 2:
+            assert time.monotonic() < deadline, "no background refresh"
+            time.sleep(0.02)
+        fleet.sts.expires_in = None
+        time.sleep(0.1)
+        converse(client)
+    finally:
+        fleet.sts.expires_in = None
+    tokens = [r.headers["X-Amz-Security-Token"] for r in fleet.fakes["c"].requests]
+    second = fleet.sts.calls[1]
+    assert tokens == [first.issued_token, first.issued_token, second.issued_token]
+    assert second.tags == first.tags
 
 
 def test_a_refused_role_is_an_aws_shaped_503_and_moves_to_the_next_member(routed, fleet):
@@ -551,6 +615,10 @@ _GOOD = {
     [
         ({"pools": {"main": [{"account": "zz"}]}}, "upstreams.pools.main[0]: unknown account 'zz'"),
         ({"routes": [{"team": "t", "pool": "nope"}]}, "upstreams.routes[0].pool: unknown pool"),
+        (
+            {"routes": [{"team": "t", "account": "zz"}]},
+            "upstreams.routes[0][0]: unknown account 'zz' (one of a)",
+        ),
         (
             {"accounts": {"a": {"regions": ["us-east-1", "mars-north-1x"]}}},
             "upstreams.accounts.a.regions: 'mars-north-1x' is not an AWS region name",

@@ -66,6 +66,8 @@ def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
             spec.expires_at = _expiry(name, value)
         elif name in ("key_alias", "user_id", "team_id", "budget_duration", "upstream"):
             spec_value = _optional_str(name, value)
+            if name == "upstream" and not spec_value:
+                spec_value = None  # "" clears it, as null does (the CLI has no null)
             if name == "budget_duration" and spec_value is not None:
                 parse_duration(name, spec_value)
             setattr(spec, name, spec_value)

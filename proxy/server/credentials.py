@@ -38,9 +38,16 @@ SourceLoader = Callable[[], Awaitable[Any]]
 
 class CredentialProvider:
     def __init__(
-        self, profile: str | None = None, load: SourceLoader | None = None, name: str = "default"
+        self,
+        profile: str | None = None,
+        load: SourceLoader | None = None,
+        name: str = "default",
+        advisory_seconds: float = _ADVISORY_SECONDS,
+        mandatory_seconds: float = _MANDATORY_SECONDS,
     ) -> None:
         self._profile = profile
+        self._advisory = advisory_seconds
+        self._mandatory = mandatory_seconds
         self._load_source = load or self._chain
         self.name = name
         self._source: Any = None  # aiobotocore's credentials object (untyped)
@@ -69,9 +76,9 @@ class CredentialProvider:
         source = self._source
         if getattr(source, "refresh_needed", None) is None:
             return frozen
-        if source.refresh_needed(_MANDATORY_SECONDS):
+        if source.refresh_needed(self._mandatory):
             return await self._refresh()
-        if source.refresh_needed(_ADVISORY_SECONDS) and self._refresh_task is None:
+        if source.refresh_needed(self._advisory) and self._refresh_task is None:
             self._refresh_task = asyncio.create_task(self._background_refresh())
         return frozen
 

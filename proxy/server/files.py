@@ -301,6 +301,8 @@ class FilesFront:
             x.upstream_request_id = upstream.headers.get("x-amz-request-id")
             out_headers = response_headers(upstream.headers)
             out_headers["x-bedrock-proxy-request-id"] = x.request_id
+            if x.upstream is not None:
+                out_headers["x-bedrock-proxy-upstream"] = x.upstream
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length

@@ -278,7 +278,8 @@ class UpstreamClient:
         x: Exchange,
     ) -> http1.Response:
         """Send and wait for the response's head; failures become AWS-shaped errors."""
-        x.upstream_started = time.perf_counter()
+        if x.upstream_started is None:  # a failover's time counts as upstream time
+            x.upstream_started = time.perf_counter()
         try:
             response = await self.pool.request(method, upstream.origin, target, headers, body)
         except http1.ReadTimeout:

@@ -147,7 +147,7 @@ def parse_fleet(raw: dict[str, Any]) -> FleetConfig:
     routes_raw = raw.get("routes") or []
     if not isinstance(routes_raw, list):
         raise FleetConfigError("upstreams.routes: must be a list")
-    routes = tuple(_route(i, value, pools) for i, value in enumerate(routes_raw))
+    routes = tuple(_route(i, value, pools, accounts) for i, value in enumerate(routes_raw))
     numbers = {}
     for name, default in (
         ("cooldown_seconds", 1.0),
@@ -252,8 +252,8 @@ def _assume_role(where: str, raw: Any) -> AssumeRole:
 
 
 def _pool(name: str, raw: Any, accounts: dict[str, Account]) -> tuple[Member, ...]:
-    where = f"upstreams.pools.{name}"
-    if not _NAME_RE.fullmatch(name):
+    where = f"upstreams.{name}" if name.startswith("routes[") else f"upstreams.pools.{name}"
+    if not _NAME_RE.fullmatch(name) and not name.startswith("routes["):
         raise FleetConfigError(f"{where}: a pool name is letters, digits, '_', '.', '-'")
     if not isinstance(raw, list) or not raw:
         raise FleetConfigError(f"{where}: must be a list of members")
@@ -289,12 +289,27 @@ def _pool(name: str, raw: Any, accounts: dict[str, Account]) -> tuple[Member, ..
     return tuple(members)
 
 
-def _route(i: int, raw: Any, pools: dict[str, tuple[Member, ...]]) -> Route:
+def _route(
+    i: int, raw: Any, pools: dict[str, tuple[Member, ...]], accounts: dict[str, Account]
+) -> Route:
+    """A route names a pool, or one account (and region) as a pool of one."""
     at = f"upstreams.routes[{i}]"
     raw = _mapping(raw, at)
-    _only(raw, at, {"pool", "key", "team", "user", "model"})
+    _only(raw, at, {"pool", "account", "region", "key", "team", "user", "model"})
     pool = raw.get("pool")
-    if pool not in pools:
+    if ("account" in raw) == (pool is not None):
+        raise FleetConfigError(f"{at}: name either a pool or an account")
+    if "account" in raw:
+        member = _pool(
+            f"routes[{i}]",
+            [{"account": raw["account"], **({"region": raw["region"]} if "region" in raw else {})}],
+            accounts,
+        )[0]
+        pool = member.name
+        pools.setdefault(pool, (member,))
+    elif "region" in raw:
+        raise FleetConfigError(f"{at}.region: only with an account")
+    elif pool not in pools:
         raise FleetConfigError(f"{at}.pool: unknown pool {pool!r} (one of {', '.join(pools)})")
     values = {}
     for name in ("key", "team", "user", "model"):

@@ -107,6 +107,10 @@ def _assumed(account: Account, tags: tuple[tuple[str, str], ...]) -> CredentialP
         extra["ExternalId"] = role.external_id
     if tags:
         extra["Tags"] = [{"Key": k, "Value": v} for k, v in tags]
+    # Refresh in the background in the session's last quarter (15 minutes at most), and
+    # block a request only in its last tenth (10 minutes at most).
+    advisory = min(15 * 60, role.duration_seconds // 4)
+    mandatory = min(10 * 60, role.duration_seconds // 10)
 
     async def load() -> Any:
         session = AioSession(profile=role.source_profile)
@@ -120,13 +124,21 @@ def _assumed(account: Account, tags: tuple[tuple[str, str], ...]) -> CredentialP
             )
 
         fetcher = AioAssumeRoleCredentialFetcher(
-            client_creator, source, role.role_arn, extra_args=extra
+            client_creator, source, role.role_arn, extra_args=extra, expiry_window_seconds=advisory
         )
-        return AioDeferredRefreshableCredentials(
+        credentials = AioDeferredRefreshableCredentials(
             refresh_using=fetcher.fetch_credentials, method="assume-role"
         )
+        # botocore's own windows (15 and 10 minutes) would refresh a 15-minute session on
+        # every use: scale them to the session's length.
+        credentials._advisory_refresh_timeout = advisory
+        credentials._mandatory_refresh_timeout = mandatory
+        return credentials
 
     shown = ",".join(f"{k}={v}" for k, v in tags)
     return CredentialProvider(
-        load=load, name=f"account {account.name}" + (f" [{shown}]" if shown else "")
+        load=load,
+        name=f"account {account.name}" + (f" [{shown}]" if shown else ""),
+        advisory_seconds=advisory,
+        mandatory_seconds=mandatory,
     )
