@@ -29,7 +29,7 @@ from tests.fake_bedrock import (
     UPSTREAM_SESSION_TOKEN,
     FakeBedrock,
 )
-from tests.fake_s3 import FakeS3
+from tests.fake_s3 import FakeS3, Obj
 from tests.fake_sts import FakeSts
 from tests.test_virtual_keys import admin, new_key
 
@@ -213,6 +213,39 @@ def test_files_go_to_the_bucket_of_the_keys_account(routed, fleet):
     _, _, headers = fleet.s3_b.requests[-1]
     authorization = {k.lower(): v for k, v in headers.items()}["authorization"]
     assert f"{B_KEY_ID}/" in authorization and "/us-west-2/s3/" in authorization
+
+
+def test_a_batch_job_runs_reads_and_is_charged_in_its_own_account(routed, fleet, tmp_path):
+    from tests.test_spend import ledger_row
+
+    fleet.fakes["b"].s3 = fleet.s3_b  # the job writes its manifest to account b's S3
+    proxy = routed(
+        sqlite_path=str(tmp_path / "batch.db"), batch_poll_interval=0.2, ledger_flush_interval=0.1
+    )
+    key = new_key(proxy, upstream="only-b", file_buckets=["b-in", "b-out"])
+    records = "".join(json.dumps({"recordId": f"r{i}", "modelInput": {}}) + "\n" for i in range(4))
+    fleet.s3_b.buckets["b-in"] = {"in.jsonl": Obj(records.encode(), '"e"', "application/jsonl")}
+    control = boto_client("bedrock", proxy, key=key["key"])
+    created = control.create_model_invocation_job(
+        jobName="nightly-b",
+        roleArn=f"arn:aws:iam::{ACCOUNT_IDS['b']}:role/batch",
+        modelId=HAIKU,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": "s3://b-in/in.jsonl"}},
+        outputDataConfig={"s3OutputDataConfig": {"s3Uri": "s3://b-out/results/"}},
+    )
+    arn = created["jobArn"]
+    assert f":us-west-2:{ACCOUNT_IDS['b']}:" in arn and served_by(created) == "b/us-west-2"
+    # Read (and so ended, by the fake) by the master key (whose pool is "main", on a): the ARN sends it to b.
+    got = boto_client("bedrock", proxy).get_model_invocation_job(jobIdentifier=arn)
+    assert served_by(got) == "b/us-west-2" and got["status"] == "Completed"
+    row = ledger_row(proxy, arn, timeout=10)
+    assert (row["operation"], row["key_id"], row["input_tokens"]) == (
+        "ModelInvocationJob",
+        key["key_id"],
+        40,
+    )
+    assert row["region"] == "us-west-2"
+    assert not fleet.fakes["a"].requests
 
 
 def test_assumed_role_carries_session_tags_and_its_own_temporary_credentials(routed, fleet):
