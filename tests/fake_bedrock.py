@@ -26,13 +26,11 @@ from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
 from proxy.wire.eventsig import STREAMING_EVENTS, ChunkSignatureError, SignatureChain
 from proxy.wire.eventstream import FrameSplitter, encode_frame, exception_frame, iter_frames
+from tests.sigcheck import expected_signature
 
 UPSTREAM_ACCESS_KEY = "AKIDUPSTREAMFAKE0001"
 UPSTREAM_SECRET_KEY = "upstream/secret+key/for/the/fake"
@@ -200,16 +198,9 @@ class FakeBedrock:
         headers = {n: request.headers[n] for n in names if n in request.headers}
         if len(headers) != len(names):
             return aws_error(403, "InvalidSignatureException", "signed header missing"), region
-        aws_request = AWSRequest(
-            method=request.method,
-            url=f"http://{request.headers['Host']}{request.raw_path}",
-            data=body,
-            headers=headers,
+        expected = expected_signature(
+            request, body, names, (akid, secret, token), service, region, date
         )
-        aws_request.context["timestamp"] = date
-        signer = SigV4Auth(Credentials(akid, secret, token), service, region)
-        canonical = signer.canonical_request(aws_request)
-        expected = signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
         if expected != signature:
             return aws_error(
                 403,

@@ -16,11 +16,9 @@ from urllib.parse import parse_qsl, unquote
 from xml.sax.saxutils import escape
 
 from aiohttp import web
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 
 from tests.fake_bedrock import UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY
+from tests.sigcheck import expected_signature
 
 _AUTH_RE = re.compile(
     r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
@@ -235,23 +233,16 @@ class FakeS3:
         for name in request.headers:
             if name.lower().startswith("x-amz-") and name.lower() not in names:
                 return s3_error(403, "AccessDenied", f"{name} must be signed", head=head)
-        aws_request = AWSRequest(
-            method=request.method,
-            url=f"http://{request.headers['Host']}{request.raw_path}",
-            data=body,
-            headers={n: request.headers[n] for n in names},
-        )
-        aws_request.context["timestamp"] = date
-        signer = S3SigV4Auth(
-            Credentials(akid, secret, request.headers.get("X-Amz-Security-Token")),
+        expected = expected_signature(
+            request,
+            body,
+            names,
+            (akid, secret, request.headers.get("X-Amz-Security-Token")),
             "s3",
             region,
+            date,
         )
-        canonical = signer.canonical_request(aws_request)
-        if (
-            signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
-            != signature
-        ):
+        if expected != signature:
             return s3_error(
                 403,
                 "SignatureDoesNotMatch",

@@ -17,11 +17,9 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 
 from tests.fake_bedrock import _AUTH_RE
+from tests.sigcheck import expected_signature
 
 _SESSIONS = itertools.count(1)
 
@@ -141,20 +139,10 @@ class FakeSts:
                 "The security token included in the request is invalid.",
             )
         names = signed.split(";")
-        headers = {n: request.headers[n] for n in names if n in request.headers}
-        aws_request = AWSRequest(
-            method=request.method,
-            url=f"http://{request.headers['Host']}{request.raw_path}",
-            data=body,
-            headers=headers,
-        )
-        aws_request.context["timestamp"] = request.headers.get("X-Amz-Date", "")
-        signer = SigV4Auth(Credentials(akid, secret, token), service, region)
-        canonical = signer.canonical_request(aws_request)
-        if (
-            signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
-            != signature
-        ):
+        date = request.headers.get("X-Amz-Date", "")
+        if expected_signature(
+            request, body, names, (akid, secret, token), service, region, date
+        ) != (signature):
             return _error(
                 403,
                 "SignatureDoesNotMatch",

@@ -210,12 +210,7 @@ class FilesFront:
         await self._metering.admit(x, length or 0)
         # The bucket lives in one account: the pool's first member (never moved: a write).
         destination = self._upstream.targets(S3, request, identity, None)[0]
-        upstream = destination.upstream
-        x.region = upstream.region
-        if self._upstream.fleet.configured:
-            x.account, x.upstream = destination.member.account.name, destination.member.name
         signed, unsigned = split_request_headers(request.headers)
-        signed["host"] = upstream.host
         payload_mode = (
             declared
             if declared.startswith("STREAMING-UNSIGNED-PAYLOAD")
@@ -232,23 +227,21 @@ class FilesFront:
                 )
             # Without a length (aws-chunked from botocore) the body goes on chunked as well.
             body = _stream_body(request, length, declared, self._max, x)
-        upstream_path = f"{upstream.base_path}/{raw_bucket}" + (
-            f"/{raw_key}" if raw_key or path.endswith("/") else ""
-        )
-        await self._upstream.authorize(
-            signed,
-            method=request.method,
-            raw_path=upstream_path,
-            raw_query=query,
-            payload_hash=payload_mode,
-            target=destination,
-            service=S3,
-            identity=identity,
-        )
-        signed.update(unsigned)
-        target = upstream_path + ("?" + query if query else "")
+        bucket_path = f"/{raw_bucket}" + (f"/{raw_key}" if raw_key or path.endswith("/") else "")
         try:
-            reply = await self._upstream.send(request.method, upstream, target, signed, body, x)
+            reply = await self._upstream.exchange(
+                request.method,
+                [destination],
+                bucket_path,
+                query,
+                signed,
+                unsigned,
+                payload_mode,
+                body,
+                x,
+                S3,
+                failover=False,
+            )
         except BodyMismatch as mismatch:
             raise mismatch.as_error() from None
         return await self._respond(request, reply, x)
