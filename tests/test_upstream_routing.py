@@ -15,10 +15,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import botocore.exceptions
 import pytest
-from botocore.config import Config
 
 from proxy.server.app import UPSTREAM
 from proxy.server.config import ConfigError, load_settings
@@ -197,16 +195,11 @@ def test_each_member_signs_with_its_own_account(routed, fleet):
 
 
 def test_files_go_to_the_bucket_of_the_keys_account(routed, fleet):
+    from tests.test_files import s3_client
+
     proxy = routed()
     key = new_key(proxy, upstream="only-b", file_buckets=["team-b"])
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=proxy.base + "/files",
-        region_name="us-east-1",
-        aws_access_key_id=key["access_key_id"],
-        aws_secret_access_key=key["secret_access_key"],
-        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
-    )
+    s3 = s3_client(proxy, key)
     put = s3.put_object(Bucket="team-b", Key="batch/in.jsonl", Body=b'{"recordId": "1"}\n')
     assert put["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-upstream"] == "b/us-west-2"
     assert fleet.s3_b.buckets["team-b"]["batch/in.jsonl"].data == b'{"recordId": "1"}\n'
