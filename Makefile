@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
 
-.PHONY: install js-install sdk-install run run-tls test typecheck lint bench clean wheel deploy-check
+.PHONY: install js-install sdk-install browser-install run run-tls test typecheck lint bench clean wheel deploy-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,7 +62,13 @@ run-tls: install
 
 # Two workers, a test file each at a time (module fixtures stay in one process); every
 # server a test starts listens on its own port and PostgreSQL gives each worker a database.
-test: install js-install sdk-install deploy-check typecheck
+# Debian's Chromium and its driver, for the console's browser tests (nothing is fetched at
+# test time: Selenium is pointed at these two).
+browser-install:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+test: install js-install sdk-install browser-install deploy-check typecheck
 	$(VENV)/bin/ruff check proxy tests
 	$(PY) -m pytest -n 2 --dist loadfile
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates what can be validated without a Docker engine or a cluster:
 # the Kubernetes manifests against their schemas, the compose file with `compose config`,
-# and the wheel the image installs (it must carry the price table).
+# and the wheel the image installs (it must carry the price table and the console).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -33,5 +33,7 @@ import glob, zipfile
 wheel = glob.glob("build/deploy-wheel/bedrock_proxy-*.whl")[0]
 names = zipfile.ZipFile(wheel).namelist()
 assert "proxy/data/prices.json" in names, "the wheel lacks proxy/data/prices.json"
-print(f"{wheel}: {len(names)} files, price table included")
+for asset in ("templates/base.html", "templates/spend.html", "static/console.js", "static/console.css"):
+    assert f"proxy/server/console/{asset}" in names, f"the wheel lacks the console's {asset}"
+print(f"{wheel}: {len(names)} files, price table and console assets included")
 PY

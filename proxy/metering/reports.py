@@ -67,6 +67,24 @@ class Reports:
                     totals[k] = totals.get(k, 0) + v
         return {"group_by": group_by, "start": start, "end": end, "rows": out, "totals": totals}
 
+    async def daily(
+        self, group_by: str, start: str | None, end: str | None, **where: str
+    ) -> list[dict[str, Any]]:
+        """Per day and group (model, team, key...): requests, tokens and cost."""
+        if group_by not in REPORT_GROUPS or REPORT_GROUPS[group_by][1] != "bp_spend":
+            raise errors.validation("group_by must be one of key, user, team, model, operation")
+        rows = await self._store.spend.daily(
+            group_by, parse_time("start", start), parse_time("end", end), where
+        )
+        return [
+            {
+                "day": r["day"],
+                "group": r["group_value"],
+                **{k: _num(r[k]) for k in ("requests", "total_tokens", "cost")},
+            }
+            for r in rows
+        ]
+
     async def key_totals(self, record: KeyRecord) -> dict[str, Any]:
         spent_all = await self._store.spend.since("key", record.key_id, 0.0)
         totals: dict[str, Any] = {"spend": spent_all}

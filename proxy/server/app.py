@@ -35,6 +35,8 @@ from ..wire.routing import SERVICE_NAMES, Router, load_operations
 from .admin import AdminApi
 from .bedrock import BASE_PATH, BedrockFront
 from .config import ConfigError, Settings
+from .console import Console
+from .console.live import LiveView
 from .credentials import CredentialProvider
 from .dispatch import application
 from .duplex import DuplexRelay
@@ -223,9 +225,20 @@ def create_app(
     if keys is not None:
         app[KEYS] = keys
     app.cleanup_ctx.append(_lifecycle)
+    reports = Reports(store, clock)
     AdminApi(
-        keys, authenticator, Reports(store, clock), NamedLimitAdmin(store), metering.forget_limit
+        keys, authenticator, reports, NamedLimitAdmin(store), metering.forget_limit
     ).add_routes(app)
+    if settings.console:
+        Console(
+            keys,
+            authenticator,
+            reports,
+            store,
+            metrics,
+            LiveView(metrics, lambda: pipeline.in_flight, fleet),
+            settings.console_idle_timeout,
+        ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))
     app.router.add_get("/health/readiness", _readiness)

@@ -116,6 +116,9 @@ class Settings:
     # Upstream routing: named AWS accounts, pools of (account, region) members, routes
     # (see docs/operations.md). Unset: one upstream, the default credentials and region.
     upstreams: dict[str, Any] = field(default_factory=dict)
+    # The operator's console at /ui, and how long an idle console session lasts.
+    console: bool = True
+    console_idle_timeout: float = 1800.0
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

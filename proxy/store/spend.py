@@ -129,6 +129,25 @@ class SpendRepository:
             *args,
         )
 
+    async def daily(
+        self, group_by: str, start: float | None, end: float | None, where_eq: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        """Cost, tokens and requests per (day, group): the console's stacked charts."""
+        column, table = REPORT_GROUPS[group_by]
+        assert table == "bp_spend"
+        where, args = _time_range(start, end)
+        for name, value in where_eq.items():
+            assert name in LOG_FILTERS
+            args.append(value)
+            where.append(f"{name} = ${len(args)}")
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        return await self._db.fetch(
+            f"SELECT day, {column} AS group_value, COUNT(*) AS requests,"
+            f" SUM(total_tokens) AS total_tokens, SUM(cost) AS cost FROM bp_spend{clause}"
+            f" GROUP BY day, {column} ORDER BY day",
+            *args,
+        )
+
     async def since(self, scope: str, value: str, since: float) -> float:
         """Cost charged to a key, user, team or named limit since a time (budget periods)."""
         if scope == "limit":

@@ -1,0 +1,515 @@
+"""The operator's console at ``/ui``: keys, spend, limits and live traffic, rendered on the
+server (Jinja2) with SVG charts drawn by ``charts``; one small script of ours for copy
+buttons and the live page's refresh. Nothing is fetched from elsewhere, and every page
+sends a strict Content-Security-Policy.
+
+It reuses the admin API's own services (``KeyService``, ``Reports``), so what it shows and
+changes is what the API and the CLI show and change. Its routes are ordinary ``/ui``
+routes: the Bedrock path does not pass through any of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from ...access.auth import Authenticator
+from ...access.keyservice import KeyService
+from ...exchange import Identity
+from ...metering.reports import Reports
+from ...observe.metrics import Metrics
+from ...store import Store
+from ...wire import errors
+from . import charts
+from .sessions import COOKIE, ConsoleSession, SessionStore, SignInThrottle, csrf_ok
+
+PREFIX = "/ui"
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
+# The key fields the edit form carries, as the admin API names them.
+_TEXT_FIELDS = ("key_alias", "user_id", "team_id", "budget_duration", "upstream")
+_LIST_FIELDS = (
+    "models",
+    "operation_groups",
+    "guardrail_ids",
+    "knowledge_base_ids",
+    "agent_ids",
+    "flow_ids",
+    "file_buckets",
+    "file_prefixes",
+)
+_NUMBER_FIELDS = {
+    "max_budget": float,
+    "rpm_limit": int,
+    "tpm_limit": int,
+    "max_parallel_requests": int,
+}
+_GROUPS = ("model", "team", "key")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A POST's form, read (and its CSRF token checked) before the page's handler runs.
+FORM: web.RequestKey[dict[str, str]] = web.RequestKey("console_form", dict)
+
+
+class Console:
+    def __init__(
+        self,
+        keys: KeyService | None,
+        auth: Authenticator,
+        reports: Reports,
+        store: Store,
+        metrics: Metrics,
+        live: Callable[[], dict[str, Any]],
+        idle_timeout: float = 1800.0,
+    ) -> None:
+        self._keys = keys
+        self._auth = auth
+        self._reports = reports
+        self._store = store
+        self._metrics = metrics
+        self._live = live
+        self.sessions = SessionStore(idle_timeout)
+        self.throttle = SignInThrottle()
+        self._env = jinja2.Environment(
+            loader=jinja2.PackageLoader("proxy.server.console", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self._static = {
+            name: resources.files(__package__).joinpath("static", name).read_bytes()
+            for name in _STATIC
+        }
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get(PREFIX, self._root)
+        r.add_get(PREFIX + "/", self._root)
+        r.add_get(PREFIX + "/static/{name}", self._static_file)
+        r.add_get(PREFIX + "/signin", self._signin_page)
+        r.add_post(PREFIX + "/signin", self._signin)
+        r.add_post(PREFIX + "/signout", self._page(self._signout, master=False))
+        r.add_get(PREFIX + "/me", self._page(self._me, master=False))
+        r.add_get(PREFIX + "/keys", self._page(self._key_list))
+        r.add_get(PREFIX + "/keys/new", self._page(self._key_new))
+        r.add_post(PREFIX + "/keys/new", self._page(self._key_create))
+        r.add_get(PREFIX + "/keys/{key_id}", self._page(self._key_edit))
+        r.add_post(PREFIX + "/keys/{key_id}", self._page(self._key_update))
+        r.add_post(PREFIX + "/keys/{key_id}/{action}", self._page(self._key_action))
+        r.add_get(PREFIX + "/spend", self._page(self._spend))
+        r.add_get(PREFIX + "/spend.csv", self._page(self._spend_csv))
+        r.add_get(PREFIX + "/limits", self._page(self._limits))
+        r.add_get(PREFIX + "/live", self._page(self._live_page))
+        r.add_get(PREFIX + "/live.json", self._page(self._live_json))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _render(
+        self, name: str, status: int = 200, session: ConsoleSession | None = None, **values: Any
+    ) -> web.Response:
+        template = self._env.get_template(name)
+        body = template.render(session=session, prefix=PREFIX, **values)
+        return web.Response(
+            status=status,
+            text=body,
+            content_type="text/html",
+            charset="utf-8",
+            headers=_SECURITY_HEADERS,
+        )
+
+    def _page(
+        self, handler: Callable[..., Awaitable[web.StreamResponse]], master: bool = True
+    ) -> Handler:
+        """A signed-in page: a session (else the sign-in page), the master's unless
+        ``master`` is False, and a valid CSRF token on every POST."""
+
+        async def page(request: web.Request) -> web.StreamResponse:
+            session = self.sessions.get(request.cookies.get(COOKIE))
+            if session is None:
+                if request.method == "GET" and not request.path.endswith((".json", ".csv")):
+                    raise web.HTTPSeeOther(PREFIX + "/signin", headers=_SECURITY_HEADERS)
+                return self._render("error.html", 401, message="Sign in first.")
+            if master and session.kind != "master":
+                return self._render(
+                    "error.html", 403, session, message="This page is for the master key."
+                )
+            if request.method == "POST":
+                form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+                token = form.get("csrf")
+                if not isinstance(token, str) or not csrf_ok(session, token):
+                    return self._render(
+                        "error.html", 403, session, message="The form expired; reload the page."
+                    )
+                request[FORM] = form
+            try:
+                return await handler(request, session)
+            except errors.AwsError as exc:
+                return self._render("error.html", exc.status, session, message=str(exc))
+
+        return page
+
+    async def _static_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._static:
+            raise web.HTTPNotFound()
+        return web.Response(
+            body=self._static[name],
+            content_type=_STATIC[name],
+            headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"},
+        )
+
+    @property
+    def keys(self) -> KeyService:
+        if self._keys is None:
+            raise errors.access_denied("The console needs a master key to be configured")
+        return self._keys
+
+    # ------------------------------------------------------------------ sign-in
+
+    async def _root(self, request: web.Request) -> web.StreamResponse:
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        if session is None:
+            raise web.HTTPSeeOther(PREFIX + "/signin")
+        raise web.HTTPSeeOther(PREFIX + ("/keys" if session.kind == "master" else "/me"))
+
+    async def _signin_page(self, request: web.Request) -> web.Response:
+        return self._render("signin.html", error=None)
+
+    async def _signin(self, request: web.Request) -> web.StreamResponse:
+        address = request.remote or "-"
+        if self.throttle.blocked(address):
+            return self._render(
+                "signin.html", 429, error="Too many failed sign-ins; wait a minute and try again."
+            )
+        form = await request.post()
+        key = form.get("key")
+        identity: Identity | None = None
+        if isinstance(key, str) and key:
+            try:
+                identity = await self._auth.identify_key(key.strip())
+            except errors.AwsError:
+                identity = None
+        if identity is None or identity.kind not in ("master", "virtual"):
+            self.throttle.failed(address)
+            return self._render("signin.html", 401, error="That key is not valid.")
+        self.throttle.succeeded(address)
+        sid, _ = self.sessions.create(identity.kind, identity.key_id)
+        response = web.HTTPSeeOther(PREFIX + ("/keys" if identity.is_master else "/me"))
+        response.set_cookie(
+            COOKIE,
+            sid,
+            path=PREFIX,
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )
+        raise response
+
+    async def _signout(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+        self.sessions.end(request.cookies.get(COOKIE))
+        response = web.HTTPSeeOther(PREFIX + "/signin")
+        response.del_cookie(COOKIE, path=PREFIX)
+        raise response
+
+    # ------------------------------------------------------------------ a key's own view
+
+    async def _me(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+        if session.kind == "master":
+            raise web.HTTPSeeOther(PREFIX + "/keys")
+        assert session.key_id is not None
+        record = await self._store.keys.by("key_id", session.key_id)
+        if record is None or record.refusal(time.time()) is not None:
+            self.sessions.end(request.cookies.get(COOKIE))
+            raise web.HTTPSeeOther(PREFIX + "/signin")
+        totals = await self._reports.key_totals(record)
+        rows = await self._reports.daily("model", _days_ago(30), None, key_id=record.key_id)
+        chart, names = _chart(rows, "cost")
+        logs = await self._reports.logs({"key_id": record.key_id, "page_size": "20"})
+        return self._render(
+            "me.html",
+            session=session,
+            key=record.public(),
+            totals=totals,
+            chart=chart,
+            legend=charts.legend(names),
+            logs=logs["logs"],
+            base=_base_url(request),
+        )
+
+    # ------------------------------------------------------------------ keys
+
+    async def _key_list(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        q = request.query
+        filters = {k: q[k] for k in ("team_id", "user_id") if q.get(k)}
+        listing = await self.keys.list(filters, 1, 500, full=True)
+        keys = listing["keys"]
+        text = q.get("q", "").strip().lower()
+        if text:
+            keys = [
+                k
+                for k in keys
+                if any(
+                    text in str(k.get(f) or "").lower()
+                    for f in ("key_alias", "key_id", "user_id", "team_id")
+                )
+            ]
+        if q.get("blocked") in ("yes", "no"):
+            keys = [k for k in keys if k["blocked"] == (q["blocked"] == "yes")]
+        if q.get("expiring"):
+            horizon = datetime.now(UTC) + timedelta(days=7)
+            keys = [
+                k
+                for k in keys
+                if k["expires"]
+                and datetime.fromisoformat(k["expires"].replace("Z", "+00:00")) <= horizon
+            ]
+        return self._render("keys.html", session=session, keys=keys, query=dict(q))
+
+    async def _key_new(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        return self._render("key_edit.html", session=session, key=None, error=None)
+
+    async def _key_create(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        try:
+            body = _key_form(request[FORM], creating=True)
+            created = await self.keys.generate(body)
+        except errors.AwsError as exc:
+            return self._render(
+                "key_edit.html",
+                400,
+                session,
+                key=None,
+                error=str(exc),
+                values=request[FORM].copy(),
+            )
+        return self._render(
+            "key_created.html", session=session, key=created, base=_base_url(request)
+        )
+
+    async def _key_edit(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        record = await self.keys.find(request.match_info["key_id"])
+        totals = await self._reports.key_totals(record)
+        return self._render(
+            "key_edit.html", session=session, key=record.public(), totals=totals, error=None
+        )
+
+    async def _key_update(
+        self, request: web.Request, session: ConsoleSession
+    ) -> web.StreamResponse:
+        key_id = request.match_info["key_id"]
+        record = await self.keys.find(key_id)
+        try:
+            await self.keys.update(record.key_id, _key_form(request[FORM], creating=False))
+        except errors.AwsError as exc:
+            return self._render(
+                "key_edit.html", 400, session, key=record.public(), totals={}, error=str(exc)
+            )
+        raise web.HTTPSeeOther(f"{PREFIX}/keys/{record.key_id}")
+
+    async def _key_action(
+        self, request: web.Request, session: ConsoleSession
+    ) -> web.StreamResponse:
+        action = request.match_info["action"]
+        record = await self.keys.find(request.match_info["key_id"])
+        form = request[FORM]
+        if action in ("block", "unblock"):
+            await self.keys.update(record.key_id, {"blocked": action == "block"})
+            raise web.HTTPSeeOther(f"{PREFIX}/keys/{record.key_id}")
+        if form.get("confirm") != record.key_id:
+            return self._render(
+                "error.html",
+                400,
+                session,
+                message=f"To {action} a key, type its id ({record.key_id}) to confirm.",
+            )
+        if action == "delete":
+            await self.keys.delete([record.key_id])
+            self.sessions.end_key(record.key_id)
+            raise web.HTTPSeeOther(PREFIX + "/keys")
+        if action == "regenerate":
+            fresh = await self.keys.regenerate(record.key_id)
+            self.sessions.end_key(record.key_id)
+            return self._render(
+                "key_created.html", session=session, key=fresh, base=_base_url(request)
+            )
+        raise web.HTTPNotFound()
+
+    # ------------------------------------------------------------------ spend
+
+    async def _spend_view(self, request: web.Request) -> dict[str, Any]:
+        q = request.query
+        by = q.get("by", "model")
+        if by not in _GROUPS:
+            raise errors.validation(f"by must be one of {', '.join(_GROUPS)}")
+        metric = q.get("metric", "cost")
+        if metric not in ("cost", "total_tokens"):
+            raise errors.validation("metric must be cost or total_tokens")
+        start = q.get("start") or _days_ago(30)
+        end = q.get("end") or None
+        where = {k: q[k] for k in ("team_id", "key_id") if q.get(k)}
+        daily = await self._reports.daily(by, start, end, **where)
+        chart, names = _chart(daily, metric)
+        top: dict[str, dict[str, Any]] = {}
+        for row in daily:
+            name = row["group"] or "-"
+            total = top.setdefault(
+                name, {"group": name, "requests": 0, "total_tokens": 0, "cost": 0.0}
+            )
+            total["requests"] += row["requests"] or 0
+            total["total_tokens"] += row["total_tokens"] or 0
+            total["cost"] += row["cost"] or 0.0
+        table = sorted(top.values(), key=lambda r: (-r["cost"], r["group"]))
+        return {
+            "by": by,
+            "metric": metric,
+            "start": start,
+            "end": end or "",
+            "where": where,
+            "chart": chart,
+            "legend": charts.legend(names),
+            "table": table,
+            "total": sum(r["cost"] for r in table),
+        }
+
+    async def _spend(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        view = await self._spend_view(request)
+        logs = None
+        if "key_id" in view["where"]:
+            logs = (
+                await self._reports.logs(
+                    {"key_id": view["where"]["key_id"], "start": view["start"], "page_size": "100"}
+                )
+            )["logs"]
+        return self._render("spend.html", session=session, logs=logs, **view)
+
+    async def _spend_csv(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        view = await self._spend_view(request)
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow([view["by"], "requests", "total_tokens", "cost_usd"])
+        for row in view["table"]:
+            writer.writerow(
+                [row["group"], row["requests"], row["total_tokens"], f"{row['cost']:.10f}"]
+            )
+        return web.Response(
+            text=out.getvalue(),
+            content_type="text/csv",
+            headers={
+                **_SECURITY_HEADERS,
+                "Content-Disposition": f'attachment; filename="spend-by-{view["by"]}.csv"',
+            },
+        )
+
+    # ------------------------------------------------------------------ limits and live
+
+    async def _limits(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        listing = await self.keys.list({}, 1, 500, full=True)
+        budgets = []
+        for key in listing["keys"]:
+            if key.get("max_budget") is None:
+                continue
+            record = await self.keys.find(key["key_id"])
+            totals = await self._reports.key_totals(record)
+            spent = totals.get("budget_period_spend", 0.0) or 0.0
+            budgets.append(
+                {
+                    "key": key,
+                    "spent": spent,
+                    "limit": key["max_budget"],
+                    "share": min(1.0, spent / key["max_budget"]) if key["max_budget"] else 1.0,
+                    "resets": totals.get("budget_resets_at"),
+                }
+            )
+        named = await self._store.limits.list()
+        rates = [k for k in listing["keys"] if k.get("rpm_limit") or k.get("tpm_limit")]
+        return self._render(
+            "limits.html", session=session, budgets=budgets, named=named, rates=rates
+        )
+
+    async def _live_page(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        return self._render("live.html", session=session, live=self._live())
+
+    async def _live_json(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        recent = await self._reports.logs({"page_size": "20"})
+        data = {**self._live(), "recent": recent["logs"]}
+        return web.json_response(data, headers=_SECURITY_HEADERS)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _key_form(form: Any, creating: bool) -> dict[str, Any]:
+    """The edit form → the admin API's body (the same validation as the API's)."""
+    body: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        value = str(form.get(name, "")).strip()
+        if value or not creating:
+            body[name] = value or None
+    for name in _LIST_FIELDS:
+        text = str(form.get(name, "")).strip()
+        items = [v.strip() for v in text.replace("\n", ",").split(",") if v.strip()]
+        if name == "operation_groups":
+            if items:
+                body[name] = items
+        elif items or not creating:
+            body[name] = items or None
+    for name, kind in _NUMBER_FIELDS.items():
+        text = str(form.get(name, "")).strip()
+        if text:
+            try:
+                body[name] = kind(text)
+            except ValueError:
+                raise errors.validation(f"{name}: {text!r} is not a number") from None
+        elif not creating:
+            body[name] = None
+    expires = str(form.get("duration", "")).strip()
+    if expires:
+        body["duration"] = expires
+    if body.get("models") is None:
+        body.pop("models", None)
+        if not creating:
+            body["models"] = []
+    return body
+
+
+def _chart(rows: list[dict[str, Any]], metric: str) -> tuple[str, list[str]]:
+    days = sorted({r["day"] for r in rows})
+    series: dict[str, dict[str, float]] = {}
+    for row in rows:
+        name = row["group"] or "-"
+        value = float(row[metric] or 0)
+        series.setdefault(name, {})[row["day"]] = series.get(name, {}).get(row["day"], 0.0) + value
+    names = sorted(series, key=lambda n: -sum(series[n].values()))[:9]
+    if len(series) > len(names):  # the rest, as one series
+        other: dict[str, float] = {}
+        for name in series:
+            if name not in names:
+                for day, value in series[name].items():
+                    other[day] = other.get(day, 0.0) + value
+        series = {**{n: series[n] for n in names}, "other": other}
+        names.append("other")
+    return charts.stacked_bars(days, series, "$" if metric == "cost" else "tokens"), names
+
+
+def _days_ago(days: int) -> str:
+    return (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%d")
+
+
+def _base_url(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}/bedrock"

@@ -1,0 +1,303 @@
+"""The operator's console in a real browser: Debian's Chromium, driven headless by
+Selenium through Debian's chromedriver (nothing is downloaded at run time). Every page's
+screenshot is kept under test-artifacts/console/, and no page may log a console error
+(a Content-Security-Policy violation is one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import MASTER_KEY, boto_client
+from tests.test_virtual_keys import admin, new_key
+
+HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "console"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        message = (
+            "Debian's chromium and chromium-driver are not installed (make test installs them)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1280,1000")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def console(start_proxy, tmp_path_factory):
+    return start_proxy(
+        sqlite_path=str(tmp_path_factory.mktemp("console") / "console.db"),
+        ledger_flush_interval=0.1,
+    )
+
+
+class Page:
+    """The browser on the console, with the checks every page gets."""
+
+    def __init__(self, driver: Any, server: Any) -> None:
+        self.driver, self.server = driver, server
+
+    def open(self, path: str) -> None:
+        self.driver.get(self.server.url + path)
+
+    def shot(self, name: str) -> None:
+        self.driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+        assert not self.errors(), self.errors()
+
+    def errors(self) -> list[dict]:
+        """Console errors: script errors, policy violations, assets that failed to load.
+        The refusals a test asks for (401, 403, 429 pages) are not errors of the page."""
+        return [
+            e
+            for e in self.driver.get_log("browser")
+            if e["level"] == "SEVERE"
+            and not (
+                e["source"] == "network"
+                and any(f"status of {c} " in e["message"] for c in (400, 401, 403, 429))
+            )
+        ]
+
+    def find(self, css: str) -> Any:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.CSS_SELECTOR, css)
+
+    def all(self, css: str) -> list[Any]:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_elements(By.CSS_SELECTOR, css)
+
+    def fill(self, values: dict[str, str]) -> None:
+        for name, value in values.items():
+            field = self.find(f"[name={name}]")
+            field.clear()
+            field.send_keys(value)
+
+    def click(self, css: str) -> None:
+        """Click, and wait for the page it loads (a form's answer, a link)."""
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        old = self.find("html")
+        self.find(css).click()
+
+        def gone(_: Any) -> bool:
+            try:
+                old.is_enabled()
+            except WebDriverException:  # stale, or detached while it was being asked
+                return True
+            return False
+
+        WebDriverWait(self.driver, 10).until(gone)
+
+    def sign_in(self, key: str) -> None:
+        self.driver.delete_all_cookies()
+        self.open("/ui/signin")
+        self.fill({"key": key})
+        self.click("#signin")
+
+    @property
+    def path(self) -> str:
+        return urllib.parse.urlparse(self.driver.current_url).path
+
+
+def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake):
+    page = Page(browser, console)
+    page.open("/ui/keys")
+    assert page.path == "/ui/signin"  # no session: the sign-in page
+    page.shot("signin")
+    page.sign_in(MASTER_KEY)
+    assert page.path == "/ui/keys"
+    page.shot("keys")
+    assert all(c["httpOnly"] and c["sameSite"] == "Strict" for c in browser.get_cookies())
+    assert MASTER_KEY not in json.dumps(browser.get_cookies())
+
+    # Create a key with limits: its secrets are shown once, with snippets.
+    page.click("#new-key")
+    page.fill(
+        {
+            "key_alias": "console-made",
+            "team_id": "web",
+            "models": "anthropic.*",
+            "max_budget": "5",
+            "rpm_limit": "100",
+        }
+    )
+    page.shot("key-new")
+    page.click("#save")
+    token = page.find("#token").text
+    access_key_id = page.find("#access-key-id").text
+    assert token.startswith("sk-bp-") and access_key_id.startswith("BPK")
+    assert page.find("#secret-access-key").text
+    snippets = " ".join(p.text for p in page.all(".snippet pre"))
+    assert token in snippets and access_key_id in snippets
+    assert len(page.all("button.copy")) >= 8
+    page.shot("key-created")
+    page.click("#key-page")
+    assert token not in browser.page_source  # shown once only
+
+    # Use it with boto3; its spend appears in the chart and the table.
+    client = boto_client("bedrock-runtime", console, key=token)
+    for _ in range(3):
+        client.converse(modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+    console.settle()
+    page.open("/ui/spend?by=key")
+    points = page.all("#chart rect.point")
+    assert points, "the chart has no data points"
+    rows = {
+        r.get_attribute("data-group"): float(r.get_attribute("data-cost"))
+        for r in page.all("#spend-table tbody tr")
+    }
+    _, report = admin(console, "GET", "/spend/report?group_by=key")
+    expected = {r["group"]: r["cost"] for r in report["rows"]}
+    assert set(rows) == set(expected)
+    for group, cost in rows.items():
+        assert round(cost, 2) == round(expected[group], 2)  # to the cent
+    assert sum(float(p.get_attribute("data-value")) for p in points) == pytest.approx(
+        sum(expected.values())
+    )
+    page.shot("spend-by-key")
+    page.open("/ui/spend?by=model")
+    assert {p.get_attribute("data-series") for p in page.all("#chart rect.point")} >= {HAIKU}
+    page.shot("spend-by-model")
+
+    # CSV export of the table, with the same figures.
+    cookie = {c["name"]: c["value"] for c in browser.get_cookies()}
+    status, text = _get(console, "/ui/spend.csv?by=key", cookie)
+    assert status == 200 and text.splitlines()[0] == "key,requests,total_tokens,cost_usd"
+
+    # Limits and live pages.
+    page.open("/ui/limits")
+    assert "console-made" in page.find("#budgets").text
+    page.shot("limits")
+    page.open("/ui/live")
+    _wait(lambda: page.find("#live").get_attribute("data-updated"))
+    assert "Converse" in page.find("#recent").text
+    page.shot("live")
+
+    # Block it: boto3 is refused.
+    page.open("/ui/keys?q=console-made")
+    page.click("#keys tbody a")
+    page.click("#block")
+    assert page.find(".tag.blocked")
+    page.shot("key-blocked")
+    with pytest.raises(client.exceptions.AccessDeniedException):
+        client.converse(modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+
+    # Sign out: the session is gone.
+    page.click("#signout")
+    assert page.path == "/ui/signin"
+    page.open("/ui/keys")
+    assert page.path == "/ui/signin"
+
+
+def test_a_virtual_key_sees_only_its_own(browser, console, fake):
+    page = Page(browser, console)
+    mine = new_key(console, key_alias="mine-only", max_budget=2)
+    other = new_key(console, key_alias="someone-else")
+    boto_client("bedrock-runtime", console, key=mine["key"]).converse(
+        modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}]
+    )
+    console.settle()
+    page.sign_in(mine["key"])
+    assert page.path == "/ui/me"
+    source = browser.page_source
+    assert "mine-only" in source and mine["key_id"] in source
+    assert other["key_id"] not in source and "someone-else" not in source
+    assert mine["key"] not in source  # the token is never shown again
+    assert page.all("rect.point")
+    page.shot("me")
+    for path in ("/ui/keys", "/ui/spend", f"/ui/keys/{other['key_id']}", "/ui/live.json"):
+        page.open(path)
+        assert "master key" in browser.page_source, path
+        assert other["key_id"] not in browser.page_source or path.endswith(other["key_id"])
+
+
+def test_forms_need_their_csrf_token_and_a_session(browser, console):
+    page = Page(browser, console)
+    page.sign_in(MASTER_KEY)
+    cookie = {c["name"]: c["value"] for c in browser.get_cookies()}
+    status, _ = _post(console, "/ui/keys/new", {"key_alias": "forged"}, cookie)
+    assert status == 403
+    status, _ = _post(console, "/ui/keys/new", {"key_alias": "forged", "csrf": "x" * 32}, cookie)
+    assert status == 403
+    status, _ = _post(console, "/ui/keys/new", {"key_alias": "forged", "csrf": "x"}, {})
+    assert status == 401
+    _, listing = admin(console, "GET", "/key/list?return_full_object=true")
+    assert "forged" not in json.dumps(listing)
+    status, _ = _get(console, "/ui/keys", cookie)
+    assert status == 200
+
+
+def test_every_page_sends_a_strict_policy(console):
+    request = urllib.request.Request(console.url + "/ui/signin")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        policy = response.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in policy and "script-src 'self'" in policy
+        assert "frame-ancestors 'none'" in policy
+        assert response.headers["X-Frame-Options"] == "DENY"
+
+
+def test_a_wrong_key_is_refused_then_rate_limited(browser, start_proxy):
+    server = start_proxy()
+    page = Page(browser, server)
+    for _ in range(5):
+        page.sign_in("sk-bp-not-a-key")
+        assert page.find("#error").text == "That key is not valid."
+    page.shot("signin-refused")
+    page.sign_in(MASTER_KEY)  # even the right key waits out the window
+    assert "Too many failed sign-ins" in page.find("#error").text
+    page.shot("signin-throttled")
+
+
+def _get(server, path: str, cookies: dict[str, str]) -> tuple[int, str]:
+    return _call(urllib.request.Request(server.url + path), cookies)
+
+
+def _post(server, path: str, form: dict[str, str], cookies: dict[str, str]) -> tuple[int, str]:
+    data = urllib.parse.urlencode(form).encode()
+    return _call(urllib.request.Request(server.url + path, data=data, method="POST"), cookies)
+
+
+def _call(request: urllib.request.Request, cookies: dict[str, str]) -> tuple[int, str]:
+    if cookies:
+        request.add_header("Cookie", "; ".join(f"{k}={v}" for k, v in cookies.items()))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _wait(predicate, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
