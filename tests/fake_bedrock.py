@@ -28,6 +28,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.server import simulator
 from proxy.wire.eventsig import STREAMING_EVENTS, ChunkSignatureError, SignatureChain
 from proxy.wire.eventstream import FrameSplitter, encode_frame, exception_frame, iter_frames
 from tests.sigcheck import expected_signature
@@ -322,37 +323,14 @@ class FakeBedrock:
             )
         if not isinstance(payload, dict) or "messages" not in payload:
             return aws_error(400, "ValidationException", "messages is required")
-        text = f"model={params['modelId']}"
-        return json_response(
-            {
-                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
-                "stopReason": "end_turn",
-                "usage": {"inputTokens": 11, "outputTokens": 7, "totalTokens": 18},
-                "metrics": {"latencyMs": 42},
-            }
-        )
+        return json_response(simulator.converse_answer(params["modelId"]))
 
     async def op_ConverseStream(self, request, params, body):
         model = params["modelId"]
-        deltas = ["Hel", "lo ", "from ", model]
+        deltas = None
         if model == "test.slow" or model in self.slow_models:
             deltas = [f"w{i} " for i in range(10)]
-        events = [("messageStart", {"role": "assistant"})]
-        events += [
-            ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": d}}) for d in deltas
-        ]
-        events += [
-            ("contentBlockStop", {"contentBlockIndex": 0}),
-            ("messageStop", {"stopReason": "end_turn"}),
-            (
-                "metadata",
-                {
-                    "usage": {"inputTokens": 12, "outputTokens": 9, "totalTokens": 21},
-                    "metrics": {"latencyMs": 77},
-                },
-            ),
-        ]
-        frames = [event_frame(name, data) for name, data in events]
+        frames = simulator.converse_stream_frames(model, deltas)
         return await self._stream(request, model, frames)
 
     async def op_InvokeModel(self, request, params, body):
@@ -376,57 +354,19 @@ class FakeBedrock:
                 "ValidationException",
                 "Malformed input request, please reformat your input and try again.",
             )
-        answer: dict[str, Any] = {
-            "completion": f"model={model}",
-            "echo_sha256": hashlib.sha256(body).hexdigest(),
-        }
-        if isinstance(payload, dict) and "anthropic_version" in payload:
-            # Anthropic's Messages shape, as Claude models answer InvokeModel.
-            answer.update(
-                id="msg_fake",
-                type="message",
-                role="assistant",
-                model=model,
-                content=[{"type": "text", "text": f"model={model}"}],
-                stop_reason="end_turn",
-                usage={"input_tokens": 25, "output_tokens": 13},
-            )
-        reply = json.dumps(answer).encode()
+        reply = simulator.invoke_answer(model, body, payload)
         return web.Response(
             body=reply,
             headers={
                 "Content-Type": request.headers.get("Accept", "application/json"),
-                "X-Amzn-Bedrock-Input-Token-Count": "25",
-                "X-Amzn-Bedrock-Output-Token-Count": "13",
-                "X-Amzn-Bedrock-Cache-Read-Input-Token-Count": "4",
-                "X-Amzn-Bedrock-Cache-Write-Input-Token-Count": "3",
-                "X-Amzn-Bedrock-Invocation-Latency": "120",
+                **simulator.INVOKE_USAGE_HEADERS,
                 "x-amzn-RequestId": "fake-invoke-request-id",
             },
         )
 
     async def op_InvokeModelWithResponseStream(self, request, params, body):
         model = params["modelId"]
-        chunks = [
-            {"type": "content_block_delta", "delta": {"text": t}} for t in ("one ", "two ", "three")
-        ]
-        chunks[-1]["amazon-bedrock-invocationMetrics"] = {
-            "inputTokenCount": 30,
-            "outputTokenCount": 3,
-            "invocationLatency": 200,
-            "firstByteLatency": 50,
-        }
-        frames = [
-            encode_frame(
-                {
-                    ":event-type": "chunk",
-                    ":content-type": "application/json",
-                    ":message-type": "event",
-                },
-                json.dumps({"bytes": base64.b64encode(json.dumps(c).encode()).decode()}).encode(),
-            )
-            for c in chunks
-        ]
+        frames = simulator.invoke_stream_frames()
         return await self._stream(request, model, frames)
 
     async def op_CountTokens(self, request, params, body):
@@ -453,17 +393,7 @@ class FakeBedrock:
     # ------------------------------------------------------------------ agent runtime
 
     async def op_Retrieve(self, request, params, body):
-        return json_response(
-            {
-                "retrievalResults": [
-                    {
-                        "content": {"text": f"doc from {params['knowledgeBaseId']}"},
-                        "score": 0.9,
-                        "location": {"type": "S3", "s3Location": {"uri": "s3://kb/doc1.txt"}},
-                    }
-                ]
-            }
-        )
+        return json_response(simulator.retrieve_answer(params["knowledgeBaseId"]))
 
     async def op_Rerank(self, request, params, body):
         payload = json.loads(body)
@@ -808,8 +738,4 @@ def aws_error(status: int, code: str, message: str) -> web.Response:
     )
 
 
-def event_frame(event_type: str, data: dict) -> bytes:
-    return encode_frame(
-        {":event-type": event_type, ":content-type": "application/json", ":message-type": "event"},
-        json.dumps(data).encode(),
-    )
+event_frame = simulator.event_frame
