@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
 
-.PHONY: install js-install sdk-install browser-install run run-tls test typecheck lint bench clean wheel deploy-check
+.PHONY: install js-install sdk-install browser-install demo run run-tls test typecheck lint bench clean wheel deploy-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ run: install
 		echo "BEDROCK_PROXY_MASTER_KEY is not set: serving unauthenticated on $(HOST):$(PORT) only"; \
 		exec $(VENV)/bin/bedrock-proxy serve --host $(HOST) --port $(PORT) --allow-unauthenticated; \
 	fi
+
+# The proxy on its built-in simulator (no AWS), with demo keys and a little traffic:
+# open http://127.0.0.1:4000/ui and sign in with the key it prints.
+demo: install
+	exec $(VENV)/bin/bedrock-proxy demo --port $(PORT)
 
 # HTTPS on :4000 with a self-signed certificate for localhost (kept in .tls/).
 run-tls: install

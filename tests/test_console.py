@@ -301,3 +301,151 @@ def _wait(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the simulator and make demo
+
+
+def _start(args: list[str], port: int, env: dict[str, str] | None = None):
+    import subprocess
+    import sys
+    import time
+
+    bin_ = os.path.join(os.path.dirname(sys.executable), "bedrock-proxy")
+    proc = subprocess.Popen(
+        [bin_, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **(env or {})},
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness", timeout=1):
+                return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(proc.stderr.read()) from None
+            time.sleep(0.1)
+
+
+def _stop(proc) -> tuple[str, str]:
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    return out, err
+
+
+def test_serve_simulate_answers_every_client_and_says_so(tmp_path):
+    import boto3
+
+    from tests.conftest import client_config
+    from tests.test_cli import free_port
+
+    port = free_port()
+    proc = _start(
+        ["serve", "--simulate", "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        {
+            "BEDROCK_PROXY_MASTER_KEY": MASTER_KEY,
+            "BEDROCK_PROXY_SQLITE_PATH": str(tmp_path / "sim.db"),
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        },
+    )
+    try:
+
+        def client(service: str):
+            c = boto3.client(
+                service,
+                endpoint_url=f"http://127.0.0.1:{port}/bedrock",
+                region_name="us-east-1",
+                aws_access_key_id="x",
+                aws_secret_access_key="y",
+                config=client_config(),
+            )
+            from tests.conftest import with_key_header
+
+            return with_key_header(c, MASTER_KEY)
+
+        runtime = client("bedrock-runtime")
+        answers = [
+            runtime.converse(
+                modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}]
+            ),
+            runtime.invoke_model(
+                modelId=HAIKU, body=b'{"anthropic_version": "bedrock-2023-05-31"}'
+            ),
+        ]
+        stream = runtime.converse_stream(
+            modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}]
+        )
+        events = list(stream["stream"])
+        assert events[-1]["metadata"]["usage"]["outputTokens"] == 9
+        chunks = list(runtime.invoke_model_with_response_stream(modelId=HAIKU, body=b"{}")["body"])
+        assert len(chunks) == 3
+        answers += [stream]
+        answers.append(
+            client("bedrock-agent-runtime").retrieve(
+                knowledgeBaseId="KB12345678", retrievalQuery={"text": "q"}
+            )
+        )
+        for answer in answers:
+            assert answer["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-simulated"] == "true"
+        assert answers[0]["usage"]["totalTokens"] == 18
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/signin", timeout=5) as page:
+            assert 'id="simulated"' in page.read().decode()
+    finally:
+        _, err = _stop(proc)
+    assert "SIMULATED upstream" in err
+
+
+def test_make_demo_opens_a_populated_console(browser, tmp_path):
+    from tests.test_cli import free_port
+
+    port = free_port()
+    proc = _start(
+        [
+            "demo",
+            "--port",
+            str(port),
+            "--sqlite-path",
+            str(tmp_path / "demo.db"),
+            "--requests",
+            "24",
+        ],
+        port,
+        {"BEDROCK_PROXY_MASTER_KEY": MASTER_KEY},
+    )
+    try:
+        server = type("Demo", (), {"url": f"http://127.0.0.1:{port}"})()
+        page = Page(browser, server)
+        _wait(lambda: _demo_spent(port))
+        page.sign_in(MASTER_KEY)
+        aliases = {a.text for a in page.all("#keys tbody a")}
+        assert {"web-frontend", "search-indexer", "ci-evals"} <= aliases
+        page.open("/ui/spend?by=team")
+        assert page.find("#simulated")
+        assert {p.get_attribute("data-series") for p in page.all("#chart rect.point")} == {
+            "web",
+            "search",
+            "platform",
+        }
+        page.shot("demo-spend-by-team")
+    finally:
+        out, _ = _stop(proc)
+    assert f"Console: http://127.0.0.1:{port}/ui" in out
+
+
+def _demo_spent(port: int) -> bool:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/spend/report?group_by=team",
+        headers={"Authorization": f"Bearer {MASTER_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        report = json.loads(response.read())
+    return report["totals"].get("requests", 0) >= 25

@@ -32,6 +32,7 @@ from ..server.runner import ProxyRunner
 from ..server.tls import TLSConfigError, load_chain, server_context, write_self_signed
 from ..store import Store, open_store
 from ..wire.errors import AwsError
+from .demo import send_demo_traffic
 
 log = logging.getLogger("bedrock_proxy")
 _T = TypeVar("_T")
@@ -51,11 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="also serve health checks over plain HTTP")
     serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
     serve.add_argument(
+        "--simulate",
+        action="store_true",
+        default=None,
+        help="answer Bedrock calls from the built-in simulator, not AWS (labelled everywhere)",
+    )
+    serve.add_argument(
         "--allow-unauthenticated",
         action="store_true",
         default=None,
         help="serve without client authentication when no master key is set",
     )
+    demo = commands.add_parser(
+        "demo", help="serve on the built-in simulator with demo keys and traffic (make demo)"
+    )
+    demo.add_argument("--port", type=int, default=4000)
+    demo.add_argument("--sqlite-path", default="demo.db")
+    demo.add_argument("--requests", type=int, default=60, help="demo calls sent at startup")
     keys = commands.add_parser("keys", help="manage virtual keys in the configured store")
     keys.add_argument("--config", help="YAML settings file (BEDROCK_PROXY_CONFIG)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -167,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_command(args)
     if args.command == "keys":
         return _keys_command(args)
+    if args.command == "demo":
+        return _demo_command(args)
     if args.command == "spend":
         return _spend_command(args)
     if args.command == "teams":
@@ -192,6 +207,7 @@ def _serve_command(args: argparse.Namespace) -> int:
                 "tls_key": args.tls_key,
                 "http_port": args.http_port,
                 "workers": args.workers,
+                "simulate": args.simulate,
             },
         )
         configure_logging(settings.log_level)
@@ -218,6 +234,54 @@ def _serve_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(
             f"bedrock-proxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    """The proxy on loopback, on the simulator, with demo keys and traffic; the master key
+    is BEDROCK_PROXY_MASTER_KEY, or a demo one printed at startup."""
+    master = os.environ.get("BEDROCK_PROXY_MASTER_KEY") or "sk-demo-master-key"
+    try:
+        settings = load_settings(
+            env={},
+            overrides={
+                "host": "127.0.0.1",
+                "port": args.port,
+                "master_key": master,
+                "sqlite_path": args.sqlite_path,
+                "simulate": True,
+                "access_log": False,
+            },
+        )
+        configure_logging(settings.log_level)
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"bedrock-proxy: {exc}", file=sys.stderr)
+        return 2
+    base = f"http://127.0.0.1:{args.port}"
+
+    async def run() -> None:
+        server = asyncio.create_task(serve(app, settings))
+        try:
+            keys = await send_demo_traffic(base, master, args.requests)
+        except Exception as exc:
+            print(f"bedrock-proxy demo: the demo traffic failed: {exc}", file=sys.stderr)
+        else:
+            print(f"\nConsole: {base}/ui  (sign in with {master})", flush=True)
+            for key in keys:
+                print(f"  demo key {key['key_alias']}: {key['key']}", flush=True)
+            print(f"Bedrock endpoint: {base}/bedrock (simulated)\n", flush=True)
+        await server
+
+    _install_uvloop()
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(
+            f"bedrock-proxy: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}",
             file=sys.stderr,
         )
         return 1

@@ -44,6 +44,7 @@ from .files import FILES_PATH, FilesFront
 from .fleet import Fleet
 from .fleet.config import FleetConfigError, parse_fleet
 from .pipeline import Pipeline, Shutdown
+from .simulator import Simulator
 from .upstream import UpstreamClient
 
 
@@ -64,6 +65,7 @@ CREDENTIALS = web.AppKey("credentials", CredentialProvider)
 STATE = web.AppKey("state", dict)
 SHARED_METRICS = web.AppKey("shared_metrics", SharedMetrics)
 BATCHES = web.AppKey("batches", BatchSettler)
+SIMULATED = web.AppKey("simulated", bool)
 
 
 def create_app(
@@ -151,6 +153,9 @@ def create_app(
         alerts,
     )
     shutdown = Shutdown()
+    if settings.simulate and not settings.upstream_bearer_token:
+        # The simulator needs no AWS credentials: a token it ignores, so none are looked up.
+        settings.upstream_bearer_token = "bedrock-proxy-simulated"
     upstream = UpstreamClient(settings, fleet, shutdown, metrics)
     if box is not None and settings.master_key:
         keys = KeyService(store, box, cache, clock, fleet.config.pools, fleet.set_team_upstream)
@@ -221,7 +226,12 @@ def create_app(
     app[STORE] = store
     app[METERING] = metering
     app[BATCHES] = batches
-    app[STATE] = {"ready": False, "needs_credentials": not settings.upstream_bearer_token}
+    app[STATE] = {
+        "ready": False,
+        "needs_credentials": not (settings.upstream_bearer_token or settings.simulate),
+    }
+    if settings.simulate:
+        app[SIMULATED] = True
     if keys is not None:
         app[KEYS] = keys
     app.cleanup_ctx.append(_lifecycle)
@@ -238,6 +248,7 @@ def create_app(
             metrics,
             LiveView(metrics, lambda: pipeline.in_flight, fleet),
             settings.console_idle_timeout,
+            simulated=settings.simulate,
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))
@@ -285,6 +296,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     metering.ledger.start()
     upstream = app[UPSTREAM]
     await upstream.start()
+    simulator_runner = await _start_simulator(upstream) if app.get(SIMULATED) else None
     if app[STATE]["needs_credentials"]:
         await app[CREDENTIALS].start()
     app[BATCHES].start()
@@ -297,10 +309,29 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if SHARED_METRICS in app:
         await app[SHARED_METRICS].close()
     await upstream.close()
+    if simulator_runner is not None:
+        await simulator_runner.cleanup()
     app[ACCESS_LOG].flush()
     await metering.close()  # flushes the ledger
     await app[CREDENTIALS].close()
     await store.close()
+
+
+async def _start_simulator(upstream: UpstreamClient) -> web.AppRunner:
+    """The simulator on a loopback port of its own, and every upstream call sent there."""
+    runner = web.AppRunner(Simulator().app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}"
+    upstream.fleet.simulate(url)
+    log.warning(
+        "SIMULATED upstream: Bedrock calls are answered by the built-in simulator (%s), "
+        "not by AWS; every response carries x-bedrock-proxy-simulated: true",
+        url,
+    )
+    return runner
 
 
 async def _liveness(request: web.Request) -> web.Response:

@@ -118,6 +118,8 @@ class Settings:
     upstreams: dict[str, Any] = field(default_factory=dict)
     # The operator's console at /ui, and how long an idle console session lasts.
     console: bool = True
+    # Answer Bedrock calls from the built-in simulator instead of AWS (try it, or CI).
+    simulate: bool = False
     console_idle_timeout: float = 1800.0
 
 
@@ -285,6 +287,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config error: database_url: must be a postgresql:// URL")
     if s.secret_key is not None and len(s.secret_key) < 16:
         raise ConfigError("config error: secret_key: must be at least 16 characters")
+    if s.simulate and s.upstreams:
+        raise ConfigError("config error: simulate: the simulator replaces upstreams; unset one")
     try:
         parse_fleet(s.upstreams)
     except FleetConfigError as exc:

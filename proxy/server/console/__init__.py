@@ -79,6 +79,7 @@ class Console:
         metrics: Metrics,
         live: Callable[[], dict[str, Any]],
         idle_timeout: float = 1800.0,
+        simulated: bool = False,
     ) -> None:
         self._keys = keys
         self._auth = auth
@@ -93,6 +94,7 @@ class Console:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
+        self._env.globals["simulated"] = simulated
         self._static = {
             name: resources.files(__package__).joinpath("static", name).read_bytes()
             for name in _STATIC

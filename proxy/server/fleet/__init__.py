@@ -113,6 +113,15 @@ class Fleet:
             self._legacy[slot] = found
         return found
 
+    def simulate(self, url: str) -> None:
+        """Send everything to the built-in simulator at ``url`` (``serve --simulate``)."""
+        region = self._default_endpoints.default_region
+        self._default_endpoints = Endpoints(
+            {name: url for name in ("bedrock-runtime", "bedrock-agent-runtime", "bedrock", "s3")},
+            region,
+        )
+        self._legacy.clear()
+
     def owner_target(self, service: Service, region: str, arn: str | None) -> Target:
         """Where a resource lives (a job, a profile, a manifest in S3): the first member
         in its region (and account, when the ARN names one) in any pool."""
