@@ -449,3 +449,40 @@ def _demo_spent(port: int) -> bool:
     with urllib.request.urlopen(request, timeout=5) as response:
         report = json.loads(response.read())
     return report["totals"].get("requests", 0) >= 25
+
+
+def test_sessions_are_shared_by_replicas_and_end_when_idle(start_proxy, store_settings):
+    from tests.conftest import OffsetClock
+
+    clock = OffsetClock()
+    replicas = [
+        start_proxy(console_idle_timeout=600, clock=clock, **store_settings) for _ in range(2)
+    ]
+    request = urllib.request.Request(
+        replicas[0].url + "/ui/signin",
+        data=urllib.parse.urlencode({"key": MASTER_KEY}).encode(),
+        method="POST",
+    )
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        opener.open(request, timeout=10)
+    assert caught.value.code == 303
+    set_cookie = caught.value.headers["Set-Cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    sid = set_cookie.split(";")[0].split("=", 1)[1]
+    for replica in replicas:  # signed in on one, known to both
+        status, text = _get(replica, "/ui/keys", {"bp_console": sid})
+        assert status == 200 and 'id="keys"' in text
+    clock.advance(500)
+    assert _get(replicas[1], "/ui/keys", {"bp_console": sid})[0] == 200  # moves the deadline
+    clock.advance(500)
+    assert _get(replicas[0], "/ui/keys", {"bp_console": sid})[0] == 200
+    clock.advance(601)  # idle past the timeout: gone everywhere
+    for replica in replicas:
+        status, text = _get(replica, "/ui/keys", {"bp_console": sid})
+        assert 'id="signin"' in text

@@ -249,6 +249,7 @@ def create_app(
             LiveView(metrics, lambda: pipeline.in_flight, fleet),
             settings.console_idle_timeout,
             simulated=settings.simulate,
+            clock=clock,
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))

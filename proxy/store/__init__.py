@@ -8,6 +8,7 @@ from .database import Database, StoreConflict
 from .jobs import JobRepository
 from .keys import KeyRepository
 from .limits import LimitRepository
+from .sessions import SessionRepository
 from .spend import SpendRepository
 from .teams import TeamRepository
 
@@ -20,6 +21,7 @@ class Store:
         self.limits = LimitRepository(db, clock)
         self.jobs = JobRepository(db, clock)
         self.teams = TeamRepository(db, clock)
+        self.sessions = SessionRepository(db)
 
     @property
     def dialect(self) -> str:

@@ -118,6 +118,22 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         )
         """,
     ),
+    (
+        6,
+        # Console sessions, by the SHA-256 of their cookie (never the cookie itself), so
+        # replicas sharing the database share them.
+        """
+        CREATE TABLE bp_console_sessions (
+            session_hash TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            key_id TEXT,
+            csrf TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX bp_console_sessions_key ON bp_console_sessions (key_id);
+        CREATE INDEX bp_console_sessions_expiry ON bp_console_sessions (expires_at)
+        """,
+    ),
 ]
 
 

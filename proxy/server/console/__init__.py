@@ -28,6 +28,7 @@ from ...metering.reports import Reports
 from ...observe.metrics import Metrics
 from ...store import Store
 from ...wire import errors
+from ...wire.clock import SYSTEM_CLOCK, Clock
 from . import charts
 from .sessions import COOKIE, ConsoleSession, SessionStore, SignInThrottle, csrf_ok
 
@@ -80,6 +81,7 @@ class Console:
         live: Callable[[], dict[str, Any]],
         idle_timeout: float = 1800.0,
         simulated: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._keys = keys
         self._auth = auth
@@ -87,7 +89,7 @@ class Console:
         self._store = store
         self._metrics = metrics
         self._live = live
-        self.sessions = SessionStore(idle_timeout)
+        self.sessions = SessionStore(store, idle_timeout, clock)
         self.throttle = SignInThrottle()
         self._env = jinja2.Environment(
             loader=jinja2.PackageLoader("proxy.server.console", "templates"),
@@ -143,7 +145,7 @@ class Console:
         ``master`` is False, and a valid CSRF token on every POST."""
 
         async def page(request: web.Request) -> web.StreamResponse:
-            session = self.sessions.get(request.cookies.get(COOKIE))
+            session = await self.sessions.get(request.cookies.get(COOKIE))
             if session is None:
                 if request.method == "GET" and not request.path.endswith((".json", ".csv")):
                     raise web.HTTPSeeOther(PREFIX + "/signin", headers=_SECURITY_HEADERS)
@@ -186,7 +188,7 @@ class Console:
     # ------------------------------------------------------------------ sign-in
 
     async def _root(self, request: web.Request) -> web.StreamResponse:
-        session = self.sessions.get(request.cookies.get(COOKIE))
+        session = await self.sessions.get(request.cookies.get(COOKIE))
         if session is None:
             raise web.HTTPSeeOther(PREFIX + "/signin")
         raise web.HTTPSeeOther(PREFIX + ("/keys" if session.kind == "master" else "/me"))
@@ -212,7 +214,7 @@ class Console:
             self.throttle.failed(address)
             return self._render("signin.html", 401, error="That key is not valid.")
         self.throttle.succeeded(address)
-        sid, _ = self.sessions.create(identity.kind, identity.key_id)
+        sid, _ = await self.sessions.create(identity.kind, identity.key_id)
         response = web.HTTPSeeOther(PREFIX + ("/keys" if identity.is_master else "/me"))
         response.set_cookie(
             COOKIE,
@@ -225,7 +227,7 @@ class Console:
         raise response
 
     async def _signout(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-        self.sessions.end(request.cookies.get(COOKIE))
+        await self.sessions.end(request.cookies.get(COOKIE))
         response = web.HTTPSeeOther(PREFIX + "/signin")
         response.del_cookie(COOKIE, path=PREFIX)
         raise response
@@ -238,7 +240,7 @@ class Console:
         assert session.key_id is not None
         record = await self._store.keys.by("key_id", session.key_id)
         if record is None or record.refusal(time.time()) is not None:
-            self.sessions.end(request.cookies.get(COOKIE))
+            await self.sessions.end(request.cookies.get(COOKIE))
             raise web.HTTPSeeOther(PREFIX + "/signin")
         totals = await self._reports.key_totals(record)
         rows = await self._reports.daily("model", _days_ago(30), None, key_id=record.key_id)
@@ -342,11 +344,11 @@ class Console:
             )
         if action == "delete":
             await self.keys.delete([record.key_id])
-            self.sessions.end_key(record.key_id)
+            await self.sessions.end_key(record.key_id)
             raise web.HTTPSeeOther(PREFIX + "/keys")
         if action == "regenerate":
             fresh = await self.keys.regenerate(record.key_id)
-            self.sessions.end_key(record.key_id)
+            await self.sessions.end_key(record.key_id)
             return self._render(
                 "key_created.html", session=session, key=fresh, base=_base_url(request)
             )

@@ -2,20 +2,25 @@
 throttle. The key itself is never kept, in the browser or here: a session holds the key's
 id (or "master") and is re-checked against the key store on every page.
 
-Sessions live in this process (bounded); behind a load balancer, pin console traffic to a
-replica (a session cookie is meaningless to the others, which ask to sign in again).
+Sessions are rows of the key store (``bp_console_sessions``), found by the SHA-256 of the
+cookie: replicas sharing PostgreSQL share them, and a copied database opens none. Each page
+moves the idle deadline on, written at most once a minute.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ...store import Store
+from ...wire.clock import SYSTEM_CLOCK, Clock
+
 COOKIE = "bp_console"
-_MAX_SESSIONS = 10_000
+_TOUCH_EVERY = 60.0
 # Failed sign-ins: this many per client address per window, and this many addresses kept.
 _FAILURES_ALLOWED = 5
 _FAILURE_WINDOW = 60.0
@@ -27,44 +32,48 @@ class ConsoleSession:
     kind: str  # "master" or "virtual"
     key_id: str | None
     csrf: str
-    last_seen: float
 
 
 class SessionStore:
-    def __init__(self, idle_timeout: float = 1800.0) -> None:
+    def __init__(
+        self, store: Store, idle_timeout: float = 1800.0, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self._store = store
         self._idle = idle_timeout
-        self._sessions: OrderedDict[str, ConsoleSession] = OrderedDict()
+        self._clock = clock
 
-    def create(self, kind: str, key_id: str | None) -> tuple[str, ConsoleSession]:
+    async def create(self, kind: str, key_id: str | None) -> tuple[str, ConsoleSession]:
         sid = secrets.token_urlsafe(32)
-        session = ConsoleSession(kind, key_id, secrets.token_urlsafe(24), time.monotonic())
-        self._sessions[sid] = session
-        if len(self._sessions) > _MAX_SESSIONS:
-            self._sessions.popitem(last=False)
+        session = ConsoleSession(kind, key_id, secrets.token_urlsafe(24))
+        await self._store.sessions.create(
+            _hash(sid), kind, key_id, session.csrf, self._clock.time() + self._idle
+        )
+        if secrets.randbelow(64) == 0:  # now and then, drop the expired ones
+            await self._store.sessions.sweep(self._clock.time())
         return sid, session
 
-    def get(self, sid: str | None) -> ConsoleSession | None:
-        if not sid:
+    async def get(self, sid: str | None) -> ConsoleSession | None:
+        if not sid or len(sid) > 128:
             return None
-        session = self._sessions.get(sid)
-        if session is None:
+        now = self._clock.time()
+        row = await self._store.sessions.get(_hash(sid), now)
+        if row is None:
             return None
-        now = time.monotonic()
-        if now - session.last_seen > self._idle:
-            del self._sessions[sid]
-            return None
-        session.last_seen = now
-        self._sessions.move_to_end(sid)
-        return session
+        if row["expires_at"] - now < self._idle - _TOUCH_EVERY:
+            await self._store.sessions.touch(_hash(sid), now + self._idle)
+        return ConsoleSession(row["kind"], row["key_id"], row["csrf"])
 
-    def end(self, sid: str | None) -> None:
-        if sid:
-            self._sessions.pop(sid, None)
+    async def end(self, sid: str | None) -> None:
+        if sid and len(sid) <= 128:
+            await self._store.sessions.end(_hash(sid))
 
-    def end_key(self, key_id: str) -> None:
+    async def end_key(self, key_id: str) -> None:
         """Sign out every session of a key (deleted or regenerated)."""
-        for sid in [s for s, v in self._sessions.items() if v.key_id == key_id]:
-            del self._sessions[sid]
+        await self._store.sessions.end_key(key_id)
+
+
+def _hash(sid: str) -> str:
+    return hashlib.sha256(sid.encode()).hexdigest()
 
 
 def csrf_ok(session: ConsoleSession, presented: str | None) -> bool:
