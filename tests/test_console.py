@@ -160,9 +160,17 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     page.shot("key-created")
     page.click("#key-page")
     assert token not in browser.page_source  # shown once only
+    key_id = page.path.rsplit("/", 1)[-1]
+    # Every field the API has is on the form: metadata too.
+    page.fill({"metadata": '{"cost_center": "cc-42"}'})
+    page.click("#save")
+    _, info = admin(console, "GET", f"/key/info?key={key_id}")
+    assert info["info"]["metadata"] == {"cost_center": "cc-42"}
+    assert info["info"]["rpm_limit"] == 100 and info["info"]["team_id"] == "web"
 
     # Use it with boto3; its spend appears in the chart and the table.
     client = boto_client("bedrock-runtime", console, key=token)
+    console.clock.fresh_minute()  # the three calls and the limits page share a minute
     for _ in range(3):
         client.converse(modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}])
     console.settle()
@@ -194,6 +202,9 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     # Limits and live pages.
     page.open("/ui/limits")
     assert "console-made" in page.find("#budgets").text
+    window = page.find(f'#rates tr[data-key-id="{key_id}"]').text
+    assert "3 / 100" in window  # this minute's requests against the key's RPM
+    assert "No alert webhook" in page.find("#alerts").text
     page.shot("limits")
     page.open("/ui/live")
     _wait(lambda: page.find("#live").get_attribute("data-updated"))

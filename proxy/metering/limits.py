@@ -160,6 +160,18 @@ class InProcessLimiter:
         self._windows: dict[tuple[str, str], _Window] = {}
         self._claims: dict[str, float] = {}
 
+    async def current(self, scope: str, ident: str) -> dict[str, int]:
+        """This minute's requests and tokens, and the requests in flight (the console)."""
+        window = self._windows.get((scope, ident))
+        if window is None:
+            return {"requests": 0, "tokens": 0, "in_flight": 0}
+        fresh = window.minute == _minute(self._clock.time())
+        return {
+            "requests": window.requests if fresh else 0,
+            "tokens": window.tokens if fresh else 0,
+            "in_flight": len(window.leases.held),
+        }
+
     def _window(self, spec: LimitSpec) -> _Window:
         ident = (spec.scope, spec.id)
         window = self._windows.get(ident)
@@ -358,6 +370,18 @@ class RedisLimiter:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self._init = self._redis.register_script(_INIT)
+
+    async def current(self, scope: str, ident: str) -> dict[str, int]:
+        """This minute's requests and tokens, and the requests in flight, across replicas."""
+        base = f"{self._prefix}:{scope}:{ident}"
+        minute = _minute(self._clock.time())
+        requests, tokens = await self._redis.mget(f"{base}:rpm:{minute}", f"{base}:tpm:{minute}")
+        in_flight = await self._redis.zcard(f"{base}:inflight")
+        return {
+            "requests": int(requests or 0),
+            "tokens": int(tokens or 0),
+            "in_flight": int(in_flight or 0),
+        }
 
     def _payload(self, specs: list[LimitSpec], now: float) -> str:
         out = []

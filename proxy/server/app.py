@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -250,6 +251,8 @@ def create_app(
             settings.console_idle_timeout,
             simulated=settings.simulate,
             clock=clock,
+            current=limiter.current,
+            alerts=_alert_settings(settings),
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))
@@ -316,6 +319,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await metering.close()  # flushes the ledger
     await app[CREDENTIALS].close()
     await store.close()
+
+
+def _alert_settings(settings: Settings) -> dict[str, str]:
+    """What the console shows of the alert webhook: its format and host, never its path
+    (a Slack webhook's path is its secret)."""
+    if not settings.alert_webhook_url:
+        return {}
+    parts = urlsplit(settings.alert_webhook_url)
+    return {"format": settings.alert_webhook_format, "target": f"{parts.scheme}://{parts.netloc}/…"}
 
 
 async def _start_simulator(upstream: UpstreamClient) -> web.AppRunner:

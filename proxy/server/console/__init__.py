@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -82,7 +83,11 @@ class Console:
         idle_timeout: float = 1800.0,
         simulated: bool = False,
         clock: Clock = SYSTEM_CLOCK,
+        current: Callable[[str, str], Awaitable[dict[str, int]]] | None = None,
+        alerts: dict[str, str] | None = None,
     ) -> None:
+        self._current = current
+        self._alerts = alerts or {}
         self._keys = keys
         self._auth = auth
         self._reports = reports
@@ -441,9 +446,18 @@ class Console:
                 }
             )
         named = await self._store.limits.list()
-        rates = [k for k in listing["keys"] if k.get("rpm_limit") or k.get("tpm_limit")]
+        rates = []
+        for key in listing["keys"]:
+            if key.get("rpm_limit") or key.get("tpm_limit") or key.get("max_parallel_requests"):
+                now = await self._current("key", key["key_id"]) if self._current else {}
+                rates.append({"key": key, "now": now})
         return self._render(
-            "limits.html", session=session, budgets=budgets, named=named, rates=rates
+            "limits.html",
+            session=session,
+            budgets=budgets,
+            named=named,
+            rates=rates,
+            alerts=self._alerts,
         )
 
     async def _live_page(self, request: web.Request, session: ConsoleSession) -> web.Response:
@@ -482,6 +496,14 @@ def _key_form(form: Any, creating: bool) -> dict[str, Any]:
                 raise errors.validation(f"{name}: {text!r} is not a number") from None
         elif not creating:
             body[name] = None
+    metadata = str(form.get("metadata", "")).strip()
+    if metadata:
+        try:
+            body["metadata"] = json.loads(metadata)
+        except ValueError:
+            raise errors.validation("metadata: not a JSON object") from None
+    elif not creating:
+        body["metadata"] = {}
     expires = str(form.get("duration", "")).strip()
     if expires:
         body["duration"] = expires

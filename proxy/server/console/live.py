@@ -38,6 +38,8 @@ class LiveView:
             "p99_ms": _quantile_ms(m.duration, 0.99),
             "overhead_p50_ms": _quantile_ms(m.overhead, 0.5),
             "overhead_p99_ms": _quantile_ms(m.overhead, 0.99),
+            "upstream_p50_ms": _quantile_ms(m.upstream, 0.5),
+            "upstream_p99_ms": _quantile_ms(m.upstream, 0.99),
             "errors": {labels[0]: count for labels, count in m.upstream_errors.items()},
             "members": self._members(),
         }

@@ -47,6 +47,8 @@ async function refresh(root) {
     document.getElementById("in-flight").textContent = live.in_flight;
     document.getElementById("streams").textContent = live.active_streams;
     document.getElementById("latency").textContent = `${live.p50_ms} / ${live.p99_ms} ms`;
+    document.getElementById("upstream").textContent =
+      `${live.upstream_p50_ms} / ${live.upstream_p99_ms} ms`;
     document.getElementById("overhead").textContent =
       `${live.overhead_p50_ms} / ${live.overhead_p99_ms} ms`;
     fill(document.getElementById("errors"), Object.entries(live.errors).map(([k, v]) => [k, v]));
