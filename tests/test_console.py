@@ -193,6 +193,14 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     page.open("/ui/spend?by=model")
     assert {p.get_attribute("data-series") for p in page.all("#chart rect.point")} >= {HAIKU}
     page.shot("spend-by-model")
+    # Drill down: team, then its keys, then the key's requests (no bodies).
+    page.open("/ui/spend?by=team")
+    page.click('#spend-table tr[data-group="web"] a')
+    assert [r.get_attribute("data-group") for r in page.all("#spend-table tbody tr")] == [key_id]
+    page.click(f'#spend-table tr[data-group="{key_id}"] a')
+    requests = page.all("#requests tbody tr")
+    assert len(requests) == 3 and all("Converse" in r.text for r in requests)
+    page.shot("spend-requests")
 
     # CSV export of the table, with the same figures.
     cookie = {c["name"]: c["value"] for c in browser.get_cookies()}
@@ -219,6 +227,15 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     page.shot("key-blocked")
     with pytest.raises(client.exceptions.AccessDeniedException):
         client.converse(modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+
+    # Delete asks for the key id first.
+    page.find("#confirm-delete").send_keys("not-the-id")
+    page.click("#delete")
+    assert "type its id" in page.find("#error").text
+    page.open(f"/ui/keys/{key_id}")
+    page.find("#confirm-delete").send_keys(key_id)
+    page.click("#delete")
+    assert page.path == "/ui/keys" and key_id not in browser.page_source
 
     # Sign out: the session is gone.
     page.click("#signout")
@@ -263,6 +280,19 @@ def test_forms_need_their_csrf_token_and_a_session(browser, console):
     assert "forged" not in json.dumps(listing)
     status, _ = _get(console, "/ui/keys", cookie)
     assert status == 200
+
+
+def test_the_console_answers_over_http2(console):
+    import subprocess
+
+    done = subprocess.run(
+        ["curl", "-s", "-i", "--http2-prior-knowledge", console.url + "/ui/signin"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.stdout.startswith("HTTP/2 200")
+    assert "content-security-policy: default-src 'none'" in done.stdout.lower()
 
 
 def test_every_page_sends_a_strict_policy(console):
