@@ -345,6 +345,11 @@ def test_a_storm_on_one_member_never_reaches_the_client(routed, fleet, fault):
     assert 'bedrock_proxy_upstream_member_failovers_total{member="a/us-east-1"} 1' in text
     assert 'bedrock_proxy_upstream_member_cooldowns_total{member="a/us-east-1"} 1' in text
     assert 'bedrock_proxy_upstream_member_requests_total{member="b/us-west-2"} 31' in text
+    # The console's live page shows each member's health.
+    live = _console_live(proxy)
+    members = {m["member"]: m for m in live["members"]}
+    assert members["a/us-east-1"]["state"] == "cooling down"
+    assert members["b/us-west-2"]["state"] == "healthy" and members["b/us-west-2"]["requests"] == 31
 
 
 def test_a_member_that_cannot_be_reached_is_skipped(routed, fleet):
@@ -706,6 +711,27 @@ def test_bad_configs_are_refused_with_one_line(change, expected, tmp_path):
 def test_without_upstreams_nothing_changes(proxy, fake):
     answer = converse(boto_client("bedrock-runtime", proxy))
     assert "x-bedrock-proxy-upstream" not in answer["ResponseMetadata"]["HTTPHeaders"]
+
+
+def _console_live(proxy) -> dict:
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    class Keep(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    sign_in = urllib.request.Request(
+        proxy.url + "/ui/signin", data=urllib.parse.urlencode({"key": MASTER_KEY}).encode()
+    )
+    try:
+        urllib.request.build_opener(Keep).open(sign_in, timeout=10)
+    except urllib.error.HTTPError as redirect:
+        cookie = redirect.headers["Set-Cookie"].split(";")[0]
+    live = urllib.request.Request(proxy.url + "/ui/live.json", headers={"Cookie": cookie})
+    with urllib.request.urlopen(live, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def _metrics(proxy) -> tuple[int, str]:
