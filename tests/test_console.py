@@ -201,6 +201,13 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     requests = page.all("#requests tbody tr")
     assert len(requests) == 3 and all("Converse" in r.text for r in requests)
     page.shot("spend-requests")
+    # Every table exports as CSV: the requests, the keys.
+    cookie = {c["name"]: c["value"] for c in browser.get_cookies()}
+    status, text = _get(console, f"/ui/spend.csv?table=requests&key_id={key_id}", cookie)
+    lines = text.splitlines()
+    assert status == 200 and lines[0].startswith("time,request_id,operation") and len(lines) == 4
+    status, text = _get(console, "/ui/keys.csv?q=console-made", cookie)
+    assert status == 200 and len(text.splitlines()) == 2 and key_id in text
 
     # CSV export of the table, with the same figures.
     cookie = {c["name"]: c["value"] for c in browser.get_cookies()}
@@ -208,8 +215,17 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     assert status == 200 and text.splitlines()[0] == "key,requests,total_tokens,cost_usd"
 
     # Limits and live pages.
+    status, _ = admin(
+        console,
+        "POST",
+        "/limit/new",
+        {"limit_id": "web-team", "max_budget": 4, "team_ids": ["web"]},
+    )
+    assert status == 200
     page.open("/ui/limits")
     assert "console-made" in page.find("#budgets").text
+    assert "limit web-team" in page.find("#budgets").text  # a named limit's budget too
+    assert "team_ids=['web']" in page.find("#named").text  # and its members
     window = page.find(f'#rates tr[data-key-id="{key_id}"]').text
     assert "3 / 100" in window  # this minute's requests against the key's RPM
     assert "No alert webhook" in page.find("#alerts").text

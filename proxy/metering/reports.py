@@ -11,6 +11,7 @@ from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock, iso, parse_iso
 from ..wire.params import paging, parse_duration
 from .limits import LimitSpec
+from .named import limit_spec
 
 
 def parse_time(name: str, value: str | None) -> float | None:
@@ -84,6 +85,17 @@ class Reports:
             }
             for r in rows
         ]
+
+    async def limit_totals(self, limit: dict[str, Any]) -> dict[str, Any]:
+        """A named limit's spend in its current budget period, when it has a budget."""
+        spec = limit_spec("limit", limit["limit_id"], limit, float(limit["created_at"]))
+        if spec is None or spec.max_budget is None:
+            return {}
+        _, start, end = spec.period(self._clock.time())
+        return {
+            "budget_period_spend": await self._store.spend.since("limit", limit["limit_id"], start),
+            "budget_resets_at": None if end == float("inf") else iso(end),
+        }
 
     async def key_totals(self, record: KeyRecord) -> dict[str, Any]:
         spent_all = await self._store.spend.since("key", record.key_id, 0.0)

@@ -117,6 +117,7 @@ class Console:
         r.add_post(PREFIX + "/signout", self._page(self._signout, master=False))
         r.add_get(PREFIX + "/me", self._page(self._me, master=False))
         r.add_get(PREFIX + "/keys", self._page(self._key_list))
+        r.add_get(PREFIX + "/keys.csv", self._page(self._key_csv))
         r.add_get(PREFIX + "/keys/new", self._page(self._key_new))
         r.add_post(PREFIX + "/keys/new", self._page(self._key_create))
         r.add_get(PREFIX + "/keys/{key_id}", self._page(self._key_edit))
@@ -264,32 +265,32 @@ class Console:
 
     # ------------------------------------------------------------------ keys
 
-    async def _key_list(self, request: web.Request, session: ConsoleSession) -> web.Response:
+    async def _filtered_keys(self, request: web.Request) -> list[dict[str, Any]]:
         q = request.query
         filters = {k: q[k] for k in ("team_id", "user_id") if q.get(k)}
-        listing = await self.keys.list(filters, 1, 500, full=True)
-        keys = listing["keys"]
+        keys: list[dict[str, Any]] = (await self.keys.list(filters, 1, 500, full=True))["keys"]
         text = q.get("q", "").strip().lower()
         if text:
-            keys = [
-                k
-                for k in keys
-                if any(
-                    text in str(k.get(f) or "").lower()
-                    for f in ("key_alias", "key_id", "user_id", "team_id")
-                )
-            ]
+            fields = ("key_alias", "key_id", "user_id", "team_id")
+            keys = [k for k in keys if any(text in str(k.get(f) or "").lower() for f in fields)]
         if q.get("blocked") in ("yes", "no"):
             keys = [k for k in keys if k["blocked"] == (q["blocked"] == "yes")]
         if q.get("expiring"):
-            horizon = datetime.now(UTC) + timedelta(days=7)
+            horizon = (datetime.now(UTC) + timedelta(days=7)).isoformat()
             keys = [
-                k
-                for k in keys
-                if k["expires"]
-                and datetime.fromisoformat(k["expires"].replace("Z", "+00:00")) <= horizon
+                k for k in keys if k["expires"] and k["expires"].replace("Z", "+00:00") <= horizon
             ]
-        return self._render("keys.html", session=session, keys=keys, query=dict(q))
+        return keys
+
+    async def _key_list(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        keys = await self._filtered_keys(request)
+        return self._render("keys.html", session=session, keys=keys, query=dict(request.query))
+
+    async def _key_csv(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        columns = ("key_id", "key_alias", "user_id", "team_id", "max_budget", "rpm_limit",
+                   "tpm_limit", "expires", "blocked")  # fmt: skip
+        keys = await self._filtered_keys(request)
+        return _csv("keys", columns, [[k.get(c) for c in columns] for k in keys])
 
     async def _key_new(self, request: web.Request, session: ConsoleSession) -> web.Response:
         return self._render("key_edit.html", session=session, key=None, error=None)
@@ -409,20 +410,21 @@ class Console:
 
     async def _spend_csv(self, request: web.Request, session: ConsoleSession) -> web.Response:
         view = await self._spend_view(request)
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow([view["by"], "requests", "total_tokens", "cost_usd"])
-        for row in view["table"]:
-            writer.writerow(
-                [row["group"], row["requests"], row["total_tokens"], f"{row['cost']:.10f}"]
+        if request.query.get("table") == "requests" and "key_id" in view["where"]:
+            columns = ("time", "request_id", "operation", "model", "status", "input_tokens",
+                       "output_tokens", "total_tokens", "cost", "account", "region")  # fmt: skip
+            logs = await self._reports.logs(
+                {"key_id": view["where"]["key_id"], "start": view["start"], "page_size": "1000"}
             )
-        return web.Response(
-            text=out.getvalue(),
-            content_type="text/csv",
-            headers={
-                **_SECURITY_HEADERS,
-                "Content-Disposition": f'attachment; filename="spend-by-{view["by"]}.csv"',
-            },
+            rows = [[r.get(c) for c in columns] for r in logs["logs"]]
+            return _csv(f"requests-{view['where']['key_id']}", columns, rows)
+        return _csv(
+            f"spend-by-{view['by']}",
+            (view["by"], "requests", "total_tokens", "cost_usd"),
+            [
+                [r["group"], r["requests"], r["total_tokens"], f"{r['cost']:.10f}"]
+                for r in view["table"]
+            ],
         )
 
     # ------------------------------------------------------------------ limits and live
@@ -446,6 +448,19 @@ class Console:
                 }
             )
         named = await self._store.limits.list()
+        for limit in named:
+            if limit.get("max_budget"):
+                totals = await self._reports.limit_totals(limit)
+                spent = totals.get("budget_period_spend", 0.0) or 0.0
+                budgets.append(
+                    {
+                        "key": {"key_id": None, "key_alias": "limit " + limit["limit_id"]},
+                        "spent": spent,
+                        "limit": limit["max_budget"],
+                        "share": min(1.0, spent / limit["max_budget"]),
+                        "resets": totals.get("budget_resets_at"),
+                    }
+                )
         rates = []
         for key in listing["keys"]:
             if key.get("rpm_limit") or key.get("tpm_limit") or key.get("max_parallel_requests"):
@@ -512,6 +527,18 @@ def _key_form(form: Any, creating: bool) -> dict[str, Any]:
         if not creating:
             body["models"] = []
     return body
+
+
+def _csv(name: str, columns: tuple[str, ...], rows: list[list[Any]]) -> web.Response:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    return web.Response(
+        text=out.getvalue(),
+        content_type="text/csv",
+        headers={**_SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}.csv"'},
+    )
 
 
 def _chart(rows: list[dict[str, Any]], metric: str) -> tuple[str, list[str]]:
