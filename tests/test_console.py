@@ -292,6 +292,13 @@ def test_forms_need_their_csrf_token_and_a_session(browser, console):
     assert status == 403
     status, _ = _post(console, "/ui/keys/new", {"key_alias": "forged", "csrf": "x"}, {})
     assert status == 401
+    # Another site's page posting here is refused, even the sign-in form.
+    request = urllib.request.Request(
+        console.url + "/ui/signin",
+        data=urllib.parse.urlencode({"key": MASTER_KEY}).encode(),
+        headers={"Origin": "https://evil.example"},
+    )
+    assert _call(request, {})[0] == 403
     _, listing = admin(console, "GET", "/key/list?return_full_object=true")
     assert "forged" not in json.dumps(listing)
     status, _ = _get(console, "/ui/keys", cookie)

@@ -42,7 +42,7 @@ _SECURITY_HEADERS = {
     "Content-Security-Policy": _CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # (no-referrer would make a form's Origin "null")
     "Cache-Control": "no-store",
 }
 _STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
@@ -161,6 +161,10 @@ class Console:
                     "error.html", 403, session, message="This page is for the master key."
                 )
             if request.method == "POST":
+                if not _same_origin(request):
+                    return self._render(
+                        "error.html", 403, session, message="Cross-site form refused."
+                    )
                 form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
                 token = form.get("csrf")
                 if not isinstance(token, str) or not csrf_ok(session, token):
@@ -203,6 +207,8 @@ class Console:
         return self._render("signin.html", error=None)
 
     async def _signin(self, request: web.Request) -> web.StreamResponse:
+        if not _same_origin(request):  # no signing a victim in to someone else's session
+            return self._render("signin.html", 403, error="Sign in from the console itself.")
         address = request.remote or "-"
         if self.throttle.blocked(address):
             return self._render(
@@ -527,6 +533,13 @@ def _key_form(form: Any, creating: bool) -> dict[str, Any]:
         if not creating:
             body["models"] = []
     return body
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A browser's POST names its page's origin; another site's is refused (the CSRF
+    token is the main defence, this one also covers the sign-in form)."""
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{request.scheme}://{request.host}"
 
 
 def _csv(name: str, columns: tuple[str, ...], rows: list[list[Any]]) -> web.Response:
