@@ -13,7 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..store.records import DEFAULT_GROUPS, OPERATION_GROUPS, KeyRecord, KeySpec
+from ..store.records import (
+    ALLOW_LIST_FIELDS,
+    DEFAULT_GROUPS,
+    OPERATION_GROUPS,
+    KeyRecord,
+    KeySpec,
+)
 from ..wire import errors
 from ..wire.clock import parse_iso
 from ..wire.params import number_field, parse_duration
@@ -85,14 +91,7 @@ def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
                     f"{name}: unknown group {unknown[0]!r} (one of {', '.join(OPERATION_GROUPS)})"
                 )
             spec.operation_groups = groups
-        elif name in (
-            "guardrail_ids",
-            "knowledge_base_ids",
-            "agent_ids",
-            "flow_ids",
-            "file_buckets",
-            "file_prefixes",
-        ):
+        elif name in ALLOW_LIST_FIELDS:
             setattr(spec, name, None if value is None else _str_list(name, value))
         elif name == "blocked":
             if not isinstance(value, bool):

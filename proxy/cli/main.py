@@ -31,6 +31,7 @@ from ..server.fleet.config import parse_fleet
 from ..server.runner import ProxyRunner
 from ..server.tls import TLSConfigError, load_chain, server_context, write_self_signed
 from ..store import Store, open_store
+from ..store.records import ALLOW_LIST_FIELDS
 from ..wire.errors import AwsError
 from .demo import send_demo_traffic
 
@@ -151,12 +152,7 @@ _KEY_FIELDS = (
     "team_id",
     "models",
     "operation_groups",
-    "guardrail_ids",
-    "knowledge_base_ids",
-    "agent_ids",
-    "flow_ids",
-    "file_buckets",
-    "file_prefixes",
+    *ALLOW_LIST_FIELDS,
     "duration",
     "expires",
     "max_budget",

@@ -20,6 +20,16 @@ OPERATION_GROUPS = (
     "control-write",
     "files",
 )
+# Allow-lists of resources besides models: None means no restriction, a list (even empty)
+# allows only what it names.
+ALLOW_LIST_FIELDS = (
+    "guardrail_ids",
+    "knowledge_base_ids",
+    "agent_ids",
+    "flow_ids",
+    "file_buckets",
+    "file_prefixes",
+)
 # Everything but changing the account's Bedrock resources.
 DEFAULT_GROUPS = ("inference", "agents", "guardrails", "batch", "control-read", "files")
 

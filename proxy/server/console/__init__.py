@@ -28,6 +28,7 @@ from ...exchange import Identity
 from ...metering.reports import Reports
 from ...observe.metrics import Metrics
 from ...store import Store
+from ...store.records import ALLOW_LIST_FIELDS
 from ...wire import errors
 from ...wire.clock import SYSTEM_CLOCK, Clock
 from . import charts
@@ -48,16 +49,7 @@ _SECURITY_HEADERS = {
 _STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
 # The key fields the edit form carries, as the admin API names them.
 _TEXT_FIELDS = ("key_alias", "user_id", "team_id", "budget_duration", "upstream")
-_LIST_FIELDS = (
-    "models",
-    "operation_groups",
-    "guardrail_ids",
-    "knowledge_base_ids",
-    "agent_ids",
-    "flow_ids",
-    "file_buckets",
-    "file_prefixes",
-)
+_LIST_FIELDS = ("models", "operation_groups", *ALLOW_LIST_FIELDS)
 _NUMBER_FIELDS = {
     "max_budget": float,
     "rpm_limit": int,
