@@ -234,8 +234,11 @@ class BedrockFront:
         op = x.operation
         assert op is not None
         named = x.model_ref or x.model
-        fleet = self._upstream.fleet
-        if fleet.configured and op.name in JOB_LABELS:
+        if not self._upstream.fleet.configured:  # one member: nothing to choose between
+            targets = self._upstream.targets(op.service, request, x.identity, named)
+            x.region = targets[0].upstream.region
+            return targets
+        if op.name in JOB_LABELS:
             named = await self._jobs.arn(labels.get(JOB_LABELS[op.name], ""))
         key_id = x.identity.key_id if x.identity is not None else None
 
