@@ -63,9 +63,6 @@ class Health:
         state = self._state.get(member)
         return state is None or state.until <= now
 
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        return {name: {"failures": s.failures, "until": s.until} for name, s in self._state.items()}
-
     # ------------------------------------------------------------------ writes
 
     def failed(self, member: str) -> None:
