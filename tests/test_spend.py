@@ -280,7 +280,8 @@ def test_spend_logs_take_litellm_filters(spend_proxy, fake):
     sigv4_client("bedrock-runtime", spend_proxy, bob).converse(modelId=model, messages=MESSAGES)
     request_id = reply["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-request-id"]
     ledger_row(spend_proxy, request_id)
-    today = time.strftime("%Y-%m-%d", time.gmtime())
+    # The day the rows are stamped with: the proxy's clock, which other tests move ahead.
+    today = time.strftime("%Y-%m-%d", time.gmtime(spend_proxy.clock.time()))
     for reference in (alice["key"], alice["key_id"]):
         status, logs = admin(
             spend_proxy,
