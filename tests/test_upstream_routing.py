@@ -684,6 +684,18 @@ _GOOD = {
             "session_tags.Team: 'password' is not one of key_id, key_alias, team_id, user_id",
         ),
         ({"default_pool": "other"}, "upstreams.default_pool: 'other' is not a pool"),
+        (
+            {
+                "accounts": {
+                    "a": {
+                        "regions": ["us-east-1"],
+                        "profile": "p",
+                        "assume_role": {"role_arn": ROLE_C},
+                    }
+                }
+            },
+            "upstreams.accounts.a: profile and assume_role together",
+        ),
         ({"pools": {"main": [{"account": "a", "weight": 0}]}}, "weight: must be a number above 0"),
     ],
 )

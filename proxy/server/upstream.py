@@ -226,7 +226,8 @@ class UpstreamClient:
                 x.account, x.upstream = member.account.name, member.name
             x.region = target.upstream.region
             upstream = target.upstream
-            headers = dict(signed)
+            # Each attempt signs its own copy; a single one can take the caller's dict.
+            headers = dict(signed) if last else signed
             headers["host"] = upstream.host
             raw_path = upstream.base_path + path
             try:

@@ -182,6 +182,11 @@ def _account(name: str, raw: Any) -> Account:
     role = (
         _assume_role(where + ".assume_role", raw["assume_role"]) if "assume_role" in raw else None
     )
+    if role is not None and profile is not None:
+        raise FleetConfigError(
+            f"{where}: profile and assume_role together; the role's source is "
+            "assume_role.source_profile"
+        )
     endpoints = _mapping(raw.get("endpoints"), where + ".endpoints")
     for service, url in endpoints.items():
         if service not in ENDPOINT_SERVICES:
