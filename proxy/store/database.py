@@ -6,6 +6,8 @@ SQL is written once, PostgreSQL-style (``$1`` placeholders); the SQLite backend 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .migrations import MIGRATIONS
@@ -13,6 +15,19 @@ from .migrations import MIGRATIONS
 
 class StoreConflict(Exception):
     """A unique value (such as a key alias) is already taken."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowBatch:
+    """Rows for one table, each a tuple in ``columns`` order. ``types`` names the SQL type
+    of the columns that are not text (a backend that ships rows as JSON casts with it);
+    ``suffix`` follows the INSERT (an ``ON CONFLICT`` clause)."""
+
+    table: str
+    columns: tuple[str, ...]
+    rows: Sequence[tuple[Any, ...]]
+    types: Mapping[str, str] = field(default_factory=dict)
+    suffix: str = ""
 
 
 class Database(ABC):
@@ -30,6 +45,11 @@ class Database(ABC):
 
     @abstractmethod
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def insert_rows(self, batches: Sequence[RowBatch]) -> None:
+        """Insert many rows into one or more tables at once (the ledger's batches): the
+        cheapest way each backend has, since the ledger writes a row per request."""
 
     @abstractmethod
     async def apply_migrations(self, migrations: list[tuple[int, Any]]) -> list[int]:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-from .database import Database
+from .database import Database, RowBatch
 from .records import LABEL_COLUMNS, SPEND_COLUMNS, LabelRow, SpendRow, label_values, spend_values
 
-# Column types, for unpacking a JSON batch of rows in SQL (see insert).
+# Column types besides text, for a backend that unpacks a JSON batch of rows in SQL.
 _COLUMN_TYPES = {
     "ts": "double precision",
     "latency_ms": "double precision",
@@ -48,42 +46,28 @@ LOG_FILTERS = (
 )
 
 
-def _insert_batch_sql(table: str, columns: tuple[str, ...], dialect: str, upsert: str) -> str:
-    """INSERT of every row of one JSON array of rows, passed as the only parameter."""
-    if dialect == "sqlite":
-        values = [f"json_extract(value, '$[{i}]')" for i in range(len(columns))]
-        source = "json_each($1) WHERE true"  # WHERE: SQLite's upsert-after-SELECT rule
-    else:
-        values = [
-            f"(r->>{i})::{_COLUMN_TYPES.get(column, 'text')}" for i, column in enumerate(columns)
-        ]
-        source = "json_array_elements($1::json) AS rows(r)"
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(values)} FROM {source}"
-        f"{upsert}"
-    )
-
-
 class SpendRepository:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._insert_rows = _insert_batch_sql(
-            "bp_spend", SPEND_COLUMNS, db.dialect, " ON CONFLICT (request_id) DO NOTHING"
-        )
-        self._insert_labels = _insert_batch_sql("bp_spend_labels", LABEL_COLUMNS, db.dialect, "")
 
     async def insert(self, rows: list[SpendRow], labels: list[LabelRow]) -> None:
-        """A batch is one statement with one JSON parameter, unpacked by the database:
-        binding 25 parameters per row holds the GIL (SQLite's writer thread) or the loop
-        (asyncpg) for every row; one statement releases SQLite's thread from the GIL for
-        the whole batch."""
-        await self._db.execute(
-            self._insert_rows, orjson.dumps([spend_values(r) for r in rows]).decode()
+        await self._db.insert_rows(
+            [
+                RowBatch(
+                    "bp_spend",
+                    SPEND_COLUMNS,
+                    [spend_values(r) for r in rows],
+                    _COLUMN_TYPES,
+                    " ON CONFLICT (request_id) DO NOTHING",
+                ),
+                RowBatch(
+                    "bp_spend_labels",
+                    LABEL_COLUMNS,
+                    [label_values(r) for r in labels],
+                    _COLUMN_TYPES,
+                ),
+            ]
         )
-        if labels:
-            await self._db.execute(
-                self._insert_labels, orjson.dumps([label_values(r) for r in labels]).decode()
-            )
 
     async def logs(
         self,

