@@ -138,4 +138,12 @@ def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     connection = headers.get("Connection")
     if not connection:
         return frozenset()
-    return frozenset(t.strip().lower() for t in connection.split(",") if t.strip())
+    tokens = _TOKENS.get(connection)
+    if tokens is None:
+        tokens = frozenset(t.strip().lower() for t in connection.split(",") if t.strip())
+        if len(_TOKENS) < 64:  # nearly always "keep-alive" or "close"; bounded all the same
+            _TOKENS[connection] = tokens
+    return tokens
+
+
+_TOKENS: dict[str, frozenset[str]] = {}

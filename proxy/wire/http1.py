@@ -233,7 +233,7 @@ class Pool:
         if self._closed or not connection.reusable:
             connection.abort()
             return
-        loop = asyncio.get_running_loop()
+        loop = connection.loop
         connection.idle_since = loop.time()
         self._idle.setdefault(connection.key, {})[connection] = None
         if self._sweeper is None:
@@ -315,6 +315,7 @@ class _Connection(asyncio.Protocol):
         "closed",
         "idle_since",
         "key",
+        "loop",
         "pool",
         "response",
         "transport",
@@ -323,6 +324,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: Pool, key: Origin) -> None:
         self.pool = pool
         self.key = key
+        # The loop that made the connection, for its responses' timers: asking asyncio for
+        # the running loop costs a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.response: Response | None = None
@@ -482,7 +486,7 @@ class Response:
         self._slot = slot
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
-        self._loop = asyncio.get_running_loop()
+        self._loop = connection.loop
         self._raw_headers: list[tuple[str, str]] = []
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()

@@ -24,6 +24,10 @@ _QUERY_SAFE = "-_.~"
 
 _key_cache: dict[tuple[str, str, str, str], bytes] = {}
 _KEY_CACHE_MAX = 256
+# The final HMAC of each signing key, keyed and ready to copy: ``hmac.digest(key, ...,
+# "sha256")`` looks the digest up in OpenSSL (EVP_MD_fetch) on every call, which the
+# profile put at ~10 us per signed request under load; a copy skips the lookup.
+_mac_cache: dict[bytes, hmac.HMAC] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +159,14 @@ def sign(
         method, raw_path, raw_query, headers, names, payload_hash, double_encode
     )
     key = signing_key(credentials.secret_key, date[:8], region, service)
-    signature = hmac.digest(key, _string_to_sign(date, scope, canonical).encode(), "sha256")
+    mac = _mac_cache.get(key)
+    if mac is None:
+        if len(_mac_cache) >= _KEY_CACHE_MAX:
+            _mac_cache.clear()
+        mac = _mac_cache[key] = hmac.new(key, digestmod=hashlib.sha256)
+    mac = mac.copy()
+    mac.update(_string_to_sign(date, scope, canonical).encode())
+    signature = mac.digest()
     return (
         f"{ALGORITHM} Credential={credentials.access_key}/{scope}, "
         f"SignedHeaders={';'.join(names)}, Signature={signature.hex()}"
