@@ -81,6 +81,29 @@ def pool(**kw: float) -> http1.Pool:
     return http1.Pool(**kw)  # type: ignore[arg-type]
 
 
+async def test_responses_complete_once_and_keep_their_connection():
+    """A response whose end comes with its head (HEAD, an empty body) is complete at its
+    head and again at its end; its connection still goes back to the pool."""
+
+    async def handler(reader, writer):
+        for _ in range(3):
+            head, _ = await read_request(reader)
+            if head.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            else:
+                writer.write(ok(b""))
+
+    server = Scripted(handler)
+    async with server as origin:
+        p = pool()
+        for method in ("HEAD", "GET", "HEAD"):
+            r = await p.request(method, origin, "/", {"host": "h"})
+            assert (r.status, await r.read()) == (200, b"")
+            r.release()
+        assert server.connections == 1
+        await p.close()
+
+
 async def test_keep_alive_reuses_one_connection_and_sends_exact_headers():
     heads: list[bytes] = []
 

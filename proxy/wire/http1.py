@@ -599,6 +599,8 @@ class Response:
             self.fail(ConnectionClosed("The upstream closed the connection mid-response"))
 
     def _complete(self, keep_alive: bool | None = None) -> None:
+        if self._done:  # a HEAD response completes at its headers, then again at its end
+            return
         self._done = True
         if keep_alive is None:
             keep_alive = self._parser is not None and self._parser.should_keep_alive()
