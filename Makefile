@@ -92,8 +92,8 @@ deploy-check: install
 
 # A benchmark, not a test: one table, and bench-results.json to compare commits.
 bench: install
-	@command -v wrk >/dev/null && command -v h2load >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq wrk nginx-light nghttp2-client)
+	@command -v wrk >/dev/null && command -v h2load >/dev/null && command -v valgrind >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq wrk nginx-light nghttp2-client valgrind)
 	$(PY) tests/benchmark.py --out bench-results.json
 
 lint: install

@@ -3,6 +3,8 @@
 - Throughput and latency with wrk at 1 and 32 connections: a static upstream stub directly,
   the same stub through the proxy (virtual-key auth, SigV4 signing, access log on), and
   through a plain nginx ``proxy_pass`` hop when nginx is installed.
+- Instructions per request under callgrind (``bench_instructions``): thin hop, plain and
+  governed key. Deterministic, where the req/s above move with the hypervisor.
 - Streaming: N concurrent ConverseStream calls against an upstream that paces frames, direct
   and through the proxy: added time to first byte, added per-frame delay, proxy RSS per
   open stream, proxy CPU per 1,000 frames.
@@ -55,6 +57,7 @@ TARGETS = {
     "large_body_peak_ratio": "<= 2.5",
     "upload_1gib_peak_growth_mib": "<= 64",
     "h2_32_over_proxy_32": ">= 0.6",
+    "thin_over_governed_instructions": ">= 0.85",
     "bidi_added_p50_ms": "<= 1",
 }
 
@@ -79,7 +82,7 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 @contextlib.contextmanager
 def process(
-    args: list[str], port: int, env: dict[str, str] | None = None
+    args: list[str], port: int, env: dict[str, str] | None = None, ready_timeout: float = 20
 ) -> Iterator[subprocess.Popen]:
     # stderr to a file, not an unread pipe: a pipe that fills up would stall the server.
     with tempfile.TemporaryFile() as log:
@@ -87,7 +90,7 @@ def process(
             args, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
         )
         try:
-            wait_port(port)
+            wait_port(port, ready_timeout)
             yield proc
         except BaseException:
             log.seek(0)
@@ -561,11 +564,14 @@ def main() -> int:
     parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
     parser.add_argument(
         "--only",
-        choices=("http", "streams", "bidi"),
+        choices=("http", "instructions", "streams", "bidi"),
         help="run one phase (streams includes bodies)",
     )
     parser.add_argument(
         "--turns", type=int, default=300, help="events in the bidirectional-stream phase"
+    )
+    parser.add_argument(
+        "--counted", type=int, default=2000, help="requests counted per hop under callgrind"
     )
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -583,6 +589,13 @@ def main() -> int:
         workdir = Path(tmp)
         if args.only in (None, "http"):
             results["http"] = http_phase(workdir, args.seconds, args.repeat)
+        if args.only in (None, "instructions"):
+            if bench_instructions.available():
+                results["instructions"] = bench_instructions.instructions_phase(
+                    workdir, args.counted
+                )
+            else:
+                print("valgrind, h2load or nginx missing: no instruction counts", file=sys.stderr)
         if args.only in (None, "streams"):
             results["streams"], results["large_body"] = stream_and_body_phases(workdir, args)
         if args.only in (None, "bidi"):
@@ -766,6 +779,8 @@ def print_table(r: dict) -> None:
     print("steal % is CPU time the hypervisor took during the run: high values mean noise")
     if "http" in r:
         print_http_table(r["http"])
+    if "instructions" in r:
+        bench_instructions.print_instructions(r["instructions"])
     if "streams" in r:
         print_stream_tables(r["streams"], r["large_body"])
     if "bidi" in r:
@@ -1078,4 +1093,6 @@ if __name__ == "__main__":
         else:
             run_stream_stub(a.port, a.frames, a.interval)
         sys.exit(0)
+    import bench_instructions  # (it imports this module by name: after the definitions)
+
     sys.exit(main())
