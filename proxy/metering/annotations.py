@@ -32,6 +32,8 @@ def read_annotations(headers: Mapping[str, str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name, value in headers.items():
         lname = name.lower()
+        if not lname.startswith(_PREFIXES):  # nearly every header: one test, not two
+            continue
         for prefix in _PREFIXES:
             if lname.startswith(prefix):
                 suffix = lname[len(prefix) :].replace("_", "-")

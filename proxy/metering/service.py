@@ -284,7 +284,7 @@ class Metering:
         """Charge the limits and queue the ledger row; never blocks the response."""
         if x.identity is None or x.operation is None:
             return
-        latency_ms = round(x.seconds * 1000, 3)
+        latency_ms = x.latency_ms
         usage = self.finish_usage(x) or Usage()
         cost = x.cost if x.usage is not None and x.cost is not None else self.price(x)
         admission = x.admission

@@ -29,7 +29,7 @@ class AccessLog:
             "request_id": x.request_id,
             "method": x.method,
             "status": x.status,
-            "latency_ms": round(x.seconds * 1000, 3),
+            "latency_ms": x.latency_ms,
             "bytes_in": x.bytes_in,
             "bytes_out": x.bytes_out,
         }
@@ -55,7 +55,7 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record["ts"] = round(time.time(), 3)
+        record["ts"] = round(time.time() * 1000) / 1000  # (see Exchange.latency_ms)
         self._pending.append(orjson.dumps(record))
         if len(self._pending) == 1:
             try:

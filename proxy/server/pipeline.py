@@ -10,6 +10,7 @@ the finished exchange to the observers, once, after the response has gone out.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -67,10 +68,9 @@ class Pipeline:
             task.cancel()
 
     def handler(self, front: Front) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await self.serve(request, front)
-
-        return handle
+        # A partial, not a wrapping coroutine: one coroutine less per request, and one
+        # frame less for every resumption of the request's task.
+        return functools.partial(self.serve, front=front)
 
     async def serve(self, request: web.Request, front: Front) -> web.StreamResponse:
         x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
