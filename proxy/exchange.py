@@ -88,7 +88,8 @@ class Exchange:
     def latency_ms(self) -> float:
         """``seconds`` in milliseconds, to the microsecond. ``round(x, 3)`` rounds a float
         by formatting it in decimal (~2k instructions); rounding a count of microseconds to
-        an integer does not, and differs only on values exactly half-way in binary."""
+        an integer does not, and differs from it by one microsecond at most, only on values
+        within a rounding error of half a microsecond."""
         return round(self.seconds * 1_000_000) / 1000
 
 
