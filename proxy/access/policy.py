@@ -107,20 +107,57 @@ def operation_group(op: Operation) -> str:
 
 def needs_body(spec: KeySpec, op: Operation) -> bool:
     """Whether checking this key on this operation means reading the body."""
-    return not fields_of(op).body_kinds.isdisjoint(restricted_kinds(spec))
+    return bool(plan_for(spec, op).body)
 
 
-def restricted_kinds(spec: KeySpec) -> frozenset[str]:
-    """The kinds of resource this key's allow-lists restrict (worked out once per spec: a
-    changed key is a new spec)."""
-    cached = _KINDS.get(id(spec))
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What checking one key on one operation takes: the members that name a kind of
+    resource its allow-lists restrict (others need no look), or why it is refused."""
+
+    refusal: str | None
+    labels: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[str, str], ...]
+    query: tuple[tuple[str, str], ...]
+    body: tuple[tuple[tuple[str, ...], str], ...]
+    # The quoted member names whose presence in the raw body means it must be parsed.
+    scanned: tuple[bytes, ...]
+    models: tuple[str, ...]  # the model allow-list, as ``model_allowed``'s cache key
+
+
+def plan_for(spec: KeySpec, op: Operation) -> Plan:
+    """The plan for a key and an operation, worked out once (a changed key is a new spec;
+    operations live as long as the process): every request of a key checks the same
+    members, and working them out was most of the policy's time."""
+    key = (id(spec), id(op))
+    cached = _PLANS.get(key)
     if cached is not None and cached[0] is spec:  # held here, so its id is not reused
         return cached[1]
-    kinds = _restricted_kinds(spec)
-    if len(_KINDS) >= 4096:  # each key-cache reload makes new specs: keep few old ones
-        _KINDS.clear()
-    _KINDS[id(spec)] = (spec, kinds)
-    return kinds
+    plan = _plan(spec, op)
+    if len(_PLANS) >= 16_384:  # each key-cache reload makes new specs: keep few old ones
+        _PLANS.clear()
+    _PLANS[key] = (spec, plan)
+    return plan
+
+
+def _plan(spec: KeySpec, op: Operation) -> Plan:
+    group = operation_group(op)
+    refusal = (
+        None
+        if group in spec.operation_groups
+        else f"The API key is not allowed to call {op.name} (operation group {group!r})"
+    )
+    restricted = _restricted_kinds(spec)
+    fields = fields_of(op)
+    return Plan(
+        refusal,
+        tuple(f for f in fields.labels if f[1] in restricted),
+        tuple(f for f in fields.headers if f[1] in restricted),
+        tuple(f for f in fields.query if f[1] in restricted),
+        tuple(f for f in fields.body if f[1] in restricted),
+        tuple(name for kind, found in fields.body_names if kind in restricted for name in found),
+        tuple(spec.models),
+    )
 
 
 def _restricted_kinds(spec: KeySpec) -> frozenset[str]:
@@ -158,45 +195,36 @@ def check(
     such member of the body at any depth. A body that must be checked and cannot be read
     strictly is refused, never forwarded unchecked.
     """
-    group = operation_group(op)
-    if group not in spec.operation_groups:
-        raise errors.access_denied(
-            f"The API key is not allowed to call {op.name} (operation group {group!r})"
-        )
-    restricted = restricted_kinds(spec)
-    if not restricted:
-        return
-    fields = fields_of(op)
-    for label, kind in fields.labels:
+    plan = plan_for(spec, op)
+    if plan.refusal is not None:
+        raise errors.access_denied(plan.refusal)
+    for label, kind in plan.labels:
         value = labels.get(label)
-        if value and kind in restricted:
-            # An application profile or provisioned model is allowed as its ARN or as the
-            # model it runs.
-            alias = aliases.get(value) if aliases and kind == resources.MODEL else None
-            if alias is not None and model_allowed(spec.models, alias):
+        if value:
+            if kind == resources.MODEL:
+                # An application profile or provisioned model is allowed as its ARN or as
+                # the model it runs.
+                alias = aliases.get(value) if aliases else None
+                if alias is not None and _model_allowed(plan.models, alias):
+                    continue
+                if not _model_allowed(plan.models, value):
+                    raise errors.access_denied(f"The API key is not allowed to use model {value!r}")
                 continue
             _check_one(spec, kind, value)
-    for name, kind in fields.headers:
+    for name, kind in plan.headers:
         value = headers.get(name)
-        if value and kind in restricted:
+        if value:
             _check_one(spec, kind, value)
-    if fields.query and query:
+    if plan.query and query:
         params = parse_qs(query, keep_blank_values=True)
-        for name, kind in fields.query:
+        for name, kind in plan.query:
             for value in params.get(name, ()):
-                if kind in restricted:
-                    _check_one(spec, kind, value)
-    if body is not None and not fields.body_kinds.isdisjoint(restricted):
-        _check_body(spec, fields, headers, body, restricted)
+                _check_one(spec, kind, value)
+    if body is not None and plan.body:
+        _check_body(spec, plan, headers, body)
 
 
-def _check_body(
-    spec: KeySpec,
-    fields: OperationFields,
-    headers: Mapping[str, str],
-    body: bytes,
-    restricted: frozenset[str],
-) -> None:
+def _check_body(spec: KeySpec, plan: Plan, headers: Mapping[str, str], body: bytes) -> None:
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity"):
         # The proxy reads bodies as sent; one it cannot read cannot be checked.
@@ -210,30 +238,26 @@ def _check_body(
     # parsing it (strictly, ~10 us for a small body, more for a large one) would only
     # prove that. (``find``, not ``in``: bytes.__contains__ first tries its argument as
     # an int, and a TypeError is raised and cleared per name, ~2k instructions each.)
-    if body.find(b"\\u") < 0 and all(body.find(name) < 0 for name in _scanned(fields, restricted)):
-        return
+    if body.find(b"\\u") < 0:
+        for name in plan.scanned:
+            if body.find(name) >= 0:
+                break
+        else:
+            return
     document = parse_strict(body)
-    for path, kind in fields.body:
-        if kind in restricted:
-            for value in _values(document, path, 0):
-                _check_one(spec, kind, value)
-
-
-def _scanned(fields: OperationFields, restricted: frozenset[str]) -> tuple[bytes, ...]:
-    """The quoted member names whose presence means a body must be parsed."""
-    key = (id(fields), restricted)  # fields are loaded once and live as long as the process
-    names = _SCANNED.get(key)
-    if names is None:
-        names = _SCANNED[key] = tuple(
-            name for kind, found in fields.body_names if kind in restricted for name in found
-        )
-    return names
+    for path, kind in plan.body:
+        for value in _values(document, path, 0):
+            _check_one(spec, kind, value)
 
 
 def model_allowed(patterns: list[str], model_id: str) -> bool:
+    return _model_allowed(tuple(patterns), model_id)
+
+
+def _model_allowed(patterns: tuple[str, ...], model_id: str) -> bool:
     if not patterns:
         return True
-    key = (tuple(patterns), model_id)
+    key = (patterns, model_id)
     allowed = _ALLOWED.get(key)
     if allowed is None:
         matcher = _matcher(key[0])
@@ -246,10 +270,8 @@ def model_allowed(patterns: list[str], model_id: str) -> bool:
 
 # (allow-list, model id) -> allowed: the same few pairs come in request after request.
 _ALLOWED: dict[tuple[tuple[str, ...], str], bool] = {}
-# Per spec: (the spec, the kinds it restricts). Per (operation fields, kinds): names to scan
-# for (operations times sets of kinds: bounded).
-_KINDS: dict[int, tuple[KeySpec, frozenset[str]]] = {}
-_SCANNED: dict[tuple[int, frozenset[str]], tuple[bytes, ...]] = {}
+# Per (spec, operation): (the spec, its plan).
+_PLANS: dict[tuple[int, int], tuple[KeySpec, Plan]] = {}
 
 
 @lru_cache(maxsize=1024)

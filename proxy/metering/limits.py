@@ -22,7 +22,7 @@ In-flight requests are kept as leases (request id, start time, reserve); a lease
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -63,6 +63,9 @@ class Admission:
     # Tokens reserved against the minute of admission (specs with a TPM limit only).
     tokens: int = 0
     minute: int = 0
+    # In-process: the windows taken from, in the order of ``specs`` (settling needs no
+    # lookup). They are never replaced, so holding them is holding the live counters.
+    windows: list[_Window] | None = field(default=None, compare=False, repr=False)
 
 
 class _Leases:
@@ -183,7 +186,6 @@ class InProcessLimiter:
         self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
     ) -> Admission:
         now = self._clock.time()
-        minute = _minute(now)
         windows = [self._window(spec) for spec in specs]
         for spec, window in zip(specs, windows, strict=True):
             if spec.max_budget is not None:  # the ledger first, before any check
@@ -192,8 +194,40 @@ class InProcessLimiter:
                     spent = await self._budgets.spent(spec, start)
                     if window.period != index:  # a settle may have landed meanwhile
                         window.period, window.spent = index, spent
+        return self._take(specs, windows, now, request_id, reserve, tokens)
+
+    def admit_now(
+        self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
+    ) -> Admission | None:
+        """``admit`` without a coroutine, or None when a budget's spend must first be read
+        from the ledger (a period this process has not seen): the common case is settled
+        by counters in memory, and a coroutine per request is measurable on that path."""
+        now = self._clock.time()
+        windows = []
+        for spec in specs:
+            window = self._window(spec)
+            budget_seconds = spec.budget_seconds
+            if spec.max_budget is not None and window.period != (
+                int((now - spec.anchor) // budget_seconds) if budget_seconds else 0
+            ):
+                return None
+            windows.append(window)
+        return self._take(specs, windows, now, request_id, reserve, tokens)
+
+    def _take(
+        self,
+        specs: list[LimitSpec],
+        windows: list[_Window],
+        now: float,
+        request_id: str,
+        reserve: float,
+        tokens: int,
+    ) -> Admission:
+        """Check every limit, then take from every one: all or nothing."""
+        minute = int(now // 60)
         for spec, window in zip(specs, windows, strict=True):
-            window.at(minute)
+            if window.minute != minute:
+                window.minute, window.requests, window.tokens = minute, 0, 0
             if spec.rpm is not None and window.requests >= spec.rpm:
                 raise _rate_refusal(
                     spec, f"{spec.rpm} requests per minute", _retry_after_minute(now)
@@ -214,7 +248,7 @@ class InProcessLimiter:
                 window.tokens += tokens
             if spec.max_parallel is not None or spec.max_budget is not None:
                 window.leases.add(request_id, now, reserve)
-        return Admission(request_id, specs, reserve, tokens, minute)
+        return Admission(request_id, specs, reserve, tokens, minute, windows)
 
     async def settle(
         self, admission: Admission, tokens: int, cost: float | None
@@ -227,10 +261,10 @@ class InProcessLimiter:
         """Release the reservation, charge the real figures; each budget's spend after.
         In-process there is nothing to wait for: settling at once saves a task per request."""
         now = self._clock.time()
-        minute = _minute(now)
+        minute = int(now // 60)
         totals: list[tuple[LimitSpec, float]] = []
-        for spec in admission.specs:
-            window = self._window(spec)
+        windows = admission.windows or [self._window(spec) for spec in admission.specs]
+        for spec, window in zip(admission.specs, windows, strict=True):
             window.leases.release(admission.request_id)
             if spec.tpm is not None:
                 # The reservation made at admission becomes the real count (in the minute
@@ -238,7 +272,8 @@ class InProcessLimiter:
                 window.at(minute)
                 window.tokens += tokens - admission.tokens if minute == admission.minute else tokens
             if spec.max_budget is not None and cost:
-                index = spec.period(now)[0]
+                budget_seconds = spec.budget_seconds
+                index = int((now - spec.anchor) // budget_seconds) if budget_seconds else 0
                 if window.period != index:  # a new period: its spend starts here
                     window.period, window.spent = index, 0.0
                 window.spent += cost

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,6 +71,19 @@ _TOKEN_PRICED = frozenset(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Applying:
+    """The limits a request is admitted against, and whether any is a budget or counts
+    tokens (what admission must work out for them)."""
+
+    specs: list[LimitSpec]
+    budget: bool = False
+    tpm: bool = False
+
+
+_NO_LIMITS = _Applying([])
+
+
 class Metering:
     def __init__(
         self,
@@ -94,6 +108,9 @@ class Metering:
         self._named: tuple[float, NamedLimits] | None = None
         # Per key: the record its spec was built from (a changed key is a new record).
         self._key_limits: dict[str, tuple[KeyRecord, LimitSpec | None]] = {}
+        # Per key: every limit its requests are admitted against, with the record and the
+        # named limits that was worked out from.
+        self._applying_by_key: dict[str, tuple[KeyRecord, NamedLimits, _Applying]] = {}
         self._reserve_output = reserve_output_tokens
         self.cost_headers = cost_headers
         self.request_prices = request_prices or {}
@@ -104,14 +121,38 @@ class Metering:
     # ---------------------------------------------------------------- admission
 
     async def admit(self, x: Exchange, body_size: int) -> None:
-        specs = await self._specs(x)
+        applying = self._cached_applying(x) or await self._applying(x)
+        specs = applying.specs
         if not specs:
             return
+        op = x.operation
+        if applying.budget and op is not None:
+            self._refuse_unpriced(x, op)
+        try:
+            tokens = body_size // 4 + self._reserve_output if applying.tpm else 0
+            reserve = (
+                self._query_cost(x)
+                if self._priced_by_query(x)
+                else self.estimate(x.model, body_size)
+            )
+            limiter = self.limiter
+            admission = (
+                limiter.admit_now(specs, x.request_id, reserve, tokens)
+                if isinstance(limiter, InProcessLimiter)
+                else None
+            )
+            if admission is None:
+                admission = await limiter.admit(specs, x.request_id, reserve, tokens)
+            x.admission = admission
+        except errors.AwsError as exc:
+            x.refusal = exc.reason
+            raise
+
+    def _refuse_unpriced(self, x: Exchange, op: Operation) -> None:
+        """A budget applies: refuse what it could not bind (a call with no price)."""
         if (
             x.model is not None
-            and x.operation is not None
-            and x.operation.name in _TOKEN_PRICED
-            and any(spec.max_budget is not None for spec in specs)
+            and op.name in _TOKEN_PRICED
             and self.prices.fallback is None
             and self.prices.price_for(x.model) is None
         ):
@@ -122,39 +163,54 @@ class Metering:
                 f"unpriced_model_price"
             )
         if (
-            x.operation is not None
-            and x.operation.name in REQUEST_PRICED
-            and x.operation.name not in self.request_prices
+            op.name in REQUEST_PRICED
+            and op.name not in self.request_prices
             and not self._priced_by_query(x)
-            and any(spec.max_budget is not None for spec in specs)
         ):
             # Agents, flows and knowledge-base generation bill models AWS does not name in
             # the response (an agent's tokens show only in its trace): unpriced, they
             # would be free under a budget.
             raise errors.access_denied(
-                f"{x.operation.name}{_named_model(x)} has no price, and a budget applies to "
-                f"this request: set request_prices.{x.operation.name} in the proxy's settings"
+                f"{op.name}{_named_model(x)} has no price, and a budget applies to "
+                f"this request: set request_prices.{op.name} in the proxy's settings"
                 + (
                     " or price the model in a prices_file's rerank section"
                     if x.meter and x.meter.reads_request
                     else ""
                 )
             )
-        try:
-            tokens = (
-                body_size // 4 + self._reserve_output
-                if any(spec.tpm is not None for spec in specs)
-                else 0
-            )
-            reserve = (
-                self._query_cost(x)
-                if self._priced_by_query(x)
-                else self.estimate(x.model, body_size)
-            )
-            x.admission = await self.limiter.admit(specs, x.request_id, reserve, tokens)
-        except errors.AwsError as exc:
-            x.refusal = exc.reason
-            raise
+
+    def _cached_applying(self, x: Exchange) -> _Applying | None:
+        """The limits of a key's request as worked out for its last one, while neither the
+        key's record nor the named limits have changed and the request names no limit:
+        admission is on every request's path, and the answer rarely changes."""
+        identity = x.identity
+        record = identity.record if identity is not None else None
+        if "limit_ids" in x.annotations:
+            return None
+        if record is None:
+            return _NO_LIMITS
+        named = self._named
+        if named is None or named[0] <= self._clock.monotonic():
+            return None
+        cached = self._applying_by_key.get(record.key_id)
+        if cached is None or cached[0] is not record or cached[1] is not named[1]:
+            return None
+        return cached[2]
+
+    async def _applying(self, x: Exchange) -> _Applying:
+        specs = await self._specs(x)
+        applying = _Applying(
+            specs,
+            budget=any(spec.max_budget is not None for spec in specs),
+            tpm=any(spec.tpm is not None for spec in specs),
+        )
+        record = x.identity.record if x.identity is not None else None
+        if record is not None and self._named is not None and "limit_ids" not in x.annotations:
+            if len(self._applying_by_key) > 100_000:
+                self._applying_by_key.clear()
+            self._applying_by_key[record.key_id] = (record, self._named[1], applying)
+        return applying
 
     async def check_budget(self, x: Exchange, usage: Usage) -> None:
         """Refuse to go on once a session's usage so far costs more than what is left of
