@@ -4,10 +4,12 @@ upstream allow-list in ``headers`` does not include them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
+
+from ..wire.headers import ANNOTATION_PREFIXES
 
 # field -> header suffixes, after the "xproxy-" or "x-bedrock-proxy-" prefix.
 _FIELDS = {
@@ -22,19 +24,16 @@ _FIELDS = {
     "properties": "request-properties",
     "logging_disabled": "logging-disable",
 }
-_PREFIXES = ("xproxy-", "x-bedrock-proxy-")
 _LISTS = ("limit_ids", "tags")
 _MAX_VALUE = 1024
 
 
-def read_annotations(headers: Mapping[str, str]) -> dict[str, Any]:
-    """The annotations present; empty for the common request that has none."""
+def read_annotations(headers: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """The annotations in ``headers`` (lower-case names, each with one of
+    ``ANNOTATION_PREFIXES``: see ``sort_request_headers``); empty for the common request."""
     found: dict[str, Any] = {}
-    for name, value in headers.items():
-        lname = name.lower()
-        if not lname.startswith(_PREFIXES):  # nearly every header: one test, not two
-            continue
-        for prefix in _PREFIXES:
+    for lname, value in headers:
+        for prefix in ANNOTATION_PREFIXES:
             if lname.startswith(prefix):
                 suffix = lname[len(prefix) :].replace("_", "-")
                 for field, expected in _FIELDS.items():

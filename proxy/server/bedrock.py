@@ -27,7 +27,7 @@ from ..metering.usage import meter_for
 from ..observe.metrics import Metrics
 from ..wire import errors, eventsig, eventstream, http1
 from ..wire.h2client import Http2Stream
-from ..wire.headers import check_request_headers, response_headers, split_request_headers
+from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
 from ..wire.routing import Operation, Router
 from . import duplex
 from .bodies import RequestBody, read_body
@@ -101,9 +101,9 @@ class BedrockFront:
         op = x.operation = match.operation
         x.model = match.labels.get("modelId")
         refuse_other_providers(request)
-        check_request_headers(request.headers.items())
+        headers = sort_request_headers(request.headers)
         if op.name == duplex.OPERATION:
-            return await self._bidirectional(request, x, match.labels, match.path, query)
+            return await self._bidirectional(request, x, match.labels, match.path, query, headers)
         # The credential is judged from the headers before any body is read, so a refusal
         # costs no body and keeps nothing.
         identity = await self._auth.identify(request)
@@ -131,12 +131,13 @@ class BedrockFront:
         if x.model is None and op.name in _MODEL_IN_BODY:
             x.model = policy.body_model(op, body.joined())
         targets = await self._targets(request, x, match.labels, body)
-        x.annotations = read_annotations(request.headers)
+        if headers.annotations:
+            x.annotations = read_annotations(headers.annotations)
         meter = x.meter = meter_for(op.name)
         if meter.reads_request:  # what is billed is in the request (Rerank's queries)
             meter.on_request(body.joined())
         await self._metering.admit(x, body.size)
-        signed, unsigned = split_request_headers(request.headers)
+        signed, unsigned = headers.signed, headers.unsigned
         if body.size or not isinstance(body.data, bytes):
             unsigned["content-length"] = str(body.size)
         reply = await self._upstream.exchange(
@@ -161,6 +162,7 @@ class BedrockFront:
         labels: dict[str, str],
         path: str,
         query: str,
+        headers: RequestHeaders,
     ) -> web.StreamResponse:
         """InvokeModelWithBidirectionalStream: the same checks as any call, on the headers
         alone (the body is the session), then the full-duplex relay (``duplex``)."""
@@ -186,10 +188,11 @@ class BedrockFront:
             x.account, x.upstream = target.member.account.name, target.member.name
         if request.version.major != 2:
             raise errors.validation(f"{op.name} requires HTTP/2")
-        x.annotations = read_annotations(request.headers)
+        if headers.annotations:
+            x.annotations = read_annotations(headers.annotations)
         x.meter = meter_for(op.name)
         await self._metering.admit(x, 0)
-        signed, unsigned = split_request_headers(request.headers)
+        signed, unsigned = headers.signed, headers.unsigned
         signed["host"] = upstream.host
         signed.pop("x-amz-content-sha256", None)
         raw_path = upstream.base_path + path

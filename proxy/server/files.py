@@ -26,7 +26,7 @@ from ..access.keys import KeySpec
 from ..exchange import Exchange
 from ..metering.service import Metering
 from ..wire import errors, http1, sigv4
-from ..wire.headers import check_request_headers, response_headers, split_request_headers
+from ..wire.headers import response_headers, sort_request_headers
 from ..wire.routing import Operation
 from .bedrock import refuse_other_providers
 from .upstream import S3_SERVICE, UpstreamClient
@@ -168,7 +168,7 @@ class FilesFront:
 
     async def forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
         refuse_other_providers(request)
-        check_request_headers(request.headers.items())
+        headers = sort_request_headers(request.headers)
         raw = request.raw_path[len(FILES_PATH) :]
         path, _, query = raw.partition("?")
         raw_bucket, _, raw_key = path.lstrip("/").partition("/")
@@ -210,7 +210,7 @@ class FilesFront:
         await self._metering.admit(x, length or 0)
         # The bucket lives in one account: the pool's first member (never moved: a write).
         destination = self._upstream.targets(S3, request, identity, None)[0]
-        signed, unsigned = split_request_headers(request.headers)
+        signed, unsigned = headers.signed, headers.unsigned
         payload_mode = (
             declared
             if declared.startswith("STREAMING-UNSIGNED-PAYLOAD")

@@ -7,7 +7,7 @@ Responses: everything but hop-by-hop headers, so upstream errors pass through un
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
@@ -79,47 +79,58 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def check_request_headers(names_values: Iterable[tuple[str, str]]) -> None:
-    """One value per header that matters, and only ASCII: a 400 otherwise.
+# Spend annotations (``metering.annotations``): read by the proxy, never sent upstream.
+ANNOTATION_PREFIXES = ("xproxy-", "x-bedrock-proxy-")
 
-    A second copy of a header would let the policy check one value while the upstream acts
+
+@dataclass(slots=True)
+class RequestHeaders:
+    """A request's headers, sorted once: what is signed and sent, what is sent unsigned
+    (lower-case names), and the annotation headers, for metering."""
+
+    signed: dict[str, str]
+    unsigned: dict[str, str]
+    annotations: list[tuple[str, str]]  # (lower-case name, value)
+
+
+def sort_request_headers(headers: CIMultiDictProxy[str]) -> RequestHeaders:
+    """Check a request's headers and sort them, in one pass (every request's headers
+    were walked three times, lower-casing each name every time).
+
+    The checks, a 400 otherwise: one value per header that matters, and only ASCII. A
+    second copy of a header would let the policy check one value while the upstream acts
     on the other; a byte outside ASCII cannot be signed the way AWS reads it.
     """
     seen: set[str] = set()
-    for name, value in names_values:
+    signed: dict[str, str] = {}
+    unsigned: dict[str, str] = {}
+    annotations: list[tuple[str, str]] = []
+    connection_listed = _connection_tokens(headers)
+    for name, value in headers.items():
         lname = name.lower()
         if lname in seen and lname not in _REPEATABLE:
             raise errors.validation(f"The header {name} must appear only once")
         seen.add(lname)
         if not value.isascii():
             raise errors.validation(f"The header {name} has a value that is not ASCII")
-
-
-def forwarded_amz(lname: str) -> bool:
-    """An ``x-amz-*``/``x-amzn-bedrock-*`` header that goes upstream, signed by the proxy:
-    for a SigV4 client it must have been signed by the client too."""
-    return lname.startswith(_SIGNED_PREFIXES) and lname not in _NEVER
-
-
-def split_request_headers(
-    headers: CIMultiDictProxy[str],
-) -> tuple[dict[str, str], dict[str, str]]:
-    """(headers to sign and send, headers to send unsigned), lower-case names."""
-    signed: dict[str, str] = {}
-    unsigned: dict[str, str] = {}
-    connection_listed = _connection_tokens(headers)
-    for name, value in headers.items():
-        lname = name.lower()
-        if lname in connection_listed:
+        if lname.startswith(ANNOTATION_PREFIXES):
+            annotations.append((lname, value))
+        elif lname in connection_listed:
             continue
-        if lname in _SIGNED_EXACT:
+        elif lname in _SIGNED_EXACT:
             signed[lname] = value
         elif lname.startswith(_SIGNED_PREFIXES):
             if lname not in _NEVER:
                 signed[lname] = value
         elif lname in _UNSIGNED_EXACT:
             unsigned[lname] = value
-    return signed, unsigned
+    return RequestHeaders(signed, unsigned, annotations)
+
+
+def forwarded_amz(lname: str) -> bool:
+    """An ``x-amz-*``/``x-amzn-bedrock-*`` header that goes upstream, signed by the proxy:
+    for a SigV4 client it must have been signed by the client too."""
+    return lname.startswith(_SIGNED_PREFIXES) and lname not in _NEVER
 
 
 def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
