@@ -21,7 +21,7 @@ class LiveView:
         self._rps = 0.0
 
     def __call__(self) -> dict[str, Any]:
-        m = self._metrics
+        m = self._metrics.families()
         total = sum(m.requests.values())
         now = time.monotonic()
         if self._last is not None and now - self._last[0] >= 0.5:
@@ -33,7 +33,7 @@ class LiveView:
             "rps": round(self._rps, 1),
             "requests": total,
             "in_flight": self._in_flight(),
-            "active_streams": m.active_streams,
+            "active_streams": self._metrics.active_streams,
             "p50_ms": _quantile_ms(m.duration, 0.5),
             "p99_ms": _quantile_ms(m.duration, 0.99),
             "overhead_p50_ms": _quantile_ms(m.overhead, 0.5),
