@@ -63,9 +63,9 @@ class Admission:
     # Tokens reserved against the minute of admission (specs with a TPM limit only).
     tokens: int = 0
     minute: int = 0
-    # In-process: the windows taken from, in the order of ``specs`` (settling needs no
-    # lookup). They are never replaced, so holding them is holding the live counters.
-    windows: list[_Window] | None = field(default=None, compare=False, repr=False)
+    # In-process: each spec with the window taken from (settling needs no lookup).
+    # Windows are never replaced, so holding them is holding the live counters.
+    pairs: list[tuple[LimitSpec, _Window]] | None = field(default=None, compare=False, repr=False)
 
 
 class _Leases:
@@ -161,6 +161,7 @@ class InProcessLimiter:
         self._budgets = budgets
         self._lease = lease_seconds
         self._windows: dict[tuple[str, str], _Window] = {}
+        self._pairs_by_list: dict[int, tuple[list[LimitSpec], list[tuple[LimitSpec, _Window]]]] = {}
         self._claims: dict[str, float] = {}
 
     async def current(self, scope: str, ident: str) -> dict[str, int]:
@@ -182,19 +183,33 @@ class InProcessLimiter:
             window = self._windows[ident] = _Window()
         return window
 
+    def _pairs(self, specs: list[LimitSpec]) -> list[tuple[LimitSpec, _Window]]:
+        """Each spec with its window. Metering hands in the same list for every request
+        of a key (see ``Metering._cached_applying``), so the pairs are kept per list."""
+        cached = self._pairs_by_list.get(id(specs))
+        if cached is not None and cached[0] is specs:  # held here, so its id is not reused
+            return cached[1]
+        pairs = [(spec, self._window(spec)) for spec in specs]
+        if len(self._pairs_by_list) >= 16_384:
+            self._pairs_by_list.clear()
+        self._pairs_by_list[id(specs)] = (specs, pairs)
+        return pairs
+
     async def admit(
         self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
     ) -> Admission:
         now = self._clock.time()
-        windows = [self._window(spec) for spec in specs]
-        for spec, window in zip(specs, windows, strict=True):
+        pairs = self._pairs(specs)
+        for spec, window in pairs:
             if spec.max_budget is not None:  # the ledger first, before any check
                 index, start, _ = spec.period(now)
                 if window.period != index:
                     spent = await self._budgets.spent(spec, start)
                     if window.period != index:  # a settle may have landed meanwhile
                         window.period, window.spent = index, spent
-        return self._take(specs, windows, now, request_id, reserve, tokens)
+        admission = self._take(specs, pairs, now, request_id, reserve, tokens)
+        assert admission is not None  # every budget's period was loaded just now
+        return admission
 
     def admit_now(
         self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
@@ -202,30 +217,23 @@ class InProcessLimiter:
         """``admit`` without a coroutine, or None when a budget's spend must first be read
         from the ledger (a period this process has not seen): the common case is settled
         by counters in memory, and a coroutine per request is measurable on that path."""
-        now = self._clock.time()
-        windows = []
-        for spec in specs:
-            window = self._window(spec)
-            budget_seconds = spec.budget_seconds
-            if spec.max_budget is not None and window.period != (
-                int((now - spec.anchor) // budget_seconds) if budget_seconds else 0
-            ):
-                return None
-            windows.append(window)
-        return self._take(specs, windows, now, request_id, reserve, tokens)
+        return self._take(
+            specs, self._pairs(specs), self._clock.time(), request_id, reserve, tokens
+        )
 
     def _take(
         self,
         specs: list[LimitSpec],
-        windows: list[_Window],
+        pairs: list[tuple[LimitSpec, _Window]],
         now: float,
         request_id: str,
         reserve: float,
         tokens: int,
-    ) -> Admission:
-        """Check every limit, then take from every one: all or nothing."""
+    ) -> Admission | None:
+        """Check every limit, then take from every one: all or nothing. None when a
+        budget's period has not been loaded from the ledger."""
         minute = int(now // 60)
-        for spec, window in zip(specs, windows, strict=True):
+        for spec, window in pairs:
             if window.minute != minute:
                 window.minute, window.requests, window.tokens = minute, 0, 0
             if spec.rpm is not None and window.requests >= spec.rpm:
@@ -239,16 +247,20 @@ class InProcessLimiter:
                 leases.expire(now - self._lease)
             if spec.max_parallel is not None and len(leases.held) >= spec.max_parallel:
                 raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
-            if spec.max_budget is not None and window.spent + leases.reserved >= spec.max_budget:
-                raise _budget_refusal(spec, window.spent, now)
-        for spec, window in zip(specs, windows, strict=True):
+            if spec.max_budget is not None:
+                seconds = spec.budget_seconds
+                if window.period != (int((now - spec.anchor) // seconds) if seconds else 0):
+                    return None
+                if window.spent + leases.reserved >= spec.max_budget:
+                    raise _budget_refusal(spec, window.spent, now)
+        for spec, window in pairs:
             if spec.rpm is not None:
                 window.requests += 1
             if spec.tpm is not None:
                 window.tokens += tokens
             if spec.max_parallel is not None or spec.max_budget is not None:
                 window.leases.add(request_id, now, reserve)
-        return Admission(request_id, specs, reserve, tokens, minute, windows)
+        return Admission(request_id, specs, reserve, tokens, minute, pairs)
 
     async def settle(
         self, admission: Admission, tokens: int, cost: float | None
@@ -261,19 +273,19 @@ class InProcessLimiter:
         """Release the reservation, charge the real figures; each budget's spend after.
         In-process there is nothing to wait for: settling at once saves a task per request."""
         now = self._clock.time()
-        minute = int(now // 60)
         totals: list[tuple[LimitSpec, float]] = []
-        windows = admission.windows or [self._window(spec) for spec in admission.specs]
-        for spec, window in zip(admission.specs, windows, strict=True):
+        pairs = admission.pairs or self._pairs(admission.specs)
+        for spec, window in pairs:
             window.leases.release(admission.request_id)
             if spec.tpm is not None:
                 # The reservation made at admission becomes the real count (in the minute
                 # of admission while it lasts; a later minute gets the real count alone).
+                minute = int(now // 60)
                 window.at(minute)
                 window.tokens += tokens - admission.tokens if minute == admission.minute else tokens
             if spec.max_budget is not None and cost:
-                budget_seconds = spec.budget_seconds
-                index = int((now - spec.anchor) // budget_seconds) if budget_seconds else 0
+                seconds = spec.budget_seconds
+                index = int((now - spec.anchor) // seconds) if seconds else 0
                 if window.period != index:  # a new period: its spend starts here
                     window.period, window.spent = index, 0.0
                 window.spent += cost
