@@ -152,7 +152,7 @@ def _plan(spec: KeySpec, op: Operation) -> Plan:
     return Plan(
         refusal,
         tuple(f for f in fields.labels if f[1] in restricted),
-        tuple(f for f in fields.headers if f[1] in restricted),
+        tuple((name.lower(), kind) for name, kind in fields.headers if kind in restricted),
         tuple(f for f in fields.query if f[1] in restricted),
         tuple(f for f in fields.body if f[1] in restricted),
         tuple(name for kind, found in fields.body_names if kind in restricted for name in found),
@@ -194,8 +194,12 @@ def check(
     headers, query parameters and, when the key restricts what the body can name, every
     such member of the body at any depth. A body that must be checked and cannot be read
     strictly is refused, never forwarded unchecked.
+
+    ``headers`` are those that go upstream, by lower-case name (``RequestHeaders.signed``):
+    what the upstream acts on is what is checked.
     """
-    plan = plan_for(spec, op)
+    cached = _PLANS.get((id(spec), id(op)))
+    plan = cached[1] if cached is not None and cached[0] is spec else plan_for(spec, op)
     if plan.refusal is not None:
         raise errors.access_denied(plan.refusal)
     for label, kind in plan.labels:
@@ -207,7 +211,10 @@ def check(
                 alias = aliases.get(value) if aliases else None
                 if alias is not None and _model_allowed(plan.models, alias):
                     continue
-                if not _model_allowed(plan.models, value):
+                allowed = _ALLOWED.get((plan.models, value))
+                if allowed is None:
+                    allowed = _model_allowed(plan.models, value)
+                if not allowed:
                     raise errors.access_denied(f"The API key is not allowed to use model {value!r}")
                 continue
             _check_one(spec, kind, value)
@@ -225,7 +232,7 @@ def check(
 
 
 def _check_body(spec: KeySpec, plan: Plan, headers: Mapping[str, str], body: bytes) -> None:
-    encoding = headers.get("Content-Encoding", "").strip().lower()
+    encoding = headers.get("content-encoding", "").strip().lower()
     if encoding not in ("", "identity"):
         # The proxy reads bodies as sent; one it cannot read cannot be checked.
         raise errors.validation(

@@ -126,7 +126,7 @@ class BedrockFront:
             data = body.data if isinstance(body.data, bytes) else None
             if data is None and policy.needs_body(spec, op):
                 data = body.joined()
-            policy.check(spec, op, match.labels, request.headers, data, query, _aliases(x))
+            policy.check(spec, op, match.labels, headers.signed, data, query, _aliases(x))
         await self._jobs.check(identity, op, match.labels)
         if x.model is None and op.name in _MODEL_IN_BODY:
             x.model = policy.body_model(op, body.joined())
@@ -180,7 +180,7 @@ class BedrockFront:
         x.identity = identity
         await self._resolve_model(x)
         if identity.spec is not None:
-            policy.check(identity.spec, op, labels, request.headers, None, query, _aliases(x))
+            policy.check(identity.spec, op, labels, headers.signed, None, query, _aliases(x))
         # A session is one long request: it goes to the first member, and is never moved.
         target = (await self._targets(request, x, labels, None))[0]
         upstream = target.upstream
