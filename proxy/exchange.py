@@ -80,17 +80,20 @@ class Exchange:
     upstream_headers_at: float | None = None
     upstream_done: float | None = None
     first_byte_at: float | None = None
-    # Set when the request ends: its duration, and the client's headers (for tracing).
+    # Set when the request ends (``end``): its duration, and the client's headers (for
+    # tracing).
     seconds: float = 0.0
+    # ``seconds`` in milliseconds, to the microsecond, worked out once for every observer.
+    latency_ms: float = 0.0
     request_headers: Mapping[str, str] | None = None
 
-    @property
-    def latency_ms(self) -> float:
-        """``seconds`` in milliseconds, to the microsecond. ``round(x, 3)`` rounds a float
-        by formatting it in decimal (~2k instructions); rounding a count of microseconds to
-        an integer does not, and differs from it by one microsecond at most, only on values
-        within a rounding error of half a microsecond."""
-        return round(self.seconds * 1_000_000) / 1000
+    def end(self, seconds: float) -> None:
+        """Record the request's duration. ``round(x, 3)`` rounds a float by formatting it
+        in decimal (~2k instructions); rounding a count of microseconds to an integer does
+        not, and differs from it by one microsecond at most, only on values within a
+        rounding error of half a microsecond."""
+        self.seconds = seconds
+        self.latency_ms = round(seconds * 1_000_000) / 1000
 
 
 class Observer(Protocol):

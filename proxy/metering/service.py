@@ -430,13 +430,18 @@ class Metering:
             x.account,
             x.region,
         )
-        labels = [
-            LabelRow(x.request_id, "tag", tag, now, cost, usage.total_tokens)
-            for tag in annotations.get("tags", ())
-        ] + [
-            LabelRow(x.request_id, "limit", limit_id, now, cost, usage.total_tokens)
-            for limit_id in annotations.get("limit_ids", ())
-        ]
+        labels = (
+            [
+                LabelRow(x.request_id, "tag", tag, now, cost, usage.total_tokens)
+                for tag in annotations.get("tags", ())
+            ]
+            + [
+                LabelRow(x.request_id, "limit", limit_id, now, cost, usage.total_tokens)
+                for limit_id in annotations.get("limit_ids", ())
+            ]
+            if annotations
+            else []
+        )
         return row, labels
 
     async def drain(self) -> None:

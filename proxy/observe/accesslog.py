@@ -55,7 +55,7 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record["ts"] = round(time.time() * 1000) / 1000  # (see Exchange.latency_ms)
+        record["ts"] = round(time.time() * 1000) / 1000  # (see Exchange.end)
         self._pending.append(orjson.dumps(record))
         if len(self._pending) == 1:
             try:

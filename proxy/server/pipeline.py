@@ -107,7 +107,7 @@ class Pipeline:
         finally:
             if task is not None:
                 self._active.discard(task)
-            x.seconds = time.perf_counter() - x.started
+            x.end(time.perf_counter() - x.started)
             x.request_headers = request.headers
             self._complete(x)
 
