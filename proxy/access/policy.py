@@ -127,16 +127,17 @@ class Plan:
 
 def plan_for(spec: KeySpec, op: Operation) -> Plan:
     """The plan for a key and an operation, worked out once (a changed key is a new spec;
-    operations live as long as the process): every request of a key checks the same
-    members, and working them out was most of the policy's time."""
+    the router's operations live as long as the process): every request of a key checks
+    the same members, and working them out was most of the policy's time."""
     key = (id(spec), id(op))
     cached = _PLANS.get(key)
-    if cached is not None and cached[0] is spec:  # held here, so its id is not reused
-        return cached[1]
+    # Both are held here, so neither id can be reused while the entry lives.
+    if cached is not None and cached[0] is spec and cached[1] is op:
+        return cached[2]
     plan = _plan(spec, op)
     if len(_PLANS) >= 16_384:  # each key-cache reload makes new specs: keep few old ones
         _PLANS.clear()
-    _PLANS[key] = (spec, plan)
+    _PLANS[key] = (spec, op, plan)
     return plan
 
 
@@ -199,7 +200,11 @@ def check(
     what the upstream acts on is what is checked.
     """
     cached = _PLANS.get((id(spec), id(op)))
-    plan = cached[1] if cached is not None and cached[0] is spec else plan_for(spec, op)
+    plan = (
+        cached[2]
+        if cached is not None and cached[0] is spec and cached[1] is op
+        else plan_for(spec, op)
+    )
     if plan.refusal is not None:
         raise errors.access_denied(plan.refusal)
     for label, kind in plan.labels:
@@ -277,8 +282,8 @@ def _model_allowed(patterns: tuple[str, ...], model_id: str) -> bool:
 
 # (allow-list, model id) -> allowed: the same few pairs come in request after request.
 _ALLOWED: dict[tuple[tuple[str, ...], str], bool] = {}
-# Per (spec, operation): (the spec, its plan).
-_PLANS: dict[tuple[int, int], tuple[KeySpec, Plan]] = {}
+# Per (spec, operation): (the spec, the operation, its plan).
+_PLANS: dict[tuple[int, int], tuple[KeySpec, Operation, Plan]] = {}
 
 
 @lru_cache(maxsize=1024)
