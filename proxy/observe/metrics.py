@@ -1,8 +1,10 @@
-"""Prometheus metrics in the text exposition format, kept in plain dicts.
+"""Prometheus metrics in the text exposition format, kept in plain Python objects.
 
-Each process keeps its own (with ``--workers N`` a scrape sees the worker that answers;
-run one worker per pod for exact figures). Label values are bounded by what the proxy
-routes: operations from the service models, model ids, key aliases, AWS error codes.
+A request updates the one series of its (operation, model, status, key); the families
+the exposition shows are summed from the series when read. Each process keeps its own;
+with ``--workers N`` the workers share snapshots (``shared``) and a scrape adds them up.
+Label values are bounded by what the proxy routes: operations from the service models,
+model ids, key aliases, AWS error codes.
 """
 
 from __future__ import annotations
