@@ -134,6 +134,19 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         CREATE INDEX bp_console_sessions_expiry ON bp_console_sessions (expires_at)
         """,
     ),
+    (
+        7,
+        # Most keys belong to no user or team: their ledger rows need no entry in the user
+        # and team indexes (every row was five B-tree inserts; the ledger writer's CPU is
+        # most of it). ``user_id = $1`` implies ``user_id IS NOT NULL``, so both SQLite's
+        # and PostgreSQL's planners still use these indexes for budgets and filters.
+        """
+        DROP INDEX bp_spend_user_ts;
+        CREATE INDEX bp_spend_user_ts ON bp_spend (user_id, ts) WHERE user_id IS NOT NULL;
+        DROP INDEX bp_spend_team_ts;
+        CREATE INDEX bp_spend_team_ts ON bp_spend (team_id, ts) WHERE team_id IS NOT NULL
+        """,
+    ),
 ]
 
 
