@@ -685,7 +685,7 @@ def paired_ratio(thin: tuple, governed: tuple, workdir: Path) -> dict:
     """Governed over thin throughput at 32 connections, as the median of back-to-back pairs.
 
     The best of three runs per target compares runs minutes apart, and this VM's speed
-    moves by a third over minutes (two full runs an hour apart gave 0.65 and 0.92): a
+    moves by a third over minutes (two runs an hour apart gave 0.65 and 0.92): a
     pair's two runs share the machine's mood of the moment, and the order alternates so
     a drift within a pair favours neither. The spread of the pairs is reported with it.
     """
