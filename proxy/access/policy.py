@@ -35,7 +35,6 @@ class OperationFields:
     headers: tuple[tuple[str, str], ...] = ()
     query: tuple[tuple[str, str], ...] = ()
     body: tuple[tuple[tuple[str, ...], str], ...] = ()
-    body_kinds: frozenset[str] = frozenset()
     # kind -> the quoted JSON names of the members that hold it, to look for in raw bytes
     body_names: tuple[tuple[str, tuple[bytes, ...]], ...] = ()
 
@@ -72,7 +71,6 @@ def load_fields() -> dict[str, OperationFields]:
             headers=tuple(by_location["header"]),
             query=tuple(by_location["querystring"]),
             body=tuple(by_location["body"]),
-            body_kinds=frozenset(kind for _, kind in by_location["body"]),
             body_names=_names_by_kind(by_location["body"]),
         )
     return compiled

@@ -46,11 +46,16 @@ class LimitSpec:
     def name(self) -> str:
         return f"{self.scope} {self.id}"
 
+    def period_index(self, now: float) -> int:
+        """Which budget period ``now`` is in (0 for a budget without a duration)."""
+        seconds = self.budget_seconds
+        return int((now - self.anchor) // seconds) if seconds else 0
+
     def period(self, now: float) -> tuple[int, float, float]:
         """(index, start, end) of the budget period containing now."""
         if not self.budget_seconds:
             return 0, self.anchor, math.inf
-        index = int((now - self.anchor) // self.budget_seconds)
+        index = self.period_index(now)
         start = self.anchor + index * self.budget_seconds
         return index, start, start + self.budget_seconds
 
@@ -248,8 +253,7 @@ class InProcessLimiter:
             if spec.max_parallel is not None and len(leases.held) >= spec.max_parallel:
                 raise _rate_refusal(spec, f"{spec.max_parallel} requests in parallel", 1)
             if spec.max_budget is not None:
-                seconds = spec.budget_seconds
-                if window.period != (int((now - spec.anchor) // seconds) if seconds else 0):
+                if window.period != spec.period_index(now):
                     return None
                 if window.spent + leases.reserved >= spec.max_budget:
                     raise _budget_refusal(spec, window.spent, now)
@@ -284,8 +288,7 @@ class InProcessLimiter:
                 window.at(minute)
                 window.tokens += tokens - admission.tokens if minute == admission.minute else tokens
             if spec.max_budget is not None and cost:
-                seconds = spec.budget_seconds
-                index = int((now - spec.anchor) // seconds) if seconds else 0
+                index = spec.period_index(now)
                 if window.period != index:  # a new period: its spend starts here
                     window.period, window.spent = index, 0.0
                 window.spent += cost

@@ -48,13 +48,6 @@ class Histogram:
         # labels -> [counts per bucket..., +Inf count, sum]
         self.series: dict[tuple[str, ...], list[float]] = {}
 
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        row = self.series.get(labels)
-        if row is None:
-            row = self.series[labels] = [0.0] * (len(self.buckets) + 2)
-        row[bisect_left(self.buckets, value)] += 1
-        row[-1] += value
-
 
 _SERIES = ("requests", "tokens", "cost", "upstream_errors", "refusals", "unpriced", "members")
 # Per upstream pool member: what ``members`` counts, as one counter family each.
@@ -152,7 +145,9 @@ class Metrics:
         if not model:
             model = ""
         elif identity is None or not 200 <= status < 400:
-            model = "other"  # (see ``model_label``)
+            # A model id is a label only once an authenticated request's upstream accepted
+            # it: anything else a client names would grow the exposition without bound.
+            model = "other"
         key = "" if identity is None else identity.alias or identity.key_id or identity.kind
         labels = (op, model, status, key)
         series = self._series.get(labels)
@@ -377,16 +372,6 @@ def _render(
         out.append(f"# TYPE {name} gauge")
         out.append(f"{name} {_number(gauges[name])}")
     return ("\n".join(out) + "\n").encode()
-
-
-def model_label(x: Exchange) -> str:
-    """A model id is a label only once an authenticated request's upstream accepted it:
-    anything else a client names would grow the exposition without bound."""
-    if not x.model:
-        return ""
-    if x.identity is None or not 200 <= x.status < 400:
-        return "other"
-    return x.model
 
 
 def _inc(series: dict[tuple[str, ...], int], labels: tuple[str, ...], amount: int = 1) -> None:
