@@ -18,7 +18,6 @@ import os
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -70,6 +69,12 @@ class Origin:
         return cls(parts.hostname or "", parts.port or (443 if tls else 80), tls)
 
 
+# How often the pool checks read deadlines: an eighth of the shortest timeout watched,
+# within these bounds (seconds).
+_MIN_TICK = 0.01
+_MAX_TICK = 1.0
+
+
 class Pool:
     """Keep-alive connections per origin; ``request`` returns once the headers are in."""
 
@@ -94,6 +99,12 @@ class Pool:
         self._slots: dict[Origin, asyncio.Semaphore] = {}
         self._all: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        # Responses waiting on the upstream: one timer checks all their read deadlines every
+        # tick, where a timer per response (a TimerHandle and a libuv handle, ~600 bytes)
+        # was held by every open stream; a frame only records the time.
+        self._reading: dict[Response, None] = {}
+        self._watcher: asyncio.TimerHandle | None = None
+        self._tick = _MAX_TICK
         self._closed = False
         # host -> (expiry, addresses): a new connection must not wait for getaddrinfo.
         self._dns: dict[str, tuple[float, list[str]]] = {}
@@ -262,11 +273,43 @@ class Pool:
         if waiting:
             self._sweeper = loop.call_later(self.keepalive_timeout / 2, self._sweep)
 
+    # -- read deadlines, for the responses
+
+    def watch(self, response: Response) -> None:
+        """Check ``response``'s read deadline from now on (again: its timeout changed).
+        A deadline is noticed within a tick: an eighth of the shortest timeout watched,
+        at most a second."""
+        self._reading[response] = None
+        tick = min(_MAX_TICK, max(_MIN_TICK, response.read_timeout / 8))
+        if self._watcher is None or tick < self._tick:
+            if self._watcher is not None:
+                self._watcher.cancel()
+            self._tick = tick
+            loop = response.loop
+            self._watcher = loop.call_at(loop.time() + tick, self._check_reads, loop)
+
+    def unwatch(self, response: Response) -> None:
+        self._reading.pop(response, None)
+
+    def _check_reads(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        # One comprehension over thousands of open streams: ~0.1 us each, once a tick.
+        for response in [r for r in self._reading if r.last_activity + r.read_timeout <= now]:
+            response.timed_out(now)
+        if self._reading:
+            self._watcher = loop.call_at(now + self._tick, self._check_reads, loop)
+        else:
+            self._watcher = None
+            self._tick = _MAX_TICK
+
     async def close(self) -> None:
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         for connection in list(self._all):
             connection.abort()
         self._idle.clear()
@@ -455,21 +498,21 @@ class Response:
         "_head_only",
         "_headers_done",
         "_keep_alive",
-        "_last_activity",
-        "_loop",
         "_parser",
         "_raw_headers",
         "_reading_paused",
         "_released",
         "_slot",
-        "_timeout",
-        "_timer",
         "_until_eof",
         "_waiter",
+        "_watched",
         "body_sent",
         "chunked_request",
         "content_length",
         "headers",
+        "last_activity",
+        "loop",
+        "read_timeout",
         "received",
         "sender",
         "status",
@@ -490,7 +533,7 @@ class Response:
         # ~1.3 ms per collection on these under load).
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
-        self._loop = connection.loop
+        self.loop = connection.loop
         self._raw_headers: list[tuple[str, str]] = []
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
@@ -500,7 +543,9 @@ class Response:
         self.received = False
         self._head_bytes = 0
         self.sender: asyncio.Future[None] | None = None
-        self._chunks: deque[bytes] = deque()
+        # A list, not a deque: a deque allocates a 64-slot block up front (624 bytes per
+        # open stream), where a stream holds one chunk at a time.
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
         self._headers_done = False
@@ -510,11 +555,10 @@ class Response:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
-        self._timeout = read_timeout
-        self._last_activity = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
-            self._last_activity + read_timeout, self._check_timeout
-        )
+        self.read_timeout = read_timeout
+        self.last_activity = self.loop.time()
+        self._watched = True
+        connection.pool.watch(self)
 
     # -- llhttp callbacks
 
@@ -534,6 +578,7 @@ class Response:
             return
         self.status = status
         self.headers = headers = CIMultiDict(self._raw_headers)
+        self._raw_headers.clear()  # the pairs are in ``headers`` now (trailers may follow)
         length = headers.get("Content-Length")
         if length is not None and length.isdigit():
             self.content_length = int(length)
@@ -568,7 +613,7 @@ class Response:
 
     def feed(self, data: bytes) -> None:
         self.received = True
-        self._last_activity = self._loop.time()
+        self.last_activity = self.loop.time()
         parser = self._parser
         if self._done or parser is None:
             self._connection.abort()  # bytes past the end of the response
@@ -586,7 +631,7 @@ class Response:
                 self._connection.abort()
 
     def touch(self) -> None:
-        self._last_activity = self._loop.time()
+        self.last_activity = self.loop.time()
 
     def connection_lost(self) -> None:
         if self._done:
@@ -606,13 +651,13 @@ class Response:
             keep_alive = self._parser is not None and self._parser.should_keep_alive()
         self._keep_alive = keep_alive
         self._parser = None
-        self._cancel_timer()
+        self._stop_watching()
         self._wake()
 
     def fail(self, error: BaseException) -> None:
         if self._error is None and not self._done:
             self._error = error
-            self._cancel_timer()
+            self._stop_watching()
             self._wake()
 
     def _wake(self) -> None:
@@ -624,37 +669,32 @@ class Response:
 
     def set_read_timeout(self, seconds: float) -> None:
         """From now on, the longest the upstream may stay silent."""
-        self._timeout = seconds
-        self._last_activity = self._loop.time()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = self._loop.call_at(self._last_activity + seconds, self._check_timeout)
+        self.read_timeout = seconds
+        self.last_activity = self.loop.time()
+        if self._watched:
+            self._connection.pool.watch(self)
 
-    def _check_timeout(self) -> None:
-        self._timer = None
-        if self._done or self._error is not None:
+    def timed_out(self, now: float) -> None:
+        """The read deadline passed (the pool's check): fail, unless we are the slow side
+        (reading paused because the client has not taken what came), which is not the
+        upstream's fault."""
+        if self._reading_paused:
+            self.last_activity = now
             return
-        now = self._loop.time()
-        if self._reading_paused:  # we are the slow side: not the upstream's fault
-            self._last_activity = now
-        due = self._last_activity + self._timeout
-        if now < due:
-            self._timer = self._loop.call_at(due, self._check_timeout)
-            return
-        self.fail(ReadTimeout(f"The upstream sent nothing for {self._timeout:g} s"))
+        self.fail(ReadTimeout(f"The upstream sent nothing for {self.read_timeout:g} s"))
         self._connection.abort()
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _stop_watching(self) -> None:
+        if self._watched:
+            self._watched = False
+            self._connection.pool.unwatch(self)
 
     # -- reading
 
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
-        self._waiter = self._loop.create_future()
+        self._waiter = self.loop.create_future()
         try:
             await self._waiter
         finally:
@@ -682,11 +722,8 @@ class Response:
                 return b""
             await self._wait()
         chunks = self._chunks
-        if len(chunks) == 1:
-            data = chunks.popleft()
-        else:
-            data = b"".join(chunks)
-            chunks.clear()
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         self._buffered = 0
         if self._reading_paused:
             self._reading_paused = False
@@ -703,7 +740,7 @@ class Response:
             return
         self._released = True
         self._parser = None
-        self._cancel_timer()
+        self._stop_watching()
         reusable = self._done and self._keep_alive and self._error is None and self.body_sent
         if self.sender is not None and not self.sender.done():
             self.sender.cancel()
