@@ -691,25 +691,24 @@ class Response:
 
     # -- reading
 
-    async def _wait(self) -> None:
+    def _wakeup(self) -> asyncio.Future[None]:
+        """A future the next event sets (bytes, the end, a failure), to await in the
+        caller's own frame: with a waiting coroutine of its own, every open stream held
+        one more frame, and every chunk cost one more coroutine call. Raises the failure,
+        if any, once nothing is left to read before it."""
         if self._error is not None:
             raise self._error
-        self._waiter = self.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-        if self._error is not None:
-            raise self._error
+        waiter = self._waiter = self.loop.create_future()
+        return waiter
 
     async def wait_headers(self) -> None:
         while not self._headers_done:
-            await self._wait()
+            await self._wakeup()
 
     async def read(self) -> bytes:
         """The whole body."""
         while not self._done:
-            await self._wait()
+            await self._wakeup()
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -720,7 +719,7 @@ class Response:
         while not self._chunks:
             if self._done:
                 return b""
-            await self._wait()
+            await self._wakeup()
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
