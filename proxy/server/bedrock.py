@@ -93,14 +93,84 @@ class BedrockFront:
     # ------------------------------------------------------------------ request
 
     async def forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
-        # The request's side (headers, body, signature, targets) lives in ``_send``'s frame,
-        # which is gone before the response streams: held for a stream's life, it was
-        # ~1.5 KB of every open stream.
+        """Send, then answer with what came back. The request's side (headers, body,
+        signature, targets) lives in ``_send``'s frame, which is gone before the response
+        streams: held for a stream's life, it was ~1.5 KB of every open stream. (The
+        answer is not a coroutine of its own either: one frame less per open stream.)"""
         sent = await self._send(request, x)
         if isinstance(sent, web.StreamResponse):  # the bidirectional relay, already run
             return sent
-        reply, job_request = sent
-        return await self._respond(request, reply, job_request, x)
+        upstream, job_request = sent
+        completed = False
+        meter = x.meter
+        try:
+            if upstream.status >= 400:
+                x.upstream_error = upstream.headers.get("x-amzn-ErrorType", "").split(":")[
+                    0
+                ] or str(upstream.status)
+            x.upstream_request_id = upstream.headers.get("x-amzn-RequestId")
+            out_headers = response_headers(upstream.headers)
+            out_headers["x-bedrock-proxy-request-id"] = x.request_id
+            if x.upstream is not None:
+                out_headers[UPSTREAM_HEADER] = x.upstream
+            if meter is not None:
+                meter.on_headers(upstream.status, upstream.headers)
+            content_type = upstream.headers.get("Content-Type", "")
+            is_event_stream = content_type.startswith(eventstream.CONTENT_TYPE)
+            length = upstream.content_length
+            op = x.operation
+            identity = x.identity
+            # A job listing a virtual key sees filtered is read whole, whatever its size.
+            owned_listing = (
+                upstream.status == 200
+                and op is not None
+                and op.name in LISTINGS
+                and identity is not None
+                and identity.record is not None
+            )
+            if not is_event_stream and (
+                owned_listing or (length is not None and length <= _SMALL_RESPONSE)
+            ):
+                data = await self._upstream.read_whole(upstream)
+                completed = True
+                x.upstream_done = time.perf_counter()
+                if identity is not None and op is not None:
+                    if owned_listing:
+                        data = await self._jobs.filter_listing(identity, op, data)
+                    elif upstream.status == 200 and job_request is not None:
+                        await self._jobs.remember(
+                            identity, op, x.model, data, job_request, x.region
+                        )
+                x.bytes_out = len(data)
+                if meter is not None:
+                    meter.feed(data)
+                    self._cost_headers(x, out_headers)
+                return web.Response(status=upstream.status, body=data, headers=out_headers)
+            if meter is not None and not is_event_stream and meter.usage.found:
+                self._cost_headers(x, out_headers)  # InvokeModel: usage came in the headers
+            # Headers are in: from now on the limit is the idle time between chunks.
+            upstream.set_read_timeout(self._settings.idle_timeout)
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            del out_headers  # copied into the response: not held for the stream's life
+            if length is not None and not is_event_stream:
+                response.content_length = length
+            await response.prepare(request)
+            if is_event_stream:
+                self._metrics.active_streams += 1
+            try:
+                completed = await self._upstream.relay(
+                    request, upstream, response, x, is_event_stream
+                )
+            finally:
+                x.upstream_done = time.perf_counter()
+                if is_event_stream:
+                    self._metrics.active_streams -= 1
+            return response
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()
 
     async def _send(
         self, request: web.Request, x: Exchange
@@ -275,84 +345,6 @@ class BedrockFront:
         return await read_body(request, self._max_body, self._settings.body_timeout)
 
     # ------------------------------------------------------------------ response
-
-    async def _respond(
-        self,
-        request: web.Request,
-        upstream: http1.Response,
-        job_request: bytes | None,
-        x: Exchange,
-    ) -> web.StreamResponse:
-        completed = False
-        meter = x.meter
-        try:
-            if upstream.status >= 400:
-                x.upstream_error = upstream.headers.get("x-amzn-ErrorType", "").split(":")[
-                    0
-                ] or str(upstream.status)
-            x.upstream_request_id = upstream.headers.get("x-amzn-RequestId")
-            out_headers = response_headers(upstream.headers)
-            out_headers["x-bedrock-proxy-request-id"] = x.request_id
-            if x.upstream is not None:
-                out_headers[UPSTREAM_HEADER] = x.upstream
-            if meter is not None:
-                meter.on_headers(upstream.status, upstream.headers)
-            content_type = upstream.headers.get("Content-Type", "")
-            is_event_stream = content_type.startswith(eventstream.CONTENT_TYPE)
-            length = upstream.content_length
-            op = x.operation
-            identity = x.identity
-            # A job listing a virtual key sees filtered is read whole, whatever its size.
-            owned_listing = (
-                upstream.status == 200
-                and op is not None
-                and op.name in LISTINGS
-                and identity is not None
-                and identity.record is not None
-            )
-            if not is_event_stream and (
-                owned_listing or (length is not None and length <= _SMALL_RESPONSE)
-            ):
-                data = await self._upstream.read_whole(upstream)
-                completed = True
-                x.upstream_done = time.perf_counter()
-                if identity is not None and op is not None:
-                    if owned_listing:
-                        data = await self._jobs.filter_listing(identity, op, data)
-                    elif upstream.status == 200 and job_request is not None:
-                        await self._jobs.remember(
-                            identity, op, x.model, data, job_request, x.region
-                        )
-                x.bytes_out = len(data)
-                if meter is not None:
-                    meter.feed(data)
-                    self._cost_headers(x, out_headers)
-                return web.Response(status=upstream.status, body=data, headers=out_headers)
-            if meter is not None and not is_event_stream and meter.usage.found:
-                self._cost_headers(x, out_headers)  # InvokeModel: usage came in the headers
-            # Headers are in: from now on the limit is the idle time between chunks.
-            upstream.set_read_timeout(self._settings.idle_timeout)
-            response = web.StreamResponse(status=upstream.status, headers=out_headers)
-            del out_headers  # copied into the response: not held for the stream's life
-            if length is not None and not is_event_stream:
-                response.content_length = length
-            await response.prepare(request)
-            if is_event_stream:
-                self._metrics.active_streams += 1
-            try:
-                completed = await self._upstream.relay(
-                    request, upstream, response, x, is_event_stream
-                )
-            finally:
-                x.upstream_done = time.perf_counter()
-                if is_event_stream:
-                    self._metrics.active_streams -= 1
-            return response
-        finally:
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
 
     def _cost_headers(self, x: Exchange, headers: CIMultiDict[str]) -> None:
         """Non-stream responses can carry their cost; streams' costs are in the ledger."""
