@@ -137,12 +137,16 @@ class Server:
             time.sleep(0.02)
 
 
-async def start_server(app: web.Application, tls: Any = None) -> tuple[str, web.AppRunner]:
+async def start_server(
+    app: web.Application, tls: Any = None, keepalive_timeout: float = 75.0
+) -> tuple[str, web.AppRunner]:
     # Like AWS, the fakes read bodies as sent: aiohttp must not inflate Content-Encoding.
     # The fakes take HTTP/2 on the same port as AWS does (on the proxy's own listener: its
     # HTTP/2 front is tested on its own by real clients, curl and the JavaScript SDK).
     runner = ProxyRunner(
-        app, header_timeout=2.0 if PIPELINE in app else 30.0, keepalive_timeout=75.0
+        app,
+        header_timeout=2.0 if PIPELINE in app else 30.0,
+        keepalive_timeout=keepalive_timeout,
     )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
@@ -214,7 +218,7 @@ def start_proxy(
         settings = load_settings(env=env, overrides=values)
         log = io.BytesIO()
         app = create_app(settings, access_log=AccessLog(True, log), clock=clock)
-        url, runner = bg.run(start_server(app, tls))
+        url, runner = bg.run(start_server(app, tls, settings.keepalive_timeout))
         server = Server(url, app, runner, log, clock, bg)
         started.append(server)
         return server

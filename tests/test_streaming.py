@@ -32,6 +32,37 @@ def test_frames_are_flushed_as_they_arrive(proxy, fake):
     assert max(delays) < 0.15, delays
 
 
+def test_a_kept_alive_connection_outlives_its_stream_and_then_its_idle_timeout(start_proxy, fake):
+    """While a stream is relayed the connection's keep-alive timer is let go (an open
+    stream need not hold one); the stream outlives the timeout on the same connection,
+    the next request is served on it, and the timer runs again once it is idle."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    server = start_proxy(keepalive_timeout=0.6)
+    fake.frame_delay = 0.2
+    address = urlsplit(server.base)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    headers = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
+    body = json.dumps({"messages": MESSAGES})
+    started = time.monotonic()
+    connection.request("POST", "/bedrock/model/test.slow/converse-stream", body, headers)
+    stream = connection.getresponse()
+    frames = list(iter_frames(stream.read()))
+    assert stream.status == 200 and frames[-1].headers[":event-type"] == "metadata"
+    assert time.monotonic() - started > 1.2  # twice the keep-alive timeout
+    local = connection.sock.getsockname()
+    connection.request("POST", "/bedrock/model/test.model/converse", body, headers)
+    reply = connection.getresponse()
+    assert reply.status == 200 and b"output" in reply.read()
+    assert connection.sock.getsockname() == local  # the same connection
+    idle_from = time.monotonic()
+    assert connection.sock.recv(1) == b""  # closed by the proxy, idle
+    assert 0.4 < time.monotonic() - idle_from < 3
+    connection.close()
+
+
 def test_upstream_cut_mid_stream_ends_with_exception_frame(proxy, fake):
     client = boto_client("bedrock-runtime", proxy)
     reply = client.converse_stream(modelId="test.cut", messages=MESSAGES)

@@ -65,6 +65,18 @@ StreamBody = StreamReader
 _BODY_LIMIT = 2**16  # aiohttp's own per-request read buffer
 
 
+def drop_idle_timer(request: web.BaseRequest) -> None:
+    """A long response is starting: cancel the connection's keep-alive timer, which
+    aiohttp arms when the connection opens and would otherwise hold (a TimerHandle and a
+    libuv handle, ~700 bytes) for every open stream until it fires. ``keep_alive(True)``
+    is the public method that cancels it; aiohttp re-arms the timer when the response
+    ends, and sets keep-alive then from the response, so the value set here does not
+    last. HTTP/2 streams have no such timer. Tests: test_resilience (keep-alive)."""
+    protocol = request.protocol
+    if isinstance(protocol, RequestHandler):
+        protocol.keep_alive(True)
+
+
 def http2_request_message(fields: list[tuple[bytes, bytes]]) -> RawRequestMessage:
     """The request an HTTP/2 HEADERS block describes, as aiohttp's parser would give it;
     raises ``MalformedRequest`` (see ``wire.http2.request_fields``). ``:authority``

@@ -30,6 +30,7 @@ from ..wire.h2client import Http2Stream
 from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
 from ..wire.routing import Operation, Router
 from . import duplex
+from .aiohttp_adapter import drop_idle_timer
 from .bodies import RequestBody, read_body
 from .config import Settings
 from .fleet import Target
@@ -156,6 +157,7 @@ class BedrockFront:
                 response.content_length = length
             await response.prepare(request)
             if is_event_stream:
+                drop_idle_timer(request)
                 self._metrics.active_streams += 1
             try:
                 completed = await self._upstream.relay(
