@@ -729,6 +729,19 @@ def paired_ratio(thin: tuple, governed: tuple, workdir: Path) -> dict:
     }
 
 
+def allow_descriptors(needed: int) -> None:
+    """The proxy holds two descriptors per stream (client and upstream; it raises its own
+    soft limit to the hard one). A hard limit below that is raised when the bench may
+    (as root), and the processes it starts inherit it; otherwise the streams past it fail,
+    and the table says how many."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), needed))
+
+
 def stream_shape(count: int, args: argparse.Namespace) -> tuple[int, float]:
     """Frames per stream and the interval between them for ``count`` streams: the frame
     rate at the peak is held at ``--frame-rate`` (the interval grows with N), and every
@@ -744,6 +757,8 @@ def stream_shape(count: int, args: argparse.Namespace) -> tuple[int, float]:
 
 def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dict, dict]:
     streams: dict = {}
+    largest = max(int(n) for n in args.streams.split(","))
+    allow_descriptors(2 * largest + 1024)
     for count in (int(n) for n in args.streams.split(",")):
         streams[str(count)] = stream_count_phase(workdir, args, count)
     return streams, body_phases(workdir, args)

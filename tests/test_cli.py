@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -48,8 +51,12 @@ def server_env(fake_url: str, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def running(args: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def running(
+    args: list[str], env: dict[str, str], port: int, preexec_fn: Any = None
+) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -126,7 +133,20 @@ def test_python_m_proxy_and_service_endpoint_variable(fake_server):
         BEDROCK_PROXY_HOST="127.0.0.1",
         BEDROCK_PROXY_PORT=str(port),
     )
-    with running([sys.executable, "-m", "proxy", "serve"], env, port) as proc:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def low_soft_limit() -> None:  # as a shell or a unit with the common default starts it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+
+    with running([sys.executable, "-m", "proxy", "serve"], env, port, low_soft_limit) as proc:
+        # Two descriptors per stream: the soft limit is raised to the hard one.
+        line = next(
+            x
+            for x in Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+            if x.startswith("Max open files")
+        )
+        expected = "1048576" if hard == resource.RLIM_INFINITY else str(hard)
+        assert line.split()[3] == expected, line
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/bedrock/model/m1/count-tokens",
             data=b'{"input": {}}',

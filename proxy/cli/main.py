@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import ssl
@@ -222,6 +223,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         return 2
     _install_uvloop()
     _tune_gc()
+    _raise_open_files_limit()
     try:
         asyncio.run(serve(app, settings, tls))
     except StartupError as exc:
@@ -569,6 +571,27 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(2_000, 10, 200)
+
+
+def _raise_open_files_limit() -> None:
+    """Every proxied stream holds two descriptors, the client's connection and the
+    upstream's: at the soft limit many shells and units start with (1,024), the proxy
+    held ~500 streams. The soft limit is raised to the hard one (as nginx's
+    ``worker_rlimit_nofile`` would be set); raising the hard one is the operator's call."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _NR_OPEN
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d: %s", soft, exc)
+            return
+        log.info("open-files limit raised from %d to %d", soft, target)
+
+
+# The kernel's default cap on any process's descriptors (fs.nr_open), for an unlimited
+# hard limit.
+_NR_OPEN = 1_048_576
 
 
 def _install_uvloop() -> None:
