@@ -158,6 +158,7 @@ class BedrockFront:
             await response.prepare(request)
             if is_event_stream:
                 drop_idle_timer(request)
+                upstream.forget_headers()
                 self._metrics.active_streams += 1
             try:
                 completed = await self._upstream.relay(

@@ -630,6 +630,11 @@ class Response:
                 self.fail(ConnectionClosed("The upstream sent a response head over 64 KiB"))
                 self._connection.abort()
 
+    def forget_headers(self) -> None:
+        """The headers were passed on: a stream that stays open for minutes need not hold
+        them (~600 bytes of every open stream)."""
+        self.headers = CIMultiDict()
+
     def touch(self) -> None:
         self.last_activity = self.loop.time()
 
