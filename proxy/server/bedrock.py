@@ -170,10 +170,7 @@ class BedrockFront:
                     self._metrics.active_streams -= 1
             return response
         finally:
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
+            upstream.finish(completed)
 
     async def _send(
         self, request: web.Request, x: Exchange

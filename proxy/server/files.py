@@ -308,10 +308,7 @@ class FilesFront:
             x.upstream_done = time.perf_counter()
             return response
         finally:
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
+            upstream.finish(completed)
 
 
 class BodyMismatch(Exception):

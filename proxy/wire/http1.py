@@ -755,6 +755,14 @@ class Response:
         if self._slot is not None:
             self._slot.release()
 
+    def finish(self, read_whole: bool) -> None:
+        """The caller is done: a response read whole goes back to the pool (``release``),
+        any other is abandoned with its connection (``close``)."""
+        if read_whole:
+            self.release()
+        else:
+            self.close()
+
     def close(self, keep_slot: bool = False) -> None:
         """Abandon the response and its connection (its pool slot too, unless kept for a
         retry)."""
