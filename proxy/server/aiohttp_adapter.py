@@ -71,7 +71,7 @@ def drop_idle_timer(request: web.BaseRequest) -> None:
     libuv handle, ~700 bytes) for every open stream until it fires. ``keep_alive(True)``
     is the public method that cancels it; aiohttp re-arms the timer when the response
     ends, and sets keep-alive then from the response, so the value set here does not
-    last. HTTP/2 streams have no such timer. Tests: test_resilience (keep-alive)."""
+    last. HTTP/2 streams have no such timer. Tests: test_streaming (a kept-alive connection)."""
     protocol = request.protocol
     if isinstance(protocol, RequestHandler):
         protocol.keep_alive(True)
