@@ -334,9 +334,8 @@ def _quiet_collector() -> None:
 def run_stream_stub(port: int, frames: int, interval: float) -> None:
     """An upstream whose streams send one frame every ``interval`` s, each stamped with
     its send time, and whose InvokeModel reads the whole body."""
-    import orjson
-
     _quiet_collector()
+    import orjson
     from aiohttp import web
 
     from proxy.wire.eventstream import encode_frame
