@@ -338,6 +338,7 @@ def run_stream_stub(port: int, frames: int, interval: float) -> None:
     import orjson
     from aiohttp import web
 
+    from proxy.server.runner import ProxyRunner
     from proxy.wire.eventstream import encode_frame
 
     async def converse_stream(request: web.Request) -> web.StreamResponse:
@@ -381,11 +382,21 @@ def run_stream_stub(port: int, frames: int, interval: float) -> None:
     app.router.add_post("/model/{model}/converse-stream", converse_stream)
     app.router.add_post("/model/{model}/invoke", invoke)
     app.router.add_put("/{bucket}/{key:.*}", put_object)
+
+    async def serve() -> None:
+        # The proxy's own listener, as the fakes use: HTTP/2 (h2c) on the same port as
+        # HTTP/1.1, like bedrock-runtime, so the proxy carries streams on shared HTTP/2
+        # connections while the direct clients speak HTTP/1.1.
+        runner = ProxyRunner(app, header_timeout=30, keepalive_timeout=75)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=8192).start()
+        await asyncio.Event().wait()
+
     with contextlib.suppress(ImportError):
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=8192)
+    asyncio.run(serve())
 
 
 async def drive_streams(url: str, count: int, ramp: float, headers: dict[str, str]) -> dict:

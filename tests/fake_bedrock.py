@@ -53,6 +53,15 @@ class Received:
     body: bytes
     operation: str
     region: str | None
+    # The HTTP version (1 or 2) and the proxy's port: which connection carried the request.
+    http_version: int = 1
+    peer_port: int = 0
+
+
+def _connection_of(request: web.Request) -> tuple[int, int]:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return request.version.major, peer[1] if peer else 0
 
 
 # Job and invocation ids: unique for the whole session, like AWS's.
@@ -122,6 +131,7 @@ class FakeBedrock:
                 body,
                 operation or "",
                 region,
+                *_connection_of(request),
             )
         )
         if error is not None:
@@ -224,6 +234,7 @@ class FakeBedrock:
                 b"",
                 "InvokeModelWithBidirectionalStream",
                 region,
+                *_connection_of(request),
             )
         )
         if error is not None:
@@ -630,7 +641,8 @@ class FakeBedrock:
                 **(headers or {}),
             }
         )
-        response.enable_chunked_encoding()
+        if request.version.major < 2:  # HTTP/2 frames the body itself
+            response.enable_chunked_encoding()
         await response.prepare(request)
         self.active_streams += 1
         try:

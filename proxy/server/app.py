@@ -213,7 +213,7 @@ def create_app(
     metrics.gauge(
         "bedrock_proxy_upstream_connections",
         "Connections open to the upstream services, in use or kept alive.",
-        lambda: upstream.pool.open_connections if upstream.started else 0,
+        lambda: upstream.open_connections,
     )
 
     app, dispatcher = application(handler_args={"max_field_size": 65536})

@@ -25,7 +25,7 @@ from ..metering.annotations import read_annotations
 from ..metering.service import Metering
 from ..metering.usage import meter_for
 from ..observe.metrics import Metrics
-from ..wire import errors, eventsig, eventstream, http1
+from ..wire import errors, eventsig, eventstream, h2pool, http1
 from ..wire.h2client import Http2Stream
 from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
 from ..wire.routing import Operation, Router
@@ -174,7 +174,7 @@ class BedrockFront:
 
     async def _send(
         self, request: web.Request, x: Exchange
-    ) -> tuple[http1.Response, bytes | None] | web.StreamResponse:
+    ) -> tuple[h2pool.UpstreamResponse, bytes | None] | web.StreamResponse:
         """Route, authenticate, check and send: the upstream's response, and the request
         body when the proxy must remember a job it starts (the bidirectional relay runs
         here whole, and returns its response)."""

@@ -50,6 +50,10 @@ class Settings:
     keepalive_timeout: float = 75.0
     # Keep-alive connections per upstream host; 0 means no limit (each open stream holds one).
     pool_size: int = 0
+    # Event streams share HTTP/2 connections upstream, this many per connection (fewer if
+    # the server says so); 0 puts each on an HTTP/1.1 connection of its own. An upstream
+    # that does not agree to HTTP/2 gets HTTP/1.1.
+    upstream_http2_streams: int = 100
     # Send this Bedrock API key upstream instead of SigV4 (AWS_BEARER_TOKEN_BEDROCK).
     upstream_bearer_token: str | None = field(default=None, repr=False)
     aws_profile: str | None = None
@@ -259,6 +263,8 @@ def _validate(s: Settings) -> None:
         )
     if s.max_body_bytes <= 0:
         raise ConfigError("config error: max_body_bytes: must be greater than zero")
+    if not 0 <= s.upstream_http2_streams <= 1000:
+        raise ConfigError("config error: upstream_http2_streams: must be between 0 and 1000")
     if s.max_unverified_body_bytes < s.max_body_bytes:
         raise ConfigError(
             "config error: max_unverified_body_bytes: must be at least max_body_bytes"

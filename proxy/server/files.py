@@ -25,7 +25,7 @@ from ..access.auth import Authenticator, SignedRequest
 from ..access.keys import KeySpec
 from ..exchange import Exchange
 from ..metering.service import Metering
-from ..wire import errors, http1, sigv4
+from ..wire import errors, h2pool, sigv4
 from ..wire.headers import response_headers, sort_request_headers
 from ..wire.routing import Operation
 from .bedrock import refuse_other_providers
@@ -287,7 +287,7 @@ class FilesFront:
                 raise errors.access_denied(f"The API key is not allowed to read {src_bucket!r}")
 
     async def _respond(
-        self, request: web.Request, upstream: http1.Response, x: Exchange
+        self, request: web.Request, upstream: h2pool.UpstreamResponse, x: Exchange
     ) -> web.StreamResponse:
         completed = False
         try:

@@ -216,7 +216,8 @@ class Simulator:
                 SIMULATED_HEADER: "true",
             }
         )
-        response.enable_chunked_encoding()
+        if request.version.major < 2:  # HTTP/2 frames the body itself
+            response.enable_chunked_encoding()
         await response.prepare(request)
         for frame in frames:
             await response.write(frame)

@@ -1,5 +1,6 @@
 """The upstream call every front shares: resolve, sign with the server's credentials, send
-on the pooled HTTP/1.1 client, and relay the response body as it arrives.
+on the pooled HTTP/1.1 client (event streams on shared HTTP/2 connections, ``h2pool``),
+and relay the response body as it arrives.
 
 Fronts prepare a request (path, headers, body) and decide how to answer; this module never
 calls back into them. Event streams are cut at frame boundaries, so a failure mid-stream
@@ -20,7 +21,7 @@ from aiohttp import web
 from ..exchange import Exchange, Identity
 from ..metering.usage import Meter
 from ..observe.metrics import Metrics
-from ..wire import errors, eventsig, eventstream, http1, sigv4
+from ..wire import errors, eventsig, eventstream, h2pool, http1, sigv4
 from ..wire.endpoints import Upstream, valid_region
 from ..wire.eventsig import SignatureChain
 from ..wire.routing import Service
@@ -62,6 +63,7 @@ class UpstreamClient:
         self._metrics = metrics
         self._bearer = settings.upstream_bearer_token
         self._pool: http1.Pool | None = None
+        self._h2: h2pool.Http2Pool | None = None
 
     @property
     def started(self) -> bool:
@@ -80,10 +82,26 @@ class UpstreamClient:
             keepalive_timeout=30,
             limit_per_host=s.pool_size,
         )
+        if s.upstream_http2_streams:
+            self._h2 = h2pool.Http2Pool(
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.first_byte_timeout,
+                keepalive_timeout=30,
+                max_streams=s.upstream_http2_streams,
+            )
         await self.fleet.start()
+
+    @property
+    def open_connections(self) -> int:
+        """Upstream connections open, on both protocols."""
+        if self._pool is None:
+            return 0
+        return self._pool.open_connections + (self._h2.open_connections if self._h2 else 0)
 
     async def close(self) -> None:
         await self.fleet.close()
+        if self._h2 is not None:
+            await self._h2.close()
         if self._pool is not None:
             await self._pool.close()
 
@@ -213,7 +231,7 @@ class UpstreamClient:
         x: Exchange,
         service: Service,
         failover: bool,
-    ) -> http1.Response:
+    ) -> h2pool.UpstreamResponse:
         """Sign for and send to the first target; on a throttle, a 5xx or a failed
         connection, the same bytes go to the next (when ``failover``). Nothing of the
         response has reached the client yet, so a user sees only the latency. The last
@@ -277,12 +295,24 @@ class UpstreamClient:
         headers: dict[str, str],
         body: http1.Body,
         x: Exchange,
-    ) -> http1.Response:
-        """Send and wait for the response's head; failures become AWS-shaped errors."""
+    ) -> h2pool.UpstreamResponse:
+        """Send and wait for the response's head; failures become AWS-shaped errors.
+        An event stream goes on a shared HTTP/2 connection where the upstream speaks it."""
         if x.upstream_started is None:  # a failover's time counts as upstream time
             x.upstream_started = time.perf_counter()
+        op = x.operation
+        origin = upstream.origin
+        h2 = self._h2
+        response: h2pool.UpstreamResponse
         try:
-            response = await self.pool.request(method, upstream.origin, target, headers, body)
+            if h2 is not None and op is not None and op.streaming_output and not h2.refuses(origin):
+                try:
+                    response = await h2.request(method, origin, target, headers, body)
+                except h2pool.NotHttp2:  # found out before anything was sent
+                    log.info("%s does not speak HTTP/2: event streams go on HTTP/1.1", origin)
+                    response = await self.pool.request(method, origin, target, headers, body)
+            else:
+                response = await self.pool.request(method, origin, target, headers, body)
         except http1.ReadTimeout:
             raise errors.upstream_timeout(
                 "The upstream service did not respond within "
@@ -294,7 +324,7 @@ class UpstreamClient:
         x.status = response.status
         return response
 
-    async def read_whole(self, upstream: http1.Response) -> bytes:
+    async def read_whole(self, upstream: h2pool.UpstreamResponse) -> bytes:
         try:
             return await upstream.read()
         except http1.ReadTimeout:
@@ -350,7 +380,7 @@ class UpstreamClient:
     async def relay(
         self,
         request: web.Request,
-        upstream: http1.Response,
+        upstream: h2pool.UpstreamResponse,
         response: web.StreamResponse,
         x: Exchange,
         is_event_stream: bool,

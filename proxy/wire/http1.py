@@ -6,8 +6,8 @@ never uses (cookies, redirects, decompression, proxies, auto headers). This clie
 request's head and body in one write, parses the response with llhttp, and hands body chunks
 over as they arrive, with back-pressure both ways. Connections are kept alive per origin.
 
-Timeouts are lazy: a data chunk only records the time, and one timer per request checks it,
-so a stream of small frames does not reschedule a timer per frame.
+Timeouts are lazy: a data chunk only records the time, and one timer per pool checks every
+response's deadline (``deadlines``), so a stream of small frames reschedules no timer.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import httptools
 from multidict import CIMultiDict
+
+from .deadlines import ReadDeadlines
 
 # Body bytes buffered before the socket stops being read (until the reader takes them).
 _HIGH_WATER = 1024 * 1024
@@ -69,12 +71,6 @@ class Origin:
         return cls(parts.hostname or "", parts.port or (443 if tls else 80), tls)
 
 
-# How often the pool checks read deadlines: an eighth of the shortest timeout watched,
-# within these bounds (seconds).
-_MIN_TICK = 0.01
-_MAX_TICK = 1.0
-
-
 class Pool:
     """Keep-alive connections per origin; ``request`` returns once the headers are in."""
 
@@ -99,12 +95,8 @@ class Pool:
         self._slots: dict[Origin, asyncio.Semaphore] = {}
         self._all: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        # Responses waiting on the upstream: one timer checks all their read deadlines every
-        # tick, where a timer per response (a TimerHandle and a libuv handle, ~600 bytes)
-        # was held by every open stream; a frame only records the time.
-        self._reading: dict[Response, None] = {}
-        self._watcher: asyncio.TimerHandle | None = None
-        self._tick = _MAX_TICK
+        # Read deadlines of the responses waiting on the upstream: one timer for all.
+        self.deadlines = ReadDeadlines()
         self._closed = False
         # host -> (expiry, addresses): a new connection must not wait for getaddrinfo.
         self._dns: dict[str, tuple[float, list[str]]] = {}
@@ -273,43 +265,12 @@ class Pool:
         if waiting:
             self._sweeper = loop.call_later(self.keepalive_timeout / 2, self._sweep)
 
-    # -- read deadlines, for the responses
-
-    def watch(self, response: Response) -> None:
-        """Check ``response``'s read deadline from now on (again: its timeout changed).
-        A deadline is noticed within a tick: an eighth of the shortest timeout watched,
-        at most a second."""
-        self._reading[response] = None
-        tick = min(_MAX_TICK, max(_MIN_TICK, response.read_timeout / 8))
-        if self._watcher is None or tick < self._tick:
-            if self._watcher is not None:
-                self._watcher.cancel()
-            self._tick = tick
-            loop = response.loop
-            self._watcher = loop.call_at(loop.time() + tick, self._check_reads, loop)
-
-    def unwatch(self, response: Response) -> None:
-        self._reading.pop(response, None)
-
-    def _check_reads(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        # One comprehension over thousands of open streams: ~0.1 us each, once a tick.
-        for response in [r for r in self._reading if r.last_activity + r.read_timeout <= now]:
-            response.timed_out(now)
-        if self._reading:
-            self._watcher = loop.call_at(now + self._tick, self._check_reads, loop)
-        else:
-            self._watcher = None
-            self._tick = _MAX_TICK
-
     async def close(self) -> None:
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        self.deadlines.close()
         for connection in list(self._all):
             connection.abort()
         self._idle.clear()
@@ -558,7 +519,7 @@ class Response:
         self.read_timeout = read_timeout
         self.last_activity = self.loop.time()
         self._watched = True
-        connection.pool.watch(self)
+        connection.pool.deadlines.watch(self)
 
     # -- llhttp callbacks
 
@@ -677,7 +638,7 @@ class Response:
         self.read_timeout = seconds
         self.last_activity = self.loop.time()
         if self._watched:
-            self._connection.pool.watch(self)
+            self._connection.pool.deadlines.watch(self)
 
     def timed_out(self, now: float) -> None:
         """The read deadline passed (the pool's check): fail, unless we are the slow side
@@ -692,7 +653,7 @@ class Response:
     def _stop_watching(self) -> None:
         if self._watched:
             self._watched = False
-            self._connection.pool.unwatch(self)
+            self._connection.pool.deadlines.unwatch(self)
 
     # -- reading
 

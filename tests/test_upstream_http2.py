@@ -1,0 +1,217 @@
+"""Event streams on shared HTTP/2 connections upstream (``wire.h2pool``): what boto3 sees
+is unchanged, the fake upstream sees fewer connections, and an upstream without HTTP/2
+gets HTTP/1.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from aiohttp import web
+
+from proxy.server.tls import server_context
+from proxy.wire import h2pool
+from tests.conftest import MASTER_KEY, boto_client, start_server
+from tests.fake_bedrock import FakeBedrock
+
+MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
+
+
+def _stream_text(client, model: str = "test.slow") -> str:
+    events = client.converse_stream(modelId=model, messages=MESSAGES)["stream"]
+    return "".join(
+        e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e
+    )
+
+
+def _streams(fake: FakeBedrock) -> list:
+    return [r for r in fake.requests if r.operation == "ConverseStream"]
+
+
+def test_concurrent_streams_share_connections_and_other_calls_stay_on_http1(start_proxy, fake):
+    proxy = start_proxy(upstream_http2_streams=4)
+    fake.frame_delay = 0.1  # each stream stays open ~1.4 s: all ten are open at once
+    client = boto_client("bedrock-runtime", proxy)
+    with ThreadPoolExecutor(10) as pool:
+        texts = list(pool.map(lambda _: _stream_text(client), range(10)))
+    assert texts == ["".join(f"w{i} " for i in range(10))] * 10
+    streams = _streams(fake)
+    assert len(streams) == 10 and {r.http_version for r in streams} == {2}
+    # Ten streams at four per connection: three connections, not ten.
+    assert len({r.peer_port for r in streams}) == 3
+    client.converse(modelId="m", messages=MESSAGES)
+    assert fake.requests[-1].http_version == 1
+    # The next stream reuses a kept-alive connection.
+    assert _stream_text(client, "m")
+    assert _streams(fake)[-1].peer_port in {r.peer_port for r in streams}
+
+
+def _raw_stream(port: int) -> socket.socket:
+    """A converse-stream request whose response head and first bytes were read."""
+    body = json.dumps({"messages": MESSAGES}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        (
+            "POST /bedrock/model/test.slow/converse-stream HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {MASTER_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = sock.recv(65536)
+        assert piece, head
+        head += piece
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return sock
+
+
+def test_a_client_hanging_up_resets_its_stream_and_no_other(start_proxy, fake):
+    proxy = start_proxy()
+    port = int(proxy.base.rsplit(":", 1)[1].split("/")[0])
+    fake.frame_delay = 0.1
+    client = boto_client("bedrock-runtime", proxy)
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(_stream_text, client)
+        leaver = _raw_stream(port)
+        leaver.close()  # mid-stream: the upstream stream is reset, not run to its end
+        assert whole.result(timeout=30) == "".join(f"w{i} " for i in range(10))
+    for _ in range(100):  # bounded: the fake sees the reset within a few frames
+        if fake.stream_disconnects:
+            break
+        proxy.bg.run(asyncio.sleep(0.05))
+    assert fake.stream_disconnects == 1
+    streams = _streams(fake)
+    assert len(streams) == 2 and len({r.peer_port for r in streams}) == 1
+    assert _stream_text(client, "m")  # the shared connection outlived the reset
+    assert _streams(fake)[-1].peer_port == streams[0].peer_port
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c-refused", "alpn-http1.1-only"])
+def test_an_upstream_without_http2_gets_http1(bg, start_proxy, cert_pair, monkeypatch, caplog, tls):
+    """A plain aiohttp server (no HTTP/2): refused before any request is sent, the
+    origin is remembered, and its streams go on HTTP/1.1."""
+    fake = FakeBedrock()
+    context = None
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*cert_pair)
+        context.set_alpn_protocols(["http/1.1"])
+        monkeypatch.setenv("AWS_CA_BUNDLE", cert_pair[0])
+    runner = web.AppRunner(fake.app(), auto_decompress=False)
+    bg.run(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    bg.run(site.start())
+    host, port = runner.addresses[0][:2]
+    url = f"{'https' if tls else 'http'}://{host}:{port}"
+    try:
+        proxy = start_proxy(endpoints={"bedrock-runtime": url})
+        client = boto_client("bedrock-runtime", proxy)
+        with caplog.at_level(logging.INFO, logger="bedrock_proxy.upstreams"):
+            for _ in range(3):
+                assert _stream_text(client, "m")
+        streams = _streams(fake)
+        assert len(streams) == 3 and {r.http_version for r in streams} == {1}
+        refusals = [r for r in caplog.records if "does not speak HTTP/2" in r.getMessage()]
+        assert len(refusals) == 1  # asked once, then remembered
+    finally:
+        bg.run(runner.cleanup())
+
+
+def test_streams_over_tls_negotiate_http2(bg, start_proxy, cert_pair, monkeypatch):
+    fake = FakeBedrock()
+    url, runner = bg.run(start_server(fake.app(), server_context(*cert_pair)))
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert_pair[0])
+    try:
+        proxy = start_proxy(endpoints={"bedrock-runtime": url})
+        client = boto_client("bedrock-runtime", proxy)
+        assert _stream_text(client, "m") and _stream_text(client, "m")
+        client.converse(modelId="m", messages=MESSAGES)
+        assert [r.http_version for r in fake.requests] == [2, 2, 1]
+        assert len({r.peer_port for r in _streams(fake)}) == 1
+    finally:
+        bg.run(runner.cleanup())
+
+
+def test_upstream_http2_streams_zero_keeps_every_stream_on_http1(start_proxy, fake):
+    proxy = start_proxy(upstream_http2_streams=0)
+    assert _stream_text(boto_client("bedrock-runtime", proxy), "m")
+    assert _streams(fake)[-1].http_version == 1
+
+
+# ---------------------------------------------------------------------- the pool itself
+
+
+async def _serve(app: web.Application) -> tuple[str, web.AppRunner]:
+    return await start_server(app)
+
+
+def test_a_reader_that_stops_stalls_only_its_own_stream(bg):
+    """Flow control: a stream nobody reads fills its own window (1 MiB), never the
+    connection's, so the next stream on the same connection is served whole."""
+    size = 3 * 1024 * 1024
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(size // 65536):
+            await response.write(b"x" * 65536)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/big", big)
+
+    async def scenario() -> None:
+        url, runner = await _serve(app)
+        pool = h2pool.Http2Pool(connect_timeout=2, read_timeout=5, max_streams=10)
+        try:
+            unread = await pool.request("GET", url, "/big", {"host": url[7:]})
+            await asyncio.sleep(0.2)  # the server fills that stream's window
+            assert pool.open_connections == 1
+            other = await pool.request("GET", url, "/big", {"host": url[7:]})
+            async with asyncio.timeout(10):
+                assert len(await other.read()) == size
+            other.finish(True)
+            async with asyncio.timeout(10):
+                assert len(await unread.read()) == size  # it resumes once read
+            unread.finish(True)
+            assert pool.open_connections == 1
+        finally:
+            await pool.close()
+            await runner.cleanup()
+
+    bg.run(scenario(), timeout=30)
+
+
+def test_an_idle_connection_closes_after_its_keepalive(bg):
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+
+    async def scenario() -> None:
+        url, runner = await _serve(app)
+        pool = h2pool.Http2Pool(connect_timeout=2, read_timeout=5, keepalive_timeout=0.2)
+        try:
+            response = await pool.request("GET", url, "/", {"host": url[7:]})
+            assert response.status == 200 and await response.read() == b"hi"
+            response.finish(True)
+            assert pool.open_connections == 1
+            for _ in range(50):  # bounded: 0.2 s keep-alive, checked every 20 ms
+                if not pool.open_connections:
+                    break
+                await asyncio.sleep(0.02)
+            assert pool.open_connections == 0
+        finally:
+            await pool.close()
+            await runner.cleanup()
+
+    bg.run(scenario(), timeout=30)
