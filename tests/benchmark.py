@@ -331,9 +331,12 @@ def _quiet_collector() -> None:
     gc.disable()
 
 
-def run_stream_stub(port: int, frames: int, interval: float) -> None:
+def run_stream_stub(
+    port: int, frames: int, interval: float, tls: tuple[int, str, str] | None = None
+) -> None:
     """An upstream whose streams send one frame every ``interval`` s, each stamped with
-    its send time, and whose InvokeModel reads the whole body."""
+    its send time, and whose InvokeModel reads the whole body; with ``tls`` (port,
+    certificate, key) the same on a TLS port too (ALPN h2 and http/1.1, as AWS)."""
     _quiet_collector()
     import orjson
     from aiohttp import web
@@ -390,6 +393,11 @@ def run_stream_stub(port: int, frames: int, interval: float) -> None:
         runner = ProxyRunner(app, header_timeout=30, keepalive_timeout=75)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, backlog=8192).start()
+        if tls is not None:
+            from proxy.server.tls import server_context
+
+            context = server_context(tls[1], tls[2])
+            await web.TCPSite(runner, "127.0.0.1", tls[0], ssl_context=context).start()
         await asyncio.Event().wait()
 
     with contextlib.suppress(ImportError):
@@ -593,6 +601,11 @@ def main() -> int:
         help="new streams per second; streams must outlive the ramp for all N to be open at once",
     )
     parser.add_argument("--client-procs", type=int, default=2, help="processes driving the streams")
+    parser.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="the proxy reaches the streams' stub over TLS, as it reaches AWS",
+    )
     parser.add_argument("--body-mib", type=int, default=25)
     parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
     parser.add_argument(
@@ -776,10 +789,22 @@ def stream_and_body_phases(workdir: Path, args: argparse.Namespace) -> tuple[dic
 
 @contextlib.contextmanager
 def stream_servers(
-    workdir: Path, frames: int, interval: float
+    workdir: Path, frames: int, interval: float, tls: bool = False
 ) -> Iterator[tuple[int, int, subprocess.Popen, dict[str, str]]]:
-    """A paced stub and a fresh proxy in front of it: (stub port, proxy port, proxy, auth)."""
+    """A paced stub and a fresh proxy in front of it: (stub port, proxy port, proxy, auth).
+    With ``tls`` the proxy reaches the stub over TLS, as it reaches AWS (the stub's
+    certificate in ``AWS_CA_BUNDLE``); the direct clients still use its plain port."""
     stub_port, proxy_port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{stub_port}"
+    tls_args: list[str] = []
+    cert = ""
+    if tls:
+        from proxy.server.tls import write_self_signed
+
+        cert, key = write_self_signed(str(workdir / "stub-tls"))
+        tls_port = free_port()
+        tls_args = ["--tls-port", str(tls_port), "--tls-cert", cert, "--tls-key", key]
+        upstream = f"https://127.0.0.1:{tls_port}"
     stub_cmd = [
         sys.executable,
         __file__,
@@ -790,8 +815,11 @@ def stream_servers(
         str(frames),
         "--interval",
         str(interval),
+        *tls_args,
     ]
-    env = proxy_env(workdir, f"http://127.0.0.1:{stub_port}", proxy_port)
+    env = proxy_env(workdir, upstream, proxy_port)
+    if cert:
+        env["AWS_CA_BUNDLE"] = cert
     env["BEDROCK_PROXY_MAX_BODY_BYTES"] = str(64 * 1024 * 1024)
     token = create_virtual_key(env)
     with process(stub_cmd, stub_port), process([str(BIN), "serve"], proxy_port, env) as proxy:
@@ -803,7 +831,8 @@ def stream_count_phase(workdir: Path, args: argparse.Namespace, count: int) -> d
     alone: its idle RSS is read after a warm-up of a few requests, so the RSS per stream is
     what ``count`` open streams cost, not what an earlier, larger run left allocated."""
     frames, interval = stream_shape(count, args)
-    with stream_servers(workdir, frames, interval) as (stub_port, proxy_port, proxy, auth):
+    servers = stream_servers(workdir, frames, interval, args.upstream_tls)
+    with servers as (stub_port, proxy_port, proxy, auth):
         direct_url = f"http://127.0.0.1:{stub_port}/model/{MODEL}/converse-stream"
         proxied_url = f"http://127.0.0.1:{proxy_port}/bedrock/model/{MODEL}/converse-stream"
         warm_up(f"http://127.0.0.1:{proxy_port}/bedrock/model/{MODEL}/invoke", auth)
@@ -1223,6 +1252,9 @@ if __name__ == "__main__":
         sub.add_argument("--frames", type=int, default=10)
         sub.add_argument("--interval", type=float, default=0.5)
         sub.add_argument("--upstream")
+        sub.add_argument("--tls-port", type=int)
+        sub.add_argument("--tls-cert")
+        sub.add_argument("--tls-key")
         a = sub.parse_args()
         if a.kind == "stub":
             run_static_stub(a.port)
@@ -1231,7 +1263,8 @@ if __name__ == "__main__":
         elif a.kind == "thin":
             run_thin_hop(a.port, a.upstream)
         else:
-            run_stream_stub(a.port, a.frames, a.interval)
+            tls = (a.tls_port, a.tls_cert, a.tls_key) if a.tls_port else None
+            run_stream_stub(a.port, a.frames, a.interval, tls)
         sys.exit(0)
     import bench_instructions  # (it imports this module by name: after the definitions)
 

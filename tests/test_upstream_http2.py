@@ -139,6 +139,20 @@ def test_streams_over_tls_negotiate_http2(bg, start_proxy, cert_pair, monkeypatc
         bg.run(runner.cleanup())
 
 
+def test_a_large_request_body_goes_up_as_the_windows_allow(start_proxy, fake):
+    """12 MiB against the fake's 256 KiB stream window: sent in pieces as WINDOW_UPDATEs
+    come, byte for byte (the fake checks the SigV4 signature over the body's hash)."""
+    proxy = start_proxy()
+    text = "x" * (12 * 1024 * 1024)
+    client = boto_client("bedrock-runtime", proxy)
+    messages = [{"role": "user", "content": [{"text": text}]}]
+    events = list(client.converse_stream(modelId="m", messages=messages)["stream"])
+    assert "metadata" in events[-1]
+    received = _streams(fake)[-1]
+    assert received.http_version == 2
+    assert json.loads(received.body)["messages"][0]["content"][0]["text"] == text
+
+
 def test_upstream_http2_streams_zero_keeps_every_stream_on_http1(start_proxy, fake):
     proxy = start_proxy(upstream_http2_streams=0)
     assert _stream_text(boto_client("bedrock-runtime", proxy), "m")
@@ -215,3 +229,67 @@ def test_an_idle_connection_closes_after_its_keepalive(bg):
             await runner.cleanup()
 
     bg.run(scenario(), timeout=30)
+
+
+class _RefusingServer(asyncio.Protocol):
+    """A bare HTTP/2 server (h2) that refuses a stream unprocessed the way ``mode``
+    says, then answers the retry: "goaway" sends GOAWAY below the second stream of a
+    connection; "refuse" resets a connection's first stream with REFUSED_STREAM."""
+
+    def __init__(self, mode: str, log: list[list[int]]) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        self.mode = mode
+        self.answered: list[int] = []
+        log.append(self.answered)
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.seen = 0
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.transport = transport
+        self.h2.initiate_connection()
+        transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        from h2 import events as ev
+        from h2.errors import ErrorCodes
+
+        for event in self.h2.receive_data(data):
+            if isinstance(event, ev.StreamEnded):
+                self.seen += 1
+                sid = event.stream_id
+                if self.mode == "goaway" and self.seen == 2:
+                    self.h2.close_connection(last_stream_id=sid - 2)
+                elif self.mode == "refuse" and self.seen == 1:
+                    self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+                else:
+                    self.h2.send_headers(sid, [(b":status", b"200")])
+                    self.h2.send_data(sid, b"answered", end_stream=True)
+                    self.answered.append(sid)
+        self.transport.write(self.h2.data_to_send())
+
+
+@pytest.mark.parametrize("mode", ["goaway", "refuse"])
+def test_a_stream_refused_unprocessed_is_sent_again(bg, mode):
+    async def scenario() -> list[list[int]]:
+        log: list[list[int]] = []
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _RefusingServer(mode, log), "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = h2pool.Http2Pool(connect_timeout=2, read_timeout=5)
+        try:
+            for _ in range(2):
+                response = await pool.request("POST", url, "/x", {}, b"body")
+                assert response.status == 200 and await response.read() == b"answered"
+                response.finish(True)
+        finally:
+            await pool.close()
+            server.close()
+        return log
+
+    log = bg.run(scenario(), timeout=30)
+    if mode == "goaway":  # the second request went on a new connection
+        assert log == [[1], [1]]
+    else:  # the first was refused, then sent again on the same connection
+        assert log == [[3, 5]]

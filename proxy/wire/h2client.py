@@ -1,8 +1,8 @@
 """An HTTP/2 upstream stream on ``h2`` and asyncio, for the one operation that needs it:
 InvokeModelWithBidirectionalStream, full duplex (request frames go up while response
-frames come down). Every other operation stays on ``http1``.
+frames come down). Event streams share connections (``h2pool``); other calls use ``http1``.
 
-One connection per stream: a bidirectional session lasts minutes and carries its own
+One connection per session: a bidirectional session lasts minutes and carries its own
 flow control, so sharing a connection would save one handshake per session at the price
 of one session's stall becoming another's. TLS is verified as ``http1`` verifies it, and
 the connection is refused unless ALPN selects ``h2``. h2c (prior knowledge) is spoken only

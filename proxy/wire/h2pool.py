@@ -56,6 +56,9 @@ from .http2 import (
 )
 
 _STREAM_WINDOW = 1024 * 1024
+# Bytes read before they are acknowledged to h2 (which itself sends WINDOW_UPDATE only
+# once half a window is used): one call per 64 KiB, not one per event-stream frame.
+_ACK_BATCH = 64 * 1024
 _DEFAULT_MAX_STREAMS = 100
 _MAX_WINDOW = 2**31 - 1
 # How long an origin that did not agree to HTTP/2 is not asked again (seconds).
@@ -481,6 +484,7 @@ class Http2Response:
         "_headers_done",
         "_request_ended",
         "_sender",
+        "_unacked",
         "_waiter",
         "_watched",
         "content_length",
@@ -502,6 +506,7 @@ class Http2Response:
         self.headers: CIMultiDict[str] = CIMultiDict()
         self.content_length: int | None = None
         self._chunks: list[bytes] = []
+        self._unacked = 0
         self._headers_done = False
         self._request_ended = False
         self._done = False
@@ -712,7 +717,11 @@ class Http2Response:
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        self._connection.consumed(self.stream_id, len(data))
+        unacked = self._unacked + len(data)
+        if unacked >= _ACK_BATCH:
+            self._connection.consumed(self.stream_id, unacked)
+            unacked = 0
+        self._unacked = unacked
         return data
 
     # -- the end
@@ -732,7 +741,8 @@ class Http2Response:
         connection = self._connection
         if self.stream_id and not (self._done and self._request_ended):
             connection.reset(self.stream_id)
-        unread = sum(len(chunk) for chunk in self._chunks)
+        unread = self._unacked + sum(len(chunk) for chunk in self._chunks)
+        self._unacked = 0
         self._chunks.clear()
         if unread:
             connection.consumed(self.stream_id, unread)  # the connection's share
