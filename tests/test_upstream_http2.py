@@ -293,3 +293,24 @@ def test_a_stream_refused_unprocessed_is_sent_again(bg, mode):
         assert log == [[1], [1]]
     else:  # the first was refused, then sent again on the same connection
         assert log == [[3, 5]]
+
+
+def test_an_unanswered_h2c_preface_means_no_http2(bg):
+    """An ``http://`` server that accepts the connection and never answers the preface
+    is taken for one without HTTP/2 after the connect timeout, and remembered."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = h2pool.Http2Pool(connect_timeout=0.3, read_timeout=5)
+        try:
+            assert not pool.refuses(url)
+            with pytest.raises(h2pool.NotHttp2):
+                await pool.request("POST", url, "/x", {}, b"body")
+            assert pool.refuses(url) and pool.open_connections == 0
+        finally:
+            await pool.close()
+            server.close()
+
+    bg.run(scenario(), timeout=30)

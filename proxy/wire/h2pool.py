@@ -297,6 +297,10 @@ class _Connection(asyncio.Protocol):
             failure: UpstreamError = ConnectTimeout(
                 f"Timed out connecting to the upstream service after {pool.connect_timeout:g} s"
             )
+            if self.transport is not None and not key.tls:
+                # Connected, but the h2c preface went unanswered: not an HTTP/2 server.
+                pool.refused(key)
+                failure = NotHttp2("The upstream service did not answer the HTTP/2 preface")
         except NotHttp2 as exc:
             pool.refused(key)
             failure = exc
@@ -540,7 +544,10 @@ class Http2Response:
             for name, value in headers.items()
             if name not in _SKIPPED
         ]
-        h2.send_headers(stream_id, fields, end_stream=end)
+        try:
+            h2.send_headers(stream_id, fields, end_stream=end)
+        except ProtocolError as exc:  # e.g. the server lowered its stream limit meanwhile
+            raise StreamRefused(f"The upstream connection took no new stream ({exc})") from None
         self._request_ended = end
         connection.streams[stream_id] = self
         if stream_id > 2**30:  # ids run out at 2**31: let a new connection take over
@@ -586,7 +593,10 @@ class Http2Response:
                 self._sender = self.loop.create_future()
                 await self._sender
                 continue
-            h2.send_data(self.stream_id, bytes(view[:window]))
+            try:
+                h2.send_data(self.stream_id, bytes(view[:window]))
+            except ProtocolError as exc:
+                raise ConnectionClosed(f"The upstream stream closed ({exc})") from None
             view = view[window:]
             connection.flush()
             await connection.drained()
