@@ -490,3 +490,50 @@ def test_spend_command_prints_a_table(metered, store_settings, fake):
 def test_health_readiness_with_metering(metered):
     with urllib.request.urlopen(metered.url + "/health/readiness", timeout=5) as response:
         assert json.loads(response.read())["status"] == "ready"
+
+
+def test_a_ledger_flush_writes_what_was_queued_and_leaves_later_rows_for_the_next(tmp_path, bg):
+    """Rows that arrive while a batch is being written wait for the next tick: a flush
+    that drained until the queue was empty kept the writer busy without end under load,
+    one small transaction (and a GIL hand-off) per few dozen rows."""
+    from proxy.metering.ledger import Ledger
+    from proxy.store import open_store
+    from proxy.store.records import SpendRow
+
+    store = open_store(None, str(tmp_path / "ledger.db"))
+    inserts: list[int] = []
+
+    def row(i: int) -> SpendRow:
+        return SpendRow(
+            *(f"lf-{i}", 1795319557.0 + i, "2026-11-22", "key-lf", None, None, None),
+            *(None, "Converse", "bedrock-runtime", "m", 200, 1.0, 1, 1, 0, 0, 2, 0.5, 0),
+            *(None, None, None, 0, None, None, None),
+        )
+
+    async def run() -> tuple[int, list[int], int]:
+        await store.open()
+        ledger = Ledger(store, flush_interval=60, max_batch=40)
+        insert = store.spend.insert
+
+        async def observed(rows, labels):  # rows come in while this batch is written
+            inserts.append(len(rows))
+            for i in range(5 if len(inserts) <= 3 else 0):
+                ledger.record(row(1000 * len(inserts) + i), [])
+            await insert(rows, labels)
+
+        store.spend.insert = observed  # type: ignore[method-assign]
+        try:
+            for i in range(100):
+                ledger.record(row(i), [])
+            await ledger.flush()
+            left_after_first = ledger.depth
+            await ledger.close()
+            written = (await store.db.fetch("SELECT COUNT(*) AS n FROM bp_spend"))[0]["n"]
+            return left_after_first, list(inserts), written
+        finally:
+            await store.close()
+
+    left, sizes, written = bg.run(run(), timeout=30)
+    assert sizes[:3] == [40, 40, 20]  # the 100 queued, in batches of at most 40
+    assert left == 15  # what came in meanwhile waits for the next flush
+    assert sizes[3:] == [15] and written == 115  # and close writes it all
