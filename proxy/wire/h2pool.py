@@ -45,6 +45,7 @@ from .http1 import (
     Origin,
     ReadTimeout,
     UpstreamError,
+    origin_of,
 )
 from .http2 import (
     HOP_BY_HOP,
@@ -54,6 +55,7 @@ from .http2 import (
     ProtocolError,
     SettingCodes,
 )
+from .reading import ArrivingResponse
 
 _STREAM_WINDOW = 1024 * 1024
 # Bytes read before they are acknowledged to h2 (which itself sends WINDOW_UPDATE only
@@ -94,7 +96,6 @@ class Http2Pool:
         self.keepalive_timeout = keepalive_timeout
         self.max_streams = max_streams
         self.deadlines = ReadDeadlines()
-        self._origins: dict[str, Origin] = {}
         # Per origin, the connections taking new streams; ``_all`` has the draining too.
         self._connections: dict[Origin, list[_Connection]] = {}
         self._all: set[_Connection] = set()
@@ -105,17 +106,11 @@ class Http2Pool:
     def open_connections(self) -> int:
         return len(self._all)
 
-    def _origin(self, origin: str) -> Origin:
-        parsed = self._origins.get(origin)
-        if parsed is None:
-            parsed = self._origins[origin] = Origin.parse(origin)
-        return parsed
-
     def refuses(self, origin: str) -> bool:
         """The origin did not agree to HTTP/2 lately: send on HTTP/1.1."""
         if not self._refused:
             return False
-        key = self._origin(origin)
+        key = origin_of(origin)
         until = self._refused.get(key)
         if until is None:
             return False
@@ -135,7 +130,7 @@ class Http2Pool:
     ) -> Http2Response:
         """Send ``method target`` with these headers (``host`` becomes ``:authority``)
         and this body. Raises ``NotHttp2`` when the origin will not speak HTTP/2."""
-        key = self._origin(origin)
+        key = origin_of(origin)
         timeout = self.read_timeout if read_timeout is None else read_timeout
         replayable = body is None or isinstance(body, bytes | list)
         while True:
@@ -476,50 +471,27 @@ class _Connection(asyncio.Protocol):
         self._lose(ConnectionClosed("The upstream client is closing"))
 
 
-class Http2Response:
+class Http2Response(ArrivingResponse):
     """One stream: status and headers at once; the body as it arrives, by ``readany`` or
     ``read``. Its interface is ``http1.Response``'s, so the relay takes either."""
 
     __slots__ = (
-        "_chunks",
         "_connection",
-        "_done",
-        "_error",
-        "_headers_done",
         "_request_ended",
         "_sender",
         "_unacked",
-        "_waiter",
-        "_watched",
-        "content_length",
-        "headers",
-        "last_activity",
-        "loop",
-        "read_timeout",
         "reserved",
-        "status",
         "stream_id",
     )
 
     def __init__(self, connection: _Connection, read_timeout: float) -> None:
+        super().__init__(connection.loop, connection.pool.deadlines, read_timeout)
         self._connection = connection
         self.reserved = True  # one of the connection's stream slots, until ``close``
-        self.loop = connection.loop
         self.stream_id = 0
-        self.status = 0
-        self.headers: CIMultiDict[str] = CIMultiDict()
-        self.content_length: int | None = None
-        self._chunks: list[bytes] = []
         self._unacked = 0
-        self._headers_done = False
         self._request_ended = False
-        self._done = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._sender: asyncio.Future[None] | None = None
-        self.read_timeout = read_timeout
-        self.last_activity = self.loop.time()
-        self._watched = False
 
     # -- sending
 
@@ -553,8 +525,7 @@ class Http2Response:
         if stream_id > 2**30:  # ids run out at 2**31: let a new connection take over
             connection.draining = True
         connection.flush()
-        self._watched = True
-        connection.pool.deadlines.watch(self)
+        self._watch()
 
     async def send_body(self, body: Body) -> None:
         if isinstance(body, bytes):
@@ -656,57 +627,19 @@ class Http2Response:
             self.fail(ConnectionClosed(f"The upstream reset the stream ({_code_name(code)})"))
 
     def fail(self, error: BaseException) -> None:
-        if self._error is None and not self._done:
-            self._error = error
-            self._stop_watching()
-            self._wake()
-            self.wake_sender()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        super().fail(error)
+        self.wake_sender()
 
     # -- timeouts
 
-    def set_read_timeout(self, seconds: float) -> None:
-        """From now on, the longest the upstream may stay silent."""
-        self.read_timeout = seconds
-        self.last_activity = self.loop.time()
-        if self._watched:
-            self._connection.pool.deadlines.watch(self)
-
     def timed_out(self, now: float) -> None:
-        """The read deadline passed (the pool's check). Unread bytes mean the proxy is
-        the slow side (its client has not taken them), which is not the upstream's fault."""
-        if self._chunks:
+        if self._chunks:  # unread: the client is the slow side
             self.last_activity = now
             return
         self.fail(ReadTimeout(f"The upstream sent nothing for {self.read_timeout:g} s"))
         self._connection.reset(self.stream_id)
 
-    def _stop_watching(self) -> None:
-        if self._watched:
-            self._watched = False
-            self._connection.pool.deadlines.unwatch(self)
-
-    def forget_headers(self) -> None:
-        """The headers were passed on: an open stream need not hold them."""
-        self.headers = CIMultiDict()
-
     # -- reading
-
-    def _wakeup(self) -> asyncio.Future[None]:
-        """A future the next event sets, awaited in the caller's own frame (as in
-        ``http1.Response``); raises the failure once nothing is left to read before it."""
-        if self._error is not None:
-            raise self._error
-        waiter = self._waiter = self.loop.create_future()
-        return waiter
-
-    async def wait_headers(self) -> None:
-        while not self._headers_done:
-            await self._wakeup()
 
     async def read(self) -> bytes:
         """The whole body (taken as it comes, so the stream's window keeps opening)."""
@@ -715,24 +648,12 @@ class Http2Response:
             pieces.append(data)
         return b"".join(pieces)
 
-    async def readany(self) -> bytes:
-        """What has arrived since the last call, waiting for something; b"" at the end."""
-        while not self._chunks:
-            if self._done:
-                return b""
-            await self._wakeup()
-        return self._take()
-
-    def _take(self) -> bytes:
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        unacked = self._unacked + len(data)
+    def _taken(self, size: int) -> None:
+        unacked = self._unacked + size
         if unacked >= _ACK_BATCH:
             self._connection.consumed(self.stream_id, unacked)
             unacked = 0
         self._unacked = unacked
-        return data
 
     # -- the end
 

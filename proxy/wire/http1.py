@@ -13,6 +13,7 @@ response's deadline (``deadlines``), so a stream of small frames reschedules no 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import socket
@@ -26,6 +27,7 @@ import httptools
 from multidict import CIMultiDict
 
 from .deadlines import ReadDeadlines
+from .reading import ArrivingResponse
 
 # Body bytes buffered before the socket stops being read (until the reader takes them).
 _HIGH_WATER = 1024 * 1024
@@ -71,6 +73,12 @@ class Origin:
         return cls(parts.hostname or "", parts.port or (443 if tls else 80), tls)
 
 
+@functools.lru_cache(maxsize=256)
+def origin_of(origin: str) -> Origin:
+    """``Origin.parse``, once per origin (a pool looks it up per request)."""
+    return Origin.parse(origin)
+
+
 class Pool:
     """Keep-alive connections per origin; ``request`` returns once the headers are in."""
 
@@ -88,7 +96,6 @@ class Pool:
         self.keepalive_timeout = keepalive_timeout
         self._limit = limit_per_host
         self._ssl = ssl_context
-        self._origins: dict[str, Origin] = {}
         # Per origin, idle connections oldest first: a dict as an ordered set, so taking the
         # newest, expiring the oldest and dropping a closed one are all O(1) with thousands.
         self._idle: dict[Origin, dict[_Connection, None]] = {}
@@ -106,12 +113,6 @@ class Pool:
     def open_connections(self) -> int:
         return len(self._all)
 
-    def origin(self, origin: str) -> Origin:
-        parsed = self._origins.get(origin)
-        if parsed is None:
-            parsed = self._origins[origin] = Origin.parse(origin)
-        return parsed
-
     async def request(
         self,
         method: str,
@@ -127,7 +128,7 @@ class Pool:
         byte comes back; an idempotent request with a replayable body is then sent once
         more on a new connection (as aiohttp and botocore do). Others fail: a POST may
         have been received."""
-        key = self.origin(origin)
+        key = origin_of(origin)
         timeout = self.read_timeout if read_timeout is None else read_timeout
         head, chunked = _head(method, target, headers, body)
         may_retry = method in _IDEMPOTENT and (body is None or isinstance(body, bytes | list))
@@ -445,19 +446,14 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-class Response:
+class Response(ArrivingResponse):
     """Status and headers at once; the body as it arrives, by ``readany`` or ``read``."""
 
-    # Thousands are alive at once with streams open: no per-instance dict to collect.
     __slots__ = (
         "_buffered",
-        "_chunks",
         "_connection",
-        "_done",
-        "_error",
         "_head_bytes",
         "_head_only",
-        "_headers_done",
         "_keep_alive",
         "_parser",
         "_raw_headers",
@@ -465,18 +461,10 @@ class Response:
         "_released",
         "_slot",
         "_until_eof",
-        "_waiter",
-        "_watched",
         "body_sent",
         "chunked_request",
-        "content_length",
-        "headers",
-        "last_activity",
-        "loop",
-        "read_timeout",
         "received",
         "sender",
-        "status",
     )
 
     def __init__(
@@ -486,6 +474,7 @@ class Response:
         read_timeout: float,
         slot: asyncio.Semaphore | None,
     ) -> None:
+        super().__init__(connection.loop, connection.pool.deadlines, read_timeout)
         self._connection = connection
         self._slot = slot
         # The parser holds this response's bound methods, a reference cycle: it is dropped
@@ -494,32 +483,18 @@ class Response:
         # ~1.3 ms per collection on these under load).
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
-        self.loop = connection.loop
         self._raw_headers: list[tuple[str, str]] = []
-        self.status = 0
-        self.headers: CIMultiDict[str] = CIMultiDict()
-        self.content_length: int | None = None
         self.chunked_request = False
         self.body_sent = False
         self.received = False
         self._head_bytes = 0
         self.sender: asyncio.Future[None] | None = None
-        # A list, not a deque: a deque allocates a 64-slot block up front (624 bytes per
-        # open stream), where a stream holds one chunk at a time.
-        self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
-        self._headers_done = False
-        self._done = False
         self._until_eof = False
         self._keep_alive = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._released = False
-        self.read_timeout = read_timeout
-        self.last_activity = self.loop.time()
-        self._watched = True
-        connection.pool.deadlines.watch(self)
+        self._watch()
 
     # -- llhttp callbacks
 
@@ -591,11 +566,6 @@ class Response:
                 self.fail(ConnectionClosed("The upstream sent a response head over 64 KiB"))
                 self._connection.abort()
 
-    def forget_headers(self) -> None:
-        """The headers were passed on: a stream that stays open for minutes need not hold
-        them (~600 bytes of every open stream)."""
-        self.headers = CIMultiDict()
-
     def touch(self) -> None:
         self.last_activity = self.loop.time()
 
@@ -620,56 +590,16 @@ class Response:
         self._stop_watching()
         self._wake()
 
-    def fail(self, error: BaseException) -> None:
-        if self._error is None and not self._done:
-            self._error = error
-            self._stop_watching()
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     # -- timeouts
 
-    def set_read_timeout(self, seconds: float) -> None:
-        """From now on, the longest the upstream may stay silent."""
-        self.read_timeout = seconds
-        self.last_activity = self.loop.time()
-        if self._watched:
-            self._connection.pool.deadlines.watch(self)
-
     def timed_out(self, now: float) -> None:
-        """The read deadline passed (the pool's check): fail, unless we are the slow side
-        (reading paused because the client has not taken what came), which is not the
-        upstream's fault."""
-        if self._reading_paused:
+        if self._reading_paused:  # the client has not taken what came: it is the slow side
             self.last_activity = now
             return
         self.fail(ReadTimeout(f"The upstream sent nothing for {self.read_timeout:g} s"))
         self._connection.abort()
 
-    def _stop_watching(self) -> None:
-        if self._watched:
-            self._watched = False
-            self._connection.pool.deadlines.unwatch(self)
-
     # -- reading
-
-    def _wakeup(self) -> asyncio.Future[None]:
-        """A future the next event sets (bytes, the end, a failure), to await in the
-        caller's own frame: with a waiting coroutine of its own, every open stream held
-        one more frame, and every chunk cost one more coroutine call. Raises the failure,
-        if any, once nothing is left to read before it."""
-        if self._error is not None:
-            raise self._error
-        waiter = self._waiter = self.loop.create_future()
-        return waiter
-
-    async def wait_headers(self) -> None:
-        while not self._headers_done:
-            await self._wakeup()
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -680,22 +610,13 @@ class Response:
         self._buffered = 0
         return data
 
-    async def readany(self) -> bytes:
-        """What has arrived since the last call, waiting for something; b"" at the end."""
-        while not self._chunks:
-            if self._done:
-                return b""
-            await self._wakeup()
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+    def _taken(self, size: int) -> None:
         self._buffered = 0
         if self._reading_paused:
             self._reading_paused = False
             transport = self._connection.transport
             if transport is not None:
                 transport.resume_reading()
-        return data
 
     # -- the end
 
