@@ -393,3 +393,24 @@ async def test_failed_streamed_body_reports_its_own_error():
             await p.request("PUT", origin, "/", {"host": "h"}, upload())
         await eventually(lambda: p.open_connections == 0)
         await p.close()
+
+
+async def test_a_body_larger_than_the_high_water_mark_reads_whole():
+    """``read`` (job listings, batch manifests from S3) takes a body of several MiB: the
+    socket paused at the high-water mark is read again as the body is taken, where a
+    reader waiting for the end alone waited forever (the pause is the client's fault, so
+    no read deadline fires)."""
+    size = 5 * 1024 * 1024
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(ok(b"y" * size))
+        await writer.drain()
+
+    async with Scripted(handler) as origin:
+        p = pool(read_timeout=2.0)
+        r = await p.request("GET", origin, "/", {"host": "h"})
+        async with asyncio.timeout(10):
+            assert await r.read() == b"y" * size
+        r.release()
+        await p.close()

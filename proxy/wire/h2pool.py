@@ -641,13 +641,6 @@ class Http2Response(ArrivingResponse):
 
     # -- reading
 
-    async def read(self) -> bytes:
-        """The whole body (taken as it comes, so the stream's window keeps opening)."""
-        pieces = []
-        while data := await self.readany():
-            pieces.append(data)
-        return b"".join(pieces)
-
     def _taken(self, size: int) -> None:
         unacked = self._unacked + size
         if unacked >= _ACK_BATCH:

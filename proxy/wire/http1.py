@@ -601,15 +601,6 @@ class Response(ArrivingResponse):
 
     # -- reading
 
-    async def read(self) -> bytes:
-        """The whole body."""
-        while not self._done:
-            await self._wakeup()
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return data
-
     def _taken(self, size: int) -> None:
         self._buffered = 0
         if self._reading_paused:

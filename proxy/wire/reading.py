@@ -74,6 +74,22 @@ class ArrivingResponse:
         while not self._headers_done:
             await self._wakeup()
 
+    async def read(self) -> bytes:
+        """The whole body, taken as it arrives: a reader waiting for the end alone waited
+        forever once the socket paused at the high-water mark (a body over 1 MiB), and
+        no deadline fires while the proxy is the slow side."""
+        pieces: list[bytes] = []
+        while True:
+            chunks = self._chunks
+            if chunks:
+                pieces += chunks
+                taken = sum(len(chunk) for chunk in chunks)
+                chunks.clear()
+                self._taken(taken)
+            if self._done:
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            await self._wakeup()
+
     async def readany(self) -> bytes:
         """What has arrived since the last call, waiting for something; b"" at the end."""
         while not self._chunks:
