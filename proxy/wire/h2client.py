@@ -249,15 +249,17 @@ class Http2Stream(asyncio.Protocol):
             self._transport.write(data)
 
 
-_contexts: dict[str | None, ssl.SSLContext] = {}
+_contexts: dict[tuple[str | None, tuple[str, ...]], ssl.SSLContext] = {}
 
 
-def h2_ssl_context() -> ssl.SSLContext:
+def h2_ssl_context(protocols: tuple[str, ...] = ("h2",)) -> ssl.SSLContext:
     """Verifying as ``http1`` does (the system trust store, or ``AWS_CA_BUNDLE`` as
-    botocore reads it), offering only h2."""
+    botocore reads it), offering ``protocols`` by ALPN: h2 alone for a bidirectional
+    session, which has no other way; h2 then http/1.1 for ``h2pool``, so a server that
+    refuses a handshake without a protocol in common still answers, with http/1.1."""
     cafile = os.environ.get("AWS_CA_BUNDLE") or None
-    context = _contexts.get(cafile)
+    context = _contexts.get((cafile, protocols))
     if context is None:
-        context = _contexts[cafile] = ssl.create_default_context(cafile=cafile)
-        context.set_alpn_protocols(["h2"])
+        context = _contexts[cafile, protocols] = ssl.create_default_context(cafile=cafile)
+        context.set_alpn_protocols(list(protocols))
     return context

@@ -265,7 +265,7 @@ class _Connection(asyncio.Protocol):
     async def _open(self) -> None:
         key = self.key
         pool = self.pool
-        context = h2_ssl_context() if key.tls else None
+        context = h2_ssl_context(("h2", "http/1.1")) if key.tls else None
         try:
             async with asyncio.timeout(pool.connect_timeout):
                 await self.loop.create_connection(
