@@ -83,7 +83,7 @@ class ArrivingResponse:
             chunks = self._chunks
             if chunks:
                 pieces += chunks
-                taken = sum(len(chunk) for chunk in chunks)
+                taken = sum(map(len, chunks))  # (a generator: ~1k instructions more)
                 chunks.clear()
                 self._taken(taken)
             if self._done:
