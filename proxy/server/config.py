@@ -48,7 +48,7 @@ class Settings:
     header_timeout: float = 10.0
     body_timeout: float = 120.0
     keepalive_timeout: float = 75.0
-    # Keep-alive connections per upstream host; 0 means no limit (each open stream holds one).
+    # HTTP/1.1 connections per upstream host; 0 means no limit (each call in flight holds one).
     pool_size: int = 0
     # Event streams share HTTP/2 connections upstream, this many per connection (fewer if
     # the server says so); 0 puts each on an HTTP/1.1 connection of its own. An upstream
