@@ -314,3 +314,49 @@ def test_an_unanswered_h2c_preface_means_no_http2(bg):
             server.close()
 
     bg.run(scenario(), timeout=30)
+
+
+def test_a_connection_that_reset_64_streams_takes_no_new_ones(bg):
+    """Servers close a connection that resets many streams quickly (the rapid-reset
+    defence; the proxy's own front does past 200 in 10 s), which would cut its other
+    streams: after 64 resets a connection is retired and the next stream opens another,
+    while the streams already on it run to their end."""
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(20):
+            await response.write(b"x")
+            await asyncio.sleep(0.05)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+
+    async def scenario() -> tuple[int, int, bytes]:
+        url, runner = await _serve(app)
+        pool = h2pool.Http2Pool(connect_timeout=2, read_timeout=5)
+        headers = {"host": url[7:]}
+        try:
+            survivor = await pool.request("GET", url, "/slow", headers)
+            for _ in range(64):  # clients that hang up after the first byte
+                leaver = await pool.request("GET", url, "/slow", headers)
+                await leaver.readany()
+                leaver.close()
+            before = pool.open_connections
+            fresh = await pool.request("GET", url, "/slow", headers)
+            after = pool.open_connections
+            async with asyncio.timeout(10):
+                whole = await survivor.read()
+                assert await fresh.read() == b"x" * 20
+            survivor.finish(True)
+            fresh.finish(True)
+            return before, after, whole
+        finally:
+            await pool.close()
+            await runner.cleanup()
+
+    before, after, whole = bg.run(scenario(), timeout=30)
+    assert (before, after) == (1, 2)
+    assert whole == b"x" * 20  # the retired connection's own stream was not cut
