@@ -24,7 +24,12 @@ class Ledger:
         self,
         store: Store,
         flush_interval: float = 1.0,
-        max_batch: int = 2000,
+        # Rows per transaction, and the queue length that wakes the writer before its
+        # tick: one transaction a second up to 10,000 requests a second. At 2,000 the
+        # governed key ran 1-4 % slower at 4,600 requests a second (two interleaved A/B
+        # runs against the thin hop: 0.822 and 0.825 against 0.834 and 0.862): each
+        # transaction rewrites the last pages of six B-trees and hands the GIL over.
+        max_batch: int = 10_000,
         max_queue: int = 200_000,
     ) -> None:
         self._store = store
