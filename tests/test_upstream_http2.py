@@ -5,10 +5,12 @@ gets HTTP/1.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -162,8 +164,18 @@ def test_upstream_http2_streams_zero_keeps_every_stream_on_http1(start_proxy, fa
 # ---------------------------------------------------------------------- the pool itself
 
 
-async def _serve(app: web.Application) -> tuple[str, web.AppRunner]:
-    return await start_server(app)
+@contextlib.asynccontextmanager
+async def _pool_before(app: web.Application, **settings: float) -> AsyncIterator[tuple]:
+    """(url, pool): ``app`` on the proxy's own listener (HTTP/2 on its port, as the fakes
+    are) and an ``Http2Pool`` in front of it, both closed after."""
+    url, runner = await start_server(app)
+    settings = {"connect_timeout": 2, "read_timeout": 5, **settings}
+    pool = h2pool.Http2Pool(**settings)  # type: ignore[arg-type]
+    try:
+        yield url, pool
+    finally:
+        await pool.close()
+        await runner.cleanup()
 
 
 def test_a_reader_that_stops_stalls_only_its_own_stream(bg):
@@ -183,9 +195,7 @@ def test_a_reader_that_stops_stalls_only_its_own_stream(bg):
     app.router.add_get("/big", big)
 
     async def scenario() -> None:
-        url, runner = await _serve(app)
-        pool = h2pool.Http2Pool(connect_timeout=2, read_timeout=5, max_streams=10)
-        try:
+        async with _pool_before(app, max_streams=10) as (url, pool):
             unread = await pool.request("GET", url, "/big", {"host": url[7:]})
             await asyncio.sleep(0.2)  # the server fills that stream's window
             assert pool.open_connections == 1
@@ -197,9 +207,6 @@ def test_a_reader_that_stops_stalls_only_its_own_stream(bg):
                 assert len(await unread.read()) == size  # it resumes once read
             unread.finish(True)
             assert pool.open_connections == 1
-        finally:
-            await pool.close()
-            await runner.cleanup()
 
     bg.run(scenario(), timeout=30)
 
@@ -212,9 +219,7 @@ def test_an_idle_connection_closes_after_its_keepalive(bg):
     app.router.add_get("/", hello)
 
     async def scenario() -> None:
-        url, runner = await _serve(app)
-        pool = h2pool.Http2Pool(connect_timeout=2, read_timeout=5, keepalive_timeout=0.2)
-        try:
+        async with _pool_before(app, keepalive_timeout=0.2) as (url, pool):
             response = await pool.request("GET", url, "/", {"host": url[7:]})
             assert response.status == 200 and await response.read() == b"hi"
             response.finish(True)
@@ -224,9 +229,6 @@ def test_an_idle_connection_closes_after_its_keepalive(bg):
                     break
                 await asyncio.sleep(0.02)
             assert pool.open_connections == 0
-        finally:
-            await pool.close()
-            await runner.cleanup()
 
     bg.run(scenario(), timeout=30)
 
@@ -335,10 +337,8 @@ def test_a_connection_that_reset_64_streams_takes_no_new_ones(bg):
     app.router.add_get("/slow", slow)
 
     async def scenario() -> tuple[int, int, bytes]:
-        url, runner = await _serve(app)
-        pool = h2pool.Http2Pool(connect_timeout=2, read_timeout=5)
-        headers = {"host": url[7:]}
-        try:
+        async with _pool_before(app) as (url, pool):
+            headers = {"host": url[7:]}
             survivor = await pool.request("GET", url, "/slow", headers)
             for _ in range(64):  # clients that hang up after the first byte
                 leaver = await pool.request("GET", url, "/slow", headers)
@@ -353,9 +353,6 @@ def test_a_connection_that_reset_64_streams_takes_no_new_ones(bg):
             survivor.finish(True)
             fresh.finish(True)
             return before, after, whole
-        finally:
-            await pool.close()
-            await runner.cleanup()
 
     before, after, whole = bg.run(scenario(), timeout=30)
     assert (before, after) == (1, 2)
