@@ -753,10 +753,11 @@ def paired_ratio(thin: tuple, governed: tuple, workdir: Path) -> dict:
 
 
 def allow_descriptors(needed: int) -> None:
-    """The proxy holds two descriptors per stream (client and upstream; it raises its own
-    soft limit to the hard one). A hard limit below that is raised when the bench may
-    (as root), and the processes it starts inherit it; otherwise the streams past it fail,
-    and the table says how many."""
+    """The proxy holds one descriptor per stream (its client's; streams share HTTP/2
+    connections upstream), two with ``upstream_http2_streams: 0``, and raises its own soft
+    limit to the hard one. A hard limit below ``needed`` is raised when the bench may (as
+    root), and the processes it starts inherit it; otherwise streams past it fail, and
+    the table says how many."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
