@@ -10,11 +10,12 @@ Flow control keeps one slow client from stalling the others: a stream's window (
 ``http1``'s high-water mark) is opened again only as its reader takes the bytes, and the
 connection's window covers every stream's, so it never runs out first.
 
-An origin that does not agree to HTTP/2 (ALPN on TLS; h2c by prior knowledge on
-``http://``, where a server that is not HTTP/2 answers the preface with an error) is
-found out before any request is sent, and is remembered: its requests go on HTTP/1.1
-(``refuses``). A stream the server refuses unprocessed (REFUSED_STREAM, or a GOAWAY below
-its id) is sent once more on another connection when its body can be sent again.
+An origin that does not agree to HTTP/2 (by ALPN on TLS, which offers h2 then
+http/1.1; on ``http://``, by answering the h2c preface with anything but SETTINGS, by
+closing, or by leaving it unanswered past the connect timeout) is found out before any
+request is sent, and is remembered: its requests go on HTTP/1.1 (``refuses``). A stream
+the server refuses unprocessed (REFUSED_STREAM, or a GOAWAY below its id) is sent once
+more on another connection when its body can be sent again.
 
 A stream whose client hung up is reset (RST_STREAM, CANCEL), which stops the model as
 closing an HTTP/1.1 connection did. After ``_RESETS_PER_CONNECTION`` resets a connection
