@@ -655,9 +655,6 @@ class Http2Response(ArrivingResponse):
         """The caller is done (read whole or not, the connection stays for others)."""
         self.close()
 
-    def release(self) -> None:
-        self.close()
-
     def close(self) -> None:
         """Free the stream: one not yet ended is reset (RST_STREAM, CANCEL)."""
         if not self.reserved:
