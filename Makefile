@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
 
-.PHONY: install js-install sdk-install browser-install demo run run-tls test typecheck lint bench clean wheel deploy-check
+.PHONY: install js-install sdk-install debian-packages demo run run-tls test test-prerequisites typecheck lint bench clean wheel deploy-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,17 +65,29 @@ run-tls: install
 			--tls-cert .tls/cert.pem --tls-key .tls/key.pem; \
 	fi
 
-# Two workers, a test file each at a time (module fixtures stay in one process); every
-# server a test starts listens on its own port and PostgreSQL gives each worker a database.
-# Debian's Chromium and its driver, for the console's browser tests (nothing is fetched at
-# test time: Selenium is pointed at these two).
-browser-install:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+# Debian packages the tests use, in one apt-get run (two at once would contend for dpkg's
+# lock): Chromium and its driver for the console's browser tests (nothing is fetched at test
+# time: Selenium is pointed at these two), and docker-compose, as root only, for deploy-check.
+debian-packages:
+	@missing=""; \
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || missing="chromium chromium-driver"; \
+	if [ "$$(id -u)" = 0 ] && ! docker compose version >/dev/null 2>&1 \
+		&& ! command -v docker-compose >/dev/null; then missing="$$missing docker-compose"; fi; \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install $$missing"; \
+		apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
-test: install js-install sdk-install browser-install deploy-check typecheck
+# The set-up steps are independent (pip, npm, a second venv, apt), so they run side by side:
+# a fresh clone's `make test` spends a minute less before its first test. Then two workers,
+# a test file each at a time (module fixtures stay in one process); every server a test
+# starts listens on its own port and PostgreSQL gives each worker a database.
+test:
+	@$(MAKE) --no-print-directory -j4 --output-sync=target test-prerequisites
 	$(VENV)/bin/ruff check proxy tests
 	$(PY) -m pytest -n 2 --dist loadfile
+
+test-prerequisites: install js-install sdk-install debian-packages deploy-check typecheck
 
 # Types (strict on wire/ and store/) and the layer contract (imports point down only).
 typecheck: install
@@ -87,7 +99,7 @@ wheel: install
 	$(PY) -m pip wheel -q --no-deps -w dist .
 
 # Kubernetes manifests against their schemas, the compose file, the wheel's contents.
-deploy-check: install
+deploy-check: install debian-packages
 	VENV=$(VENV) deploy/check.sh
 
 # A benchmark, not a test: one table, and bench-results.json to compare commits.
