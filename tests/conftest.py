@@ -36,6 +36,27 @@ REGION = "us-east-1"
 SERVICES = ("bedrock-runtime", "bedrock-agent-runtime", "bedrock")
 
 
+# pytest-xdist (--dist loadfile --no-loadscope-reorder) hands out test files in collection
+# order, so the longest go first. Its own order (most tests first) left the replicas' file
+# for last, run alone for 30 s while the other workers idled. Wall seconds per file as
+# measured; the other files keep their order.
+LONGEST_FIRST = (
+    "test_resilience.py",  # 42
+    "test_replicas.py",  # 30
+    "test_http2.py",  # 30
+    "test_upstream_routing.py",  # 28
+    "test_console.py",  # 21
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 def _isolate_aws_environment(tmp: str) -> None:
     """No real AWS settings or credentials may reach a test; the upstream's come from a
     shared-credentials profile, so the proxy resolves them through the real chain."""

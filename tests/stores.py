@@ -22,9 +22,11 @@ def unreachable(service: str, reason: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pg_database(bg) -> Iterator[str]:
-    """A fresh database for this test session, dropped at the end."""
+    """A fresh database for each test file, dropped at its end: a file's totals must not
+    count the rows of whichever file ran before it in the same worker (the replicas' load
+    test leaves 5,000)."""
     import asyncpg
 
     name = f"bp_test_{secrets.token_hex(4)}"
