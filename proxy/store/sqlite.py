@@ -11,12 +11,20 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .database import Database, RowBatch, StoreConflict
 from .migrations import statements
 
 _T = TypeVar("_T")
+
+# The sqlite3 module binds int, float, str and bytes directly, but sends every other value,
+# None included, through its adaptation protocol, which for None fails two attribute
+# lookups, formatting an AttributeError message for each: a ledger row binds 8-10 NULLs,
+# and that was a third of the ledger writer's work (callgrind, 16,000 rows: 53.6k
+# instructions a row, 36.8k with this). An adapter registered for None is found in the
+# registry first; ``dict.get`` returns None for it in C.
+sqlite3.register_adapter(type(None), cast(Callable[[None], None], {}.get))
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 # Rows per multi-row INSERT: 256 rows of 27 columns stay well under SQLite's 32,766 bound
