@@ -74,7 +74,9 @@ class Pipeline:
 
     async def serve(self, request: web.Request, front: Front) -> web.StreamResponse:
         x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
-        task = asyncio.current_task()
+        # The loop named, not looked up: on Python 3.11 finding the running loop costs a
+        # getpid() system call, on every request.
+        task = asyncio.current_task(request.task.get_loop())
         if task is not None:
             self._active.add(task)
         try:
