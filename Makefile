@@ -81,7 +81,8 @@ debian-packages:
 # The set-up steps are independent (pip, npm, a second venv, apt), so they run side by side:
 # a fresh clone's `make test` spends a minute less before its first test. Then three workers
 # on the two cores, a test file each at a time (module fixtures stay in one process): the
-# tests wait on servers as much as they compute (2:26 with two workers here, 2:00 with three).
+# tests wait on servers as much as they compute (2:26-2:30 with two workers here, 1:57-2:14
+# with three).
 # Every server a test starts listens on its own port, PostgreSQL gives each test file its
 # own database, and files go out longest first (tests/conftest.py: LONGEST_FIRST).
 test:
