@@ -95,11 +95,8 @@ def compare(workdir: Path, trees: dict[str, Path], rounds: int, seconds: int) ->
         )
         if name in trees:  # the checked-out commit's package, ahead of the editable install
             envs[name]["PYTHONPATH"] = str(trees[name])
-    script = workdir / "post.lua"
-    lines = ['wrk.method = "POST"', f"wrk.body = '{bench.CONVERSE_BODY}'"]
-    lines += ['wrk.headers["Content-Type"] = "application/json"']
-    lines += [f'wrk.headers["Authorization"] = "Bearer {token}"']
-    script.write_text("\n".join(lines) + "\n")
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    script = bench.wrk_script(workdir, headers)
     urls = {
         name: f"http://127.0.0.1:{port}/bedrock/model/{bench.MODEL}/converse"
         for name, port in ports.items()

@@ -223,6 +223,15 @@ def steal_counters() -> tuple[int, int]:
     return fields[7], sum(fields)
 
 
+def wrk_script(workdir: Path, headers: dict[str, str], name: str = "post.lua") -> Path:
+    """A wrk script that POSTs the small Converse body with these headers."""
+    script = workdir / name
+    lines = ['wrk.method = "POST"', f"wrk.body = '{CONVERSE_BODY}'"]
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    script.write_text("\n".join(lines) + "\n")
+    return script
+
+
 def wrk(
     url: str,
     connections: int,
@@ -231,10 +240,7 @@ def wrk(
     workdir: Path,
     server_pid: int | None = None,
 ) -> dict:
-    script = workdir / "post.lua"
-    lines = ['wrk.method = "POST"', f"wrk.body = '{CONVERSE_BODY}'"]
-    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
-    script.write_text("\n".join(lines) + "\n")
+    script = wrk_script(workdir, headers)
     steal_before = steal_counters()
     cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     out = subprocess.run(
