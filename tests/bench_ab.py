@@ -5,9 +5,11 @@ apart differ by up to a quarter: a change worth 3 % cannot be seen that way. Her
 proxies serve the governed key at the same moment, each driven by its own wrk, so
 whatever the hypervisor does falls on both. Each proxy gets its own SQLite file, because
 two ledger writers on one file contend for its write lock (one commit against itself read
-0.94 with a shared file, 0.97-1.04 with two). Run ``--control`` first, and more than once:
-the spread of B/A for identical code is the noise a result must clear (one run of a
-change read 1.11, its next two 0.98, against a control of 0.97).
+0.94 with a shared file, 0.97-1.04 with two), and its own nginx: with one upstream for
+both, each proxy's requests kept it awake for the other's, and a change that spared the
+upstream its wake-ups (``Pool.write_soon``) read 1.11, 0.98 and 0.98 against a control
+of 0.97. Run ``--control`` first, and more than once: the spread of B/A for identical
+code is the noise a result must clear.
 
     .venv/bin/python tests/bench_ab.py HEAD~1 --rounds 10
     .venv/bin/python tests/bench_ab.py HEAD --control
@@ -81,31 +83,38 @@ def main() -> int:
 
 
 def compare(workdir: Path, trees: dict[str, Path], rounds: int, seconds: int) -> int:
-    stub_port, hop_port = bench.free_port(), bench.free_port()
     ports = {"A": bench.free_port(), "B": bench.free_port()}
-    upstream = f"http://127.0.0.1:{stub_port}"
-    env = bench.proxy_env(workdir, upstream, ports["B"])
+    stubs = {name: (bench.free_port(), bench.free_port()) for name in ports}
+    env = bench.proxy_env(workdir, f"http://127.0.0.1:{stubs['B'][0]}", ports["B"])
     token = bench.create_virtual_key(env, *bench.GOVERNED)
     envs = {}
+    stub_cmds = {}
     for name in ("A", "B"):
         database = workdir / f"{name}.db"
         shutil.copy(workdir / "bench.db", database)  # the key, in a file of its own
         envs[name] = dict(
-            env, BEDROCK_PROXY_PORT=str(ports[name]), BEDROCK_PROXY_SQLITE_PATH=str(database)
+            env,
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{stubs[name][0]}",
+            BEDROCK_PROXY_PORT=str(ports[name]),
+            BEDROCK_PROXY_SQLITE_PATH=str(database),
         )
         if name in trees:  # the checked-out commit's package, ahead of the editable install
             envs[name]["PYTHONPATH"] = str(trees[name])
+        stub_dir = workdir / f"stub-{name}"
+        stub_dir.mkdir()
+        conf = bench.nginx_config(stub_dir, *stubs[name])
+        stub_cmds[name] = ["nginx", "-c", str(conf), "-p", str(stub_dir)]
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     script = bench.wrk_script(workdir, headers)
     urls = {
         name: f"http://127.0.0.1:{port}/bedrock/model/{bench.MODEL}/converse"
         for name, port in ports.items()
     }
-    stub = ["nginx", "-c", str(bench.nginx_config(workdir, stub_port, hop_port))]
     # -P: no working directory ahead of PYTHONPATH, or A would import the working tree too.
     serve = [sys.executable, "-P", "-m", "proxy", "serve"]
     with (
-        bench.process([*stub, "-p", str(workdir)], stub_port),
+        bench.process(stub_cmds["A"], stubs["A"][0]),
+        bench.process(stub_cmds["B"], stubs["B"][0]),
         bench.process(serve, ports["A"], envs["A"]),
         bench.process(serve, ports["B"], envs["B"]),
     ):

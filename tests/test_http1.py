@@ -367,6 +367,42 @@ async def test_stale_kept_alive_connection_retries_idempotent_requests_only(meth
     assert server.connections == (2 if retried else 1)
 
 
+@pytest.mark.parametrize("method, retried", [("GET", True), ("POST", False)])
+async def test_a_connection_closing_before_its_turns_writes_go_out(method, retried):
+    """Requests are written together at the end of the loop's turn (``Pool.write_soon``):
+    one whose connection closes in between is not written to the closing transport, and
+    fails, or goes again on a new connection, as if the upstream had closed it."""
+    seen: list[bytes] = []
+
+    async def handler(reader, writer):
+        while True:
+            _head, body = await read_request(reader)
+            seen.append(body)
+            writer.write(ok(body))
+
+    server = Scripted(handler)
+    async with server as origin:
+        p = pool()
+        r = await p.request(method, origin, "/", {"host": "h"}, b"one")
+        assert await r.read() == b"one"
+        r.release()
+        (connection,) = p._all
+        sending = asyncio.ensure_future(p.request(method, origin, "/", {"host": "h"}, b"two"))
+        await asyncio.sleep(0)  # the request is queued, its write not yet made
+        assert seen == [b"one"] and p._outbox
+        connection.transport.abort()
+        if retried:
+            r = await sending
+            assert await r.read() == b"two"
+            r.release()
+        else:
+            with pytest.raises(http1.ConnectionClosed):
+                await sending
+        await p.close()
+    assert seen == ([b"one", b"two"] if retried else [b"one"])
+    assert server.connections == (2 if retried else 1)
+
+
 async def test_header_values_cannot_inject_lines():
     async with Scripted(read_request) as origin:
         p = pool()

@@ -108,6 +108,7 @@ class Pool:
         # host -> (expiry, addresses): a new connection must not wait for getaddrinfo.
         self._dns: dict[str, tuple[float, list[str]]] = {}
         self.dns_ttl = 60.0
+        self._outbox: list[tuple[_Connection, bytes | list[bytes]]] = []
 
     @property
     def open_connections(self) -> int:
@@ -229,6 +230,28 @@ class Pool:
         return addresses
 
     # -- bookkeeping, called by connections
+
+    def write_soon(self, connection: _Connection, data: bytes | list[bytes]) -> None:
+        """Write a whole request at the end of this turn of the loop, with the others.
+
+        Written at once, every request of a turn reaches an upstream that is still awake
+        from the first: one written at a time, each woke it from ``epoll_wait`` again (a
+        wake-up costs the writer 10-15 us of system time on this VM: perf showed 0.85
+        wake-ups of nginx per proxied request against 0.15 for the thin hop)."""
+        if not self._outbox:
+            connection.loop.call_soon(self._flush)
+        self._outbox.append((connection, data))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for connection, data in outbox:
+            transport = connection.transport
+            if connection.closed or transport is None or transport.is_closing():
+                continue  # connection_lost has failed or will fail its response
+            if isinstance(data, bytes):
+                transport.write(data)
+            else:
+                transport.writelines(data)
 
     def opened(self, connection: _Connection) -> None:
         self._all.add(connection)
@@ -355,14 +378,14 @@ class _Connection(asyncio.Protocol):
         self.response = response
         if body is None or isinstance(body, bytes):
             if body and len(body) <= _COALESCE:
-                transport.write(head + body)
+                self.pool.write_soon(self, head + body)
             elif body:
-                transport.writelines((head, body))
+                self.pool.write_soon(self, [head, body])
             else:
-                transport.write(head)
+                self.pool.write_soon(self, head)
             response.body_sent = True
         elif isinstance(body, list):
-            transport.writelines([head, *body])
+            self.pool.write_soon(self, [head, *body])
             response.body_sent = True
         else:
             transport.write(head)
