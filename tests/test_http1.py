@@ -403,6 +403,48 @@ async def test_a_connection_closing_before_its_turns_writes_go_out(method, retri
     assert server.connections == (2 if retried else 1)
 
 
+@pytest.mark.parametrize("method, retried", [("GET", True), ("POST", False)])
+async def test_a_failed_write_fails_its_own_request_only(method, retried):
+    """A write that raises at the end of the turn (uvloop raises on a closed handle)
+    fails that request as a closed connection; the turn's other requests still go."""
+    heads: list[bytes] = []
+
+    async def handler(reader, writer):
+        while True:
+            head, body = await read_request(reader)
+            heads.append(head.split(b" ")[1])
+            writer.write(ok(body))
+
+    server = Scripted(handler)
+    async with server as origin:
+        p = pool()
+        first = [await p.request(method, origin, f"/{i}", {"host": "h"}, b"x") for i in (1, 2)]
+        for r in first:
+            await r.read()
+            r.release()
+        broken, _ = p._all
+
+        def refuse(data: object) -> None:
+            raise RuntimeError("the handler is closed")
+
+        broken.transport.write = refuse  # type: ignore[method-assign]
+        both = [p.request(method, origin, f"/{i}", {"host": "h"}, b"y") for i in (3, 4)]
+        results = await asyncio.gather(*both, return_exceptions=True)
+        answered = [r for r in results if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        for r in answered:
+            assert await r.read() == b"y"
+            r.release()
+        if retried:
+            assert (len(answered), server.connections) == (2, 3)
+        else:
+            assert len(answered) == 1
+            assert [type(e) for e in failed] == [http1.ConnectionClosed]
+        await p.close()
+    # Only what was written arrived: both (one on a new connection), or the other one.
+    assert len(heads) == (4 if retried else 3) and set(heads[2:]) <= {b"/3", b"/4"}
+
+
 async def test_header_values_cannot_inject_lines():
     async with Scripted(read_request) as origin:
         p = pool()

@@ -248,10 +248,16 @@ class Pool:
             transport = connection.transport
             if connection.closed or transport is None or transport.is_closing():
                 continue  # connection_lost has failed or will fail its response
-            if isinstance(data, bytes):
-                transport.write(data)
-            else:
-                transport.writelines(data)
+            try:
+                if isinstance(data, bytes):
+                    transport.write(data)
+                else:
+                    transport.writelines(data)
+            except Exception as exc:  # the connection is unusable: as if the upstream closed it
+                response = connection.response
+                if response is not None:
+                    response.fail(ConnectionClosed(f"Writing to the upstream failed: {exc}"))
+                connection.abort()
 
     def opened(self, connection: _Connection) -> None:
         self._all.add(connection)
