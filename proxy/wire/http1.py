@@ -255,8 +255,9 @@ class Pool:
                     transport.writelines(data)
             except Exception as exc:  # the connection is unusable: as if the upstream closed it
                 response = connection.response
-                if response is not None:
-                    response.fail(ConnectionClosed(f"Writing to the upstream failed: {exc}"))
+                if response is not None:  # the type only: uvloop's text holds an address
+                    failed = f"Writing to the upstream failed ({type(exc).__name__})"
+                    response.fail(ConnectionClosed(failed))
                 connection.abort()
 
     def opened(self, connection: _Connection) -> None:
