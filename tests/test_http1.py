@@ -81,6 +81,15 @@ def pool(**kw: float) -> http1.Pool:
     return http1.Pool(**kw)  # type: ignore[arg-type]
 
 
+async def body_of(p: http1.Pool, method: str, origin: str, body: bytes | None = None) -> bytes:
+    """One request to ``/``, read whole, its connection handed back to the pool."""
+    r = await p.request(method, origin, "/", {"host": "h"}, body)
+    try:
+        return await r.read()
+    finally:
+        r.release()
+
+
 async def test_responses_complete_once_and_keep_their_connection():
     """A response whose end comes with its head (HEAD, an empty body) is complete at its
     head and again at its end; its connection still goes back to the pool."""
@@ -353,13 +362,9 @@ async def test_stale_kept_alive_connection_retries_idempotent_requests_only(meth
     server = Scripted(handler)
     async with server as origin:
         p = pool()
-        r = await p.request(method, origin, "/", {"host": "h"}, b"x")
-        assert await r.read() == b"first"
-        r.release()
-        if retried:
-            r = await p.request(method, origin, "/", {"host": "h"}, b"x")
-            assert await r.read() == b"first"  # from a second, new connection
-            r.release()
+        assert await body_of(p, method, origin, b"x") == b"first"
+        if retried:  # from a second, new connection
+            assert await body_of(p, method, origin, b"x") == b"first"
         else:
             with pytest.raises(http1.ConnectionClosed):
                 await p.request(method, origin, "/", {"host": "h"}, b"x")
@@ -383,9 +388,7 @@ async def test_a_connection_closing_before_its_turns_writes_go_out(method, retri
     server = Scripted(handler)
     async with server as origin:
         p = pool()
-        r = await p.request(method, origin, "/", {"host": "h"}, b"one")
-        assert await r.read() == b"one"
-        r.release()
+        assert await body_of(p, method, origin, b"one") == b"one"
         (connection,) = p._all
         sending = asyncio.ensure_future(p.request(method, origin, "/", {"host": "h"}, b"two"))
         await asyncio.sleep(0)  # the request is queued, its write not yet made
