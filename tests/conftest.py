@@ -330,4 +330,4 @@ def boto_client(
     return client
 
 
-from tests.stores import pg_database, redis_url, store_settings  # noqa: E402, F401  (shared)
+from tests.stores import pg_database, redis_server, redis_url, store_settings  # noqa: E402, F401

@@ -8,7 +8,10 @@ REST-JSON bodies, AWS error headers, and event-stream frames with CRCs.
 Faults are chosen by model ID, so any client can trigger them:
 ``test.throttle`` 429, ``test.error500`` 500, ``test.reset`` reset before headers,
 ``test.stall`` no answer, ``test.cut`` stream cut mid-frame, ``test.slow`` paced frames,
-``test.stall-stream`` a stream that stops sending, ``test.big`` a 3 MiB body.
+``test.stall-stream`` a stream that stops sending, ``test.big`` a 3 MiB body,
+``test.stall-body`` a small answer that stops after its headers, ``test.bad-crc`` a stream
+whose second frame fails its message CRC, ``test.hold`` an answer held until the test
+sets the request's event in ``holds``.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ class FakeBedrock:
     credentials: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     accept_default: bool = True
     fault: str | None = None
+    # test.hold: one event per request held, in arrival order; set it to let it answer.
+    holds: list[asyncio.Event] = field(default_factory=list)
 
     def reset(self) -> None:
         """Every field back to its default between tests, so no test sees another's
@@ -319,6 +324,17 @@ class FakeBedrock:
             return web.Response()
         if model == "test.stall":
             await asyncio.sleep(3600)
+        if model == "test.stall-body":  # a small answer's head, a few bytes, then nothing
+            response = web.StreamResponse(
+                headers={"Content-Type": "application/json", "Content-Length": "200"}
+            )
+            await response.prepare(request)
+            await response.write(b'{"output": ')
+            await asyncio.sleep(3600)
+        if model == "test.hold":
+            held = asyncio.Event()
+            self.holds.append(held)
+            await held.wait()
         return None
 
     # ------------------------------------------------------------------ runtime
@@ -654,6 +670,8 @@ class FakeBedrock:
                     return response
                 if model == "test.stall-stream" and i == 1:
                     await asyncio.sleep(3600)
+                if model == "test.bad-crc" and i == 1:
+                    frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])  # the message CRC
                 if model == "test.slow" or model in self.slow_models:
                     await asyncio.sleep(self.frame_delay)
                 self.frames_sent_at.append(time.monotonic())

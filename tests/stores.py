@@ -82,3 +82,58 @@ def redis_url() -> str:
     except Exception as exc:
         unreachable("Redis at 127.0.0.1:6379", f"{type(exc).__name__}: {exc}")
     return REDIS_URL
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[int]:
+    """A Redis of the test file's own on a free loopback port, so a test can take it away
+    (behind ``tests.helpers.relay``) without touching the machine's shared one."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        unreachable("redis-server", "not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    output = proc.communicate(timeout=5)[0].decode(errors="replace")
+                    unreachable("a throwaway redis-server", output[-2000:])
+                time.sleep(0.05)
+        yield port
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)

@@ -701,7 +701,7 @@ def test_key_info_gives_one_refusal_whether_or_not_another_key_exists(ac_proxy, 
 
 
 def test_sqlite_store_is_owner_only_and_keeps_no_fingerprint(ac_proxy, restricted, tmp_path):
-    path = ac_proxy.app[STORE].db.path
+    path = ac_proxy.app[STORE].db.inner.path
     for name in (path, path + "-wal", path + "-shm"):
         if os.path.exists(name):
             assert stat.S_IMODE(os.stat(name).st_mode) == 0o600, name

@@ -1,18 +1,22 @@
 """Key lookups, cached in memory for a bounded time.
 
 Every replica re-reads a key from the shared store at most ``ttl`` seconds after it last did,
-so a revocation anywhere takes effect everywhere within ``ttl``. Misses are cached too, so a
-flood of bad tokens costs one query per token per ``ttl``, not one per request; but misses
-are what an anonymous client controls, so they live apart, few and small (the values looked
-up are a token's hash or a validated access key id), and a flood only evicts other misses.
+so a revocation anywhere takes effect everywhere within ``ttl`` (a key in use is re-read
+behind its requests, so no request waits for it). During a store outage, keys a replica
+has read are served as last read; keys it has not are refused with a 503.
+
+Misses are cached too, so a flood of bad tokens costs one query per token per ``ttl``, not
+one per request; but misses are what an anonymous client controls, so they live apart, few
+and small (the values looked up are a token's hash or a validated access key id), and a
+flood only evicts other misses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from ..store import Store
-from ..wire import errors
+from ..store import Store, StoreUnavailable
 from .keys import KeyRecord
 from .secretbox import SecretBox
 
@@ -29,28 +33,72 @@ class KeyCache:
         self._entries: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
         self._misses: dict[tuple[str, str], float] = {}
         self._secrets: dict[str, tuple[str, str]] = {}  # key_id -> (sealed, plaintext)
+        # One read of the store per key at a time, shared by whoever needs it, and when
+        # it began.
+        self._loading: dict[tuple[str, str], tuple[asyncio.Task[KeyRecord | None], float]] = {}
+        # Bumped by ``forget``: a read that began before it must not put the key back.
+        self._generation = 0
 
     async def get(self, column: str, value: str) -> KeyRecord | None:
+        """The key, from memory while fresh. A key in use is re-read behind its requests
+        once half its ``ttl`` has passed, so it is never waited for. An expired one is
+        read again while the store answers; during an outage a key this replica knows is
+        served as last read rather than refused (a 503 is for keys it has never seen)."""
         now = time.monotonic()
         entry = self._entries.get((column, value))
-        if entry is not None and entry[0] > now:
-            return entry[1]
+        if entry is not None:
+            until = entry[0]
+            if until > now:
+                if until - now < self.ttl / 2:
+                    self._load((column, value))
+                return entry[1]
+            loading = self._loading.get((column, value))
+            if (loading is not None and loading[1] < until) or not self._store.health.up:
+                # A re-read begun before the key expired has not come back, or the store
+                # is down: the key is served as last read rather than after a deadline.
+                self._load((column, value))
+                return entry[1]
+            try:  # (a read begun since it expired is joined: it sees a revocation)
+                return await asyncio.shield(self._load((column, value)))
+            except StoreUnavailable:
+                return entry[1]
         missed_until = self._misses.get((column, value))
         if missed_until is not None and missed_until > now:
             return None
-        try:
-            record = await self._store.keys.by(column, value)
-        except Exception:
-            raise errors.service_unavailable("The key store is unavailable") from None
+        return await asyncio.shield(self._load((column, value)))
+
+    def _load(self, key: tuple[str, str]) -> asyncio.Task[KeyRecord | None]:
+        loading = self._loading.get(key)
+        if loading is not None:
+            return loading[0]
+        task = asyncio.ensure_future(self._read(key))
+        self._loading[key] = (task, time.monotonic())
+        task.add_done_callback(lambda done: self._loaded(key, done))
+        return task
+
+    def _loaded(self, key: tuple[str, str], task: asyncio.Task[KeyRecord | None]) -> None:
+        loading = self._loading.get(key)
+        if loading is not None and loading[0] is task:
+            del self._loading[key]
+        if not task.cancelled():
+            task.exception()  # read here: a read behind requests has no one awaiting it
+
+    async def _read(self, key: tuple[str, str]) -> KeyRecord | None:
+        generation = self._generation
+        record = await self._store.keys.by(*key)  # StoreUnavailable: a 503
+        if generation != self._generation:  # forgotten meanwhile: not cached
+            return record
+        now = time.monotonic()
         if record is None:
+            self._entries.pop(key, None)  # deleted: no longer served, even in an outage
             if len(self._misses) >= _MAX_MISSES:
                 self._misses.clear()
-            self._misses[(column, value)] = now + self.ttl
+            self._misses[key] = now + self.ttl
             return None
-        self._misses.pop((column, value), None)
+        self._misses.pop(key, None)
         if len(self._entries) >= _MAX_ENTRIES:
             self._entries.clear()
-        self._entries[(column, value)] = (now + self.ttl, record)
+        self._entries[key] = (now + self.ttl, record)
         return record
 
     def secret(self, record: KeyRecord) -> str:
@@ -74,3 +122,4 @@ class KeyCache:
             self._entries.pop((column, value), None)
             self._misses.pop((column, value), None)
         self._secrets.pop(record.key_id, None)
+        self._generation += 1

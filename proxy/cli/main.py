@@ -297,7 +297,8 @@ def _with_store(
         return 2, None
 
     async def run() -> _T:
-        store = open_store(settings.database_url, settings.sqlite_path)
+        # Not a request: a report over a large ledger may take longer than serving allows.
+        store = open_store(settings.database_url, settings.sqlite_path, timeout=60.0)
         await store.open()
         try:
             return await work(settings, store)

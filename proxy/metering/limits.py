@@ -17,17 +17,30 @@ can end over its limit by at most what the requests in flight use beyond their e
 
 In-flight requests are kept as leases (request id, start time, reserve); a lease older than
 ``lease_seconds`` is dropped, so a replica that dies mid-request cannot hold a slot forever.
+In Redis the lease is short (30 s) and renewed by its replica while the request runs, and a
+settlement that Redis missed is kept and applied when it returns (``RedisLimiter``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
+import time
+from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import orjson
 
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock, iso
+
+log = logging.getLogger("bedrock_proxy.limits")
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +84,8 @@ class Admission:
     # In-process: each spec with the window taken from (settling needs no lookup).
     # Windows are never replaced, so holding them is holding the live counters.
     pairs: list[tuple[LimitSpec, _Window]] | None = field(default=None, compare=False, repr=False)
+    # Admitted by this replica's own counters while Redis was away (settled there too).
+    local: bool = field(default=False, compare=False)
 
 
 class _Leases:
@@ -363,7 +378,9 @@ return {'ok', 0, '0'}
 """
 
 # ARGV[1]: JSON specs; ARGV[2]: now; ARGV[3]: request id; ARGV[4]: reserve;
-# ARGV[5]: tokens; ARGV[6]: cost; ARGV[7]: tokens reserved; ARGV[8]: minute of admission.
+# ARGV[5]: tokens; ARGV[6]: cost; ARGV[7]: tokens reserved; ARGV[8]: minute of admission;
+# ARGV[9]: "settle", "retry" (a settlement that failed before, which may have landed) or
+# "release" (an admission whose answer was lost: its slots only).
 _SETTLE = """
 local specs = cjson.decode(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -371,11 +388,13 @@ local member = ARGV[3] .. '|' .. ARGV[4]
 local tokens = tonumber(ARGV[5])
 local cost = tonumber(ARGV[6])
 local minute = math.floor(now / 60)
+local mode = ARGV[9]
 local spent = {}
 for _, s in ipairs(specs) do
   local base = s.prefix
-  if s.par or s.budget then redis.call('ZREM', base .. ':inflight', member) end
-  if s.tpm then
+  local held = 1
+  if s.par or s.budget then held = redis.call('ZREM', base .. ':inflight', member) end
+  if s.tpm and mode ~= 'release' then
     local delta = tokens
     if minute == tonumber(ARGV[8]) then delta = tokens - tonumber(ARGV[7]) end
     if delta ~= 0 then
@@ -383,13 +402,31 @@ for _, s in ipairs(specs) do
       redis.call('EXPIRE', base .. ':tpm:' .. minute, 120)
     end
   end
-  if s.budget and cost > 0 then
-    spent[#spent + 1] = redis.call('INCRBYFLOAT', base .. ':spent:' .. s.period, cost)
+  if s.budget and cost > 0 and mode ~= 'release' then
+    if held == 1 or mode == 'settle' then
+      spent[#spent + 1] = redis.call('INCRBYFLOAT', base .. ':spent:' .. s.period, cost)
+    else
+      -- A retry whose request is no longer held: it was charged by the attempt whose
+      -- answer was lost, or its lease lapsed. The counter starts again from the ledger.
+      redis.call('DEL', base .. ':spent:' .. s.period)
+      spent[#spent + 1] = ''
+    end
   else
     spent[#spent + 1] = ''
   end
 end
 return spent
+"""
+
+# Push the leases of requests still running forward to ARGV[1] (members that are no
+# longer there, settled meanwhile, are not added back). KEYS: in-flight sets; ARGV[2..]:
+# for each key, its member.
+_RENEW = """
+local now = ARGV[1]
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now, ARGV[i + 1])
+end
+return #KEYS
 """
 
 # Start a budget counter from the ledger, unless another replica already has.
@@ -398,35 +435,114 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 return 0
 """
 
+# After a failed call, Redis is not tried again for this long: during an outage requests
+# are answered at once (refused, or counted locally), not each after a deadline.
+_RETRY_AFTER_FAILURE = 0.5
+# How often settlements that failed are tried again while Redis is away.
+_RESETTLE_EVERY = 0.25
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer within the deadline, or refused."""
+
 
 class RedisLimiter:
-    """The same admission, atomic in Redis, shared by every replica."""
+    """The same admission, atomic in Redis, shared by every replica.
+
+    Redis can go away while requests run. A request's parallel slot and budget reservation
+    are a lease that this replica renews while the request runs (every third of
+    ``lease_seconds``), so a dead replica's slots lapse within a lease. A settlement that
+    fails is kept and tried again as soon as Redis answers (before the next admission),
+    so a blip does not leave keys holding the slots of requests that have ended. While
+    Redis is unreachable, admissions are refused with a 503 (``on_outage="refuse"``) or
+    counted by this replica alone (``"local"``).
+    """
 
     def __init__(
         self,
         url: str,
         budgets: BudgetSource,
-        lease_seconds: float = 3600.0,
+        lease_seconds: float = 30.0,
         prefix: str = "bp",
         clock: Clock = SYSTEM_CLOCK,
+        timeout: float = 2.0,
+        on_outage: str = "refuse",
     ) -> None:
         import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self._clock = clock
-        self._redis = redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        # One quiet retry: a pooled connection found dead after a restart.
+        self._redis = redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._timeout = timeout
         self._budgets = budgets
         self._lease = lease_seconds
         self._prefix = prefix
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
+        self._renew = self._redis.register_script(_RENEW)
         self._init = self._redis.register_script(_INIT)
+        self._local = InProcessLimiter(budgets, clock=clock) if on_outage == "local" else None
+        # Admissions holding slots in Redis, whose leases this replica renews.
+        self._held: dict[str, Admission] = {}
+        # Settlements (admission, tokens, cost, mode) that failed, to try again.
+        self._unsettled: deque[tuple[Admission, int, float | None, str]] = deque()
+        self._down_until = 0.0  # monotonic: Redis is not tried before then
+        self._down_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self._down_since is None
+
+    @property
+    def unsettled(self) -> int:
+        return len(self._unsettled)
+
+    async def _call(self, work: Awaitable[_T]) -> _T:
+        """One Redis call within the deadline; its failure as ``RedisUnavailable``."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await work
+        except Exception as exc:
+            self._failed(exc)
+            raise RedisUnavailable(type(exc).__name__) from None
+        if self._down_since is not None:
+            log.warning("Redis available again after %.1f s", time.monotonic() - self._down_since)
+            self._down_since = None
+        self._down_until = 0.0
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._down_until = now + _RETRY_AFTER_FAILURE
+        if self._down_since is None:
+            self._down_since = now
+            what = "no answer within the deadline" if isinstance(exc, TimeoutError) else exc
+            log.warning(
+                "Redis unavailable (%s: %s): limited keys are %s until it answers",
+                type(exc).__name__,
+                what,
+                "counted by each replica alone" if self._local else "refused with 503",
+            )
 
     async def current(self, scope: str, ident: str) -> dict[str, int]:
         """This minute's requests and tokens, and the requests in flight, across replicas."""
         base = f"{self._prefix}:{scope}:{ident}"
         minute = _minute(self._clock.time())
-        requests, tokens = await self._redis.mget(f"{base}:rpm:{minute}", f"{base}:tpm:{minute}")
-        in_flight = await self._redis.zcard(f"{base}:inflight")
+        try:
+            requests, tokens = await self._call(
+                self._redis.mget(f"{base}:rpm:{minute}", f"{base}:tpm:{minute}")
+            )
+            in_flight = await self._call(self._redis.zcard(f"{base}:inflight"))
+        except RedisUnavailable:
+            return {"requests": 0, "tokens": 0, "in_flight": 0}
         return {
             "requests": int(requests or 0),
             "tokens": int(tokens or 0),
@@ -455,19 +571,43 @@ class RedisLimiter:
     async def admit(
         self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int = 0
     ) -> Admission:
+        if self._down_until:  # Redis failed lately
+            now = time.monotonic()
+            if self._down_until > now:
+                return await self._in_outage(specs, request_id, reserve, tokens)
+            # This request finds out whether it is back; the others meanwhile do not wait.
+            self._down_until = now + self._timeout
         try:
-            return await self._admit_once(specs, request_id, reserve, tokens, retries=3)
-        except errors.AwsError:
-            raise
-        except Exception:
-            raise errors.service_unavailable("The rate-limit store is unavailable") from None
+            if self._unsettled:  # Redis is back: free what ended while it was away first
+                await self._resettle()
+            admission = await self._admit_once(specs, request_id, reserve, tokens, retries=3)
+        except RedisUnavailable:
+            # The script may have run before the answer was lost: give its slots back.
+            self._unsettled.append((Admission(request_id, specs, reserve), 0, None, "release"))
+            self._start()
+            return await self._in_outage(specs, request_id, reserve, tokens)
+        if any(s.max_parallel is not None or s.max_budget is not None for s in specs):
+            self._held[request_id] = admission
+            self._start()
+        return admission
+
+    async def _in_outage(
+        self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int
+    ) -> Admission:
+        if self._local is None:
+            raise errors.service_unavailable("The rate-limit store is unavailable", retry_after=1)
+        admission = await self._local.admit(specs, request_id, reserve, tokens)
+        admission.local = True
+        return admission
 
     async def _admit_once(
         self, specs: list[LimitSpec], request_id: str, reserve: float, tokens: int, retries: int
     ) -> Admission:
         now = self._clock.time()
-        verdict, index, value = await self._admit(
-            args=[self._payload(specs, now), repr(now), request_id, repr(reserve), int(tokens)]
+        verdict, index, value = await self._call(
+            self._admit(
+                args=[self._payload(specs, now), repr(now), request_id, repr(reserve), int(tokens)]
+            )
         )
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         if verdict == "ok":
@@ -477,9 +617,11 @@ class RedisLimiter:
             index_, start, end = spec.period(now)
             spent = await self._budgets.spent(spec, start)
             ttl = int(min(end - now, 400 * 86400)) + 86400 if not math.isinf(end) else 400 * 86400
-            await self._init(
-                keys=[f"{self._prefix}:{spec.scope}:{spec.id}:spent:{index_}"],
-                args=[repr(spent), ttl],
+            await self._call(
+                self._init(
+                    keys=[f"{self._prefix}:{spec.scope}:{spec.id}:spent:{index_}"],
+                    args=[repr(spent), ttl],
+                )
             )
             return await self._admit_once(specs, request_id, reserve, tokens, retries - 1)
         if verdict == "rpm":
@@ -493,18 +635,35 @@ class RedisLimiter:
     async def settle(
         self, admission: Admission, tokens: int, cost: float | None
     ) -> list[tuple[LimitSpec, float]]:
+        if admission.local:
+            assert self._local is not None
+            return self._local.settle_now(admission, tokens, cost)
+        self._held.pop(admission.request_id, None)
+        try:
+            return await self._settle_once(admission, tokens, cost, "settle")
+        except RedisUnavailable:
+            self._unsettled.append((admission, tokens, cost, "retry"))
+            self._start()
+            return []
+
+    async def _settle_once(
+        self, admission: Admission, tokens: int, cost: float | None, mode: str
+    ) -> list[tuple[LimitSpec, float]]:
         now = self._clock.time()
-        spent = await self._settle(
-            args=[
-                self._payload(admission.specs, now),
-                repr(now),
-                admission.request_id,
-                repr(admission.reserve),
-                int(tokens),
-                repr(float(cost or 0.0)),
-                int(admission.tokens),
-                admission.minute,
-            ]
+        spent = await self._call(
+            self._settle(
+                args=[
+                    self._payload(admission.specs, now),
+                    repr(now),
+                    admission.request_id,
+                    repr(admission.reserve),
+                    int(tokens),
+                    repr(float(cost or 0.0)),
+                    int(admission.tokens),
+                    admission.minute,
+                    mode,
+                ]
+            )
         )
         return [
             (spec, float(value))
@@ -512,12 +671,71 @@ class RedisLimiter:
             if spec.max_budget is not None and value not in (b"", "")
         ]
 
+    async def _resettle(self) -> None:
+        """Try the failed settlements again, oldest first; stop at the first failure."""
+        while self._unsettled:
+            item = self._unsettled.popleft()  # taken: a concurrent retry takes the next
+            try:
+                await self._settle_once(*item)
+            except RedisUnavailable:
+                self._unsettled.appendleft(item)
+                raise
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        """Renew the leases of requests still running, every third of a lease, and try
+        failed settlements again every ``_RESETTLE_EVERY`` until they land; ends when
+        there is nothing left to do (the next admission or failure starts it again)."""
+        renewed = time.monotonic()
+        while self._held or self._unsettled:
+            await asyncio.sleep(_RESETTLE_EVERY if self._unsettled else self._lease / 3)
+            try:
+                if self._unsettled and self._down_until <= time.monotonic():
+                    await self._resettle()
+                if self._held and time.monotonic() - renewed >= self._lease / 3 - 0.01:
+                    await self.renew_leases()
+                    renewed = time.monotonic()
+            except RedisUnavailable:
+                continue
+
+    async def renew_leases(self) -> None:
+        """Push the leases of this replica's requests in flight forward to now."""
+        keys: list[str] = []
+        members: list[str] = []
+        for admission in self._held.values():
+            member = f"{admission.request_id}|{admission.reserve!r}"
+            for spec in admission.specs:
+                if spec.max_parallel is not None or spec.max_budget is not None:
+                    keys.append(f"{self._prefix}:{spec.scope}:{spec.id}:inflight")
+                    members.append(member)
+        for at in range(0, len(keys), 1000):  # bounded script arguments
+            await self._call(
+                self._renew(
+                    keys=keys[at : at + 1000],
+                    args=[repr(self._clock.time()), *members[at : at + 1000]],
+                )
+            )
+
     async def claim_once(self, name: str, ttl: float) -> bool:
         """True the first time ``name`` is claimed by any replica (within ``ttl``)."""
-        return bool(await self._redis.set(f"{self._prefix}:claim:{name}", 1, nx=True, ex=int(ttl)))
+        return bool(
+            await self._call(
+                self._redis.set(f"{self._prefix}:claim:{name}", 1, nx=True, ex=int(ttl))
+            )
+        )
 
     async def ping(self) -> None:
-        await self._redis.ping()
+        await self._call(self._redis.ping())
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._unsettled:
+            with contextlib.suppress(RedisUnavailable):
+                await self._resettle()
         await self._redis.aclose()

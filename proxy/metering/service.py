@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from ..exchange import Exchange, Identity
-from ..store import Store
+from ..store import Store, StoreUnavailable
 from ..store.records import KeyRecord, LabelRow, SpendRow
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
@@ -106,6 +106,9 @@ class Metering:
         self.limiter = limiter
         self._limits_ttl = limits_ttl
         self._named: tuple[float, NamedLimits] | None = None
+        # A read of the named limits under way, and when it began.
+        self._named_reading: tuple[asyncio.Task[NamedLimits], float] | None = None
+        self._named_generation = 0  # bumped by a change here: an older read is not kept
         # Per key: the record its spec was built from (a changed key is a new record).
         self._key_limits: dict[str, tuple[KeyRecord, LimitSpec | None]] = {}
         # Per key: every limit its requests are admitted against, with the record and the
@@ -191,8 +194,13 @@ class Metering:
         if record is None:
             return _NO_LIMITS
         named = self._named
-        if named is None or named[0] <= self._clock.monotonic():
+        if named is None:
             return None
+        left = named[0] - self._clock.monotonic()
+        if left <= 0:
+            return None
+        if left < self._limits_ttl / 2 and self._named_reading is None:
+            self._read_named_soon()  # re-read behind the requests: none waits for it
         cached = self._applying_by_key.get(record.key_id)
         if cached is None or cached[0] is not record or cached[1] is not named[1]:
             return None
@@ -296,17 +304,56 @@ class Metering:
 
     async def _named_limits(self) -> NamedLimits:
         """All named limits, re-read at most every ``limits_ttl`` (a replica sees another's
-        change within that time, this one's at once through ``forget_limit``)."""
+        change within that time, this one's at once through ``forget_limit``). While the
+        store is down, or a re-read is slow, they are used as last read."""
         now = self._clock.monotonic()
-        if self._named is not None and self._named[0] > now:
-            return self._named[1]
-        rows = await self._store.limits.list()
-        limits = NamedLimits(rows)
-        self._named = (now + self._limits_ttl, limits)
+        named = self._named
+        if named is not None and named[0] > now:
+            return named[1]
+        reading = self._named_reading
+        if reading is None:
+            task = self._read_named_soon()
+            if named is not None and not self._store.health.up:
+                return named[1]
+        elif named is not None and reading[1] < named[0]:
+            return named[1]  # a re-read begun before they expired has not come back
+        else:
+            task = reading[0]  # a read begun since they expired: joined
+        try:
+            return await asyncio.shield(task)
+        except StoreUnavailable:
+            if named is None:
+                raise  # never read: a 503
+            return named[1]
+
+    def _read_named_soon(self) -> asyncio.Task[NamedLimits]:
+        task = asyncio.ensure_future(self._read_named())
+        self._named_reading = (task, self._clock.monotonic())
+        task.add_done_callback(self._named_read)
+        return task
+
+    def _named_read(self, task: asyncio.Task[NamedLimits]) -> None:
+        if self._named_reading is not None and self._named_reading[0] is task:
+            self._named_reading = None
+        if not task.cancelled():
+            task.exception()  # read here: a re-read behind requests has no one awaiting it
+
+    async def _read_named(self) -> NamedLimits:
+        generation = self._named_generation
+        try:
+            limits = NamedLimits(await self._store.limits.list())
+        except StoreUnavailable:
+            named = self._named
+            if named is not None:  # as last read, a second more before the next try
+                self._named = (self._clock.monotonic() + min(1.0, self._limits_ttl), named[1])
+            raise
+        if generation == self._named_generation:  # not changed here meanwhile
+            self._named = (self._clock.monotonic() + self._limits_ttl, limits)
         return limits
 
     def forget_limit(self, limit_id: str) -> None:
         self._named = None
+        self._named_generation += 1
 
     # ---------------------------------------------------------------- completion
 

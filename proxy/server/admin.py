@@ -5,6 +5,7 @@ only, except that a virtual key may read its own /key/info, totals included."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import date, timedelta
 from typing import Any
@@ -16,9 +17,12 @@ from ..access.auth import Authenticator
 from ..access.keyservice import KeyService
 from ..metering.named import NamedLimitAdmin
 from ..metering.reports import Reports
+from ..store import StoreUnavailable
 from ..store.spend import LOG_FILTERS
 from ..wire import errors
 from ..wire.params import paging
+
+log = logging.getLogger("bedrock_proxy.admin")
 
 Handler = Callable[[web.Request], Awaitable[Any]]
 _MAX_BODY = 1024 * 1024
@@ -71,6 +75,9 @@ class AdminApi:
                 result = await handler(request)
             except errors.AwsError as exc:
                 return exc.to_response()
+            except Exception:  # an AWS-shaped 500, never aiohttp's text page or a trace
+                log.exception("admin API error on %s %s", request.method, request.path)
+                return errors.internal().to_response()
             return web.Response(body=orjson.dumps(result), content_type="application/json")
 
         return wrapped
@@ -95,6 +102,8 @@ class AdminApi:
             # One refusal whether or not another key exists: no probing for keys.
             try:
                 record = await self.service.find(ref or identity.key_id)
+            except StoreUnavailable:
+                raise
             except errors.AwsError:
                 record = None
             if record is None or record.key_id != identity.key_id:
@@ -151,6 +160,8 @@ class AdminApi:
             # LiteLLM's filter: a key's token or id (or here any reference to it).
             try:
                 query["key_id"] = (await self.service.find(api_key)).key_id
+            except StoreUnavailable:
+                raise
             except errors.AwsError:
                 query["key_id"] = "(no such key)"  # an empty page, as LiteLLM answers
         return await self._reports.logs(query)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
@@ -28,7 +29,7 @@ from ..observe.accesslog import AccessLog
 from ..observe.metrics import Metrics
 from ..observe.shared import SharedMetrics
 from ..observe.tracing import Tracing
-from ..store import Store, open_store
+from ..store import Store, StoreUnavailable, open_store
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.endpoints import Endpoints, sdk_endpoint_overrides, valid_region
@@ -91,7 +92,11 @@ def create_app(
         raise ConfigError(f"config error: endpoints: {exc}") from None
     credentials = CredentialProvider(settings.aws_profile)
     store = open_store(
-        settings.database_url, settings.sqlite_path, settings.database_pool_size, clock
+        settings.database_url,
+        settings.sqlite_path,
+        settings.database_pool_size,
+        clock,
+        settings.store_timeout,
     )
     metrics = Metrics()
     try:
@@ -127,7 +132,14 @@ def create_app(
         raise ConfigError(f"config error: prices_file/prices: {exc}") from None
     budgets = LedgerBudgets(store)
     limiter: InProcessLimiter | RedisLimiter = (
-        RedisLimiter(settings.redis_url, budgets, clock=clock)
+        RedisLimiter(
+            settings.redis_url,
+            budgets,
+            settings.limits_lease_seconds,
+            clock=clock,
+            timeout=settings.redis_timeout,
+            on_outage=settings.limits_on_redis_outage,
+        )
         if settings.redis_url
         else InProcessLimiter(budgets, clock=clock)
     )
@@ -206,6 +218,28 @@ def create_app(
         lambda: metering.ledger.depth,
     )
     metrics.gauge(
+        "bedrock_proxy_ledger_rows_dropped_total",
+        "Ledger rows dropped because the queue was full (a store outage longer than it).",
+        lambda: metering.ledger.dropped,
+    )
+    metrics.gauge(
+        "bedrock_proxy_store_up",
+        "1 while the key and ledger store answers, 0 during an outage.",
+        lambda: 1 if store.health.up else 0,
+    )
+    if isinstance(limiter, RedisLimiter):
+        redis_limiter = limiter
+        metrics.gauge(
+            "bedrock_proxy_redis_up",
+            "1 while Redis answers, 0 during an outage.",
+            lambda: 1 if redis_limiter.up else 0,
+        )
+        metrics.gauge(
+            "bedrock_proxy_limit_settlements_pending",
+            "Settlements of ended requests waiting for Redis to come back.",
+            lambda: redis_limiter.unsettled,
+        )
+    metrics.gauge(
         "bedrock_proxy_requests_in_flight",
         "Requests being handled now.",
         lambda: pipeline.in_flight,
@@ -279,6 +313,8 @@ def create_ops_app(main: web.Application) -> web.Application:
     app[METRICS] = main[METRICS]
     if SHARED_METRICS in main:
         app[SHARED_METRICS] = main[SHARED_METRICS]
+    if main.get(SIMULATED):
+        app[SIMULATED] = True
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(None, True))
     app.router.add_get("/health/readiness", _readiness)
@@ -290,6 +326,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     try:
         await store.open()
+    except StoreUnavailable as exc:
+        raise StartupError(f"cannot open the key store: {exc.cause}") from None
     except Exception as exc:
         raise StartupError(f"cannot open the key store: {type(exc).__name__}: {exc}") from None
     if KEYS in app:
@@ -351,20 +389,19 @@ async def _liveness(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
+# Readiness asks each shared dependency at most this long: a probe must answer within
+# Kubernetes' default timeout (1 s) even while a dependency is partitioned away.
+_PROBE_SECONDS = 0.5
+
+
 async def _readiness(request: web.Request) -> web.Response:
+    """Can this replica serve? A shared dependency's outage is reported, not made a
+    reason to be taken out: it would take out every replica at once, although keys
+    already read, the master key and (with ``limits_on_redis_outage: local``) limited
+    keys are still served."""
     state = request.app[STATE]
     if not state["ready"]:
         return web.json_response({"status": "not ready"}, status=503)
-    try:
-        await request.app[STORE].ping()
-    except Exception:
-        return web.json_response({"status": "not ready", "reason": "key store"}, status=503)
-    limiter = request.app[METERING].limiter
-    if isinstance(limiter, RedisLimiter):
-        try:
-            await limiter.ping()
-        except Exception:
-            return web.json_response({"status": "not ready", "reason": "redis"}, status=503)
     if state["needs_credentials"]:
         try:
             await request.app[CREDENTIALS].get()
@@ -372,7 +409,25 @@ async def _readiness(request: web.Request) -> web.Response:
             return web.json_response(
                 {"status": "not ready", "reason": "no AWS credentials"}, status=503
             )
-    return web.json_response({"status": "ready"})
+    checks = {"store": request.app[STORE].ping()}
+    limiter = request.app[METERING].limiter
+    if isinstance(limiter, RedisLimiter):
+        checks["redis"] = limiter.ping()
+    found = await asyncio.gather(
+        *(asyncio.wait_for(check, _PROBE_SECONDS) for check in checks.values()),
+        return_exceptions=True,
+    )
+    dependencies = {
+        name: "down" if isinstance(result, BaseException) else "up"
+        for name, result in zip(checks, found, strict=True)
+    }
+    body: dict[str, object] = {"status": "ready", "dependencies": dependencies}
+    degraded = [name for name, up in dependencies.items() if up == "down"]
+    if degraded:
+        body["degraded"] = degraded
+    if request.app.get(SIMULATED):
+        body["simulated"] = True
+    return web.json_response(body)
 
 
 def _metrics_handler(

@@ -149,8 +149,6 @@ class BedrockFront:
                 return web.Response(status=upstream.status, body=data, headers=out_headers)
             if meter is not None and not is_event_stream and meter.usage.found:
                 self._cost_headers(x, out_headers)  # InvokeModel: usage came in the headers
-            # Headers are in: from now on the limit is the idle time between chunks.
-            upstream.set_read_timeout(self._settings.idle_timeout)
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
             del out_headers  # copied into the response: not held for the stream's life
             if length is not None and not is_event_stream:

@@ -71,6 +71,9 @@ class Settings:
     sqlite_path: str = "bedrock-proxy.db"
     # PostgreSQL connections per process.
     database_pool_size: int = 10
+    # The longest any one store call may take (connecting included) before the request
+    # that needed it gets a 503 with Retry-After; cached keys are served meanwhile.
+    store_timeout: float = 3.0
     # Seals the virtual keys' SigV4 secrets at rest; defaults to the master key.
     secret_key: str | None = field(default=None, repr=False)
     # Older secret_keys that still open sealed secrets during a rotation.
@@ -81,6 +84,16 @@ class Settings:
     sigv4_max_skew: int = 900
     # Rate-limit and budget counters shared by replicas; in-process when unset.
     redis_url: str | None = field(default=None, repr=False)
+    # The longest any one Redis call may take (connecting included).
+    redis_timeout: float = 2.0
+    # While Redis is unreachable, keys with limits are refused with a 503 ("refuse"), or
+    # admitted against counters kept by each replica alone ("local"): each replica then
+    # enforces the whole limit by itself, so N replicas admit up to N times it.
+    limits_on_redis_outage: str = "refuse"
+    # A request's parallel slot and budget reservation in Redis lapse this long after its
+    # replica last renewed them (every third of it, while the request runs): what a dead
+    # replica, or a settlement lost to an outage, can hold a key's slots for at most.
+    limits_lease_seconds: float = 30.0
     # Ledger rows are written at least this often; a SIGKILL loses at most this much.
     ledger_flush_interval: float = 1.0
     # Extra or overriding prices: a JSON file shaped like proxy/data/prices.json, and/or
@@ -245,6 +258,8 @@ def _validate(s: Settings) -> None:
         "header_timeout",
         "body_timeout",
         "keepalive_timeout",
+        "store_timeout",
+        "redis_timeout",
     ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"config error: {name}: must be greater than zero")
@@ -285,6 +300,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config error: ledger_flush_interval: must be greater than zero")
     if s.redis_url is not None and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("config error: redis_url: must be a redis:// URL")
+    if s.limits_on_redis_outage not in ("refuse", "local"):
+        raise ConfigError("config error: limits_on_redis_outage: must be refuse or local")
+    if not 3 <= s.limits_lease_seconds <= 86400:
+        raise ConfigError("config error: limits_lease_seconds: must be between 3 and 86400")
     if s.key_cache_ttl < 0:
         raise ConfigError("config error: key_cache_ttl: must not be negative")
     if s.database_url is not None and not s.database_url.startswith(

@@ -320,6 +320,9 @@ class UpstreamClient:
             ) from None
         except http1.UpstreamError as exc:
             raise errors.service_unavailable(str(exc)) from None
+        # The head is in: from now on the limit is the silence between chunks, for a
+        # small answer read whole as for a stream (first_byte_timeout is for the head).
+        response.set_read_timeout(self._settings.idle_timeout)
         x.upstream_headers_at = time.perf_counter()
         x.status = response.status
         return response
@@ -446,8 +449,8 @@ class UpstreamClient:
             if splitter is not None:
                 try:
                     data = splitter.feed(data)
-                except eventstream.EventStreamError:
-                    failure = "The upstream sent bytes that are not a valid event stream"
+                except eventstream.EventStreamError as exc:
+                    failure = _not_an_event_stream(exc)
                     break
                 if not data:
                     continue
@@ -464,7 +467,14 @@ class UpstreamClient:
                 x.first_byte_at = time.perf_counter()
             sent += len(data)
             x.bytes_out = sent
+            if splitter is not None and splitter.broken is not None:  # after good frames
+                failure = _not_an_event_stream(splitter.broken)
+                break
         return failure
+
+
+def _not_an_event_stream(exc: eventstream.EventStreamError) -> str:
+    return f"The upstream sent bytes that are not a valid event stream ({exc})"
 
 
 async def write_quietly(response: web.StreamResponse, data: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from .database import Database, StoreConflict
+from .guard import GuardedDatabase, StoreHealth, StoreUnavailable
 from .jobs import JobRepository
 from .keys import KeyRepository
 from .limits import LimitRepository
@@ -14,14 +15,16 @@ from .teams import TeamRepository
 
 
 class Store:
-    def __init__(self, db: Database, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.db = db
-        self.keys = KeyRepository(db, clock)
-        self.spend = SpendRepository(db)
-        self.limits = LimitRepository(db, clock)
-        self.jobs = JobRepository(db, clock)
-        self.teams = TeamRepository(db, clock)
-        self.sessions = SessionRepository(db)
+    def __init__(self, db: Database, clock: Clock = SYSTEM_CLOCK, timeout: float = 3.0) -> None:
+        # Every repository's calls bounded by ``timeout``, failing as StoreUnavailable.
+        guarded = self.db = GuardedDatabase(db, timeout)
+        self.health: StoreHealth = guarded.health
+        self.keys = KeyRepository(guarded, clock)
+        self.spend = SpendRepository(guarded)
+        self.limits = LimitRepository(guarded, clock)
+        self.jobs = JobRepository(guarded, clock)
+        self.teams = TeamRepository(guarded, clock)
+        self.sessions = SessionRepository(guarded)
 
     @property
     def dialect(self) -> str:
@@ -40,18 +43,23 @@ class Store:
 
 
 def open_store(
-    database_url: str | None, sqlite_path: str, pool_size: int = 10, clock: Clock = SYSTEM_CLOCK
+    database_url: str | None,
+    sqlite_path: str,
+    pool_size: int = 10,
+    clock: Clock = SYSTEM_CLOCK,
+    timeout: float = 3.0,
 ) -> Store:
+    """The store on its backend; every call is bounded by ``timeout`` seconds."""
     db: Database
     if database_url:
         from .postgres import PostgresDatabase
 
-        db = PostgresDatabase(database_url, max_size=pool_size)
+        db = PostgresDatabase(database_url, max_size=pool_size, timeout=timeout)
     else:
         from .sqlite import SqliteDatabase
 
         db = SqliteDatabase(sqlite_path)
-    return Store(db, clock)
+    return Store(db, clock, timeout)
 
 
-__all__ = ["Database", "Store", "StoreConflict", "open_store"]
+__all__ = ["Database", "Store", "StoreConflict", "StoreHealth", "StoreUnavailable", "open_store"]

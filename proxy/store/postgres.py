@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,18 +17,40 @@ from .migrations import statements
 _MIGRATION_LOCK = 0x62_70_6D_69_67  # "bpmig"
 
 
+class _QuietReconnects(logging.Filter):
+    """asyncpg logs a traceback each time its pool fails to reconnect, every few seconds
+    of an outage; the store's health already said when the outage began and will say when
+    it ends, in one line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to restore the pool connection floor")
+
+
+logging.getLogger("asyncpg.pool").addFilter(_QuietReconnects())
+
+
 class PostgresDatabase(Database):
     dialect = "postgres"
 
-    def __init__(self, url: str, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self, url: str, min_size: int = 1, max_size: int = 10, timeout: float = 3.0
+    ) -> None:
         self.url = url
         self._min = min_size
         self._max = max_size
+        self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
 
     async def connect(self) -> None:
+        # asyncpg waits 60 s for a connection by default, and a partitioned server never
+        # refuses one: every new connection (the pool's reconnects too) gets the store's
+        # deadline, and so does every command (``guard`` bounds the whole call as well).
         self._pool = await asyncpg.create_pool(
-            self.url, min_size=self._min, max_size=self._max, command_timeout=30
+            self.url,
+            min_size=self._min,
+            max_size=self._max,
+            timeout=self._timeout,
+            command_timeout=self._timeout,
         )
 
     async def close(self) -> None:

@@ -97,8 +97,9 @@ def throttled(
     return AwsError(429, "ThrottlingException", message, headers, reason)
 
 
-def service_unavailable(message: str) -> AwsError:
-    return AwsError(503, "ServiceUnavailableException", message)
+def service_unavailable(message: str, retry_after: int | None = None) -> AwsError:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return AwsError(503, "ServiceUnavailableException", message, headers)
 
 
 def upstream_timeout(message: str) -> AwsError:

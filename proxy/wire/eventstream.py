@@ -2,8 +2,9 @@
 
 A frame is: total length (4) | headers length (4) | prelude CRC32 (4) | headers | payload |
 message CRC32 (4), all big-endian. The proxy forwards frames untouched; it only needs to know
-where each one ends (so a cut never leaves half a frame before an exception frame), to read
-headers and payloads for metering, and to write its own exception frames.
+where each one ends (so a cut never leaves half a frame before an exception frame), that
+each is whole (both CRCs), to read headers and payloads for metering, and to write its own
+exception frames.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ _BYTES = 6
 
 
 class EventStreamError(ValueError):
-    """The bytes are not a valid event stream."""
+    """The bytes are not a valid event stream; ``valid`` whole frames' bytes came first."""
+
+    def __init__(self, message: str, valid: int = 0) -> None:
+        super().__init__(message)
+        self.valid = valid
 
 
 @dataclass(slots=True)
@@ -81,27 +86,41 @@ class FrameSplitter:
     can forward exactly those and keep the rest until more arrives.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "broken")
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        # Set when a bad frame followed good ones: those are returned first, and the error
+        # is raised by the next call (the caller checks ``broken`` after passing them on).
+        self.broken: EventStreamError | None = None
 
     def feed(self, data: bytes) -> bytes:
         """Add data; return the complete frames now available, as one bytes object."""
+        if self.broken is not None:
+            raise self.broken
         buf = self._buf
         if not buf:
-            end = _complete_prefix(data)
+            end = self._prefix(data)
             if end == len(data):
                 return data
             buf += memoryview(data)[end:]
             return data[:end]
         buf += data
-        end = _complete_prefix(buf)
+        end = self._prefix(buf)
         if end == 0:
             return b""
         out = bytes(buf[:end])
         del buf[:end]
         return out
+
+    def _prefix(self, data: bytes | bytearray) -> int:
+        try:
+            return _complete_prefix(data)
+        except EventStreamError as exc:
+            if not exc.valid:
+                raise
+            self.broken = exc
+            return exc.valid
 
     @property
     def pending(self) -> int:
@@ -109,17 +128,32 @@ class FrameSplitter:
         return len(self._buf)
 
 
+_CRC = struct.Struct(">I")
+
+
 def _complete_prefix(data: bytes | bytearray) -> int:
-    """Length of the longest prefix of ``data`` made of whole frames."""
+    """Length of the longest prefix of ``data`` made of whole frames, each checked as
+    botocore checks it: a frame whose prelude or message CRC is wrong is corruption, and
+    relayed it would make the SDK raise ``ChecksumMismatch`` (not a ``ClientError``)
+    after the proxy had counted a success. zlib's CRC runs at memory speed: ~1 us for a
+    typical 1 KiB frame, on bytes the meter reads anyway."""
     pos = 0
     size = len(data)
-    while size - pos >= _PRELUDE_LEN:
-        total, _ = _PRELUDE.unpack_from(data, pos)
-        if total < _MIN_FRAME or total > MAX_FRAME:
-            raise EventStreamError(f"invalid frame length {total}")
-        if size - pos < total:
-            break
-        pos += total
+    crc32 = zlib.crc32
+    # Released on the way out: the caller resizes its bytearray next.
+    with memoryview(data) as view:
+        while size - pos >= _PRELUDE_LEN:
+            total, _ = _PRELUDE.unpack_from(data, pos)
+            if crc32(view[pos : pos + 8]) != _CRC.unpack_from(data, pos + 8)[0]:
+                raise EventStreamError("prelude CRC mismatch", pos)
+            if total < _MIN_FRAME or total > MAX_FRAME:
+                raise EventStreamError(f"invalid frame length {total}", pos)
+            if size - pos < total:
+                break
+            end = pos + total
+            if crc32(view[pos : end - _CRC_LEN]) != _CRC.unpack_from(data, end - _CRC_LEN)[0]:
+                raise EventStreamError("message CRC mismatch", pos)
+            pos = end
     return pos
 
 
@@ -135,7 +169,7 @@ def iter_frames(data: bytes | bytearray | memoryview) -> Iterator[Frame]:
             raise EventStreamError("truncated or oversized frame")
         (prelude_crc,) = struct.unpack_from(">I", view, pos + 8)
         if zlib.crc32(view[pos : pos + 8]) != prelude_crc:
-            raise EventStreamError("prelude CRC mismatch")
+            raise EventStreamError("prelude CRC mismatch", pos)
         (message_crc,) = struct.unpack_from(">I", view, pos + total - 4)
         if zlib.crc32(view[pos : pos + total - 4]) != message_crc:
             raise EventStreamError("message CRC mismatch")

@@ -27,7 +27,7 @@ from ...access.keyservice import KeyService
 from ...exchange import Identity
 from ...metering.reports import Reports
 from ...observe.metrics import Metrics
-from ...store import Store
+from ...store import Store, StoreUnavailable
 from ...store.records import ALLOW_LIST_FIELDS
 from ...wire import errors
 from ...wire.clock import SYSTEM_CLOCK, Clock
@@ -100,26 +100,47 @@ class Console:
         }
 
     def add_routes(self, app: web.Application) -> None:
-        r = app.router
-        r.add_get(PREFIX, self._root)
-        r.add_get(PREFIX + "/", self._root)
-        r.add_get(PREFIX + "/static/{name}", self._static_file)
-        r.add_get(PREFIX + "/signin", self._signin_page)
-        r.add_post(PREFIX + "/signin", self._signin)
-        r.add_post(PREFIX + "/signout", self._page(self._signout, master=False))
-        r.add_get(PREFIX + "/me", self._page(self._me, master=False))
-        r.add_get(PREFIX + "/keys", self._page(self._key_list))
-        r.add_get(PREFIX + "/keys.csv", self._page(self._key_csv))
-        r.add_get(PREFIX + "/keys/new", self._page(self._key_new))
-        r.add_post(PREFIX + "/keys/new", self._page(self._key_create))
-        r.add_get(PREFIX + "/keys/{key_id}", self._page(self._key_edit))
-        r.add_post(PREFIX + "/keys/{key_id}", self._page(self._key_update))
-        r.add_post(PREFIX + "/keys/{key_id}/{action}", self._page(self._key_action))
-        r.add_get(PREFIX + "/spend", self._page(self._spend))
-        r.add_get(PREFIX + "/spend.csv", self._page(self._spend_csv))
-        r.add_get(PREFIX + "/limits", self._page(self._limits))
-        r.add_get(PREFIX + "/live", self._page(self._live_page))
-        r.add_get(PREFIX + "/live.json", self._page(self._live_json))
+        routes: list[tuple[str, str, Handler]] = [
+            ("GET", "", self._root),
+            ("GET", "/", self._root),
+            ("GET", "/static/{name}", self._static_file),
+            ("GET", "/signin", self._signin_page),
+            ("POST", "/signin", self._signin),
+            ("POST", "/signout", self._page(self._signout, master=False)),
+            ("GET", "/me", self._page(self._me, master=False)),
+            ("GET", "/keys", self._page(self._key_list)),
+            ("GET", "/keys.csv", self._page(self._key_csv)),
+            ("GET", "/keys/new", self._page(self._key_new)),
+            ("POST", "/keys/new", self._page(self._key_create)),
+            ("GET", "/keys/{key_id}", self._page(self._key_edit)),
+            ("POST", "/keys/{key_id}", self._page(self._key_update)),
+            ("POST", "/keys/{key_id}/{action}", self._page(self._key_action)),
+            ("GET", "/spend", self._page(self._spend)),
+            ("GET", "/spend.csv", self._page(self._spend_csv)),
+            ("GET", "/limits", self._page(self._limits)),
+            ("GET", "/live", self._page(self._live_page)),
+            ("GET", "/live.json", self._page(self._live_json)),
+        ]
+        for method, path, handler in routes:
+            app.router.add_route(method, PREFIX + path, self._outage_page(handler))
+
+    def _outage_page(self, handler: Handler) -> Handler:
+        """Every console page: a store outage is a page saying so (503, Retry-After), not
+        an aiohttp 500, wherever in the page the store was needed (the session first)."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except StoreUnavailable:
+                response = self._render(
+                    "error.html",
+                    503,
+                    message="The key store is unavailable; try again in a moment.",
+                )
+                response.headers["Retry-After"] = "1"
+                return response
+
+        return guarded
 
     # ------------------------------------------------------------------ plumbing
 
@@ -212,6 +233,8 @@ class Console:
         if isinstance(key, str) and key:
             try:
                 identity = await self._auth.identify_key(key.strip())
+            except StoreUnavailable:
+                raise  # not a wrong key: the outage page
             except errors.AwsError:
                 identity = None
         if identity is None or identity.kind not in ("master", "virtual"):
