@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError, EventStreamError
 
 from proxy.metering.limits import LimitSpec, RedisLimiter
 from proxy.server.app import METERING, STORE
-from tests.conftest import boto_client
+from tests.conftest import MASTER_KEY, boto_client
 from tests.helpers.relay import Relay
 from tests.test_virtual_keys import admin, new_key
 
@@ -40,6 +40,17 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) ->
 def release(bg: Any, fake: Any, index: int) -> None:
     """Let the ``index``-th held request answer (its event lives on the fake's loop)."""
     bg.loop.call_soon_threadsafe(fake.holds[index].set)
+
+
+def metric(proxy: Any, name: str) -> float:
+    request = urllib.request.Request(
+        proxy.url + "/metrics", headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
 
 
 def settled(bg: Any, proxy: Any) -> None:
@@ -98,6 +109,8 @@ def test_slots_of_requests_that_end_during_a_redis_cut_are_freed_when_it_returns
         refused = refusal(lambda: client.converse(modelId=HAIKU, messages=MESSAGES))
         assert refused.response["Error"]["Code"] == "ServiceUnavailableException"
         assert refused.response["ResponseMetadata"]["HTTPHeaders"]["retry-after"] == "1"
+        assert metric(proxy, "bedrock_proxy_redis_up") == 0
+        assert metric(proxy, "bedrock_proxy_limit_settlements_pending") == 2
 
         redis_relay.restore()
         restored = time.monotonic()
@@ -113,6 +126,8 @@ def test_slots_of_requests_that_end_during_a_redis_cut_are_freed_when_it_returns
         # Only the request still held upstream holds a slot: the two that ended while
         # Redis was away gave theirs back when it returned, not an hour later.
         assert inflight(redis_server, key["key_id"]) == 1
+        assert metric(proxy, "bedrock_proxy_limit_settlements_pending") == 0
+        assert metric(proxy, "bedrock_proxy_redis_up") == 1
         release(bg, fake, 2)
         assert running.result(20)["stopReason"] == "end_turn"
     proxy.settle()
@@ -235,6 +250,7 @@ def test_a_store_outage_costs_known_keys_nothing_new_keys_a_deadline_and_loses_n
         status, ready, took = _readiness(proxy)
         assert status == 200 and ready["degraded"] == ["store"], ready
         assert took < 1.5
+        assert metric(proxy, "bedrock_proxy_store_up") == 0
     finally:
         relay.restore()
 
@@ -246,6 +262,7 @@ def test_a_store_outage_costs_known_keys_nothing_new_keys_a_deadline_and_loses_n
     wait_for(lambda: rows() == len(answered), f"{len(answered)} ledger rows", timeout=15)
     status, ready, _ = _readiness(proxy)
     assert status == 200 and "degraded" not in ready
+    assert metric(proxy, "bedrock_proxy_store_up") == 1
 
 
 # ---------------------------------------------------------------- upstreams

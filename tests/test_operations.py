@@ -143,6 +143,8 @@ def test_metrics(start_proxy, fake):
     assert 'bedrock_proxy_overhead_seconds_count{operation="Converse"}' in text
     assert "bedrock_proxy_active_streams 0" in text
     assert "bedrock_proxy_ledger_queue_depth" in text
+    assert "bedrock_proxy_ledger_rows_dropped_total 0" in text
+    assert "bedrock_proxy_store_up 1" in text
     # The upstream connections used above are kept alive for the next requests.
     assert re.search(r"^bedrock_proxy_upstream_connections [1-9]", text, re.M), text
     assert (

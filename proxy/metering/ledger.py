@@ -43,6 +43,7 @@ class Ledger:
         self._lock = asyncio.Lock()
         self.dropped = 0
         self.written = 0
+        self._failing = False
 
     @property
     def depth(self) -> int:
@@ -87,13 +88,18 @@ class Ledger:
                     await self._store.spend.insert(rows, labels)
                 except Exception as exc:  # keep the rows and retry on the next tick
                     self._entries[:0] = batch
-                    log.error(
-                        "ledger write failed, %d rows kept for retry: %s",
-                        len(self._entries),
-                        type(exc).__name__,
-                    )
+                    if not self._failing:  # once an outage, not once a tick
+                        self._failing = True
+                        log.warning(
+                            "ledger writes failing (%s): rows are kept and retried every %g s",
+                            type(exc).__name__,
+                            self.flush_interval,
+                        )
                     return
                 self.written += len(rows)
+                if self._failing:
+                    self._failing = False
+                    log.warning("ledger writes resumed; %d rows still queued", len(self._entries))
 
     async def close(self, deadline: float = 10.0) -> None:
         if self._task is not None:
