@@ -234,7 +234,7 @@ def test_a_store_outage_costs_known_keys_nothing_new_keys_a_deadline_and_loses_n
         while time.monotonic() - started < 2 * (deadline + 1.0):
             call = time.monotonic()
             answered.append(client.converse(modelId=HAIKU, messages=MESSAGES))
-            assert time.monotonic() - call < deadline / 2
+            assert time.monotonic() - call < deadline / 2, (call - started, len(answered))
             time.sleep(0.02)  # a steady client, not a flood
         # A key it has never read: a 503 the SDK knows, within the deadline.
         call = time.monotonic()

@@ -289,7 +289,14 @@ def test_three_replicas_on_postgres_and_redis(fake_server, redis_url, pg_databas
         outcomes = asyncio.run(load_and_kill())
         served = sum(n for n, _ in outcomes)
         killed_rate = outcomes[2][0] / max(outcomes[2][1] - started, 0.1)
-        time.sleep(1.5)  # the surviving replicas flush
-        rows = asyncio.run(count_rows()) - before
-        assert served - rows <= killed_rate * 1.0 + 4, (served, rows, killed_rate)
+        # The surviving replicas flush within their interval, or later on a busy machine:
+        # wait for their rows (bounded), not for a fixed time.
+        allowed = killed_rate * 1.0 + 4
+        deadline = time.monotonic() + 15
+        while True:
+            rows = asyncio.run(count_rows()) - before
+            if served - rows <= allowed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert served - rows <= allowed, (served, rows, killed_rate)
         assert rows <= served + 12

@@ -29,8 +29,8 @@ class KeyCache:
         self._store = store
         self._box = box
         self.ttl = ttl
-        # (column, value) -> (fresh until, record or None)
-        self._entries: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
+        # (column, value) -> (re-read after, expires, record)
+        self._entries: dict[tuple[str, str], tuple[float, float, KeyRecord]] = {}
         self._misses: dict[tuple[str, str], float] = {}
         self._secrets: dict[str, tuple[str, str]] = {}  # key_id -> (sealed, plaintext)
         # One read of the store per key at a time, shared by whoever needs it, and when
@@ -47,21 +47,22 @@ class KeyCache:
         now = time.monotonic()
         entry = self._entries.get((column, value))
         if entry is not None:
-            until = entry[0]
-            if until > now:
-                if until - now < self.ttl / 2:
-                    self._load((column, value))
-                return entry[1]
+            if entry[0] > now:  # (the one comparison on every request's path)
+                return entry[2]
+            until = entry[1]
+            if until > now:  # past half its ttl: re-read behind the requests
+                self._load((column, value))
+                return entry[2]
             loading = self._loading.get((column, value))
             if (loading is not None and loading[1] < until) or not self._store.health.up:
                 # A re-read begun before the key expired has not come back, or the store
                 # is down: the key is served as last read rather than after a deadline.
                 self._load((column, value))
-                return entry[1]
+                return entry[2]
             try:  # (a read begun since it expired is joined: it sees a revocation)
                 return await asyncio.shield(self._load((column, value)))
             except StoreUnavailable:
-                return entry[1]
+                return entry[2]
         missed_until = self._misses.get((column, value))
         if missed_until is not None and missed_until > now:
             return None
@@ -98,7 +99,7 @@ class KeyCache:
         self._misses.pop(key, None)
         if len(self._entries) >= _MAX_ENTRIES:
             self._entries.clear()
-        self._entries[key] = (now + self.ttl, record)
+        self._entries[key] = (now + self.ttl / 2, now + self.ttl, record)
         return record
 
     def secret(self, record: KeyRecord) -> str:

@@ -105,7 +105,8 @@ class Metering:
         self.ledger = ledger
         self.limiter = limiter
         self._limits_ttl = limits_ttl
-        self._named: tuple[float, NamedLimits] | None = None
+        # (re-read after, expires, the limits): re-read behind requests from half the ttl.
+        self._named: tuple[float, float, NamedLimits] | None = None
         # A read of the named limits under way, and when it began.
         self._named_reading: tuple[asyncio.Task[NamedLimits], float] | None = None
         self._named_generation = 0  # bumped by a change here: an older read is not kept
@@ -196,13 +197,14 @@ class Metering:
         named = self._named
         if named is None:
             return None
-        left = named[0] - self._clock.monotonic()
-        if left <= 0:
-            return None
-        if left < self._limits_ttl / 2 and self._named_reading is None:
-            self._read_named_soon()  # re-read behind the requests: none waits for it
+        now = self._clock.monotonic()
+        if named[0] <= now:  # past half the ttl
+            if named[1] <= now:
+                return None
+            if self._named_reading is None:
+                self._read_named_soon()  # re-read behind the requests: none waits for it
         cached = self._applying_by_key.get(record.key_id)
-        if cached is None or cached[0] is not record or cached[1] is not named[1]:
+        if cached is None or cached[0] is not record or cached[1] is not named[2]:
             return None
         return cached[2]
 
@@ -217,7 +219,7 @@ class Metering:
         if record is not None and self._named is not None and "limit_ids" not in x.annotations:
             if len(self._applying_by_key) > 100_000:
                 self._applying_by_key.clear()
-            self._applying_by_key[record.key_id] = (record, self._named[1], applying)
+            self._applying_by_key[record.key_id] = (record, self._named[2], applying)
         return applying
 
     async def check_budget(self, x: Exchange, usage: Usage) -> None:
@@ -308,23 +310,24 @@ class Metering:
         store is down, or a re-read is slow, they are used as last read."""
         now = self._clock.monotonic()
         named = self._named
-        if named is not None and named[0] > now:
-            return named[1]
+        if named is not None and named[1] > now:
+            if named[0] <= now and self._named_reading is None:
+                self._read_named_soon()
+            return named[2]
         reading = self._named_reading
-        if reading is None:
-            task = self._read_named_soon()
-            if named is not None and not self._store.health.up:
-                return named[1]
-        elif named is not None and reading[1] < named[0]:
-            return named[1]  # a re-read begun before they expired has not come back
-        else:
-            task = reading[0]  # a read begun since they expired: joined
+        task = reading[0] if reading is not None else self._read_named_soon()
+        if named is not None and (
+            not self._store.health.up or (reading is not None and reading[1] < named[1])
+        ):
+            # The store is down, or a re-read begun before they expired has not come
+            # back: the limits as last read, rather than after the store's deadline.
+            return named[2]
         try:
             return await asyncio.shield(task)
         except StoreUnavailable:
             if named is None:
                 raise  # never read: a 503
-            return named[1]
+            return named[2]
 
     def _read_named_soon(self) -> asyncio.Task[NamedLimits]:
         task = asyncio.ensure_future(self._read_named())
@@ -345,10 +348,13 @@ class Metering:
         except StoreUnavailable:
             named = self._named
             if named is not None:  # as last read, a second more before the next try
-                self._named = (self._clock.monotonic() + min(1.0, self._limits_ttl), named[1])
+                until = self._clock.monotonic() + min(1.0, self._limits_ttl)
+                self._named = (until, until, named[2])
             raise
         if generation == self._named_generation:  # not changed here meanwhile
-            self._named = (self._clock.monotonic() + self._limits_ttl, limits)
+            now = self._clock.monotonic()
+            ttl = self._limits_ttl
+            self._named = (now + ttl / 2, now + ttl, limits)
         return limits
 
     def forget_limit(self, limit_id: str) -> None:

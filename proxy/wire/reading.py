@@ -122,10 +122,11 @@ class ArrivingResponse:
         self._deadlines.watch(self)
 
     def set_read_timeout(self, seconds: float) -> None:
-        """From now on, the longest the upstream may stay silent."""
+        """From now on, the longest the upstream may stay silent (a response already
+        read whole is not watched: nothing to do, on every small answer's path)."""
         self.read_timeout = seconds
-        self.last_activity = self.loop.time()
         if self._watched:
+            self.last_activity = self.loop.time()
             self._deadlines.watch(self)
 
     def _stop_watching(self) -> None:
