@@ -22,6 +22,7 @@ from botocore.config import Config
 from proxy.observe.accesslog import AccessLog
 from proxy.server.app import PIPELINE, create_app
 from proxy.server.config import load_settings
+from proxy.server.http2 import Http2Limits
 from proxy.server.runner import ProxyRunner
 from tests.fake_bedrock import (
     UPSTREAM_ACCESS_KEY,
@@ -159,7 +160,10 @@ class Server:
 
 
 async def start_server(
-    app: web.Application, tls: Any = None, keepalive_timeout: float = 75.0
+    app: web.Application,
+    tls: Any = None,
+    keepalive_timeout: float = 75.0,
+    send_timeout: float = 120.0,
 ) -> tuple[str, web.AppRunner]:
     # Like AWS, the fakes read bodies as sent: aiohttp must not inflate Content-Encoding.
     # The fakes take HTTP/2 on the same port as AWS does (on the proxy's own listener: its
@@ -168,6 +172,7 @@ async def start_server(
         app,
         header_timeout=2.0 if PIPELINE in app else 30.0,
         keepalive_timeout=keepalive_timeout,
+        http2=Http2Limits(send_timeout=send_timeout),
     )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
@@ -239,7 +244,9 @@ def start_proxy(
         settings = load_settings(env=env, overrides=values)
         log = io.BytesIO()
         app = create_app(settings, access_log=AccessLog(True, log), clock=clock)
-        url, runner = bg.run(start_server(app, tls, settings.keepalive_timeout))
+        url, runner = bg.run(
+            start_server(app, tls, settings.keepalive_timeout, settings.body_timeout)
+        )
         server = Server(url, app, runner, log, clock, bg)
         started.append(server)
         return server

@@ -20,6 +20,8 @@ import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from h2.settings import SettingCodes
+from hyperframe.frame import ExtensionFrame, PriorityFrame, RstStreamFrame, WindowUpdateFrame
 
 from proxy.server.tls import server_context
 from proxy.wire.eventsig import STREAMING_EVENTS, SignatureChain
@@ -32,7 +34,7 @@ from tests.conftest import (
     start_server,
 )
 from tests.fake_bedrock import FakeBedrock
-from tests.h2client import H2Client
+from tests.h2client import Answer, H2Client
 from tests.test_cli import BIN, free_port, running
 from tests.test_operations import _proxy_env
 from tests.test_virtual_keys import admin, new_key
@@ -41,6 +43,7 @@ JS = os.path.join(os.path.dirname(__file__), "js")
 BODY = json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}).encode()
 BEARER = [("authorization", f"Bearer {MASTER_KEY}"), ("content-type", "application/json")]
 ENHANCE_YOUR_CALM = 11
+CANCEL = 8
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -342,6 +345,75 @@ def test_control_frame_floods_are_cut(proxy, flood):
             client.flush()
         code = _goaway_code(client)
         assert code == ENHANCE_YOUR_CALM or (code is None and client.closed)
+    finally:
+        client.close()
+
+
+def _flood(client: H2Client, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # closed while still sending: that is the point
+        client.sock.sendall(data)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["window-update-0", "window-update-closed", "rst-closed", "priority", "unknown"],
+)
+def test_floods_of_any_frame_type_are_cut_before_any_key(proxy, frame, caplog):
+    """Frames that carry no request forward are counted frame by frame, whatever their
+    type and whether or not h2 makes an event of them (stream 0's window updates and
+    frames on streams that have ended make none): ~100,000 of them (1.2-1.5 MiB) end in a
+    GOAWAY after the budget, not seconds of the event loop."""
+    client = H2Client(proxy.base)
+    try:
+        assert client.fetch("GET", "/health/liveness").status == 200  # stream 1, ended
+        one = {
+            "window-update-0": WindowUpdateFrame(0, window_increment=1),
+            "window-update-closed": WindowUpdateFrame(1, window_increment=1),
+            "rst-closed": RstStreamFrame(1, error_code=0),
+            "priority": PriorityFrame(1, depends_on=0, stream_weight=15),
+            "unknown": ExtensionFrame(0xEE, 0),
+        }[frame].serialize()
+        _flood(client, one * 100_000)
+        assert _goaway_code(client, timeout=10) == ENHANCE_YOUR_CALM
+    finally:
+        client.close()
+    assert any("too many control frames" in r.getMessage() for r in caplog.records)
+    assert H2Client(proxy.base).fetch("GET", "/health/liveness").status == 200
+
+
+def test_resets_the_client_makes_the_server_send_are_counted(proxy, fake):
+    """MadeYouReset (CVE-2025-8671): a window update that overflows a stream's window
+    makes the server reset it; 250 of those are as many resets as the client's own."""
+    fake.reset()
+    client = H2Client(proxy.base)
+    try:
+        client.pump(lambda: client.conn.remote_settings.max_concurrent_streams == 100)
+        client.conn.remote_settings.max_concurrent_streams = 1000  # each is reset at once
+        client.conn.remote_settings.acknowledge()
+        fields = [(":method", "GET"), (":scheme", "http"), (":authority", client.authority)]
+        data = bytearray()
+        for _ in range(250):
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(stream_id, [*fields, (":path", "/health/liveness")])
+            client.answers[stream_id] = Answer()
+            data += client.conn.data_to_send()
+            data += WindowUpdateFrame(stream_id, window_increment=2**31 - 1).serialize()
+        _flood(client, bytes(data))
+        assert _goaway_code(client, timeout=10) == ENHANCE_YOUR_CALM
+    finally:
+        client.close()
+
+
+def test_a_stream_whose_window_stays_shut_is_reset_at_the_body_timeout(start_proxy, fake):
+    slow = start_proxy(body_timeout=1.0)
+    client = H2Client(slow.base, timeout=10)
+    try:
+        client.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        client.flush()
+        streams = [client.request("GET", "/health/liveness") for _ in range(20)]
+        client.pump(lambda: all(client.done(s) for s in streams), timeout=10)
+        assert {client.answers[s].reset for s in streams} == {CANCEL}
+        assert all(client.answers[s].status == 200 for s in streams)  # headers, no body
     finally:
         client.close()
 

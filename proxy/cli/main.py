@@ -29,6 +29,7 @@ from ..observe.accesslog import configure_logging
 from ..server.app import PIPELINE, STATE, StartupError, create_app, create_ops_app
 from ..server.config import ConfigError, Settings, load_settings
 from ..server.fleet.config import parse_fleet
+from ..server.http2 import Http2Limits
 from ..server.runner import ProxyRunner
 from ..server.tls import TLSConfigError, load_chain, server_context, write_self_signed
 from ..store import Store, open_store
@@ -425,6 +426,8 @@ async def serve(
             app,
             header_timeout=settings.header_timeout,
             keepalive_timeout=settings.keepalive_timeout,
+            # A client that never opens its window is as slow as one that never sends.
+            http2=Http2Limits(send_timeout=settings.body_timeout),
             # A backstop only: the deadline below ends handlers first.
             shutdown_timeout=settings.shutdown_timeout + 5,
         )

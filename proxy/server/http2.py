@@ -38,6 +38,7 @@ from ..wire.http2 import (
     MalformedRequest,
     ProtocolError,
     SettingCodes,
+    TooManyFrames,
     configuration,
 )
 from .aiohttp_adapter import StreamBody, http2_request_message, new_stream_body, stream_request
@@ -51,10 +52,16 @@ class Http2Limits:
     max_header_list_size: int = 64 * 1024
     stream_window: int = 256 * 1024
     connection_window: int = 4 * 1024 * 1024
-    # Counted per ``abuse_window`` seconds; past either, GOAWAY ENHANCE_YOUR_CALM.
+    # Counted per ``abuse_window`` seconds; past either, GOAWAY ENHANCE_YOUR_CALM. Resets
+    # are the client's and the ones its frames make the server send ("MadeYouReset");
+    # control frames are every frame that carries no request forward (wire.http2), with
+    # room added for those the server's own answers call for (window updates, acks).
     max_resets: int = 200
     max_control_frames: int = 500
     abuse_window: float = 10.0
+    # How long a response may wait for the client to open its flow-control window (a
+    # client that never reads, or advertises a zero window) before the stream is reset.
+    send_timeout: float = 120.0
 
 
 class _Stream:
@@ -179,7 +186,6 @@ class Http2ServerConnection(asyncio.Protocol):
         self._all_done: asyncio.Future[None] | None = None
         self._window_start = 0.0
         self._resets = 0
-        self._control_frames = 0
         # What each stream's web.Request reads from its protocol (through _Stream).
         self.ssl_context: Any = None
         self.peername: Any = None
@@ -198,6 +204,7 @@ class Http2ServerConnection(asyncio.Protocol):
         self._window_start = self._loop.time()
         limits = self._limits
         h2 = self._h2
+        h2.idle_frame_budget = limits.max_control_frames
         h2.initiate_connection()
         # Our limits go out in a second SETTINGS frame and bind once the peer has
         # acknowledged it (h2 sends only acknowledged values in the first).
@@ -214,8 +221,15 @@ class Http2ServerConnection(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        now = self._loop.time()
+        if now - self._window_start > self._limits.abuse_window:
+            self._window_start, self._resets = now, 0
+            self._h2.idle_frame_budget = self._limits.max_control_frames
         try:
             events = self._h2.receive_data(data)
+        except TooManyFrames:
+            self._too_much("control frames")
+            return
         except ProtocolError as exc:
             log.info("HTTP/2 protocol error from %s: %s", self.peername, exc)
             self._abort(exc)
@@ -297,6 +311,9 @@ class Http2ServerConnection(asyncio.Protocol):
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         self._requests_seen += 1
+        # A request's own frames besides its HEADERS and DATA (its empty last DATA, the
+        # window updates and the reset a client may send) are part of a fair share.
+        self._h2.idle_frame_budget += 4
         stream = self._streams[stream_id] = _Stream(self, stream_id)
         ended = event.stream_ended is not None
         try:
@@ -305,6 +322,7 @@ class Http2ServerConnection(asyncio.Protocol):
             log.info("malformed HTTP/2 request from %s: %s", self.peername, exc)
             del self._streams[stream_id]
             self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self._count_reset()  # one the client made us send
             self._after_stream()
             return
         except errors.AwsError as exc:
@@ -324,8 +342,6 @@ class Http2ServerConnection(asyncio.Protocol):
             if size:
                 self._h2.acknowledge_received_data(size, event.stream_id)
             return
-        if not event.data and event.stream_ended is None:
-            self._count_control()
         stream.body.feed_data(event.data)
         if stream._reading_paused:
             stream.unacked += size
@@ -340,9 +356,9 @@ class Http2ServerConnection(asyncio.Protocol):
             stream.body.feed_eof()
 
     def _on_reset(self, event: ev.StreamReset) -> None:
-        if event.remote_reset:
-            self._resets += 1
-            self._check_abuse()
+        # The client's resets, and those h2 sent because of the client's frames (a window
+        # update that overflows a stream's window: CVE-2025-8671, "MadeYouReset").
+        self._count_reset()
         stream = self._streams.pop(event.stream_id, None)
         if stream is not None:
             self._end_stream(stream, ConnectionResetError("the client reset the stream"))
@@ -357,9 +373,6 @@ class Http2ServerConnection(asyncio.Protocol):
             if stream is not None:
                 stream.wake()
 
-    def _on_control(self, event: ev.Event) -> None:
-        self._count_control()
-
     def _on_goaway(self, event: ev.ConnectionTerminated) -> None:
         # The peer opens no more streams; the open ones finish (see wire.http2).
         self._closing = True
@@ -371,10 +384,6 @@ class Http2ServerConnection(asyncio.Protocol):
         ev.StreamEnded: _on_stream_ended,
         ev.StreamReset: _on_reset,
         ev.WindowUpdated: _on_window,
-        ev.PingReceived: _on_control,
-        ev.RemoteSettingsChanged: _on_control,
-        ev.PriorityUpdated: _on_control,
-        ev.UnknownFrameReceived: _on_control,
         ev.ConnectionTerminated: _on_goaway,
     }
 
@@ -490,18 +499,30 @@ class Http2ServerConnection(asyncio.Protocol):
                 break
             window = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
             if window <= 0:
-                stream.window = self._loop.create_future()
-                await stream.window
+                await self._wait_for_window(stream)
                 continue
             size = min(window, total - offset)
             chunk = data if size == total else data[offset : offset + size]
             offset += size
             h2.send_data(stream_id, chunk, end_stream=end and offset == total)
+            h2.idle_frame_budget += 2  # the stream's and the connection's window updates
             self._flush()
             if end and offset == total:
                 break
         if self._writable is not None:
             await self._writable
+
+    async def _wait_for_window(self, stream: _Stream) -> None:
+        """Wait for the client to open its window, at most ``send_timeout``: a client that
+        advertises a zero window and never opens it would hold the stream (and its
+        handler) for ever. Past it the stream is reset, as a client gone."""
+        stream.window = self._loop.create_future()
+        try:
+            await asyncio.wait_for(stream.window, self._limits.send_timeout)
+        except TimeoutError:
+            log.info("reset an HTTP/2 stream from %s: its window stayed shut", self.peername)
+            self.reset(stream, ErrorCodes.CANCEL)
+            raise ConnectionResetError("the client did not open its window in time") from None
 
     def _flush(self) -> None:
         """Write what h2 has queued at the end of this loop turn: a response's HEADERS and
@@ -569,25 +590,19 @@ class Http2ServerConnection(asyncio.Protocol):
                 return
         self._idle_handle = self._loop.call_later(wait, self._idle)
 
-    def _count_control(self) -> None:
-        self._control_frames += 1
-        self._check_abuse()
+    def _count_reset(self) -> None:
+        self._resets += 1
+        if self._resets > self._limits.max_resets:
+            self._too_much("resets")
 
-    def _check_abuse(self) -> None:
-        now = self._loop.time()
-        limits = self._limits
-        if now - self._window_start > limits.abuse_window:
-            self._window_start, self._resets, self._control_frames = now, 0, 0
-            return
-        if self._resets > limits.max_resets or self._control_frames > limits.max_control_frames:
-            log.warning(
-                "closing an HTTP/2 connection from %s: %d resets, %d control frames in %g s",
-                self.peername,
-                self._resets,
-                self._control_frames,
-                limits.abuse_window,
-            )
-            self._abort(None, ErrorCodes.ENHANCE_YOUR_CALM)
+    def _too_much(self, what: str) -> None:
+        log.warning(
+            "closing an HTTP/2 connection from %s: too many %s in %g s",
+            self.peername,
+            what,
+            self._limits.abuse_window,
+        )
+        self._abort(None, ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _abort(
         self, exc: BaseException | None, code: ErrorCodes = ErrorCodes.PROTOCOL_ERROR

@@ -23,6 +23,7 @@ from h2.events import ConnectionTerminated, Event
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from hpack.table import HeaderTable
+from hyperframe.frame import DataFrame, HeadersFrame
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -41,6 +42,7 @@ __all__ = [
     "MalformedRequest",
     "ProtocolError",
     "SettingCodes",
+    "TooManyFrames",
     "configuration",
     "request_fields",
 ]
@@ -187,10 +189,52 @@ class LiteralEncoder:
         return bytes(out)
 
 
+class TooManyFrames(ProtocolError):
+    """The peer sent more frames that carry no request forward than it may: a connection
+    error, ENHANCE_YOUR_CALM (h2 sends the GOAWAY on its way out of ``receive_data``)."""
+
+    error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+
 class Http2Connection(H2Connection):
-    """An ``H2Connection`` on which a peer's GOAWAY ends nothing already open."""
+    """An ``H2Connection`` on which a peer's GOAWAY ends nothing already open, and that
+    counts the frames a peer sends which carry no request forward.
+
+    Those are what a flood is made of: WINDOW_UPDATE, PING, SETTINGS, PRIORITY,
+    RST_STREAM, GOAWAY and unknown frames, empty DATA, and any frame on a stream that is
+    no longer open (h2 answers some of those with a RST_STREAM of its own). Each costs
+    h2 ~15 us of Python, so 100,000 WINDOW_UPDATE(+1) frames (1.2 MiB) held the event loop
+    for seconds; counting the events h2 returns missed them, since frames on closed
+    streams and window updates on stream 0 produce none. They are counted here, frame by
+    frame, inside ``receive_data``, so one large read cannot run past the budget: the
+    frame that exceeds ``idle_frame_budget`` raises ``TooManyFrames`` before h2 handles it.
+    The owner sets the budget (per window of time) and credits it for the frames its own
+    answers make the peer send.
+    """
 
     peer_went_away = False
+    idle_frame_budget = 1 << 62
+
+    def _receive_frame(self, frame: Any) -> list[Event]:
+        kind = type(frame)
+        if kind is DataFrame:
+            idle = not frame.data or not self._open(frame.stream_id)
+        elif kind is HeadersFrame:  # a new stream (bounded apart) or a request's trailers
+            idle = frame.stream_id <= self.highest_inbound_stream_id and not self._open(
+                frame.stream_id
+            )
+        else:
+            idle = True
+        if idle:
+            self.idle_frame_budget -= 1
+            if self.idle_frame_budget < 0:
+                raise TooManyFrames("too many frames that carry no request forward")
+        events: list[Event] = super()._receive_frame(frame)
+        return events
+
+    def _open(self, stream_id: int) -> bool:
+        stream = self.streams.get(stream_id)
+        return stream is not None and not stream.closed
 
     def send_goaway(self, code: ErrorCodes, last_stream_id: int | None = None) -> None:
         """GOAWAY, with the streams already open still able to finish (RFC 9113 6.8);
