@@ -550,3 +550,103 @@ def test_sessions_are_shared_by_replicas_and_end_when_idle(start_proxy, store_se
     for replica in replicas:
         status, text = _get(replica, "/ui/keys", {"bp_console": sid})
         assert 'id="signin"' in text
+
+
+# ---------------------------------------------------------------- sessions, throttle, forms
+
+
+def _sign_in(server, key: str) -> tuple[int, str | None]:
+    """POST the sign-in form; (status, session cookie or None)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    request = urllib.request.Request(
+        server.url + "/ui/signin", data=urllib.parse.urlencode({"key": key}).encode()
+    )
+    try:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as answer:
+            return answer.status, None
+    except urllib.error.HTTPError as exc:
+        cookie = exc.headers.get("Set-Cookie")
+        return exc.code, cookie.split(";")[0].split("=", 1)[1] if cookie else None
+
+
+def test_sessions_end_with_the_credential_they_were_opened_with(start_proxy, tmp_path):
+    # The sealing key stays; the master key (the admin credential) is rotated.
+    shared = {
+        "sqlite_path": str(tmp_path / "rotation.db"),
+        "secret_key": "sealing-0123456789abcdef",
+    }
+    before = start_proxy(**shared)
+    key = new_key(before)
+    status, master_sid = _sign_in(before, MASTER_KEY)
+    assert status == 303 and master_sid
+    status, key_sid = _sign_in(before, key["key"])
+    assert status == 303 and key_sid
+    assert 'id="keys"' in _get(before, "/ui/keys", {"bp_console": master_sid})[1]
+    assert _get(before, "/ui/me", {"bp_console": key_sid})[0] == 200
+
+    # The key regenerated through the API (not the console's button): its session ends.
+    status, _ = admin(before, "POST", "/key/regenerate", {"key": key["key_id"]})
+    assert status == 200
+    assert 'id="signin"' in _get(before, "/ui/me", {"bp_console": key_sid})[1]
+
+    # The master key rotated (a restart with a new one on the same store): the old
+    # cookie opens nothing, the live page's JSON included.
+    after = start_proxy(master_key="sk-master-rotated-0123456789", **shared)
+    assert 'id="signin"' in _get(after, "/ui/keys", {"bp_console": master_sid})[1]
+    assert _get(after, "/ui/live.json", {"bp_console": master_sid})[0] == 401
+
+
+def test_the_sign_in_throttle_counts_attempts_not_just_failures(start_proxy):
+    server = start_proxy()
+    own = new_key(server)
+    for _ in range(4):
+        assert _sign_in(server, "sk-bp-a-guess")[0] == 401
+    assert _sign_in(server, own["key"])[0] == 303  # a valid key of one's own...
+    assert _sign_in(server, "sk-bp-a-guess")[0] == 401  # ...wipes no guess: this is the 5th
+    assert _sign_in(server, "sk-bp-a-guess")[0] == 429
+
+
+def test_forty_guesses_at_once_on_one_http2_connection_are_throttled(start_proxy):
+    from tests.h2client import H2Client
+
+    server = start_proxy()
+    client = H2Client(server.url)
+    try:
+        streams = [
+            client.request(
+                "POST",
+                "/ui/signin",
+                headers=[("content-type", "application/x-www-form-urlencoded")],
+                body=f"key=sk-bp-guess-{i}".encode(),
+            )
+            for i in range(40)
+        ]
+        client.pump(lambda: all(client.done(s) for s in streams), timeout=20)
+        statuses = sorted(client.answers[s].status for s in streams)
+        assert statuses.count(401) == 5 and statuses.count(429) == 35, statuses
+    finally:
+        client.close()
+
+
+def test_anonymous_sign_in_bodies_are_bounded_in_bytes_and_time(start_proxy):
+    from tests.h2client import H2Client
+
+    server = start_proxy(body_timeout=1.0)
+    client = H2Client(server.url, timeout=10)
+    form = [("content-type", "application/x-www-form-urlencoded")]
+    try:
+        big = client.request("POST", "/ui/signin", headers=form, end=False)
+        client.send_all(big, b"key=" + b"x" * 1_000_000, end=False)  # and never ends
+        trickle = [
+            client.request("POST", "/ui/signin", headers=form, body=b"key=sk", end=False)
+            for _ in range(3)  # with the big one, within the sign-in throttle's five
+        ]
+        client.pump(lambda: all(client.done(s) for s in [big, *trickle]), timeout=10)
+        assert client.answers[big].status == 413
+        assert {client.answers[s].status for s in trickle} == {408}
+    finally:
+        client.close()

@@ -287,6 +287,8 @@ def create_app(
             clock=clock,
             current=limiter.current,
             alerts=_alert_settings(settings),
+            master_key=settings.master_key,
+            body_timeout=settings.body_timeout,
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))

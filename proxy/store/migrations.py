@@ -147,6 +147,14 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         CREATE INDEX bp_spend_team_ts ON bp_spend (team_id, ts) WHERE team_id IS NOT NULL
         """,
     ),
+    (
+        8,
+        # A console session is bound to the credential it was opened with (an HMAC of the
+        # session id under the master key, or under the key's token hash): rotating the
+        # master key or regenerating a key ends its sessions. Older sessions have none,
+        # and end.
+        "ALTER TABLE bp_console_sessions ADD COLUMN credential TEXT",
+    ),
 ]
 
 

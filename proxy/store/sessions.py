@@ -13,21 +13,29 @@ class SessionRepository:
         self._db = db
 
     async def create(
-        self, session_hash: str, kind: str, key_id: str | None, csrf: str, expires_at: float
+        self,
+        session_hash: str,
+        kind: str,
+        key_id: str | None,
+        csrf: str,
+        expires_at: float,
+        credential: str,
     ) -> None:
         await self._db.execute(
-            "INSERT INTO bp_console_sessions (session_hash, kind, key_id, csrf, expires_at)"
-            " VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO bp_console_sessions"
+            " (session_hash, kind, key_id, csrf, expires_at, credential)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
             session_hash,
             kind,
             key_id,
             csrf,
             expires_at,
+            credential,
         )
 
     async def get(self, session_hash: str, now: float) -> dict[str, Any] | None:
         return await self._db.fetchrow(
-            "SELECT kind, key_id, csrf, expires_at FROM bp_console_sessions"
+            "SELECT kind, key_id, csrf, expires_at, credential FROM bp_console_sessions"
             " WHERE session_hash = $1 AND expires_at > $2",
             session_hash,
             now,

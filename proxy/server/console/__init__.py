@@ -10,6 +10,7 @@ routes: the Bedrock path does not pass through any of it.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl
 
 import jinja2
 from aiohttp import web
@@ -77,6 +79,8 @@ class Console:
         clock: Clock = SYSTEM_CLOCK,
         current: Callable[[str, str], Awaitable[dict[str, int]]] | None = None,
         alerts: dict[str, str] | None = None,
+        master_key: str | None = None,
+        body_timeout: float = 120.0,
     ) -> None:
         self._current = current
         self._alerts = alerts or {}
@@ -86,7 +90,8 @@ class Console:
         self._store = store
         self._metrics = metrics
         self._live = live
-        self.sessions = SessionStore(store, idle_timeout, clock)
+        self.sessions = SessionStore(store, idle_timeout, clock, master_key)
+        self._body_timeout = body_timeout
         self.throttle = SignInThrottle()
         self._env = jinja2.Environment(
             loader=jinja2.PackageLoader("proxy.server.console", "templates"),
@@ -131,6 +136,9 @@ class Console:
         async def guarded(request: web.Request) -> web.StreamResponse:
             try:
                 return await handler(request)
+            except FormRefused as exc:
+                page = "signin.html" if request.path.endswith("/signin") else "error.html"
+                return self._form_refused(exc, page)
             except StoreUnavailable:
                 response = self._render(
                     "error.html",
@@ -178,7 +186,7 @@ class Console:
                     return self._render(
                         "error.html", 403, session, message="Cross-site form refused."
                     )
-                form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+                form = await _read_form(request, _FORM_BYTES, self._body_timeout)
                 token = form.get("csrf")
                 if not isinstance(token, str) or not csrf_ok(session, token):
                     return self._render(
@@ -191,6 +199,11 @@ class Console:
                 return self._render("error.html", exc.status, session, message=str(exc))
 
         return page
+
+    def _form_refused(self, exc: FormRefused, page: str = "error.html") -> web.Response:
+        if page == "signin.html":
+            return self._render(page, exc.status, error=exc.message)
+        return self._render(page, exc.status, message=exc.message)
 
     async def _static_file(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -223,11 +236,12 @@ class Console:
         if not _same_origin(request):  # no signing a victim in to someone else's session
             return self._render("signin.html", 403, error="Sign in from the console itself.")
         address = request.remote or "-"
-        if self.throttle.blocked(address):
+        attempt = self.throttle.attempt(address)  # counted before the key is looked at
+        if attempt is None:
             return self._render(
                 "signin.html", 429, error="Too many failed sign-ins; wait a minute and try again."
             )
-        form = await request.post()
+        form = await _read_form(request, _SIGNIN_FORM_BYTES, self._body_timeout)
         key = form.get("key")
         identity: Identity | None = None
         if isinstance(key, str) and key:
@@ -238,10 +252,10 @@ class Console:
             except errors.AwsError:
                 identity = None
         if identity is None or identity.kind not in ("master", "virtual"):
-            self.throttle.failed(address)
             return self._render("signin.html", 401, error="That key is not valid.")
-        self.throttle.succeeded(address)
-        sid, _ = await self.sessions.create(identity.kind, identity.key_id)
+        self.throttle.succeeded(address, attempt)
+        token_hash = identity.record.token_hash if identity.record is not None else None
+        sid, _ = await self.sessions.create(identity.kind, identity.key_id, token_hash)
         response = web.HTTPSeeOther(PREFIX + ("/keys" if identity.is_master else "/me"))
         response.set_cookie(
             COOKIE,
@@ -548,6 +562,40 @@ def _key_form(form: Any, creating: bool) -> dict[str, Any]:
         if not creating:
             body["models"] = []
     return body
+
+
+# A console form is a few fields: anything larger is refused, and a body must arrive
+# within body_timeout, whoever sends it (the sign-in form is read before any key is known).
+_SIGNIN_FORM_BYTES = 4096
+_FORM_BYTES = 64 * 1024
+
+
+class FormRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def _read_form(request: web.Request, limit: int, timeout: float) -> dict[str, str]:
+    """A URL-encoded form, read within ``limit`` bytes and ``timeout`` seconds (aiohttp's
+    ``post()`` reads up to 1 MiB with no deadline: 40 anonymous HTTP/2 streams trickling
+    a megabyte each held ~55 MiB for as long as they liked)."""
+    if (request.content_length or 0) > limit:
+        raise FormRefused(413, "The form is too large.")
+    if request.body_exists and request.content_type != "application/x-www-form-urlencoded":
+        raise FormRefused(415, "Send the form as the page does.")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise FormRefused(413, "The form is too large.")
+    except TimeoutError:
+        raise FormRefused(408, "The form took too long to arrive.") from None
+    fields = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return dict(fields)
 
 
 def _same_origin(request: web.Request) -> bool:

@@ -35,18 +35,38 @@ class ConsoleSession:
 
 
 class SessionStore:
+    """Sessions bound to the credential they were opened with: the master key as it is
+    now, or the key's token as it is now. A session opened with a master key that has
+    since been rotated, or with a key that has been regenerated, blocked, expired or
+    deleted (through the console or the API, on any replica), opens nothing."""
+
     def __init__(
-        self, store: Store, idle_timeout: float = 1800.0, clock: Clock = SYSTEM_CLOCK
+        self,
+        store: Store,
+        idle_timeout: float = 1800.0,
+        clock: Clock = SYSTEM_CLOCK,
+        master_key: str | None = None,
     ) -> None:
         self._store = store
         self._idle = idle_timeout
         self._clock = clock
+        self._master = master_key.encode() if master_key else None
 
-    async def create(self, kind: str, key_id: str | None) -> tuple[str, ConsoleSession]:
+    async def create(
+        self, kind: str, key_id: str | None, token_hash: str | None = None
+    ) -> tuple[str, ConsoleSession]:
         sid = secrets.token_urlsafe(32)
         session = ConsoleSession(kind, key_id, secrets.token_urlsafe(24))
+        secret = self._master if kind == "master" else (token_hash or "").encode()
+        if not secret:
+            raise ValueError("a console session needs the credential it is opened with")
         await self._store.sessions.create(
-            _hash(sid), kind, key_id, session.csrf, self._clock.time() + self._idle
+            _hash(sid),
+            kind,
+            key_id,
+            session.csrf,
+            self._clock.time() + self._idle,
+            _bound(secret, sid),
         )
         if secrets.randbelow(64) == 0:  # now and then, drop the expired ones
             await self._store.sessions.sweep(self._clock.time())
@@ -59,9 +79,28 @@ class SessionStore:
         row = await self._store.sessions.get(_hash(sid), now)
         if row is None:
             return None
+        if not await self._still_valid(row, sid, now):
+            await self._store.sessions.end(_hash(sid))
+            return None
         if row["expires_at"] - now < self._idle - _TOUCH_EVERY:
             await self._store.sessions.touch(_hash(sid), now + self._idle)
         return ConsoleSession(row["kind"], row["key_id"], row["csrf"])
+
+    async def _still_valid(self, row: dict[str, object], sid: str, now: float) -> bool:
+        bound = row.get("credential")
+        if not isinstance(bound, str):
+            return False  # opened before sessions were bound to their credential
+        if row["kind"] == "master":
+            secret = self._master
+        else:
+            key_id = row["key_id"]
+            record = (
+                await self._store.keys.by("key_id", key_id) if isinstance(key_id, str) else None
+            )
+            if record is None or record.refusal(now) is not None:
+                return False
+            secret = record.token_hash.encode()
+        return secret is not None and hmac.compare_digest(bound, _bound(secret, sid))
 
     async def end(self, sid: str | None) -> None:
         if sid and len(sid) <= 128:
@@ -76,33 +115,45 @@ def _hash(sid: str) -> str:
     return hashlib.sha256(sid.encode()).hexdigest()
 
 
+def _bound(secret: bytes, sid: str) -> str:
+    """The session id under its credential. The row keeps this and the id's SHA-256,
+    never the id: a copy of the store verifies no guess at the master key."""
+    return hmac.new(secret, sid.encode(), hashlib.sha256).hexdigest()
+
+
 def csrf_ok(session: ConsoleSession, presented: str | None) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), session.csrf.encode())
 
 
 class SignInThrottle:
-    """Failed sign-ins per client address: past the allowance, refused until the window
-    ends. Bounded: the oldest addresses are forgotten first."""
+    """Sign-in attempts per client address: each is counted as a failure before its key
+    is checked (so attempts made at once, 40 streams of one HTTP/2 connection, are
+    counted as they arrive, not after the first checks end), and a success takes back
+    only its own attempt (a valid key of the attacker's own does not wipe the count of
+    its guesses). Past the allowance, refused until the window ends. Bounded: the oldest
+    addresses are forgotten first."""
 
     def __init__(self, allowed: int = _FAILURES_ALLOWED, window: float = _FAILURE_WINDOW) -> None:
         self._allowed = allowed
         self._window = window
         self._failures: OrderedDict[str, list[float]] = OrderedDict()
 
-    def blocked(self, address: str) -> bool:
+    def attempt(self, address: str) -> float | None:
+        """Count an attempt; None when the address is over its allowance (refuse it)."""
         now = time.monotonic()
         times = [t for t in self._failures.get(address, ()) if now - t < self._window]
-        if times:
+        if len(times) >= self._allowed:
             self._failures[address] = times
-        else:
-            self._failures.pop(address, None)
-        return len(times) >= self._allowed
-
-    def failed(self, address: str) -> None:
-        self._failures.setdefault(address, []).append(time.monotonic())
+            return None
+        times.append(now)
+        self._failures[address] = times
         self._failures.move_to_end(address)
         if len(self._failures) > _MAX_ADDRESSES:
             self._failures.popitem(last=False)
+        return now
 
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
+    def succeeded(self, address: str, attempt: float) -> None:
+        """The attempt was a valid key: it is not a failure (the others still are)."""
+        times = self._failures.get(address)
+        if times is not None and attempt in times:
+            times.remove(attempt)
