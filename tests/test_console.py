@@ -167,6 +167,13 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     _, info = admin(console, "GET", f"/key/info?key={key_id}")
     assert info["info"]["metadata"] == {"cost_center": "cc-42"}
     assert info["info"]["rpm_limit"] == 100 and info["info"]["team_id"] == "web"
+    # The form shows the metadata whole (quotes and all) and saves it unchanged.
+    page.open(f"/ui/keys/{key_id}")
+    shown = page.find('input[name="metadata"]').get_attribute("value")
+    assert json.loads(shown) == {"cost_center": "cc-42"}
+    page.click("#save")
+    _, info = admin(console, "GET", f"/key/info?key={key_id}")
+    assert info["info"]["metadata"] == {"cost_center": "cc-42"}
 
     # Use it with boto3; its spend appears in the chart and the table.
     client = boto_client("bedrock-runtime", console, key=token)
@@ -190,6 +197,13 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
         sum(expected.values())
     )
     page.shot("spend-by-key")
+    # Each bar has its legend's colour.
+    legend = {
+        li.text: li.find_element("css selector", "rect").get_attribute("fill")
+        for li in page.all("ul.legend li")
+    }
+    for point in points:
+        assert point.get_attribute("fill") == legend[point.get_attribute("data-series")]
     page.open("/ui/spend?by=model")
     assert {p.get_attribute("data-series") for p in page.all("#chart rect.point")} >= {HAIKU}
     page.shot("spend-by-model")
@@ -223,6 +237,7 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     )
     assert status == 200
     page.open("/ui/limits")
+    assert browser.title == "Limits · bedrock-proxy console"
     assert "console-made" in page.find("#budgets").text
     assert "limit web-team" in page.find("#budgets").text  # a named limit's budget too
     assert "team_ids=['web']" in page.find("#named").text  # and its members
@@ -253,9 +268,12 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     page.click("#delete")
     assert page.path == "/ui/keys" and key_id not in browser.page_source
 
-    # Sign out: the session is gone.
+    # Sign out: the session is gone, and Back does not show the signed-in page again.
     page.click("#signout")
     assert page.path == "/ui/signin"
+    browser.back()
+    _wait(lambda: page.path == "/ui/signin")
+    assert page.find("#signin")
     page.open("/ui/keys")
     assert page.path == "/ui/signin"
 
@@ -650,3 +668,57 @@ def test_anonymous_sign_in_bodies_are_bounded_in_bytes_and_time(start_proxy):
         assert {client.answers[s].status for s in trickle} == {408}
     finally:
         client.close()
+
+
+def _master_cookie(server) -> dict[str, str]:
+    status, sid = _sign_in(server, MASTER_KEY)
+    assert status == 303 and sid
+    return {"bp_console": sid}
+
+
+def test_exports_are_whole_and_never_run_as_formulas(start_proxy, fake, monkeypatch):
+    import proxy.server.console as console_module
+
+    server = start_proxy(ledger_flush_interval=0.1)
+    formula = new_key(server, key_alias='=HYPERLINK("http://evil.example","x")', user_id="@SUM(1)")
+    others = [new_key(server) for _ in range(2)]
+    client = boto_client("bedrock-runtime", server, key=formula["key"])
+    for _ in range(120):  # more than a page of the ledger's listing (100)
+        client.converse(modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+    # A model id is the caller's text too (kept in the ledger whatever AWS answers).
+    client.converse(modelId="-2+3", messages=[{"role": "user", "content": [{"text": "x"}]}])
+    server.settle()
+    cookie = _master_cookie(server)
+
+    status, text = _get(server, f"/ui/spend.csv?table=requests&key_id={formula['key_id']}", cookie)
+    lines = text.splitlines()
+    assert status == 200 and len(lines) == 1 + 121, len(lines)
+    assert any(",'-2+3," in line for line in lines)
+    status, text = _get(server, "/ui/keys.csv", cookie)
+    assert status == 200
+    assert "'=HYPERLINK" in text and "'@SUM(1)" in text
+    assert not any(
+        cell.startswith(("=", "@")) for line in text.splitlines() for cell in line.split(",")
+    )
+
+    # The keys page pages (here two keys a page), and the CSV has every key.
+    monkeypatch.setattr(console_module, "_KEYS_PER_PAGE", 2)
+    status, first = _get(server, "/ui/keys", cookie)
+    assert status == 200 and 'id="keys-next"' in first and "page 1 of 2" in first
+    status, second = _get(server, "/ui/keys?page=2", cookie)
+    shown = [k["key_id"] for k in (formula, *others) if k["key_id"] in first + second]
+    assert len(shown) == 3 and 'id="keys-prev"' in second
+
+
+def test_a_keys_own_page_shows_its_last_twenty_requests(start_proxy, fake):
+    server = start_proxy(ledger_flush_interval=0.1)
+    key = new_key(server)
+    client = boto_client("bedrock-runtime", server, key=key["key"])
+    for _ in range(25):
+        client.converse(modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+    server.settle()
+    status, sid = _sign_in(server, key["key"])
+    status, text = _get(server, "/ui/me", {"bp_console": sid})
+    assert status == 200
+    table = text.split('id="requests"', 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr>") == 1 + 20  # the header row and twenty requests

@@ -33,6 +33,7 @@ from ...store import Store, StoreUnavailable
 from ...store.records import ALLOW_LIST_FIELDS
 from ...wire import errors
 from ...wire.clock import SYSTEM_CLOCK, Clock
+from ...wire.params import MAX_PAGE
 from . import charts
 from .sessions import COOKIE, ConsoleSession, SessionStore, SignInThrottle, csrf_ok
 
@@ -269,7 +270,9 @@ class Console:
 
     async def _signout(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:
         await self.sessions.end(request.cookies.get(COOKIE))
-        response = web.HTTPSeeOther(PREFIX + "/signin")
+        # no-store alone leaves the signed-in pages in Chromium's back/forward cache:
+        # Clear-Site-Data evicts them (and console.js reloads a page restored from it).
+        response = web.HTTPSeeOther(PREFIX + "/signin", headers={"Clear-Site-Data": '"cache"'})
         response.del_cookie(COOKIE, path=PREFIX)
         raise response
 
@@ -286,7 +289,7 @@ class Console:
         totals = await self._reports.key_totals(record)
         rows = await self._reports.daily("model", _days_ago(30), None, key_id=record.key_id)
         chart, names = _chart(rows, "cost")
-        logs = await self._reports.logs({"key_id": record.key_id, "page_size": "20"})
+        logs = await self._reports.logs({"key_id": record.key_id, "size": "20"})
         return self._render(
             "me.html",
             session=session,
@@ -300,10 +303,29 @@ class Console:
 
     # ------------------------------------------------------------------ keys
 
+    async def _all_logs(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        """Every ledger row a query matches, page by page (an export is not a page)."""
+        rows: list[dict[str, Any]] = []
+        for page in range(1, _EXPORT_ROWS // MAX_PAGE + 1):
+            found = await self._reports.logs({**query, "page": str(page), "size": str(MAX_PAGE)})
+            rows += found["logs"]
+            if page >= found["total_pages"]:
+                return rows
+        raise errors.validation(
+            f"More than {_EXPORT_ROWS} requests match: narrow the dates, or use /spend/logs"
+        )
+
     async def _filtered_keys(self, request: web.Request) -> list[dict[str, Any]]:
         q = request.query
         filters = {k: q[k] for k in ("team_id", "user_id") if q.get(k)}
-        keys: list[dict[str, Any]] = (await self.keys.list(filters, 1, 500, full=True))["keys"]
+        keys: list[dict[str, Any]] = []
+        page = 1
+        while True:  # every key, page by page: the filters below run on all of them
+            found = await self.keys.list(filters, page, MAX_PAGE, full=True)
+            keys += found["keys"]
+            if page >= found["total_pages"]:
+                break
+            page += 1
         text = q.get("q", "").strip().lower()
         if text:
             fields = ("key_alias", "key_id", "user_id", "team_id")
@@ -319,7 +341,19 @@ class Console:
 
     async def _key_list(self, request: web.Request, session: ConsoleSession) -> web.Response:
         keys = await self._filtered_keys(request)
-        return self._render("keys.html", session=session, keys=keys, query=dict(request.query))
+        pages = max(1, (len(keys) + _KEYS_PER_PAGE - 1) // _KEYS_PER_PAGE)
+        text = request.query.get("page", "1")
+        page = min(int(text), pages) if text.isdigit() and text != "0" else 1
+        query = {k: v for k, v in request.query.items() if k != "page"}
+        return self._render(
+            "keys.html",
+            session=session,
+            keys=keys[(page - 1) * _KEYS_PER_PAGE : page * _KEYS_PER_PAGE],
+            total=len(keys),
+            page=page,
+            pages=pages,
+            query=query,
+        )
 
     async def _key_csv(self, request: web.Request, session: ConsoleSession) -> web.Response:
         columns = ("key_id", "key_alias", "user_id", "team_id", "max_budget", "rpm_limit",
@@ -438,7 +472,7 @@ class Console:
         if "key_id" in view["where"]:
             logs = (
                 await self._reports.logs(
-                    {"key_id": view["where"]["key_id"], "start": view["start"], "page_size": "100"}
+                    {"key_id": view["where"]["key_id"], "start": view["start"], "size": "100"}
                 )
             )["logs"]
         return self._render("spend.html", session=session, logs=logs, **view)
@@ -448,10 +482,12 @@ class Console:
         if request.query.get("table") == "requests" and "key_id" in view["where"]:
             columns = ("time", "request_id", "operation", "model", "status", "input_tokens",
                        "output_tokens", "total_tokens", "cost", "account", "region")  # fmt: skip
-            logs = await self._reports.logs(
-                {"key_id": view["where"]["key_id"], "start": view["start"], "page_size": "1000"}
-            )
-            rows = [[r.get(c) for c in columns] for r in logs["logs"]]
+            rows = [
+                [r.get(c) for c in columns]
+                for r in await self._all_logs(
+                    {"key_id": view["where"]["key_id"], "start": view["start"]}
+                )
+            ]
             return _csv(f"requests-{view['where']['key_id']}", columns, rows)
         return _csv(
             f"spend-by-{view['by']}",
@@ -514,7 +550,7 @@ class Console:
         return self._render("live.html", session=session, live=self._live())
 
     async def _live_json(self, request: web.Request, session: ConsoleSession) -> web.Response:
-        recent = await self._reports.logs({"page_size": "20"})
+        recent = await self._reports.logs({"size": "20"})
         data = {**self._live(), "recent": recent["logs"]}
         return web.json_response(data, headers=_SECURITY_HEADERS)
 
@@ -609,12 +645,32 @@ def _csv(name: str, columns: tuple[str, ...], rows: list[list[Any]]) -> web.Resp
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(columns)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    writer.writerows([_cell(v) for v in row] for row in rows)
     return web.Response(
         text=out.getvalue(),
         content_type="text/csv",
         headers={**_SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}.csv"'},
     )
+
+
+# Keys shown per page of the list (its CSV has them all), and the most rows a request
+# export gathers before it asks for a narrower range.
+_KEYS_PER_PAGE = 200
+_EXPORT_ROWS = 100_000
+
+# What a spreadsheet reads as a formula at the start of a cell (OWASP's list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A value as an export cell. Text a key holder chose (an alias, a user, a model id the
+    ledger kept although AWS refused it) must not run as a formula in the operator's
+    spreadsheet: text that starts like one is prefixed with a quote, shown as text."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def _chart(rows: list[dict[str, Any]], metric: str) -> tuple[str, list[str]]:
@@ -625,15 +681,16 @@ def _chart(rows: list[dict[str, Any]], metric: str) -> tuple[str, list[str]]:
         value = float(row[metric] or 0)
         series.setdefault(name, {})[row["day"]] = series.get(name, {}).get(row["day"], 0.0) + value
     names = sorted(series, key=lambda n: -sum(series[n].values()))[:9]
+    ordered = {n: series[n] for n in names}  # bars coloured in the legend's order
     if len(series) > len(names):  # the rest, as one series
         other: dict[str, float] = {}
         for name in series:
-            if name not in names:
+            if name not in ordered:
                 for day, value in series[name].items():
                     other[day] = other.get(day, 0.0) + value
-        series = {**{n: series[n] for n in names}, "other": other}
+        ordered["other"] = other
         names.append("other")
-    return charts.stacked_bars(days, series, "$" if metric == "cost" else "tokens"), names
+    return charts.stacked_bars(days, ordered, "$" if metric == "cost" else "tokens"), names
 
 
 def _days_ago(days: int) -> str:

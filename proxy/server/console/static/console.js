@@ -66,3 +66,9 @@ if (live) {
   refresh(live);
   setInterval(() => refresh(live), 2000);
 }
+
+// A page restored from the back/forward cache is asked for again: after a sign-out the
+// server answers with the sign-in page, not the signed-in page as it was.
+window.addEventListener("pageshow", (event) => {
+  if (event.persisted) window.location.reload();
+});
