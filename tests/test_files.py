@@ -195,6 +195,31 @@ def test_bucket_and_prefix_allow_lists(files_proxy, fake_s3):
         )
 
 
+def test_a_prefix_is_a_folder_never_its_siblings(files_proxy, fake_s3):
+    key = new_key(files_proxy, file_buckets=["shared"], file_prefixes=["team-a"])
+    s3 = s3_client(files_proxy, key)
+    s3.put_object(Bucket="shared", Key="team-a/in.jsonl", Body=b"{}")
+    assert s3.list_objects_v2(Bucket="shared", Prefix="team-a/")["KeyCount"] == 1
+    for name in ("team-ab/in.jsonl", "team-a-old/in.jsonl", "team"):
+        with pytest.raises(ClientError) as info:
+            s3.put_object(Bucket="shared", Key=name, Body=b"{}")
+        assert _code(info) == ("AccessDenied", 403)
+    # A listing of "team-a" (no slash) would show team-ab/ too.
+    for prefix in ("team-a", "team-", ""):
+        with pytest.raises(ClientError) as info:
+            s3.list_objects_v2(Bucket="shared", Prefix=prefix)
+        assert _code(info) == ("AccessDenied", 403)
+    bedrock = sigv4_client("bedrock", files_proxy, key)
+    with pytest.raises(bedrock.exceptions.AccessDeniedException, match="team-ab"):
+        bedrock.create_model_invocation_job(
+            jobName="j",
+            roleArn="arn:aws:iam::123456789012:role/r",
+            modelId=HAIKU,
+            inputDataConfig={"s3InputDataConfig": {"s3Uri": "s3://shared/team-ab/x.jsonl"}},
+            outputDataConfig={"s3OutputDataConfig": {"s3Uri": "s3://shared/team-a/out/"}},
+        )
+
+
 def test_key_without_files_group_is_refused(files_proxy):
     key = new_key(files_proxy, operation_groups=["inference"])
     s3 = s3_client(files_proxy, key)

@@ -474,3 +474,22 @@ def test_keys_command_line(tmp_path):
     assert run("revoke", created["key"]) == {"deleted_keys": [created["key_id"]]}
     out = subprocess.run([*cli, "info", "cli-key"], env=env, capture_output=True, timeout=30)
     assert out.returncode == 1 and b"ResourceNotFoundException" in out.stderr
+
+
+def test_an_alias_cannot_name_another_key(proxy):
+    victim = new_key(proxy)
+    for alias in (
+        victim["key_id"],
+        "vk_0123456789abcdef",
+        "sk-bp-anything",
+        "BPKABCDEFGHIJKLMNOPQ",
+    ):
+        status, body = admin(proxy, "POST", "/key/generate", {"key_alias": alias})
+        assert status == 400 and "key_alias must not look like" in body["message"], alias
+    # key_aliases names aliases only: a key id there is no alias, and deletes nothing.
+    status, body = admin(proxy, "POST", "/key/delete", {"key_aliases": [victim["key_id"]]})
+    assert status == 404
+    assert admin(proxy, "GET", f"/key/info?key={victim['key_id']}")[0] == 200
+    aliased = new_key(proxy, key_alias="team-bot")
+    status, body = admin(proxy, "POST", "/key/delete", {"key_aliases": ["team-bot"]})
+    assert status == 200 and body["deleted_keys"] == [aliased["key_id"]]

@@ -8,6 +8,7 @@ else — owner, allow-lists, limits — is the spec, kept as one JSON document.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -76,6 +77,13 @@ def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
                 spec_value = None  # "" clears it, as null does (the CLI has no null)
             if name == "budget_duration" and spec_value is not None:
                 parse_duration(name, spec_value)
+            if name == "key_alias" and spec_value is not None and _names_a_key(spec_value):
+                # /key/delete and the others find a key by id, token, access key id or
+                # alias: an alias shaped like the others would name another key.
+                raise errors.validation(
+                    "key_alias must not look like a key id (vk_…), a token (sk-bp-…) or an "
+                    "access key id (BPK…)"
+                )
             setattr(spec, name, spec_value)
         elif name == "metadata":
             if not isinstance(value, dict):
@@ -121,6 +129,13 @@ def _expiry(name: str, value: Any) -> float | None:
         raise errors.validation(f"expires: {value!r} is out of range") from None
     except ValueError:
         raise errors.validation(f"expires: {value!r} is not an ISO 8601 time") from None
+
+
+_ACCESS_KEY_ID = re.compile(r"BPK[A-Z2-7]{17}\Z")
+
+
+def _names_a_key(alias: str) -> bool:
+    return alias.startswith(("vk_", TOKEN_PREFIX)) or _ACCESS_KEY_ID.match(alias) is not None
 
 
 def _optional_str(name: str, value: Any) -> str | None:

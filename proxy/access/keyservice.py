@@ -121,10 +121,20 @@ class KeyService:
             **updated.public(),
         }
 
-    async def delete(self, refs: list[str]) -> list[str]:
+    async def find_alias(self, alias: str) -> KeyRecord:
+        """A key by its alias alone (LiteLLM's ``key_aliases``)."""
+        record = await self._store.keys.by("key_alias", alias)
+        if record is None:
+            raise errors.AwsError(404, "ResourceNotFoundException", f"No key has alias {alias!r}")
+        return record
+
+    async def delete(self, refs: list[str], aliases: list[str] | None = None) -> list[str]:
+        """Delete the keys ``refs`` name (token, id, access key id or alias) and those
+        ``aliases`` name as aliases only."""
+        records = [await self.find(ref) for ref in refs]
+        records += [await self.find_alias(alias) for alias in aliases or ()]
         deleted = []
-        for ref in refs:
-            record = await self.find(ref)
+        for record in records:
             if await self._store.keys.delete(record.key_id):
                 self._forget(record)
                 deleted.append(record.key_id)

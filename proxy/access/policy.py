@@ -307,12 +307,20 @@ def model_candidates(model_id: str) -> list[str]:
     return candidates
 
 
-def file_allowed(spec: KeySpec, bucket: str, key: str | None) -> bool:
-    """A bucket, and a key (or list prefix) in it, within the key's file allow-lists."""
+def file_allowed(spec: KeySpec, bucket: str, key: str | None, listing: bool = False) -> bool:
+    """A bucket, and a key (or list prefix) in it, within the key's file allow-lists.
+
+    A prefix is a folder: ``team-a`` allows ``team-a`` itself and what is under
+    ``team-a/``, never its sibling ``team-ab/``. A listing's prefix must be under the
+    folder (a listing of ``team-a`` would show ``team-ab/`` too)."""
     if spec.file_buckets is not None and bucket not in spec.file_buckets:
         return False
     if spec.file_prefixes is not None and key is not None:
-        return any(key.startswith(prefix) for prefix in spec.file_prefixes)
+        for prefix in spec.file_prefixes:
+            folder = prefix.rstrip("/")
+            if not folder or key.startswith(folder + "/") or (key == folder and not listing):
+                return True
+        return False
     return True
 
 

@@ -134,17 +134,18 @@ class AdminApi:
 
     async def delete(self, request: web.Request) -> Any:
         body = await _json_body(request)
-        refs: list[Any] = []
+        named: dict[str, list[str]] = {}
         for name in ("keys", "key_aliases"):
             value = body.get(name)
             if value is None:
                 continue
             if not isinstance(value, list) or not all(isinstance(r, str) and r for r in value):
                 raise errors.validation(f"{name} must be a list of keys, key ids or aliases")
-            refs += value
-        if not refs:
+            named[name] = value
+        if not named:
             raise errors.validation("keys must be a non-empty list of keys or key ids")
-        return {"deleted_keys": await self.service.delete(refs)}
+        deleted = await self.service.delete(named.get("keys", []), named.get("key_aliases", []))
+        return {"deleted_keys": deleted}
 
     async def list(self, request: web.Request) -> Any:
         query = request.query

@@ -277,7 +277,8 @@ class FilesFront:
             target = None if op.name == "HeadBucket" or spec.file_prefixes is None else ""
         else:
             target = key
-        if not policy.file_allowed(spec, bucket, target):
+        listing = op.name in ("ListObjectsV2", "ListObjects", "ListMultipartUploads")
+        if not policy.file_allowed(spec, bucket, target, listing):
             where = f"{bucket}/{target}" if target else bucket
             raise errors.access_denied(f"The API key is not allowed to use {where!r}")
         source = headers.get("x-amz-copy-source")
