@@ -10,7 +10,8 @@ Faults are chosen by model ID, so any client can trigger them:
 ``test.stall`` no answer, ``test.cut`` stream cut mid-frame, ``test.slow`` paced frames,
 ``test.stall-stream`` a stream that stops sending, ``test.big`` a 3 MiB body,
 ``test.stall-body`` a small answer that stops after its headers, ``test.bad-crc`` a stream
-whose second frame fails its message CRC, ``test.hold`` an answer held until the test
+whose second frame fails its message CRC, ``test.denied`` AWS's access denied naming the
+caller's principal, ``test.hold`` an answer held until the test
 sets the request's event in ``holds``.
 """
 
@@ -41,6 +42,7 @@ UPSTREAM_SECRET_KEY = "upstream/secret+key/for/the/fake"
 UPSTREAM_SESSION_TOKEN = "upstream-session-token-xyz"
 UPSTREAM_BEARER = "bedrock-api-key-upstream-fake"
 MAX_SKEW = 300
+DENIED_PRINCIPAL = "arn:aws:sts::123456789012:assumed-role/BedrockProxyRole/proxy-session-1"
 
 _AUTH_RE = re.compile(
     r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
@@ -322,6 +324,15 @@ class FakeBedrock:
             request.transport.abort()
             await asyncio.sleep(0.1)
             return web.Response()
+        if model == "test.denied":  # as AWS words it: the caller's principal, named
+            return aws_error(
+                403,
+                "AccessDeniedException",
+                f"User: {DENIED_PRINCIPAL} is not authorized to perform: "
+                "bedrock:InvokeModel on resource: arn:aws:bedrock:us-east-1::foundation-model/"
+                "test.denied because no identity-based policy allows the bedrock:InvokeModel "
+                "action",
+            )
         if model == "test.stall":
             await asyncio.sleep(3600)
         if model == "test.stall-body":  # a small answer's head, a few bytes, then nothing

@@ -216,3 +216,38 @@ def test_unauthenticated_mode_accepts_anyone(start_proxy, fake):
     open_proxy = start_proxy(master_key=None, allow_unauthenticated=True)
     status, _, body = curl(open_proxy.base + CONVERSE, data=json.dumps({"messages": MESSAGES}))
     assert status == 200, body
+
+
+def test_an_upstream_access_denied_does_not_name_the_servers_principal(proxy, fake):
+    from tests.fake_bedrock import DENIED_PRINCIPAL
+
+    client = boto_client("bedrock-runtime", proxy)
+    for call in (client.converse, client.converse_stream):
+        with pytest.raises(client.exceptions.AccessDeniedException) as caught:
+            call(modelId="test.denied", messages=[{"role": "user", "content": [{"text": "x"}]}])
+        message = caught.value.response["Error"]["Message"]
+        assert DENIED_PRINCIPAL not in message and "123456789012" not in message
+        assert "BedrockProxyRole" not in message
+        assert message.startswith("User: (the proxy's AWS principal) is not authorized")
+        assert (
+            "bedrock:InvokeModel on resource: arn:aws:bedrock:us-east-1::foundation-model/"
+            in message
+        )
+
+
+def test_principals_are_redacted_in_every_partition_and_shape():
+    from proxy.wire.redact import PLACEHOLDER, redact_principals
+
+    s3 = (
+        b"<Error><Code>AccessDenied</Code><Message>User: arn:aws-us-gov:iam::111122223333:"
+        b"user/ops is not authorized to perform: s3:GetObject on resource: "
+        b'"arn:aws:s3:::bucket/k"</Message></Error>'
+    )
+    out = redact_principals(s3)
+    assert b"111122223333" not in out and b"user/ops" not in out
+    assert PLACEHOLDER in out and b"arn:aws:s3:::bucket/k" in out
+    body = b'{"message":"User: arn:aws:sts::123456789012:assumed-role/R/s is not authorized"}'
+    assert redact_principals(body) == (
+        b'{"message":"User: (the proxy\'s AWS principal) is not authorized"}'
+    )
+    assert redact_principals(b'{"message":"plain"}') == b'{"message":"plain"}'

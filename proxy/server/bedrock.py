@@ -28,6 +28,7 @@ from ..observe.metrics import Metrics
 from ..wire import errors, eventsig, eventstream, h2pool, http1
 from ..wire.h2client import Http2Stream
 from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
+from ..wire.redact import redact_principals
 from ..wire.routing import Operation, Router
 from . import duplex
 from .aiohttp_adapter import drop_idle_timer
@@ -129,12 +130,15 @@ class BedrockFront:
                 and identity is not None
                 and identity.record is not None
             )
+            failed = upstream.status >= 400
             if not is_event_stream and (
-                owned_listing or (length is not None and length <= _SMALL_RESPONSE)
+                owned_listing or failed or (length is not None and length <= _SMALL_RESPONSE)
             ):
                 data = await self._upstream.read_whole(upstream)
                 completed = True
                 x.upstream_done = time.perf_counter()
+                if failed:  # an error names the server's principal: not to the client
+                    data = redact_principals(data)
                 if identity is not None and op is not None:
                     if owned_listing:
                         data = await self._jobs.filter_listing(identity, op, data)

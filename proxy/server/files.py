@@ -27,6 +27,7 @@ from ..exchange import Exchange
 from ..metering.service import Metering
 from ..wire import errors, h2pool, sigv4
 from ..wire.headers import response_headers, sort_request_headers
+from ..wire.redact import redact_principals
 from ..wire.routing import Operation
 from .bedrock import refuse_other_providers
 from .upstream import S3_SERVICE, UpstreamClient
@@ -297,6 +298,13 @@ class FilesFront:
             out_headers["x-bedrock-proxy-request-id"] = x.request_id
             if x.upstream is not None:
                 out_headers["x-bedrock-proxy-upstream"] = x.upstream
+            if upstream.status >= 400 and request.method != "HEAD":
+                # An error names the server's principal: not to the client (small XML).
+                data = redact_principals(await self._upstream.read_whole(upstream))
+                completed = True
+                x.upstream_done = time.perf_counter()
+                x.bytes_out = len(data)
+                return web.Response(status=upstream.status, body=data, headers=out_headers)
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
