@@ -411,3 +411,29 @@ def test_aws_chunked_uploads_with_trailing_checksums_survive(start_proxy, fake_s
     assert headers["x-amz-content-sha256"] == "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
     assert headers["x-amz-trailer"] == "x-amz-checksum-crc32"
     assert s3.get_object(Bucket="chunked", Key="streamed.bin")["Body"].read() == payload
+
+
+def test_a_stalled_upload_ends_at_the_body_timeout(start_proxy, fake_s3):
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    proxy = start_proxy(body_timeout=1.0)
+    parts = urlsplit(proxy.url)
+    started = time.monotonic()
+    with socket.create_connection((parts.hostname, parts.port), timeout=15) as sock:
+        sock.sendall(
+            b"PUT /bedrock/files/stalled/object.bin HTTP/1.1\r\n"
+            b"Host: " + parts.netloc.encode() + b"\r\n"
+            b"Authorization: Bearer " + MASTER_KEY.encode() + b"\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"x" * 1000
+        )  # and then nothing
+        answer = b""
+        while b"</Error>" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert time.monotonic() - started < 10  # body_timeout, not never
+    assert answer.startswith(b"HTTP/1.1 400") and b"<Code>RequestTimeout</Code>" in answer
+    assert "object.bin" not in fake_s3.buckets.get("stalled", {})  # nothing half-stored

@@ -202,7 +202,9 @@ def create_app(
             shutdown,
         ),
     )
-    files = FilesFront(upstream, authenticator, metering, settings.max_file_bytes)
+    files = FilesFront(
+        upstream, authenticator, metering, settings.max_file_bytes, settings.body_timeout
+    )
     batches = BatchSettler(
         store,
         upstream.control_get,

@@ -11,6 +11,7 @@ a tampered upload never completes. The proxy's own errors are S3 XML, like S3's.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -158,11 +159,13 @@ class FilesFront:
         authenticator: Authenticator,
         metering: Metering,
         max_file_bytes: int,
+        body_timeout: float = 120.0,
     ) -> None:
         self._upstream = upstream
         self._auth = authenticator
         self._metering = metering
         self._max = max_file_bytes
+        self._body_timeout = body_timeout
 
     def render(self, exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
         return s3_error_response(exc, x.request_id, request.method == "HEAD")
@@ -227,7 +230,7 @@ class FilesFront:
                     411, "MissingContentLength", "You must provide the Content-Length HTTP header."
                 )
             # Without a length (aws-chunked from botocore) the body goes on chunked as well.
-            body = _stream_body(request, length, declared, self._max, x)
+            body = _stream_body(request, length, declared, self._max, self._body_timeout, x)
         bucket_path = f"/{raw_bucket}" + (f"/{raw_key}" if raw_key or path.endswith("/") else "")
         try:
             reply = await self._upstream.exchange(
@@ -339,22 +342,37 @@ _BODY_ERRORS = {
         "You did not provide the number of bytes specified by the Content-Length header"
     ),
     "EntityTooLarge": "Your proposed upload exceeds the maximum allowed size",
+    "RequestTimeout": (
+        "Your socket connection to the server was not read from or written to within the "
+        "timeout period. Idle connections will be closed."
+    ),
 }
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 async def _stream_body(
-    request: web.Request, length: int | None, declared: str, limit: int, x: Exchange
+    request: web.Request,
+    length: int | None,
+    declared: str,
+    limit: int,
+    idle: float,
+    x: Exchange,
 ) -> AsyncIterator[bytes]:
     """The request body as it arrives. One chunk is always held back until the end is
     known, so a body that does not hash to its declared SHA-256, is shorter than its
-    Content-Length, or grows past the limit is never sent whole."""
+    Content-Length, or grows past the limit is never sent whole. A client silent for
+    ``idle`` seconds mid-body is ended (S3's RequestTimeout): an upload of gigabytes has
+    no total deadline, but a stalled one must not hold its connections."""
     digest = hashlib.sha256() if _HEX_SHA256.fullmatch(declared) else None
     received = 0
     pending: bytes | None = None
     content = request.content
     while True:
-        chunk = await content.readany()
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise BodyMismatch("RequestTimeout") from None
         if not chunk:
             break
         received += len(chunk)
