@@ -481,6 +481,27 @@ def test_serve_simulate_answers_every_client_and_says_so(tmp_path):
         assert answers[0]["usage"]["totalTokens"] == 18
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/signin", timeout=5) as page:
             assert 'id="simulated"' in page.read().decode()
+        # Operators see it as plainly: readiness, a metric, and every ledger row.
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/health/readiness", timeout=5
+        ) as ready:
+            assert json.loads(ready.read())["simulated"] is True
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {MASTER_KEY}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as metrics:
+            assert "bedrock_proxy_simulated 1" in metrics.read().decode().splitlines()
+
+        def ledger() -> list[dict]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/spend/logs?size=100",
+                headers={"Authorization": f"Bearer {MASTER_KEY}"},
+            )
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return json.loads(answer.read())["logs"]
+
+        _wait(lambda: len(ledger()) >= 5)
+        assert {row["account"] for row in ledger()} == {"simulated"}
     finally:
         _, err = _stop(proc)
     assert "SIMULATED upstream" in err

@@ -98,7 +98,11 @@ class Metering:
         batch_discount: float = 0.5,
         clock: Clock = SYSTEM_CLOCK,
         alerts: BudgetAlerts | None = None,
+        simulated: bool = False,
     ) -> None:
+        # Answered by the built-in simulator: every ledger row says so (its account is
+        # "simulated"), so an operator never reads simulated spend as AWS's.
+        self._account = "simulated" if simulated else None
         self._clock = clock
         self._store = store
         self.prices = prices
@@ -480,7 +484,7 @@ class Metering:
             x.error,
             1 if usage.estimated else 0,
             x.model_ref,
-            x.account,
+            x.account or self._account,
             x.region,
         )
         labels = (

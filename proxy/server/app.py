@@ -164,6 +164,7 @@ def create_app(
         settings.batch_discount,
         clock,
         alerts,
+        simulated=settings.simulate,
     )
     shutdown = Shutdown()
     if settings.simulate and not settings.upstream_bearer_token:
@@ -241,6 +242,11 @@ def create_app(
             "Settlements of ended requests waiting for Redis to come back.",
             lambda: redis_limiter.unsettled,
         )
+    metrics.gauge(
+        "bedrock_proxy_simulated",
+        "1 when Bedrock calls are answered by the built-in simulator, not AWS.",
+        lambda: 1 if settings.simulate else 0,
+    )
     metrics.gauge(
         "bedrock_proxy_requests_in_flight",
         "Requests being handled now.",
