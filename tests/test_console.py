@@ -743,3 +743,33 @@ def test_a_keys_own_page_shows_its_last_twenty_requests(start_proxy, fake):
     assert status == 200
     table = text.split('id="requests"', 1)[1].split("</table>", 1)[0]
     assert table.count("<tr>") == 1 + 20  # the header row and twenty requests
+
+
+def test_behind_a_trusted_tls_proxy_sign_in_works_and_the_cookie_is_secure(start_proxy):
+    direct = start_proxy()
+    behind = start_proxy(trusted_proxies=["127.0.0.1/32"])
+    host = behind.url.split("://", 1)[1]
+
+    def sign_in(server, headers: dict[str, str]) -> tuple[int, str]:
+        request = urllib.request.Request(
+            server.url + "/ui/signin",
+            data=urllib.parse.urlencode({"key": MASTER_KEY}).encode(),
+            headers={"Origin": f"https://{host}", **headers},
+        )
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any) -> None:
+                return None
+
+        try:
+            with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as answer:
+                return answer.status, ""
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Set-Cookie") or ""
+
+    status, cookie = sign_in(behind, {"X-Forwarded-Proto": "https"})
+    assert status == 303 and "Secure" in cookie
+    status, cookie = sign_in(behind, {"Forwarded": 'for=10.0.0.1;proto="https"'})
+    assert status == 303 and "Secure" in cookie
+    # From a client no one trusts, the header is anyone's: the connection says http.
+    assert sign_in(direct, {"X-Forwarded-Proto": "https"})[0] == 403

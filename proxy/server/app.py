@@ -45,6 +45,7 @@ from .duplex import DuplexRelay
 from .files import FILES_PATH, FilesFront
 from .fleet import Fleet
 from .fleet.config import FleetConfigError, parse_fleet
+from .forwarded import TrustedProxies
 from .pipeline import Pipeline, Shutdown
 from .simulator import Simulator
 from .upstream import UpstreamClient
@@ -297,6 +298,7 @@ def create_app(
             alerts=_alert_settings(settings),
             master_key=settings.master_key,
             body_timeout=settings.body_timeout,
+            trusted_proxies=TrustedProxies(settings.trusted_proxies),
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get("/metrics", _metrics_handler(authenticator, settings.metrics_public))

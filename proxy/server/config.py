@@ -4,6 +4,7 @@ checked once at startup so a mistake is one clear line naming the setting."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ class Settings:
     # Answer Bedrock calls from the built-in simulator instead of AWS (try it, or CI).
     simulate: bool = False
     console_idle_timeout: float = 1800.0
+    # Load balancers (IP addresses or networks) whose X-Forwarded-Proto / Forwarded and
+    # X-Forwarded-For the console believes: behind a TLS-terminating one, the browser's
+    # scheme (for the sign-in's Origin check and the cookie's Secure flag) and address.
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -300,6 +305,13 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config error: ledger_flush_interval: must be greater than zero")
     if s.redis_url is not None and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("config error: redis_url: must be a redis:// URL")
+    for network in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"config error: trusted_proxies: {network!r} is not an IP address or network"
+            ) from None
     if s.limits_on_redis_outage not in ("refuse", "local"):
         raise ConfigError("config error: limits_on_redis_outage: must be refuse or local")
     if not 3 <= s.limits_lease_seconds <= 86400:

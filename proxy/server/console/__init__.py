@@ -34,6 +34,7 @@ from ...store.records import ALLOW_LIST_FIELDS
 from ...wire import errors
 from ...wire.clock import SYSTEM_CLOCK, Clock
 from ...wire.params import MAX_PAGE
+from ..forwarded import TrustedProxies
 from . import charts
 from .sessions import COOKIE, ConsoleSession, SessionStore, SignInThrottle, csrf_ok
 
@@ -82,7 +83,9 @@ class Console:
         alerts: dict[str, str] | None = None,
         master_key: str | None = None,
         body_timeout: float = 120.0,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
+        self._proxies = trusted_proxies or TrustedProxies()
         self._current = current
         self._alerts = alerts or {}
         self._keys = keys
@@ -183,7 +186,7 @@ class Console:
                     "error.html", 403, session, message="This page is for the master key."
                 )
             if request.method == "POST":
-                if not _same_origin(request):
+                if not self._same_origin(request):
                     return self._render(
                         "error.html", 403, session, message="Cross-site form refused."
                     )
@@ -200,6 +203,17 @@ class Console:
                 return self._render("error.html", exc.status, session, message=str(exc))
 
         return page
+
+    def _same_origin(self, request: web.Request) -> bool:
+        """A browser's POST names its page's origin; another site's is refused (the CSRF
+        token is the main defence, this one also covers the sign-in form). Behind a
+        trusted TLS-terminating proxy the page's scheme is the one it forwards."""
+        origin = request.headers.get("Origin")
+        return origin is None or origin == f"{self._proxies.scheme(request)}://{request.host}"
+
+    def _base_url(self, request: web.Request) -> str:
+        """The proxy's Bedrock endpoint as the browser reaches it (for the snippets)."""
+        return f"{self._proxies.scheme(request)}://{request.host}/bedrock"
 
     def _form_refused(self, exc: FormRefused, page: str = "error.html") -> web.Response:
         if page == "signin.html":
@@ -234,9 +248,9 @@ class Console:
         return self._render("signin.html", error=None)
 
     async def _signin(self, request: web.Request) -> web.StreamResponse:
-        if not _same_origin(request):  # no signing a victim in to someone else's session
+        if not self._same_origin(request):  # no signing a victim in to someone else's
             return self._render("signin.html", 403, error="Sign in from the console itself.")
-        address = request.remote or "-"
+        address = self._proxies.client(request)
         attempt = self.throttle.attempt(address)  # counted before the key is looked at
         if attempt is None:
             return self._render(
@@ -264,7 +278,7 @@ class Console:
             path=PREFIX,
             httponly=True,
             samesite="Strict",
-            secure=request.secure,
+            secure=self._proxies.scheme(request) == "https",
         )
         raise response
 
@@ -298,7 +312,7 @@ class Console:
             chart=chart,
             legend=charts.legend(names),
             logs=logs["logs"],
-            base=_base_url(request),
+            base=self._base_url(request),
         )
 
     # ------------------------------------------------------------------ keys
@@ -378,7 +392,10 @@ class Console:
                 values=request[FORM].copy(),
             )
         return self._render(
-            "key_created.html", session=session, key=created, base=_base_url(request)
+            "key_created.html",
+            session=session,
+            key=created,
+            base=self._base_url(request),
         )
 
     async def _key_edit(self, request: web.Request, session: ConsoleSession) -> web.Response:
@@ -425,7 +442,10 @@ class Console:
             fresh = await self.keys.regenerate(record.key_id)
             await self.sessions.end_key(record.key_id)
             return self._render(
-                "key_created.html", session=session, key=fresh, base=_base_url(request)
+                "key_created.html",
+                session=session,
+                key=fresh,
+                base=self._base_url(request),
             )
         raise web.HTTPNotFound()
 
@@ -634,13 +654,6 @@ async def _read_form(request: web.Request, limit: int, timeout: float) -> dict[s
     return dict(fields)
 
 
-def _same_origin(request: web.Request) -> bool:
-    """A browser's POST names its page's origin; another site's is refused (the CSRF
-    token is the main defence, this one also covers the sign-in form)."""
-    origin = request.headers.get("Origin")
-    return origin is None or origin == f"{request.scheme}://{request.host}"
-
-
 def _csv(name: str, columns: tuple[str, ...], rows: list[list[Any]]) -> web.Response:
     out = io.StringIO()
     writer = csv.writer(out)
@@ -695,7 +708,3 @@ def _chart(rows: list[dict[str, Any]], metric: str) -> tuple[str, list[str]]:
 
 def _days_ago(days: int) -> str:
     return (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%d")
-
-
-def _base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}/bedrock"
