@@ -20,6 +20,7 @@ import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from botocore.exceptions import EventStreamError
 from h2.settings import SettingCodes
 from hyperframe.frame import ExtensionFrame, PriorityFrame, RstStreamFrame, WindowUpdateFrame
 
@@ -31,6 +32,7 @@ from tests.conftest import (
     REGION,
     UPSTREAM_ACCESS_KEY,
     UPSTREAM_SECRET_KEY,
+    boto_client,
     start_server,
 )
 from tests.fake_bedrock import FakeBedrock
@@ -43,6 +45,8 @@ JS = os.path.join(os.path.dirname(__file__), "js")
 BODY = json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}).encode()
 BEARER = [("authorization", f"Bearer {MASTER_KEY}"), ("content-type", "application/json")]
 ENHANCE_YOUR_CALM = 11
+HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 CANCEL = 8
 
 
@@ -782,8 +786,8 @@ def test_python_sdk_crt_bidirectional_stream_over_tls(https_proxy, cert_pair, fa
     assert fake.bidi_completed == 1 and fake.bidi_bad_signatures == 0
 
 
-def _open_bidi(server, model: str = "amazon.nova-sonic-v1:0"):
-    key = new_key(server, models=[model])
+def _open_bidi(server, model: str = "amazon.nova-sonic-v1:0", key: dict | None = None):
+    key = key or new_key(server, models=[model])
     path, headers, chain = _bidi_session(
         server.base, key["access_key_id"], key["secret_access_key"], model
     )
@@ -930,3 +934,84 @@ def test_a_budget_binds_in_the_middle_of_a_session(proxy, fake):
         )
     )
     assert line["tokens"] == 30  # what the session used is still charged
+
+
+def test_parallel_sessions_on_one_budget_spend_it_once(start_proxy, fake):
+    """Each session's cost is reserved against the budget as its usage events come, so
+    three sessions at once cannot each spend what is left: the budget is overspent by at
+    most one usage event per open session (before, three sessions spent 2.3x a budget
+    that stopped one session at 1.0x)."""
+    fake.reset()
+    proxy = start_proxy(reserve_output_tokens=1, ledger_flush_interval=0.1)
+    turn = 0.0000018  # Nova Sonic's totals in the fake: $1.8e-6 a turn
+    budget = 10 * turn  # each session alone would go ten turns: three, thirty
+    key = new_key(proxy, models=["amazon.nova-sonic-v1:0"], max_budget=budget)
+    outcome = js_clients(
+        {
+            "endpoint": proxy.base,
+            "model": "amazon.nova-sonic-v1:0",
+            "calls": ["bidiParallel"],
+            "sessions": 3,
+            "turns": 12,
+        },
+        {
+            "AWS_ACCESS_KEY_ID": key["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": key["secret_access_key"],
+        },
+    )["bidiParallel"]
+    sessions = outcome["sessions"]
+    assert len(sessions) == 3 and not any(s["ok"] for s in sessions), sessions
+    proxy.settle()
+    _, info = admin(proxy, "GET", f"/key/info?key={key['key_id']}")
+    spent = info["info"]["spend"]
+    assert spent <= budget + 3 * turn + 1e-12, spent
+
+
+def test_a_revoked_key_ends_its_open_session_and_streams(start_proxy, fake):
+    fake.reset()
+    proxy = start_proxy(key_cache_ttl=0.5)
+    key = new_key(proxy)
+    client, stream_id, chain = _open_bidi(proxy, key=key)
+    try:
+        client.pump(lambda: client.answers[stream_id].body.count(b"chunk") >= 1)
+        blocked = admin(proxy, "POST", "/key/update", {"key": key["key_id"], "blocked": True})
+        assert blocked[0] == 200
+        client.conn.send_data(stream_id, chain.sign(_event(1)))  # the session goes on...
+        client.flush()
+        last = _last_frame(client, stream_id)  # ...and is ended at its next frame
+        assert last.headers[":message-type"] == "exception"
+        assert last.headers[":exception-type"] == "AccessDeniedException"
+        assert b"blocked while the request was running" in last.payload
+    finally:
+        client.close()
+    _wait(lambda: fake.bidi_disconnects == 1)  # the upstream stream was reset too
+
+    # An ordinary event stream of a key deleted mid-stream ends at its next frame.
+    fake.slow_models.add(HAIKU)
+    fake.frame_delay = 0.3
+    other = new_key(proxy)
+    runtime = boto_client("bedrock-runtime", proxy, key=other["key"])
+    stream = runtime.converse_stream(modelId=HAIKU, messages=MESSAGES)["stream"]
+    events = iter(stream)
+    next(events)
+    assert admin(proxy, "POST", "/key/delete", {"keys": [other["key_id"]]})[0] == 200
+    with pytest.raises(EventStreamError) as caught:
+        for _ in events:
+            pass
+    assert caught.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "deleted while the request was running" in caught.value.response["Error"]["Message"]
+
+
+def test_a_session_ends_at_the_longest_session(start_proxy, fake):
+    fake.reset()
+    proxy = start_proxy(max_session_seconds=60)
+    client, stream_id, chain = _open_bidi(proxy)
+    try:
+        client.pump(lambda: client.answers[stream_id].body.count(b"chunk") >= 1)
+        proxy.clock.advance(61)  # past the session's life, on the clock the proxy reads
+        client.conn.send_data(stream_id, chain.sign(_event(1)))
+        client.flush()
+        last = _last_frame(client, stream_id)
+        assert last.headers[":exception-type"] == "ModelTimeoutException"
+    finally:
+        client.close()

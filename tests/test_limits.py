@@ -97,6 +97,24 @@ async def budget_counts_reservations_in_flight(run: Run) -> None:
     await run.admit([spec])
 
 
+async def sessions_reserve_their_cost_as_it_grows(run: Run) -> None:
+    """Two long sessions on one budget: each usage event's cost is checked against what
+    the other has reserved, and reserved, so together they stop at the budget."""
+    spec = run.spec(max_budget=1.0)
+    a = await run.admit([spec], reserve=0.1)
+    b = await run.admit([spec], reserve=0.1)
+    await run.limiter.grow(a, 0.05)  # within its estimate: nothing more reserved
+    await run.limiter.grow(a, 0.5)  # 0.5 + b's 0.1 <= 1.0
+    await run.limiter.grow(b, 0.4)  # 0.5 + 0.4
+    with pytest.raises(errors.AwsError) as refused:
+        await run.limiter.grow(b, 0.6)  # 0.5 + 0.6 > 1.0: b is cut
+    assert refused.value.code == "ServiceQuotaExceededException"
+    await run.limiter.settle(b, 0, 0.6)  # b ends: charged what it used
+    await run.limiter.grow(a, 0.4)  # 0.6 spent + 0.5 held: a's cost is below what it holds
+    with pytest.raises(errors.AwsError):
+        await run.limiter.grow(a, 0.45)  # 0.6 + 0.45 > 1.0
+
+
 async def budget_resets_with_its_period(run: Run) -> None:
     ident = "k-" + secrets.token_hex(4)
     spec = LimitSpec("key", ident, max_budget=1.0, budget_seconds=3600, anchor=START)
@@ -121,6 +139,7 @@ CASES: list[Callable[[Run], Awaitable[None]]] = [
     tpm_reserves_at_admission_and_settles_to_the_real_count,
     parallel_slots_come_back_when_requests_end,
     budget_counts_reservations_in_flight,
+    sessions_reserve_their_cost_as_it_grows,
     budget_resets_with_its_period,
     admission_is_all_or_nothing,
 ]

@@ -127,6 +127,23 @@ class Authenticator:
             self._keys.secret(record), parsed.day, parsed.region, parsed.service, parsed.signature
         )
 
+    async def still_valid(self, identity: Identity, now: float) -> str | None:
+        """Why a key that opened a long request (a stream, a session) may no longer use
+        it, or None: deleted, blocked, expired or regenerated since, on any replica
+        (seen within ``key_cache_ttl``)."""
+        record = identity.record
+        if record is None or self._keys is None:
+            return None  # the master key, or no key store: nothing to revoke
+        try:
+            current = await self._keys.get("key_id", record.key_id)
+        except errors.AwsError:  # the store is away: an outage revokes nothing
+            return None
+        if current is None:
+            return "The API key was deleted"
+        if current.token_hash != record.token_hash:
+            return "The API key was regenerated"
+        return current.refusal(now)
+
     async def master_only(self, request: web.BaseRequest) -> None:
         key = self.presented_key(request.headers)
         if key is None or self._master is None or not self.is_master_key(key):

@@ -109,6 +109,12 @@ class _Leases:
         if not self.held:
             self.reserved = 0.0  # no float drift across an idle moment
 
+    def grow(self, request_id: str, reserve: float) -> None:
+        found = self.held.get(request_id)
+        if found is not None:
+            self.held[request_id] = (found[0], reserve)
+            self.reserved += reserve - found[1]
+
     def expire(self, before: float) -> None:
         """Drop leases started before ``before``: a request whose end was never seen."""
         held = self.held
@@ -286,6 +292,27 @@ class InProcessLimiter:
     ) -> list[tuple[LimitSpec, float]]:
         return self.settle_now(admission, tokens, cost)
 
+    async def grow(self, admission: Admission, cost: float) -> None:
+        """A long request's cost so far (a session's usage events), against its limits:
+        refused once spent + the other requests' reservations + this cost would pass a
+        budget, and reserved (when it passes the estimate reserved at admission), so
+        parallel sessions see each other's cost as it grows."""
+        now = self._clock.time()
+        pairs = admission.pairs or self._pairs(admission.specs)
+        extra = cost - admission.reserve  # (negative while within the estimate)
+        reserve = max(admission.reserve, cost)
+        for spec, window in pairs:
+            if (
+                spec.max_budget is not None
+                and window.period == spec.period_index(now)
+                and window.spent + window.leases.reserved + extra > spec.max_budget
+            ):
+                raise _budget_refusal(spec, window.spent, now)
+        for spec, window in pairs:
+            if spec.max_parallel is not None or spec.max_budget is not None:
+                window.leases.grow(admission.request_id, reserve)
+        admission.reserve = reserve
+
     def settle_now(
         self, admission: Admission, tokens: int, cost: float | None
     ) -> list[tuple[LimitSpec, float]]:
@@ -418,6 +445,35 @@ end
 return spent
 """
 
+# A request's cost so far against its budgets (ARGV[5]: the cost less its reservation),
+# then its reservation grown (ARGV[3]: old member, ARGV[4]: new member).
+_GROW = """
+local specs = cjson.decode(ARGV[1])
+local now = tonumber(ARGV[2])
+local extra = tonumber(ARGV[5])
+for i, s in ipairs(specs) do
+  if s.budget then
+    local base = s.prefix
+    local spent = redis.call('GET', base .. ':spent:' .. s.period)
+    if spent then
+      local reserved = 0
+      for _, member in ipairs(redis.call('ZRANGE', base .. ':inflight', 0, -1)) do
+        local sep = string.find(member, '|', 1, true)
+        reserved = reserved + tonumber(string.sub(member, sep + 1))
+      end
+      if tonumber(spent) + reserved + extra > s.budget then return {'budget', i, spent} end
+    end
+  end
+end
+for _, s in ipairs(specs) do
+  if (s.par or s.budget) and ARGV[3] ~= ARGV[4] then
+    local key = s.prefix .. ':inflight'
+    if redis.call('ZREM', key, ARGV[3]) == 1 then redis.call('ZADD', key, now, ARGV[4]) end
+  end
+end
+return {'ok', 0, '0'}
+"""
+
 # Push the leases of requests still running forward to ARGV[1] (members that are no
 # longer there, settled meanwhile, are not added back). KEYS: in-flight sets; ARGV[2..]:
 # for each key, its member.
@@ -487,6 +543,7 @@ class RedisLimiter:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self._renew = self._redis.register_script(_RENEW)
+        self._grow = self._redis.register_script(_GROW)
         self._init = self._redis.register_script(_INIT)
         self._local = InProcessLimiter(budgets, clock=clock) if on_outage == "local" else None
         # Admissions holding slots in Redis, whose leases this replica renews.
@@ -645,6 +702,34 @@ class RedisLimiter:
             self._unsettled.append((admission, tokens, cost, "retry"))
             self._start()
             return []
+
+    async def grow(self, admission: Admission, cost: float) -> None:
+        """As ``InProcessLimiter.grow``, across replicas (a Redis failure is a 503)."""
+        if admission.local:
+            assert self._local is not None
+            await self._local.grow(admission, cost)
+            return
+        now = self._clock.time()
+        reserve = max(admission.reserve, cost)
+        try:
+            verdict, index, value = await self._call(
+                self._grow(
+                    args=[
+                        self._payload(admission.specs, now),
+                        repr(now),
+                        f"{admission.request_id}|{admission.reserve!r}",
+                        f"{admission.request_id}|{reserve!r}",
+                        repr(cost - admission.reserve),
+                    ]
+                )
+            )
+        except RedisUnavailable:
+            raise errors.service_unavailable(
+                "The rate-limit store is unavailable", retry_after=1
+            ) from None
+        if (verdict.decode() if isinstance(verdict, bytes) else verdict) != "ok":
+            raise _budget_refusal(admission.specs[int(index) - 1], float(value), now)
+        admission.reserve = reserve
 
     async def _settle_once(
         self, admission: Admission, tokens: int, cost: float | None, mode: str

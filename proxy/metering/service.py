@@ -226,27 +226,23 @@ class Metering:
             self._applying_by_key[record.key_id] = (record, self._named[2], applying)
         return applying
 
-    async def check_budget(self, x: Exchange, usage: Usage) -> None:
-        """Refuse to go on once a session's usage so far costs more than what is left of
-        any budget that applies (spent as the ledger has it, this session excluded): a
-        long session is cut when the budget runs out, not charged past it at its end."""
-        cost = self.prices.cost(x.model, usage, succeeded=True) if x.model else None
+    async def grow(self, x: Exchange, usage: Usage) -> None:
+        """A session's usage so far, against its limits and reserved as it grows: a
+        budget refuses to go on once spent + the other requests' reservations (other
+        sessions' grown ones included) + this cost would pass it, so parallel sessions
+        cannot each spend what is left. A budget is overspent by at most one usage event
+        per open session."""
+        admission = x.admission
+        if admission is None or not x.model:
+            return
+        cost = self.prices.cost(x.model, usage, succeeded=True)
         if not cost:
             return
-        now = self._clock.time()
-        for spec in await self._specs(x):
-            if spec.max_budget is None:
-                continue
-            _, start, _ = spec.period(now)
-            spent = await self._store.spend.since(spec.scope, spec.id, start)
-            if spent + cost > spec.max_budget:
-                raise errors.AwsError(
-                    400,
-                    "ServiceQuotaExceededException",
-                    f"Budget exceeded for {spec.name} during the session: ${spent:.6f} spent "
-                    f"before it and ${cost:.6f} in it, of ${spec.max_budget:.2f}",
-                    reason="budget",
-                )
+        try:
+            await self.limiter.grow(admission, cost)
+        except errors.AwsError as exc:
+            x.refusal = exc.reason
+            raise
 
     def _priced_by_query(self, x: Exchange) -> bool:
         """Rerank: billed per query, counted from the request, for a model with a price."""

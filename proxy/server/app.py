@@ -186,6 +186,15 @@ def create_app(
             ) from None
     pipeline = Pipeline(observers, shutdown)
     jobs = JobRegistry(store)
+    duplex_relay = DuplexRelay(
+        upstream,
+        metering,
+        settings.idle_timeout,
+        settings.first_byte_timeout,
+        metrics,
+        shutdown,
+        lambda x: bedrock.watch(x, settings.max_session_seconds),
+    )
     bedrock = BedrockFront(
         settings,
         router,
@@ -195,14 +204,8 @@ def create_app(
         metrics,
         jobs,
         ModelRefs(upstream.control_get, settings.model_ref_ttl),
-        DuplexRelay(
-            upstream,
-            metering,
-            settings.idle_timeout,
-            settings.first_byte_timeout,
-            metrics,
-            shutdown,
-        ),
+        duplex_relay,
+        clock,
     )
     files = FilesFront(
         upstream, authenticator, metering, settings.max_file_bytes, settings.body_timeout

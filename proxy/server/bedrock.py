@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from ..access import policy
 from ..access.auth import Authenticator, SignedRequest
 from ..access.jobs import JOB_LABELS, LISTINGS, STARTS, JobRegistry
+from ..access.keywatch import KeyWatch
 from ..access.modelrefs import ModelRefs, resolvable
 from ..access.unverified import UnverifiedBodies
 from ..exchange import Exchange
@@ -26,6 +27,7 @@ from ..metering.service import Metering
 from ..metering.usage import meter_for
 from ..observe.metrics import Metrics
 from ..wire import errors, eventsig, eventstream, h2pool, http1
+from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.h2client import Http2Stream
 from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
 from ..wire.redact import redact_principals
@@ -60,7 +62,9 @@ class BedrockFront:
         jobs: JobRegistry,
         model_refs: ModelRefs,
         duplex_relay: duplex.DuplexRelay,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock
         self._settings = settings
         self._duplex = duplex_relay
         self._router = router
@@ -164,7 +168,12 @@ class BedrockFront:
                 self._metrics.active_streams += 1
             try:
                 completed = await self._upstream.relay(
-                    request, upstream, response, x, is_event_stream
+                    request,
+                    upstream,
+                    response,
+                    x,
+                    is_event_stream,
+                    self.watch(x) if is_event_stream else None,
                 )
             finally:
                 x.upstream_done = time.perf_counter()
@@ -308,6 +317,13 @@ class BedrockFront:
         if x.upstream is not None:
             out_headers[UPSTREAM_HEADER] = x.upstream
         return await self._duplex.run(request, x, up, client_chain, server_chain, out_headers)
+
+    def watch(self, x: Exchange, max_seconds: float | None = None) -> KeyWatch | None:
+        """A long request's key, looked at again as it runs (a virtual key only)."""
+        identity = x.identity
+        if identity is None or identity.record is None:
+            return None
+        return KeyWatch(self._auth, identity, self._clock, max_seconds=max_seconds)
 
     async def _resolve_model(self, x: Exchange) -> None:
         """The model an application-profile or provisioned-model ARN runs (the policy

@@ -45,6 +45,9 @@ class Settings:
     connect_timeout: float = 10.0
     first_byte_timeout: float = 600.0
     idle_timeout: float = 120.0
+    # The longest a bidirectional session may last, however busy (Nova Sonic's own
+    # connections last at most 8 minutes); a revoked key ends it within a second.
+    max_session_seconds: float = 3600.0
     # Client side: time to send the request headers, the body, and idle time between requests.
     header_timeout: float = 10.0
     body_timeout: float = 120.0
@@ -265,6 +268,7 @@ def _validate(s: Settings) -> None:
         "keepalive_timeout",
         "store_timeout",
         "redis_timeout",
+        "max_session_seconds",
     ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"config error: {name}: must be greater than zero")

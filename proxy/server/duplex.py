@@ -21,6 +21,7 @@ from collections.abc import Callable
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ..access.keywatch import KeyWatch
 from ..exchange import Exchange
 from ..metering.service import Metering
 from ..metering.usage import BidirectionalStreamMeter
@@ -53,6 +54,7 @@ class DuplexRelay:
         first_byte_timeout: float,
         metrics: Metrics,
         shutdown: Shutdown,
+        watch: Callable[[Exchange], KeyWatch | None] = lambda x: None,
     ) -> None:
         self._upstream = upstream
         self._metering = metering
@@ -60,6 +62,8 @@ class DuplexRelay:
         self._first_byte = first_byte_timeout
         self._metrics = metrics
         self._shutdown = shutdown
+        # A session's key, looked at again as it runs, and its longest life.
+        self._watch = watch
 
     async def run(
         self,
@@ -70,7 +74,10 @@ class DuplexRelay:
         server_chain: SignatureChain,
         out_headers: CIMultiDict[str],
     ) -> web.StreamResponse:
+        watch = self._watch(x)
         pump = asyncio.create_task(self._send_events(request, up, client_chain, server_chain, x))
+        # A session may be quiet for a long time: its key is looked at on a timer.
+        guard = asyncio.create_task(_guard(watch, up)) if watch is not None else None
         # However the client side ends early, the upstream stream is reset: the reader of
         # the answers wakes, and finds out why from this task.
         pump.add_done_callback(_reset_on_failure(up))
@@ -86,7 +93,7 @@ class DuplexRelay:
             await response.prepare(request)
             self._metrics.active_streams += 1
             try:
-                await self._pump_down(up, pump, response, x)
+                await self._pump_down(up, pump, response, x, watch)
             finally:
                 self._metrics.active_streams -= 1
             return response
@@ -96,6 +103,8 @@ class DuplexRelay:
             raise
         finally:
             x.upstream_done = time.perf_counter()
+            if guard is not None:
+                guard.cancel()
             if not pump.done():
                 pump.cancel()
             with contextlib.suppress(BaseException):
@@ -185,6 +194,7 @@ class DuplexRelay:
         pump: asyncio.Task[None],
         response: web.StreamResponse,
         x: Exchange,
+        watch: KeyWatch | None,
     ) -> None:
         meter = x.meter
         so_far = meter.so_far if isinstance(meter, BidirectionalStreamMeter) else None
@@ -192,15 +202,15 @@ class DuplexRelay:
         async def read() -> bytes:
             data = await up.read(self._idle)
             usage = so_far() if so_far is not None else None
-            if usage is not None:  # a new usage event went by: is there budget left?
-                await self._metering.check_budget(x, usage)
+            if usage is not None:  # a new usage event went by: reserve what it cost
+                await self._metering.grow(x, usage)
             return data
 
         try:
             failure = await self._upstream.copy(
                 response, read, eventstream.FrameSplitter(), meter, x
             )
-        except errors.AwsError as exc:  # the budget ran out mid-session
+        except errors.AwsError as exc:  # the budget ran out, or the key went, mid-session
             up.reset()
             x.error, x.incomplete, x.refusal = exc.code, True, exc.reason
             await write_quietly(response, eventstream.exception_frame(exc.code, exc.message))
@@ -208,12 +218,16 @@ class DuplexRelay:
         if failure is CLIENT_GONE:
             return
         refused = _failure_of(pump)
-        if isinstance(refused, _Refused):  # the upstream was reset because of it
+        ended = watch.refusal if watch is not None else None
+        if ended is not None:  # the key was revoked, or the session's time is up
+            x.error, x.incomplete = ended.code, True
+            frame = eventstream.exception_frame(ended.code, ended.message)
+        elif isinstance(refused, _Refused):  # the upstream was reset because of it
             x.error, x.incomplete = refused.code, True
             frame = eventstream.exception_frame(refused.code, refused.message)
         elif failure is not None:
             x.error, x.incomplete = "UpstreamStreamError", True
-            frame = eventstream.exception_frame("internalServerException", failure)
+            frame = eventstream.exception_frame("internalServerException", str(failure))
         else:
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
@@ -231,6 +245,19 @@ class DuplexRelay:
         out = response_headers(_fields(headers))
         x.upstream_error = out.get("x-amzn-ErrorType", "").split(":")[0] or str(status)
         return web.Response(status=status, body=b"".join(chunks), headers=out)
+
+
+async def _guard(watch: KeyWatch, up: Http2Stream) -> None:
+    """Look at the session's key every period; once it may not go on, say why (for the
+    exception frame) and reset the upstream stream, which ends both directions."""
+    while True:
+        await asyncio.sleep(watch.period)
+        try:
+            await watch.check()
+        except errors.AwsError as exc:
+            watch.refusal = exc
+            up.reset()
+            return
 
 
 def _fields(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from ..access.keywatch import KeyWatch
 from ..exchange import Exchange, Identity
 from ..metering.usage import Meter
 from ..observe.metrics import Metrics
@@ -387,11 +388,13 @@ class UpstreamClient:
         response: web.StreamResponse,
         x: Exchange,
         is_event_stream: bool,
+        watch: KeyWatch | None = None,
     ) -> bool:
-        """Copy the body as it arrives, teeing it to the meter; True when copied whole."""
+        """Copy the body as it arrives, teeing it to the meter; True when copied whole.
+        ``watch`` ends the copy once the key that asked may no longer go on."""
         splitter = eventstream.FrameSplitter() if is_event_stream else None
         try:
-            failure = await self.copy(response, upstream.readany, splitter, x.meter, x)
+            failure = await self.copy(response, upstream.readany, splitter, x.meter, x, watch)
         except asyncio.CancelledError:
             if splitter is not None and self._shutdown.stopping:
                 await write_quietly(response, SHUTTING_DOWN)
@@ -402,8 +405,13 @@ class UpstreamClient:
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
             return True
-        x.error = "UpstreamStreamError"
         x.incomplete = True
+        if isinstance(failure, errors.AwsError):  # the proxy ended it: the key was revoked
+            x.error = failure.code
+            frame = eventstream.error_frame(failure.code, failure.message)
+        else:
+            x.error = "UpstreamStreamError"
+            frame = eventstream.exception_frame("internalServerException", failure)
         if splitter is None:
             # No frame format to report the failure in: cut the connection so the client
             # sees a truncated body instead of a complete-looking one.
@@ -412,7 +420,7 @@ class UpstreamClient:
                 transport.abort()
             return False
         try:
-            await response.write(eventstream.exception_frame("internalServerException", failure))
+            await response.write(frame)
             await response.write_eof()
         except ConnectionError:
             pass
@@ -425,13 +433,21 @@ class UpstreamClient:
         splitter: eventstream.FrameSplitter | None,
         meter: Meter | None,
         x: Exchange,
-    ) -> str | None:
+        watch: KeyWatch | None = None,
+    ) -> str | errors.AwsError | None:
         """Copy what ``read`` returns (an HTTP/1.1 body, or an HTTP/2 stream's: both raise
-        ``http1``'s errors) until it ends; the failure to report, CLIENT_GONE, or None when
-        complete. Event streams are cut at frame boundaries."""
+        ``http1``'s errors) until it ends; the failure to report (the proxy's own refusal,
+        when ``watch`` found the key revoked), CLIENT_GONE, or None when complete. Event
+        streams are cut at frame boundaries."""
         sent = 0
-        failure: str | None = None
+        failure: str | errors.AwsError | None = None
         while True:
+            if watch is not None and watch.due():
+                try:
+                    await watch.check()
+                except errors.AwsError as exc:
+                    failure = exc
+                    break
             try:
                 data = await read()
             except http1.ReadTimeout:

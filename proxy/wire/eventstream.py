@@ -79,6 +79,15 @@ def exception_frame(exception_type: str, message: str) -> bytes:
     )
 
 
+def error_frame(code: str, message: str) -> bytes:
+    """The frame AWS sends for an error the stream's model does not name: SDKs read its
+    ``:error-code`` and ``:error-message`` (botocore raises an EventStreamError with that
+    code; an unmodelled ``exception`` frame would come out with an empty one)."""
+    return encode_frame(
+        {":message-type": "error", ":error-code": code, ":error-message": message}, b""
+    )
+
+
 class FrameSplitter:
     """Cuts a byte stream at frame boundaries without copying frame contents.
 

@@ -116,6 +116,19 @@ const calls = {
     }
     return { answers: seen };
   },
+
+  // `sessions` of those at once, on one key: each session's outcome, in order.
+  async bidiParallel() {
+    const outcomes = await Promise.all(
+      Array.from({ length: spec.sessions ?? 3 }, () =>
+        calls.bidi().then(
+          (result) => ({ ok: !result.error, ...result }),
+          (err) => ({ ok: false, ...describe(err) }),
+        ),
+      ),
+    );
+    return { sessions: outcomes };
+  },
 };
 
 for (const name of spec.calls) {
