@@ -17,6 +17,7 @@ from typing import Any
 
 import botocore.exceptions
 import pytest
+from botocore.exceptions import ClientError
 
 from proxy.server.app import UPSTREAM
 from proxy.server.config import ConfigError, load_settings
@@ -458,7 +459,8 @@ def test_a_model_goes_only_where_it_is_valid(routed, fleet):
     assert served_by(converse(client, "global." + HAIKU)) == "c/eu-west-1"
     with pytest.raises(client.exceptions.ValidationException) as caught:
         converse(client, "apac." + HAIKU)
-    assert "geo" in str(caught.value) and "apac." in str(caught.value)
+    assert "apac." in str(caught.value)
+    assert not any(name in str(caught.value) for name in ("geo", "eu-west-1", "us-east-1"))
     # An application profile stays in its own account and region, and is looked up there.
     profile = f"arn:aws:bedrock:us-east-1:{ACCOUNT_IDS['a']}:application-inference-profile/p1"
     fleet.fakes["a"].model_refs[profile] = HAIKU
@@ -470,6 +472,39 @@ def test_a_model_goes_only_where_it_is_valid(routed, fleet):
     elsewhere = f"arn:aws:bedrock:us-east-1:{ACCOUNT_IDS['b']}:application-inference-profile/p2"
     with pytest.raises(client.exceptions.ValidationException):
         converse(client, elsewhere)
+
+
+def test_lookups_on_a_keys_behalf_are_authorised_bounded_and_stay_in_its_pool(routed, fleet):
+    """A key that may not use a model, with rpm_limit 1, naming 12 made-up application
+    profiles, causes one signed lookup a minute; a key routed to one pool never causes a
+    lookup in another pool's account, and cannot tell a foreign profile that exists from
+    one that does not."""
+    proxy = routed()
+    looked_up = lambda name: sum(  # noqa: E731
+        r.operation == "GetInferenceProfile" for r in fleet.fakes[name].requests
+    )
+    limited = new_key(proxy, models=["amazon.*"], rpm_limit=1)
+    client = boto_client("bedrock-runtime", proxy, key=limited["key"])
+    for i in range(12):
+        made_up = f"arn:aws:bedrock:us-east-1:{ACCOUNT_IDS['a']}:application-inference-profile/x{i}"
+        with pytest.raises(ClientError):
+            converse(client, made_up)
+    assert looked_up("a") <= 1
+    # A key in pool only-b (account b, us-west-2) names a profile of account a.
+    in_b = new_key(proxy, upstream="only-b")
+    client = boto_client("bedrock-runtime", proxy, key=in_b["key"])
+    existing = f"arn:aws:bedrock:us-east-1:{ACCOUNT_IDS['a']}:application-inference-profile/p9"
+    missing = f"arn:aws:bedrock:us-east-1:{ACCOUNT_IDS['a']}:application-inference-profile/p0"
+    fleet.fakes["a"].model_refs[existing] = HAIKU
+    before = looked_up("a")
+    answers = []
+    for arn in (existing, missing):
+        with pytest.raises(ClientError) as caught:
+            converse(client, arn)
+        answers.append((caught.value.response["Error"]["Code"], str(caught.value).replace(arn, "")))
+    assert looked_up("a") == before  # no lookup in another pool's account
+    assert answers[0] == answers[1]  # the same refusal, whether or not it exists
+    assert not any(word in answers[0][1] for word in ("only-b", "us-west-2", ACCOUNT_IDS["b"]))
 
 
 # ---------------------------------------------------------------- affinity

@@ -31,6 +31,8 @@ _LOOKUPS = {
 }
 _MAX_ENTRIES = 4096
 _FAILURE_TTL = 30.0
+# Lookups a key may cause in a minute (fewer when its own rpm_limit is lower).
+LOOKUPS_PER_MINUTE = 10
 
 # (region, path, the ARN whose account answers) -> (status, body): a signed control-plane GET.
 ControlGet = Callable[[str, str, str], Awaitable[tuple[int, bytes]]]
@@ -48,18 +50,40 @@ class ModelRefs:
         self._get = control_get
         self._ttl = ttl
         self._cache: dict[str, tuple[float, str | None]] = {}
+        # Lookups each caller has caused this minute: (minute, count).
+        self._lookups: dict[str, tuple[int, int]] = {}
 
-    async def resolve(self, arn: str) -> str | None:
-        """The foundation model id an ARN runs, or None when it cannot be told."""
+    async def resolve(
+        self, arn: str, caller: str | None = None, per_minute: int = LOOKUPS_PER_MINUTE
+    ) -> str | None:
+        """The foundation model id an ARN runs, or None when it cannot be told. A lookup
+        is a signed call to AWS on ``caller``'s behalf: each caller may cause at most
+        ``per_minute`` of them (made-up ARNs would spend the account's control-plane quota
+        for every tenant); past that, the ARN stays unresolved."""
         now = time.monotonic()
         cached = self._cache.get(arn)
         if cached is not None and cached[0] > now:
             return cached[1]
+        if caller is not None and not self._may_look_up(caller, int(now // 60), per_minute):
+            log.info(
+                "lookups for %s are over %d a minute: %s left unresolved", caller, per_minute, arn
+            )
+            return None
         model = await self._lookup(arn)
         if len(self._cache) >= _MAX_ENTRIES:
             self._cache.clear()
         self._cache[arn] = (now + (self._ttl if model else _FAILURE_TTL), model)
         return model
+
+    def _may_look_up(self, caller: str, minute: int, per_minute: int) -> bool:
+        seen = self._lookups.get(caller)
+        count = seen[1] if seen is not None and seen[0] == minute else 0
+        if count >= per_minute:
+            return False
+        if len(self._lookups) >= _MAX_ENTRIES:
+            self._lookups.clear()
+        self._lookups[caller] = (minute, count + 1)
+        return True
 
     async def _lookup(self, arn: str) -> str | None:
         parsed = parse_arn(arn)

@@ -19,7 +19,7 @@ from ..access import policy
 from ..access.auth import Authenticator, SignedRequest
 from ..access.jobs import JOB_LABELS, LISTINGS, STARTS, JobRegistry
 from ..access.keywatch import KeyWatch
-from ..access.modelrefs import ModelRefs, resolvable
+from ..access.modelrefs import LOOKUPS_PER_MINUTE, ModelRefs, resolvable
 from ..access.unverified import UnverifiedBodies
 from ..exchange import Exchange
 from ..metering.annotations import read_annotations
@@ -328,10 +328,19 @@ class BedrockFront:
     async def _resolve_model(self, x: Exchange) -> None:
         """The model an application-profile or provisioned-model ARN runs (the policy
         checks both), looked up in the account and region the ARN names."""
-        if x.model is not None and resolvable(x.model):
-            resolved = await self._model_refs.resolve(x.model)
-            if resolved is not None:
-                x.model_ref, x.model = x.model, resolved
+        if x.model is None or not resolvable(x.model):
+            return
+        identity = x.identity
+        if not self._upstream.fleet.holds(identity, x.model):
+            return  # not in the key's pool: never looked up there (routing refuses it)
+        spec = identity.spec if identity is not None else None
+        per_minute = LOOKUPS_PER_MINUTE
+        if spec is not None and spec.rpm_limit is not None:
+            per_minute = max(1, min(per_minute, spec.rpm_limit))
+        caller = identity.key_id if identity is not None and not identity.is_master else None
+        resolved = await self._model_refs.resolve(x.model, caller, per_minute)
+        if resolved is not None:
+            x.model_ref, x.model = x.model, resolved
 
     async def _targets(
         self, request: web.Request, x: Exchange, labels: dict[str, str], body: RequestBody | None

@@ -23,6 +23,7 @@ from ...exchange import Identity
 from ...store import Store
 from ...wire.clock import SYSTEM_CLOCK, Clock
 from ...wire.endpoints import Endpoints, Upstream
+from ...wire.modelids import parse_arn
 from ...wire.routing import Service
 from ...wire.sigv4 import Credentials
 from ..credentials import CredentialProvider
@@ -97,6 +98,20 @@ class Fleet:
         if len(members) > 1:
             members = self.planner.order(members, affinity())
         return [self.target(m, service) for m in members]
+
+    def holds(self, identity: Identity | None, arn: str) -> bool:
+        """Is the resource ``arn`` names in the account and region of a member of the
+        pool the key is routed to? Lookups made on a key's behalf stay in its pool."""
+        if not self.configured:
+            return True
+        parsed = parse_arn(arn)
+        if parsed is None:
+            return False
+        pool = self.planner.pool_for(identity, arn)
+        return any(
+            member.region == parsed.region and serves(member, arn)
+            for member in self.config.pools.get(pool, ())
+        )
 
     def target(self, member: Member, service: Service) -> Target:
         endpoints = self._endpoints.get(member.account.name, self._default_endpoints)

@@ -10,6 +10,7 @@ healthy ones first by priority; within a priority, the conversation's member fir
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 from collections.abc import Mapping
@@ -31,6 +32,9 @@ _GEOGRAPHY: dict[str, tuple[str, ...]] = {
     "au.": ("ap-southeast-2", "ap-southeast-4"),
     "ca.": ("ca-",),
 }
+
+
+log = logging.getLogger("bedrock_proxy.upstreams")
 
 
 def serves(member: Member, model: str | None) -> bool:
@@ -92,10 +96,15 @@ class Planner:
             raise errors.service_unavailable(f"The upstream pool {pool!r} is not configured")
         valid = [m for m in members if serves(m, model)]
         if not valid:
-            raise errors.validation(
-                f"No upstream of pool {pool!r} can serve {model!r}: its regions are "
-                + ", ".join(sorted({m.region for m in members}))
+            # The pools, their accounts and regions are the operator's, not the caller's:
+            # the log has them (a key could map the routing by probing models).
+            log.info(
+                "no member of pool %s (regions %s) can serve %s",
+                pool,
+                ", ".join(sorted({m.region for m in members})),
+                model,
             )
+            raise errors.validation(f"No upstream this key may use can serve {model!r}")
         return valid
 
     def order(self, members: list[Member], affinity: bytes | None) -> list[Member]:
