@@ -5,6 +5,7 @@ answered while another had capacity."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -789,3 +790,34 @@ def _metrics(proxy) -> tuple[int, str]:
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return response.status, response.read().decode()
+
+
+def test_an_sts_that_never_answers_neither_holds_startup_nor_requests(routed, fleet, bg):
+    """STS accepts the connection and says nothing: the proxy starts listening at once,
+    and requests for the role's account move to the next member at once meanwhile."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up; never a byte back
+
+    async def start() -> asyncio.Server:
+        return await asyncio.start_server(silent, "127.0.0.1", 0)
+
+    server = bg.run(start())
+    try:
+        port = server.sockets[0].getsockname()[1]
+        accounts = fleet.upstreams()["accounts"]
+        accounts["c"] = {
+            **accounts["c"],
+            "endpoints": {**accounts["c"]["endpoints"], "sts": f"http://127.0.0.1:{port}"},
+        }
+        began = time.monotonic()
+        proxy = routed(upstreams={"accounts": accounts})
+        assert time.monotonic() - began < 5  # listening, not waiting for STS
+        key = new_key(proxy, upstream="geo")  # c (the silent STS's role) first, then a
+        client = boto_client("bedrock-runtime", proxy, key=key["key"])
+        began = time.monotonic()
+        for _ in range(3):
+            assert served_by(converse(client)) == "a/us-east-1"
+        assert time.monotonic() - began < 5  # moved past c at once, not after a timeout
+    finally:
+        server.close()

@@ -26,6 +26,13 @@ _ADVISORY_SECONDS = 15 * 60
 _MANDATORY_SECONDS = 10 * 60
 _CHECK_EVERY = 1.0
 _RETRY_MISSING_EVERY = 30.0
+# The longest one fetch of credentials may take (an STS that accepts connections and
+# never answers held startup for ~3 minutes with botocore's timeouts and retries).
+FETCH_TIMEOUT = 10.0
+# What an STS client may take per attempt, and its attempts (within FETCH_TIMEOUT).
+STS_TIMEOUT = 4.0
+# How long a request waits for a first fetch before it moves to another member.
+FIRST_WAIT = 1.0
 
 
 class NoCredentialsError(Exception):
@@ -44,6 +51,7 @@ class CredentialProvider:
         name: str = "default",
         advisory_seconds: float = _ADVISORY_SECONDS,
         mandatory_seconds: float = _MANDATORY_SECONDS,
+        first_wait: float = FIRST_WAIT,
     ) -> None:
         self._profile = profile
         self._advisory = advisory_seconds
@@ -55,13 +63,19 @@ class CredentialProvider:
         self._next_check = 0.0
         self._refresh_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._fetching: asyncio.Task[Credentials] | None = None
+        self._first_wait = first_wait
         self._last_lookup = -_RETRY_MISSING_EVERY
         self._why = "no AWS credentials available to the proxy"
 
     async def start(self) -> None:
-        """Resolve once at startup; missing credentials are logged, not fatal."""
+        """Resolve once at startup (within FETCH_TIMEOUT); missing credentials are logged,
+        not fatal."""
         try:
-            await self.get()
+            if self._frozen is None:
+                self._fetching = fetch = asyncio.get_running_loop().create_task(self._fetch())
+                fetch.add_done_callback(self._fetched)
+                await fetch
         except NoCredentialsError:
             log.warning("no AWS credentials found; requests will be refused until some appear")
 
@@ -83,26 +97,44 @@ class CredentialProvider:
         return frozen
 
     async def _load(self) -> Credentials:
-        async with self._lock:
-            if self._frozen is not None:
-                return self._frozen
+        """The first credentials: one fetch at a time, waited for at most ``first_wait``
+        (a healthy STS answers in well under a second); past it the request moves on to
+        another member while the fetch goes on, bounded by FETCH_TIMEOUT."""
+        fetch = self._fetching
+        if fetch is None:
             if time.monotonic() - self._last_lookup < _RETRY_MISSING_EVERY and self._source is None:
                 raise NoCredentialsError(self._why)
-            self._last_lookup = time.monotonic()
-            try:
+            fetch = self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+            fetch.add_done_callback(self._fetched)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fetch), self._first_wait)
+        except TimeoutError:
+            raise NoCredentialsError(
+                f"AWS credentials for {self.name} are still being fetched"
+            ) from None
+
+    def _fetched(self, fetch: asyncio.Task[Credentials]) -> None:
+        self._fetching = None
+        if not fetch.cancelled():
+            fetch.exception()  # read here: the request that began it may have moved on
+
+    async def _fetch(self) -> Credentials:
+        self._last_lookup = time.monotonic()
+        try:
+            async with asyncio.timeout(FETCH_TIMEOUT):
                 source = await self._load_source()
                 if source is None:
                     raise NoCredentialsError("no AWS credentials available to the proxy")
                 self._source = source
                 return await self._freeze()
-            except NoCredentialsError as exc:
-                self._why = str(exc)
-                raise
-            except Exception as exc:  # STS refused, a profile is broken: retried later
-                self._source = None
-                self._why = f"AWS credentials for {self.name} could not be obtained"
-                log.warning("%s: %s: %s", self._why, type(exc).__name__, exc)
-                raise NoCredentialsError(self._why) from None
+        except NoCredentialsError as exc:
+            self._why = str(exc)
+            raise
+        except Exception as exc:  # STS refused or silent, a profile is broken: retried later
+            self._source = None
+            self._why = f"AWS credentials for {self.name} could not be obtained"
+            log.warning("%s: %s: %s", self._why, type(exc).__name__, exc)
+            raise NoCredentialsError(self._why) from None
 
     async def _chain(self) -> Any:
         return await AioSession(profile=self._profile).get_credentials()
@@ -110,7 +142,8 @@ class CredentialProvider:
     async def _refresh(self) -> Credentials:
         async with self._lock:
             try:
-                return await self._freeze()
+                async with asyncio.timeout(FETCH_TIMEOUT):
+                    return await self._freeze()
             except Exception as exc:
                 log.warning("refreshing AWS credentials for %s failed: %s", self.name, exc)
                 raise NoCredentialsError(

@@ -9,10 +9,12 @@ of a new tag set waits for STS.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import OrderedDict
 from typing import Any
 
+from aiobotocore.config import AioConfig
 from aiobotocore.credentials import (
     AioAssumeRoleCredentialFetcher,
     AioDeferredRefreshableCredentials,
@@ -21,7 +23,7 @@ from aiobotocore.session import AioSession
 
 from ...exchange import Identity
 from ...wire.sigv4 import Credentials
-from ..credentials import CredentialProvider
+from ..credentials import STS_TIMEOUT, CredentialProvider
 from .config import Account, AssumeRole
 
 # Tag sets kept at once (each a role session); keys are authenticated, so this bounds
@@ -36,6 +38,7 @@ class FleetCredentials:
         self._default = default
         self._accounts = accounts
         self._untagged: dict[str, CredentialProvider] = {}
+        self._starting: list[asyncio.Task[None]] = []
         self._tagged: OrderedDict[tuple[str, tuple[tuple[str, str], ...]], CredentialProvider] = (
             OrderedDict()
         )
@@ -69,10 +72,14 @@ class FleetCredentials:
         return await self.provider(account, identity).get()
 
     async def start(self) -> None:
-        for provider in self._untagged.values():
-            await provider.start()
+        """Fetch each account's credentials in the background: the proxy listens at once,
+        and a member whose account has none yet is moved past until it has."""
+        loop = asyncio.get_running_loop()
+        self._starting = [loop.create_task(p.start()) for p in self._untagged.values()]
 
     async def close(self) -> None:
+        for task in self._starting:
+            task.cancel()
         for provider in (*self._untagged.values(), *self._tagged.values()):
             await provider.close()
 
@@ -119,8 +126,13 @@ def _assumed(account: Account, tags: tuple[tuple[str, str], ...]) -> CredentialP
             return None
 
         def client_creator(service: str, **kwargs: Any) -> Any:
+            bounded = AioConfig(
+                connect_timeout=STS_TIMEOUT,
+                read_timeout=STS_TIMEOUT,
+                retries={"total_max_attempts": 2, "mode": "standard"},
+            )
             return session.create_client(
-                service, region_name=region, endpoint_url=sts_endpoint, **kwargs
+                service, region_name=region, endpoint_url=sts_endpoint, config=bounded, **kwargs
             )
 
         fetcher = AioAssumeRoleCredentialFetcher(
