@@ -429,6 +429,7 @@ def test_jobs_are_read_in_the_account_that_owns_them(routed, fleet):
     spread = new_key(proxy, upstream="spread")
     runtime = boto_client("bedrock-runtime", proxy, key=spread["key"])
     owners = set()
+    arns: list[str] = []
     for i in range(12):
         started = runtime.start_async_invoke(
             modelId="amazon.nova-reel-v1:0",
@@ -436,6 +437,7 @@ def test_jobs_are_read_in_the_account_that_owns_them(routed, fleet):
             outputDataConfig={"s3OutputDataConfig": {"s3Uri": "s3://out/"}},
         )
         arn = started["invocationArn"]
+        arns.append(arn)
         owner = served_by(started)
         owners.add(owner)
         account = "a" if owner.startswith("a/") else "b"
@@ -445,6 +447,12 @@ def test_jobs_are_read_in_the_account_that_owns_them(routed, fleet):
         assert served_by(got) == owner
         assert fleet.fakes[account].requests[before].operation == "GetAsyncInvoke"
     assert owners == {"a/us-east-1", "b/us-west-2"}  # both were used, each kept its jobs
+    # The key moves to a pool without account b: b's jobs are still read (and stopped)
+    # in b, where they run.
+    moved = admin(proxy, "POST", "/key/update", {"key": spread["key_id"], "upstream": "research"})
+    assert moved[0] == 200
+    b_job = next(a for a in arns if f":{ACCOUNT_IDS['b']}:" in a)
+    assert served_by(runtime.get_async_invoke(invocationArn=b_job)) == "b/us-west-2"
 
 
 # ---------------------------------------------------------------- where a model may go

@@ -30,6 +30,7 @@ from ..wire import errors, eventsig, eventstream, h2pool, http1
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.h2client import Http2Stream
 from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
+from ..wire.modelids import parse_arn
 from ..wire.redact import redact_principals
 from ..wire.routing import Operation, Router
 from . import duplex
@@ -356,6 +357,13 @@ class BedrockFront:
             return targets
         if op.name in JOB_LABELS:
             named = await self._jobs.arn(labels.get(JOB_LABELS[op.name], ""))
+            parsed = parse_arn(named) if named else None
+            if parsed is not None and parsed.region:
+                # A job is read and stopped in the account and region that run it, whatever
+                # pool its key (or its team) is routed to now (its ownership is checked).
+                target = self._upstream.fleet.owner_target(op.service, parsed.region, named)
+                x.region = target.upstream.region
+                return [target]
         key_id = x.identity.key_id if x.identity is not None else None
 
         def affinity() -> bytes | None:
