@@ -616,7 +616,17 @@ def test_cooldown_is_shared_by_three_replicas_on_redis(routed, fleet, redis_url,
         client = boto_client("bedrock-runtime", replica)
         assert {served_by(converse(client)) for _ in range(10)} == {"b/us-west-2"}
     assert fleet.served() == {"a": 1, "b": 21, "c": 0}
+    # Deleting the hash resets every member on every replica within a sync, although
+    # their cool-downs (30 s) have not ended.
+    fleet.fakes["a"].fault = None
     redis.Redis.from_url(redis_url).delete("bp:upstream-health")
+    deadline = time.monotonic() + 5
+    for replica in replicas:
+        health = replica.app[UPSTREAM].fleet.health
+        while not health.available("a/us-east-1", time.time()):
+            assert time.monotonic() < deadline, "a replica kept the deleted cool-down"
+            time.sleep(0.02)
+    assert served_by(converse(boto_client("bedrock-runtime", replicas[2]))) == "a/us-east-1"
 
 
 # ---------------------------------------------------------------- admin, CLI, config

@@ -51,6 +51,9 @@ class Health:
             self._redis = redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sync_task: asyncio.Task[None] | None = None
+        # Members known to be in the shared hash (written here, or read there): one that
+        # then disappears from it was reset (a success elsewhere, or an operator).
+        self._shared: set[str] = set()
 
     # ------------------------------------------------------------------ reads
 
@@ -97,8 +100,10 @@ class Health:
         try:
             if state is None:
                 await self._redis.hdel(_REDIS_KEY, member)
+                self._shared.discard(member)
             else:
                 await self._redis.hset(_REDIS_KEY, member, f"{state.failures}:{state.until!r}")
+                self._shared.add(member)
         except Exception as exc:  # local state still holds; the next write retries
             log.warning("could not share upstream health in Redis: %s", type(exc).__name__)
 
@@ -121,8 +126,15 @@ class Health:
             state = self._state.setdefault(name, MemberHealth())
             if until > state.until:
                 state.failures, state.until = max(failures, state.failures), until
-        for name in [n for n, s in self._state.items() if n not in seen and s.until <= now]:
-            del self._state[name]  # another replica saw it succeed
+        for name in [
+            n
+            for n, s in self._state.items()
+            if n not in seen and (s.until <= now or n in self._shared)
+        ]:
+            # Another replica saw it succeed, or the hash was deleted to reset it; one
+            # whose cool-down is still being written stays.
+            del self._state[name]
+        self._shared = seen
 
     def start(self) -> None:
         if self._redis is not None and self._sync_task is None:
