@@ -64,6 +64,8 @@ TARGETS = {
     "thin_over_governed_instructions": ">= 0.85",
     "governed_over_thin_32_paired": ">= 0.85",
     "bidi_added_p50_ms": "<= 1",
+    "flood_liveness_p99_ms": "<= 100",
+    "flood_converse_p99_over_unloaded": "<= 2",
 }
 
 
@@ -616,7 +618,7 @@ def main() -> int:
     parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
     parser.add_argument(
         "--only",
-        choices=("http", "instructions", "streams", "bidi"),
+        choices=("http", "instructions", "streams", "bidi", "flood"),
         help="run one phase (streams includes bodies)",
     )
     parser.add_argument(
@@ -652,6 +654,8 @@ def main() -> int:
             results["streams"], results["large_body"] = stream_and_body_phases(workdir, args)
         if args.only in (None, "bidi"):
             results["bidi"] = bidi_phase(workdir, args.turns)
+        if args.only in (None, "flood"):
+            results["flood"] = bench_flood.flood_phase(workdir)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"\nresults written to {args.out}")
@@ -952,6 +956,8 @@ def print_table(r: dict) -> None:
         bench_instructions.print_instructions(r["instructions"])
     if "streams" in r:
         print_stream_tables(r["streams"], r["large_body"])
+    if "flood" in r:
+        bench_flood.print_flood(r["flood"])
     if "bidi" in r:
         b = r["bidi"]
         print(
@@ -1273,6 +1279,7 @@ if __name__ == "__main__":
             tls = (a.tls_port, a.tls_cert, a.tls_key) if a.tls_port else None
             run_stream_stub(a.port, a.frames, a.interval, tls)
         sys.exit(0)
-    import bench_instructions  # (it imports this module by name: after the definitions)
+    import bench_flood  # (they import this module by name: after the definitions)
+    import bench_instructions
 
     sys.exit(main())

@@ -189,6 +189,10 @@ class LiteralEncoder:
         return bytes(out)
 
 
+# Frames that carry no request forward a new request brings with it, at most.
+STREAM_CREDIT = 4
+
+
 class TooManyFrames(ProtocolError):
     """The peer sent more frames that carry no request forward than it may: a connection
     error, ENHANCE_YOUR_CALM (h2 sends the GOAWAY on its way out of ``receive_data``)."""
@@ -219,10 +223,14 @@ class Http2Connection(H2Connection):
         kind = type(frame)
         if kind is DataFrame:
             idle = not frame.data or not self._open(frame.stream_id)
-        elif kind is HeadersFrame:  # a new stream (bounded apart) or a request's trailers
-            idle = frame.stream_id <= self.highest_inbound_stream_id and not self._open(
-                frame.stream_id
-            )
+        elif kind is HeadersFrame:
+            if frame.stream_id > self.highest_inbound_stream_id:
+                # A new request (streams are bounded apart): its own frames besides HEADERS
+                # and DATA (an empty last DATA, window updates, a reset) are its fair share.
+                self.idle_frame_budget += STREAM_CREDIT
+                idle = False
+            else:  # a request's trailers, or a frame on a stream that has ended
+                idle = not self._open(frame.stream_id)
         else:
             idle = True
         if idle:
