@@ -186,13 +186,17 @@ def test_bucket_and_prefix_allow_lists(files_proxy, fake_s3):
     assert _code(info) == ("AccessDenied", 403)
     bedrock = sigv4_client("bedrock", files_proxy, key)
     with pytest.raises(bedrock.exceptions.AccessDeniedException, match="s3://team-b"):
-        bedrock.create_model_invocation_job(
-            jobName="j",
-            roleArn="arn:aws:iam::123456789012:role/r",
-            modelId=HAIKU,
-            inputDataConfig={"s3InputDataConfig": {"s3Uri": "s3://team-b/inputs/x.jsonl"}},
-            outputDataConfig={"s3OutputDataConfig": {"s3Uri": "s3://team-a/inputs/out/"}},
-        )
+        _start_job(bedrock, "s3://team-b/inputs/x.jsonl", "s3://team-a/inputs/out/")
+
+
+def _start_job(bedrock, input_uri: str, output_uri: str) -> dict:
+    return bedrock.create_model_invocation_job(
+        jobName="j",
+        roleArn="arn:aws:iam::123456789012:role/r",
+        modelId=HAIKU,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri}},
+        outputDataConfig={"s3OutputDataConfig": {"s3Uri": output_uri}},
+    )
 
 
 def test_a_prefix_is_a_folder_never_its_siblings(files_proxy, fake_s3):
@@ -211,13 +215,7 @@ def test_a_prefix_is_a_folder_never_its_siblings(files_proxy, fake_s3):
         assert _code(info) == ("AccessDenied", 403)
     bedrock = sigv4_client("bedrock", files_proxy, key)
     with pytest.raises(bedrock.exceptions.AccessDeniedException, match="team-ab"):
-        bedrock.create_model_invocation_job(
-            jobName="j",
-            roleArn="arn:aws:iam::123456789012:role/r",
-            modelId=HAIKU,
-            inputDataConfig={"s3InputDataConfig": {"s3Uri": "s3://shared/team-ab/x.jsonl"}},
-            outputDataConfig={"s3OutputDataConfig": {"s3Uri": "s3://shared/team-a/out/"}},
-        )
+        _start_job(bedrock, "s3://shared/team-ab/x.jsonl", "s3://shared/team-a/out/")
 
 
 def test_key_without_files_group_is_refused(files_proxy):
