@@ -419,7 +419,7 @@ async def _readiness(request: web.Request) -> web.Response:
         return web.json_response({"status": "not ready"}, status=503)
     if state["needs_credentials"]:
         try:
-            await request.app[CREDENTIALS].get()
+            await request.app[CREDENTIALS].get(patient=False)  # a probe waits 1 s at most
         except Exception:
             return web.json_response(
                 {"status": "not ready", "reason": "no AWS credentials"}, status=503

@@ -79,13 +79,15 @@ class CredentialProvider:
         except NoCredentialsError:
             log.warning("no AWS credentials found; requests will be refused until some appear")
 
-    async def get(self) -> Credentials:
+    async def get(self, patient: bool = True) -> Credentials:
+        """The credentials; a first fetch is waited for (within FETCH_TIMEOUT), or, when
+        not ``patient`` (another member can take the request), at most FIRST_WAIT."""
         frozen = self._frozen
         now = time.monotonic()
         if frozen is not None and now < self._next_check:
             return frozen
         if frozen is None:
-            return await self._load()
+            return await self._load(patient)
         self._next_check = now + _CHECK_EVERY
         source = self._source
         if getattr(source, "refresh_needed", None) is None:
@@ -96,16 +98,18 @@ class CredentialProvider:
             self._refresh_task = asyncio.create_task(self._background_refresh())
         return frozen
 
-    async def _load(self) -> Credentials:
-        """The first credentials: one fetch at a time, waited for at most ``first_wait``
-        (a healthy STS answers in well under a second); past it the request moves on to
-        another member while the fetch goes on, bounded by FETCH_TIMEOUT."""
+    async def _load(self, patient: bool) -> Credentials:
+        """The first credentials: one fetch at a time, bounded by FETCH_TIMEOUT. A request
+        that another member can take waits at most ``first_wait`` (a healthy STS answers
+        in well under a second), then moves on while the fetch goes on."""
         fetch = self._fetching
         if fetch is None:
             if time.monotonic() - self._last_lookup < _RETRY_MISSING_EVERY and self._source is None:
                 raise NoCredentialsError(self._why)
             fetch = self._fetching = asyncio.get_running_loop().create_task(self._fetch())
             fetch.add_done_callback(self._fetched)
+        if patient:
+            return await asyncio.shield(fetch)
         try:
             return await asyncio.wait_for(asyncio.shield(fetch), self._first_wait)
         except TimeoutError:

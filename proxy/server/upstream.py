@@ -138,10 +138,10 @@ class UpstreamClient:
         return region
 
     async def _aws_credentials(
-        self, member: Member, identity: Identity | None
+        self, member: Member, identity: Identity | None, patient: bool = True
     ) -> sigv4.Credentials:
         try:
-            return await self.fleet.credentials_for(member, identity)
+            return await self.fleet.credentials_for(member, identity, patient)
         except NoCredentialsError as exc:
             raise errors.service_unavailable(
                 "The proxy has no AWS credentials for the upstream"
@@ -160,10 +160,12 @@ class UpstreamClient:
         target: Target,
         service: Service,
         identity: Identity | None = None,
+        patient: bool = True,
     ) -> None:
         """Add the server's authorization to ``headers`` (which must hold ``host`` and only
         headers no hop changes): the upstream bearer token, or a SigV4 signature with the
-        target member's credentials."""
+        target member's credentials (not ``patient``: another member can take the request,
+        so a slow first fetch of credentials is not waited for)."""
         if self._bearer and service is not S3_SERVICE:
             headers["authorization"] = "Bearer " + self._bearer
             return
@@ -173,7 +175,7 @@ class UpstreamClient:
             raw_query=raw_query,
             headers=headers,
             payload_hash=payload_hash,
-            credentials=await self._aws_credentials(target.member, identity),
+            credentials=await self._aws_credentials(target.member, identity, patient),
             region=target.upstream.region,
             service=service.signing_name,
             date=sigv4.amz_date(),
@@ -259,6 +261,7 @@ class UpstreamClient:
                     target=target,
                     service=service,
                     identity=identity,
+                    patient=i >= last,
                 )
                 headers.update(unsigned)
                 response = await self.send(

@@ -147,8 +147,10 @@ class Fleet:
                         return self.target(member, service)
         return self._legacy_targets(service, region)[0]
 
-    async def credentials_for(self, member: Member, identity: Identity | None) -> Credentials:
-        return await self.credentials.get(member.account, identity)
+    async def credentials_for(
+        self, member: Member, identity: Identity | None, patient: bool = True
+    ) -> Credentials:
+        return await self.credentials.get(member.account, identity, patient)
 
     # ------------------------------------------------------------------ teams
 

@@ -68,8 +68,10 @@ class FleetCredentials:
             self._tagged.move_to_end(slot)
         return provider
 
-    async def get(self, account: Account, identity: Identity | None) -> Credentials:
-        return await self.provider(account, identity).get()
+    async def get(
+        self, account: Account, identity: Identity | None, patient: bool = True
+    ) -> Credentials:
+        return await self.provider(account, identity).get(patient)
 
     async def start(self) -> None:
         """Fetch each account's credentials in the background: the proxy listens at once,
