@@ -121,7 +121,8 @@ def test_slots_of_requests_that_end_during_a_redis_cut_are_freed_when_it_returns
             except ClientError as exc:
                 assert exc.response["Error"]["Code"] == "ServiceUnavailableException", exc
                 assert time.monotonic() - restored < 5
-        assert time.monotonic() - restored < 2.0  # a 0.5 s pause after a failure, then in
+        # Redis is asked again 0.5 s after a failure; the rest is slack for a busy machine.
+        assert time.monotonic() - restored < 3.0
         settled(bg, proxy)
         # Only the request still held upstream holds a slot: the two that ended while
         # Redis was away gave theirs back when it returned, not an hour later.
@@ -218,7 +219,7 @@ def test_a_store_outage_costs_known_keys_nothing_new_keys_a_deadline_and_loses_n
     start_proxy, fake, pg_relay, outage
 ):
     relay, url = pg_relay
-    deadline = 2.0
+    deadline = 3.0
     proxy = start_proxy(
         database_url=url, store_timeout=deadline, key_cache_ttl=1.0, ledger_flush_interval=0.2
     )

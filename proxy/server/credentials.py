@@ -108,6 +108,8 @@ class CredentialProvider:
                 raise NoCredentialsError(self._why)
             fetch = self._fetching = asyncio.get_running_loop().create_task(self._fetch())
             fetch.add_done_callback(self._fetched)
+        elif not patient:  # begun by another request and not back yet: move on at once
+            raise NoCredentialsError(f"AWS credentials for {self.name} are still being fetched")
         if patient:
             return await asyncio.shield(fetch)
         try:
