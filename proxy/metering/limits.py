@@ -494,8 +494,10 @@ return 0
 # After a failed call, Redis is not tried again for this long: during an outage requests
 # are answered at once (refused, or counted locally), not each after a deadline.
 _RETRY_AFTER_FAILURE = 0.5
-# How often settlements that failed are tried again while Redis is away.
+# How often settlements that failed are tried again while Redis is away, and how many
+# are kept at most.
 _RESETTLE_EVERY = 0.25
+_MAX_UNSETTLED = 100_000
 
 
 class RedisUnavailable(Exception):
@@ -548,8 +550,13 @@ class RedisLimiter:
         self._local = InProcessLimiter(budgets, clock=clock) if on_outage == "local" else None
         # Admissions holding slots in Redis, whose leases this replica renews.
         self._held: dict[str, Admission] = {}
-        # Settlements (admission, tokens, cost, mode) that failed, to try again.
-        self._unsettled: deque[tuple[Admission, int, float | None, str]] = deque()
+        # Settlements (admission, tokens, cost, mode) that failed, to try again: the
+        # requests in flight when Redis went away, and admissions whose answer was lost
+        # (while it is away, new ones are refused or counted locally), so few; bounded all
+        # the same (past the bound the oldest is dropped, and its lease lapses).
+        self._unsettled: deque[tuple[Admission, int, float | None, str]] = deque(
+            maxlen=_MAX_UNSETTLED
+        )
         self._down_until = 0.0  # monotonic: Redis is not tried before then
         self._down_since: float | None = None
         self._task: asyncio.Task[None] | None = None
