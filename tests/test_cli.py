@@ -65,7 +65,11 @@ def running(
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(proc.stderr.read().decode()) from None
+                    # Ended first: reading the stderr of a process still running would wait
+                    # for it for ever, and hide why it never became ready.
+                    proc.kill()
+                    _, err = proc.communicate(timeout=10)
+                    raise AssertionError(err.decode(errors="replace")) from None
                 time.sleep(0.1)
         yield proc
     finally:
