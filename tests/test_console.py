@@ -505,6 +505,7 @@ def test_serve_simulate_answers_every_client_and_says_so(tmp_path):
     finally:
         _, err = _stop(proc)
     assert "SIMULATED upstream" in err
+    assert "Traceback" not in err and "BadHttpMessage" not in err, err[-2000:]
 
 
 def test_make_demo_opens_a_populated_console(browser, tmp_path):

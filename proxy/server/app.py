@@ -47,6 +47,7 @@ from .fleet import Fleet
 from .fleet.config import FleetConfigError, parse_fleet
 from .forwarded import TrustedProxies
 from .pipeline import Pipeline, Shutdown
+from .runner import ProxyRunner
 from .simulator import Simulator
 from .upstream import UpstreamClient
 
@@ -385,7 +386,9 @@ def _alert_settings(settings: Settings) -> dict[str, str]:
 
 async def _start_simulator(upstream: UpstreamClient) -> web.AppRunner:
     """The simulator on a loopback port of its own, and every upstream call sent there."""
-    runner = web.AppRunner(Simulator().app(), access_log=None)
+    # HTTP/2 on the same port, as bedrock-runtime: the proxy sends event streams over h2c
+    # first, and aiohttp alone answered that with an ERROR traceback (Pause on PRI).
+    runner = ProxyRunner(Simulator().app(), header_timeout=30.0, keepalive_timeout=75.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
