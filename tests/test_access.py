@@ -32,13 +32,21 @@ from hypothesis import strategies as st
 from proxy.access import resources
 from proxy.access.keys import OPERATION_GROUPS
 from proxy.server.app import STORE
-from proxy.wire.routing import load_operations
+from proxy.wire.routing import AGENTCORE, SERVICE_NAMES, load_operations
 from tests.conftest import MASTER_KEY, REGION, boto_client, client_config
 from tests.test_virtual_keys import admin, new_key, sigv4_client
 
 ACCOUNT = "123456789012"
 ARN = f"arn:aws:bedrock:{REGION}:{ACCOUNT}"
+AC = f"arn:aws:bedrock-agentcore:{REGION}:{ACCOUNT}"
 RESTRICTIONS = {
+    "agent_runtime_arns": [f"{AC}:runtime/agent_ok-0000000001"],
+    "memory_ids": ["memory_ok-0000000001"],
+    "code_interpreter_ids": ["ci_ok-0000000001"],
+    "browser_ids": [f"{AC}:browser/browser_ok-0000000001"],
+    "evaluator_ids": ["evaluator_ok-0000000001"],
+    "gateway_ids": ["gateway_ok-0000000001"],
+    "registry_ids": ["registry_ok-0000000001"],
     "models": ["anthropic.claude-3-haiku*"],
     "guardrail_ids": ["gr-ok"],
     "knowledge_base_ids": ["KBOK000001"],
@@ -58,7 +66,28 @@ GOOD: dict[str, Any] = {
     resources.S3_URI: "s3://team-bucket/team-a/in.jsonl",
     resources.S3_OBJECT: {"s3BucketName": "team-bucket", "s3ObjectKey": "team-a/schema.json"},
     resources.ARN: f"{ARN}:knowledge-base/KBOK000001",
+    # AgentCore: an id where the key lists an ARN and the other way round.
+    resources.AGENT_RUNTIME: "agent_ok-0000000001",
+    resources.MEMORY: "memory_ok-0000000001",
+    resources.CODE_INTERPRETER: f"{AC}:code-interpreter/ci_ok-0000000001",
+    resources.BROWSER: "browser_ok-0000000001",
+    resources.EVALUATOR: f"{AC}:evaluator/evaluator_ok-0000000001",
+    resources.GATEWAY: f"{AC}:gateway/gateway_ok-0000000001",
+    resources.REGISTRY: "registry_ok-0000000001",
 }
+
+
+def _agentcore_bad(kind: str, evil: str) -> list[str]:
+    """Another resource by id, by ARN, by another partition's ARN, by an ARN with more
+    after it (a runtime's endpoint)."""
+    return [
+        evil,
+        f"{AC}:{kind}/{evil}",
+        f"arn:aws-us-gov:bedrock-agentcore:us-gov-west-1:{ACCOUNT}:{kind}/{evil}",
+        f"{AC}:{kind}/{evil}/runtime-endpoint/DEFAULT",
+    ]
+
+
 BAD: dict[str, list[Any]] = {
     resources.MODEL: [
         "meta.llama3-70b-instruct-v1:0",
@@ -88,17 +117,48 @@ BAD: dict[str, list[Any]] = {
         f"{ARN}:agent/AGENTEVIL1",
         f"arn:aws:bedrock:{REGION}::foundation-model/meta.llama3-70b-instruct-v1:0",
     ],
+    resources.AGENT_RUNTIME: _agentcore_bad("runtime", "agent_evil-0000000001"),
+    resources.MEMORY: _agentcore_bad("memory", "memory_evil-0000000001"),
+    resources.CODE_INTERPRETER: _agentcore_bad("code-interpreter", "ci_evil-0000000001"),
+    resources.BROWSER: _agentcore_bad("browser", "browser_evil-0000000001"),
+    resources.EVALUATOR: _agentcore_bad("evaluator", "evaluator_evil-0000000001"),
+    resources.GATEWAY: _agentcore_bad("gateway", "gateway_evil-0000000001"),
+    resources.REGISTRY: _agentcore_bad("registry", "registry_evil-0000000001"),
 }
-_OPERATIONS = {f"{op.service.name}:{op.name}": op for op in load_operations()}
+_OPERATIONS = {
+    f"{op.service.name}:{op.name}": op for op in load_operations((*SERVICE_NAMES, AGENTCORE))
+}
+# AgentCore operations on a session the key must own (access.owned): past the policy, an
+# allowed value is refused there, so their positive control is test_agentcore's.
+_OWNED = {
+    f"{AGENTCORE}:{name}"
+    for name in (
+        "InvokeCodeInterpreter",
+        "GetCodeInterpreterSession",
+        "StopCodeInterpreterSession",
+        "InvokeBrowser",
+        "GetBrowserSession",
+        "StopBrowserSession",
+        "UpdateBrowserStream",
+        "SaveBrowserSessionProfile",
+        "ListEvents",
+        "GetEvent",
+        "DeleteEvent",
+    )
+}
 FIELDS = [
     (key, field) for key, fields in sorted(resources.load_table().items()) for field in fields
 ]
 
 
 @pytest.fixture(scope="module")
-def ac_proxy(start_proxy, tmp_path_factory):
+def ac_proxy(start_proxy, tmp_path_factory, fake_server, fake_s3_server):
+    # AgentCore to the same fake: it logs what reaches it (and refuses the scope).
+    endpoints = {name: fake_server[1] for name in (*SERVICE_NAMES, AGENTCORE)}
     return start_proxy(
-        key_cache_ttl=1.0, sqlite_path=str(tmp_path_factory.mktemp("access") / "keys.db")
+        key_cache_ttl=1.0,
+        sqlite_path=str(tmp_path_factory.mktemp("access") / "keys.db"),
+        endpoints={**endpoints, "s3": fake_s3_server[1]},
     )
 
 
@@ -223,8 +283,17 @@ def _label_kind(op_key: str, label: str) -> str:
     return ""
 
 
-def _send(server, key: dict, method: str, target: str, headers: dict, body: bytes, auth: str):
-    url = server.base + target
+def _send(
+    server,
+    key: dict,
+    method: str,
+    target: str,
+    headers: dict,
+    body: bytes,
+    auth: str,
+    service: str = "bedrock",
+):
+    url = server.base + target if service == "bedrock" else server.url + "/" + service + target
     headers = dict(headers)
     if auth == "sigv4":
         if target.endswith("/invoke-with-bidirectional-stream"):
@@ -232,7 +301,7 @@ def _send(server, key: dict, method: str, target: str, headers: dict, body: byte
             headers["X-Amz-Content-SHA256"] = "STREAMING-AWS4-HMAC-SHA256-EVENTS"
         request = AWSRequest(method=method, url=url, data=body, headers=headers)
         credentials = Credentials(key["access_key_id"], key["secret_access_key"])
-        SigV4Auth(credentials, "bedrock", REGION).add_auth(request)
+        SigV4Auth(credentials, service, REGION).add_auth(request)
         headers = dict(request.headers)
     else:
         headers["Authorization"] = f"Bearer {key['key']}"
@@ -244,9 +313,16 @@ def _send(server, key: dict, method: str, target: str, headers: dict, body: byte
         return exc.code, dict(exc.headers), exc.read()
 
 
-def _assert_refused(server, fake, key, method, target, headers, body, auth="sigv4"):
+def _service_of(op_key: str) -> str:
+    """The base path (and signing name) of an operation's service at the proxy."""
+    return AGENTCORE if op_key.startswith(AGENTCORE + ":") else "bedrock"
+
+
+def _assert_refused(
+    server, fake, key, method, target, headers, body, auth="sigv4", service="bedrock"
+):
     before = len(fake.requests)
-    status, got, payload = _send(server, key, method, target, headers, body, auth)
+    status, got, payload = _send(server, key, method, target, headers, body, auth, service)
     assert (status, got.get("x-amzn-ErrorType")) == (403, "AccessDeniedException"), (
         target,
         body[:300],
@@ -260,15 +336,18 @@ def _assert_refused(server, fake, key, method, target, headers, body, auth="sigv
 
 @pytest.mark.parametrize(("op_key", "field"), FIELDS, ids=[f"{k}:{f.name}" for k, f in FIELDS])
 def test_every_resource_field_is_checked(ac_proxy, fake, restricted, op_key, field):
+    service = _service_of(op_key)
     for value in BAD[field.kind]:
         method, target, headers, body = _request(op_key, field, value)
-        _assert_refused(ac_proxy, fake, restricted, method, target, headers, body)
-    if field.kind == resources.S3_BUCKET:
-        return  # a key confined to a prefix may name no bucket whole
+        _assert_refused(ac_proxy, fake, restricted, method, target, headers, body, "sigv4", service)
+    if field.kind == resources.S3_BUCKET or op_key in _OWNED:
+        return  # a key confined to a prefix may name no bucket whole; sessions: see above
     # The positive control: the same request with an allowed value is forwarded.
     method, target, headers, body = _request(op_key, field, GOOD[field.kind])
     before = len(fake.requests)
-    status, _got, payload = _send(ac_proxy, restricted, method, target, headers, body, "sigv4")
+    status, _got, payload = _send(
+        ac_proxy, restricted, method, target, headers, body, "sigv4", service
+    )
     if op_key.endswith(":InvokeModelWithBidirectionalStream"):
         # Past the policy, refused only for HTTP/1.1 (its HTTP/2 path: test_http2).
         assert (status, b"requires HTTP/2" in payload) == (400, True), payload
@@ -290,9 +369,10 @@ def test_forbidden_values_anywhere_in_a_request_never_reach_the_upstream(
     op_key, field = data.draw(st.sampled_from(FIELDS))
     value = data.draw(st.sampled_from(BAD[field.kind]))
     spread = data.draw(st.integers(1, 4)) if "[]" in field.path else 1
+    service = _service_of(op_key)
     auth = data.draw(st.sampled_from(["sigv4", "bearer"]))
     method, target, headers, body = _request(op_key, field, value, spread)
-    _assert_refused(ac_proxy, fake, restricted, method, target, headers, body, auth)
+    _assert_refused(ac_proxy, fake, restricted, method, target, headers, body, auth, service)
 
 
 def test_the_named_leaks_through_boto3(ac_proxy, fake, restricted):

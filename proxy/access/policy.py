@@ -90,8 +90,40 @@ def fields_of(op: Operation) -> OperationFields:
     return load_fields().get(f"{op.service.name}:{op.name}", _NO_FIELDS)
 
 
+# AgentCore's data plane, by what an operation's name says it touches.
+_AGENTCORE_IDENTITY = frozenset(
+    {
+        "CompleteResourceTokenAuth",
+        "GetResourceApiKey",
+        "GetResourceOauth2Token",
+        "GetResourcePaymentToken",
+        "GetWorkloadAccessToken",
+        "GetWorkloadAccessTokenForJWT",
+        "GetWorkloadAccessTokenForUserId",
+    }
+)
+
+
+def _agentcore_group(name: str) -> str:
+    if name in _AGENTCORE_IDENTITY:
+        return "agentcore-identity"
+    if "Payment" in name:
+        return "agentcore-payments"
+    if any(word in name for word in ("Memory", "Event", "Actor", "Ingest")) or name in (
+        "ListSessions",
+    ):
+        return "agentcore-memory"
+    if any(word in name for word in ("CodeInterpreter", "Browser", "Registry")):
+        return "agentcore-tools"
+    if any(word in name for word in ("Evaluat", "ABTest", "Recommendation")):
+        return "agentcore-evaluations"
+    return "agentcore-runtime"  # runtimes, their commands and sessions, harnesses
+
+
 def operation_group(op: Operation) -> str:
     service = op.service.name
+    if service == "bedrock-agentcore":
+        return _agentcore_group(op.name)
     if service == "bedrock-runtime":
         return "guardrails" if "Guardrail" in op.name else "inference"
     if service == "bedrock-agent-runtime":
@@ -146,6 +178,14 @@ def _plan(spec: KeySpec, op: Operation) -> Plan:
         if group in spec.operation_groups
         else f"The API key is not allowed to call {op.name} (operation group {group!r})"
     )
+    if (
+        refusal is None
+        and op.service.name == "bedrock-agentcore-control"
+        and any(getattr(spec, name) is not None for name in _AGENTCORE_LISTS.values())
+    ):
+        # The control plane's members are not classified: a key held to some runtimes or
+        # memories would read (or change) the others' there.
+        refusal = "The API key's AgentCore allow-lists do not extend to the control plane"
     restricted = _restricted_kinds(spec)
     fields = fields_of(op)
     return Plan(
@@ -173,6 +213,7 @@ def _restricted_kinds(spec: KeySpec) -> frozenset[str]:
         kinds.update((resources.AGENT, resources.AGENT_ALIAS_ARN))
     if spec.flow_ids is not None:
         kinds.add(resources.FLOW)
+    kinds.update(k for k, name in _AGENTCORE_LISTS.items() if getattr(spec, name) is not None)
     if kinds:
         kinds.add(resources.ARN)  # an ARN names one of the above
     return frozenset(kinds)
@@ -333,7 +374,23 @@ def _allow_list(spec: KeySpec, kind: str) -> list[str] | None:
         return spec.agent_ids
     if kind == resources.FLOW:
         return spec.flow_ids
+    name = _AGENTCORE_LISTS.get(kind)
+    if name is not None:
+        allowed: list[str] | None = getattr(spec, name)
+        return allowed
     return None
+
+
+# AgentCore's kinds, by the key field that allows them.
+_AGENTCORE_LISTS = {
+    resources.AGENT_RUNTIME: "agent_runtime_arns",
+    resources.MEMORY: "memory_ids",
+    resources.CODE_INTERPRETER: "code_interpreter_ids",
+    resources.BROWSER: "browser_ids",
+    resources.EVALUATOR: "evaluator_ids",
+    resources.GATEWAY: "gateway_ids",
+    resources.REGISTRY: "registry_ids",
+}
 
 
 def _check_one(spec: KeySpec, kind: str, value: Any) -> None:
@@ -372,6 +429,12 @@ def _check_one(spec: KeySpec, kind: str, value: Any) -> None:
     allowed = _allow_list(spec, kind)
     if allowed is None:
         return
+    if kind in _AGENTCORE_LISTS:
+        # An id or an ARN in any form (a runtime's with an endpoint after it, another
+        # partition's), on either side: the resource's own id is compared.
+        if _agentcore_id(value) not in {_agentcore_id(a) for a in allowed}:
+            raise errors.access_denied(f"The API key is not allowed to use {kind} {value!r}")
+        return
     short = _resource_id(value, kind)
     if value not in allowed and short not in allowed:
         raise errors.access_denied(f"The API key is not allowed to use {kind} {value!r}")
@@ -392,6 +455,16 @@ def _resource_id(value: str, kind: str) -> str:
         # arn:...:agent-alias/AGENT_ID/ALIAS_ID: the agent is what the allow-list names
         return segments[1] if len(segments) > 2 else resource
     return segments[-1] if len(segments) > 1 else resource
+
+
+def _agentcore_id(value: str) -> str:
+    """``arn:aws:bedrock-agentcore:REGION:ACCOUNT:runtime/ID[/runtime-endpoint/NAME]`` →
+    ``ID``; an id stays as it is."""
+    if not value.startswith("arn:"):
+        return value
+    resource = value.split(":", 5)[-1]
+    segments = resource.split("/")
+    return segments[1] if len(segments) > 1 else resource
 
 
 def _unreadable() -> errors.AwsError:

@@ -36,9 +36,18 @@ S3_URI = "s3"  # s3://bucket/key
 S3_OBJECT = "s3 object"  # a structure {s3BucketName, s3ObjectKey}
 S3_BUCKET = "s3 bucket"  # a bare bucket name
 ARN = "arn"  # any ARN: checked by its resource type
+# Bedrock AgentCore's data plane: each an id or an ARN of the resource.
+AGENT_RUNTIME = "agent runtime"
+MEMORY = "memory"
+CODE_INTERPRETER = "code interpreter"
+BROWSER = "browser"
+EVALUATOR = "evaluator"
+GATEWAY = "gateway"
+REGISTRY = "registry"
+AGENTCORE_KINDS = (AGENT_RUNTIME, MEMORY, CODE_INTERPRETER, BROWSER, EVALUATOR, GATEWAY, REGISTRY)
 NONE = "none"
 
-SERVICES = ("bedrock-runtime", "bedrock-agent-runtime", "bedrock")
+SERVICES = ("bedrock-runtime", "bedrock-agent-runtime", "bedrock", "bedrock-agentcore")
 # A member is suspect when its name or its shape's name ends like a reference to something.
 _SUSPECT = re.compile(
     r"(id|ids|idstring|identifier|arn|arns|uri|uris|bucket|bucketname|objectkey|model"
@@ -185,6 +194,96 @@ SHAPE_KINDS: dict[str, str] = {
     "AgenticRetrieveMemoryMetadataKey": NONE,
 }
 
+# Shapes whose name means something else in one service: AgentCore's ``MemoryId`` is an
+# AgentCore memory (an allow-list names it), bedrock-agent-runtime's an agent's memory.
+_SERVICE_SHAPE_KINDS: dict[str, dict[str, str]] = {
+    "bedrock-agentcore": {
+        "MemoryId": MEMORY,
+        "EvaluatorId": EVALUATOR,
+        "EvaluatorArn": EVALUATOR,
+        "GatewayArn": GATEWAY,
+        "HarnessArn": AGENT_RUNTIME,  # a harness runs as an agent runtime does
+        "HarnessBrowserArn": BROWSER,
+        "HarnessCodeInterpreterArn": CODE_INTERPRETER,
+        "RegistryIdentifier": REGISTRY,
+        "HarnessSkillS3Uri": S3_URI,
+        "S3LocationBucketString": S3_BUCKET,
+        # Reviewed as not governed by allow-lists: what lives inside a memory named
+        # beside it (actors, events, records; sessions are owned per key, see
+        # access.sessions), sessions of a runtime, code interpreter or browser named
+        # beside them (owned per key), traces, jobs, tests, recommendations, the
+        # identity and payment operations' own ids (those operations are refused unless
+        # a key is granted their groups), and resources AWS checks against the server's
+        # own rights (secrets, file systems, credential providers, KMS).
+        "ABTestId": NONE,
+        "ActorId": NONE,
+        "ApiKeyArn": NONE,
+        "BatchEvaluationArn": NONE,
+        "BatchEvaluationId": NONE,
+        "BrowserProfileId": NONE,
+        "BrowserSessionId": NONE,
+        "CapacityProviderId": NONE,
+        "CodeInterpreterSessionId": NONE,
+        "ConfigurationBundleArn": NONE,
+        "ConfigurationBundleVersionId": NONE,
+        "EfsAccessPointArn": NONE,
+        "EfsFileSystemArn": NONE,
+        "EventId": NONE,
+        "HarnessToolUseId": NONE,
+        "InsightId": NONE,
+        "InvokeAgentRuntimeCommandRequestAccountIdString": NONE,
+        "InvokeAgentRuntimeCommandRequestTraceIdString": NONE,
+        "InvokeAgentRuntimeRequestAccountIdString": NONE,
+        "InvokeAgentRuntimeRequestTraceIdString": NONE,
+        "InvokeCodeInterpreterRequestTraceIdString": NONE,
+        "InvokeHarnessRequestRuntimeSessionIdString": NONE,
+        "InvokeHarnessRequestTraceIdString": NONE,
+        "JwtKeyId": NONE,
+        "MemoryRecordId": NONE,
+        "OAuthCredentialProviderArn": NONE,
+        "OnlineEvaluationConfigArn": NONE,
+        "PaymentConnectorId": NONE,
+        "PaymentInstrumentId": NONE,
+        "PaymentManagerArn": NONE,
+        "PaymentSessionId": NONE,
+        "RecommendationId": NONE,
+        "RequestIdentifier": NONE,
+        "RequestUri": NONE,
+        "S3FilesAccessPointArn": NONE,
+        "S3FilesFileSystemArn": NONE,
+        "S3LocationVersionIdString": NONE,
+        "SaveBrowserSessionProfileRequestTraceIdString": NONE,
+        "SecretArn": NONE,
+        "SessionType": NONE,
+        "SpanId": NONE,
+        "StartBrowserSessionRequestTraceIdString": NONE,
+        "StartCodeInterpreterSessionRequestTraceIdString": NONE,
+        "StopBrowserSessionRequestTraceIdString": NONE,
+        "StringType": NONE,
+        "TraceId": NONE,
+        "MaxLenString": NONE,
+    },
+}
+# Generic shapes (String and the like) classified per member name, per service.
+_SERVICE_MEMBER_KINDS: dict[str, dict[str, str]] = {
+    "bedrock-agentcore": {
+        "agentRuntimeArn": AGENT_RUNTIME,
+        "codeInterpreterIdentifier": CODE_INTERPRETER,
+        "browserIdentifier": BROWSER,
+        "actorId": NONE,
+        "sessionId": NONE,
+        "sessionIds": NONE,
+        "spanId": NONE,
+        "traceId": NONE,
+        "traceIds": NONE,
+        "strategyId": NONE,
+        "testScenarioId": NONE,
+        "logGroupArns": NONE,
+        "runtimeUserId": NONE,
+        "jobId": NONE,
+    },
+}
+
 # Generic shapes (String and the like) classified per member name.
 _MEMBER_KINDS: dict[str, str] = {
     "agentId": NONE,  # returnControlInvocationResults echo the agent being invoked
@@ -225,7 +324,7 @@ def derive(loader: Any = None) -> dict[str, list[list[str]]]:
         for op_name, op in sorted(model["operations"].items()):
             if "input" not in op:
                 continue
-            walker = _Walker(model["shapes"], op_name)
+            walker = _Walker(model["shapes"], op_name, service=service)
             walker.walk(op["input"]["shape"], (), None, frozenset({op["input"]["shape"]}))
             problems += walker.problems
             fields = sorted({tuple(f) for f in walker.found if f[2] != NONE})
@@ -242,10 +341,15 @@ def derive(loader: Any = None) -> dict[str, list[list[str]]]:
 class _Walker:
     """Walks one operation's input shape; records classified members and problems."""
 
-    def __init__(self, shapes: dict[str, Any], op_name: str, probing: bool = False) -> None:
+    def __init__(
+        self, shapes: dict[str, Any], op_name: str, probing: bool = False, service: str = ""
+    ) -> None:
         self.shapes = shapes
         self.op_name = op_name
         self.probing = probing
+        self.service = service
+        self.shape_kinds = {**SHAPE_KINDS, **_SERVICE_SHAPE_KINDS.get(service, {})}
+        self.member_kinds = {**_MEMBER_KINDS, **_SERVICE_MEMBER_KINDS.get(service, {})}
         self.found: list[list[str]] = []
         self.problems: list[str] = []
 
@@ -257,7 +361,7 @@ class _Walker:
         seen: frozenset[str],
     ) -> None:
         shape = self.shapes[shape_name]
-        kind = SHAPE_KINDS.get(shape_name)
+        kind = self.shape_kinds.get(shape_name)
         shape_type = shape["type"]
         if shape_type == "structure":
             if kind is not None:
@@ -284,7 +388,7 @@ class _Walker:
             # A list item or map value is named by the member that holds it.
             member = next((p for p in reversed(path) if p not in ("[]", "{}")), "")
             if kind is None:
-                kind = _MEMBER_KINDS.get(member)
+                kind = self.member_kinds.get(member)
             if kind is None:
                 if _SUSPECT.search(member) or _SUSPECT.search(shape_name):
                     self.problems.append(f"{self.op_name}: {'.'.join(path)} ({shape_name})")
@@ -309,7 +413,7 @@ class _Walker:
         # A recursive shape (retrieval filters nest): its members were all met on the first
         # pass, but a fixed path cannot reach them deeper. None names a resource today; the
         # day one does, the table must learn recursion first.
-        probe = _Walker(self.shapes, self.op_name, probing=True)
+        probe = _Walker(self.shapes, self.op_name, probing=True, service=self.service)
         probe.walk(target, (), None, frozenset({target}))
         if any(f[2] != NONE for f in probe.found) or probe.problems:
             self.problems.append(

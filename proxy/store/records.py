@@ -19,6 +19,15 @@ OPERATION_GROUPS = (
     "control-read",
     "control-write",
     "files",
+    # Bedrock AgentCore's data plane.
+    "agentcore-runtime",
+    "agentcore-memory",
+    "agentcore-tools",
+    "agentcore-evaluations",
+    # Operations that hand the caller credentials or move money the server's principal
+    # holds: never in a key unless named.
+    "agentcore-identity",
+    "agentcore-payments",
 )
 # Allow-lists of resources besides models: None means no restriction, a list (even empty)
 # allows only what it names.
@@ -29,9 +38,28 @@ ALLOW_LIST_FIELDS = (
     "flow_ids",
     "file_buckets",
     "file_prefixes",
+    "agent_runtime_arns",
+    "memory_ids",
+    "code_interpreter_ids",
+    "browser_ids",
+    "evaluator_ids",
+    "gateway_ids",
+    "registry_ids",
 )
-# Everything but changing the account's Bedrock resources.
-DEFAULT_GROUPS = ("inference", "agents", "guardrails", "batch", "control-read", "files")
+# Everything but changing the account's Bedrock resources, and AgentCore's credentials
+# and payments.
+DEFAULT_GROUPS = (
+    "inference",
+    "agents",
+    "guardrails",
+    "batch",
+    "control-read",
+    "files",
+    "agentcore-runtime",
+    "agentcore-memory",
+    "agentcore-tools",
+    "agentcore-evaluations",
+)
 
 
 @dataclass(slots=True)
@@ -51,6 +79,15 @@ class KeySpec:
     # Files (S3) and batch-job S3 URIs: allowed buckets, and key prefixes within them.
     file_buckets: list[str] | None = None
     file_prefixes: list[str] | None = None
+    # AgentCore: runtimes (ids or ARNs, a harness too), memories, code interpreters,
+    # browsers, evaluators, gateways and registries a key may use.
+    agent_runtime_arns: list[str] | None = None
+    memory_ids: list[str] | None = None
+    code_interpreter_ids: list[str] | None = None
+    browser_ids: list[str] | None = None
+    evaluator_ids: list[str] | None = None
+    gateway_ids: list[str] | None = None
+    registry_ids: list[str] | None = None
     expires_at: float | None = None
     blocked: bool = False
     max_budget: float | None = None
