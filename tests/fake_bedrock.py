@@ -103,6 +103,8 @@ class FakeBedrock:
     credentials: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     accept_default: bool = True
     fault: str | None = None
+    # The service a signature's credential scope must name.
+    signing_name: str = "bedrock"
     # test.hold: one event per request held, in arrival order; set it to let it answer.
     holds: list[asyncio.Event] = field(default_factory=list)
 
@@ -177,11 +179,11 @@ class FakeBedrock:
                 "UnrecognizedClientException",
                 "The security token included in the request is invalid.",
             ), region
-        if service != "bedrock":
+        if service != self.signing_name:
             return aws_error(
                 403,
                 "InvalidSignatureException",
-                "Credential should be scoped to correct service: 'bedrock'.",
+                f"Credential should be scoped to correct service: '{self.signing_name}'.",
             ), region
         date = request.headers.get("X-Amz-Date", "")
         try:

@@ -19,7 +19,7 @@ from ..store.records import KeyRecord, LabelRow, SpendRow
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.params import LIMIT_FIELDS
-from ..wire.routing import Operation, Service
+from ..wire.routing import AGENTCORE, Operation, Service
 from .alerts import BudgetAlerts
 from .ledger import Ledger
 from .limits import Admission, BudgetSource, InProcessLimiter, LimitSpec, RedisLimiter
@@ -43,7 +43,9 @@ BATCH_JOB = Operation(
     Service("bedrock", "bedrock", "bedrock"), "ModelInvocationJob", "POST", "", (), False
 )
 # Operations that bill models the request does not name: priced per request
-# (``request_prices``), or by the tokens an agent's trace reports.
+# (``request_prices``), or by the tokens an agent's trace reports. Every AgentCore
+# operation is priced per request too: AgentCore bills by consumption (vCPU- and
+# GB-seconds, requests), which its answers do not report.
 REQUEST_PRICED = frozenset(
     {
         "InvokeAgent",
@@ -171,7 +173,7 @@ class Metering:
                 f"unpriced_model_price"
             )
         if (
-            op.name in REQUEST_PRICED
+            (op.name in REQUEST_PRICED or op.service.name == AGENTCORE)
             and op.name not in self.request_prices
             and not self._priced_by_query(x)
         ):

@@ -15,6 +15,7 @@ from ..access.jobs import JobRegistry
 from ..access.keycache import KeyCache
 from ..access.keyservice import KeyService
 from ..access.modelrefs import ModelRefs
+from ..access.owned import OwnedSessions
 from ..access.secretbox import SecretBox
 from ..exchange import Observer
 from ..metering.alerts import BudgetAlerts
@@ -33,9 +34,15 @@ from ..store import Store, StoreUnavailable, open_store
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.endpoints import Endpoints, sdk_endpoint_overrides, valid_region
-from ..wire.routing import SERVICE_NAMES, Router, load_operations
+from ..wire.routing import (
+    AGENTCORE,
+    AGENTCORE_CONTROL,
+    UPSTREAM_SERVICES,
+    Router,
+    load_operations,
+)
 from .admin import AdminApi
-from .bedrock import BASE_PATH, BedrockFront
+from .bedrock import AGENTCORE_CONTROL_PATH, AGENTCORE_PATH, BASE_PATH, BedrockFront
 from .config import ConfigError, Settings
 from .console import Console
 from .console.live import LiveView
@@ -84,7 +91,7 @@ def create_app(
         )
     router = Router(load_operations())
     policy.load_fields()  # at startup, into the heap serve freezes (see pricing)
-    overrides = {**sdk_endpoint_overrides((*SERVICE_NAMES, "s3")), **settings.endpoints}
+    overrides = {**sdk_endpoint_overrides((*UPSTREAM_SERVICES, "s3")), **settings.endpoints}
     region = settings.region or _profile_region(settings) or "us-east-1"
     if not valid_region(region):
         raise ConfigError(f"config error: region: {region!r} is not an AWS region name")
@@ -187,6 +194,7 @@ def create_app(
             ) from None
     pipeline = Pipeline(observers, shutdown)
     jobs = JobRegistry(store)
+    bedrock_model_refs = ModelRefs(upstream.control_get, settings.model_ref_ttl)
     duplex_relay = DuplexRelay(
         upstream,
         metering,
@@ -204,9 +212,39 @@ def create_app(
         metering,
         metrics,
         jobs,
-        ModelRefs(upstream.control_get, settings.model_ref_ttl),
+        bedrock_model_refs,
         duplex_relay,
         clock,
+    )
+    # AgentCore's data plane: the same front on its own routes and base path, with its
+    # sessions owned per key.
+    agentcore = BedrockFront(
+        settings,
+        Router(load_operations((AGENTCORE,))),
+        authenticator,
+        upstream,
+        metering,
+        metrics,
+        jobs,
+        bedrock_model_refs,
+        duplex_relay,
+        clock,
+        OwnedSessions(store),
+        AGENTCORE_PATH,
+    )
+    agentcore_control = BedrockFront(
+        settings,
+        Router(load_operations((AGENTCORE_CONTROL,))),
+        authenticator,
+        upstream,
+        metering,
+        metrics,
+        jobs,
+        bedrock_model_refs,
+        duplex_relay,
+        clock,
+        None,
+        AGENTCORE_CONTROL_PATH,
     )
     files = FilesFront(
         upstream, authenticator, metering, settings.max_file_bytes, settings.body_timeout
@@ -309,6 +347,13 @@ def create_app(
     app.router.add_get("/health/readiness", _readiness)
     for path in (FILES_PATH, FILES_PATH + "/{tail:.*}"):  # before /bedrock/{tail}
         app.router.add_route("*", path, pipeline.handler(files))
+    for path, front in (
+        (AGENTCORE_PATH, agentcore),
+        (AGENTCORE_CONTROL_PATH, agentcore_control),
+    ):
+        app.router.add_route(
+            "*", path + "/{tail:.*}", pipeline.handler(front), expect_handler=front.expect_handler
+        )
     dispatcher.add_prefix_route(
         BASE_PATH,
         pipeline.handler(bedrock),

@@ -10,6 +10,7 @@ admission by the limits, the upstream's headers. The upstream call and the relay
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
@@ -20,8 +21,9 @@ from ..access.auth import Authenticator, SignedRequest
 from ..access.jobs import JOB_LABELS, LISTINGS, STARTS, JobRegistry
 from ..access.keywatch import KeyWatch
 from ..access.modelrefs import LOOKUPS_PER_MINUTE, ModelRefs, resolvable
+from ..access.owned import OWNED_BODIES, Claim, OwnedSessions
 from ..access.unverified import UnverifiedBodies
-from ..exchange import Exchange
+from ..exchange import Exchange, Identity
 from ..metering.annotations import read_annotations
 from ..metering.service import Metering
 from ..metering.usage import meter_for
@@ -45,6 +47,9 @@ from .upstream import UpstreamClient
 UPSTREAM_HEADER = "x-bedrock-proxy-upstream"
 
 BASE_PATH = "/bedrock"
+# Bedrock AgentCore's data plane and control plane, each as its SDK's endpoint_url.
+AGENTCORE_PATH = "/bedrock-agentcore"
+AGENTCORE_CONTROL_PATH = "/bedrock-agentcore-control"
 # Responses of known length up to this size are read whole and sent in one write.
 _SMALL_RESPONSE = 256 * 1024
 # Operations whose model is named in the body rather than the path.
@@ -64,8 +69,14 @@ class BedrockFront:
         model_refs: ModelRefs,
         duplex_relay: duplex.DuplexRelay,
         clock: Clock = SYSTEM_CLOCK,
+        owned: OwnedSessions | None = None,
+        base_path: str = BASE_PATH,
     ) -> None:
         self._clock = clock
+        # AgentCore's sessions, owned per key (the AgentCore front's), and the path prefix
+        # the front serves (/bedrock, /bedrock-agentcore).
+        self._owned = owned
+        self._base = base_path
         self._settings = settings
         self._duplex = duplex_relay
         self._router = router
@@ -107,7 +118,7 @@ class BedrockFront:
         sent = await self._send(request, x)
         if isinstance(sent, web.StreamResponse):  # the bidirectional relay, already run
             return sent
-        upstream, job_request = sent
+        upstream, job_request, claim = sent
         completed = False
         meter = x.meter
         try:
@@ -127,25 +138,43 @@ class BedrockFront:
             length = upstream.content_length
             op = x.operation
             identity = x.identity
-            # A job listing a virtual key sees filtered is read whole, whatever its size.
+            # A job or session listing a virtual key sees filtered is read whole, whatever
+            # its size.
             owned_listing = (
                 upstream.status == 200
                 and op is not None
-                and op.name in LISTINGS
+                and (op.name in LISTINGS or (claim is not None and claim.listing))
                 and identity is not None
                 and identity.record is not None
             )
+            if (
+                claim is not None
+                and claim.from_header is not None
+                and identity is not None
+                and upstream.status == 200
+            ):  # a session AWS named in the answer's head
+                await self._owned_remember(identity, claim, upstream.headers, None)
+                claim = None
             failed = upstream.status >= 400
             if not is_event_stream and (
-                owned_listing or failed or (length is not None and length <= _SMALL_RESPONSE)
+                owned_listing
+                or failed
+                or claim is not None  # a start's answer names the session it started
+                or (length is not None and length <= _SMALL_RESPONSE)
             ):
                 data = await self._upstream.read_whole(upstream)
                 completed = True
                 x.upstream_done = time.perf_counter()
                 if failed:  # an error names the server's principal: not to the client
                     data = redact_principals(data)
+                if claim is not None and identity is not None and upstream.status == 200:
+                    if claim.listing:
+                        assert self._owned is not None and op is not None
+                        data = await self._owned.filter_listing(identity, op, claim, data)
+                    else:
+                        await self._owned_remember(identity, claim, upstream.headers, data)
                 if identity is not None and op is not None:
-                    if owned_listing:
+                    if owned_listing and op.name in LISTINGS:
                         data = await self._jobs.filter_listing(identity, op, data)
                     elif upstream.status == 200 and job_request is not None:
                         await self._jobs.remember(
@@ -186,11 +215,11 @@ class BedrockFront:
 
     async def _send(
         self, request: web.Request, x: Exchange
-    ) -> tuple[h2pool.UpstreamResponse, bytes | None] | web.StreamResponse:
+    ) -> tuple[h2pool.UpstreamResponse, bytes | None, Claim | None] | web.StreamResponse:
         """Route, authenticate, check and send: the upstream's response, and the request
         body when the proxy must remember a job it starts (the bidirectional relay runs
         here whole, and returns its response)."""
-        raw = request.raw_path[len(BASE_PATH) :]
+        raw = request.raw_path[len(self._base) :]
         path, _, query = raw.partition("?")
         match = self._router.match(request.method, path or "/")
         if match is None:
@@ -209,7 +238,14 @@ class BedrockFront:
                 body = await self._read_body(request)
                 client_path, _, _ = request.raw_path.partition("?")
                 identity = await self._auth.authenticate(
-                    request, SignedRequest(request.method, client_path, query, body.sha256)
+                    request,
+                    SignedRequest(
+                        request.method,
+                        client_path,
+                        query,
+                        body.sha256,
+                        service=op.service.signing_name,  # bedrock, or bedrock-agentcore
+                    ),
                 )
         else:
             body = await self._read_body(request)
@@ -225,6 +261,16 @@ class BedrockFront:
                 data = body.joined()
             policy.check(spec, op, match.labels, headers.signed, data, query, _aliases(x))
         await self._jobs.check(identity, op, match.labels)
+        claim = None
+        if self._owned is not None:
+            claim = await self._owned.check(
+                identity,
+                op,
+                match.labels,
+                headers.signed,
+                query,
+                body.joined() if op.name in OWNED_BODIES else None,
+            )
         if x.model is None and op.name in _MODEL_IN_BODY:
             x.model = policy.body_model(op, body.joined())
         targets = await self._targets(request, x, match.labels, body)
@@ -251,7 +297,7 @@ class BedrockFront:
             may_failover(op, request.method),
         )
         # (A start's body is small JSON: joining it copies nothing big.)
-        return reply, body.joined() if op.name in STARTS else None
+        return reply, body.joined() if op.name in STARTS else None, claim
 
     async def _bidirectional(
         self,
@@ -318,6 +364,12 @@ class BedrockFront:
         if x.upstream is not None:
             out_headers[UPSTREAM_HEADER] = x.upstream
         return await self._duplex.run(request, x, up, client_chain, server_chain, out_headers)
+
+    async def _owned_remember(
+        self, identity: Identity, claim: Claim, headers: Mapping[str, str], data: bytes | None
+    ) -> None:
+        assert self._owned is not None  # a claim comes from it
+        await self._owned.remember(identity, claim, headers, data)
 
     def watch(self, x: Exchange, max_seconds: float | None = None) -> KeyWatch | None:
         """A long request's key, looked at again as it runs (a virtual key only)."""

@@ -14,7 +14,7 @@ import orjson
 import yaml
 
 from ..wire.endpoints import valid_region
-from ..wire.routing import SERVICE_NAMES
+from ..wire.routing import UPSTREAM_SERVICES
 from .fleet.config import FleetConfigError, parse_fleet
 
 ENV_PREFIX = "BEDROCK_PROXY_"
@@ -254,10 +254,10 @@ def _validate(s: Settings) -> None:
     if s.region is not None and not valid_region(s.region):
         raise ConfigError(f"config error: region: {s.region!r} is not an AWS region name")
     for name in s.endpoints:
-        if name not in (*SERVICE_NAMES, "s3"):
+        if name not in (*UPSTREAM_SERVICES, "s3"):
             raise ConfigError(
                 f"config error: endpoints: unknown service {name!r} "
-                f"(one of {', '.join(SERVICE_NAMES)}, s3)"
+                f"(one of {', '.join(UPSTREAM_SERVICES)}, s3)"
             )
     for name in (
         "connect_timeout",

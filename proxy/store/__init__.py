@@ -9,6 +9,7 @@ from .guard import GuardedDatabase, StoreHealth, StoreUnavailable
 from .jobs import JobRepository
 from .keys import KeyRepository
 from .limits import LimitRepository
+from .owned import OwnedSessionRepository
 from .sessions import SessionRepository
 from .spend import SpendRepository
 from .teams import TeamRepository
@@ -25,6 +26,7 @@ class Store:
         self.jobs = JobRepository(guarded, clock)
         self.teams = TeamRepository(guarded, clock)
         self.sessions = SessionRepository(guarded)
+        self.owned = OwnedSessionRepository(guarded, clock)
 
     @property
     def dialect(self) -> str:

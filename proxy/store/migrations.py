@@ -155,6 +155,19 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         # and end.
         "ALTER TABLE bp_console_sessions ADD COLUMN credential TEXT",
     ),
+    (
+        9,
+        # AgentCore sessions (a runtime's, a code interpreter's, a browser's, a memory's
+        # actor's) belong to the key that started them, as jobs do.
+        """
+        CREATE TABLE bp_owned_sessions (
+            session_ref TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX bp_owned_sessions_key ON bp_owned_sessions (key_id)
+        """,
+    ),
 ]
 
 

@@ -14,7 +14,22 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from . import errors
 
 # Forwarded and signed: no hop changes them.
-_SIGNED_EXACT = frozenset({"content-type", "accept", "content-encoding", "content-md5"})
+_SIGNED_EXACT = frozenset(
+    {
+        "content-type",
+        "accept",
+        "content-encoding",
+        "content-md5",
+        # AgentCore's own request headers (its service model's header members): the tool
+        # session a call is for, and an MCP server's session and call.
+        "x-amzn-code-interpreter-session-id",
+        "x-amzn-browser-session-id",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "mcp-method",
+        "mcp-name",
+    }
+)
 # Forwarded, not signed. Not Accept-Encoding: usage is read from the response as it passes,
 # so a compressed response would go unmetered (and a budget unenforced).
 _UNSIGNED_EXACT = frozenset(
@@ -31,6 +46,11 @@ _UNSIGNED_EXACT = frozenset(
         "expires",
         "amz-sdk-invocation-id",
         "amz-sdk-request",
+        # Tracing context AgentCore carries into an agent's own spans.
+        "x-amzn-trace-id",
+        "traceparent",
+        "tracestate",
+        "baggage",
     }
 )
 _SIGNED_PREFIXES = ("x-amz-", "x-amzn-bedrock-")

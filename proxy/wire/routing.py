@@ -19,6 +19,11 @@ from botocore.loaders import Loader, create_loader
 from . import errors
 
 SERVICE_NAMES = ("bedrock-runtime", "bedrock-agent-runtime", "bedrock")
+# Bedrock AgentCore's data plane, under a base path of its own (its paths are its own).
+AGENTCORE = "bedrock-agentcore"
+AGENTCORE_CONTROL = "bedrock-agentcore-control"
+# Every service whose upstream an endpoint setting (or AWS_ENDPOINT_URL_*) may name.
+UPSTREAM_SERVICES = (*SERVICE_NAMES, AGENTCORE, AGENTCORE_CONTROL)
 _LABEL_RE = re.compile(r"\{([^}]+)\}")
 # botocore's percent_encode: RFC 3986 unreserved characters stay, everything else is encoded.
 _LABEL_SAFE = "-_.~"

@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from ...wire.endpoints import valid_region
-from ...wire.routing import SERVICE_NAMES
+from ...wire.routing import UPSTREAM_SERVICES
 
 DEFAULT_ACCOUNT = "default"
 DEFAULT_POOL = "default"
@@ -23,7 +23,7 @@ ACCOUNT_ID_RE = re.compile(r"\d{12}")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Where a session tag's value comes from: the calling key's fields.
 TAG_SOURCES = ("key_id", "key_alias", "team_id", "user_id")
-ENDPOINT_SERVICES = (*SERVICE_NAMES, "s3", "sts")
+ENDPOINT_SERVICES = (*UPSTREAM_SERVICES, "s3", "sts")
 
 
 class FleetConfigError(ValueError):
