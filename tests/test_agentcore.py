@@ -280,6 +280,17 @@ def test_sessions_belong_to_the_key_that_started_them(proxy_ac, fake):
         payload=[],
     )
     denied(theirs.list_events, memoryId=memory, actorId="bob", sessionId=session_id + "b")
+    # The same memory by ARN is the same session: no second claim on it that way.
+    memory_arn = f"arn:aws:bedrock-agentcore:{REGION}:{ACCOUNT}:memory/{memory}"
+    denied(
+        theirs.create_event,
+        memoryId=memory_arn,
+        actorId="bob",
+        sessionId=session_id + "b",
+        eventTimestamp=1_800_000_000,
+        payload=[],
+    )
+    denied(theirs.list_events, memoryId=memory_arn, actorId="bob", sessionId=session_id + "b")
 
 
 # ---------------------------------------------------------------- credentials and money

@@ -72,7 +72,8 @@ class Claim:
 
 
 def _id(value: str) -> str:
-    """A resource's own id, from an id or an ARN (sessions are keyed by it)."""
+    """A resource's own id, from an id or an ARN: sessions are keyed by it, so that naming
+    a memory or a tool by ARN in one call and by id in the next is the same session."""
     if not value.startswith("arn:"):
         return value
     segments = value.split(":", 5)[-1].split("/")
@@ -121,16 +122,17 @@ class OwnedSessions:
             fields = _json(body)
             actor, named = fields.get("actorId"), fields.get("sessionId")
             if isinstance(actor, str) and isinstance(named, str):
-                ref = f"mem/{labels.get('memoryId', '')}/{actor}/{named}"
+                ref = f"mem/{_id(labels.get('memoryId', ''))}/{actor}/{named}"
                 await self._claim_or_refuse(key_id, ref)
             return None
         if name in _MEMORY_EVENTS:
-            ref = f"mem/{labels['memoryId']}/{labels['actorId']}/{labels['sessionId']}"
+            memory = _id(labels["memoryId"])
+            ref = f"mem/{memory}/{labels['actorId']}/{labels['sessionId']}"
             await self._must_own(key_id, ref, "memory session")
         if name in _LISTINGS:
             _, _, kind, label = _LISTINGS[name]
             scope = (
-                f"mem/{labels.get('memoryId', '')}/{labels.get('actorId', '')}/"
+                f"mem/{_id(labels.get('memoryId', ''))}/{labels.get('actorId', '')}/"
                 if kind == "mem"
                 else f"{kind}/{_id(labels.get(label, ''))}/"
             )
