@@ -43,9 +43,16 @@ _STARTS = {
     "StartCodeInterpreterSession": ("ci", "codeInterpreterIdentifier"),
     "StartBrowserSession": ("browser", "browserIdentifier"),
 }
-# Runtime operations whose session the caller may name (claimed at first use).
+# Runtime operations whose session the caller may name (claimed at first use); a harness
+# is named in the query.
 _RUNTIME = frozenset(
-    {"InvokeAgentRuntime", "InvokeAgentRuntimeCommand", "StopRuntimeSession", "GetAgentCard"}
+    {
+        "InvokeAgentRuntime",
+        "InvokeAgentRuntimeCommand",
+        "StopRuntimeSession",
+        "GetAgentCard",
+        "InvokeHarness",
+    }
 )
 # Memory operations on one actor's session, named in the path or the body.
 _MEMORY_EVENTS = frozenset({"ListEvents", "GetEvent", "DeleteEvent"})
@@ -61,9 +68,8 @@ _LISTINGS = {
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A session to record for the key once the call succeeds."""
+    """A session to record for the key once the call succeeds (the answer names it)."""
 
-    ref: str
     # Where the answer names it, when the request did not (a runtime session AWS made).
     from_header: str | None = None
     prefix: str = ""
@@ -110,14 +116,15 @@ class OwnedSessions:
             return None
         if name in _STARTS:
             kind, label = _STARTS[name]
-            return Claim("", prefix=f"{kind}/{_id(labels[label])}/")
+            return Claim(prefix=f"{kind}/{_id(labels[label])}/")
         if name in _RUNTIME:
-            runtime = _id(labels.get("agentRuntimeArn", ""))
+            named_runtime = labels.get("agentRuntimeArn") or _query_value(query, "harnessArn")
+            runtime = _id(named_runtime)
             session = headers.get(RUNTIME_SESSION_HEADER, "")
             if session:
                 await self._claim_or_refuse(key_id, f"runtime/{runtime}/{session}")
                 return None
-            return Claim("", from_header=RUNTIME_SESSION_HEADER, prefix=f"runtime/{runtime}/")
+            return Claim(from_header=RUNTIME_SESSION_HEADER, prefix=f"runtime/{runtime}/")
         if name == "CreateEvent":
             fields = _json(body)
             actor, named = fields.get("actorId"), fields.get("sessionId")
@@ -136,7 +143,7 @@ class OwnedSessions:
                 if kind == "mem"
                 else f"{kind}/{_id(labels.get(label, ''))}/"
             )
-            return Claim("", prefix=scope, listing=True)
+            return Claim(prefix=scope, listing=True)
         return None
 
     async def remember(
@@ -196,12 +203,16 @@ def _session_id(
         header = CODE_INTERPRETER_SESSION_HEADER if kind == "ci" else BROWSER_SESSION_HEADER
         return headers.get(header, "")
     if where == "query":
-        values = parse_qs(query).get("sessionId", [])
-        if len(values) > 1:
-            raise errors.validation("sessionId appears more than once")
-        return values[0] if values else ""
+        return _query_value(query, "sessionId")
     value = _json(body).get("sessionId")
     return value if isinstance(value, str) else ""
+
+
+def _query_value(query: str, name: str) -> str:
+    values = parse_qs(query).get(name, [])
+    if len(values) > 1:  # one for the check, another for AWS: refused
+        raise errors.validation(f"{name} appears more than once")
+    return values[0] if values else ""
 
 
 def _json(body: bytes | None) -> dict[str, object]:
