@@ -65,10 +65,10 @@ def fake(agentcore) -> FakeAgentCore:
     return agentcore[0]
 
 
-def client(server: Any, key: dict) -> Any:
+def client(server: Any, key: dict, service: str = AGENTCORE) -> Any:
     return boto3.client(
-        "bedrock-agentcore",
-        endpoint_url=server.url + "/bedrock-agentcore",
+        service,
+        endpoint_url=f"{server.url}/{service}",
         region_name=REGION,
         aws_access_key_id=key["access_key_id"],
         aws_secret_access_key=key["secret_access_key"],
@@ -329,14 +329,7 @@ def test_a_budgeted_key_is_refused_an_unpriced_operation(proxy_ac, fake):
 
 def test_the_control_plane_reads_and_writes_only_when_granted(proxy_ac, fake):
     def control(key: dict) -> Any:
-        return boto3.client(
-            "bedrock-agentcore-control",
-            endpoint_url=proxy_ac.url + "/bedrock-agentcore-control",
-            region_name=REGION,
-            aws_access_key_id=key["access_key_id"],
-            aws_secret_access_key=key["secret_access_key"],
-            config=client_config(),
-        )
+        return client(proxy_ac, key, "bedrock-agentcore-control")
 
     plain = control(new_key(proxy_ac))
     denied(

@@ -204,47 +204,33 @@ def create_app(
         shutdown,
         lambda x: bedrock.watch(x, settings.max_session_seconds),
     )
-    bedrock = BedrockFront(
-        settings,
-        router,
-        authenticator,
-        upstream,
-        metering,
-        metrics,
-        jobs,
-        bedrock_model_refs,
-        duplex_relay,
-        clock,
+
+    def bedrock_front(
+        routes: Router, owned: OwnedSessions | None = None, base: str = BASE_PATH
+    ) -> BedrockFront:
+        return BedrockFront(
+            settings,
+            routes,
+            authenticator,
+            upstream,
+            metering,
+            metrics,
+            jobs,
+            bedrock_model_refs,
+            duplex_relay,
+            clock,
+            owned,
+            base,
+        )
+
+    bedrock = bedrock_front(router)
+    # AgentCore: the same front on routes and base paths of its own; the data plane's
+    # sessions are owned per key.
+    agentcore = bedrock_front(
+        Router(load_operations((AGENTCORE,))), OwnedSessions(store), AGENTCORE_PATH
     )
-    # AgentCore's data plane: the same front on its own routes and base path, with its
-    # sessions owned per key.
-    agentcore = BedrockFront(
-        settings,
-        Router(load_operations((AGENTCORE,))),
-        authenticator,
-        upstream,
-        metering,
-        metrics,
-        jobs,
-        bedrock_model_refs,
-        duplex_relay,
-        clock,
-        OwnedSessions(store),
-        AGENTCORE_PATH,
-    )
-    agentcore_control = BedrockFront(
-        settings,
-        Router(load_operations((AGENTCORE_CONTROL,))),
-        authenticator,
-        upstream,
-        metering,
-        metrics,
-        jobs,
-        bedrock_model_refs,
-        duplex_relay,
-        clock,
-        None,
-        AGENTCORE_CONTROL_PATH,
+    agentcore_control = bedrock_front(
+        Router(load_operations((AGENTCORE_CONTROL,))), None, AGENTCORE_CONTROL_PATH
     )
     files = FilesFront(
         upstream, authenticator, metering, settings.max_file_bytes, settings.body_timeout
