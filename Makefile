@@ -92,7 +92,7 @@ test:
 
 test-prerequisites: install js-install sdk-install debian-packages deploy-check typecheck
 
-# Types (strict on wire/ and store/) and the layer contract (imports point down only).
+# Types (strict on wire/, store/, access/ and metering/) and the layer contract.
 typecheck: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
