@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.request
 from datetime import datetime
@@ -417,6 +418,9 @@ def test_budget_exhaustion_and_reset(metered, fake):
         client.converse(modelId=HAIKU, messages=MESSAGES)
     message = info.value.response["Error"]["Message"]
     assert f"key {key['key_id']}" in message and "resets at" in message
+    # A budget of a few thousandths of a cent is shown as one, not as "$0.00".
+    budget = re.search(r"of (\$[0-9.]+);", message)
+    assert budget is not None and float(budget.group(1)[1:]) > 0, message
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
     # The next period starts 6 s after the key was created.
     created = datetime.fromisoformat(key["created_at"].replace("Z", "+00:00")).timestamp()

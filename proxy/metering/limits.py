@@ -140,14 +140,26 @@ def _retry_after_minute(now: float) -> float:
     return 60 - (now % 60)
 
 
+def usd(amount: float) -> str:
+    """Money as people read it, with the digits a small amount needs to be non-zero:
+    $4.00, $1,234.50, $0.00055 (a budget of $0.0005 is not "$0.00")."""
+    if amount == 0 or abs(amount) >= 0.01:
+        return f"${amount:,.2f}"
+    digits = 1 - math.floor(math.log10(abs(amount)))  # two significant digits
+    return f"${amount:.{digits}f}"
+
+
 def _budget_refusal(spec: LimitSpec, spent: float, now: float) -> errors.AwsError:
     _, _, end = spec.period(now)
-    resets = "never (no budget_duration)" if math.isinf(end) else iso(end)
+    resets = (
+        "it never resets (no budget_duration)" if math.isinf(end) else f"it resets at {iso(end)}"
+    )
+    assert spec.max_budget is not None
     return errors.AwsError(
         400,
         "ServiceQuotaExceededException",
-        f"Budget exceeded for {spec.name}: spent ${spent:.6f} of ${spec.max_budget:.2f}; "
-        f"it resets at {resets}",
+        f"Budget exceeded for {spec.name}: spent {usd(spent)} of {usd(spec.max_budget)}; "
+        + resets,
         reason="budget",
     )
 
