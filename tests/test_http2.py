@@ -1015,3 +1015,20 @@ def test_a_session_ends_at_the_longest_session(start_proxy, fake):
         assert last.headers[":exception-type"] == "ModelTimeoutException"
     finally:
         client.close()
+
+
+def test_a_body_sent_a_byte_a_frame_is_cut_before_its_key_is_known(proxy):
+    """The sign-in form is read before any key is known: 4,096 one-byte DATA frames cost
+    h2 ~60 ms; counted (a tenth of a control frame each), they end in a GOAWAY first."""
+    client = H2Client(proxy.url)
+    try:
+        form = [("content-type", "application/x-www-form-urlencoded"), ("origin", proxy.url)]
+        stream_id = client.request("POST", "/ui/signin", headers=form, end=False)
+        data = bytearray()
+        for _ in range(4096):
+            client.conn.send_data(stream_id, b"k")
+            data += client.conn.data_to_send()
+        _flood(client, bytes(data))
+        assert _goaway_code(client, timeout=10) == ENHANCE_YOUR_CALM
+    finally:
+        client.close()
