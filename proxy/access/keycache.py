@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..store import Store, StoreUnavailable
+from ..store import SLOW_READ, Store, StoreUnavailable
 from .keys import KeyRecord
 from .secretbox import SecretBox
 
@@ -53,15 +53,16 @@ class KeyCache:
             if until > now:  # past half its ttl: re-read behind the requests
                 self._load((column, value))
                 return entry[2]
-            loading = self._loading.get((column, value))
-            if (loading is not None and loading[1] < until) or not self._store.health.up:
-                # A re-read begun before the key expired has not come back, or the store
-                # is down: the key is served as last read rather than after a deadline.
+            if not self._store.health.up:  # served as last read, not after a deadline
                 self._load((column, value))
                 return entry[2]
-            try:  # (a read begun since it expired is joined: it sees a revocation)
-                return await asyncio.shield(self._load((column, value)))
-            except StoreUnavailable:
+            read = self._load((column, value))  # (one under way is joined)
+            grace = SLOW_READ - (now - self._loading[(column, value)][1])
+            if grace <= 0:  # a read this slow: the store is in trouble, not the key
+                return entry[2]
+            try:  # a revocation is seen as soon as the store answers, within the grace
+                return await asyncio.wait_for(asyncio.shield(read), grace)
+            except (TimeoutError, StoreUnavailable):
                 return entry[2]
         missed_until = self._misses.get((column, value))
         if missed_until is not None and missed_until > now:

@@ -158,8 +158,7 @@ def _budget_refusal(spec: LimitSpec, spent: float, now: float) -> errors.AwsErro
     return errors.AwsError(
         400,
         "ServiceQuotaExceededException",
-        f"Budget exceeded for {spec.name}: spent {usd(spent)} of {usd(spec.max_budget)}; "
-        + resets,
+        f"Budget exceeded for {spec.name}: spent {usd(spent)} of {usd(spec.max_budget)}; " + resets,
         reason="budget",
     )
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from ..exchange import Exchange, Identity
-from ..store import Store, StoreUnavailable
+from ..store import SLOW_READ, Store, StoreUnavailable
 from ..store.records import KeyRecord, LabelRow, SpendRow
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
@@ -318,17 +318,17 @@ class Metering:
             return named[2]
         reading = self._named_reading
         task = reading[0] if reading is not None else self._read_named_soon()
-        if named is not None and (
-            not self._store.health.up or (reading is not None and reading[1] < named[1])
-        ):
-            # The store is down, or a re-read begun before they expired has not come
-            # back: the limits as last read, rather than after the store's deadline.
+        if named is None:
+            return await asyncio.shield(task)  # never read: its StoreUnavailable is a 503
+        if not self._store.health.up:
+            return named[2]  # as last read, rather than after the store's deadline
+        assert self._named_reading is not None
+        grace = SLOW_READ - (now - self._named_reading[1])
+        if grace <= 0:  # a read this slow: the store is in trouble
             return named[2]
-        try:
-            return await asyncio.shield(task)
-        except StoreUnavailable:
-            if named is None:
-                raise  # never read: a 503
+        try:  # another replica's change is seen as soon as the store answers
+            return await asyncio.wait_for(asyncio.shield(task), grace)
+        except (TimeoutError, StoreUnavailable):
             return named[2]
 
     def _read_named_soon(self) -> asyncio.Task[NamedLimits]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from .database import Database, StoreConflict
-from .guard import GuardedDatabase, StoreHealth, StoreUnavailable
+from .guard import SLOW_READ, GuardedDatabase, StoreHealth, StoreUnavailable
 from .jobs import JobRepository
 from .keys import KeyRepository
 from .limits import LimitRepository
@@ -64,4 +64,12 @@ def open_store(
     return Store(db, clock, timeout)
 
 
-__all__ = ["Database", "Store", "StoreConflict", "StoreHealth", "StoreUnavailable", "open_store"]
+__all__ = [
+    "SLOW_READ",
+    "Database",
+    "Store",
+    "StoreConflict",
+    "StoreHealth",
+    "StoreUnavailable",
+    "open_store",
+]

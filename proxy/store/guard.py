@@ -23,6 +23,12 @@ log = logging.getLogger("bedrock_proxy.store")
 
 _T = TypeVar("_T")
 
+# How long a caller holding an answer it read before (a key, the named limits) waits for
+# the store to read it again (a healthy store answers in milliseconds) before it uses
+# the answer as last read: what a slow or partitioned store costs a request for a known
+# key, before the store is known to be down.
+SLOW_READ = 1.0
+
 
 class StoreUnavailable(errors.AwsError):
     """The store failed or did not answer within its deadline (a 503, with Retry-After)."""

@@ -212,14 +212,14 @@ class Http2Connection(H2Connection):
 
     Those are what a flood is made of: WINDOW_UPDATE, PING, SETTINGS, PRIORITY,
     RST_STREAM, GOAWAY and unknown frames, empty DATA (tiny DATA, a tenth each), and any
-    frame on a stream that is no longer open (h2 answers some of those with a RST_STREAM of its own). Each costs
-    h2 ~15 us of Python, so 100,000 WINDOW_UPDATE(+1) frames (1.2 MiB) held the event loop
-    for seconds; counting the events h2 returns missed them, since frames on closed
-    streams and window updates on stream 0 produce none. They are counted here, frame by
-    frame, inside ``receive_data``, so one large read cannot run past the budget: the
-    frame that exceeds ``idle_frame_budget`` raises ``TooManyFrames`` before h2 handles it.
-    The owner sets the budget (per window of time) and credits it for the frames its own
-    answers make the peer send.
+    frame on a stream that is no longer open (h2 answers some of those with a RST_STREAM
+    of its own). Each costs h2 ~15 us of Python, so 100,000 WINDOW_UPDATE(+1) frames
+    (1.2 MiB) held the event loop for seconds; counting the events h2 returns missed
+    them, since frames on closed streams and window updates on stream 0 produce none.
+    They are counted here, frame by frame, inside ``receive_data``, so one large read
+    cannot run past the budget: the frame that exceeds ``idle_frame_budget`` raises
+    ``TooManyFrames`` before h2 handles it. The owner sets the budget (per window of
+    time) and credits it for the frames its own answers make the peer send.
     """
 
     peer_went_away = False
