@@ -123,5 +123,7 @@ class KeyCache:
         ):
             self._entries.pop((column, value), None)
             self._misses.pop((column, value), None)
+            # A read begun before the change is not joined: it may return the key as it was.
+            self._loading.pop((column, value), None)
         self._secrets.pop(record.key_id, None)
         self._generation += 1

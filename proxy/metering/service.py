@@ -361,6 +361,7 @@ class Metering:
 
     def forget_limit(self, limit_id: str) -> None:
         self._named = None
+        self._named_reading = None  # a read begun before the change is not joined
         self._named_generation += 1
 
     # ---------------------------------------------------------------- completion
