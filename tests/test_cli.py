@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,15 @@ def server_env(fake_url: str, **extra: str) -> dict[str, str]:
 def running(
     args: list[str], env: dict[str, str], port: int, preexec_fn: Any = None
 ) -> Iterator[subprocess.Popen]:
+    """The command, ready on ``port``, stopped with SIGTERM afterwards. Its own session, so
+    that a failure ends its workers too; what it printed is shown whenever anything fails."""
     proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=preexec_fn,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 20
@@ -65,16 +74,23 @@ def running(
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    # Ended first: reading the stderr of a process still running would wait
-                    # for it for ever, and hide why it never became ready.
-                    proc.kill()
-                    _, err = proc.communicate(timeout=10)
-                    raise AssertionError(err.decode(errors="replace")) from None
+                    raise AssertionError("never ready") from None
                 time.sleep(0.1)
         yield proc
-    finally:
         proc.terminate()
         proc.wait(10)
+    except BaseException as exc:
+        exc.add_note("its stderr:\n" + _killed(proc))
+        raise
+
+
+def _killed(proc: subprocess.Popen) -> str:
+    """Everything the process and its children printed, once they are all gone (reading
+    the pipe of a process still running would wait for it for ever)."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=10)
+    return err.decode(errors="replace") if err else ""
 
 
 def test_serve_with_config_file_env_and_sdk_clients(fake_server, tmp_path):
@@ -126,6 +142,54 @@ def test_serve_with_config_file_env_and_sdk_clients(fake_server, tmp_path):
     lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
     assert any("listening" in line.get("msg", "") for line in lines)
     assert MASTER_KEY not in stderr.decode()
+
+
+def test_a_store_another_process_holds_delays_startup_rather_than_failing_it(fake_server, tmp_path):
+    """A worker started beside one that is migrating waits for the store's lock (SQLite's
+    busy_timeout), however short the per-call store deadline is."""
+    _, fake_url = fake_server
+    port = free_port()
+    path = tmp_path / "proxy.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    env = server_env(
+        fake_url,
+        BEDROCK_PROXY_PORT=str(port),
+        BEDROCK_PROXY_SQLITE_PATH=str(path),
+        BEDROCK_PROXY_STORE_TIMEOUT="0.2",
+    )
+
+    proc = subprocess.Popen([BIN, "serve"], env=env, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        fds = Path(f"/proc/{proc.pid}/fd")
+        for _ in range(400):  # until the proxy has opened the file it now waits on
+            with suppress(OSError):
+                if any(os.readlink(fd) == str(path) for fd in fds.iterdir()):
+                    break
+            time.sleep(0.05)
+        time.sleep(1.0)  # five times the store deadline, well within busy_timeout
+        assert proc.poll() is None, "the proxy gave up waiting for the store"
+        holder.execute("ROLLBACK")
+        for _ in range(200):
+            with (
+                suppress(OSError),
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/health/readiness", timeout=1
+                ) as ready,
+            ):
+                assert ready.status == 200
+                break
+            assert proc.poll() is None, "the proxy exited"
+            time.sleep(0.1)
+        else:
+            raise AssertionError("never ready")
+        proc.terminate()
+        proc.wait(10)
+    except BaseException as exc:
+        exc.add_note("its stderr:\n" + _killed(proc))
+        raise
+    finally:
+        holder.close()
 
 
 def test_python_m_proxy_and_service_endpoint_variable(fake_server):

@@ -537,7 +537,11 @@ def supervise(workers: int) -> int:
             if child.poll() is not None and not stopping:
                 log.error("worker %d exited with %s; starting another", child.pid, child.returncode)
                 time.sleep(1)
-                children[i] = subprocess.Popen(command, env=env)
+                if stopping:  # signalled meanwhile: nothing to replace
+                    break
+                children[i] = replacement = subprocess.Popen(command, env=env)
+                if stopping:  # signalled as it started, perhaps before it was in the list
+                    replacement.send_signal(signal.SIGTERM)
         time.sleep(0.2)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return max((c.returncode or 0) for c in children)

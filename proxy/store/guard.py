@@ -90,9 +90,9 @@ class GuardedDatabase(Database):
         self.timeout = timeout
         self.health = health or StoreHealth()
 
-    async def _guard(self, work: Awaitable[_T]) -> _T:
+    async def _guard(self, work: Awaitable[_T], deadline: bool = True) -> _T:
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout if deadline else None):
                 result = await work
         except StoreConflict:
             self.health.succeeded()  # the store answered: it refused a duplicate
@@ -105,7 +105,10 @@ class GuardedDatabase(Database):
         return result
 
     async def connect(self) -> None:
-        await self._guard(self.inner.connect())
+        # At startup, like the migrations, and bounded by the backends themselves: SQLite
+        # waits up to its busy_timeout for another worker's migration to end (a worker
+        # started beside it would otherwise exit), asyncpg bounds each connection.
+        await self._guard(self.inner.connect(), deadline=False)
 
     async def close(self) -> None:
         await self.inner.close()
