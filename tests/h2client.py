@@ -46,6 +46,7 @@ class H2Client:
         self.answers: dict[int, Answer] = {}
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.closed = False
+        self.closed_by = ""  # how the connection ended without a GOAWAY read: for failures
         self.flush()
 
     def flush(self) -> None:
@@ -108,10 +109,11 @@ class H2Client:
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(65536)
-            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
-                data = b""
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError) as exc:
+                data, self.closed_by = b"", repr(exc)
             if not data:
                 self.closed = True
+                self.closed_by = self.closed_by or "end of stream"
                 break
             for event in self.conn.receive_data(data):
                 self._on(event)
