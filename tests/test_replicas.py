@@ -160,6 +160,11 @@ async def _load(port: int, token: str, stop_at: float, concurrency: int) -> tupl
     return served, last_success
 
 
+# The ledger rows a SIGKILL may lose, in seconds of traffic: the interval since the last
+# tick (1 s), and a write under way (CI lost 1.01 s of rows once, killed mid-write).
+UNFLUSHED_SECONDS = 1.5
+
+
 def _ledger_rows(path: str) -> int:
     with sqlite3.connect(path) as conn:
         return conn.execute("SELECT COUNT(*) FROM bp_spend").fetchone()[0]
@@ -198,9 +203,11 @@ def test_ledger_loss_when_stopped_under_load(fake_server, tmp_path, how):
         assert proc.returncode == 0
         assert served <= rows <= served + concurrency
     else:
-        # At most one flush interval (1 s) of rows is lost, plus requests in flight.
+        # At most one flush interval (1 s) of rows is lost, plus a write under way when
+        # the kill came (its rows, taken at the last tick, never commit; a loaded machine
+        # writes a tick's rows in well under half an interval), plus requests in flight.
         lost = served - rows
-        assert lost <= rate * 1.0 + concurrency, (served, rows, rate)
+        assert lost <= rate * UNFLUSHED_SECONDS + concurrency, (served, rows, rate)
         assert rows <= served + concurrency
 
 
