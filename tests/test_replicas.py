@@ -298,7 +298,7 @@ def test_three_replicas_on_postgres_and_redis(fake_server, redis_url, pg_databas
         killed_rate = outcomes[2][0] / max(outcomes[2][1] - started, 0.1)
         # The surviving replicas flush within their interval, or later on a busy machine:
         # wait for their rows (bounded), not for a fixed time.
-        allowed = killed_rate * 1.0 + 4
+        allowed = killed_rate * UNFLUSHED_SECONDS + 4
         deadline = time.monotonic() + 15
         while True:
             rows = asyncio.run(count_rows()) - before
