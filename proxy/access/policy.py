@@ -17,7 +17,7 @@ from functools import cache, lru_cache
 from typing import Any
 from urllib.parse import parse_qs
 
-from ..wire import errors
+from ..wire import compat, errors
 from ..wire.modelids import arn_model_id, parse_arn, split_profile
 from ..wire.routing import Operation
 from ..wire.strictjson import parse_strict
@@ -86,8 +86,16 @@ def _names_by_kind(
     return tuple((kind, tuple(sorted(found))) for kind, found in sorted(names.items()))
 
 
+# The OpenAI- and Anthropic-compatible operations name their model in the ``modelId``
+# label the front fills from the body's ``model`` (or from the path, for a model's page).
+_COMPAT_FIELDS = OperationFields(labels=((compat.MODEL_LABEL, resources.MODEL),))
+
+
 def fields_of(op: Operation) -> OperationFields:
-    return load_fields().get(f"{op.service.name}:{op.name}", _NO_FIELDS)
+    found = load_fields().get(f"{op.service.name}:{op.name}")
+    if found is None:
+        return _COMPAT_FIELDS if op.name in compat.ROLES else _NO_FIELDS
+    return found
 
 
 # AgentCore's data plane, by what an operation's name says it touches.
@@ -124,7 +132,7 @@ def operation_group(op: Operation) -> str:
     service = op.service.name
     if service == "bedrock-agentcore":
         return _agentcore_group(op.name)
-    if service == "bedrock-runtime":
+    if service in ("bedrock-runtime", "bedrock-mantle"):
         return "guardrails" if "Guardrail" in op.name else "inference"
     if service == "bedrock-agent-runtime":
         return "agents"

@@ -2,9 +2,9 @@
 
 Requests append a row to an in-memory queue and move on. A background task writes the
 queue every ``flush_interval`` seconds (or sooner when a batch fills). A graceful stop
-flushes everything; a SIGKILL loses at most the rows of the last interval, and of a write under way (its
-transaction never commits). A store outage
-keeps rows queued (up to ``max_queue``) and retries.
+flushes everything; a SIGKILL loses at most the rows of the last interval, and of a
+write under way (its transaction never commits). A store outage keeps rows queued (up
+to ``max_queue``) and retries.
 """
 
 from __future__ import annotations

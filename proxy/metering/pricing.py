@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
@@ -140,7 +141,7 @@ class PriceTable:
         if found is not None:
             return found
         if self._use_maintained:
-            maintained = _maintained(model)
+            maintained = _maintained(model) or _maintained(_versioned(model) or "")
             if maintained is not None:
                 return maintained, 1.0
         return _exact(self.shipped, model, self.multipliers)
@@ -182,6 +183,14 @@ def tokens_cost(price: Price, usage: Usage, multiplier: float = 1.0) -> float:
         + usage.cache_write_tokens
         * (price.cache_write if price.cache_write is not None else price.input)
     )
+    if usage.cache_write_1h_tokens:
+        # An hour's cache write costs twice the input price, where a 5-minute write
+        # (``cache_write``) costs 1.25 times it
+        # (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching#pricing).
+        extra = 2 * price.input - (
+            price.cache_write if price.cache_write is not None else price.input
+        )
+        cost += usage.cache_write_1h_tokens * extra
     return round(cost * multiplier / 1000, 10)
 
 
@@ -197,6 +206,23 @@ def _exact(
         if price is not None:
             return price, multipliers.get(prefix, 1.0)
     return None
+
+
+def _versioned(model: str) -> str | None:
+    """The versioned Bedrock id of a model named without its version, as bedrock-mantle
+    names them (``openai.gpt-oss-120b`` for ``openai.gpt-oss-120b-1:0``,
+    ``anthropic.claude-haiku-4-5`` for ``anthropic.claude-haiku-4-5-20251001-v1:0``), in
+    its in-region form; the latest when there are several."""
+    if not model or ":" in model:
+        return None
+    from genai_prices import data_snapshot
+
+    pattern = re.compile(
+        r"(?:regional\.)?" + re.escape(model) + r"(?:-\d{8})?(?:-v\d+)?(?:-\d+)?:\d+"
+    )
+    provider = next((p for p in data_snapshot.get_snapshot().providers if p.id == "aws"), None)
+    found = sorted(m.id for m in (provider.models if provider else ()) if pattern.fullmatch(m.id))
+    return found[-1].removeprefix("regional.") if found else None
 
 
 def _maintained(model: str) -> Price | None:

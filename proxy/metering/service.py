@@ -21,6 +21,7 @@ from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.params import LIMIT_FIELDS
 from ..wire.routing import AGENTCORE, Operation, Service
 from .alerts import BudgetAlerts
+from .compat_usage import CompatMeter
 from .ledger import Ledger
 from .limits import Admission, BudgetSource, InProcessLimiter, LimitSpec, RedisLimiter
 from .named import NamedLimits, limit_spec
@@ -373,6 +374,10 @@ class Metering:
             if x.incomplete and isinstance(x.meter, EventStreamMeter):
                 # Cut before its usage frame (by the client, the upstream or a timeout):
                 # what passed is charged, or reading the deltas and hanging up is free.
+                x.meter.estimate(x.bytes_in)
+            elif isinstance(x.meter, CompatMeter) and (x.incomplete or x.meter.unreported):
+                # The same for a server-sent event stream, and for a chat stream whose
+                # client did not ask for its usage: never free.
                 x.meter.estimate(x.bytes_in)
             x.usage = usage
         return x.usage

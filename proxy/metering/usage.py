@@ -31,6 +31,9 @@ class Usage:
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # Of the cache writes, those kept for an hour (Anthropic's API reports them apart;
+    # they cost more than 5-minute writes).
+    cache_write_1h_tokens: int = 0
     # Guardrail policy units, by policy.
     guardrail_units: dict[str, int] = field(default_factory=dict)
     # CountTokens answers a count and costs nothing.

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from ..access import policy
 from ..access.auth import Authenticator
+from ..access.compat import OwnedState
 from ..access.jobs import JobRegistry
 from ..access.keycache import KeyCache
 from ..access.keyservice import KeyService
@@ -31,8 +33,9 @@ from ..observe.metrics import Metrics
 from ..observe.shared import SharedMetrics
 from ..observe.tracing import Tracing
 from ..store import Store, StoreUnavailable, open_store
-from ..wire import errors
+from ..wire import compat, errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
+from ..wire.compat import CompatRouter
 from ..wire.endpoints import Endpoints, sdk_endpoint_overrides, valid_region
 from ..wire.routing import (
     AGENTCORE,
@@ -43,6 +46,7 @@ from ..wire.routing import (
 )
 from .admin import AdminApi
 from .bedrock import AGENTCORE_CONTROL_PATH, AGENTCORE_PATH, BASE_PATH, BedrockFront
+from .compat import MANTLE_PATH, MANTLE_ROOTS, RUNTIME_PATHS, RUNTIME_ROOTS, CompatFront
 from .config import ConfigError, Settings
 from .console import Console
 from .console.live import LiveView
@@ -206,9 +210,13 @@ def create_app(
     )
 
     def bedrock_front(
-        routes: Router, owned: OwnedSessions | None = None, base: str = BASE_PATH
+        routes: Router | CompatRouter,
+        owned: OwnedSessions | None = None,
+        base: str = BASE_PATH,
+        front: type[BedrockFront] = BedrockFront,
+        **extra: Any,
     ) -> BedrockFront:
-        return BedrockFront(
+        return front(
             settings,
             routes,
             authenticator,
@@ -221,6 +229,7 @@ def create_app(
             clock,
             owned,
             base,
+            **extra,
         )
 
     bedrock = bedrock_front(router)
@@ -231,6 +240,18 @@ def create_app(
     )
     agentcore_control = bedrock_front(
         Router(load_operations((AGENTCORE_CONTROL,))), None, AGENTCORE_CONTROL_PATH
+    )
+    # Bedrock's OpenAI- and Anthropic-compatible APIs, on bedrock-runtime and bedrock-mantle;
+    # their stored responses and conversations are owned per key.
+    compat_state = OwnedState(store)
+    compat_runtime = bedrock_front(
+        CompatRouter(compat.RUNTIME, RUNTIME_ROOTS), front=CompatFront, owned_state=compat_state
+    )
+    compat_mantle = bedrock_front(
+        CompatRouter(compat.MANTLE, MANTLE_ROOTS),
+        base=MANTLE_PATH,
+        front=CompatFront,
+        owned_state=compat_state,
     )
     files = FilesFront(
         upstream, authenticator, metering, settings.max_file_bytes, settings.body_timeout
@@ -336,6 +357,8 @@ def create_app(
     for path, front in (
         (AGENTCORE_PATH, agentcore),
         (AGENTCORE_CONTROL_PATH, agentcore_control),
+        *((p, compat_runtime) for p in RUNTIME_PATHS),
+        (MANTLE_PATH, compat_mantle),
     ):
         app.router.add_route(
             "*", path + "/{tail:.*}", pipeline.handler(front), expect_handler=front.expect_handler
@@ -344,7 +367,7 @@ def create_app(
         BASE_PATH,
         pipeline.handler(bedrock),
         expect_handler=bedrock.expect_handler,
-        excluded=(FILES_PATH,),
+        excluded=(FILES_PATH, *RUNTIME_PATHS),
     )
     dispatcher.fallback = app.router.add_route("*", "/{tail:.*}", _unknown_route)
     return app

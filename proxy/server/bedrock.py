@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..access import policy
 from ..access.auth import Authenticator, SignedRequest
@@ -26,10 +26,11 @@ from ..access.unverified import UnverifiedBodies
 from ..exchange import Exchange, Identity
 from ..metering.annotations import read_annotations
 from ..metering.service import Metering
-from ..metering.usage import meter_for
+from ..metering.usage import Meter, meter_for
 from ..observe.metrics import Metrics
 from ..wire import errors, eventsig, eventstream, h2pool, http1
 from ..wire.clock import SYSTEM_CLOCK, Clock
+from ..wire.compat import CompatRouter
 from ..wire.h2client import Http2Stream
 from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
 from ..wire.modelids import parse_arn
@@ -41,7 +42,7 @@ from .bodies import RequestBody, read_body
 from .config import Settings
 from .fleet import Target
 from .fleet.affinity import AFFINITY_HEADER, affinity_key
-from .upstream import UpstreamClient
+from .upstream import EVENT_STREAM, Framing, UpstreamClient
 
 # Which pool member served the request ("account/region"), when upstreams are configured.
 UPSTREAM_HEADER = "x-bedrock-proxy-upstream"
@@ -60,7 +61,7 @@ class BedrockFront:
     def __init__(
         self,
         settings: Settings,
-        router: Router,
+        router: Router | CompatRouter,
         authenticator: Authenticator,
         upstream: UpstreamClient,
         metering: Metering,
@@ -108,6 +109,36 @@ class BedrockFront:
         request.writer.output_size = 0  # the 100 is not part of the response proper
         return None
 
+    # ------------------------------------------------------------------ what fronts vary
+
+    def sort_headers(self, headers: CIMultiDictProxy[str]) -> RequestHeaders:
+        """The request's headers, as they go upstream."""
+        return sort_request_headers(headers)
+
+    async def inspect(
+        self, x: Exchange, labels: dict[str, str], headers: RequestHeaders, body: RequestBody
+    ) -> None:
+        """What a front reads from an authenticated request before the policy checks it
+        (the compatible APIs' model is in the body)."""
+
+    def meter_for(self, operation: str) -> Meter:
+        return meter_for(operation)
+
+    def framing(self, x: Exchange, content_type: str) -> Framing | None:
+        """How a streamed answer is cut and ended early, or None for a plain body."""
+        return EVENT_STREAM if content_type.startswith(eventstream.CONTENT_TYPE) else None
+
+    def reads_answer(self, x: Exchange, status: int) -> bool:
+        """Whether a (non-streamed) answer is read whole, for ``answered``."""
+        return False
+
+    async def answered(self, x: Exchange, data: bytes) -> bytes:
+        """A successful answer read whole, as the client gets it."""
+        return data
+
+    async def streamed(self, x: Exchange) -> None:
+        """A successful streamed answer has been relayed."""
+
     # ------------------------------------------------------------------ request
 
     async def forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
@@ -133,8 +164,8 @@ class BedrockFront:
                 out_headers[UPSTREAM_HEADER] = x.upstream
             if meter is not None:
                 meter.on_headers(upstream.status, upstream.headers)
-            content_type = upstream.headers.get("Content-Type", "")
-            is_event_stream = content_type.startswith(eventstream.CONTENT_TYPE)
+            framing = self.framing(x, upstream.headers.get("Content-Type", ""))
+            is_event_stream = framing is not None
             length = upstream.content_length
             op = x.operation
             identity = x.identity
@@ -159,6 +190,7 @@ class BedrockFront:
             if not is_event_stream and (
                 owned_listing
                 or failed
+                or self.reads_answer(x, upstream.status)
                 or claim is not None  # a start's answer names the session it started
                 or (length is not None and length <= _SMALL_RESPONSE)
             ):
@@ -180,6 +212,8 @@ class BedrockFront:
                         await self._jobs.remember(
                             identity, op, x.model, data, job_request, x.region
                         )
+                if upstream.status == 200:
+                    data = await self.answered(x, data)
                 x.bytes_out = len(data)
                 if meter is not None:
                     meter.feed(data)
@@ -202,13 +236,15 @@ class BedrockFront:
                     upstream,
                     response,
                     x,
-                    is_event_stream,
+                    framing,
                     self.watch(x) if is_event_stream else None,
                 )
             finally:
                 x.upstream_done = time.perf_counter()
                 if is_event_stream:
                     self._metrics.active_streams -= 1
+            if upstream.status == 200:
+                await self.streamed(x)
             return response
         finally:
             upstream.finish(completed)
@@ -227,7 +263,7 @@ class BedrockFront:
         op = x.operation = match.operation
         x.model = match.labels.get("modelId")
         refuse_other_providers(request)
-        headers = sort_request_headers(request.headers)
+        headers = self.sort_headers(request.headers)
         if op.name == duplex.OPERATION:
             return await self._bidirectional(request, x, match.labels, match.path, query, headers)
         # The credential is judged from the headers before any body is read, so a refusal
@@ -251,6 +287,7 @@ class BedrockFront:
             body = await self._read_body(request)
         x.bytes_in = body.size
         x.identity = identity  # before the policy, so a refusal is attributed to the key
+        await self.inspect(x, match.labels, headers, body)
         await self._resolve_model(x)
         spec = identity.spec
         if spec is not None:
@@ -276,7 +313,7 @@ class BedrockFront:
         targets = await self._targets(request, x, match.labels, body)
         if headers.annotations:
             x.annotations = read_annotations(headers.annotations)
-        meter = x.meter = meter_for(op.name)
+        meter = x.meter = self.meter_for(op.name)
         if meter.reads_request:  # what is billed is in the request (Rerank's queries)
             meter.on_request(body.joined())
         await self._metering.admit(x, body.size)

@@ -316,7 +316,7 @@ class FilesFront:
                 await response.write_eof()
                 completed = True
             else:
-                completed = await self._upstream.relay(request, upstream, response, x, False)
+                completed = await self._upstream.relay(request, upstream, response, x, None)
             x.upstream_done = time.perf_counter()
             return response
         finally:

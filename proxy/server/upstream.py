@@ -14,6 +14,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import quote
 
 from aiohttp import web
@@ -43,8 +45,40 @@ S3_SERVICE = Service(name="s3", endpoint_prefix="s3", signing_name="s3")
 BEDROCK_CONTROL = Service(name="bedrock", endpoint_prefix="bedrock", signing_name="bedrock")
 CLIENT_GONE = "client gone"
 # How a stream cut by the proxy's shutdown ends: SDKs raise on it, and retry.
-SHUTTING_DOWN = eventstream.exception_frame(
-    "internalServerException", "The proxy is shutting down; retry the request"
+SHUTTING_DOWN_MESSAGE = "The proxy is shutting down; retry the request"
+SHUTTING_DOWN = eventstream.exception_frame("internalServerException", SHUTTING_DOWN_MESSAGE)
+
+
+class Splitter(Protocol):
+    """Cuts a stream at its event boundaries (raising ValueError on bytes that are not
+    events), so that what the proxy adds never lands inside an event."""
+
+    @property
+    def pending(self) -> int | bool: ...
+
+    @property
+    def broken(self) -> ValueError | None: ...
+
+    def feed(self, data: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """A streamed answer's format: how it is cut, and how the proxy ends it early in a
+    way the client's SDK raises on (an exception frame, an error event)."""
+
+    splitter: Callable[[], Splitter]
+    # The proxy's own refusal mid-stream (the key was revoked), and the upstream's failure.
+    refusal: Callable[[errors.AwsError], bytes]
+    failure: Callable[[str], bytes]
+    shutting_down: bytes
+
+
+EVENT_STREAM = Framing(
+    eventstream.FrameSplitter,
+    lambda exc: eventstream.error_frame(exc.code, exc.message),
+    lambda message: eventstream.exception_frame("internalServerException", message),
+    SHUTTING_DOWN,
 )
 
 
@@ -390,17 +424,17 @@ class UpstreamClient:
         upstream: h2pool.UpstreamResponse,
         response: web.StreamResponse,
         x: Exchange,
-        is_event_stream: bool,
+        framing: Framing | None,
         watch: KeyWatch | None = None,
     ) -> bool:
         """Copy the body as it arrives, teeing it to the meter; True when copied whole.
         ``watch`` ends the copy once the key that asked may no longer go on."""
-        splitter = eventstream.FrameSplitter() if is_event_stream else None
+        splitter = framing.splitter() if framing is not None else None
         try:
             failure = await self.copy(response, upstream.readany, splitter, x.meter, x, watch)
         except asyncio.CancelledError:
-            if splitter is not None and self._shutdown.stopping:
-                await write_quietly(response, SHUTTING_DOWN)
+            if framing is not None and self._shutdown.stopping:
+                await write_quietly(response, framing.shutting_down)
             raise
         if failure is CLIENT_GONE:
             return False
@@ -409,19 +443,19 @@ class UpstreamClient:
                 await response.write_eof()
             return True
         x.incomplete = True
-        if isinstance(failure, errors.AwsError):  # the proxy ended it: the key was revoked
-            x.error = failure.code
-            frame = eventstream.error_frame(failure.code, failure.message)
-        else:
-            x.error = "UpstreamStreamError"
-            frame = eventstream.exception_frame("internalServerException", failure)
-        if splitter is None:
+        if framing is None:
             # No frame format to report the failure in: cut the connection so the client
             # sees a truncated body instead of a complete-looking one.
             transport = request.transport
             if transport is not None:
                 transport.abort()
             return False
+        if isinstance(failure, errors.AwsError):  # the proxy ended it: the key was revoked
+            x.error = failure.code
+            frame = framing.refusal(failure)
+        else:
+            x.error = "UpstreamStreamError"
+            frame = framing.failure(failure)
         try:
             await response.write(frame)
             await response.write_eof()
@@ -433,7 +467,7 @@ class UpstreamClient:
         self,
         response: web.StreamResponse,
         read: Callable[[], Awaitable[bytes]],
-        splitter: eventstream.FrameSplitter | None,
+        splitter: Splitter | None,
         meter: Meter | None,
         x: Exchange,
         watch: KeyWatch | None = None,
@@ -468,7 +502,7 @@ class UpstreamClient:
             if splitter is not None:
                 try:
                     data = splitter.feed(data)
-                except eventstream.EventStreamError as exc:
+                except ValueError as exc:  # EventStreamError, SseError
                     failure = _not_an_event_stream(exc)
                     break
                 if not data:
@@ -492,7 +526,7 @@ class UpstreamClient:
         return failure
 
 
-def _not_an_event_stream(exc: eventstream.EventStreamError) -> str:
+def _not_an_event_stream(exc: ValueError) -> str:
     return f"The upstream sent bytes that are not a valid event stream ({exc})"
 
 

@@ -28,6 +28,9 @@ OPERATION_GROUPS = (
     # holds: never in a key unless named.
     "agentcore-identity",
     "agentcore-payments",
+    # Bedrock's OpenAI- and Anthropic-compatible APIs: server-side tools, stored files,
+    # containers, stored prompts and projects (``access.compat``).
+    "server-tools",
 )
 # Allow-lists of resources besides models: None means no restriction, a list (even empty)
 # allows only what it names.

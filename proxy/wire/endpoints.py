@@ -17,6 +17,10 @@ from .routing import Service
 
 # Every AWS region name has this shape (us-east-1, us-gov-west-1, ap-southeast-7,
 # eu-isoe-west-1); the length bounds are what keeps a made-up one from growing caches.
+# The domain of a service's regional host, where it is not amazonaws.com: bedrock-mantle
+# is https://bedrock-mantle.{region}.api.aws
+# (https://docs.aws.amazon.com/bedrock/latest/userguide/bedrock-mantle.html).
+_DOMAINS = {"bedrock-mantle": "api.aws"}
 REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]{1,10}){1,3}-\d{1,2}")
 _CACHE_MAX = 256
 
@@ -56,8 +60,9 @@ class Endpoints:
             if override is not None:
                 origin, base_path, host = override
             else:
+                domain = _DOMAINS.get(service.name, "amazonaws.com")
                 origin, base_path, host = _parse_base(
-                    f"https://{service.endpoint_prefix}.{region}.amazonaws.com"
+                    f"https://{service.endpoint_prefix}.{region}.{domain}"
                 )
             upstream = Upstream(origin, base_path, host, region, service)
             if len(self._cache) >= _CACHE_MAX:

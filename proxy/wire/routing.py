@@ -22,8 +22,10 @@ SERVICE_NAMES = ("bedrock-runtime", "bedrock-agent-runtime", "bedrock")
 # Bedrock AgentCore's data plane, under a base path of its own (its paths are its own).
 AGENTCORE = "bedrock-agentcore"
 AGENTCORE_CONTROL = "bedrock-agentcore-control"
+# Bedrock's OpenAI- and Anthropic-compatible endpoint (``compat``), not a botocore model.
+MANTLE = "bedrock-mantle"
 # Every service whose upstream an endpoint setting (or AWS_ENDPOINT_URL_*) may name.
-UPSTREAM_SERVICES = (*SERVICE_NAMES, AGENTCORE, AGENTCORE_CONTROL)
+UPSTREAM_SERVICES = (*SERVICE_NAMES, AGENTCORE, AGENTCORE_CONTROL, MANTLE)
 _LABEL_RE = re.compile(r"\{([^}]+)\}")
 # botocore's percent_encode: RFC 3986 unreserved characters stay, everything else is encoded.
 _LABEL_SAFE = "-_.~"

@@ -1,0 +1,220 @@
+"""What a virtual key may do on the OpenAI- and Anthropic-compatible APIs.
+
+Read from the request body, strictly (``parse_strict``: the document Bedrock reads, or a
+400), once:
+
+- the ``model``, a string, which the key's ``models`` allow-list checks as it checks a
+  native call's path (``policy``, through the ``modelId`` label);
+- anything that makes Bedrock act beyond the model's tokens, or names a resource the
+  proxy does not govern: server-side tools (web search, code execution or interpreters,
+  file search over vector stores, remote MCP servers, image generation, web fetch),
+  stored files, containers, stored prompts and projects. These need the key's
+  ``server-tools`` group. The tool types a client runs itself (functions, custom tools,
+  Anthropic's bash, text editor, computer and memory tools) need nothing. Sources: the
+  tool types of https://platform.openai.com/docs/api-reference/responses/create and
+  https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/overview; on Bedrock,
+  server-side tools run on bedrock-mantle only
+  (https://docs.aws.amazon.com/bedrock/latest/userguide/inference-responses-api.html);
+- stored state: a response (``previous_response_id``) or a conversation (``conversation``)
+  another key created is refused, as on every verb of their own paths.
+
+Stored responses and conversations belong to the key that created them, like async jobs:
+Bedrock keeps no owner per caller, since every key calls as the server's principal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..exchange import Identity
+from ..store import Store
+from ..wire import compat, errors
+from ..wire.routing import Operation
+from ..wire.strictjson import parse_strict
+from . import policy
+
+GRANT = "server-tools"
+# Tool types the client runs itself: Bedrock only passes the model's call back.
+_CLIENT_TOOLS = frozenset({"function", "custom"})
+_CLIENT_TOOL_PREFIXES = ("bash_", "text_editor_", "computer_", "memory_")
+# Body members that name stored resources or projects, at any depth.
+_RESOURCE_MEMBERS = frozenset(
+    {"file_id", "vector_store_ids", "container", "container_id", "mcp_servers", "project"}
+)
+# Top-level members that make Bedrock act beyond the model's tokens.
+_TOP_LEVEL_GRANTS = frozenset({"web_search_options", "prompt"})
+# The headers that name a project or an organisation other than the default one.
+_PROJECT_HEADERS = ("openai-project", "openai-organization")
+
+
+@dataclass(frozen=True, slots=True)
+class Inspected:
+    """What a request says, for the rest of the request."""
+
+    model: str | None
+    # A stored response or conversation the request continues (must be the key's own).
+    continues: tuple[str, ...] = ()
+    # Why the request needs the ``server-tools`` group, if it does.
+    needs_grant: str | None = None
+
+
+def inspect(op: Operation, body: bytes, headers: Mapping[str, str]) -> Inspected:
+    """The model a create call names, the stored state it continues, and whether it needs
+    ``server-tools``; a 400 for a body that is not strict JSON, or names its model in a
+    way Bedrock could read differently."""
+    if compat.ROLES.get(op.name, "") not in ("model", "create"):
+        return Inspected(None, needs_grant=needs_grant(None, headers))
+    document = parse_strict(body) if body else None
+    if not isinstance(document, dict):
+        raise errors.validation("The request body must be a JSON object")
+    model = document.get("model")
+    if not isinstance(model, str) or not model:
+        raise errors.validation("The request body must name its model as a string")
+    continues: list[str] = []
+    previous = document.get("previous_response_id")
+    if previous is not None:
+        if not isinstance(previous, str):
+            raise errors.validation("previous_response_id must be a string")
+        continues.append(response_ref(op, previous))
+    conversation = document.get("conversation")
+    if conversation is not None:
+        named = conversation.get("id") if isinstance(conversation, dict) else conversation
+        if not isinstance(named, str):
+            raise errors.validation("conversation must be an id or an object with one")
+        continues.append(conversation_ref(op, named))
+    return Inspected(model, tuple(continues), needs_grant(document, headers))
+
+
+def check_grant(identity: Identity, inspected: Inspected) -> None:
+    """Refuse what needs ``server-tools`` unless the key has it (the master key does)."""
+    spec = identity.spec
+    reason = inspected.needs_grant
+    if reason is None or spec is None or GRANT in spec.operation_groups:
+        return
+    raise errors.access_denied(
+        f"The API key may not use {reason}: it names a server-side tool or a stored "
+        f"resource, which needs the operation group {GRANT!r}"
+    )
+
+
+def needs_grant(document: Any, headers: Mapping[str, str]) -> str | None:
+    """Why a request needs the ``server-tools`` group, or None."""
+    for name in _PROJECT_HEADERS:
+        if headers.get(name):
+            return f"the {name} header"
+    if not isinstance(document, dict):
+        return None
+    for name in _TOP_LEVEL_GRANTS:
+        if document.get(name) is not None:
+            return f"{name!r}"
+    tools = document.get("tools")
+    if isinstance(tools, list):
+        for tool in tools:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind is None or kind in _CLIENT_TOOLS or kind.startswith(_CLIENT_TOOL_PREFIXES):
+                continue
+            return f"the server-side tool {kind!r}"
+    found = _resource_member(document, 0)
+    return f"{found!r}" if found else None
+
+
+def _resource_member(node: Any, depth: int) -> str | None:
+    if depth > 64:  # no API document is this deep: it is not read to the end, so refused
+        raise errors.validation("The request body is nested more than 64 levels deep")
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if name in _RESOURCE_MEMBERS and value is not None:
+                return str(name)
+            found = _resource_member(value, depth + 1)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for item in node:
+            found = _resource_member(item, depth + 1)
+            if found:
+                return found
+    return None
+
+
+def response_ref(op: Operation, response_id: str) -> str:
+    return f"{op.service.name}/response/{response_id}"
+
+
+def conversation_ref(op: Operation, conversation_id: str) -> str:
+    return f"{op.service.name}/conversation/{conversation_id}"
+
+
+def path_ref(op: Operation, labels: Mapping[str, str]) -> str | None:
+    """The stored response or conversation a path names."""
+    if "response_id" in labels:
+        return response_ref(op, labels["response_id"])
+    if "conversation_id" in labels:
+        return conversation_ref(op, labels["conversation_id"])
+    return None
+
+
+class OwnedState:
+    """Stored responses and conversations, each recorded for the key that created it."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def check(
+        self, identity: Identity, op: Operation, labels: Mapping[str, str], inspected: Inspected
+    ) -> None:
+        if identity.record is None or not identity.key_id:
+            return  # the master key (or an open proxy) is not restricted
+        refs = list(inspected.continues)
+        named = path_ref(op, labels)
+        if named is not None:
+            refs.append(named)
+        for ref in refs:
+            if await self._store.owned.owner(ref) != identity.key_id:
+                what = "response" if "/response/" in ref else "conversation"
+                raise errors.AwsError(
+                    404,
+                    "ResourceNotFoundException",
+                    f"No {what} with id {ref.rsplit('/', 1)[-1]!r} was found for this API key",
+                )
+
+    async def remember(self, identity: Identity, op: Operation, created: str | None) -> None:
+        """A response or conversation a call created, recorded for its key."""
+        if identity.key_id is None or not created:
+            return
+        role = compat.ROLES.get(op.name)
+        if role == "create":
+            await self._store.owned.claim(response_ref(op, created), identity.key_id)
+        elif role == "conversation":
+            await self._store.owned.claim(conversation_ref(op, created), identity.key_id)
+
+
+def created_id(body: bytes) -> str | None:
+    """The ``id`` of the response or conversation a JSON answer describes."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    found = document.get("id") if isinstance(document, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def filter_models(spec_models: list[str], body: bytes) -> bytes:
+    """A model listing as a key may see it: only the models its allow-list lets it use
+    (both APIs list them under ``data``, each with an ``id``)."""
+    if not spec_models:
+        return body
+    try:
+        document = orjson.loads(body)
+        entries = document["data"]
+        kept = [e for e in entries if policy.model_allowed(spec_models, e["id"])]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise errors.service_unavailable("The upstream model listing could not be read") from None
+    document["data"] = kept
+    if "first_id" in document:  # Anthropic's page bounds
+        document["first_id"] = kept[0]["id"] if kept else None
+        document["last_id"] = kept[-1]["id"] if kept else None
+    return orjson.dumps(document)

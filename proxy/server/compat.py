@@ -1,0 +1,142 @@
+"""The OpenAI- and Anthropic-compatible fronts: Bedrock's own OpenAI and Anthropic APIs,
+passed through as the native ones are (the Bedrock front's steps, with what differs here).
+
+- ``/bedrock/openai/v1/...`` and ``/bedrock/anthropic/v1/...`` go to bedrock-runtime's
+  same paths; ``/bedrock-mantle/...`` to bedrock-mantle's.
+- The SDKs' own credentials: ``Authorization: Bearer`` (the OpenAI SDK,
+  ``ANTHROPIC_AUTH_TOKEN``) and ``x-api-key`` (the Anthropic SDK). Neither goes upstream.
+- The APIs' own headers (``anthropic-version``, ``anthropic-beta``, ``openai-*`` and the
+  SDKs' ``x-stainless-*``) go upstream unchanged.
+- The model, server-side tools and stored state are read from the body (``access.compat``);
+  usage from the answer or the event stream (``metering.compat_usage``).
+- Refusals in the API's own shape and, mid-stream, as the API's own error event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from ..access import compat as access
+from ..exchange import Exchange
+from ..metering import compat_usage
+from ..metering.usage import Meter
+from ..wire import compat, errors
+from ..wire.headers import RequestHeaders, sort_request_headers
+from .bedrock import BedrockFront
+from .bodies import RequestBody
+from .upstream import SHUTTING_DOWN_MESSAGE, Framing
+
+# The base paths, each as its SDK's base URL (``/openai/v1`` and ``/anthropic`` below the
+# first; the second as bedrock-mantle's host).
+RUNTIME_PATHS = ("/bedrock/openai/v1", "/bedrock/anthropic/v1")
+MANTLE_PATH = "/bedrock-mantle"
+RUNTIME_ROOTS = {"/openai/v1": compat.OPENAI, "/anthropic/v1": compat.ANTHROPIC}
+# bedrock-mantle serves most OpenAI-API models under /v1 and some under /openai/v1.
+MANTLE_ROOTS = {
+    "/v1": compat.OPENAI,
+    "/openai/v1": compat.OPENAI,
+    "/anthropic/v1": compat.ANTHROPIC,
+}
+# Signed, so no hop changes them: the APIs' versions, betas, organisation and project.
+_SIGNED_PREFIXES = ("anthropic-", "openai-")
+# The SDKs' own description of themselves (retry count, timeout, runtime).
+_UNSIGNED_PREFIXES = ("x-stainless-",)
+_SSE = "text/event-stream"
+
+
+def _framing(dialect: str) -> Framing:
+    def failure(message: str) -> bytes:
+        return compat.stream_error(dialect, errors.internal(message))
+
+    return Framing(
+        compat.SseSplitter,
+        lambda exc: compat.stream_error(dialect, exc),
+        failure,
+        compat.stream_error(dialect, errors.service_unavailable(SHUTTING_DOWN_MESSAGE)),
+    )
+
+
+_FRAMINGS = {d: _framing(d) for d in (compat.OPENAI, compat.ANTHROPIC)}
+
+
+class CompatFront(BedrockFront):
+    """The Bedrock front's steps, on a compatible API's routes (see the module's doc)."""
+
+    def __init__(self, *args: Any, owned_state: access.OwnedState, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._state = owned_state
+
+    def render(self, exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
+        dialect = (
+            compat.dialect_of(x.operation)
+            if x.operation is not None
+            else (compat.ANTHROPIC if "/anthropic/" in request.path else compat.OPENAI)
+        )
+        status = exc.status
+        if status == 403 and x.identity is None:
+            status = 401  # no key was accepted: the SDKs' AuthenticationError
+        headers = {
+            "Content-Type": "application/json",
+            "x-bedrock-proxy-request-id": x.request_id,
+            **exc.headers,
+        }
+        body = compat.error_body(dialect, errors.AwsError(status, exc.code, exc.message))
+        return web.Response(status=status, body=body, headers=headers)
+
+    def sort_headers(self, headers: CIMultiDictProxy[str]) -> RequestHeaders:
+        sorted_headers = sort_request_headers(headers)
+        for name, value in headers.items():
+            lname = name.lower()
+            if lname.startswith(_SIGNED_PREFIXES):
+                sorted_headers.signed[lname] = value
+            elif lname.startswith(_UNSIGNED_PREFIXES):
+                sorted_headers.unsigned[lname] = value
+        return sorted_headers
+
+    async def inspect(
+        self, x: Exchange, labels: dict[str, str], headers: RequestHeaders, body: RequestBody
+    ) -> None:
+        op = x.operation
+        identity = x.identity
+        assert op is not None and identity is not None
+        inspected = access.inspect(op, body.joined(), headers.signed)
+        if inspected.model is not None:
+            labels[compat.MODEL_LABEL] = x.model = inspected.model
+        access.check_grant(identity, inspected)
+        await self._state.check(identity, op, labels, inspected)
+
+    def meter_for(self, operation: str) -> Meter:
+        return compat_usage.meter_for(operation)
+
+    def framing(self, x: Exchange, content_type: str) -> Framing | None:
+        if not content_type.startswith(_SSE) or x.operation is None:
+            return None
+        return _FRAMINGS[compat.dialect_of(x.operation)]
+
+    def reads_answer(self, x: Exchange, status: int) -> bool:
+        role = compat.ROLES.get(x.operation.name, "") if x.operation is not None else ""
+        return status == 200 and role in ("models", "create", "conversation")
+
+    async def answered(self, x: Exchange, data: bytes) -> bytes:
+        op, identity = x.operation, x.identity
+        if op is None or identity is None:
+            return data
+        role = compat.ROLES.get(op.name, "")
+        if role == "models" and identity.spec is not None:
+            return access.filter_models(identity.spec.models, data)
+        if role in ("create", "conversation"):
+            await self._state.remember(identity, op, access.created_id(data))
+        return data
+
+    async def streamed(self, x: Exchange) -> None:
+        meter = x.meter
+        if (
+            x.operation is not None
+            and x.identity is not None
+            and isinstance(meter, compat_usage.CompatMeter)
+            and meter.created
+        ):
+            await self._state.remember(x.identity, x.operation, meter.created)

@@ -1,0 +1,398 @@
+"""Bedrock's OpenAI- and Anthropic-compatible APIs through the proxy: the OpenAI and
+Anthropic Python SDKs, unmodified, with a virtual key, against fakes of bedrock-runtime and
+bedrock-mantle that verify SigV4 and speak the real formats (JSON and server-sent events)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from proxy.metering.pricing import PriceTable
+from tests.conftest import MASTER_KEY, start_server
+from tests.fake_compat import WORDS, FakeCompat
+from tests.test_virtual_keys import admin, new_key
+
+OSS = "openai.gpt-oss-120b"
+OSS_RUNTIME = "openai.gpt-oss-120b-1:0"
+HAIKU = "anthropic.claude-haiku-4-5"
+
+
+@pytest.fixture(scope="module")
+def fakes(bg) -> Iterator[dict[str, tuple[FakeCompat, str]]]:
+    runtime = FakeCompat(signing_name="bedrock")
+    mantle = FakeCompat(signing_name="bedrock-mantle")
+    started = {}
+    for name, fake in (("runtime", runtime), ("mantle", mantle)):
+        url, runner = bg.run(start_server(fake.app()))
+        started[name] = (fake, url, runner)
+    yield {name: (fake, url) for name, (fake, url, _) in started.items()}
+    for _, _, runner in started.values():
+        bg.run(runner.cleanup())
+
+
+@pytest.fixture(scope="module")
+def proxy_compat(start_proxy, fakes):
+    return start_proxy(
+        endpoints={
+            "bedrock-runtime": fakes["runtime"][1],
+            "bedrock-mantle": fakes["mantle"][1],
+        },
+        ledger_flush_interval=0.1,
+    )
+
+
+@pytest.fixture
+def runtime(fakes) -> FakeCompat:
+    fakes["runtime"][0].reset()
+    return fakes["runtime"][0]
+
+
+@pytest.fixture
+def mantle(fakes) -> FakeCompat:
+    fakes["mantle"][0].reset()
+    return fakes["mantle"][0]
+
+
+def oai(server: Any, key: str, mantle: bool = False) -> openai.OpenAI:
+    base = f"{server.url}/bedrock-mantle/v1" if mantle else f"{server.url}/bedrock/openai/v1"
+    return openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=20)
+
+
+def claude(server: Any, mantle: bool = True, **auth: str) -> anthropic.Anthropic:
+    base = f"{server.url}/bedrock-mantle/anthropic" if mantle else f"{server.url}/bedrock/anthropic"
+    return anthropic.Anthropic(base_url=base, max_retries=0, timeout=20, **auth)
+
+
+def spend(server: Any, key: dict) -> list[dict]:
+    server.settle()
+    _, logs = admin(server, "GET", f"/spend/logs?api_key={key['key_id']}&size=100")
+    return logs["logs"]
+
+
+def raw_post(server: Any, path: str, key: dict, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        server.url + path,
+        data=body,
+        headers={"Authorization": f"Bearer {key['key']}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def price(model: str) -> Any:
+    found = PriceTable.load().price_for(model)
+    assert found is not None, model
+    return found[0]
+
+
+# ---------------------------------------------------------------- OpenAI
+
+
+def test_openai_sdk_chat_and_responses_pass_through_byte_for_byte(proxy_compat, runtime):
+    key = new_key(proxy_compat, models=["openai.*"], max_budget=5.0)
+    client = oai(proxy_compat, key["key"])
+    chat = client.chat.completions.create(
+        model=OSS_RUNTIME, messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert chat.choices[0].message.content == "".join(WORDS)
+    sent = runtime.requests[-1]
+    assert sent.raw_path == "/openai/v1/chat/completions"
+    # Re-signed for bedrock-runtime: the virtual key went nowhere upstream.
+    assert sent.headers["Authorization"].startswith("AWS4-HMAC-SHA256")
+    assert key["key"] not in json.dumps(dict(sent.headers))
+    assert sent.headers["x-stainless-lang"] == "python"  # the SDK's own headers
+    assert json.loads(sent.body) == {
+        "model": OSS_RUNTIME,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+
+    stream = client.chat.completions.create(
+        model=OSS_RUNTIME,
+        messages=[{"role": "user", "content": "Hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(WORDS)
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 20
+
+    answer = client.responses.create(model=OSS_RUNTIME, input="Hi")
+    assert answer.output_text == "".join(WORDS)
+    events = list(client.responses.create(model=OSS_RUNTIME, input="Hi", stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    streamed_id = events[0].response.id
+    # Stored responses are read back (and not billed again).
+    assert client.responses.retrieve(answer.id).output_text == "".join(WORDS)
+    assert client.responses.retrieve(streamed_id).id == streamed_id
+
+    rows = spend(proxy_compat, key)
+    by_op = [(r["operation"], r["cost"]) for r in rows]
+    operations = [op for op, _ in by_op]
+    assert operations.count("OpenAIChatCompletions") == 2
+    assert operations.count("OpenAICreateResponse") == 2
+    assert operations.count("OpenAIGetResponse") == 2
+    p = price(OSS_RUNTIME)
+    one_call = 20 * p.input / 1000 + 5 * p.output / 1000
+    for op, cost in by_op:
+        if op == "OpenAIGetResponse":
+            assert not cost
+        else:
+            assert cost == pytest.approx(one_call, rel=1e-6), op
+
+
+def test_mantle_models_are_listed_as_the_key_may_use_them(proxy_compat, mantle):
+    key = new_key(proxy_compat, models=["openai.gpt-oss-*"])
+    client = oai(proxy_compat, key["key"], mantle=True)
+    assert [m.id for m in client.models.list()] == ["openai.gpt-oss-120b", "openai.gpt-oss-20b"]
+    assert mantle.requests[-1].raw_path == "/v1/models"
+    chat = client.chat.completions.create(model=OSS, messages=[{"role": "user", "content": "x"}])
+    assert chat.choices[0].message.content == "".join(WORDS)
+    # Signed for bedrock-mantle's own scope (the fake checks it), priced without a version.
+    assert "/bedrock-mantle/aws4_request" in mantle.requests[-1].headers["Authorization"]
+    (row,) = [r for r in spend(proxy_compat, key) if r["operation"] == "OpenAIChatCompletions"]
+    p = price(OSS)
+    assert row["cost"] == pytest.approx(20 * p.input / 1000 + 5 * p.output / 1000, rel=1e-6)
+    # The Anthropic API's listing too.
+    listed = claude(proxy_compat, api_key=key["key"]).models.list()
+    assert [m.id for m in listed.data] == ["openai.gpt-oss-120b", "openai.gpt-oss-20b"]
+
+
+def test_cached_tokens_are_priced_as_cache_reads(proxy_compat, runtime):
+    key = new_key(proxy_compat)
+    oai(proxy_compat, key["key"]).chat.completions.create(
+        model=OSS_RUNTIME, messages=[{"role": "user", "content": "use the cache"}]
+    )
+    (row,) = spend(proxy_compat, key)
+    p = price(OSS_RUNTIME)
+    read = p.cache_read if p.cache_read is not None else p.input
+    assert row["cache_read_tokens"] == 8 and row["input_tokens"] == 12
+    assert row["cost"] == pytest.approx((12 * p.input + 8 * read + 5 * p.output) / 1000, rel=1e-6)
+
+
+def test_a_chat_stream_without_usage_and_a_cut_stream_are_never_free(proxy_compat, runtime):
+    key = new_key(proxy_compat, max_budget=5.0)
+    client = oai(proxy_compat, key["key"])
+    chunks = list(
+        client.chat.completions.create(
+            model=OSS_RUNTIME, messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+    )
+    assert all(c.usage is None for c in chunks)
+    with pytest.raises(openai.APIError):
+        list(
+            client.chat.completions.create(
+                model="test.cut",
+                messages=[{"role": "user", "content": "Hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    rows = spend(proxy_compat, key)
+    unreported = next(r for r in rows if r["model"] == OSS_RUNTIME)
+    # Estimated: the request's bytes / 4 in, a token per streamed chunk out.
+    assert unreported["estimated"] and unreported["cost"] > 0
+    assert unreported["output_tokens"] == len(WORDS) + 2
+    cut = next(r for r in rows if r["model"] == "test.cut")
+    assert cut["incomplete"] and cut["output_tokens"] > 0
+
+
+# ---------------------------------------------------------------- Anthropic
+
+
+@pytest.mark.parametrize("auth", ["api_key", "auth_token"])
+def test_anthropic_sdk_with_both_auth_forms(proxy_compat, mantle, auth):
+    key = new_key(proxy_compat, models=["anthropic.*"])
+    client = claude(proxy_compat, **{auth: key["key"]})
+    message = client.messages.create(
+        model=HAIKU,
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Hi"}],
+        extra_headers={
+            "anthropic-beta": "context-1m-2025-08-07",
+            "anthropic-version": "2023-06-01",
+        },
+    )
+    assert message.content[0].text == "".join(WORDS)
+    sent = mantle.requests[-1]
+    assert sent.raw_path == "/anthropic/v1/messages"
+    assert sent.headers["anthropic-version"] == "2023-06-01"
+    assert sent.headers["anthropic-beta"] == "context-1m-2025-08-07"
+    assert "x-api-key" not in sent.headers and key["key"] not in json.dumps(dict(sent.headers))
+
+    with client.messages.stream(
+        model=HAIKU, max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
+    ) as stream:
+        assert "".join(stream.text_stream) == "".join(WORDS)
+    counted = client.messages.count_tokens(
+        model=HAIKU, messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert counted.input_tokens == 20
+    rows = spend(proxy_compat, key)
+    p = price(HAIKU)
+    calls = [r for r in rows if r["operation"] == "AnthropicMessages"]
+    assert len(calls) == 2
+    for row in calls:
+        assert row["cost"] == pytest.approx((20 * p.input + 5 * p.output) / 1000, rel=1e-6)
+    (count,) = [r for r in rows if r["operation"] == "AnthropicCountTokens"]
+    assert count["cost"] == 0
+
+
+def test_cache_writes_for_an_hour_cost_twice_the_input_price(proxy_compat, mantle):
+    key = new_key(proxy_compat)
+    client = claude(proxy_compat, api_key=key["key"])
+    system = [{"type": "text", "text": "long", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    request = {
+        "model": HAIKU,
+        "max_tokens": 64,
+        "system": system,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    client.messages.create(**request)
+    with client.messages.stream(**request) as stream:
+        stream.until_done()
+    rows = spend(proxy_compat, key)
+    p = price(HAIKU)
+    expected = (20 * p.input + 5 * p.output + 50 * p.cache_write + 100 * 2 * p.input) / 1000
+    assert [r["cost"] for r in rows] == [pytest.approx(expected, rel=1e-6)] * 2
+    assert all(r["cache_write_tokens"] == 150 for r in rows)
+
+
+# ---------------------------------------------------------------- governance
+
+
+def test_refusals_raise_each_sdks_own_exceptions(proxy_compat, runtime, mantle):
+    key = new_key(proxy_compat, models=["openai.gpt-oss-20b*"], rpm_limit=2)
+    client = oai(proxy_compat, key["key"])
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        client.chat.completions.create(
+            model=OSS_RUNTIME, messages=[{"role": "user", "content": "x"}]
+        )
+    assert denied.value.body["type"] == "permission_error"
+    assert OSS_RUNTIME in denied.value.message
+    with pytest.raises(openai.AuthenticationError):
+        oai(proxy_compat, "sk-not-a-key").models.list()
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        claude(proxy_compat, api_key=key["key"]).messages.create(
+            model=HAIKU, max_tokens=8, messages=[{"role": "user", "content": "x"}]
+        )
+    assert refused.value.body["type"] == "error"
+    assert refused.value.body["error"]["type"] == "permission_error"
+    with pytest.raises(anthropic.AuthenticationError):
+        claude(proxy_compat, api_key="nope").messages.create(
+            model=HAIKU, max_tokens=8, messages=[{"role": "user", "content": "x"}]
+        )
+    # A body Bedrock could read another way than the proxy is refused, not forwarded.
+    twice = b'{"model": "openai.gpt-oss-20b-1:0", "model": "openai.gpt-oss-120b-1:0"}'
+    status, error = raw_post(proxy_compat, "/bedrock/openai/v1/chat/completions", key, twice)
+    assert status == 400 and error["error"]["type"] == "invalid_request_error"
+    # The rate limit, with the header the SDK waits on.
+    with pytest.raises(openai.RateLimitError) as limited:
+        for _ in range(3):
+            client.chat.completions.create(
+                model="openai.gpt-oss-20b-1:0", messages=[{"role": "user", "content": "x"}]
+            )
+    assert limited.value.response.headers["retry-after"]
+    assert limited.value.body["type"] == "rate_limit_error"
+
+
+def test_server_side_tools_and_stored_resources_need_a_grant(proxy_compat, mantle):
+    plain = new_key(proxy_compat)
+    granted = new_key(proxy_compat, operation_groups=["inference", "server-tools"])
+    refused_bodies: list[dict[str, Any]] = [
+        {"model": OSS, "input": "x", "tools": [{"type": "web_search"}]},
+        {"model": OSS, "input": "x", "tools": [{"type": "mcp", "server_url": "https://x"}]},
+        {"model": OSS, "input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]},
+        {
+            "model": OSS,
+            "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}],
+        },
+        {"model": OSS, "input": "x", "prompt": {"id": "pmpt_1"}},
+    ]
+    for body in refused_bodies:
+        with pytest.raises(openai.PermissionDeniedError, match="server-tools"):
+            oai(proxy_compat, plain["key"], mantle=True).responses.create(**body)
+        assert oai(proxy_compat, granted["key"], mantle=True).responses.create(**body).id
+    # A tool the client runs itself needs nothing.
+    function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    oai(proxy_compat, plain["key"], mantle=True).responses.create(
+        model=OSS, input="x", tools=[function]
+    )
+    anthropic_client = claude(proxy_compat, api_key=plain["key"])
+    with pytest.raises(anthropic.PermissionDeniedError, match="web_search"):
+        anthropic_client.messages.create(
+            model=HAIKU,
+            max_tokens=8,
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
+        )
+    anthropic_client.messages.create(
+        model=HAIKU,
+        max_tokens=8,
+        messages=[{"role": "user", "content": "x"}],
+        tools=[
+            {"type": "bash_20250124", "name": "bash"},
+            {"name": "f", "input_schema": {"type": "object"}},
+        ],
+    )
+    with pytest.raises(openai.PermissionDeniedError, match="openai-project"):
+        oai(proxy_compat, plain["key"], mantle=True).with_options(
+            default_headers={"OpenAI-Project": "proj_other"}
+        ).responses.create(model=OSS, input="x")
+
+
+def test_stored_responses_belong_to_the_key_that_made_them(proxy_compat, mantle):
+    owner, other = new_key(proxy_compat), new_key(proxy_compat)
+    mine = oai(proxy_compat, owner["key"], mantle=True)
+    theirs = oai(proxy_compat, other["key"], mantle=True)
+    made = mine.responses.create(model=OSS, input="Hi", background=True)
+    streamed = next(iter(mine.responses.create(model=OSS, input="Hi", stream=True)))
+    for response_id in (made.id, streamed.response.id):
+        with pytest.raises(openai.NotFoundError):
+            theirs.responses.retrieve(response_id)
+        with pytest.raises(openai.NotFoundError):
+            theirs.responses.input_items.list(response_id)
+        with pytest.raises(openai.NotFoundError):
+            theirs.responses.cancel(response_id)
+        with pytest.raises(openai.NotFoundError):
+            theirs.responses.delete(response_id)
+        with pytest.raises(openai.NotFoundError):
+            theirs.responses.create(model=OSS, input="more", previous_response_id=response_id)
+    requests_before = len(mantle.requests)
+    assert mine.responses.retrieve(made.id).id == made.id
+    assert list(mine.responses.input_items.list(made.id)) == []
+    assert mine.responses.create(model=OSS, input="more", previous_response_id=made.id).id
+    assert mine.responses.cancel(made.id).status == "cancelled"
+    mine.responses.delete(made.id)
+    assert len(mantle.requests) == requests_before + 5  # the refusals never went upstream
+    # The master key is not held to it.
+    assert oai(proxy_compat, MASTER_KEY, mantle=True).responses.retrieve(streamed.response.id)
+
+
+def test_a_streams_first_event_arrives_before_the_upstream_sends_its_last(proxy_compat, runtime):
+    key = new_key(proxy_compat)
+    stream = oai(proxy_compat, key["key"]).chat.completions.create(
+        model="test.gate", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    runtime.gate.set()  # only now does the fake send its last event
+    rest = list(stream)
+    assert rest and not runtime.gate_timed_out
+
+
+def test_unknown_paths_and_methods_are_refused_in_the_apis_shape(proxy_compat, runtime):
+    key = new_key(proxy_compat)
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai(proxy_compat, key["key"]).files.list()
+    assert missing.value.body["type"] == "not_found_error"
+    assert not runtime.requests
