@@ -1,10 +1,13 @@
 """Bedrock's OpenAI- and Anthropic-compatible APIs through the proxy: the OpenAI and
-Anthropic Python SDKs, unmodified, with a virtual key, against fakes of bedrock-runtime and
+Anthropic Python SDKs, the OpenAI Node SDK, LangChain.js's ChatOpenAI and Claude Code, each
+unmodified, with a virtual key, against fakes of bedrock-runtime and
 bedrock-mantle that verify SigV4 and speak the real formats (JSON and server-sent events)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,8 +18,9 @@ import openai
 import pytest
 
 from proxy.metering.pricing import PriceTable
+from proxy.server.simulated_compat import WORDS
 from tests.conftest import MASTER_KEY, start_server
-from tests.fake_compat import WORDS, FakeCompat
+from tests.fake_compat import FakeCompat
 from tests.test_virtual_keys import admin, new_key
 
 OSS = "openai.gpt-oss-120b"
@@ -396,3 +400,119 @@ def test_unknown_paths_and_methods_are_refused_in_the_apis_shape(proxy_compat, r
         oai(proxy_compat, key["key"]).files.list()
     assert missing.value.body["type"] == "not_found_error"
     assert not runtime.requests
+
+
+# ---------------------------------------------------------------- Node clients
+
+JS = os.path.join(os.path.dirname(__file__), "js")
+CLAUDE = os.path.join(JS, "node_modules", ".bin", "claude")
+
+
+def node_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OPENAI_", "ANTHROPIC_"))
+    }
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=JS)
+    assert out.returncode == 0, (
+        f"exit {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    )
+    return out
+
+
+def openai_node(server: Any, key: str, spec: dict[str, Any]) -> dict[str, dict]:
+    out = run(["node", "compat.mjs", json.dumps(spec)], node_env(OPENAI_API_KEY=key))
+    return {r["call"]: r for r in map(json.loads, out.stdout.splitlines())}
+
+
+def test_the_openai_node_sdk_and_langchain(proxy_compat, runtime):
+    key = new_key(proxy_compat, models=["openai.gpt-oss-120b*"])
+    results = openai_node(
+        proxy_compat,
+        key["key"],
+        {
+            "baseURL": f"{proxy_compat.url}/bedrock/openai/v1",
+            "model": OSS_RUNTIME,
+            "refusedModel": "openai.gpt-oss-20b-1:0",
+            "calls": ["chat", "chat-stream", "responses", "refused", "langchain"],
+        },
+    )
+    text = "".join(WORDS)
+    assert results["chat"]["text"] == text and results["chat"]["usage"]["prompt_tokens"] == 20
+    assert results["chat-stream"]["text"] == text
+    assert results["chat-stream"]["usage"]["completion_tokens"] == 5
+    assert results["responses"]["text"] == text
+    assert results["refused"]["error"] == "PermissionDeniedError", results["refused"]
+    assert results["refused"]["status"] == 403
+    assert results["langchain"] == {"call": "langchain", "text": text, "streamed": text}
+    assert any(r.headers.get("x-stainless-lang") == "js" for r in runtime.requests)
+    rows = spend(proxy_compat, key)
+    assert {r["operation"] for r in rows} == {"OpenAIChatCompletions", "OpenAICreateResponse"}
+    assert all(r["cost"] > 0 for r in rows if r["status"] == 200)
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CLAUDE), reason="Claude Code is installed by make js-install"
+)
+def test_claude_code_in_print_mode(proxy_compat, mantle, tmp_path):
+    key = new_key(proxy_compat, models=["anthropic.*"], max_budget=1.0)
+    env = node_env(
+        HOME=str(tmp_path),
+        ANTHROPIC_BASE_URL=f"{proxy_compat.url}/bedrock-mantle/anthropic",
+        ANTHROPIC_AUTH_TOKEN=key["key"],
+        ANTHROPIC_MODEL=HAIKU,
+        ANTHROPIC_DEFAULT_HAIKU_MODEL=HAIKU,
+        DISABLE_AUTOUPDATER="1",
+        DISABLE_TELEMETRY="1",
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+    )
+    out = run(
+        [CLAUDE, "-p", "Say hello", "--output-format", "json", "--max-turns", "1"],
+        env,
+        timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert result["result"] == "".join(WORDS), out.stdout
+    calls = [r for r in mantle.requests if r.raw_path.startswith("/anthropic/v1/messages")]
+    assert calls, [r.raw_path for r in mantle.requests]
+    assert all("anthropic-version" in r.headers for r in calls)
+    assert all(key["key"] not in json.dumps(dict(r.headers)) for r in mantle.requests)
+    rows = spend(proxy_compat, key)
+    assert rows and all(r["operation"].startswith("Anthropic") for r in rows)
+    assert sum(r["cost"] for r in rows) > 0
+
+
+# ---------------------------------------------------------------- the simulator
+
+
+def test_the_simulator_answers_the_compatible_apis(start_proxy):
+    simulated = start_proxy(simulate=True, endpoints={})
+    key = new_key(simulated, max_budget=1.0)
+    client = oai(simulated, key["key"])
+    chat = client.chat.completions.create(
+        model=OSS_RUNTIME, messages=[{"role": "user", "content": "x"}]
+    )
+    assert chat.choices[0].message.content == "".join(WORDS)
+    stream = client.chat.completions.create(
+        model=OSS_RUNTIME,
+        messages=[{"role": "user", "content": "x"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "".join(WORDS)
+    assert (
+        oai(simulated, key["key"], mantle=True).responses.create(model=OSS, input="x").output_text
+    )
+    with claude(simulated, api_key=key["key"]).messages.stream(
+        model=HAIKU, max_tokens=8, messages=[{"role": "user", "content": "x"}]
+    ) as answer:
+        assert "".join(answer.text_stream) == "".join(WORDS)
+    assert {m.id for m in client.models.list()} >= {OSS}
+    rows = spend(simulated, key)
+    assert len(rows) == 5 and all(
+        r["cost"] > 0 for r in rows if r["operation"] != "OpenAIListModels"
+    )

@@ -1,6 +1,7 @@
 """A simulated Bedrock for trying the proxy without AWS (``serve --simulate``, ``make demo``)
 and for pointing a team's own CI at: Converse and InvokeModel with their streams, event
-frames with usage, and the agent runtime's Retrieve, in the real wire formats.
+frames with usage, the agent runtime's Retrieve, and the OpenAI- and Anthropic-compatible
+APIs (``simulated_compat``), in the real wire formats.
 
 The answers are built here once; the tests' fake upstream serves the same ones (and adds
 signature checks, faults and jobs). Every response says it is simulated
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from ..wire import eventstream
 from ..wire.routing import Router, load_operations
+from . import simulated_compat as answers
 
 SIMULATED_HEADER = "x-bedrock-proxy-simulated"
 # Paced like a model: a stream's frames this far apart.
@@ -153,8 +155,10 @@ class Simulator:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
-        match = self._router.match(request.method, path)
         body = await request.read()
+        if path.startswith(("/openai/v1/", "/v1/", "/anthropic/v1/")):
+            return await self._compat(request, path, body)
+        match = self._router.match(request.method, path)
         if match is None:
             return self._label(aws_error(404, "UnknownOperationException", "Unknown operation"))
         op = match.operation.name
@@ -192,6 +196,47 @@ class Simulator:
             )
         )
 
+    async def _compat(self, request: web.Request, path: str, body: bytes) -> web.StreamResponse:
+        """bedrock-runtime's and bedrock-mantle's OpenAI and Anthropic APIs."""
+        api, _, rest = path.partition("/v1/")
+        anthropic = api == "/anthropic"
+        if request.method == "GET" and rest == "models":
+            return self._json(answers.anthropic_models() if anthropic else answers.openai_models())
+        try:
+            payload = orjson.loads(body) if request.method == "POST" else None
+        except orjson.JSONDecodeError:
+            payload = None
+        answer: dict[str, Any] | list[bytes] | None = None
+        if isinstance(payload, dict) and request.method == "POST":
+            if anthropic and rest == "messages":
+                answer = answers.message(payload, answers.anthropic_usage())
+            elif anthropic and rest == "messages/count_tokens":
+                answer = {"input_tokens": 20}
+            elif not anthropic and rest == "chat/completions":
+                usage = answers.openai_usage(("prompt_tokens", "completion_tokens"))
+                answer = answers.chat(payload, usage)
+            elif not anthropic and rest == "responses":
+                made = answers.response(
+                    payload, answers.openai_usage(("input_tokens", "output_tokens"))
+                )
+                answer = answers.response_events(made) if payload.get("stream") else made
+        if answer is None:
+            message = (
+                "The simulator answers chat/completions, responses, models and Anthropic's "
+                f"messages; not {request.method} {path}"
+            )
+            error = (
+                {"type": "error", "error": {"type": "not_found_error", "message": message}}
+                if anthropic
+                else {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+            )
+            return self._label(
+                web.Response(status=404, body=orjson.dumps(error), content_type="application/json")
+            )
+        if isinstance(answer, dict):
+            return self._json(answer)
+        return await self._stream(request, answer, "text/event-stream")
+
     def _json(self, data: dict[str, Any]) -> web.Response:
         return self._label(
             web.Response(
@@ -208,10 +253,15 @@ class Simulator:
         response.headers[SIMULATED_HEADER] = "true"
         return response
 
-    async def _stream(self, request: web.Request, frames: list[bytes]) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        frames: list[bytes],
+        content_type: str = eventstream.CONTENT_TYPE,
+    ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
-                "Content-Type": eventstream.CONTENT_TYPE,
+                "Content-Type": content_type,
                 "x-amzn-RequestId": "simulated-stream-id",
                 SIMULATED_HEADER: "true",
             }

@@ -132,7 +132,16 @@ class Fleet:
         """Send everything to the built-in simulator at ``url`` (``serve --simulate``)."""
         region = self._default_endpoints.default_region
         self._default_endpoints = Endpoints(
-            {name: url for name in ("bedrock-runtime", "bedrock-agent-runtime", "bedrock", "s3")},
+            {
+                name: url
+                for name in (
+                    "bedrock-runtime",
+                    "bedrock-agent-runtime",
+                    "bedrock",
+                    "bedrock-mantle",
+                    "s3",
+                )
+            },
             region,
         )
         self._legacy.clear()
