@@ -11,6 +11,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -23,6 +24,7 @@ from tests.conftest import MASTER_KEY, start_server
 from tests.fake_compat import FakeCompat
 from tests.test_virtual_keys import admin, new_key
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 OSS = "openai.gpt-oss-120b"
 OSS_RUNTIME = "openai.gpt-oss-120b-1:0"
 HAIKU = "anthropic.claude-haiku-4-5"
@@ -516,3 +518,19 @@ def test_the_simulator_answers_the_compatible_apis(start_proxy):
     assert len(rows) == 5 and all(
         r["cost"] > 0 for r in rows if r["operation"] != "OpenAIListModels"
     )
+
+
+# ---------------------------------------------------------------- the README's snippets
+
+
+@pytest.mark.parametrize("client_name", ["OpenAI SDK (Python)", "Anthropic SDK (Python)"])
+def test_the_readme_snippets_run_as_written(
+    proxy_compat, runtime, mantle, monkeypatch, capsys, client_name
+):
+    key = new_key(proxy_compat)
+    section = README.read_text().split(f"**{client_name}**", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("BEDROCK_PROXY_URL", proxy_compat.url)
+    monkeypatch.setenv("BEDROCK_PROXY_KEY", key["key"])
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "".join(WORDS)
