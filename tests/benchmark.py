@@ -51,6 +51,14 @@ CONVERSE_REPLY = (
     '"stopReason":"end_turn","usage":{"inputTokens":11,"outputTokens":7,"totalTokens":18},'
     '"metrics":{"latencyMs":42}}'
 )
+# An OpenAI chat completion through the compatible API (``bench_chat``).
+CHAT_BODY = '{"model":"openai.gpt-oss-120b-1:0","messages":[{"role":"user","content":"Hello"}]}'
+CHAT_REPLY = (
+    '{"id":"chatcmpl-1","object":"chat.completion","created":0,"model":"openai.gpt-oss-120b-1:0",'
+    '"choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"},'
+    '"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,'
+    '"total_tokens":18}}'
+)
 TARGETS = {
     "proxy_rps_32": ">= 4000",
     "added_p50_ms_1": "<= 0.4",
@@ -66,6 +74,7 @@ TARGETS = {
     "bidi_added_p50_ms": "<= 1",
     "flood_liveness_p99_ms": "<= 100",
     "flood_converse_p99_over_unloaded": "<= 2",
+    "chat_governed_over_thin_32_paired": ">= 0.85",
 }
 
 
@@ -118,6 +127,7 @@ def process(
 
 def nginx_config(workdir: Path, stub_port: int, hop_port: int) -> Path:
     reply = CONVERSE_REPLY.replace("'", "\\'")
+    chat = CHAT_REPLY.replace("'", "\\'")
     conf = workdir / "nginx.conf"
     conf.write_text(
         f"""
@@ -134,6 +144,9 @@ http {{
     server {{
         listen 127.0.0.1:{stub_port} reuseport;
         location / {{ default_type application/json; return 200 '{reply}'; }}
+        location /openai/v1/chat/completions {{
+            default_type application/json; return 200 '{chat}';
+        }}
     }}
     upstream stub {{ server 127.0.0.1:{stub_port}; keepalive 128; }}
     server {{
@@ -225,10 +238,12 @@ def steal_counters() -> tuple[int, int]:
     return fields[7], sum(fields)
 
 
-def wrk_script(workdir: Path, headers: dict[str, str], name: str = "post.lua") -> Path:
-    """A wrk script that POSTs the small Converse body with these headers."""
+def wrk_script(
+    workdir: Path, headers: dict[str, str], name: str = "post.lua", body: str = CONVERSE_BODY
+) -> Path:
+    """A wrk script that POSTs a small body (Converse's by default) with these headers."""
     script = workdir / name
-    lines = ['wrk.method = "POST"', f"wrk.body = '{CONVERSE_BODY}'"]
+    lines = ['wrk.method = "POST"', f"wrk.body = '{body}'"]
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
     script.write_text("\n".join(lines) + "\n")
     return script
@@ -241,8 +256,9 @@ def wrk(
     headers: dict[str, str],
     workdir: Path,
     server_pid: int | None = None,
+    body: str = CONVERSE_BODY,
 ) -> dict:
-    script = wrk_script(workdir, headers)
+    script = wrk_script(workdir, headers, body=body)
     steal_before = steal_counters()
     cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     out = subprocess.run(
@@ -618,7 +634,7 @@ def main() -> int:
     parser.add_argument("--upload-mib", type=int, default=1024, help="S3 upload size")
     parser.add_argument(
         "--only",
-        choices=("http", "instructions", "streams", "bidi", "flood"),
+        choices=("http", "instructions", "streams", "bidi", "flood", "chat"),
         help="run one phase (streams includes bodies)",
     )
     parser.add_argument(
@@ -656,6 +672,8 @@ def main() -> int:
             results["bidi"] = bidi_phase(workdir, args.turns)
         if args.only in (None, "flood"):
             results["flood"] = bench_flood.flood_phase(workdir)
+        if args.only in (None, "chat"):
+            results["chat"] = bench_chat.chat_phase(workdir, args.seconds)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"\nresults written to {args.out}")
@@ -735,7 +753,7 @@ PAIRS = int(os.environ.get("BENCH_PAIRS", "9"))
 PAIR_SECONDS = 2
 
 
-def paired_ratio(thin: tuple, governed: tuple, workdir: Path) -> dict:
+def paired_ratio(thin: tuple, governed: tuple, workdir: Path, body: str = CONVERSE_BODY) -> dict:
     """Governed over thin throughput at 32 connections, as the median of back-to-back pairs.
 
     The best of three runs per target compares runs minutes apart, and this VM's speed
@@ -747,7 +765,8 @@ def paired_ratio(thin: tuple, governed: tuple, workdir: Path) -> dict:
     for i in range(PAIRS):
         order = (thin, governed) if i % 2 == 0 else (governed, thin)
         runs = [
-            wrk(url, 32, PAIR_SECONDS, headers, workdir, pid)["rps"] for url, pid, headers in order
+            wrk(url, 32, PAIR_SECONDS, headers, workdir, pid, body)["rps"]
+            for url, pid, headers in order
         ]
         thin_rps, governed_rps = runs if i % 2 == 0 else runs[::-1]
         ratios.append(governed_rps / thin_rps)
@@ -958,6 +977,8 @@ def print_table(r: dict) -> None:
         print_stream_tables(r["streams"], r["large_body"])
     if "flood" in r:
         bench_flood.print_flood(r["flood"])
+    if "chat" in r:
+        bench_chat.print_chat(r["chat"])
     if "bidi" in r:
         b = r["bidi"]
         print(
@@ -1279,7 +1300,8 @@ if __name__ == "__main__":
             tls = (a.tls_port, a.tls_cert, a.tls_key) if a.tls_port else None
             run_stream_stub(a.port, a.frames, a.interval, tls)
         sys.exit(0)
-    import bench_flood  # (they import this module by name: after the definitions)
+    import bench_chat  # (they import this module by name: after the definitions)
+    import bench_flood
     import bench_instructions
 
     sys.exit(main())

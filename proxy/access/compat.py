@@ -45,6 +45,7 @@ _CLIENT_TOOL_PREFIXES = ("bash_", "text_editor_", "computer_", "memory_")
 _RESOURCE_MEMBERS = frozenset(
     {"file_id", "vector_store_ids", "container", "container_id", "mcp_servers", "project"}
 )
+_QUOTED_MEMBERS = tuple(b'"' + name.encode() + b'"' for name in sorted(_RESOURCE_MEMBERS))
 # Top-level members that make Bedrock act beyond the model's tokens.
 _TOP_LEVEL_GRANTS = frozenset({"web_search_options", "prompt"})
 # The headers that name a project or an organisation other than the default one.
@@ -86,7 +87,10 @@ def inspect(op: Operation, body: bytes, headers: Mapping[str, str]) -> Inspected
         if not isinstance(named, str):
             raise errors.validation("conversation must be an id or an object with one")
         continues.append(conversation_ref(op, named))
-    return Inspected(model, tuple(continues), needs_grant(document, headers))
+    # A member is only there if its quoted name is in the bytes, or is spelled with \u
+    # escapes: most bodies have neither, and walking a long conversation is not free.
+    deep = body.find(b"\\u") >= 0 or any(body.find(name) >= 0 for name in _QUOTED_MEMBERS)
+    return Inspected(model, tuple(continues), needs_grant(document, headers, deep))
 
 
 def check_grant(identity: Identity, inspected: Inspected) -> None:
@@ -101,8 +105,9 @@ def check_grant(identity: Identity, inspected: Inspected) -> None:
     )
 
 
-def needs_grant(document: Any, headers: Mapping[str, str]) -> str | None:
-    """Why a request needs the ``server-tools`` group, or None."""
+def needs_grant(document: Any, headers: Mapping[str, str], deep: bool = True) -> str | None:
+    """Why a request needs the ``server-tools`` group, or None (``deep``: whether the
+    body may name a stored resource below its top level)."""
     for name in _PROJECT_HEADERS:
         if headers.get(name):
             return f"the {name} header"
@@ -118,7 +123,7 @@ def needs_grant(document: Any, headers: Mapping[str, str]) -> str | None:
             if kind is None or kind in _CLIENT_TOOLS or kind.startswith(_CLIENT_TOOL_PREFIXES):
                 continue
             return f"the server-side tool {kind!r}"
-    found = _resource_member(document, 0)
+    found = _resource_member(document, 0) if deep else None
     return f"{found!r}" if found else None
 
 

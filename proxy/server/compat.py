@@ -87,14 +87,7 @@ class CompatFront(BedrockFront):
         return web.Response(status=status, body=body, headers=headers)
 
     def sort_headers(self, headers: CIMultiDictProxy[str]) -> RequestHeaders:
-        sorted_headers = sort_request_headers(headers)
-        for name, value in headers.items():
-            lname = name.lower()
-            if lname.startswith(_SIGNED_PREFIXES):
-                sorted_headers.signed[lname] = value
-            elif lname.startswith(_UNSIGNED_PREFIXES):
-                sorted_headers.unsigned[lname] = value
-        return sorted_headers
+        return sort_request_headers(headers, _SIGNED_PREFIXES, _UNSIGNED_PREFIXES)
 
     async def inspect(
         self, x: Exchange, labels: dict[str, str], headers: RequestHeaders, body: RequestBody

@@ -123,20 +123,37 @@ class CompatRouter:
                 )
                 self._routes.append((spec.method, _Compiled(op, regex, op.labels)))
         self.operations = [compiled.op for _, compiled in self._routes]
+        # Path -> (route, labels): clients call the same few paths (bounded: paths are
+        # client input, matched before authentication).
+        self._cache: dict[tuple[str, str], tuple[_Compiled, dict[str, str]] | None] = {}
 
     def match(self, method: str, raw_path: str) -> RouteMatch | None:
+        key = (method, raw_path)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._match(method, raw_path)
+            if found is None:
+                return None
+            if len(self._cache) >= 1024:
+                self._cache.clear()
+            self._cache[key] = found
+        route, labels = found
+        # A fresh labels dict per request: the front adds the body's model to it.
+        return RouteMatch(route.op, dict(labels), raw_path)
+
+    def _match(self, method: str, raw_path: str) -> tuple[_Compiled, dict[str, str]] | None:
         for route_method, route in self._routes:
             if route_method != method:
                 continue
             m = route.regex.fullmatch(raw_path)
             if m is not None:
-                labels = {}
+                labels: dict[str, str] = {}
                 for name, raw in zip(route.labels, m.groups(), strict=True):
                     value = unquote(raw)
                     if value in (".", "..") or "/" in value:
                         raise errors.validation(f"Invalid value for path parameter {name}")
                     labels[name] = value
-                return RouteMatch(route.op, labels, raw_path)
+                return route, labels
         return None
 
 

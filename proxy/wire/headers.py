@@ -113,9 +113,14 @@ class RequestHeaders:
     annotations: list[tuple[str, str]]  # (lower-case name, value)
 
 
-def sort_request_headers(headers: CIMultiDictProxy[str]) -> RequestHeaders:
+def sort_request_headers(
+    headers: CIMultiDictProxy[str],
+    signed_prefixes: tuple[str, ...] = (),
+    unsigned_prefixes: tuple[str, ...] = (),
+) -> RequestHeaders:
     """Check a request's headers and sort them, in one pass (every request's headers
-    were walked three times, lower-casing each name every time).
+    were walked three times, lower-casing each name every time). A front may forward
+    more: headers under ``signed_prefixes`` signed, under ``unsigned_prefixes`` not.
 
     The checks, a 400 otherwise: one value per header that matters, and only ASCII. A
     second copy of a header would let the policy check one value while the upstream acts
@@ -144,6 +149,11 @@ def sort_request_headers(headers: CIMultiDictProxy[str]) -> RequestHeaders:
                 signed[lname] = value
         elif lname in _UNSIGNED_EXACT:
             unsigned[lname] = value
+        elif signed_prefixes and lname not in _NEVER:
+            if lname.startswith(signed_prefixes):
+                signed[lname] = value
+            elif lname.startswith(unsigned_prefixes):
+                unsigned[lname] = value
     return RequestHeaders(signed, unsigned, annotations)
 
 

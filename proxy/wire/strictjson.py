@@ -26,6 +26,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
+# One decoder, built once: ``json.loads`` with any option builds a new one per call (a
+# fifth of a small body's parse).
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constants, strict=True
+)
+
+
 def parse_strict(body: bytes) -> Any:
     """The body as strict JSON (RFC 8259: one value, no trailing data, no comments, no raw
     control characters, no NaN, no duplicate names, UTF-8 only), or a 400.
@@ -40,8 +47,6 @@ def parse_strict(body: bytes) -> Any:
     if text.startswith("\ufeff"):
         raise errors.validation("The request body must not start with a byte-order mark")
     try:
-        return json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, strict=True
-        )
+        return _DECODER.decode(text)
     except ValueError as exc:
         raise errors.validation(f"The request body is not valid JSON: {exc}") from None
