@@ -30,7 +30,7 @@ from ..metering.usage import Meter, meter_for
 from ..observe.metrics import Metrics
 from ..wire import errors, eventsig, eventstream, h2pool, http1
 from ..wire.clock import SYSTEM_CLOCK, Clock
-from ..wire.compat import CompatRouter
+from ..wire.compat import ROLES, CompatRouter
 from ..wire.h2client import Http2Stream
 from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
 from ..wire.modelids import parse_arn
@@ -495,6 +495,9 @@ _MOVABLE_AGENT_RUNTIME = frozenset(
 
 
 def may_failover(op: Operation, method: str) -> bool:
+    role = ROLES.get(op.name)
+    if role is not None:  # the compatible APIs: stored state lives where it was made
+        return role in ("model", "models", "")
     if method in ("GET", "HEAD"):
         return True
     if op.service.name == "bedrock-runtime":
