@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bench_chat
 import benchmark as bench
 
 WARM_UP = 600
@@ -41,14 +42,18 @@ def available() -> bool:
 
 
 def instructions_phase(workdir: Path, requests: int) -> dict[str, Any]:
-    """Thousands of instructions per request: thin hop, plain virtual key, governed key."""
+    """Thousands of instructions per request: thin hop, plain virtual key, governed key;
+    and a governed OpenAI chat completion against the thin hop on the same path."""
     stub_port, hop_port, thin_port, proxy_port = (bench.free_port() for _ in range(4))
     (workdir / "instr-body.json").write_text(bench.CONVERSE_BODY)
+    (workdir / "instr-chat.json").write_text(bench.CHAT_BODY)
     stub_cmd = ["nginx", "-c", str(bench.nginx_config(workdir, stub_port, hop_port))]
     upstream = f"http://127.0.0.1:{stub_port}"
     env = bench.proxy_env(workdir, upstream, proxy_port)
     plain = bench.create_virtual_key(env)
     governed = bench.create_virtual_key(env, *bench.GOVERNED)
+    chat = bench.create_virtual_key(env, *bench_chat.GOVERNED)
+    chat_body = workdir / "instr-chat.json"
     thin_cmd = [sys.executable, bench.__file__, "thin", "--port", str(thin_port)]
     thin_cmd += ["--upstream", upstream]
     out: dict[str, Any] = {"requests": requests}
@@ -56,11 +61,25 @@ def instructions_phase(workdir: Path, requests: int) -> dict[str, Any]:
         thin_url = f"http://127.0.0.1:{thin_port}/model/{bench.MODEL}/converse"
         with callgrind(thin_cmd, thin_port, workdir / "cg.thin") as thin:
             out["thin"] = thin.count(thin_url, None, requests, workdir)
+            out["thin_chat"] = thin.count(
+                f"http://127.0.0.1:{thin_port}{bench_chat.CHAT_PATH}",
+                None,
+                requests,
+                workdir,
+                chat_body,
+            )
         proxy_url = f"http://127.0.0.1:{proxy_port}/bedrock/model/{bench.MODEL}/converse"
         proxy_cmd = [str(bench.BIN), "serve"]
         with callgrind(proxy_cmd, proxy_port, workdir / "cg.proxy", env) as proxy:
             out["proxy"] = proxy.count(proxy_url, plain, requests, workdir)
             out["governed"] = proxy.count(proxy_url, governed, requests, workdir)
+            out["chat"] = proxy.count(
+                f"http://127.0.0.1:{proxy_port}/bedrock{bench_chat.CHAT_PATH}",
+                chat,
+                requests,
+                workdir,
+                chat_body,
+            )
     return out
 
 
@@ -72,7 +91,9 @@ class Callgrind:
         self.pid, self._out, self._dumps = pid, out, 0
         self._instrumenting = False
 
-    def count(self, url: str, token: str | None, requests: int, workdir: Path) -> dict[str, Any]:
+    def count(
+        self, url: str, token: str | None, requests: int, workdir: Path, body: Path | None = None
+    ) -> dict[str, Any]:
         """Warm up, then count ``requests`` calls: thousands of instructions per request on
         the serving (first) thread, and on all the others together."""
         cmd = [
@@ -83,7 +104,7 @@ class Callgrind:
             "-t",
             "1",
             "-d",
-            str(workdir / "instr-body.json"),
+            str(body or workdir / "instr-body.json"),
         ]
         cmd += ["-H", "Content-Type: application/json"]
         if token:
@@ -143,9 +164,13 @@ def print_instructions(r: dict[str, Any]) -> None:
         " the serving thread; deterministic)"
     )
     print(f"{'target':<10}{'k instr/req':>13}{'thin/x':>8}{'other threads':>15}")
-    for name in ("thin", "proxy", "governed"):
-        row = r[name]
+    for name in ("thin", "proxy", "governed", "thin_chat", "chat"):
+        row = r.get(name)
+        if row is None:
+            continue
+        base = r["thin_chat"]["main_k"] if name == "chat" else thin
         print(
-            f"{name:<10}{row['main_k']:>13.0f}{thin / row['main_k']:>8.2f}"
+            f"{name:<10}{row['main_k']:>13.0f}{base / row['main_k']:>8.2f}"
             f"{row['other_threads_k']:>15.0f}"
         )
+    print("(chat: a governed OpenAI chat completion; its thin/x is over thin_chat)")

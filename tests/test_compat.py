@@ -311,6 +311,28 @@ def test_refusals_raise_each_sdks_own_exceptions(proxy_compat, runtime, mantle):
     assert limited.value.body["type"] == "rate_limit_error"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "openai.gpt-oss-120b", "model": "openai.gpt-oss-20b", "input": "x"}',
+        b'{"model": "openai.gpt-oss-120b", "input": "x",'
+        b' "tools": [{"type": "web_search", "type": "function", "name": "f"}]}',
+        b'{"model": "openai.gpt-oss-120b",'
+        b' "input": [{"role": "user", "content": [{"file_id": "f", "file_id": null}]}]}',
+        b'{"model": "openai.gpt-oss-120b", "input": "x", "conversation": {"id": "a", "id": "b"}}',
+        b'{"mod\\u0065l": "openai.gpt-oss-120b", "model": "openai.gpt-oss-20b", "input": "x"}',
+        b'\xef\xbb\xbf{"model": "openai.gpt-oss-120b", "input": "x"}',
+        b'{"model": "openai.gpt-oss-120b", "input": "x", "temperature": NaN}',
+    ],
+)
+def test_bodies_two_parsers_could_read_differently_are_refused(proxy_compat, mantle, body):
+    key = new_key(proxy_compat)
+    status, error = raw_post(proxy_compat, "/bedrock-mantle/v1/responses", key, body)
+    assert status == 400, error
+    assert error["error"]["type"] == "invalid_request_error"
+    assert not mantle.requests
+
+
 def test_server_side_tools_and_stored_resources_need_a_grant(proxy_compat, mantle):
     plain = new_key(proxy_compat)
     granted = new_key(proxy_compat, operation_groups=["inference", "server-tools"])

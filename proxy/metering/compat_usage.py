@@ -21,7 +21,6 @@ carries a token or more) and the streamed text's characters / 4.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import orjson
@@ -62,10 +61,12 @@ class CompatMeter(Meter):
             for name, payload in compat.sse_events(data):
                 if payload == b"[DONE]":
                     continue
-                with contextlib.suppress(orjson.JSONDecodeError):
+                try:
                     event = orjson.loads(payload)
-                    if isinstance(event, dict):
-                        self.event(name, event)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(event, dict):
+                    self.event(name, event)
         elif self._size <= _MAX_JSON_BODY:
             self._chunks.append(data)
             self._size += len(data)
@@ -73,10 +74,13 @@ class CompatMeter(Meter):
     def finish(self) -> Usage:
         if self._sse or not self._ok or not self._chunks or self._size > _MAX_JSON_BODY:
             return self.usage
-        with contextlib.suppress(orjson.JSONDecodeError):
-            document = orjson.loads(b"".join(self._chunks))
-            if isinstance(document, dict):
-                self.answer(document)
+        chunks = self._chunks
+        try:
+            document = orjson.loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except orjson.JSONDecodeError:
+            return self.usage
+        if isinstance(document, dict):
+            self.answer(document)
         return self.usage
 
     @property
@@ -103,12 +107,12 @@ class ChatCompletionsMeter(CompatMeter):
     __slots__ = ()
 
     def answer(self, document: dict[str, Any]) -> None:
-        _openai_usage(self.usage, document.get("usage"), "prompt_tokens", "completion_tokens")
+        _openai_usage(self.usage, document.get("usage"), _CHAT)
 
     def event(self, name: str, event: dict[str, Any]) -> None:
         usage = event.get("usage")
         if isinstance(usage, dict):
-            _openai_usage(self.usage, usage, "prompt_tokens", "completion_tokens")
+            _openai_usage(self.usage, usage, _CHAT)
         choices = event.get("choices")
         if isinstance(choices, list) and choices:
             self.chunks += 1
@@ -125,7 +129,7 @@ class ResponsesMeter(CompatMeter):
     def answer(self, document: dict[str, Any]) -> None:
         if isinstance(document.get("id"), str):
             self.created = document["id"]
-        _openai_usage(self.usage, document.get("usage"), "input_tokens", "output_tokens")
+        _openai_usage(self.usage, document.get("usage"), _RESPONSES)
 
     def event(self, name: str, event: dict[str, Any]) -> None:
         kind = event.get("type", name)
@@ -134,7 +138,7 @@ class ResponsesMeter(CompatMeter):
             if isinstance(response.get("id"), str):
                 self.created = response["id"]
         elif kind in self._FINAL and isinstance(response, dict):
-            _openai_usage(self.usage, response.get("usage"), "input_tokens", "output_tokens")
+            _openai_usage(self.usage, response.get("usage"), _RESPONSES)
         elif isinstance(kind, str) and kind.endswith(".delta"):
             self.chunks += 1
             delta = event.get("delta")
@@ -226,12 +230,18 @@ def _text_length(delta: dict[str, Any]) -> int:
     return n
 
 
-def _openai_usage(usage: Usage, data: Any, input_name: str, output_name: str) -> None:
+# Where each OpenAI API puts its counts: (input, output, the input's details).
+_CHAT = ("prompt_tokens", "completion_tokens", "prompt_tokens_details")
+_RESPONSES = ("input_tokens", "output_tokens", "input_tokens_details")
+
+
+def _openai_usage(usage: Usage, data: Any, names: tuple[str, str, str]) -> None:
     """OpenAI counts cached tokens inside the input: they are taken out, to be priced as
     cache reads."""
     if not isinstance(data, dict):
         return
-    details = data.get(f"{input_name.split('_')[0]}_tokens_details")
+    input_name, output_name, details_name = names
+    details = data.get(details_name)
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
     usage.input_tokens = max(0, _int(data.get(input_name)) - cached)
     usage.cache_read_tokens = cached

@@ -354,21 +354,20 @@ def create_app(
     app.router.add_get("/health/readiness", _readiness)
     for path in (FILES_PATH, FILES_PATH + "/{tail:.*}"):  # before /bedrock/{tail}
         app.router.add_route("*", path, pipeline.handler(files))
+    # /bedrock first (the busiest), then the compatible APIs' paths nested in it.
     for path, front in (
+        (BASE_PATH, bedrock),
+        *((p, compat_runtime) for p in RUNTIME_PATHS),
         (AGENTCORE_PATH, agentcore),
         (AGENTCORE_CONTROL_PATH, agentcore_control),
-        *((p, compat_runtime) for p in RUNTIME_PATHS),
         (MANTLE_PATH, compat_mantle),
     ):
-        app.router.add_route(
-            "*", path + "/{tail:.*}", pipeline.handler(front), expect_handler=front.expect_handler
+        dispatcher.add_prefix_route(
+            path,
+            pipeline.handler(front),
+            expect_handler=front.expect_handler,
+            excluded=(FILES_PATH,) if path == BASE_PATH else (),
         )
-    dispatcher.add_prefix_route(
-        BASE_PATH,
-        pipeline.handler(bedrock),
-        expect_handler=bedrock.expect_handler,
-        excluded=(FILES_PATH, *RUNTIME_PATHS),
-    )
     dispatcher.fallback = app.router.add_route("*", "/{tail:.*}", _unknown_route)
     return app
 

@@ -10,7 +10,8 @@ admission by the limits, the upstream's headers. The upstream call and the relay
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import aiohttp
 from aiohttp import web
@@ -89,6 +90,11 @@ class BedrockFront:
         self._model_refs = model_refs
         self._max_body = settings.max_body_bytes
         self._unverified = UnverifiedBodies(settings.max_unverified_body_bytes)
+        # What fronts vary by data rather than code (attributes, not methods: no Python
+        # call per request): how the request's headers go upstream, and which meter reads
+        # an operation's answer.
+        self.sort_headers: Callable[[CIMultiDictProxy[str]], RequestHeaders] = sort_request_headers
+        self.meter_for: Callable[[str], Meter] = meter_for
 
     def render(self, exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
         return exc.to_response(x.request_id)
@@ -111,18 +117,16 @@ class BedrockFront:
 
     # ------------------------------------------------------------------ what fronts vary
 
-    def sort_headers(self, headers: CIMultiDictProxy[str]) -> RequestHeaders:
-        """The request's headers, as they go upstream."""
-        return sort_request_headers(headers)
+    # Whether the front reads bodies and answers through the hooks below (``inspect``,
+    # ``reads_answer``, ``answered``, ``streamed``): they run only then, so the native
+    # fronts make no coroutine per request for a hook that does nothing.
+    hooked: ClassVar[bool] = False
 
     async def inspect(
         self, x: Exchange, labels: dict[str, str], headers: RequestHeaders, body: RequestBody
     ) -> None:
         """What a front reads from an authenticated request before the policy checks it
         (the compatible APIs' model is in the body)."""
-
-    def meter_for(self, operation: str) -> Meter:
-        return meter_for(operation)
 
     def framing(self, x: Exchange, content_type: str) -> Framing | None:
         """How a streamed answer is cut and ended early, or None for a plain body."""
@@ -190,7 +194,7 @@ class BedrockFront:
             if not is_event_stream and (
                 owned_listing
                 or failed
-                or self.reads_answer(x, upstream.status)
+                or (self.hooked and self.reads_answer(x, upstream.status))
                 or claim is not None  # a start's answer names the session it started
                 or (length is not None and length <= _SMALL_RESPONSE)
             ):
@@ -212,7 +216,7 @@ class BedrockFront:
                         await self._jobs.remember(
                             identity, op, x.model, data, job_request, x.region
                         )
-                if upstream.status == 200:
+                if self.hooked and upstream.status == 200:
                     data = await self.answered(x, data)
                 x.bytes_out = len(data)
                 if meter is not None:
@@ -243,7 +247,7 @@ class BedrockFront:
                 x.upstream_done = time.perf_counter()
                 if is_event_stream:
                     self._metrics.active_streams -= 1
-            if upstream.status == 200:
+            if self.hooked and upstream.status == 200:
                 await self.streamed(x)
             return response
         finally:
@@ -287,7 +291,8 @@ class BedrockFront:
             body = await self._read_body(request)
         x.bytes_in = body.size
         x.identity = identity  # before the policy, so a refusal is attributed to the key
-        await self.inspect(x, match.labels, headers, body)
+        if self.hooked:
+            await self.inspect(x, match.labels, headers, body)
         await self._resolve_model(x)
         spec = identity.spec
         if spec is not None:

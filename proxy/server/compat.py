@@ -14,15 +14,14 @@ passed through as the native ones are (the Bedrock front's steps, with what diff
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from ..access import compat as access
 from ..exchange import Exchange
 from ..metering import compat_usage
-from ..metering.usage import Meter
 from ..wire import compat, errors
 from ..wire.headers import RequestHeaders, sort_request_headers
 from .bedrock import BedrockFront
@@ -65,9 +64,17 @@ _FRAMINGS = {d: _framing(d) for d in (compat.OPENAI, compat.ANTHROPIC)}
 class CompatFront(BedrockFront):
     """The Bedrock front's steps, on a compatible API's routes (see the module's doc)."""
 
+    hooked = True
+
     def __init__(self, *args: Any, owned_state: access.OwnedState, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._state = owned_state
+        self.sort_headers = functools.partial(
+            sort_request_headers,
+            signed_prefixes=_SIGNED_PREFIXES,
+            unsigned_prefixes=_UNSIGNED_PREFIXES,
+        )
+        self.meter_for = compat_usage.meter_for
 
     def render(self, exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
         dialect = (
@@ -86,9 +93,6 @@ class CompatFront(BedrockFront):
         body = compat.error_body(dialect, errors.AwsError(status, exc.code, exc.message))
         return web.Response(status=status, body=body, headers=headers)
 
-    def sort_headers(self, headers: CIMultiDictProxy[str]) -> RequestHeaders:
-        return sort_request_headers(headers, _SIGNED_PREFIXES, _UNSIGNED_PREFIXES)
-
     async def inspect(
         self, x: Exchange, labels: dict[str, str], headers: RequestHeaders, body: RequestBody
     ) -> None:
@@ -99,10 +103,9 @@ class CompatFront(BedrockFront):
         if inspected.model is not None:
             labels[compat.MODEL_LABEL] = x.model = inspected.model
         access.check_grant(identity, inspected)
-        await self._state.check(identity, op, labels, inspected)
-
-    def meter_for(self, operation: str) -> Meter:
-        return compat_usage.meter_for(operation)
+        refs = access.stored_refs(op, labels, inspected)
+        if refs:  # (most calls continue nothing stored: no coroutine for them)
+            await self._state.check(identity, refs)
 
     def framing(self, x: Exchange, content_type: str) -> Framing | None:
         if not content_type.startswith(_SSE) or x.operation is None:
