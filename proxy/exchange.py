@@ -60,6 +60,9 @@ class Exchange:
     # The upstream account and pool member ("account/region") that served the request.
     account: str | None = None
     upstream: str | None = None
+    # The pool member that holds stored state the request continues (a compatible API's
+    # stored response): the request goes there, or is not sent.
+    pinned: str | None = None
     identity: Identity | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
     admission: Admission | None = None

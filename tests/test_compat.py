@@ -556,3 +556,51 @@ def test_the_readme_snippets_run_as_written(
     monkeypatch.setenv("BEDROCK_PROXY_KEY", key["key"])
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "".join(WORDS)
+
+
+# ---------------------------------------------------------------- accounts
+
+
+def test_stored_responses_are_read_in_the_account_that_holds_them(start_proxy, bg):
+    """Two accounts' bedrock-mantle: a response made in one is read, continued and deleted
+    there, wherever the key's pool sends its new calls."""
+    fakes = {name: FakeCompat(signing_name="bedrock-mantle") for name in "ab"}
+    started = {name: bg.run(start_server(fake.app())) for name, fake in fakes.items()}
+    try:
+        accounts = {
+            name: {
+                "regions": [region],
+                "profile": "upstream",
+                "endpoints": {"bedrock-mantle": started[name][0]},
+            }
+            for name, region in (("a", "us-east-1"), ("b", "us-west-2"))
+        }
+        proxy = start_proxy(
+            upstreams={
+                "accounts": accounts,
+                "pools": {"only-a": [{"account": "a"}], "only-b": [{"account": "b"}]},
+                "default_pool": "only-a",
+            }
+        )
+        key = new_key(proxy, upstream="only-a")
+        client = oai(proxy, key["key"], mantle=True)
+        made = client.responses.create(model=OSS, input="Hi")
+        streamed = next(iter(client.responses.create(model=OSS, input="Hi", stream=True)))
+        assert set(fakes["a"].responses) == {made.id, streamed.response.id}
+        status, _ = admin(
+            proxy, "POST", "/key/update", {"key": key["key_id"], "upstream": "only-b"}
+        )
+        assert status == 200
+        assert client.responses.create(model=OSS, input="new").id in fakes["b"].responses
+        for response_id in (made.id, streamed.response.id):
+            assert client.responses.retrieve(response_id).id == response_id
+            more = client.responses.create(
+                model=OSS, input="more", previous_response_id=response_id
+            )
+            assert more.id in fakes["a"].responses
+        client.responses.delete(made.id)
+        assert made.id not in fakes["a"].responses
+        assert all(r.raw_path == "/v1/responses" for r in fakes["b"].requests)
+    finally:
+        for _, runner in started.values():
+            bg.run(runner.cleanup())

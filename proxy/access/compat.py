@@ -210,28 +210,38 @@ class OwnedState:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    async def check(self, identity: Identity, refs: tuple[str, ...]) -> None:
-        """Refuse stored state (``stored_refs``) another key created."""
-        if identity.record is None or not identity.key_id:
-            return  # the master key (or an open proxy) is not restricted
+    async def check(self, identity: Identity, refs: tuple[str, ...]) -> str | None:
+        """Refuse stored state (``stored_refs``) another key created; the pool member
+        that holds it, if it was recorded (the request must go there)."""
+        # The master key (or an open proxy) is not restricted, but goes where it lives.
+        restricted = identity.record is not None and identity.key_id is not None
+        location = None
         for ref in refs:
-            if await self._store.owned.owner(ref) != identity.key_id:
+            found = await self._store.owned.holder(ref)
+            if found is not None:
+                location = location or found[1]
+            if restricted and (found is None or found[0] != identity.key_id):
                 what = "response" if "/response/" in ref else "conversation"
                 raise errors.AwsError(
                     404,
                     "ResourceNotFoundException",
                     f"No {what} with id {ref.rsplit('/', 1)[-1]!r} was found for this API key",
                 )
+        return location
 
-    async def remember(self, identity: Identity, op: Operation, created: str | None) -> None:
-        """A response or conversation a call created, recorded for its key."""
+    async def remember(
+        self, identity: Identity, op: Operation, created: str | None, location: str | None
+    ) -> None:
+        """A response or conversation a call created, recorded for its key and where it
+        lives (the pool member that made it)."""
         if identity.key_id is None or not created:
             return
         role = compat.ROLES.get(op.name)
         if role == "create":
-            await self._store.owned.claim(response_ref(op, created), identity.key_id)
+            await self._store.owned.claim(response_ref(op, created), identity.key_id, location)
         elif role == "conversation":
-            await self._store.owned.claim(conversation_ref(op, created), identity.key_id)
+            ref = conversation_ref(op, created)
+            await self._store.owned.claim(ref, identity.key_id, location)
 
 
 def created_id(body: bytes) -> str | None:

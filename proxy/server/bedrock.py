@@ -449,6 +449,13 @@ class BedrockFront:
             targets = self._upstream.targets(op.service, request, x.identity, named)
             x.region = targets[0].upstream.region
             return targets
+        if x.pinned is not None:
+            # Stored state lives in the member that made it: only there (a member since
+            # taken out of the configuration: routed as usual, and answered not found).
+            pinned = self._upstream.fleet.member_target(op.service, x.pinned)
+            if pinned is not None:
+                x.region = pinned.upstream.region
+                return [pinned]
         if op.name in JOB_LABELS:
             named = await self._jobs.arn(labels.get(JOB_LABELS[op.name], ""))
             parsed = parse_arn(named) if named else None

@@ -105,7 +105,7 @@ class CompatFront(BedrockFront):
         access.check_grant(identity, inspected)
         refs = access.stored_refs(op, labels, inspected)
         if refs:  # (most calls continue nothing stored: no coroutine for them)
-            await self._state.check(identity, refs)
+            x.pinned = await self._state.check(identity, refs)
 
     def framing(self, x: Exchange, content_type: str) -> Framing | None:
         if not content_type.startswith(_SSE) or x.operation is None:
@@ -124,7 +124,7 @@ class CompatFront(BedrockFront):
         if role == "models" and identity.spec is not None:
             return access.filter_models(identity.spec.models, data)
         if role in ("create", "conversation"):
-            await self._state.remember(identity, op, access.created_id(data))
+            await self._state.remember(identity, op, access.created_id(data), x.upstream)
         return data
 
     async def streamed(self, x: Exchange) -> None:
@@ -135,4 +135,4 @@ class CompatFront(BedrockFront):
             and isinstance(meter, compat_usage.CompatMeter)
             and meter.created
         ):
-            await self._state.remember(x.identity, x.operation, meter.created)
+            await self._state.remember(x.identity, x.operation, meter.created, x.upstream)

@@ -168,6 +168,12 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         CREATE INDEX bp_owned_sessions_key ON bp_owned_sessions (key_id)
         """,
     ),
+    (
+        10,
+        # Where owned state lives when it lives in one account (a stored response): the
+        # pool member ("account/region") that holds it.
+        "ALTER TABLE bp_owned_sessions ADD COLUMN location TEXT",
+    ),
 ]
 
 

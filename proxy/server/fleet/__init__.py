@@ -113,6 +113,14 @@ class Fleet:
             for member in self.config.pools.get(pool, ())
         )
 
+    def member_target(self, service: Service, name: str) -> Target | None:
+        """The target of the pool member named ``account/region``, in any pool."""
+        for members in self.config.pools.values():
+            for member in members:
+                if member.name == name:
+                    return self.target(member, service)
+        return None
+
     def target(self, member: Member, service: Service) -> Target:
         endpoints = self._endpoints.get(member.account.name, self._default_endpoints)
         return Target(member, endpoints.resolve(service, member.region))
