@@ -24,7 +24,6 @@ Bedrock keeps no owner per caller, since every key calls as the server's princip
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,25 +49,31 @@ _RESOURCE_MEMBERS = frozenset(
 _TOP_LEVEL_GRANTS = frozenset({"web_search_options", "prompt"})
 # The headers that name a project or an organisation other than the default one.
 _PROJECT_HEADERS = ("openai-project", "openai-organization")
-# Every member name the checks read, and \u escapes (which could spell one), found in one
-# pass over the body (the longest names first: "container_id" is not "container").
-_CHECKED = {
-    *_RESOURCE_MEMBERS,
-    *_TOP_LEVEL_GRANTS,
-    "model",
-    "previous_response_id",
-    "conversation",
-    "tools",
-}
-_NAMES = re.compile(
-    rb'(\\u)|"('
-    + b"|".join(re.escape(n.encode()) for n in sorted(_CHECKED, key=len, reverse=True))
-    + rb')"'
+# The member names the checks read, as the body's bytes spell them.
+_CHECKED = frozenset(
+    name.encode()
+    for name in (
+        *_RESOURCE_MEMBERS,
+        *_TOP_LEVEL_GRANTS,
+        "model",
+        "previous_response_id",
+        "conversation",
+        "tools",
+    )
 )
-# What the search finds in a plain request: one "model", and nothing else it looks for.
-_JUST_MODEL = [(b"", b"model")]
-# What it finds for an escape or a resource member's name.
-_RESOURCE_NAMES = frozenset({(b"\\u", b""), *((b"", n.encode()) for n in _RESOURCE_MEMBERS)})
+_RESOURCE_TOKENS = frozenset(name.encode() for name in _RESOURCE_MEMBERS)
+_MODEL = frozenset({b"model"})
+
+
+def _strings(body: bytes) -> list[bytes] | None:
+    """Every string of a JSON body (its names and string values), as spelled, or None
+    when a name could be spelled with an escape (\\u) or a quote escaped (\\"), so
+    that quotes would not delimit strings. One split, where a search per name (or a
+    regular expression) cost twice the instructions: ~2,000 a call, most of it parsing
+    the call's arguments."""
+    if body.find(b"\\") >= 0 and (body.find(b"\\u") >= 0 or body.find(b'\\"') >= 0):
+        return None
+    return body.split(b'"')[1::2]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +93,13 @@ def inspect(op: Operation, body: bytes, headers: Mapping[str, str]) -> Inspected
     way Bedrock could read differently."""
     if compat.ROLES.get(op.name, "") not in ("model", "create"):
         return Inspected(None, needs_grant=_header_grant(headers))
-    found = _NAMES.findall(body)
-    if found == _JUST_MODEL and not body.startswith(b"\xef\xbb\xbf"):
-        # The only member the checks read is one "model", spelled without escapes: any
-        # parser reads the same value, so orjson (ten times faster than the strict parser)
-        # reads it; anything orjson refuses goes to the strict parser, for its error.
+    strings = _strings(body)
+    found = _CHECKED.intersection(strings) if strings is not None else None
+    if found == _MODEL and strings is not None and strings.count(b"model") == 1:
+        # The only name the checks read is one "model", and no escape can spell another:
+        # any parser reads the same value, so orjson (four times fewer instructions than
+        # the strict parser) reads it; anything orjson refuses goes to the strict parser,
+        # for its error.
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -115,9 +122,9 @@ def inspect(op: Operation, body: bytes, headers: Mapping[str, str]) -> Inspected
         if not isinstance(named, str):
             raise errors.validation("conversation must be an id or an object with one")
         continues.append(conversation_ref(op, named))
-    # A stored resource can only be named below the top level if its name (or a \u
-    # escape) is in the bytes: most bodies have none, and walking a conversation is not free.
-    deep = any(name in _RESOURCE_NAMES for name in found)
+    # A stored resource can only be named below the top level if its name (or an escape
+    # that could spell it) is in the body: most have none, and walking one is not free.
+    deep = found is None or not found.isdisjoint(_RESOURCE_TOKENS)
     return Inspected(model, tuple(continues), needs_grant(document, headers, deep))
 
 
