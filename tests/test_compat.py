@@ -323,7 +323,10 @@ def test_refusals_raise_each_sdks_own_exceptions(proxy_compat, runtime, mantle):
         b'{"mod\\u0065l": "openai.gpt-oss-120b", "model": "openai.gpt-oss-20b", "input": "x"}',
         b'\xef\xbb\xbf{"model": "openai.gpt-oss-120b", "input": "x"}',
         b'{"model": "openai.gpt-oss-120b", "input": "x", "temperature": NaN}',
+        b'{"model": "openai.gpt-oss-120b", "input": "x", "tools": [{"type": 5}]}',
+        b'{"model": "openai.gpt-oss-120b", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     ],
+    ids=range(9),
 )
 def test_bodies_two_parsers_could_read_differently_are_refused(proxy_compat, mantle, body):
     key = new_key(proxy_compat)

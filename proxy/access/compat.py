@@ -169,7 +169,11 @@ def needs_grant(document: Any, headers: Mapping[str, str], deep: bool = True) ->
     if isinstance(tools, list):
         for tool in tools:
             kind = tool.get("type") if isinstance(tool, dict) else None
-            if kind is None or kind in _CLIENT_TOOLS or kind.startswith(_CLIENT_TOOL_PREFIXES):
+            if kind is None:  # Anthropic's own tools have no type
+                continue
+            if not isinstance(kind, str):
+                raise errors.validation("A tool's type must be a string")
+            if kind in _CLIENT_TOOLS or kind.startswith(_CLIENT_TOOL_PREFIXES):
                 continue
             return f"the server-side tool {kind!r}"
     found = _resource_member(document, 0) if deep else None

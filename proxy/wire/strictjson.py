@@ -48,5 +48,7 @@ def parse_strict(body: bytes) -> Any:
         raise errors.validation("The request body must not start with a byte-order mark")
     try:
         return _DECODER.decode(text)
+    except RecursionError:  # nested deeper than the interpreter's stack: no API's document
+        raise errors.validation("The request body is nested too deeply") from None
     except ValueError as exc:
         raise errors.validation(f"The request body is not valid JSON: {exc}") from None
