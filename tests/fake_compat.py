@@ -8,7 +8,7 @@ charges in the tests: every call reports 20 input tokens (8 of them cached when 
 says "cache") and 5 output tokens; an Anthropic call that asks for an hour's cache
 reports 100 tokens written for an hour and 50 for five minutes.
 Faults by model: ``test.cut`` ends a stream in the middle of an event; ``test.gate``
-holds its last event until ``gate`` is set; ``test.slow`` sends an event every 0.2 s.
+holds its last event until ``gate`` is set, ``test.hold`` its third.
 """
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ class FakeCompat(FakeBedrock):
                 return response
             if model == "test.gate" and n == len(lines) - 1:
                 self.gate_timed_out = not await asyncio.to_thread(self.gate.wait, 10)
-            if model == "test.slow" and n:
-                await asyncio.sleep(0.2)
+            if model == "test.hold" and n == 2:
+                self.gate_timed_out = not await asyncio.to_thread(self.gate.wait, 10)
             await response.write(line)
         await response.write_eof()
         return response

@@ -612,14 +612,16 @@ def test_stored_responses_are_read_in_the_account_that_holds_them(start_proxy, b
 def test_a_revoked_key_loses_its_open_stream_with_the_apis_error_event(proxy_compat, runtime):
     key = new_key(proxy_compat)
     stream = oai(proxy_compat, key["key"]).chat.completions.create(
-        model="test.slow", messages=[{"role": "user", "content": "x"}], stream=True
+        model="test.hold", messages=[{"role": "user", "content": "x"}], stream=True
     )
     chunks = iter(stream)
     assert next(chunks).choices[0].delta.role == "assistant"
     status, _ = admin(proxy_compat, "POST", "/key/delete", {"keys": [key["key_id"]]})
     assert status == 200
     proxy_compat.clock.advance(2)  # past the stream's next look at its key
+    runtime.gate.set()  # the upstream goes on: the proxy ends it at its next event
     with pytest.raises(openai.APIError, match="deleted while the request was running"):
         list(chunks)
-    line = proxy_compat.wait_log_line(lambda r: r.get("model") == "test.slow")
+    assert not runtime.gate_timed_out
+    line = proxy_compat.wait_log_line(lambda r: r.get("model") == "test.hold")
     assert line["error"] == "AccessDeniedException" and line["incomplete"]

@@ -479,12 +479,6 @@ class UpstreamClient:
         sent = 0
         failure: str | errors.AwsError | None = None
         while True:
-            if watch is not None and watch.due():
-                try:
-                    await watch.check()
-                except errors.AwsError as exc:
-                    failure = exc
-                    break
             try:
                 data = await read()
             except http1.ReadTimeout:
@@ -499,6 +493,14 @@ class UpstreamClient:
                 if splitter is not None and splitter.pending:
                     failure = "The upstream event stream ended in the middle of a frame"
                 break
+            # The key is looked at again on what arrives, not before waiting for it: what
+            # came after a revocation (however long the wait) is not passed on.
+            if watch is not None and watch.due():
+                try:
+                    await watch.check()
+                except errors.AwsError as exc:
+                    failure = exc
+                    break
             if splitter is not None:
                 try:
                     data = splitter.feed(data)
