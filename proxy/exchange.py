@@ -63,6 +63,9 @@ class Exchange:
     # The pool member that holds stored state the request continues (a compatible API's
     # stored response): the request goes there, or is not sent.
     pinned: str | None = None
+    # The request asked for one answer where its operation may stream (a compatible API's
+    # body without ``"stream": true``): it goes on HTTP/1.1, as a native call's does.
+    single_answer: bool = False
     identity: Identity | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
     admission: Admission | None = None

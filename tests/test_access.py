@@ -965,3 +965,51 @@ def test_the_aws_cli_is_refused_what_the_key_may_not_name(ac_proxy, fake, restri
         assert out.returncode != 0
         assert b"AccessDeniedException" in out.stderr, out.stderr.decode()
     assert len(fake.requests) == before
+
+
+def test_request_headers_are_sorted_by_what_goes_upstream() -> None:
+    """What is signed, what is sent unsigned, what is the proxy's own, and what never goes
+    (credentials, hop-by-hop headers, those the Connection header names)."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from proxy.wire import errors
+    from proxy.wire.headers import sort_request_headers
+
+    def sort(pairs: list[tuple[str, str]], **prefixes: tuple[str, ...]):
+        return sort_request_headers(CIMultiDictProxy(CIMultiDict(pairs)), **prefixes)
+
+    sent = sort(
+        [
+            ("Host", "proxy"),
+            ("Authorization", "Bearer sk-secret"),
+            ("X-Api-Key", "sk-secret"),
+            ("Content-Length", "2"),
+            ("Content-Type", "application/json"),
+            ("User-Agent", "ua"),
+            ("X-Amz-Date", "20260101T000000Z"),
+            ("X-Amzn-Bedrock-Trace", "ENABLED"),
+            ("Connection", "keep-alive, x-custom, cache-control, xproxy-tags"),
+            ("X-Custom", "hop"),
+            ("Cache-Control", "no-cache"),
+            ("xproxy-tags", "a,b"),
+            ("x-bedrock-proxy-end-user-id", "u1"),
+            ("anthropic-beta", "b1"),
+            ("x-stainless-lang", "python"),
+        ],
+        signed_prefixes=("anthropic-",),
+        unsigned_prefixes=("x-stainless-",),
+    )
+    assert sent.signed == {
+        "content-type": "application/json",
+        "x-amzn-bedrock-trace": "ENABLED",
+        "anthropic-beta": "b1",
+    }
+    assert sent.unsigned == {"user-agent": "ua", "x-stainless-lang": "python"}
+    # An annotation the Connection header names is addressed to this hop: the proxy's.
+    assert sent.annotations == [("xproxy-tags", "a,b"), ("x-bedrock-proxy-end-user-id", "u1")]
+    # Without a front's prefixes, its headers go nowhere.
+    assert sort([("anthropic-beta", "b1"), ("x-stainless-lang", "py")]).signed == {}
+    with pytest.raises(errors.AwsError):
+        sort([("Content-Type", "a"), ("content-type", "b")])
+    with pytest.raises(errors.AwsError):
+        sort([("User-Agent", "caf\u00e9")])

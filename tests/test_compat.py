@@ -121,6 +121,8 @@ def test_openai_sdk_chat_and_responses_pass_through_byte_for_byte(proxy_compat, 
         "model": OSS_RUNTIME,
         "messages": [{"role": "user", "content": "Hi"}],
     }
+    # One answer goes on HTTP/1.1, as a native call's does; a stream on shared HTTP/2.
+    assert sent.http_version == 1
 
     stream = client.chat.completions.create(
         model=OSS_RUNTIME,
@@ -129,6 +131,7 @@ def test_openai_sdk_chat_and_responses_pass_through_byte_for_byte(proxy_compat, 
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
+    assert runtime.requests[-1].http_version == 2
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(WORDS)
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 20
 

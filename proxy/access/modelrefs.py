@@ -39,7 +39,7 @@ ControlGet = Callable[[str, str, str], Awaitable[tuple[int, bytes]]]
 
 
 def resolvable(model: str) -> bool:
-    if not model.startswith("arn:"):
+    if model[:4] != "arn:":  # (a slice: cheaper than startswith, on every call)
         return False
     arn = parse_arn(model)
     return arn is not None and arn.resource_type in _LOOKUPS

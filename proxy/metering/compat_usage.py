@@ -39,7 +39,7 @@ class CompatMeter(Meter):
     __slots__ = ("_chunks", "_ok", "_size", "_sse", "chars", "chunks", "created")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.usage = Usage()  # (Meter's own __init__, without a second call)
         self._ok = False
         self._sse = False
         self._chunks: list[bytes] = []
@@ -52,7 +52,7 @@ class CompatMeter(Meter):
 
     def on_headers(self, status: int, headers: MultiMapping[str]) -> None:
         self._ok = status == 200
-        self._sse = headers.get("Content-Type", "").startswith(_SSE)
+        self._sse = _SSE in headers.get("Content-Type", "")
 
     def feed(self, data: bytes) -> None:
         if not self._ok:
@@ -243,9 +243,12 @@ def _openai_usage(usage: Usage, data: Any, names: tuple[str, str, str]) -> None:
     input_name, output_name, details_name = names
     details = data.get(details_name)
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    usage.input_tokens = max(0, _int(data.get(input_name)) - cached)
+    # (An int as it is, without a call: the usual case.)
+    n = data.get(input_name)
+    usage.input_tokens = max(0, (n if type(n) is int else _int(n)) - cached)
     usage.cache_read_tokens = cached
-    usage.output_tokens = _int(data.get(output_name))
+    n = data.get(output_name)
+    usage.output_tokens = n if type(n) is int else _int(n)
     usage.found = True
 
 

@@ -10,7 +10,7 @@ admission by the limits, the upstream's headers. The upstream call and the relay
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar
 
 import aiohttp
@@ -122,18 +122,22 @@ class BedrockFront:
     # fronts make no coroutine per request for a hook that does nothing.
     hooked: ClassVar[bool] = False
 
-    async def inspect(
+    def inspect(
         self, x: Exchange, labels: dict[str, str], headers: RequestHeaders, body: RequestBody
-    ) -> None:
+    ) -> Awaitable[str | None] | None:
         """What a front reads from an authenticated request before the policy checks it
-        (the compatible APIs' model is in the body)."""
+        (the compatible APIs' model is in the body). When the request names stored state,
+        the check of its owner, to await: the pool member that holds it, if known. (Not a
+        coroutine itself: most requests name no stored state, and need none.)"""
+        return None
 
     def framing(self, x: Exchange, content_type: str) -> Framing | None:
         """How a streamed answer is cut and ended early, or None for a plain body."""
         return EVENT_STREAM if content_type.startswith(eventstream.CONTENT_TYPE) else None
 
     def reads_answer(self, x: Exchange, status: int) -> bool:
-        """Whether a (non-streamed) answer is read whole, for ``answered``."""
+        """Whether a (non-streamed) answer is read whole, for ``answered`` (called only
+        then)."""
         return False
 
     async def answered(self, x: Exchange, data: bytes) -> bytes:
@@ -191,10 +195,11 @@ class BedrockFront:
                 await self._owned_remember(identity, claim, upstream.headers, None)
                 claim = None
             failed = upstream.status >= 400
+            hooked_answer = self.hooked and self.reads_answer(x, upstream.status)
             if not is_event_stream and (
                 owned_listing
                 or failed
-                or (self.hooked and self.reads_answer(x, upstream.status))
+                or hooked_answer
                 or claim is not None  # a start's answer names the session it started
                 or (length is not None and length <= _SMALL_RESPONSE)
             ):
@@ -216,7 +221,7 @@ class BedrockFront:
                         await self._jobs.remember(
                             identity, op, x.model, data, job_request, x.region
                         )
-                if self.hooked and upstream.status == 200:
+                if hooked_answer:
                     data = await self.answered(x, data)
                 x.bytes_out = len(data)
                 if meter is not None:
@@ -292,7 +297,9 @@ class BedrockFront:
         x.bytes_in = body.size
         x.identity = identity  # before the policy, so a refusal is attributed to the key
         if self.hooked:
-            await self.inspect(x, match.labels, headers, body)
+            owner_check = self.inspect(x, match.labels, headers, body)
+            if owner_check is not None:
+                x.pinned = await owner_check
         await self._resolve_model(x)
         spec = identity.spec
         if spec is not None:

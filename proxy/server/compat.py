@@ -15,6 +15,7 @@ passed through as the native ones are (the Bedrock front's steps, with what diff
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -59,6 +60,11 @@ def _framing(dialect: str) -> Framing:
 
 
 _FRAMINGS = {d: _framing(d) for d in (compat.OPENAI, compat.ANTHROPIC)}
+# The operations whose answer the front reads: a listing of models (filtered), and what
+# creates stored state (recorded for the key).
+_READ_ANSWERS = frozenset(
+    name for name, role in compat.ROLES.items() if role in ("models", "create", "conversation")
+)
 
 
 class CompatFront(BedrockFront):
@@ -93,28 +99,29 @@ class CompatFront(BedrockFront):
         body = compat.error_body(dialect, errors.AwsError(status, exc.code, exc.message))
         return web.Response(status=status, body=body, headers=headers)
 
-    async def inspect(
+    def inspect(
         self, x: Exchange, labels: dict[str, str], headers: RequestHeaders, body: RequestBody
-    ) -> None:
+    ) -> Awaitable[str | None] | None:
         op = x.operation
         identity = x.identity
         assert op is not None and identity is not None
         inspected = access.inspect(op, body.joined(), headers.signed)
+        if inspected.needs_grant is not None:
+            access.check_grant(identity, inspected)
+        x.single_answer = not inspected.streams
+        # (Most calls name no stored state, in the path or the body: no call for them.)
+        refs = access.stored_refs(op, labels, inspected) if labels or inspected.continues else ()
         if inspected.model is not None:
             labels[compat.MODEL_LABEL] = x.model = inspected.model
-        access.check_grant(identity, inspected)
-        refs = access.stored_refs(op, labels, inspected)
-        if refs:  # (most calls continue nothing stored: no coroutine for them)
-            x.pinned = await self._state.check(identity, refs)
+        return self._state.check(identity, refs) if refs else None
 
     def framing(self, x: Exchange, content_type: str) -> Framing | None:
-        if not content_type.startswith(_SSE) or x.operation is None:
+        if _SSE not in content_type or x.operation is None:  # (no str method call)
             return None
         return _FRAMINGS[compat.dialect_of(x.operation)]
 
     def reads_answer(self, x: Exchange, status: int) -> bool:
-        role = compat.ROLES.get(x.operation.name, "") if x.operation is not None else ""
-        return status == 200 and role in ("models", "create", "conversation")
+        return status == 200 and x.operation is not None and x.operation.name in _READ_ANSWERS
 
     async def answered(self, x: Exchange, data: bytes) -> bytes:
         op, identity = x.operation, x.identity

@@ -82,8 +82,11 @@ STREAMING = frozenset({"OpenAIChatCompletions", "OpenAICreateResponse", "Anthrop
 _LABEL = re.compile(r"\{([^}]+)\}")
 
 
+_DIALECTS = {spec.name: ANTHROPIC for spec in _ANTHROPIC}
+
+
 def dialect_of(op: Operation) -> str:
-    return ANTHROPIC if op.name.startswith("Anthropic") else OPENAI
+    return _DIALECTS.get(op.name, OPENAI)
 
 
 @dataclass(frozen=True, slots=True)

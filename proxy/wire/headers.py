@@ -63,6 +63,11 @@ _NEVER = frozenset(
         "x-amz-user-agent",
     }
 )
+# The commonest headers that are never forwarded (the proxy sets its own, or they are the
+# client's credentials): known at once, not tested against each prefix in turn.
+_DROPPED = frozenset(
+    {"host", "content-length", "authorization", "x-api-key", "accept-encoding", "connection"}
+)
 
 # Headers that may legitimately appear more than once (list-valued, added by hops on the
 # way) and that the proxy neither reads nor forwards. Any other header is single-valued:
@@ -138,17 +143,22 @@ def sort_request_headers(
         seen.add(lname)
         if not value.isascii():
             raise errors.validation(f"The header {name} has a value that is not ASCII")
-        if lname.startswith(ANNOTATION_PREFIXES):
-            annotations.append((lname, value))
-        elif lname in connection_listed:
+        # Exact names first: the usual request's headers are all known by a set lookup,
+        # with no prefix test (``startswith`` parses its arguments: ~500 instructions).
+        if lname in _DROPPED:
             continue
+        if lname in connection_listed:  # hop-by-hop, unless addressed to the proxy itself
+            if lname.startswith(ANNOTATION_PREFIXES):
+                annotations.append((lname, value))
         elif lname in _SIGNED_EXACT:
             signed[lname] = value
+        elif lname in _UNSIGNED_EXACT:
+            unsigned[lname] = value
+        elif lname.startswith(ANNOTATION_PREFIXES):
+            annotations.append((lname, value))
         elif lname.startswith(_SIGNED_PREFIXES):
             if lname not in _NEVER:
                 signed[lname] = value
-        elif lname in _UNSIGNED_EXACT:
-            unsigned[lname] = value
         elif signed_prefixes and lname not in _NEVER:
             if lname.startswith(signed_prefixes):
                 signed[lname] = value
