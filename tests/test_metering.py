@@ -463,32 +463,50 @@ def test_limits_admin_validation(metered):
 
 
 def test_spend_command_prints_a_table(metered, store_settings, fake):
+    """A table by default: keys with their aliases, costs with the digits that keep them
+    non-zero; a refused request is not counted as one without a price."""
     import os
     import subprocess
     import sys
 
+    from botocore.exceptions import ClientError
+
     boto_client("bedrock-runtime", metered).converse(modelId=HAIKU, messages=MESSAGES)
+    key = new_key(metered, key_alias="spend-cli-key", models=[HAIKU])
+    client = sigv4_client("bedrock-runtime", metered, key)
+    client.converse(modelId=HAIKU, messages=MESSAGES)
+    with pytest.raises(ClientError):
+        client.converse(modelId="amazon.nova-pro-v1:0", messages=MESSAGES)  # refused
     metered.settle()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEDROCK_PROXY_")}
     for name, value in store_settings.items():
         env["BEDROCK_PROXY_" + name.upper()] = value
-    out = subprocess.run(
-        [
-            os.path.join(os.path.dirname(sys.executable), "bedrock-proxy"),
-            "spend",
-            "--group-by",
-            "model",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+
+    def spend(*args: str) -> str:
+        out = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "bedrock-proxy"), "spend", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    lines = spend("--group-by", "model").splitlines()
     assert lines[0].split()[:2] == ["model", "requests"]
     assert any(line.startswith(HAIKU) for line in lines)
     assert any(line.startswith("TOTAL") for line in lines)
+    by_key = spend("--group-by", "key").splitlines()
+    mine = next(line for line in by_key if line.startswith(f"{key['key_id']} (spend-cli-key)"))
+    requests, cost = mine.split()[2], mine.split()[-1]
+    assert requests == "2" and float(cost) == pytest.approx(cost_of(HAIKU, 11, 7), rel=0.05)
+    row = next(
+        r
+        for r in json.loads(spend("--group-by", "key", "--json"))["rows"]
+        if r["group"] == key["key_id"]
+    )
+    assert row["key_alias"] == "spend-cli-key" and row["unpriced"] == 0
 
 
 def test_health_readiness_with_metering(metered):

@@ -455,25 +455,49 @@ async def test_migrations_apply_once(store_settings):
 
 
 def test_keys_command_line(tmp_path):
+    """The CLI finds the store as ``serve`` does and names it; reads need no master key;
+    a table by default, JSON with --json; a command that fails creates no store."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEDROCK_PROXY_")}
     env.update(
         BEDROCK_PROXY_MASTER_KEY=MASTER_KEY, BEDROCK_PROXY_SQLITE_PATH=str(tmp_path / "k.db")
     )
     cli = [os.path.join(os.path.dirname(sys.executable), "bedrock-proxy"), "keys"]
 
+    def call(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*cli, *args], env={**env, **extra}, capture_output=True, text=True, timeout=30
+        )
+
     def run(*args: str) -> dict:
-        out = subprocess.run([*cli, *args], env=env, capture_output=True, timeout=30)
-        assert out.returncode == 0, out.stderr.decode()
+        out = call(*args, "--json")
+        assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
+
+    # Nothing to read yet, and nothing to seal with: refused, and no store left behind.
+    missing = call("list")
+    assert missing.returncode == 1 and "there is no store at" in missing.stderr, missing.stderr
+    unsealed = call("create", "--alias", "x", BEDROCK_PROXY_MASTER_KEY="")
+    assert unsealed.returncode == 2 and "BEDROCK_PROXY_MASTER_KEY" in unsealed.stderr
+    assert not (tmp_path / "k.db").exists()
 
     created = run("create", "--alias", "cli-key", "--models", "anthropic.*,amazon.*", "--rpm", "5")
     assert created["models"] == ["anthropic.*", "amazon.*"] and created["key"].startswith("sk-bp-")
     assert run("info", "cli-key")["info"]["rpm_limit"] == 5
     assert run("update", "cli-key", "--block")["blocked"] is True
     assert [k["key_alias"] for k in run("list")["keys"]] == ["cli-key"]
+    # A table, one line per key, read without the master key; the store is named.
+    table = call("list", BEDROCK_PROXY_MASTER_KEY="")
+    assert table.returncode == 0, table.stderr
+    assert f"store: SQLite {tmp_path / 'k.db'}" in table.stderr
+    header, rule, row, footer = table.stdout.splitlines()
+    assert header.split()[:2] == ["key_id", "key_alias"] and set(rule) <= {"-", " "}
+    assert row.split()[:2] == [created["key_id"], "cli-key"] and "anthropic.*" in row
+    assert footer.startswith("(1 keys")
+    info = call("info", "cli-key", BEDROCK_PROXY_MASTER_KEY="")
+    assert info.returncode == 0 and "rpm_limit" in info.stdout and "{" not in info.stdout
     assert run("revoke", created["key"]) == {"deleted_keys": [created["key_id"]]}
-    out = subprocess.run([*cli, "info", "cli-key"], env=env, capture_output=True, timeout=30)
-    assert out.returncode == 1 and b"ResourceNotFoundException" in out.stderr
+    out = call("info", "cli-key")
+    assert out.returncode == 1 and "ResourceNotFoundException" in out.stderr
 
 
 def test_an_alias_cannot_name_another_key(proxy):

@@ -19,11 +19,13 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from ..access.keyservice import KeyService
 from ..access.secretbox import SecretBox
+from ..metering.limits import usd
 from ..metering.reports import Reports
 from ..observe.accesslog import configure_logging
 from ..server.app import PIPELINE, STATE, StartupError, create_app, create_ops_app
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     team_set.add_argument("--upstream", help="a pool name; omit to clear it")
     team_commands.add_parser("info", help="show one team").add_argument("team")
     team_commands.add_parser("list", help="list teams with settings")
+    for sub in (*key_commands.choices.values(), *team_commands.choices.values()):
+        sub.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
     spend = commands.add_parser("spend", help="spend report from the ledger, as a table")
     spend.add_argument("--config", help="YAML settings file (BEDROCK_PROXY_CONFIG)")
@@ -294,15 +298,47 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_store(settings: Settings) -> str:
+    """Which store a command uses, for the operator (never a password)."""
+    if settings.database_url:
+        url = urlsplit(settings.database_url)
+        where = f"{url.hostname or 'localhost'}{':' + str(url.port) if url.port else ''}"
+        return f"PostgreSQL {where}{url.path}"
+    return f"SQLite {os.path.abspath(settings.sqlite_path)}"
+
+
 def _with_store(
-    args: argparse.Namespace, work: Callable[[Settings, Store], Awaitable[_T]]
+    args: argparse.Namespace,
+    work: Callable[[Settings, Store], Awaitable[_T]],
+    *,
+    creates: bool = False,
+    check: Callable[[Settings], None] | None = None,
 ) -> tuple[int, _T | None]:
-    """Load settings, open the configured store, run one job on it: (exit code, result)."""
+    """Load settings as ``serve`` does, open that store, run one job on it: (exit code,
+    result). The store is named on stderr. A SQLite file is created only by a command that
+    ``creates`` (a key, a team), and only once ``check`` has passed: a command that fails
+    leaves no empty store behind."""
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"bedrock-proxy: {exc}", file=sys.stderr)
         return 2, None
+    print(f"bedrock-proxy: store: {describe_store(settings)}", file=sys.stderr)
+    try:
+        if check is not None:
+            check(settings)
+    except AwsError as exc:
+        print(f"bedrock-proxy: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2, None
+    if not settings.database_url and not creates and not os.path.exists(settings.sqlite_path):
+        print(
+            f"bedrock-proxy: there is no store at {os.path.abspath(settings.sqlite_path)}: "
+            "point the command at the one the server uses (--config, "
+            "BEDROCK_PROXY_DATABASE_URL or BEDROCK_PROXY_SQLITE_PATH; "
+            "make demo's is BEDROCK_PROXY_SQLITE_PATH=demo.db)",
+            file=sys.stderr,
+        )
+        return 1, None
 
     async def run() -> _T:
         # Not a request: a report over a large ledger may take longer than serving allows.
@@ -318,25 +354,38 @@ def _with_store(
     except AwsError as exc:
         print(f"bedrock-proxy: {exc.code}: {exc.message}", file=sys.stderr)
         return 1, None
+    except OSError as exc:  # the store could not be reached
+        print(f"bedrock-proxy: cannot open the store: {exc}", file=sys.stderr)
+        return 1, None
+
+
+# Reading keys unseals no secret: any sealing key will do for them.
+_READ_ONLY_SECRET = "-" * 16
+_KEY_WRITES = ("create", "update", "regenerate", "revoke")
+
+
+def _sealing_secret(settings: Settings) -> None:
+    if not (settings.secret_key or settings.master_key):
+        raise AwsError(
+            400,
+            "config error",
+            "changing keys needs BEDROCK_PROXY_MASTER_KEY (or secret_key) to seal their "
+            "secrets, as the server has it",
+        )
 
 
 def _keys_command(args: argparse.Namespace) -> int:
     fields = {n: getattr(args, n) for n in _KEY_FIELDS if getattr(args, n, None) is not None}
+    command = args.keys_command
+    writes = command in _KEY_WRITES
 
     async def work(settings: Settings, store: Store) -> object:
-        secret = settings.secret_key or settings.master_key
-        if not secret:
-            raise AwsError(
-                400,
-                "config error",
-                "keys need BEDROCK_PROXY_MASTER_KEY (or secret_key) to seal their secrets",
-            )
+        secret = settings.secret_key or settings.master_key or _READ_ONLY_SECRET
         service = KeyService(
             store,
             SecretBox(secret, settings.previous_secret_keys),
             pools=parse_fleet(settings.upstreams).pools,
         )
-        command = args.keys_command
         if command == "create":
             return await service.generate(fields)
         if command == "list":
@@ -350,10 +399,64 @@ def _keys_command(args: argparse.Namespace) -> int:
             return await service.regenerate(args.key)
         return {"deleted_keys": await service.delete([args.key])}
 
-    code, result = _with_store(args, work)
+    code, result = _with_store(
+        args, work, creates=command == "create", check=_sealing_secret if writes else None
+    )
     if code == 0:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        if args.json or command in ("create", "regenerate"):  # secrets: shown once, whole
+            print(json.dumps(result, indent=2, ensure_ascii=False))
+        elif command == "list":
+            assert isinstance(result, dict)
+            print(format_keys(result))
+        elif command == "info":
+            assert isinstance(result, dict)
+            print(format_fields(result["info"]))
+        else:
+            print(json.dumps(result, ensure_ascii=False))
     return code
+
+
+# The columns of ``keys list``: what tells keys apart at a glance.
+_KEY_COLUMNS = ("key_id", "key_alias", "user_id", "team_id", "models", "max_budget", "expires")
+
+
+def format_keys(listing: dict[str, Any]) -> str:
+    rows = [[_key_cell(k.get(c)) for c in _KEY_COLUMNS] for k in listing["keys"]]
+    footer = f"({listing['total_count']} keys; page {listing['current_page']} of "
+    footer += f"{max(1, listing['total_pages'])}; --json for every field)"
+    return format_table(list(_KEY_COLUMNS), rows, numeric=()) + "\n" + footer
+
+
+def format_fields(record: dict[str, Any]) -> str:
+    """One key, one field per line (empty fields left out)."""
+    shown = {k: v for k, v in record.items() if v not in (None, [], {}, "")}
+    width = max((len(k) for k in shown), default=0)
+    return "\n".join(f"{k.ljust(width)}  {_key_cell(v)}" for k, v in shown.items())
+
+
+def _key_cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float):
+        return usd(value)
+    return str(value)
+
+
+def format_table(header: list[str], rows: list[list[str]], numeric: tuple[int, ...]) -> str:
+    """Columns padded to their widest cell; ``numeric`` columns right-aligned."""
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _teams_command(args: argparse.Namespace) -> int:
@@ -368,7 +471,7 @@ def _teams_command(args: argparse.Namespace) -> int:
             return await service.team_info(args.team)
         return await service.teams()
 
-    code, result = _with_store(args, work)
+    code, result = _with_store(args, work, creates=args.teams_command == "set")
     if code == 0:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return code
@@ -386,38 +489,26 @@ def _spend_command(args: argparse.Namespace) -> int:
 
 def format_report(report: dict[str, Any]) -> str:
     columns = ["requests", "input_tokens", "output_tokens", "total_tokens", "cost"]
-    rows = [
-        [str(r["group"] if r["group"] is not None else "-")] + [_cell(r.get(c)) for c in columns]
-        for r in report["rows"]
-    ]
+    rows = [[_group(r)] + [_cell(r.get(c)) for c in columns] for r in report["rows"]]
     rows.append(["TOTAL"] + [_cell(report["totals"].get(c)) for c in columns])
     header = [report["group_by"], *columns[:-1], "cost (USD)"]
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            h.ljust(w) if i == 0 else h.rjust(w)
-            for i, (h, w) in enumerate(zip(header, widths, strict=True))
-        )
-    ]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        lines.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+    lines = [format_table(header, rows, numeric=tuple(range(1, len(header))))]
     unpriced = report["totals"].get("unpriced")
     if unpriced:
         lines.append(f"({unpriced} requests have no price: their cost is not in the totals)")
     return "\n".join(lines)
 
 
+def _group(row: dict[str, Any]) -> str:
+    group = "-" if row["group"] is None else str(row["group"])
+    return f"{group} ({row['key_alias']})" if row.get("key_alias") else group
+
+
 def _cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and not value.is_integer():
-        return f"{value:.6f}"
+        return usd(value)[1:]  # (the column says USD)
     return f"{int(value):,}" if isinstance(value, int | float) else str(value)
 
 

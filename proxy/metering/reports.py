@@ -60,11 +60,17 @@ class Reports:
         rows = await self._store.spend.report(
             group_by, parse_time("start", start), parse_time("end", end)
         )
-        out = [{"group": r.pop("group_value"), **{k: _num(v) for k, v in r.items()}} for r in rows]
+        out = [
+            {
+                "group": r.pop("group_value"),
+                **{k: v if k == "key_alias" else _num(v) for k, v in r.items()},
+            }
+            for r in rows
+        ]
         totals: dict[str, Any] = {}
         for row in out:
             for k, v in row.items():
-                if k != "group" and v is not None:
+                if k not in ("group", "key_alias") and v is not None:
                     totals[k] = totals.get(k, 0) + v
         return {"group_by": group_by, "start": start, "end": end, "rows": out, "totals": totals}
 

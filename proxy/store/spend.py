@@ -104,8 +104,12 @@ class SpendRepository:
                 "COUNT(*) AS requests, SUM(input_tokens) AS input_tokens,"
                 " SUM(output_tokens) AS output_tokens, SUM(cache_read_tokens) AS cache_read_tokens,"
                 " SUM(cache_write_tokens) AS cache_write_tokens, SUM(total_tokens) AS total_tokens,"
-                " SUM(cost) AS cost, SUM(CASE WHEN cost IS NULL THEN 1 ELSE 0 END) AS unpriced"
+                # Unpriced: served, yet with no price. A refusal or an error costs nothing.
+                " SUM(cost) AS cost,"
+                " SUM(CASE WHEN cost IS NULL AND status < 400 THEN 1 ELSE 0 END) AS unpriced"
             )
+            if column == "key_id":  # the alias beside the id (the latest a key had)
+                sums += ", MAX(key_alias) AS key_alias"
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         return await self._db.fetch(
             f"SELECT {column} AS group_value, {sums} FROM {table}{clause}"
