@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
+DEMO_TLS_PORT ?= 4443
 
 .PHONY: install js-install sdk-install debian-packages demo run run-tls test test-prerequisites typecheck lint bench clean wheel deploy-check
 
@@ -52,7 +53,7 @@ run: install
 # The proxy on its built-in simulator (no AWS), with demo keys and a little traffic:
 # open http://127.0.0.1:4000/ui and sign in with the key it prints.
 demo: install
-	exec $(VENV)/bin/bedrock-proxy demo --port $(PORT)
+	exec $(VENV)/bin/bedrock-proxy demo --port $(PORT) --tls-port $(DEMO_TLS_PORT)
 
 # HTTPS on :4000 with a self-signed certificate for localhost (kept in .tls/).
 run-tls: install

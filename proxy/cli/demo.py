@@ -1,11 +1,17 @@
 """``bedrock-proxy demo`` (``make demo``): the proxy on the built-in simulator with a little
-traffic already sent, so the console opens with keys, spend and live figures."""
+traffic already sent, so the console opens with keys, spend and live figures; and a key of
+one's own ("try-it", new at every start) with the lines that point each client at it.
+
+The demo serves HTTPS too, with a certificate it makes: boto3 and the AWS CLI send a
+Bedrock API key (``AWS_BEARER_TOKEN_BEDROCK``) only over HTTPS."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+import shlex
 from typing import Any
 
 import aiohttp
@@ -75,3 +81,84 @@ async def _ready(http: aiohttp.ClientSession, base: str) -> None:
             pass
         await asyncio.sleep(0.1)
     raise RuntimeError("the demo proxy did not become ready")
+
+
+# The key the demo prints whole at every start (a fresh token each time: tokens are shown
+# once), with a budget the printed calls fit in many times over.
+TRY_IT = "try-it"
+TRY_IT_BUDGET = 5.0
+TRY_IT_MODEL = "amazon.nova-lite-v1:0"
+CLAUDE_CODE_MODEL = DEMO_MODELS[0]
+CLAUDE_CODE_SMALL_MODEL = DEMO_MODELS[1]
+
+
+async def try_it_key(base: str, master_key: str) -> dict[str, Any]:
+    """The "try-it" key, made or given a new token (its old one stops working)."""
+    admin = {"Authorization": f"Bearer {master_key}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.get(f"{base}/key/info", params={"key": TRY_IT}, headers=admin) as found:
+            exists = found.status == 200
+        body: dict[str, Any]
+        if exists:
+            url, body = f"{base}/key/regenerate", {"key": TRY_IT}
+        else:
+            url = f"{base}/key/generate"
+            body = {"key_alias": TRY_IT, "team_id": "demo", "max_budget": TRY_IT_BUDGET}
+        async with http.post(url, json=body, headers=admin) as made:
+            made.raise_for_status()
+            key: dict[str, Any] = await made.json()
+            return key
+
+
+def client_lines(
+    key: dict[str, Any], http_base: str, https_base: str | None, ca: str | None
+) -> list[str]:
+    """Shell lines, each runnable as printed: the key in every client's own variables, then
+    one call per client (boto3, the AWS CLI, curl, Node, Claude Code)."""
+    q = shlex.quote
+    base = https_base or http_base
+    message = [{"role": "user", "content": [{"text": "Hello"}]}]
+    lines = [
+        f"# The {TRY_IT} key (budget ${TRY_IT_BUDGET:g}); its key pair, for SigV4 clients:",
+        f"#   access key id {key['access_key_id']}, secret {key['secret_access_key']}",
+        f"export AWS_BEARER_TOKEN_BEDROCK={q(key['key'])}",
+        f"export AWS_ENDPOINT_URL_BEDROCK_RUNTIME={q(base + '/bedrock')}",
+        "export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1",
+    ]
+    if ca is not None:
+        lines += [f"export AWS_CA_BUNDLE={q(ca)}", f"export NODE_EXTRA_CA_CERTS={q(ca)}"]
+    # (Double quotes inside, so that each reads as written between single quotes.)
+    boto3_call = (
+        'import boto3; r = boto3.client("bedrock-runtime").converse('
+        f'modelId="{TRY_IT_MODEL}", messages={json.dumps(message)}); '
+        'print(r["output"]["message"]["content"][0]["text"])'
+    )
+    node_call = (
+        'const b = require("@aws-sdk/client-bedrock-runtime");'
+        " new b.BedrockRuntimeClient({}).send(new b.ConverseCommand("
+        f'{{modelId: "{TRY_IT_MODEL}", messages: {json.dumps(message)}}}))'
+        ".then(r => console.log(r.output.message.content[0].text))"
+    )
+    lines += [
+        "# boto3:",
+        f"python3 -c {q(boto3_call)}",
+        "# the AWS CLI:",
+        f"aws bedrock-runtime converse --model-id {TRY_IT_MODEL} --messages "
+        f"{q(json.dumps(message))} --query 'output.message.content[0].text' --output text",
+        "# curl:",
+        "curl -sS"
+        + (' --cacert "$AWS_CA_BUNDLE"' if ca is not None else "")
+        + ' -H "Authorization: Bearer $AWS_BEARER_TOKEN_BEDROCK"'
+        + " -H 'Content-Type: application/json'"
+        + f" -d {q(json.dumps({'messages': message}))}"
+        + f" -w '\\n' {base}/bedrock/model/{TRY_IT_MODEL}/converse",
+        "# Node (npm install @aws-sdk/client-bedrock-runtime):",
+        f"node -e {q(node_call)}",
+        "# Claude Code, in Anthropic's format:",
+        f"export ANTHROPIC_BASE_URL={q(http_base + '/bedrock/anthropic')}",
+        'export ANTHROPIC_AUTH_TOKEN="$AWS_BEARER_TOKEN_BEDROCK"',
+        f"export ANTHROPIC_MODEL={q(CLAUDE_CODE_MODEL)}",
+        f"export ANTHROPIC_DEFAULT_HAIKU_MODEL={q(CLAUDE_CODE_SMALL_MODEL)}",
+        "claude -p 'Say hello'",
+    ]
+    return lines

@@ -37,7 +37,7 @@ from ..server.tls import TLSConfigError, load_chain, server_context, write_self_
 from ..store import Store, open_store
 from ..store.records import ALLOW_LIST_FIELDS
 from ..wire.errors import AwsError
-from .demo import send_demo_traffic
+from .demo import client_lines, send_demo_traffic, try_it_key
 
 log = logging.getLogger("bedrock_proxy")
 _T = TypeVar("_T")
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="serve on the built-in simulator with demo keys and traffic (make demo)"
     )
     demo.add_argument("--port", type=int, default=4000)
+    demo.add_argument(
+        "--tls-port", type=int, default=4443, help="HTTPS, with a generated certificate (0: none)"
+    )
     demo.add_argument("--sqlite-path", default="demo.db")
     demo.add_argument("--requests", type=int, default=60, help="demo calls sent at startup")
     keys = commands.add_parser("keys", help="manage virtual keys in the configured store")
@@ -272,28 +275,43 @@ def _demo_command(args: argparse.Namespace) -> int:
         print(f"bedrock-proxy: {exc}", file=sys.stderr)
         return 2
     base = f"http://127.0.0.1:{args.port}"
+    tls_base = ca = None
+    also_tls = None
+    if args.tls_port:
+        # Beside the demo's store, made once: the CA path printed stays the same.
+        tls_dir = os.path.join(os.path.dirname(os.path.abspath(args.sqlite_path)), "demo-tls")
+        ca, key_file = os.path.join(tls_dir, "cert.pem"), os.path.join(tls_dir, "key.pem")
+        if not (os.path.exists(ca) and os.path.exists(key_file)):
+            ca, key_file = write_self_signed(tls_dir)
+        tls_base = f"https://127.0.0.1:{args.tls_port}"
+        also_tls = (args.tls_port, server_context(ca, key_file))
 
     async def run() -> None:
-        server = asyncio.create_task(serve(app, settings))
+        server = asyncio.create_task(serve(app, settings, also_tls=also_tls))
         try:
             keys = await send_demo_traffic(base, master, args.requests)
+            mine = await try_it_key(base, master)
         except Exception as exc:
             print(f"bedrock-proxy demo: the demo traffic failed: {exc}", file=sys.stderr)
         else:
-            print(f"\nConsole: {base}/ui  (sign in with {master})", flush=True)
+            served = base + (f" and {tls_base}" if tls_base else "")
+            print(f"\nSimulated Bedrock on {served}", flush=True)
+            print(f"Console: {base}/ui  (sign in with {master})", flush=True)
             for key in keys:
                 print(f"  demo key {key['key_alias']}: {key['key']}", flush=True)
-            print(f"Bedrock endpoint: {base}/bedrock (simulated)\n", flush=True)
+            print(
+                f"CLI: export BEDROCK_PROXY_SQLITE_PATH={os.path.abspath(args.sqlite_path)}"
+                "; bedrock-proxy keys list\n",
+                flush=True,
+            )
+            print("\n".join(client_lines(mine, base, tls_base, ca)) + "\n", flush=True)
         await server
 
     _install_uvloop()
     try:
         asyncio.run(run())
     except OSError as exc:
-        print(
-            f"bedrock-proxy: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
+        print(f"bedrock-proxy: cannot listen on 127.0.0.1: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
 
@@ -513,7 +531,10 @@ def _cell(value: object) -> str:
 
 
 async def serve(
-    app: web.Application, settings: Settings, tls: ssl.SSLContext | None = None
+    app: web.Application,
+    settings: Settings,
+    tls: ssl.SSLContext | None = None,
+    also_tls: tuple[int, ssl.SSLContext] | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain: readiness goes false, the listeners close,
     in-flight requests and streams get ``shutdown_timeout`` to finish, the ledger is
@@ -553,6 +574,10 @@ async def serve(
         await site.start()
         scheme = "https" if tls else "http"
         log.info("listening on %s://%s:%d/bedrock", scheme, settings.host, settings.port)
+        if also_tls is not None:  # the same app on a second port, over TLS (the demo)
+            port, context = also_tls
+            await web.TCPSite(runners[0], settings.host, port, ssl_context=context).start()
+            log.info("listening on https://%s:%d/bedrock", settings.host, port)
         if settings.http_port is not None:
             await web.TCPSite(
                 runners[1], settings.host, settings.http_port, reuse_port=reuse_port
