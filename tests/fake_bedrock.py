@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 
 from proxy.server import simulator
 from proxy.wire.eventsig import STREAMING_EVENTS, ChunkSignatureError, SignatureChain
-from proxy.wire.eventstream import FrameSplitter, encode_frame, exception_frame, iter_frames
+from proxy.wire.eventstream import FrameSplitter, exception_frame, iter_frames
 from tests.sigcheck import expected_signature
 
 UPSTREAM_ACCESS_KEY = "AKIDUPSTREAMFAKE0001"
@@ -406,7 +406,7 @@ class FakeBedrock:
 
     async def op_InvokeModelWithResponseStream(self, request, params, body):
         model = params["modelId"]
-        frames = simulator.invoke_stream_frames()
+        frames = simulator.invoke_stream_frames(model)
         return await self._stream(request, model, frames)
 
     async def op_CountTokens(self, request, params, body):
@@ -449,49 +449,7 @@ class FakeBedrock:
         )
 
     async def op_InvokeAgent(self, request, params, body):
-        payload = json.loads(body)
-        text = payload.get("inputText", "")
-        traces = []
-        if payload.get("enableTrace"):
-            # Two model invocations of the orchestration, as Bedrock reports them.
-            for tokens in ((100, 20), (150, 30)):
-                # OrchestrationTrace is a union: the input and the output come as two events.
-                for step in (
-                    {
-                        "modelInvocationInput": {
-                            "foundationModel": "anthropic.claude-3-haiku-20240307-v1:0",
-                            "type": "ORCHESTRATION",
-                        }
-                    },
-                    {
-                        "modelInvocationOutput": {
-                            "metadata": {
-                                "usage": {"inputTokens": tokens[0], "outputTokens": tokens[1]}
-                            }
-                        }
-                    },
-                ):
-                    trace = {"orchestrationTrace": step}
-                    traces.append(
-                        event_frame("trace", {"agentId": params["agentId"], "trace": trace})
-                    )
-        frames = traces + [
-            encode_frame(
-                {
-                    ":event-type": "chunk",
-                    ":content-type": "application/json",
-                    ":message-type": "event",
-                },
-                json.dumps(
-                    {
-                        "bytes": base64.b64encode(
-                            f"agent {params['agentId']} says: {part}".encode()
-                        ).decode()
-                    }
-                ).encode(),
-            )
-            for part in (text, "done")
-        ]
+        frames = simulator.agent_frames(params["agentId"], json.loads(body))
         return await self._stream(
             request,
             "",

@@ -422,6 +422,7 @@ def _stop(proc) -> tuple[str, str]:
 
 
 def test_serve_simulate_answers_every_client_and_says_so(tmp_path):
+    import anthropic
     import boto3
 
     from tests.conftest import client_config
@@ -468,8 +469,46 @@ def test_serve_simulate_answers_every_client_and_says_so(tmp_path):
         )
         events = list(stream["stream"])
         assert events[-1]["metadata"]["usage"]["outputTokens"] == 9
-        chunks = list(runtime.invoke_model_with_response_stream(modelId=HAIKU, body=b"{}")["body"])
-        assert len(chunks) == 3
+        # InvokeModel streams in each family's own format: the text where its SDK reads it.
+        for model, read in (
+            (HAIKU, lambda c: c.get("delta", {}).get("text", "")),
+            (
+                "amazon.nova-lite-v1:0",
+                lambda c: c.get("contentBlockDelta", {}).get("delta", {}).get("text", ""),
+            ),
+            ("meta.llama3-1-8b-instruct-v1:0", lambda c: c.get("generation", "")),
+            ("amazon.titan-text-express-v1", lambda c: c.get("outputText", "")),
+        ):
+            body = runtime.invoke_model_with_response_stream(modelId=model, body=b"{}")["body"]
+            chunks = [json.loads(e["chunk"]["bytes"]) for e in body]
+            assert "".join(read(c) for c in chunks) == "one two three", (model, chunks)
+            assert chunks[-1]["amazon-bedrock-invocationMetrics"]["outputTokenCount"] == 3
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/key/generate",
+            data=json.dumps({"max_budget": 1.0}).encode(),
+            headers={"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as made:
+            key = json.loads(made.read())
+        claude = anthropic.AnthropicBedrock(
+            aws_access_key=key["access_key_id"],
+            aws_secret_key=key["secret_access_key"],
+            aws_region="us-east-1",
+            base_url=f"http://127.0.0.1:{port}/bedrock",
+            max_retries=0,
+        )
+        with claude.messages.stream(
+            model=HAIKU, max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+        ) as streamed:
+            assert "".join(streamed.text_stream) == "one two three"
+            assert streamed.get_final_message().usage.output_tokens == 3
+        agent = client("bedrock-agent-runtime").invoke_agent(
+            agentId="AGENT12345", agentAliasId="TSTALIASID", sessionId="s1", inputText="hi"
+        )
+        said = b"".join(e["chunk"]["bytes"] for e in agent["completion"] if "chunk" in e)
+        assert said == b"agent AGENT12345 says: hiagent AGENT12345 says: done"
+        listed = client("bedrock").list_foundation_models()["modelSummaries"]
+        assert {m["providerName"] for m in listed} >= {"Anthropic", "Amazon", "Meta"}
         answers += [stream]
         answers.append(
             client("bedrock-agent-runtime").retrieve(

@@ -94,9 +94,10 @@ def test_every_line_the_demo_prints_runs_as_printed(tmp_path):
         assert ran.returncode == 0, ran.stdout + ran.stderr
         answers = ran.stdout.splitlines()
         # boto3, the CLI, curl (the whole answer) and Node: the simulator names the model.
-        assert answers[0] == answers[1] == answers[3] == "model=amazon.nova-lite-v1:0", ran
-        assert '"text":"model=amazon.nova-lite-v1:0"' in answers[2], ran
-        assert answers[4].strip(), ran  # Claude Code's answer
+        assert answers[0] == answers[2] == answers[4] == "model=amazon.nova-lite-v1:0", ran
+        assert answers[1] == "agent AGENT12345 says: Helloagent AGENT12345 says: done", ran
+        assert '"text":"model=amazon.nova-lite-v1:0"' in answers[3], ran
+        assert answers[5].strip(), ran  # Claude Code's answer
         assert "https://127.0.0.1" in "\n".join(block) and "AWS_CA_BUNDLE" in "\n".join(block)
     finally:
         proc.send_signal(signal.SIGTERM)

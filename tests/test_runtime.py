@@ -92,7 +92,16 @@ def test_invoke_model_with_response_stream(proxy, fake):
     client = boto_client("bedrock-runtime", proxy)
     reply = client.invoke_model_with_response_stream(modelId=MODEL, body=b'{"prompt": "x"}')
     chunks = [json.loads(e["chunk"]["bytes"]) for e in reply["body"]]
-    assert [c["delta"]["text"] for c in chunks] == ["one ", "two ", "three"]
+    # Claude's own stream format, as Bedrock passes it through.
+    assert [c["type"] for c in chunks if c["type"] != "content_block_delta"] == [
+        "message_start",
+        "content_block_start",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    texts = [c["delta"]["text"] for c in chunks if c["type"] == "content_block_delta"]
+    assert texts == ["one ", "two ", "three"]
     assert chunks[-1]["amazon-bedrock-invocationMetrics"]["outputTokenCount"] == 3
 
 

@@ -119,10 +119,13 @@ def client_lines(
     base = https_base or http_base
     message = [{"role": "user", "content": [{"text": "Hello"}]}]
     lines = [
-        f"# The {TRY_IT} key (budget ${TRY_IT_BUDGET:g}); its key pair, for SigV4 clients:",
-        f"#   access key id {key['access_key_id']}, secret {key['secret_access_key']}",
+        f"# The {TRY_IT} key (budget ${TRY_IT_BUDGET:g}): its token (a Bedrock API key), and",
+        "# its key pair for SigV4 (the agent runtime's SDKs take no API key):",
         f"export AWS_BEARER_TOKEN_BEDROCK={q(key['key'])}",
+        f"export AWS_ACCESS_KEY_ID={q(key['access_key_id'])}",
+        f"export AWS_SECRET_ACCESS_KEY={q(key['secret_access_key'])}",
         f"export AWS_ENDPOINT_URL_BEDROCK_RUNTIME={q(base + '/bedrock')}",
+        f"export AWS_ENDPOINT_URL_BEDROCK_AGENT_RUNTIME={q(base + '/bedrock')}",
         "export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1",
     ]
     if ca is not None:
@@ -133,6 +136,11 @@ def client_lines(
         f'modelId="{TRY_IT_MODEL}", messages={json.dumps(message)}); '
         'print(r["output"]["message"]["content"][0]["text"])'
     )
+    agent_call = (
+        'import boto3; r = boto3.client("bedrock-agent-runtime").invoke_agent(agentId="AGENT12345",'
+        ' agentAliasId="TSTALIASID", sessionId="s-1", inputText="Hello"); '
+        'print(b"".join(e["chunk"]["bytes"] for e in r["completion"] if "chunk" in e).decode())'
+    )
     node_call = (
         'const b = require("@aws-sdk/client-bedrock-runtime");'
         " new b.BedrockRuntimeClient({}).send(new b.ConverseCommand("
@@ -142,6 +150,8 @@ def client_lines(
     lines += [
         "# boto3:",
         f"python3 -c {q(boto3_call)}",
+        "# an agent (boto3):",
+        f"python3 -c {q(agent_call)}",
         "# the AWS CLI:",
         f"aws bedrock-runtime converse --model-id {TRY_IT_MODEL} --messages "
         f"{q(json.dumps(message))} --query 'output.message.content[0].text' --output text",

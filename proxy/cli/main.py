@@ -267,6 +267,9 @@ def _demo_command(args: argparse.Namespace) -> int:
                 "sqlite_path": args.sqlite_path,
                 "simulate": True,
                 "access_log": False,
+                # The simulated agent's answer names no tokens without a trace: a price
+                # per call, so that budgeted demo keys may call it.
+                "request_prices": {"InvokeAgent": 0.001},
             },
         )
         configure_logging(settings.log_level)
