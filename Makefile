@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 4000
 DEMO_TLS_PORT ?= 4443
+DEMO_DB ?= demo.db
 
 .PHONY: install js-install sdk-install debian-packages demo run run-tls test test-prerequisites typecheck lint bench clean wheel deploy-check
 
@@ -53,7 +54,7 @@ run: install
 # The proxy on its built-in simulator (no AWS), with demo keys and a little traffic:
 # open http://127.0.0.1:4000/ui and sign in with the key it prints.
 demo: install
-	exec $(VENV)/bin/bedrock-proxy demo --port $(PORT) --tls-port $(DEMO_TLS_PORT)
+	exec $(VENV)/bin/bedrock-proxy demo --port $(PORT) --tls-port $(DEMO_TLS_PORT) --sqlite-path $(DEMO_DB)
 
 # HTTPS on :4000 with a self-signed certificate for localhost (kept in .tls/).
 run-tls: install

@@ -356,9 +356,10 @@ def test_the_control_plane_reads_and_writes_only_when_granted(proxy_ac, fake):
 def test_the_readme_agentcore_snippet_runs_as_written(proxy_ac, fake, monkeypatch):
     key = new_key(proxy_ac)
     text = README.read_text()
-    section = text.split("### Agents on Bedrock AgentCore", 1)[1]
+    section = text.split("**Agents on Bedrock AgentCore**", 1)[1]
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.setenv("BEDROCK_PROXY_URL", proxy_ac.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_AGENTCORE", proxy_ac.url + "/bedrock-agentcore")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["access_key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["secret_access_key"])
     namespace: dict[str, Any] = {}

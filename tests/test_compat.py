@@ -558,8 +558,12 @@ def test_the_readme_snippets_run_as_written(
     key = new_key(proxy_compat)
     section = README.read_text().split(f"**{client_name}**", 1)[1]
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.setenv("BEDROCK_PROXY_URL", proxy_compat.url)
-    monkeypatch.setenv("BEDROCK_PROXY_KEY", key["key"])
+    # The SDKs' own variables, as make demo prints them (bedrock-mantle's Anthropic API).
+    monkeypatch.setenv("OPENAI_BASE_URL", proxy_compat.url + "/bedrock/openai/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", key["key"])
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", proxy_compat.url + "/bedrock-mantle/anthropic")
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", key["key"])
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "".join(WORDS)
 

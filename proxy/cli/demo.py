@@ -111,10 +111,15 @@ async def try_it_key(base: str, master_key: str) -> dict[str, Any]:
 
 
 def client_lines(
-    key: dict[str, Any], http_base: str, https_base: str | None, ca: str | None
+    key: dict[str, Any],
+    http_base: str,
+    https_base: str | None,
+    ca: str | None,
+    admin: tuple[str, str] | None = None,
 ) -> list[str]:
     """Shell lines, each runnable as printed: the key in every client's own variables, then
-    one call per client (boto3, the AWS CLI, curl, Node, Claude Code)."""
+    one call per client (boto3, the AWS CLI, curl, Node, Claude Code). ``admin``: the
+    master key and the store's path, for curl's admin calls and the CLI."""
     q = shlex.quote
     base = https_base or http_base
     message = [{"role": "user", "content": [{"text": "Hello"}]}]
@@ -126,10 +131,28 @@ def client_lines(
         f"export AWS_SECRET_ACCESS_KEY={q(key['secret_access_key'])}",
         f"export AWS_ENDPOINT_URL_BEDROCK_RUNTIME={q(base + '/bedrock')}",
         f"export AWS_ENDPOINT_URL_BEDROCK_AGENT_RUNTIME={q(base + '/bedrock')}",
+        f"export AWS_ENDPOINT_URL_BEDROCK_AGENTCORE={q(base + '/bedrock-agentcore')}",
         "export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1",
     ]
     if ca is not None:
         lines += [f"export AWS_CA_BUNDLE={q(ca)}", f"export NODE_EXTRA_CA_CERTS={q(ca)}"]
+    lines.append(f"export BEDROCK_PROXY_URL={q(base)}")
+    if admin is not None:
+        master, store = admin
+        lines += [
+            "# The admin side: the master key, and the store the CLI must use:",
+            f"export BEDROCK_PROXY_MASTER_KEY={q(master)}",
+            f"export BEDROCK_PROXY_SQLITE_PATH={q(store)}",
+        ]
+    lines += [
+        "# The OpenAI and Anthropic SDKs, and Claude Code, read these:",
+        f"export OPENAI_BASE_URL={q(http_base + '/bedrock/openai/v1')}",
+        'export OPENAI_API_KEY="$AWS_BEARER_TOKEN_BEDROCK"',
+        f"export ANTHROPIC_BASE_URL={q(http_base + '/bedrock/anthropic')}",
+        'export ANTHROPIC_AUTH_TOKEN="$AWS_BEARER_TOKEN_BEDROCK"',
+        f"export ANTHROPIC_MODEL={q(CLAUDE_CODE_MODEL)}",
+        f"export ANTHROPIC_DEFAULT_HAIKU_MODEL={q(CLAUDE_CODE_SMALL_MODEL)}",
+    ]
     # (Double quotes inside, so that each reads as written between single quotes.)
     boto3_call = (
         'import boto3; r = boto3.client("bedrock-runtime").converse('
@@ -165,10 +188,6 @@ def client_lines(
         "# Node (npm install @aws-sdk/client-bedrock-runtime):",
         f"node -e {q(node_call)}",
         "# Claude Code, in Anthropic's format:",
-        f"export ANTHROPIC_BASE_URL={q(http_base + '/bedrock/anthropic')}",
-        'export ANTHROPIC_AUTH_TOKEN="$AWS_BEARER_TOKEN_BEDROCK"',
-        f"export ANTHROPIC_MODEL={q(CLAUDE_CODE_MODEL)}",
-        f"export ANTHROPIC_DEFAULT_HAIKU_MODEL={q(CLAUDE_CODE_SMALL_MODEL)}",
         "claude -p 'Say hello'",
     ]
     return lines

@@ -267,9 +267,9 @@ def _demo_command(args: argparse.Namespace) -> int:
                 "sqlite_path": args.sqlite_path,
                 "simulate": True,
                 "access_log": False,
-                # The simulated agent's answer names no tokens without a trace: a price
-                # per call, so that budgeted demo keys may call it.
-                "request_prices": {"InvokeAgent": 0.001},
+                # Simulated agents' answers name no tokens: a price per call, so that
+                # budgeted demo keys may call them.
+                "request_prices": {"InvokeAgent": 0.001, "InvokeAgentRuntime": 0.001},
             },
         )
         configure_logging(settings.log_level)
@@ -302,12 +302,9 @@ def _demo_command(args: argparse.Namespace) -> int:
             print(f"Console: {base}/ui  (sign in with {master})", flush=True)
             for key in keys:
                 print(f"  demo key {key['key_alias']}: {key['key']}", flush=True)
-            print(
-                f"CLI: export BEDROCK_PROXY_SQLITE_PATH={os.path.abspath(args.sqlite_path)}"
-                "; bedrock-proxy keys list\n",
-                flush=True,
-            )
-            print("\n".join(client_lines(mine, base, tls_base, ca)) + "\n", flush=True)
+            admin = (master, os.path.abspath(args.sqlite_path))
+            lines = client_lines(mine, base, tls_base, ca, admin)
+            print("\n" + "\n".join(lines) + "\n", flush=True)
         await server
 
     _install_uvloop()

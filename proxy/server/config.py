@@ -27,9 +27,14 @@ class ConfigError(Exception):
 
 @dataclass(slots=True)
 class Settings:
+    # Listen address (--host).
     host: str = "0.0.0.0"
+    # Listen port (--port).
     port: int = 4000
+    # The admin key: signs into the console, calls the admin API, mints keys. Required
+    # unless allow_unauthenticated.
     master_key: str | None = field(default=None, repr=False)
+    # Serve without client authentication when no master key is set (loopback only).
     allow_unauthenticated: bool = False
     # Region used upstream; falls back to AWS_REGION, AWS_DEFAULT_REGION, the AWS profile.
     region: str | None = None
@@ -37,20 +42,26 @@ class Settings:
     client_region: bool = True
     # Upstream base URL per service name; the SDK's AWS_ENDPOINT_URL_* variables also apply.
     endpoints: dict[str, str] = field(default_factory=dict)
+    # Larger request bodies get a 413 in the caller's protocol.
     max_body_bytes: int = 32 * 1024 * 1024
     # Bodies held at once, across the process, before their SigV4 signature is verified.
     max_unverified_body_bytes: int = 256 * 1024 * 1024
     # Largest single upload through /bedrock/files (S3's own limit for one PUT is 5 GiB).
     max_file_bytes: int = 5 * 1024**3
+    # Connecting to the upstream.
     connect_timeout: float = 10.0
+    # Waiting for the upstream's response headers.
     first_byte_timeout: float = 600.0
+    # Silence between chunks of a response; streams have no total limit.
     idle_timeout: float = 120.0
     # The longest a bidirectional session may last, however busy (Nova Sonic's own
     # connections last at most 8 minutes); a revoked key ends it within a second.
     max_session_seconds: float = 3600.0
-    # Client side: time to send the request headers, the body, and idle time between requests.
+    # Seconds a client has to send its request headers (then the connection closes).
     header_timeout: float = 10.0
+    # Seconds a client has to send its request body (then a 408).
     body_timeout: float = 120.0
+    # Seconds a client's connection may stay idle between requests.
     keepalive_timeout: float = 75.0
     # HTTP/1.1 connections per upstream host; 0 means no limit (each call in flight holds one).
     pool_size: int = 0
@@ -60,18 +71,24 @@ class Settings:
     upstream_http2_streams: int = 100
     # Send this Bedrock API key upstream instead of SigV4 (AWS_BEARER_TOKEN_BEDROCK).
     upstream_bearer_token: str | None = field(default=None, repr=False)
+    # The AWS profile of the server's credentials (AWS_PROFILE).
     aws_profile: str | None = None
     # Headers that may carry a client's key, besides Authorization: Bearer.
     auth_headers: list[str] = field(default_factory=lambda: list(DEFAULT_AUTH_HEADERS))
+    # One JSON line per request on stdout.
     access_log: bool = True
+    # The server log's level (JSON lines on stderr).
     log_level: str = "info"
-    # HTTPS on the main port when both are set; reloaded on SIGHUP.
+    # HTTPS on the main port with this PEM chain (--tls-cert) and the key below; reloaded
+    # on SIGHUP.
     tls_cert: str | None = None
+    # The private key of tls_cert (--tls-key).
     tls_key: str | None = None
     # A second, plain-HTTP listener for health checks (and metrics) inside a cluster.
     http_port: int | None = None
     # The key and ledger store: PostgreSQL when set, else SQLite at sqlite_path.
     database_url: str | None = field(default=None, repr=False)
+    # The SQLite file, when database_url is unset.
     sqlite_path: str = "bedrock-proxy.db"
     # PostgreSQL connections per process.
     database_pool_size: int = 10
@@ -103,6 +120,7 @@ class Settings:
     # Extra or overriding prices: a JSON file shaped like proxy/data/prices.json, and/or
     # {model: {input, output, cache_read, cache_write}} in USD per 1,000 tokens.
     prices_file: str | None = None
+    # Prices in the settings themselves, {model: {input, output, cache_read, cache_write}}.
     prices: dict[str, Any] = field(default_factory=dict)
     # The price of a model no source prices, {input, output} per 1,000 tokens. Unset, a
     # key with a budget is refused such a model (its calls would otherwise be free).
@@ -112,19 +130,22 @@ class Settings:
     request_prices: dict[str, Any] = field(default_factory=dict)
     # Batch jobs: how often one replica looks for ended jobs to charge, and their discount.
     batch_poll_interval: float = 60.0
+    # A batch job's price against on-demand's.
     batch_discount: float = 0.5
     # Seconds an application inference profile's or provisioned model's resolution is kept.
     model_ref_ttl: float = 3600.0
     # Budget alerts: POSTed when a key, user, team or named limit crosses 80 % and 100 % of
     # its budget, once per period; "slack" sends Slack's {"text": ...} body.
     alert_webhook_url: str | None = field(default=None, repr=False)
+    # The alert's body: "json", or "slack".
     alert_webhook_format: str = "json"
     # Output tokens assumed when reserving budget at admission.
     reserve_output_tokens: int = 1000
     # x-bedrock-proxy-cost / -tokens headers on non-stream responses.
     cost_headers: bool = True
-    # Processes serving one port (SO_REUSEPORT); see the README on when to raise it.
+    # Processes serving one port (SO_REUSEPORT); docs/operations.md says when to raise it.
     workers: int = 1
+    # Listen with SO_REUSEPORT (set for --workers).
     reuse_port: bool = False
     # Set by the --workers supervisor: where workers share their metrics (observe.shared).
     metrics_dir: str | None = None
@@ -137,10 +158,11 @@ class Settings:
     # Upstream routing: named AWS accounts, pools of (account, region) members, routes
     # (see docs/operations.md). Unset: one upstream, the default credentials and region.
     upstreams: dict[str, Any] = field(default_factory=dict)
-    # The operator's console at /ui, and how long an idle console session lasts.
+    # The operator's console at /ui.
     console: bool = True
     # Answer Bedrock calls from the built-in simulator instead of AWS (try it, or CI).
     simulate: bool = False
+    # How long an idle console session lasts.
     console_idle_timeout: float = 1800.0
     # Load balancers (IP addresses or networks) whose X-Forwarded-Proto / Forwarded and
     # X-Forwarded-For the console believes: behind a TLS-terminating one, the browser's

@@ -264,6 +264,9 @@ def agent_frames(agent_id: str, payload: Any) -> list[bytes]:
 
 
 AGENT_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
+# AgentCore's runtime session header, and what a simulated runtime says.
+RUNTIME_SESSION_HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
+AGENT_WORDS = ("Hello", "from", "the", "agent")
 
 
 def foundation_models() -> dict[str, Any]:
@@ -335,6 +338,7 @@ SIMULATED_OPERATIONS = (
     "Retrieve",
     "InvokeAgent",
     "ListFoundationModels",
+    "InvokeAgentRuntime (AgentCore)",
 )
 
 
@@ -355,6 +359,18 @@ class Simulator:
         body = await request.read()
         if path.startswith(("/openai/v1/", "/v1/", "/anthropic/v1/")):
             return await self._compat(request, path, body)
+        if (
+            request.method == "POST"
+            and path.startswith("/runtimes/")
+            and path.endswith("/invocations")
+        ):  # AgentCore's InvokeAgentRuntime: an agent's answer, streamed as it speaks
+            session = request.headers.get(RUNTIME_SESSION_HEADER) or "simulated-session"
+            return await self._stream(
+                request,
+                [f"data: {orjson.dumps({'text': w}).decode()}\n\n".encode() for w in AGENT_WORDS],
+                "text/event-stream",
+                headers={RUNTIME_SESSION_HEADER: session},
+            )
         match = self._router.match(request.method, path)
         if match is None:
             return self._label(aws_error(404, "UnknownOperationException", "Unknown operation"))

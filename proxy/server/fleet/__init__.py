@@ -24,7 +24,7 @@ from ...store import Store
 from ...wire.clock import SYSTEM_CLOCK, Clock
 from ...wire.endpoints import Endpoints, Upstream
 from ...wire.modelids import parse_arn
-from ...wire.routing import Service
+from ...wire.routing import UPSTREAM_SERVICES, Service
 from ...wire.sigv4 import Credentials
 from ..credentials import CredentialProvider
 from .config import DEFAULT_ACCOUNT, Account, FleetConfig, Member
@@ -140,16 +140,7 @@ class Fleet:
         """Send everything to the built-in simulator at ``url`` (``serve --simulate``)."""
         region = self._default_endpoints.default_region
         self._default_endpoints = Endpoints(
-            {
-                name: url
-                for name in (
-                    "bedrock-runtime",
-                    "bedrock-agent-runtime",
-                    "bedrock",
-                    "bedrock-mantle",
-                    "s3",
-                )
-            },
+            {name: url for name in (*UPSTREAM_SERVICES, "s3")},
             region,
         )
         self._legacy.clear()
