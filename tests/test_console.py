@@ -193,6 +193,10 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     assert set(rows) == set(expected)
     for group, cost in rows.items():
         assert round(cost, 2) == round(expected[group], 2)  # to the cent
+    mine = next(
+        r for r in page.all("#spend-table tbody tr") if r.get_attribute("data-group") == key_id
+    )
+    assert "console-made" in mine.text  # the alias beside the key's id
     assert sum(float(p.get_attribute("data-value")) for p in points) == pytest.approx(
         sum(expected.values())
     )

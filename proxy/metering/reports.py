@@ -87,6 +87,7 @@ class Reports:
             {
                 "day": r["day"],
                 "group": r["group_value"],
+                "key_alias": r.get("key_alias"),
                 **{k: _num(r[k]) for k in ("requests", "total_tokens", "cost")},
             }
             for r in rows

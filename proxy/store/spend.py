@@ -129,8 +129,9 @@ class SpendRepository:
             args.append(value)
             where.append(f"{name} = ${len(args)}")
         clause = (" WHERE " + " AND ".join(where)) if where else ""
+        alias = ", MAX(key_alias) AS key_alias" if column == "key_id" else ""
         return await self._db.fetch(
-            f"SELECT day, {column} AS group_value, COUNT(*) AS requests,"
+            f"SELECT day, {column} AS group_value, COUNT(*) AS requests{alias},"
             f" SUM(total_tokens) AS total_tokens, SUM(cost) AS cost FROM bp_spend{clause}"
             f" GROUP BY day, {column} ORDER BY day",
             *args,

@@ -470,6 +470,8 @@ class Console:
             total = top.setdefault(
                 name, {"group": name, "requests": 0, "total_tokens": 0, "cost": 0.0}
             )
+            if row.get("key_alias"):  # shown beside the key's id
+                total["alias"] = row["key_alias"]
             total["requests"] += row["requests"] or 0
             total["total_tokens"] += row["total_tokens"] or 0
             total["cost"] += row["cost"] or 0.0
