@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -632,3 +634,52 @@ def test_a_revoked_key_loses_its_open_stream_with_the_apis_error_event(proxy_com
     assert not runtime.gate_timed_out
     line = proxy_compat.wait_log_line(lambda r: r.get("model") == "test.hold")
     assert line["error"] == "AccessDeniedException" and line["incomplete"]
+
+
+# ---------------------------------------------------------------- observed like any call
+
+
+def test_the_console_metrics_and_traces_show_compatible_calls(start_proxy, fakes, runtime):
+    """A chat completion is a span, a metric, a ledger row and a line in the console's
+    spend by model, named by its operation and its model, as a native call is."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tests.test_console import _get, _sign_in
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):  # (one provider per process, ever)
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = start_proxy(
+        endpoints={"bedrock-runtime": fakes["runtime"][1]}, tracing=True, ledger_flush_interval=0.1
+    )
+    key = new_key(server, models=["openai.*"], max_budget=5.0)
+    oai(server, key["key"]).chat.completions.create(
+        model=OSS_RUNTIME, messages=[{"role": "user", "content": "Hi"}]
+    )
+    server.settle()
+    deadline = time.monotonic() + 10
+    while not (
+        spans := [s for s in exporter.get_finished_spans() if "OpenAIChatCompletions" in s.name]
+    ):
+        assert time.monotonic() < deadline, [s.name for s in exporter.get_finished_spans()]
+        time.sleep(0.02)
+    assert spans[0].attributes["gen_ai.request.model"] == OSS_RUNTIME
+    assert spans[0].attributes["gen_ai.usage.input_tokens"] == 20
+    request = urllib.request.Request(
+        server.url + "/metrics", headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        metrics = answer.read().decode()
+    assert re.search(r'operation="OpenAIChatCompletions"[^\n]*status="200"', metrics), metrics[
+        :3000
+    ]
+    status, cookie = _sign_in(server, MASTER_KEY)
+    assert status == 303 and cookie
+    status, page = _get(server, "/ui/spend?by=model", {"bp_console": cookie})
+    assert status == 200 and f'data-group="{OSS_RUNTIME}"' in page
