@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -383,10 +384,12 @@ def _skip_unreachable_members(routed, fleet, port: int) -> None:
     started = time.monotonic()
     assert served_by(converse(boto_client("bedrock-runtime", proxy))) == "b/us-west-2"
     assert time.monotonic() - started < 3
-    # Both cool down: the next request goes straight to b.
-    started = time.monotonic()
+    tried = _member_counts(proxy)
+    assert tried["dead/us-east-2"] == tried["closed/us-east-1"] == 1, tried
+    # Both cool down: the next request goes straight to b, trying neither (counted, not
+    # timed: a busy machine makes any request slow).
     assert served_by(converse(boto_client("bedrock-runtime", proxy))) == "b/us-west-2"
-    assert time.monotonic() - started < 0.25
+    assert _member_counts(proxy) == tried
 
 
 def test_a_stream_is_never_moved_after_its_first_byte(routed, fleet):
@@ -798,6 +801,15 @@ def _console_live(proxy) -> dict:
     live = urllib.request.Request(proxy.url + "/ui/live.json", headers={"Cookie": cookie})
     with urllib.request.urlopen(live, timeout=10) as response:
         return json.loads(response.read())
+
+
+def _member_counts(proxy) -> dict[str, int]:
+    """Failovers off each member: how often a request tried it and moved on."""
+    _, text = _metrics(proxy)
+    found = re.findall(
+        r'bedrock_proxy_upstream_member_failovers_total\{member="([^"]+)"\} (\d+)', text
+    )
+    return {member: int(n) for member, n in found}
 
 
 def _metrics(proxy) -> tuple[int, str]:
