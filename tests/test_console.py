@@ -777,7 +777,7 @@ def test_exports_are_whole_and_never_run_as_formulas(start_proxy, fake, monkeypa
 
 def test_a_keys_own_page_shows_its_last_twenty_requests(start_proxy, fake):
     server = start_proxy(ledger_flush_interval=0.1)
-    key = new_key(server)
+    key = new_key(server, max_budget=0.5, budget_duration="30d")
     client = boto_client("bedrock-runtime", server, key=key["key"])
     for _ in range(25):
         client.converse(modelId=HAIKU, messages=[{"role": "user", "content": [{"text": "hi"}]}])
@@ -787,6 +787,10 @@ def test_a_keys_own_page_shows_its_last_twenty_requests(start_proxy, fake):
     assert status == 200
     table = text.split('id="requests"', 1)[1].split("</table>", 1)[0]
     assert table.count("<tr>") == 1 + 20  # the header row and twenty requests
+    # Money with the digits that keep a small amount from reading as zero.
+    summary = text.split('id="my-spend"', 1)[1].split("</p>", 1)[0]
+    assert "$0.00<" not in summary and "of $0.50 this period" in summary, summary
+    assert "<td>0.000000</td>" not in table and "<td>$0.0000" in table, table[:600]
 
 
 def test_behind_a_trusted_tls_proxy_sign_in_works_and_the_cookie_is_secure(start_proxy):

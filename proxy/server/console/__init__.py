@@ -27,6 +27,7 @@ from aiohttp import web
 from ...access.auth import Authenticator
 from ...access.keyservice import KeyService
 from ...exchange import Identity
+from ...metering.limits import usd
 from ...metering.reports import Reports
 from ...observe.metrics import Metrics
 from ...store import Store, StoreUnavailable
@@ -103,6 +104,8 @@ class Console:
             undefined=jinja2.StrictUndefined,
         )
         self._env.globals["simulated"] = simulated
+        # Money with the digits a small amount needs to read as non-zero ($0.00055).
+        self._env.filters["usd"] = usd
         self._static = {
             name: resources.files(__package__).joinpath("static", name).read_bytes()
             for name in _STATIC
