@@ -642,19 +642,10 @@ def test_a_revoked_key_loses_its_open_stream_with_the_apis_error_event(proxy_com
 def test_the_console_metrics_and_traces_show_compatible_calls(start_proxy, fakes, runtime):
     """A chat completion is a span, a metric, a ledger row and a line in the console's
     spend by model, named by its operation and its model, as a native call is."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
+    from tests.helpers.tracing import span_exporter
     from tests.test_console import _get, _sign_in
 
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):  # (one provider per process, ever)
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = span_exporter()
     server = start_proxy(
         endpoints={"bedrock-runtime": fakes["runtime"][1]}, tracing=True, ledger_flush_interval=0.1
     )

@@ -225,15 +225,9 @@ def test_workers_share_one_port(fake_server, tmp_path):
 
 
 def test_tracing_spans_continue_the_clients_trace(start_proxy, fake):
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from tests.helpers.tracing import span_exporter
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    exporter = span_exporter()
     server = start_proxy(tracing=True)
     client = boto_client("bedrock-runtime", server)
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
