@@ -517,3 +517,20 @@ def test_an_alias_cannot_name_another_key(proxy):
     aliased = new_key(proxy, key_alias="team-bot")
     status, body = admin(proxy, "POST", "/key/delete", {"key_aliases": ["team-bot"]})
     assert status == 200 and body["deleted_keys"] == [aliased["key_id"]]
+
+
+def test_a_key_expires_when_the_proxys_clock_says(start_proxy, fake):
+    """Expiry is read from the proxy's clock (injected): the test moves it past the key's
+    lifetime instead of waiting an hour."""
+    from tests.conftest import boto_client
+
+    server = start_proxy()
+    key = new_key(server, duration="1h")
+    client = boto_client("bedrock-runtime", server, key=key["key"])
+    message = [{"role": "user", "content": [{"text": "hi"}]}]
+    client.converse(modelId="anthropic.claude-3-haiku-20240307-v1:0", messages=message)
+    server.clock.advance(3600 + 1)
+    with pytest.raises(ClientError) as refused:
+        client.converse(modelId="anthropic.claude-3-haiku-20240307-v1:0", messages=message)
+    error = refused.value.response["Error"]
+    assert error["Code"] == "AccessDeniedException" and "expired" in error["Message"]

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import hmac
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
-from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from ..exchange import ANONYMOUS, MASTER, Identity
 from ..wire import errors, sigv4
+from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.eventsig import SignatureChain
 from ..wire.headers import forwarded_amz
 from .keycache import KeyCache
@@ -31,6 +32,22 @@ from .keys import KeyRecord, hash_token
 _ACCESS_KEY_ID = re.compile(r"[A-Z0-9]{16,128}")
 # No key of ours is longer; a longer one is refused before it is hashed or looked up.
 _MAX_KEY_LENGTH = 1024
+
+
+class _Version(Protocol):
+    @property
+    def major(self) -> int: ...
+
+
+class ClientRequest(Protocol):
+    """What authentication reads of a request: its headers and its HTTP version (the
+    server's request type has both; this layer does not depend on the framework)."""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def version(self) -> _Version: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +73,11 @@ class Authenticator:
         allow_unauthenticated: bool,
         keys: KeyCache | None = None,
         max_skew_seconds: int = 900,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        # The time a key's expiry and a SigV4 signature's age are judged by (a test's
+        # clock moves them).
+        self._clock = clock
         self._master = master_key.encode() if master_key else None
         self._headers = tuple(h.lower() for h in auth_headers)
         self.open = allow_unauthenticated and master_key is None
@@ -76,7 +97,7 @@ class Authenticator:
                 return value[7:].strip() if value[:7].lower() == "bearer " else value
         return None
 
-    def precheck(self, request: web.BaseRequest) -> None:
+    def precheck(self, request: ClientRequest) -> None:
         """Refuse a request with no credentials at all before its body is read."""
         if self.open or self.presented_key(request.headers) is not None:
             return
@@ -87,7 +108,7 @@ class Authenticator:
             "or sign the request with a virtual key's access key"
         )
 
-    async def identify(self, request: web.BaseRequest) -> Identity | None:
+    async def identify(self, request: ClientRequest) -> Identity | None:
         """Everything that can be judged from the headers, before any body is read: a
         bearer key is checked in full; a SigV4 key id must exist (its signature covers the
         body, so it is verified by ``authenticate`` once the body is in). None means the
@@ -105,7 +126,7 @@ class Authenticator:
         return None
 
     async def authenticate(
-        self, request: web.BaseRequest, signed: SignedRequest | None = None
+        self, request: ClientRequest, signed: SignedRequest | None = None
     ) -> Identity:
         if self.open:
             return ANONYMOUS
@@ -118,7 +139,7 @@ class Authenticator:
         self.precheck(request)
         raise errors.access_denied("Missing credentials")
 
-    async def event_chain(self, request: web.BaseRequest) -> SignatureChain:
+    async def event_chain(self, request: ClientRequest) -> SignatureChain:
         """The chain a SigV4 client signs its event frames on (after ``authenticate``):
         the virtual key's signing key, seeded with the request's own signature."""
         parsed, record = await self._signing_key(request.headers.get("Authorization", ""))
@@ -144,7 +165,7 @@ class Authenticator:
             return "The API key was regenerated"
         return current.refusal(now)
 
-    async def master_only(self, request: web.BaseRequest) -> None:
+    async def master_only(self, request: ClientRequest) -> None:
         key = self.presented_key(request.headers)
         if key is None or self._master is None or not self.is_master_key(key):
             raise errors.access_denied("This route requires the master key")
@@ -167,7 +188,7 @@ class Authenticator:
         return self._usable(record)
 
     async def _sigv4(
-        self, request: web.BaseRequest, authorization: str, signed: SignedRequest
+        self, request: ClientRequest, authorization: str, signed: SignedRequest
     ) -> Identity:
         parsed, record = await self._signing_key(authorization)
         if parsed.service != signed.service:
@@ -201,7 +222,7 @@ class Authenticator:
                 raw_query=signed.raw_query,
                 headers=headers,
                 payload_hash=payload_hash,
-                now=datetime.now(UTC),
+                now=datetime.fromtimestamp(self._clock.time(), UTC),
                 max_skew_seconds=self._max_skew,
                 double_encode=signed.double_encode,
             )
@@ -220,7 +241,7 @@ class Authenticator:
         return self._usable(record)
 
     def _usable(self, record: KeyRecord) -> Identity:
-        refusal = record.refusal(time.time())
+        refusal = record.refusal(self._clock.time())
         if refusal is not None:
             raise errors.access_denied(refusal)
         # One Identity per cached record (a changed key is a new record), not per request.

@@ -14,9 +14,9 @@ flood only evicts other misses.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from ..store import SLOW_READ, Store, StoreUnavailable
+from ..wire.clock import SYSTEM_CLOCK, Clock
 from .keys import KeyRecord
 from .secretbox import SecretBox
 
@@ -25,7 +25,10 @@ _MAX_MISSES = 4096
 
 
 class KeyCache:
-    def __init__(self, store: Store, box: SecretBox | None, ttl: float) -> None:
+    def __init__(
+        self, store: Store, box: SecretBox | None, ttl: float, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self._clock = clock  # (its monotonic time: how long an entry is trusted)
         self._store = store
         self._box = box
         self.ttl = ttl
@@ -44,7 +47,7 @@ class KeyCache:
         once half its ``ttl`` has passed, so it is never waited for. An expired one is
         read again while the store answers; during an outage a key this replica knows is
         served as last read rather than refused (a 503 is for keys it has never seen)."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         entry = self._entries.get((column, value))
         if entry is not None:
             if entry[0] > now:  # (the one comparison on every request's path)
@@ -74,7 +77,7 @@ class KeyCache:
         if loading is not None:
             return loading[0]
         task = asyncio.ensure_future(self._read(key))
-        self._loading[key] = (task, time.monotonic())
+        self._loading[key] = (task, self._clock.monotonic())
         task.add_done_callback(lambda done: self._loaded(key, done))
         return task
 
@@ -90,7 +93,7 @@ class KeyCache:
         record = await self._store.keys.by(*key)  # StoreUnavailable: a 503
         if generation != self._generation:  # forgotten meanwhile: not cached
             return record
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if record is None:
             self._entries.pop(key, None)  # deleted: no longer served, even in an outage
             if len(self._misses) >= _MAX_MISSES:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,14 +62,15 @@ def token_hint(token: str) -> str:
     return f"{token[:9]}…{token[-4:]}"
 
 
-def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
-    """Admin input (LiteLLM field names) → a spec; unknown or wrong fields are a 400."""
+def parse_spec(body: dict[str, Any], base: KeySpec | None = None, *, now: float) -> KeySpec:
+    """Admin input (LiteLLM field names) → a spec; unknown or wrong fields are a 400.
+    ``now``: the time a ``duration`` counts from (the caller's clock)."""
     spec = KeySpec.from_json(base.to_json()) if base else KeySpec()
     for name, value in body.items():
         if name in ("key", "keys"):
             continue
         if name in ("duration", "expires"):
-            spec.expires_at = _expiry(name, value)
+            spec.expires_at = _expiry(name, value, now)
         elif name in ("key_alias", "user_id", "team_id", "budget_duration", "upstream"):
             spec_value = _optional_str(name, value)
             if name == "upstream" and not spec_value:
@@ -114,11 +114,11 @@ def parse_spec(body: dict[str, Any], base: KeySpec | None = None) -> KeySpec:
     return spec
 
 
-def _expiry(name: str, value: Any) -> float | None:
+def _expiry(name: str, value: Any, now: float) -> float | None:
     if value is None:
         return None
     if name == "duration":
-        return time.time() + parse_duration(name, str(value))
+        return now + parse_duration(name, str(value))
     if isinstance(value, int | float) and not isinstance(value, bool):
         if not 0 <= value <= _MAX_TIMESTAMP:
             raise errors.validation("expires: a Unix time must be between 0 and year 9999")

@@ -46,7 +46,7 @@ class KeyService:
             raise errors.validation(f"upstream: {pool!r} is not an upstream pool ({known})")
 
     async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
-        spec = parse_spec(body)
+        spec = parse_spec(body, now=self._clock.time())
         self._check_upstream(spec.upstream)
         minted = mint_credentials()
         now = self._clock.time()
@@ -90,7 +90,7 @@ class KeyService:
 
     async def update(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
         record = await self.find(ref)
-        spec = parse_spec(body, base=record.spec)
+        spec = parse_spec(body, base=record.spec, now=self._clock.time())
         self._check_upstream(spec.upstream)
         try:
             updated = await self._store.keys.update(record.key_id, spec=spec)

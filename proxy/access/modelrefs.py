@@ -13,12 +13,12 @@ failed lookup is remembered briefly too, so no client can make the proxy call AW
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 import orjson
 
+from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.endpoints import valid_region
 from ..wire.modelids import arn_model_id, parse_arn
 
@@ -46,7 +46,10 @@ def resolvable(model: str) -> bool:
 
 
 class ModelRefs:
-    def __init__(self, control_get: ControlGet, ttl: float = 3600.0) -> None:
+    def __init__(
+        self, control_get: ControlGet, ttl: float = 3600.0, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self._clock = clock
         self._get = control_get
         self._ttl = ttl
         self._cache: dict[str, tuple[float, str | None]] = {}
@@ -60,7 +63,7 @@ class ModelRefs:
         is a signed call to AWS on ``caller``'s behalf: each caller may cause at most
         ``per_minute`` of them (made-up ARNs would spend the account's control-plane quota
         for every tenant); past that, the ARN stays unresolved."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         cached = self._cache.get(arn)
         if cached is not None and cached[0] > now:
             return cached[1]

@@ -30,7 +30,6 @@ from ..metering.reports import Reports
 from ..observe.accesslog import configure_logging
 from ..server.app import PIPELINE, STATE, StartupError, create_app, create_ops_app
 from ..server.config import ConfigError, Settings, load_settings
-from ..server.fleet.config import parse_fleet
 from ..server.http2 import Http2Limits
 from ..server.runner import ProxyRunner
 from ..server.tls import TLSConfigError, load_chain, server_context, write_self_signed
@@ -402,7 +401,7 @@ def _keys_command(args: argparse.Namespace) -> int:
         service = KeyService(
             store,
             SecretBox(secret, settings.previous_secret_keys),
-            pools=parse_fleet(settings.upstreams).pools,
+            pools=settings.fleet.pools,
         )
         if command == "create":
             return await service.generate(fields)
@@ -481,7 +480,7 @@ def _teams_command(args: argparse.Namespace) -> int:
     async def work(settings: Settings, store: Store) -> object:
         secret = settings.secret_key or settings.master_key or "-" * 16  # teams seal nothing
         service = KeyService(
-            store, SecretBox(secret, []), pools=parse_fleet(settings.upstreams).pools
+            store, SecretBox(secret, []), pools=settings.fleet.pools
         )
         if args.teams_command == "set":
             return await service.set_team({"team_id": args.team, "upstream": args.upstream})

@@ -21,6 +21,7 @@ from ..store import StoreUnavailable
 from ..store.spend import LOG_FILTERS
 from ..wire import errors
 from ..wire.params import paging
+from .responses import aws_response
 
 log = logging.getLogger("bedrock_proxy.admin")
 
@@ -74,10 +75,10 @@ class AdminApi:
                     await self._auth.master_only(request)
                 result = await handler(request)
             except errors.AwsError as exc:
-                return exc.to_response()
+                return aws_response(exc)
             except Exception:  # an AWS-shaped 500, never aiohttp's text page or a trace
                 log.exception("admin API error on %s %s", request.method, request.path)
-                return errors.internal().to_response()
+                return aws_response(errors.internal())
             return web.Response(body=orjson.dumps(result), content_type="application/json")
 
         return wrapped

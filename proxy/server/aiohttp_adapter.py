@@ -23,6 +23,7 @@ from yarl import URL
 
 from ..wire import errors
 from ..wire.http2 import PREFACE, request_fields
+from .responses import aws_response, rendered
 
 log = logging.getLogger("bedrock_proxy.server")
 
@@ -201,12 +202,14 @@ class AwsErrorRequestHandler(RequestHandler):
         if status < 500:
             reason = (message or str(exc) or "malformed request")[:200]
             log.info("refused a request aiohttp could not parse (%d): %s", status, reason)
-            response = errors.json_error_response(
-                status, "ValidationException", f"The request is not valid HTTP: {reason}"
+            response = rendered(
+                errors.rest_json_error(
+                    status, "ValidationException", f"The request is not valid HTTP: {reason}"
+                )
             )
         else:
             log.error("error handling request (%d)", status, exc_info=exc)
-            response = errors.internal().to_response()
+            response = aws_response(errors.internal())
         response.force_close()
         return response
 

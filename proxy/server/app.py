@@ -55,9 +55,10 @@ from .dispatch import application
 from .duplex import DuplexRelay
 from .files import FILES_PATH, FilesFront
 from .fleet import Fleet
-from .fleet.config import FleetConfigError, parse_fleet
+from .fleet.config import FleetConfigError
 from .forwarded import TrustedProxies
 from .pipeline import Pipeline, Shutdown
+from .responses import aws_response
 from .runner import ProxyRunner
 from .simulator import Simulator
 from .upstream import UpstreamClient
@@ -114,7 +115,7 @@ def create_app(
     metrics = Metrics()
     try:
         fleet = Fleet(
-            parse_fleet(settings.upstreams),
+            settings.fleet,
             overrides,
             region,
             credentials,
@@ -128,13 +129,14 @@ def create_app(
         raise ConfigError(f"config error: {exc}") from None
     sealing_secret = settings.secret_key or settings.master_key
     box = SecretBox(sealing_secret, settings.previous_secret_keys) if sealing_secret else None
-    cache = KeyCache(store, box, settings.key_cache_ttl)
+    cache = KeyCache(store, box, settings.key_cache_ttl, clock)
     authenticator = Authenticator(
         settings.master_key,
         settings.auth_headers,
         settings.allow_unauthenticated,
         keys=cache,
         max_skew_seconds=settings.sigv4_max_skew,
+        clock=clock,
     )
     keys: KeyService | None = None
     try:
@@ -180,9 +182,6 @@ def create_app(
         simulated=settings.simulate,
     )
     shutdown = Shutdown()
-    if settings.simulate and not settings.upstream_bearer_token:
-        # The simulator needs no AWS credentials: a token it ignores, so none are looked up.
-        settings.upstream_bearer_token = "bedrock-proxy-simulated"
     upstream = UpstreamClient(settings, fleet, shutdown, metrics)
     if box is not None and settings.master_key:
         keys = KeyService(store, box, cache, clock, fleet.config.pools, fleet.set_team_upstream)
@@ -198,7 +197,7 @@ def create_app(
             ) from None
     pipeline = Pipeline(observers, shutdown)
     jobs = JobRegistry(store)
-    bedrock_model_refs = ModelRefs(upstream.control_get, settings.model_ref_ttl)
+    bedrock_model_refs = ModelRefs(upstream.control_get, settings.model_ref_ttl, clock)
     duplex_relay = DuplexRelay(
         upstream,
         metering,
@@ -510,7 +509,7 @@ def _metrics_handler(
             try:
                 await auth.master_only(request)
             except errors.AwsError as exc:
-                return exc.to_response()
+                return aws_response(exc)
         return web.Response(
             body=_exposition(request.app),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
@@ -525,7 +524,7 @@ def _exposition(app: web.Application) -> bytes:
 
 
 async def _unknown_route(request: web.Request) -> web.Response:
-    return errors.unknown_operation(request.method, request.path).to_response()
+    return aws_response(errors.unknown_operation(request.method, request.path))
 
 
 def _profile_region(settings: Settings) -> str | None:

@@ -43,6 +43,7 @@ from .bodies import RequestBody, read_body
 from .config import Settings
 from .fleet import Target
 from .fleet.affinity import AFFINITY_HEADER, affinity_key
+from .responses import aws_response
 from .upstream import EVENT_STREAM, Framing, UpstreamClient
 
 # Which pool member served the request ("account/region"), when upstreams are configured.
@@ -97,20 +98,20 @@ class BedrockFront:
         self.meter_for: Callable[[str], Meter] = meter_for
 
     def render(self, exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
-        return exc.to_response(x.request_id)
+        return aws_response(exc, x.request_id)
 
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
         """Answer ``Expect: 100-continue`` with 413 at once when the body is too large."""
         length = request.content_length
         if length is not None and length > self._max_body:
-            return errors.payload_too_large(self._max_body).to_response()
+            return aws_response(errors.payload_too_large(self._max_body))
         if request.version != aiohttp.HttpVersion11:
             return None
         expect = request.headers.get("Expect", "")
         if expect.lower() != "100-continue":
-            return errors.AwsError(
-                417, "ValidationException", f"Unsupported Expect header: {expect}"
-            ).to_response()
+            return aws_response(
+                errors.AwsError(417, "ValidationException", f"Unsupported Expect header: {expect}")
+            )
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the 100 is not part of the response proper
         return None

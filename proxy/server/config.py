@@ -15,7 +15,7 @@ import yaml
 
 from ..wire.endpoints import valid_region
 from ..wire.routing import UPSTREAM_SERVICES
-from .fleet.config import FleetConfigError, parse_fleet
+from .fleet.config import FleetConfig, FleetConfigError, parse_fleet
 
 ENV_PREFIX = "BEDROCK_PROXY_"
 DEFAULT_AUTH_HEADERS = ("x-api-key", "litellm_user_api_key", "x-litellm-api-key", "x-bf-vk")
@@ -25,7 +25,7 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message names it."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Settings:
     # Listen address (--host).
     host: str = "0.0.0.0"
@@ -168,9 +168,18 @@ class Settings:
     # X-Forwarded-For the console believes: behind a TLS-terminating one, the browser's
     # scheme (for the sign-in's Origin check and the cookie's Secure flag) and address.
     trusted_proxies: list[str] = field(default_factory=list)
+    # Derived, not a setting: ``upstreams`` parsed (once, by ``load_settings``).
+    fleet: FleetConfig = field(
+        default_factory=lambda: parse_fleet({}),
+        init=False,
+        repr=False,
+        compare=False,
+        metadata={"derived": True},
+    )
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+# The settings a file, the environment or a flag may give (not what is derived from them).
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if not f.metadata.get("derived")}
 _SECRETS = frozenset(
     {
         "master_key",
@@ -205,14 +214,21 @@ def load_settings(
     for name, value in (overrides or {}).items():
         if value is not None:
             raw[name] = value
-    settings = Settings()
+    values: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in _FIELDS:
             raise ConfigError(f"config error: unknown setting {name!r}")
-        setattr(settings, name, _coerce(name, _FIELDS[name].type, value))
-    if settings.region is None:
-        settings.region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    _validate(settings)
+        values[name] = _coerce(name, _FIELDS[name].type, value)
+    if values.get("region") is None:
+        values["region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if "auth_headers" in values:
+        values["auth_headers"] = [h.lower() for h in values["auth_headers"]]
+    if values.get("simulate") and not values.get("upstream_bearer_token"):
+        # The simulator needs no AWS credentials: a token it ignores, so none are looked up.
+        values["upstream_bearer_token"] = "bedrock-proxy-simulated"
+    # Frozen from here on: every part of the process reads the same settings.
+    settings = Settings(**values)
+    object.__setattr__(settings, "fleet", _validate(settings))
     return settings
 
 
@@ -270,7 +286,8 @@ def _coerce(name: str, type_: Any, value: Any) -> Any:
         ) from None
 
 
-def _validate(s: Settings) -> None:
+def _validate(s: Settings) -> FleetConfig:
+    """Refuse a wrong setting with one line naming it; ``upstreams``, parsed."""
     if not 0 < s.port < 65536:
         raise ConfigError(f"config error: port: {s.port} is not a TCP port")
     if s.region is not None and not valid_region(s.region):
@@ -322,7 +339,6 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"config error: {missing}: tls_cert and tls_key must be set together")
     if s.http_port is not None and (not 0 < s.http_port < 65536 or s.http_port == s.port):
         raise ConfigError(f"config error: http_port: {s.http_port} must be a free TCP port")
-    s.auth_headers = [h.lower() for h in s.auth_headers]
     if not 1 <= s.workers <= 256:
         raise ConfigError("config error: workers: must be between 1 and 256")
     if s.shutdown_timeout < 0:
@@ -353,8 +369,9 @@ def _validate(s: Settings) -> None:
     if s.simulate and s.upstreams:
         raise ConfigError("config error: simulate: the simulator replaces upstreams; unset one")
     try:
-        parse_fleet(s.upstreams)
+        fleet = parse_fleet(s.upstreams)
     except FleetConfigError as exc:
         raise ConfigError(f"config error: {exc}") from None
     if s.master_key is not None and len(s.master_key) < 8:
         raise ConfigError("config error: master_key: must be at least 8 characters")
+    return fleet

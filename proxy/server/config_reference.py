@@ -84,6 +84,8 @@ def reference() -> str:
     docs = _docs()
     rows = []
     for f in dataclasses.fields(Settings):
+        if f.metadata.get("derived"):
+            continue
         kind = str(f.type).replace("|", "or")
         doc = docs.get(f.name, "").replace("|", "\\|")
         if f.name in _SECRETS:

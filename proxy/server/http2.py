@@ -42,6 +42,7 @@ from ..wire.http2 import (
     configuration,
 )
 from .aiohttp_adapter import StreamBody, http2_request_message, new_stream_body, stream_request
+from .responses import aws_response
 
 log = logging.getLogger("bedrock_proxy.http2")
 
@@ -407,7 +408,7 @@ class Http2ServerConnection(asyncio.Protocol):
             log.exception("error answering an HTTP/2 stream")
             if not writer.headers_sent and self.transport is not None:
                 with contextlib.suppress(Exception):
-                    await errors.internal().to_response().prepare(request)
+                    await aws_response(errors.internal()).prepare(request)
                     await writer.write_eof()
         finally:
             if not writer.ended and self._streams.get(stream.stream_id) is stream:
@@ -421,9 +422,9 @@ class Http2ServerConnection(asyncio.Protocol):
             self._after_stream()
 
     def _refuse(self, stream: _Stream, exc: errors.AwsError) -> None:
-        response = exc.to_response()
+        response = exc.rest_json()
         headers = [(b":status", str(response.status).encode())]
-        body = response.body if isinstance(response.body, bytes) else b""
+        body = response.body
         for name, value in response.headers.items():
             if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
                 headers.append((name.lower().encode(), value.encode()))

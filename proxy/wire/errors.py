@@ -3,15 +3,19 @@
 REST-JSON services (bedrock-runtime, bedrock-agent-runtime, bedrock) read the error code
 from ``x-amzn-ErrorType`` and the message from the JSON body, so boto3 raises the modelled
 exception class. Mid-stream failures are reported as event-stream exception frames instead.
+
+An error is a value (``AwsError``); its rendering in a protocol's shape is bytes
+(``RenderedError``), which the server's fronts put on the wire: no layer below the server
+builds an HTTP framework's response.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
 
 
 class AwsError(Exception):
@@ -33,8 +37,9 @@ class AwsError(Exception):
         # Why a limit refused the request (rpm, tpm, parallel, budget), for the metrics.
         self.reason = reason
 
-    def to_response(self, request_id: str | None = None) -> web.Response:
-        return json_error_response(
+    def rest_json(self, request_id: str | None = None) -> RenderedError:
+        """As a REST-JSON AWS service answers it (the fronts put it on the wire)."""
+        return rest_json_error(
             self.status, self.code, self.message, request_id=request_id, headers=self.headers
         )
 
@@ -49,14 +54,24 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
-def json_error_response(
+@dataclass(frozen=True, slots=True)
+class RenderedError:
+    """An error as bytes in a protocol's shape: the status, headers and body a front sends
+    (built here, once per protocol; no front builds its own)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def rest_json_error(
     status: int,
     code: str,
     message: str,
     *,
     request_id: str | None = None,
     headers: dict[str, str] | None = None,
-) -> web.Response:
+) -> RenderedError:
     out_headers = {
         "Content-Type": "application/json",
         "x-amzn-ErrorType": code,
@@ -64,7 +79,7 @@ def json_error_response(
     }
     if headers:
         out_headers.update(headers)
-    return web.Response(status=status, body=orjson.dumps({"message": message}), headers=out_headers)
+    return RenderedError(status, out_headers, orjson.dumps({"message": message}))
 
 
 # The refusals the proxy makes, named as AWS names them.
