@@ -479,9 +479,7 @@ def format_table(header: list[str], rows: list[list[str]], numeric: tuple[int, .
 def _teams_command(args: argparse.Namespace) -> int:
     async def work(settings: Settings, store: Store) -> object:
         secret = settings.secret_key or settings.master_key or "-" * 16  # teams seal nothing
-        service = KeyService(
-            store, SecretBox(secret, []), pools=settings.fleet.pools
-        )
+        service = KeyService(store, SecretBox(secret, []), pools=settings.fleet.pools)
         if args.teams_command == "set":
             return await service.set_team({"team_id": args.team, "upstream": args.upstream})
         if args.teams_command == "info":

@@ -119,9 +119,12 @@ class BedrockFront:
     # ------------------------------------------------------------------ what fronts vary
 
     # Whether the front reads bodies and answers through the hooks below (``inspect``,
-    # ``reads_answer``, ``answered``, ``streamed``): they run only then, so the native
-    # fronts make no coroutine per request for a hook that does nothing.
+    # ``answered``, ``streamed``): they run only then, so the native fronts make no
+    # coroutine per request for a hook that does nothing.
     hooked: ClassVar[bool] = False
+    # The operations whose successful, non-streamed answer is read whole and handed to
+    # ``answered`` (data, not a method: it is asked of every answer).
+    reads_answers: ClassVar[frozenset[str]] = frozenset()
 
     def inspect(
         self, x: Exchange, labels: dict[str, str], headers: RequestHeaders, body: RequestBody
@@ -135,11 +138,6 @@ class BedrockFront:
     def framing(self, x: Exchange, content_type: str) -> Framing | None:
         """How a streamed answer is cut and ended early, or None for a plain body."""
         return EVENT_STREAM if content_type.startswith(eventstream.CONTENT_TYPE) else None
-
-    def reads_answer(self, x: Exchange, status: int) -> bool:
-        """Whether a (non-streamed) answer is read whole, for ``answered`` (called only
-        then)."""
-        return False
 
     async def answered(self, x: Exchange, data: bytes) -> bytes:
         """A successful answer read whole, as the client gets it."""
@@ -196,7 +194,9 @@ class BedrockFront:
                 await self._owned_remember(identity, claim, upstream.headers, None)
                 claim = None
             failed = upstream.status >= 400
-            hooked_answer = self.hooked and self.reads_answer(x, upstream.status)
+            hooked_answer = (
+                upstream.status == 200 and op is not None and op.name in self.reads_answers
+            )
             if not is_event_stream and (
                 owned_listing
                 or failed

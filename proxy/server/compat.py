@@ -71,6 +71,7 @@ class CompatFront(BedrockFront):
     """The Bedrock front's steps, on a compatible API's routes (see the module's doc)."""
 
     hooked = True
+    reads_answers = _READ_ANSWERS
 
     def __init__(self, *args: Any, owned_state: access.OwnedState, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -119,9 +120,6 @@ class CompatFront(BedrockFront):
         if _SSE not in content_type or x.operation is None:  # (no str method call)
             return None
         return _FRAMINGS[compat.dialect_of(x.operation)]
-
-    def reads_answer(self, x: Exchange, status: int) -> bool:
-        return status == 200 and x.operation is not None and x.operation.name in _READ_ANSWERS
 
     async def answered(self, x: Exchange, data: bytes) -> bytes:
         op, identity = x.operation, x.identity
