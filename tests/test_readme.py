@@ -96,3 +96,55 @@ def test_a_new_user_follows_the_readme(tmp_path):
             assert ran.returncode == 0, f"snippet {i} ({lang}):\n{code}\n{ran.stdout}\n{ran.stderr}"
             assert ran.stdout.strip(), f"snippet {i} printed nothing:\n{code}\n{ran.stderr}"
     assert not any("Traceback" in line for line in demo.stderr), "\n".join(demo.stderr[-50:])
+
+
+def test_the_readmes_commands_to_run_in_front_of_aws_start_the_proxy(tmp_path):
+    """``make run`` and ``make run-tls`` as the README shows them (with a master key, on a
+    free port, loopback only, and no AWS credentials: the proxy is live, not ready)."""
+    import contextlib
+    import os
+    import signal
+    import ssl
+    import time
+    import urllib.request
+
+    block = _FENCE.findall(_section(README.read_text(), "Run it in front of AWS"))[0][1]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert [c for c in commands if c.startswith("make")] == ["make run", "make run-tls"]
+    assert "export BEDROCK_PROXY_MASTER_KEY=sk-choose-a-long-secret" in commands
+    insecure = ssl.create_default_context()
+    insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+    for command, scheme in (("make run", "http"), ("make run-tls", "https")):
+        port = free_port()
+        env = shell_env(tmp_path)
+        env.update(
+            BEDROCK_PROXY_MASTER_KEY="sk-choose-a-long-secret",
+            BEDROCK_PROXY_HOST="127.0.0.1",
+            BEDROCK_PROXY_SQLITE_PATH=str(tmp_path / "run.db"),
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+        proc = subprocess.Popen(
+            [*command.split(), f"PORT={port}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    url = f"{scheme}://127.0.0.1:{port}/health/liveness"
+                    with urllib.request.urlopen(url, timeout=2, context=insecure) as live:
+                        assert live.status == 200
+                        break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, command
+                    time.sleep(0.1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err, f"{command}:\n{out}\n{err}"
