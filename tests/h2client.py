@@ -47,11 +47,13 @@ class H2Client:
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.closed = False
         self.closed_by = ""  # how the connection ended without a GOAWAY read: for failures
+        # The server stopped taking our bytes (it closed): what it sent before is still read.
+        self.write_failed = ""
         self.flush()
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
-        if data:
+        if data and not self.write_failed:
             self.sock.sendall(data)
 
     def request(
@@ -114,13 +116,17 @@ class H2Client:
             if not data:
                 self.closed = True
                 self.closed_by = self.closed_by or "end of stream"
+                if self.write_failed:
+                    self.closed_by += f" (after a failed write: {self.write_failed})"
                 break
             for event in self.conn.receive_data(data):
                 self._on(event)
             try:
                 self.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                self.closed = True  # the server closed while we answered its frames
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # The server closed while we answered its frames: its last ones (a GOAWAY)
+                # may still be on the way, so reading goes on until the connection ends.
+                self.write_failed = repr(exc)
 
     def _on(self, event: Any) -> None:
         if isinstance(event, h2.events.ResponseReceived):
