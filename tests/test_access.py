@@ -34,7 +34,7 @@ from proxy.access.keys import OPERATION_GROUPS
 from proxy.server.app import STORE
 from proxy.wire.routing import AGENTCORE, SERVICE_NAMES, load_operations
 from tests.conftest import MASTER_KEY, REGION, boto_client, client_config
-from tests.test_virtual_keys import admin, new_key, sigv4_client
+from tests.helpers.admin import admin, new_key, sigv4_client
 
 ACCOUNT = "123456789012"
 ARN = f"arn:aws:bedrock:{REGION}:{ACCOUNT}"
@@ -835,7 +835,7 @@ def test_anonymous_junk_grows_neither_memory_nor_metrics(fake_server, tmp_path):
 
     import aiohttp
 
-    from tests.test_cli import BIN, free_port, running, server_env
+    from tests.helpers.processes import BIN, free_port, running, server_env
 
     port = free_port()
     env = server_env(

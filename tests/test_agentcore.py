@@ -21,7 +21,7 @@ from proxy.access import policy
 from proxy.wire.routing import AGENTCORE, Router, load_operations
 from tests.conftest import REGION, SERVICES, client_config, start_server
 from tests.fake_agentcore import FakeAgentCore
-from tests.test_virtual_keys import admin, new_key
+from tests.helpers.admin import admin, new_key
 
 ACCOUNT = "123456789012"
 RUNTIME = f"arn:aws:bedrock-agentcore:{REGION}:{ACCOUNT}:runtime/support_agent-AbCdEf1234"

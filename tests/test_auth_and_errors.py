@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
 from botocore.exceptions import ClientError
 
 from tests.conftest import MASTER_KEY, boto_client, unanswered_port
+from tests.helpers.http import curl
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 CONVERSE = "/model/cohere.command-r-v1:0/converse"
-
-
-def curl(url: str, *args: str, data: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    """curl, as virtual-key holders call the proxy; returns status, headers, body."""
-    cmd = ["curl", "-sS", "-D", "-", "--max-time", "20", url, *args]
-    if data is not None:
-        cmd += ["-H", "Content-Type: application/json", "--data-binary", data]
-    out = subprocess.run(cmd, capture_output=True, check=True, timeout=30).stdout
-    head, _, body = out.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return status, headers, body
 
 
 def assert_aws_error(status, headers, body, expected_status, code):

@@ -24,7 +24,7 @@ from proxy.metering.pricing import PriceTable
 from proxy.server.simulated_compat import WORDS
 from tests.conftest import MASTER_KEY, start_server
 from tests.fake_compat import FakeCompat
-from tests.test_virtual_keys import admin, new_key
+from tests.helpers.admin import admin, new_key
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 OSS = "openai.gpt-oss-120b"
@@ -642,8 +642,9 @@ def test_a_revoked_key_loses_its_open_stream_with_the_apis_error_event(proxy_com
 def test_the_console_metrics_and_traces_show_compatible_calls(start_proxy, fakes, runtime):
     """A chat completion is a span, a metric, a ledger row and a line in the console's
     spend by model, named by its operation and its model, as a native call is."""
+    from tests.helpers.console import console_get as _get
+    from tests.helpers.console import sign_in as _sign_in
     from tests.helpers.tracing import span_exporter
-    from tests.test_console import _get, _sign_in
 
     exporter = span_exporter()
     server = start_proxy(

@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import MASTER_KEY, boto_client
-from tests.test_virtual_keys import admin, new_key
+from tests.helpers.admin import admin, new_key
+from tests.helpers.console import _call
+from tests.helpers.console import console_get as _get
+from tests.helpers.console import console_post as _post
+from tests.helpers.console import sign_in as _sign_in
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "console"
@@ -361,25 +365,6 @@ def test_a_wrong_key_is_refused_then_rate_limited(browser, start_proxy):
     page.shot("signin-throttled")
 
 
-def _get(server, path: str, cookies: dict[str, str]) -> tuple[int, str]:
-    return _call(urllib.request.Request(server.url + path), cookies)
-
-
-def _post(server, path: str, form: dict[str, str], cookies: dict[str, str]) -> tuple[int, str]:
-    data = urllib.parse.urlencode(form).encode()
-    return _call(urllib.request.Request(server.url + path, data=data, method="POST"), cookies)
-
-
-def _call(request: urllib.request.Request, cookies: dict[str, str]) -> tuple[int, str]:
-    if cookies:
-        request.add_header("Cookie", "; ".join(f"{k}={v}" for k, v in cookies.items()))
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def _wait(predicate, timeout: float = 10.0) -> None:
     import time
 
@@ -430,7 +415,7 @@ def test_serve_simulate_answers_every_client_and_says_so(tmp_path):
     import boto3
 
     from tests.conftest import client_config
-    from tests.test_cli import free_port
+    from tests.helpers.processes import free_port
 
     port = free_port()
     proc = _start(
@@ -552,7 +537,7 @@ def test_serve_simulate_answers_every_client_and_says_so(tmp_path):
 
 
 def test_make_demo_opens_a_populated_console(browser, tmp_path):
-    from tests.test_cli import free_port
+    from tests.helpers.processes import free_port
 
     port = free_port()
     proc = _start(
@@ -636,24 +621,6 @@ def test_sessions_are_shared_by_replicas_and_end_when_idle(start_proxy, store_se
 
 
 # ---------------------------------------------------------------- sessions, throttle, forms
-
-
-def _sign_in(server, key: str) -> tuple[int, str | None]:
-    """POST the sign-in form; (status, session cookie or None)."""
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any) -> None:
-            return None
-
-    request = urllib.request.Request(
-        server.url + "/ui/signin", data=urllib.parse.urlencode({"key": key}).encode()
-    )
-    try:
-        with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as answer:
-            return answer.status, None
-    except urllib.error.HTTPError as exc:
-        cookie = exc.headers.get("Set-Cookie")
-        return exc.code, cookie.split(";")[0].split("=", 1)[1] if cookie else None
 
 
 def test_sessions_end_with_the_credential_they_were_opened_with(start_proxy, tmp_path):

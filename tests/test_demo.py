@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.helpers.demo import BIN, JS, NODE_BIN, running_demo, shell_env
-from tests.test_cli import free_port
+from tests.helpers.processes import free_port
 
 
 @pytest.mark.skipif(

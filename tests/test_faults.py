@@ -23,8 +23,8 @@ from botocore.exceptions import ClientError, EventStreamError
 from proxy.metering.limits import LimitSpec, RedisLimiter
 from proxy.server.app import METERING, STORE
 from tests.conftest import MASTER_KEY, boto_client
+from tests.helpers.admin import admin, new_key
 from tests.helpers.relay import Relay
-from tests.test_virtual_keys import admin, new_key
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"

@@ -14,20 +14,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.conftest import MASTER_KEY, REGION
-from tests.test_virtual_keys import new_key, sigv4_client
+from tests.helpers.admin import new_key, s3_client, sigv4_client
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
-
-
-def s3_client(server, key: dict, **config):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.base + "/files",
-        region_name=REGION,
-        aws_access_key_id=key["access_key_id"],
-        aws_secret_access_key=key["secret_access_key"],
-        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}, **config),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +300,7 @@ def test_master_key_bearer_can_use_files(files_proxy, fake_s3):
 
 def test_large_multipart_upload_streams_with_bounded_memory(fake_server, fake_s3_server, tmp_path):
     """A 105 MiB file through a proxy process: its peak memory stays far below the file."""
-    from tests.test_cli import BIN, free_port, running, server_env
+    from tests.helpers.processes import BIN, free_port, running, server_env
 
     _, fake_url = fake_server
     fake_s3, s3_url = fake_s3_server

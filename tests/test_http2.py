@@ -37,9 +37,9 @@ from tests.conftest import (
 )
 from tests.fake_bedrock import FakeBedrock
 from tests.h2client import Answer, H2Client
-from tests.test_cli import BIN, free_port, running
-from tests.test_operations import _proxy_env
-from tests.test_virtual_keys import admin, new_key
+from tests.helpers.admin import admin, new_key
+from tests.helpers.processes import BIN, free_port, running
+from tests.helpers.processes import proxy_env as _proxy_env
 
 JS = os.path.join(os.path.dirname(__file__), "js")
 BODY = json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}).encode()

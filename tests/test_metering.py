@@ -16,8 +16,8 @@ from botocore.exceptions import EventStreamError
 
 from proxy.metering.pricing import PriceTable
 from tests.conftest import MASTER_KEY, boto_client
-from tests.test_auth_and_errors import curl
-from tests.test_virtual_keys import admin, new_key, sigv4_client
+from tests.helpers.admin import admin, ledger_row, new_key, sigv4_client
+from tests.helpers.http import curl
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -34,19 +34,6 @@ def cost_of(model: str, i: int = 0, o: int = 0, cr: int = 0, cw: int = 0) -> flo
 @pytest.fixture(scope="module")
 def metered(start_proxy, store_settings):
     return start_proxy(ledger_flush_interval=0.1, key_cache_ttl=0.5, **store_settings)
-
-
-def ledger_row(server, request_id: str, timeout: float = 5) -> dict:
-    """The ledger row of one request, once the batch writer has stored it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, logs = admin(server, "GET", "/spend/logs?size=1000")
-        assert status == 200
-        for row in logs["logs"]:
-            if row["request_id"] == request_id:
-                return row
-        time.sleep(0.1)
-    raise AssertionError(f"no ledger row for {request_id}")
 
 
 def request_id(reply: dict) -> str:

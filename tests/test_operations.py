@@ -16,7 +16,8 @@ import pytest
 from botocore.exceptions import EventStreamError
 
 from tests.conftest import MASTER_KEY, boto_client
-from tests.test_cli import BIN, free_port, running, server_env
+from tests.helpers.processes import BIN, free_port, running
+from tests.helpers.processes import proxy_env as _proxy_env
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 
@@ -58,16 +59,6 @@ def _refuses_connections(port: int) -> bool:
     except OSError:
         return True
     return False
-
-
-def _proxy_env(fake_url: str, port: int, tmp_path, **extra: str) -> dict[str, str]:
-    return server_env(
-        fake_url,
-        BEDROCK_PROXY_HOST="127.0.0.1",
-        BEDROCK_PROXY_PORT=str(port),
-        BEDROCK_PROXY_SQLITE_PATH=str(tmp_path / "ops.db"),
-        **extra,
-    )
 
 
 def test_sigterm_drains_streams_and_flushes_the_ledger(fake_server, tmp_path):
@@ -155,7 +146,7 @@ def test_metrics(start_proxy, fake):
 
 def test_limit_refusals_are_counted(start_proxy, fake):
     server = start_proxy()
-    from tests.test_virtual_keys import new_key, sigv4_client
+    from tests.helpers.admin import new_key, sigv4_client
 
     key = new_key(server, rpm_limit=1)
     client = sigv4_client("bedrock-runtime", server, key)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.helpers.demo import JS, NODE_BIN, ROOT, running_demo, shell_env
-from tests.test_cli import free_port
+from tests.helpers.processes import free_port
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"

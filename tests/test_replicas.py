@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import MASTER_KEY
-from tests.test_cli import BIN, free_port, running, server_env
+from tests.helpers.processes import BIN, free_port, running, server_env
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 BODY = {"messages": [{"role": "user", "content": [{"text": "Hello"}]}]}

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import MASTER_KEY
-from tests.test_cli import BIN, free_port, running, server_env
+from tests.helpers.processes import BIN, free_port, running, server_env
 
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
 BODY = {"messages": [{"role": "user", "content": [{"text": "Hello"}]}]}

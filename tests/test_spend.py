@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 
 from proxy.metering.pricing import PriceTable
 from proxy.metering.usage import Usage
-from tests.test_auth_and_errors import curl
-from tests.test_metering import _wait_for_fresh_minute, ledger_row
-from tests.test_virtual_keys import admin, new_key, sigv4_client
+from tests.helpers.admin import admin, ledger_row, new_key, sigv4_client
+from tests.helpers.http import curl
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 SONNET_45 = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"  # what Claude Code sends
@@ -218,7 +217,7 @@ def test_tpm_holds_under_a_concurrent_burst(start_proxy, fake, tmp_path, shared,
         extra["redis_url"] = request.getfixturevalue("redis_url")
     server = start_proxy(sqlite_path=str(tmp_path / "tpm.db"), **extra)
     key = new_key(server, tpm_limit=20)
-    _wait_for_fresh_minute(server)
+    server.clock.fresh_minute()
     url = server.base + "/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
     statuses = asyncio.run(_concurrent(url, key["key"], 30))
     # Each admission reserves its estimate (input by size + reserve_output_tokens): the
@@ -230,7 +229,7 @@ def test_tpm_holds_under_a_concurrent_burst(start_proxy, fake, tmp_path, shared,
 
 
 def test_named_limits_belong_to_their_members(spend_proxy, fake):
-    _wait_for_fresh_minute(spend_proxy)
+    spend_proxy.clock.fresh_minute()
     team = f"team-{time.time_ns()}"
     member = new_key(spend_proxy)
     teammate = new_key(spend_proxy, team_id=team)
@@ -464,7 +463,7 @@ def test_agents_and_rag_are_charged_not_free(start_proxy, fake, tmp_path):
 def test_a_batch_job_is_charged_from_its_manifest_when_it_ends(
     start_proxy, fake, fake_s3_server, tmp_path
 ):
-    from tests.test_files import s3_client
+    from tests.helpers.admin import s3_client
 
     fake_s3, _ = fake_s3_server
     fake.s3 = fake_s3

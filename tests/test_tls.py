@@ -18,7 +18,7 @@ from botocore.exceptions import SSLError
 from proxy.server.tls import server_context, write_self_signed
 from tests.conftest import MASTER_KEY, REGION, boto_client, client_config, start_server
 from tests.fake_bedrock import FakeBedrock
-from tests.test_cli import BIN, free_port, running, server_env
+from tests.helpers.processes import BIN, free_port, running, server_env
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 
@@ -204,7 +204,7 @@ def test_tls_selfsigned_command_prints_what_boto3_needs(tmp_path):
 def test_virtual_key_over_https_by_bearer_and_sigv4(
     start_proxy, cert_pair, fake, monkeypatch, tmp_path
 ):
-    from tests.test_virtual_keys import new_key
+    from tests.helpers.admin import new_key
 
     store = {"sqlite_path": str(tmp_path / "keys.db")}
     https = start_proxy(tls=server_context(*cert_pair), **store)

@@ -12,7 +12,7 @@ import pytest
 from proxy.server.credentials import CredentialProvider
 from tests.conftest import MASTER_KEY, boto_client, client_config, with_key_header
 from tests.fake_bedrock import UPSTREAM_BEARER
-from tests.test_auth_and_errors import curl
+from tests.helpers.http import curl
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 

@@ -32,7 +32,7 @@ from tests.fake_bedrock import (
 )
 from tests.fake_s3 import FakeS3, Obj
 from tests.fake_sts import FakeSts
-from tests.test_virtual_keys import admin, new_key
+from tests.helpers.admin import admin, new_key
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 ACCOUNT_IDS = {"a": "111111111111", "b": "222222222222", "c": "333333333333"}
@@ -198,7 +198,7 @@ def test_each_member_signs_with_its_own_account(routed, fleet):
 
 
 def test_files_go_to_the_bucket_of_the_keys_account(routed, fleet):
-    from tests.test_files import s3_client
+    from tests.helpers.admin import s3_client
 
     proxy = routed()
     key = new_key(proxy, upstream="only-b", file_buckets=["team-b"])
@@ -212,7 +212,7 @@ def test_files_go_to_the_bucket_of_the_keys_account(routed, fleet):
 
 
 def test_a_batch_job_runs_reads_and_is_charged_in_its_own_account(routed, fleet, tmp_path):
-    from tests.test_spend import ledger_row
+    from tests.helpers.admin import ledger_row
 
     fleet.fakes["b"].s3 = fleet.s3_b  # the job writes its manifest to account b's S3
     proxy = routed(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -14,57 +13,16 @@ import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 
-import boto3
 import botocore.auth
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import MASTER_KEY, REGION, client_config
-from tests.test_auth_and_errors import curl
+from tests.conftest import MASTER_KEY, REGION
+from tests.helpers.admin import admin, bearer_client, new_key, sigv4_client
+from tests.helpers.http import curl
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
-
-
-def admin(server, method: str, path: str, body: dict | None = None, key: str = MASTER_KEY):
-    request = urllib.request.Request(
-        server.url + path,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        assert exc.headers["x-amzn-ErrorType"]
-        return exc.code, {"code": exc.headers["x-amzn-ErrorType"], **json.loads(exc.read())}
-
-
-def new_key(server, **fields) -> dict:
-    fields.setdefault("key_alias", f"test-{secrets.token_hex(4)}")
-    status, body = admin(server, "POST", "/key/generate", fields)
-    assert status == 200, body
-    return body
-
-
-def sigv4_client(service: str, server, key: dict, region: str = REGION):
-    return boto3.client(
-        service,
-        endpoint_url=server.base,
-        region_name=region,
-        aws_access_key_id=key["access_key_id"],
-        aws_secret_access_key=key["secret_access_key"],
-        config=client_config(),
-    )
-
-
-def bearer_client(server, token: str, monkeypatch):
-    """botocore reads AWS_BEARER_TOKEN_BEDROCK when it sends; it stays set for the test."""
-    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", token)
-    return boto3.client(
-        "bedrock-runtime", endpoint_url=server.base, region_name=REGION, config=client_config()
-    )
 
 
 @pytest.fixture(scope="module")
