@@ -365,7 +365,7 @@ def run_stream_stub(
     import orjson
     from aiohttp import web
 
-    from proxy.server.runner import ProxyRunner
+    from proxy.server.listen.runner import ProxyRunner
     from proxy.wire.eventstream import encode_frame
 
     async def converse_stream(request: web.Request) -> web.StreamResponse:
@@ -418,7 +418,7 @@ def run_stream_stub(
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, backlog=8192).start()
         if tls is not None:
-            from proxy.server.tls import server_context
+            from proxy.server.listen.tls import server_context
 
             context = server_context(tls[1], tls[2])
             await web.TCPSite(runner, "127.0.0.1", tls[0], ssl_context=context).start()
@@ -829,7 +829,7 @@ def stream_servers(
     tls_args: list[str] = []
     cert = ""
     if tls:
-        from proxy.server.tls import write_self_signed
+        from proxy.server.listen.tls import write_self_signed
 
         cert, key = write_self_signed(str(workdir / "stub-tls"))
         tls_port = free_port()
@@ -1157,7 +1157,7 @@ def run_bidi_stub(port: int) -> None:
     checked."""
     from aiohttp import web
 
-    from proxy.server.runner import ProxyRunner
+    from proxy.server.listen.runner import ProxyRunner
     from tests.fake_bedrock import FakeBedrock
 
     async def serve() -> None:

@@ -22,8 +22,8 @@ from botocore.config import Config
 from proxy.observe.accesslog import AccessLog
 from proxy.server.app import PIPELINE, create_app
 from proxy.server.config import load_settings
-from proxy.server.http2 import Http2Limits
-from proxy.server.runner import ProxyRunner
+from proxy.server.listen.http2 import Http2Limits
+from proxy.server.listen.runner import ProxyRunner
 from tests.fake_bedrock import (
     UPSTREAM_ACCESS_KEY,
     UPSTREAM_SECRET_KEY,
@@ -264,7 +264,7 @@ def proxy(start_proxy: ProxyFactory) -> Server:
 @pytest.fixture(scope="module")
 def cert_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A self-signed certificate for localhost and 127.0.0.1, and its key."""
-    from proxy.server.tls import write_self_signed
+    from proxy.server.listen.tls import write_self_signed
 
     return write_self_signed(str(tmp_path_factory.mktemp("tls")))
 
@@ -272,7 +272,7 @@ def cert_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def https_proxy(start_proxy: ProxyFactory, cert_pair: tuple[str, str]) -> Server:
     """A proxy on TLS (ALPN h2 and http/1.1) with that certificate."""
-    from proxy.server.tls import server_context
+    from proxy.server.listen.tls import server_context
 
     return start_proxy(tls=server_context(*cert_pair))
 

@@ -709,7 +709,7 @@ def _master_cookie(server) -> dict[str, str]:
 
 
 def test_exports_are_whole_and_never_run_as_formulas(start_proxy, fake, monkeypatch):
-    import proxy.server.console as console_module
+    import proxy.server.fronts.console as console_module
 
     server = start_proxy(ledger_flush_interval=0.1)
     formula = new_key(server, key_alias='=HYPERLINK("http://evil.example","x")', user_id="@SUM(1)")

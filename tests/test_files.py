@@ -370,7 +370,7 @@ def test_s3_errors_from_the_proxy_are_xml(files_proxy):
 def test_aws_chunked_uploads_with_trailing_checksums_survive(start_proxy, fake_s3, tmp_path):
     """Over HTTPS botocore streams uploads as aws-chunked with a CRC32 trailer; the proxy
     re-signs them as STREAMING-UNSIGNED-PAYLOAD-TRAILER and forwards the bytes untouched."""
-    from proxy.server.tls import server_context, write_self_signed
+    from proxy.server.listen.tls import server_context, write_self_signed
 
     cert, key_file = write_self_signed(str(tmp_path))
     store = {"sqlite_path": str(tmp_path / "keys.db")}

@@ -24,7 +24,7 @@ from botocore.exceptions import EventStreamError
 from h2.settings import SettingCodes
 from hyperframe.frame import ExtensionFrame, PriorityFrame, RstStreamFrame, WindowUpdateFrame
 
-from proxy.server.tls import server_context
+from proxy.server.listen.tls import server_context
 from proxy.wire.eventsig import STREAMING_EVENTS, SignatureChain
 from proxy.wire.eventstream import encode_frame, iter_frames
 from tests.conftest import (
@@ -880,7 +880,7 @@ def test_idle_connections_close_after_the_keepalive_timeout_busy_ones_do_not(bg)
     connection; the timeout counts from the end of the last stream."""
     from aiohttp import web
 
-    from proxy.server.runner import ProxyRunner
+    from proxy.server.listen.runner import ProxyRunner
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(float(request.query.get("s", "0")))

@@ -15,7 +15,7 @@ import boto3
 import pytest
 from botocore.exceptions import SSLError
 
-from proxy.server.tls import server_context, write_self_signed
+from proxy.server.listen.tls import server_context, write_self_signed
 from tests.conftest import MASTER_KEY, REGION, boto_client, client_config, start_server
 from tests.fake_bedrock import FakeBedrock
 from tests.helpers.processes import BIN, free_port, running, server_env

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from aiohttp import web
 
-from proxy.server.tls import server_context
+from proxy.server.listen.tls import server_context
 from proxy.wire import h2pool
 from tests.conftest import MASTER_KEY, boto_client, start_server
 from tests.fake_bedrock import FakeBedrock

@@ -30,9 +30,9 @@ from ..metering.reports import Reports
 from ..observe.accesslog import configure_logging
 from ..server.app import PIPELINE, STATE, StartupError, create_app, create_ops_app
 from ..server.config import ConfigError, Settings, load_settings
-from ..server.http2 import Http2Limits
-from ..server.runner import ProxyRunner
-from ..server.tls import TLSConfigError, load_chain, server_context, write_self_signed
+from ..server.listen.http2 import Http2Limits
+from ..server.listen.runner import ProxyRunner
+from ..server.listen.tls import TLSConfigError, load_chain, server_context, write_self_signed
 from ..store import Store, open_store
 from ..store.records import ALLOW_LIST_FIELDS
 from ..wire.errors import AwsError

@@ -22,18 +22,18 @@ from ..observe.shared import SharedMetrics
 from ..store import Store, StoreUnavailable
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
-from .admin import AdminApi
-from .bedrock import BASE_PATH
 from .config import ConfigError, Settings
-from .console import Console
-from .console.live import LiveView
 from .credentials import CredentialProvider
-from .dispatch import PrefixDispatcher, application
-from .files import FILES_PATH
-from .forwarded import TrustedProxies
+from .fronts.admin import AdminApi
+from .fronts.bedrock import BASE_PATH
+from .fronts.console import Console
+from .fronts.console.live import LiveView
+from .fronts.files import FILES_PATH
+from .listen.dispatch import PrefixDispatcher, application
+from .listen.forwarded import TrustedProxies
+from .listen.responses import aws_response
+from .listen.runner import ProxyRunner
 from .pipeline import Pipeline
-from .responses import aws_response
-from .runner import ProxyRunner
 from .services import Services, build_services
 from .simulator import Simulator
 from .upstream import UpstreamClient

@@ -38,14 +38,14 @@ from ..wire.routing import (
     Router,
     load_operations,
 )
-from .bedrock import AGENTCORE_CONTROL_PATH, AGENTCORE_PATH, BASE_PATH, BedrockFront
-from .compat import MANTLE_PATH, MANTLE_ROOTS, RUNTIME_PATHS, RUNTIME_ROOTS, CompatFront
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
-from .duplex import DuplexRelay
-from .files import FilesFront
 from .fleet import Fleet
 from .fleet.config import FleetConfigError
+from .fronts.bedrock import AGENTCORE_CONTROL_PATH, AGENTCORE_PATH, BASE_PATH, BedrockFront
+from .fronts.compat import MANTLE_PATH, MANTLE_ROOTS, RUNTIME_PATHS, RUNTIME_ROOTS, CompatFront
+from .fronts.duplex import DuplexRelay
+from .fronts.files import FilesFront
 from .pipeline import Pipeline, Shutdown
 from .upstream import UpstreamClient
 

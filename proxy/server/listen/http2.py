@@ -29,8 +29,8 @@ from typing import Any
 from aiohttp import web
 from h2 import events as ev
 
-from ..wire import errors
-from ..wire.http2 import (
+from ...wire import errors
+from ...wire.http2 import (
     HOP_BY_HOP,
     ErrorCodes,
     Http2Connection,

@@ -13,15 +13,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..access.auth import Authenticator
-from ..access.keyservice import KeyService
-from ..metering.named import NamedLimitAdmin
-from ..metering.reports import Reports
-from ..store import StoreUnavailable
-from ..store.spend import LOG_FILTERS
-from ..wire import errors
-from ..wire.params import paging
-from .responses import aws_response
+from ...access.auth import Authenticator
+from ...access.keyservice import KeyService
+from ...metering.named import NamedLimitAdmin
+from ...metering.reports import Reports
+from ...store import StoreUnavailable
+from ...store.spend import LOG_FILTERS
+from ...wire import errors
+from ...wire.params import paging
+from ..listen.responses import aws_response
 
 log = logging.getLogger("bedrock_proxy.admin")
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ...observe.metrics import Histogram, Metrics
-from ..fleet import Fleet
+from ....observe.metrics import Histogram, Metrics
+from ...fleet import Fleet
 
 
 class LiveView:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..wire import errors
+from ...wire import errors
 
 
 def rendered(error: errors.RenderedError) -> web.Response:

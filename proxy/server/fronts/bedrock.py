@@ -17,34 +17,34 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..access import policy
-from ..access.auth import Authenticator, SignedRequest
-from ..access.jobs import JOB_LABELS, LISTINGS, STARTS, JobRegistry
-from ..access.keywatch import KeyWatch
-from ..access.modelrefs import LOOKUPS_PER_MINUTE, ModelRefs, resolvable
-from ..access.owned import OWNED_BODIES, Claim, OwnedSessions
-from ..access.unverified import UnverifiedBodies
-from ..exchange import Exchange, Identity
-from ..metering.annotations import read_annotations
-from ..metering.service import Metering
-from ..metering.usage import Meter, meter_for
-from ..observe.metrics import Metrics
-from ..wire import errors, eventsig, eventstream, h2pool, http1
-from ..wire.clock import SYSTEM_CLOCK, Clock
-from ..wire.compat import ROLES, CompatRouter
-from ..wire.h2client import Http2Stream
-from ..wire.headers import RequestHeaders, response_headers, sort_request_headers
-from ..wire.modelids import parse_arn
-from ..wire.redact import redact_principals
-from ..wire.routing import Operation, Router
+from ...access import policy
+from ...access.auth import Authenticator, SignedRequest
+from ...access.jobs import JOB_LABELS, LISTINGS, STARTS, JobRegistry
+from ...access.keywatch import KeyWatch
+from ...access.modelrefs import LOOKUPS_PER_MINUTE, ModelRefs, resolvable
+from ...access.owned import OWNED_BODIES, Claim, OwnedSessions
+from ...access.unverified import UnverifiedBodies
+from ...exchange import Exchange, Identity
+from ...metering.annotations import read_annotations
+from ...metering.service import Metering
+from ...metering.usage import Meter, meter_for
+from ...observe.metrics import Metrics
+from ...wire import errors, eventsig, eventstream, h2pool, http1
+from ...wire.clock import SYSTEM_CLOCK, Clock
+from ...wire.compat import ROLES, CompatRouter
+from ...wire.h2client import Http2Stream
+from ...wire.headers import RequestHeaders, response_headers, sort_request_headers
+from ...wire.modelids import parse_arn
+from ...wire.redact import redact_principals
+from ...wire.routing import Operation, Router
+from ..config import Settings
+from ..fleet import Target
+from ..fleet.affinity import AFFINITY_HEADER, affinity_key
+from ..listen.aiohttp_adapter import drop_idle_timer
+from ..listen.responses import aws_response
+from ..upstream import EVENT_STREAM, Framing, UpstreamClient
 from . import duplex
-from .aiohttp_adapter import drop_idle_timer
 from .bodies import RequestBody, read_body
-from .config import Settings
-from .fleet import Target
-from .fleet.affinity import AFFINITY_HEADER, affinity_key
-from .responses import aws_response
-from .upstream import EVENT_STREAM, Framing, UpstreamClient
 
 # Which pool member served the request ("account/region"), when upstreams are configured.
 UPSTREAM_HEADER = "x-bedrock-proxy-upstream"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from ..wire import errors, sigv4
+from ...wire import errors, sigv4
 
 # Request bodies are read in one piece up to this size.
 _SMALL_BODY = 1024 * 1024

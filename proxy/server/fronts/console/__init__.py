@@ -24,18 +24,18 @@ from urllib.parse import parse_qsl
 import jinja2
 from aiohttp import web
 
-from ...access.auth import Authenticator
-from ...access.keyservice import KeyService
-from ...exchange import Identity
-from ...metering.limits import usd
-from ...metering.reports import Reports
-from ...observe.metrics import Metrics
-from ...store import Store, StoreUnavailable
-from ...store.records import ALLOW_LIST_FIELDS
-from ...wire import errors
-from ...wire.clock import SYSTEM_CLOCK, Clock
-from ...wire.params import MAX_PAGE
-from ..forwarded import TrustedProxies
+from ....access.auth import Authenticator
+from ....access.keyservice import KeyService
+from ....exchange import Identity
+from ....metering.limits import usd
+from ....metering.reports import Reports
+from ....observe.metrics import Metrics
+from ....store import Store, StoreUnavailable
+from ....store.records import ALLOW_LIST_FIELDS
+from ....wire import errors
+from ....wire.clock import SYSTEM_CLOCK, Clock
+from ....wire.params import MAX_PAGE
+from ...listen.forwarded import TrustedProxies
 from . import charts
 from .sessions import COOKIE, ConsoleSession, SessionStore, SignInThrottle, csrf_ok
 
@@ -99,7 +99,7 @@ class Console:
         self._body_timeout = body_timeout
         self.throttle = SignInThrottle()
         self._env = jinja2.Environment(
-            loader=jinja2.PackageLoader("proxy.server.console", "templates"),
+            loader=jinja2.PackageLoader("proxy.server.fronts.console", "templates"),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )

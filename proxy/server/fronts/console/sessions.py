@@ -16,8 +16,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ...store import Store
-from ...wire.clock import SYSTEM_CLOCK, Clock
+from ....store import Store
+from ....wire.clock import SYSTEM_CLOCK, Clock
 
 COOKIE = "bp_console"
 _TOUCH_EVERY = 60.0

@@ -21,8 +21,8 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from ..wire import errors
-from ..wire.http2 import PREFACE, request_fields
+from ...wire import errors
+from ...wire.http2 import PREFACE, request_fields
 from .responses import aws_response, rendered
 
 log = logging.getLogger("bedrock_proxy.server")

@@ -21,17 +21,17 @@ from collections.abc import Callable
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..access.keywatch import KeyWatch
-from ..exchange import Exchange
-from ..metering.service import Metering
-from ..metering.usage import BidirectionalStreamMeter
-from ..observe.metrics import Metrics
-from ..wire import errors, eventstream, http1
-from ..wire.eventsig import ChunkSignatureError, SignatureChain
-from ..wire.h2client import Http2Stream
-from ..wire.headers import response_headers
-from .pipeline import Shutdown
-from .upstream import CLIENT_GONE, SHUTTING_DOWN, UpstreamClient, write_quietly
+from ...access.keywatch import KeyWatch
+from ...exchange import Exchange
+from ...metering.service import Metering
+from ...metering.usage import BidirectionalStreamMeter
+from ...observe.metrics import Metrics
+from ...wire import errors, eventstream, http1
+from ...wire.eventsig import ChunkSignatureError, SignatureChain
+from ...wire.h2client import Http2Stream
+from ...wire.headers import response_headers
+from ..pipeline import Shutdown
+from ..upstream import CLIENT_GONE, SHUTTING_DOWN, UpstreamClient, write_quietly
 
 OPERATION = "InvokeModelWithBidirectionalStream"
 

@@ -21,17 +21,17 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from ..access import policy
-from ..access.auth import Authenticator, SignedRequest
-from ..access.keys import KeySpec
-from ..exchange import Exchange
-from ..metering.service import Metering
-from ..wire import errors, h2pool, sigv4
-from ..wire.headers import response_headers, sort_request_headers
-from ..wire.redact import redact_principals
-from ..wire.routing import Operation
+from ...access import policy
+from ...access.auth import Authenticator, SignedRequest
+from ...access.keys import KeySpec
+from ...exchange import Exchange
+from ...metering.service import Metering
+from ...wire import errors, h2pool, sigv4
+from ...wire.headers import response_headers, sort_request_headers
+from ...wire.redact import redact_principals
+from ...wire.routing import Operation
+from ..upstream import S3_SERVICE, UpstreamClient
 from .bedrock import refuse_other_providers
-from .upstream import S3_SERVICE, UpstreamClient
 
 FILES_PATH = "/bedrock/files"
 S3 = S3_SERVICE
