@@ -32,7 +32,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.server import simulator
+from proxy.server import simulated_native as simulator
 from proxy.wire.eventsig import STREAMING_EVENTS, ChunkSignatureError, SignatureChain
 from proxy.wire.eventstream import FrameSplitter, exception_frame, iter_frames
 from tests.sigcheck import expected_signature
