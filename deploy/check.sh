@@ -34,6 +34,6 @@ wheel = glob.glob("build/deploy-wheel/bedrock_proxy-*.whl")[0]
 names = zipfile.ZipFile(wheel).namelist()
 assert "proxy/data/prices.json" in names, "the wheel lacks proxy/data/prices.json"
 for asset in ("templates/base.html", "templates/spend.html", "static/console.js", "static/console.css"):
-    assert f"proxy/server/console/{asset}" in names, f"the wheel lacks the console's {asset}"
+    assert f"proxy/server/fronts/console/{asset}" in names, f"the wheel lacks the console's {asset}"
 print(f"{wheel}: {len(names)} files, price table and console assets included")
 PY
