@@ -42,4 +42,14 @@ def test_every_line_the_demo_prints_runs_as_printed(tmp_path):
         assert answers[5].strip(), ran  # Claude Code's answer
         text = "\n".join(demo.block)
         assert f"https://127.0.0.1:{tls_port}" in text and "AWS_CA_BUNDLE" in text
+        # The master key it exports is the demo store's own, random and owner-only: a
+        # well-known one left in a shell would be the next proxy's master key.
+        master = next(
+            line.split("=", 1)[1]
+            for line in demo.exports
+            if line.startswith("export BEDROCK_PROXY_MASTER_KEY=")
+        )
+        kept = tmp_path / "demo-master-key"
+        assert master.startswith("sk-demo-") and len(master) > 30
+        assert kept.read_text().strip() == master and kept.stat().st_mode & 0o777 == 0o600
     assert not any("Traceback" in line for line in demo.stderr), "\n".join(demo.stderr[-50:])

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import resource
+import secrets
 import shutil
 import signal
 import ssl
@@ -254,8 +255,8 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 def _demo_command(args: argparse.Namespace) -> int:
     """The proxy on loopback, on the simulator, with demo keys and traffic; the master key
-    is BEDROCK_PROXY_MASTER_KEY, or a demo one printed at startup."""
-    master = os.environ.get("BEDROCK_PROXY_MASTER_KEY") or "sk-demo-master-key"
+    is BEDROCK_PROXY_MASTER_KEY, or the demo store's own (printed at startup)."""
+    master = os.environ.get("BEDROCK_PROXY_MASTER_KEY") or _demo_master_key(args.sqlite_path)
     try:
         settings = load_settings(
             env={},
@@ -313,6 +314,26 @@ def _demo_command(args: argparse.Namespace) -> int:
         print(f"bedrock-proxy: cannot listen on 127.0.0.1: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def _demo_master_key(sqlite_path: str) -> str:
+    """A master key of the demo store's own, random, kept owner-only beside it: the demo
+    prints it as an export line, and a well-known one left in a shell would become the
+    master key of the next proxy started from it. (It also seals the demo keys' secrets,
+    so it must outlive a restart.)"""
+    path = os.path.join(os.path.dirname(os.path.abspath(sqlite_path)), "demo-master-key")
+    try:
+        with open(path, encoding="ascii") as existing:
+            key = existing.read().strip()
+            if key:
+                return key
+    except FileNotFoundError:
+        pass
+    key = "sk-demo-" + secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(key + "\n")
+    return key
 
 
 def describe_store(settings: Settings) -> str:
