@@ -90,6 +90,7 @@ debian-packages:
 test:
 	@$(MAKE) --no-print-directory -j4 --output-sync=target test-prerequisites
 	$(VENV)/bin/ruff check proxy tests
+	$(PY) tests/check_sizes.py
 	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 
 test-prerequisites: install js-install sdk-install debian-packages deploy-check typecheck
@@ -116,6 +117,7 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check proxy tests
 	$(VENV)/bin/ruff format --check proxy tests
+	$(PY) tests/check_sizes.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
