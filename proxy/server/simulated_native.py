@@ -123,78 +123,7 @@ def invoke_answer(model: str, body: bytes, payload: Any) -> bytes:
 def invoke_stream_chunks(model: str = "") -> list[dict[str, Any]]:
     """InvokeModelWithResponseStream's chunks, each as the model family streams them; the
     last carries Bedrock's ``amazon-bedrock-invocationMetrics``."""
-    family = model_family(model)
-    chunks: list[dict[str, Any]]
-    if family == "anthropic":
-        chunks = [
-            {
-                "type": "message_start",
-                "message": {
-                    "id": "msg_simulated",
-                    "type": "message",
-                    "role": "assistant",
-                    "model": model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {"input_tokens": _STREAM_IN, "output_tokens": 1},
-                },
-            },
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            *(
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": t},
-                }
-                for t in _STREAM_TEXT
-            ),
-            {"type": "content_block_stop", "index": 0},
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": _STREAM_OUT},
-            },
-            {"type": "message_stop"},
-        ]
-    elif family == "nova":
-        chunks = [
-            {"messageStart": {"role": "assistant"}},
-            *(
-                {"contentBlockDelta": {"delta": {"text": t}, "contentBlockIndex": 0}}
-                for t in _STREAM_TEXT
-            ),
-            {"contentBlockStop": {"contentBlockIndex": 0}},
-            {"messageStop": {"stopReason": "end_turn"}},
-            {"metadata": {"usage": {"inputTokens": _STREAM_IN, "outputTokens": _STREAM_OUT}}},
-        ]
-    elif family == "llama":
-        chunks = [
-            {
-                "generation": t,
-                "prompt_token_count": _STREAM_IN if i == 0 else None,
-                "generation_token_count": i + 1,
-                "stop_reason": "stop" if i == len(_STREAM_TEXT) - 1 else None,
-            }
-            for i, t in enumerate(_STREAM_TEXT)
-        ]
-    elif family == "titan":
-        chunks = [
-            {
-                "outputText": t,
-                "index": 0,
-                "totalOutputTextTokenCount": i + 1,
-                "completionReason": "FINISH" if i == len(_STREAM_TEXT) - 1 else None,
-                "inputTextTokenCount": _STREAM_IN,
-            }
-            for i, t in enumerate(_STREAM_TEXT)
-        ]
-    else:
-        chunks = [{"type": "content_block_delta", "delta": {"text": t}} for t in _STREAM_TEXT]
+    chunks = _STREAMS.get(model_family(model), _generic_stream)(model)
     chunks[-1]["amazon-bedrock-invocationMetrics"] = {
         "inputTokenCount": _STREAM_IN,
         "outputTokenCount": _STREAM_OUT,
@@ -202,6 +131,86 @@ def invoke_stream_chunks(model: str = "") -> list[dict[str, Any]]:
         "firstByteLatency": 50,
     }
     return chunks
+
+
+def _anthropic_stream(model: str) -> list[dict[str, Any]]:
+    message: dict[str, Any] = {
+        "id": "msg_simulated",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": _STREAM_IN, "output_tokens": 1},
+    }
+    return [
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        *(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}
+            for t in _STREAM_TEXT
+        ),
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": _STREAM_OUT},
+        },
+        {"type": "message_stop"},
+    ]
+
+
+def _nova_stream(model: str) -> list[dict[str, Any]]:
+    return [
+        {"messageStart": {"role": "assistant"}},
+        *(
+            {"contentBlockDelta": {"delta": {"text": t}, "contentBlockIndex": 0}}
+            for t in _STREAM_TEXT
+        ),
+        {"contentBlockStop": {"contentBlockIndex": 0}},
+        {"messageStop": {"stopReason": "end_turn"}},
+        {"metadata": {"usage": {"inputTokens": _STREAM_IN, "outputTokens": _STREAM_OUT}}},
+    ]
+
+
+def _llama_stream(model: str) -> list[dict[str, Any]]:
+    last = len(_STREAM_TEXT) - 1
+    return [
+        {
+            "generation": t,
+            "prompt_token_count": _STREAM_IN if i == 0 else None,
+            "generation_token_count": i + 1,
+            "stop_reason": "stop" if i == last else None,
+        }
+        for i, t in enumerate(_STREAM_TEXT)
+    ]
+
+
+def _titan_stream(model: str) -> list[dict[str, Any]]:
+    last = len(_STREAM_TEXT) - 1
+    return [
+        {
+            "outputText": t,
+            "index": 0,
+            "totalOutputTextTokenCount": i + 1,
+            "completionReason": "FINISH" if i == last else None,
+            "inputTextTokenCount": _STREAM_IN,
+        }
+        for i, t in enumerate(_STREAM_TEXT)
+    ]
+
+
+def _generic_stream(model: str) -> list[dict[str, Any]]:
+    return [{"type": "content_block_delta", "delta": {"text": t}} for t in _STREAM_TEXT]
+
+
+_STREAMS = {
+    "anthropic": _anthropic_stream,
+    "nova": _nova_stream,
+    "llama": _llama_stream,
+    "titan": _titan_stream,
+}
 
 
 def invoke_stream_frames(model: str = "") -> list[bytes]:
