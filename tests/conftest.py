@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import io
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -88,7 +90,16 @@ class BackgroundLoop:
         self.thread.start()
 
     def run(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            # What the loop was doing instead: its tasks' stacks and every thread's.
+            print(f"background loop: {coro!r} still running after {timeout} s")
+            for task in asyncio.all_tasks(self.loop):
+                task.print_stack(limit=8, file=sys.stdout)
+            faulthandler.dump_traceback(file=sys.__stdout__)
+            raise
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -87,7 +87,8 @@ class SqliteDatabase(Database):
         if self._conn is not None:
             await self._run(self._conn.close)
             self._conn = None
-        self._executor.shutdown(wait=True)
+        # Its one thread has run the close: nothing is left to wait for on the loop.
+        self._executor.shutdown(wait=False)
 
     async def execute(self, sql: str, *args: Any) -> int:
         return await self._run(self._execute, self._translate(sql), args)
