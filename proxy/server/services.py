@@ -5,17 +5,13 @@ fronts. ``app`` puts them on routes; nothing here knows a route."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..access import policy
 from ..access.auth import Authenticator
-from ..access.compat import OwnedState
-from ..access.jobs import JobRegistry
 from ..access.keycache import KeyCache
 from ..access.keyservice import KeyService
-from ..access.modelrefs import ModelRefs
-from ..access.owned import OwnedSessions
 from ..access.secretbox import SecretBox
+from ..access.unverified import UnverifiedBodies
 from ..exchange import Observer
 from ..metering.alerts import BudgetAlerts
 from ..metering.batches import BatchSettler
@@ -27,25 +23,20 @@ from ..observe.accesslog import AccessLog
 from ..observe.metrics import Metrics
 from ..observe.tracing import Tracing
 from ..store import Store, open_store
-from ..wire import compat
 from ..wire.clock import Clock
-from ..wire.compat import CompatRouter
 from ..wire.endpoints import Endpoints, sdk_endpoint_overrides, valid_region
 from ..wire.routing import (
-    AGENTCORE,
-    AGENTCORE_CONTROL,
     UPSTREAM_SERVICES,
-    Router,
-    load_operations,
 )
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
 from .fleet import Fleet
 from .fleet.config import FleetConfigError
-from .fronts.bedrock import AGENTCORE_CONTROL_PATH, AGENTCORE_PATH, BASE_PATH, BedrockFront
-from .fronts.compat import MANTLE_PATH, MANTLE_ROOTS, RUNTIME_PATHS, RUNTIME_ROOTS, CompatFront
-from .fronts.duplex import DuplexRelay
+from .fronts.bedrock import BedrockFront
+from .fronts.family import BedrockFronts
 from .fronts.files import FilesFront
+from .gate import Gate
+from .gauges import register_gauges
 from .pipeline import Pipeline, Shutdown
 from .upstream import UpstreamClient
 
@@ -69,6 +60,7 @@ class Services:
     access_log: AccessLog
     pipeline: Pipeline
     batches: BatchSettler
+    gate: Gate
     files: FilesFront
     # (prefix, front), the busiest first: /bedrock, then the paths nested in it.
     fronts: list[tuple[str, BedrockFront]]
@@ -76,16 +68,8 @@ class Services:
 
 def build_services(settings: Settings, access_log: AccessLog | None, clock: Clock) -> Services:
     """Every shared part, or a ConfigError naming the setting that stops it."""
-    router = Router(load_operations())
     policy.load_fields()  # at startup, into the heap serve freezes (see pricing)
-    overrides = {**sdk_endpoint_overrides((*UPSTREAM_SERVICES, "s3")), **settings.endpoints}
-    region = settings.region or _profile_region(settings) or "us-east-1"
-    if not valid_region(region):
-        raise ConfigError(f"config error: region: {region!r} is not an AWS region name")
-    try:
-        Endpoints(overrides, region)
-    except ValueError as exc:
-        raise ConfigError(f"config error: endpoints: {exc}") from None
+    overrides, region = _endpoints(settings)
     credentials = CredentialProvider(settings.aws_profile)
     store = open_store(
         settings.database_url,
@@ -95,8 +79,67 @@ def build_services(settings: Settings, access_log: AccessLog | None, clock: Cloc
         settings.store_timeout,
     )
     metrics = Metrics()
+    fleet = _fleet(settings, overrides, region, credentials, store, clock, metrics)
+    authenticator, keys = _access(settings, store, clock, fleet)
+    limiter, metering = _metering(settings, store, clock)
+    shutdown = Shutdown()
+    upstream = UpstreamClient(settings, fleet, shutdown, metrics)
+    access_log = access_log or AccessLog(settings.access_log)
+    # One gate for every front, with one cap on bodies held before their signature is checked.
+    gate = Gate(
+        metering, UnverifiedBodies(settings.max_unverified_body_bytes), settings.max_body_bytes
+    )
+    fronts = BedrockFronts(
+        settings, authenticator, upstream, metering, metrics, gate, clock, shutdown, store
+    )
+    files = FilesFront(
+        upstream, authenticator, metering, settings.max_file_bytes, gate, settings.body_timeout
+    )
+    batches = BatchSettler(
+        store,
+        upstream.control_get,
+        upstream.s3_get,
+        metering.charge_job,
+        limiter.claim_once,
+        region,
+        settings.batch_poll_interval,
+    )
+    services = Services(
+        settings=settings,
+        clock=clock,
+        region=region,
+        credentials=credentials,
+        store=store,
+        metrics=metrics,
+        fleet=fleet,
+        authenticator=authenticator,
+        keys=keys,
+        limiter=limiter,
+        metering=metering,
+        upstream=upstream,
+        access_log=access_log,
+        pipeline=Pipeline(_observers(settings, metering, metrics, access_log), shutdown),
+        batches=batches,
+        gate=gate,
+        files=files,
+        fronts=fronts.by_prefix(store),
+    )
+    register_gauges(services)
+    return services
+
+
+def _fleet(
+    settings: Settings,
+    overrides: dict[str, str],
+    region: str,
+    credentials: CredentialProvider,
+    store: Store,
+    clock: Clock,
+    metrics: Metrics,
+) -> Fleet:
+    """The upstream accounts and regions, and which keys and teams go where."""
     try:
-        fleet = Fleet(
+        return Fleet(
             settings.fleet,
             overrides,
             region,
@@ -109,6 +152,13 @@ def build_services(settings: Settings, access_log: AccessLog | None, clock: Cloc
         )
     except (FleetConfigError, ValueError) as exc:
         raise ConfigError(f"config error: {exc}") from None
+
+
+def _access(
+    settings: Settings, store: Store, clock: Clock, fleet: Fleet
+) -> tuple[Authenticator, KeyService | None]:
+    """Who callers are (keys read through a cache), and the service that mints keys
+    (none without a master key, or without a secret to seal keys' secrets with)."""
     sealing_secret = settings.secret_key or settings.master_key
     box = SecretBox(sealing_secret, settings.previous_secret_keys) if sealing_secret else None
     cache = KeyCache(store, box, settings.key_cache_ttl, clock)
@@ -120,7 +170,46 @@ def build_services(settings: Settings, access_log: AccessLog | None, clock: Cloc
         max_skew_seconds=settings.sigv4_max_skew,
         clock=clock,
     )
-    keys: KeyService | None = None
+    keys = None
+    if box is not None and settings.master_key:
+        keys = KeyService(store, box, cache, clock, fleet.config.pools, fleet.set_team_upstream)
+    return authenticator, keys
+
+
+def _observers(
+    settings: Settings, metering: Metering, metrics: Metrics, access_log: AccessLog
+) -> list[Observer]:
+    """What reads each completed exchange: metering first, since the others read the
+    cost it works out."""
+    observers: list[Observer] = [metering, metrics, access_log]
+    if settings.tracing:
+        try:
+            observers.append(Tracing())
+        except ImportError:
+            raise ConfigError(
+                "config error: tracing: needs OpenTelemetry (pip install 'bedrock-proxy[otel]')"
+            ) from None
+    return observers
+
+
+def _endpoints(settings: Settings) -> tuple[dict[str, str], str]:
+    """The upstream endpoints' overrides (the SDKs' variables, then the settings), and the
+    default region."""
+    overrides = {**sdk_endpoint_overrides((*UPSTREAM_SERVICES, "s3")), **settings.endpoints}
+    region = settings.region or _profile_region(settings) or "us-east-1"
+    if not valid_region(region):
+        raise ConfigError(f"config error: region: {region!r} is not an AWS region name")
+    try:
+        Endpoints(overrides, region)
+    except ValueError as exc:
+        raise ConfigError(f"config error: endpoints: {exc}") from None
+    return overrides, region
+
+
+def _metering(
+    settings: Settings, store: Store, clock: Clock
+) -> tuple[InProcessLimiter | RedisLimiter, Metering]:
+    """Prices, the limiter (in process, or shared in Redis), alerts and the ledger."""
     try:
         prices = PriceTable.load(
             settings.prices_file, settings.prices, settings.unpriced_model_price or None
@@ -163,164 +252,7 @@ def build_services(settings: Settings, access_log: AccessLog | None, clock: Cloc
         alerts,
         simulated=settings.simulate,
     )
-    shutdown = Shutdown()
-    upstream = UpstreamClient(settings, fleet, shutdown, metrics)
-    if box is not None and settings.master_key:
-        keys = KeyService(store, box, cache, clock, fleet.config.pools, fleet.set_team_upstream)
-    access_log = access_log or AccessLog(settings.access_log)
-    # Metering first: the others read the cost it works out.
-    observers: list[Observer] = [metering, metrics, access_log]
-    if settings.tracing:
-        try:
-            observers.append(Tracing())
-        except ImportError:
-            raise ConfigError(
-                "config error: tracing: needs OpenTelemetry (pip install 'bedrock-proxy[otel]')"
-            ) from None
-    pipeline = Pipeline(observers, shutdown)
-    jobs = JobRegistry(store)
-    bedrock_model_refs = ModelRefs(upstream.control_get, settings.model_ref_ttl, clock)
-    duplex_relay = DuplexRelay(
-        upstream,
-        metering,
-        settings.idle_timeout,
-        settings.first_byte_timeout,
-        metrics,
-        shutdown,
-        lambda x: bedrock.watch(x, settings.max_session_seconds),
-    )
-
-    def bedrock_front(
-        routes: Router | CompatRouter,
-        owned: OwnedSessions | None = None,
-        base: str = BASE_PATH,
-        front: type[BedrockFront] = BedrockFront,
-        **extra: Any,
-    ) -> BedrockFront:
-        return front(
-            settings,
-            routes,
-            authenticator,
-            upstream,
-            metering,
-            metrics,
-            jobs,
-            bedrock_model_refs,
-            duplex_relay,
-            clock,
-            owned,
-            base,
-            **extra,
-        )
-
-    bedrock = bedrock_front(router)
-    # AgentCore: the same front on routes and base paths of its own; the data plane's
-    # sessions are owned per key.
-    agentcore = bedrock_front(
-        Router(load_operations((AGENTCORE,))), OwnedSessions(store), AGENTCORE_PATH
-    )
-    agentcore_control = bedrock_front(
-        Router(load_operations((AGENTCORE_CONTROL,))), None, AGENTCORE_CONTROL_PATH
-    )
-    # Bedrock's OpenAI- and Anthropic-compatible APIs, on bedrock-runtime and bedrock-mantle;
-    # their stored responses and conversations are owned per key.
-    compat_state = OwnedState(store)
-    compat_runtime = bedrock_front(
-        CompatRouter(compat.RUNTIME, RUNTIME_ROOTS), front=CompatFront, owned_state=compat_state
-    )
-    compat_mantle = bedrock_front(
-        CompatRouter(compat.MANTLE, MANTLE_ROOTS),
-        base=MANTLE_PATH,
-        front=CompatFront,
-        owned_state=compat_state,
-    )
-    files = FilesFront(
-        upstream, authenticator, metering, settings.max_file_bytes, settings.body_timeout
-    )
-    batches = BatchSettler(
-        store,
-        upstream.control_get,
-        upstream.s3_get,
-        metering.charge_job,
-        limiter.claim_once,
-        region,
-        settings.batch_poll_interval,
-    )
-    services = Services(
-        settings=settings,
-        clock=clock,
-        region=region,
-        credentials=credentials,
-        store=store,
-        metrics=metrics,
-        fleet=fleet,
-        authenticator=authenticator,
-        keys=keys,
-        limiter=limiter,
-        metering=metering,
-        upstream=upstream,
-        access_log=access_log,
-        pipeline=pipeline,
-        batches=batches,
-        files=files,
-        fronts=[
-            (BASE_PATH, bedrock),
-            *((p, compat_runtime) for p in RUNTIME_PATHS),
-            (AGENTCORE_PATH, agentcore),
-            (AGENTCORE_CONTROL_PATH, agentcore_control),
-            (MANTLE_PATH, compat_mantle),
-        ],
-    )
-    _gauges(services)
-    return services
-
-
-def _gauges(s: Services) -> None:
-    """The gauges a scrape reads from the shared parts themselves."""
-    settings, metrics, metering, store = s.settings, s.metrics, s.metering, s.store
-    limiter, pipeline, upstream = s.limiter, s.pipeline, s.upstream
-    metrics.gauge(
-        "bedrock_proxy_ledger_queue_depth",
-        "Ledger rows waiting to be written.",
-        lambda: metering.ledger.depth,
-    )
-    metrics.gauge(
-        "bedrock_proxy_ledger_rows_dropped_total",
-        "Ledger rows dropped because the queue was full (a store outage longer than it).",
-        lambda: metering.ledger.dropped,
-    )
-    metrics.gauge(
-        "bedrock_proxy_store_up",
-        "1 while the key and ledger store answers, 0 during an outage.",
-        lambda: 1 if store.health.up else 0,
-    )
-    if isinstance(limiter, RedisLimiter):
-        redis_limiter = limiter
-        metrics.gauge(
-            "bedrock_proxy_redis_up",
-            "1 while Redis answers, 0 during an outage.",
-            lambda: 1 if redis_limiter.up else 0,
-        )
-        metrics.gauge(
-            "bedrock_proxy_limit_settlements_pending",
-            "Settlements of ended requests waiting for Redis to come back.",
-            lambda: redis_limiter.unsettled,
-        )
-    metrics.gauge(
-        "bedrock_proxy_simulated",
-        "1 when Bedrock calls are answered by the built-in simulator, not AWS.",
-        lambda: 1 if settings.simulate else 0,
-    )
-    metrics.gauge(
-        "bedrock_proxy_requests_in_flight",
-        "Requests being handled now.",
-        lambda: pipeline.in_flight,
-    )
-    metrics.gauge(
-        "bedrock_proxy_upstream_connections",
-        "Connections open to the upstream services, in use or kept alive.",
-        lambda: upstream.open_connections,
-    )
+    return limiter, metering
 
 
 def _profile_region(settings: Settings) -> str | None:

@@ -25,9 +25,9 @@ from ...exchange import Exchange
 from ...metering import compat_usage
 from ...wire import compat, errors
 from ...wire.headers import RequestHeaders, sort_request_headers
-from ..upstream import SHUTTING_DOWN_MESSAGE, Framing
+from ..listen.bodies import RequestBody
+from ..relay import SHUTTING_DOWN_MESSAGE, Framing
 from .bedrock import BedrockFront
-from .bodies import RequestBody
 
 # The base paths, each as its SDK's base URL (``/openai/v1`` and ``/anthropic`` below the
 # first; the second as bedrock-mantle's host).

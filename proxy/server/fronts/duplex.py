@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -29,11 +30,15 @@ from ...observe.metrics import Metrics
 from ...wire import errors, eventstream, http1
 from ...wire.eventsig import ChunkSignatureError, SignatureChain
 from ...wire.h2client import Http2Stream
-from ...wire.headers import response_headers
+from ...wire.headers import RequestHeaders, response_headers
+from ..gate import Admitted
 from ..pipeline import Shutdown
-from ..upstream import CLIENT_GONE, SHUTTING_DOWN, UpstreamClient, write_quietly
+from ..relay import CLIENT_GONE, SHUTTING_DOWN, write_quietly
+from ..upstream import UpstreamClient
 
 OPERATION = "InvokeModelWithBidirectionalStream"
+# Which pool member served the request ("account/region"), when upstreams are configured.
+UPSTREAM_HEADER = "x-bedrock-proxy-upstream"
 
 
 class _Refused(Exception):
@@ -54,8 +59,10 @@ class DuplexRelay:
         first_byte_timeout: float,
         metrics: Metrics,
         shutdown: Shutdown,
+        connect_timeout: float,
         watch: Callable[[Exchange], KeyWatch | None] = lambda x: None,
     ) -> None:
+        self._connect_timeout = connect_timeout
         self._upstream = upstream
         self._metering = metering
         self._idle = idle_timeout
@@ -64,6 +71,45 @@ class DuplexRelay:
         self._shutdown = shutdown
         # A session's key, looked at again as it runs, and its longest life.
         self._watch = watch
+
+    async def start(
+        self,
+        request: web.Request,
+        x: Exchange,
+        admitted: Admitted[Any],
+        path: str,
+        query: str,
+        headers: RequestHeaders,
+        client_chain: SignatureChain | None,
+    ) -> web.StreamResponse:
+        """Open the session upstream, to the admitted call's one member, signed for the
+        server's chain; then relay it (``run``)."""
+        op = x.operation
+        assert op is not None
+        upstream = admitted.targets[0].upstream
+        signed, unsigned = headers.signed, headers.unsigned
+        signed["host"] = upstream.host
+        signed.pop("x-amz-content-sha256", None)
+        raw_path = upstream.base_path + path
+        server_chain = await self._upstream.authorize_stream(
+            signed, raw_path=raw_path, raw_query=query, admitted=admitted, service=op.service
+        )
+        signed.update(unsigned)
+        x.upstream_started = time.perf_counter()
+        try:
+            up = await Http2Stream.open(
+                upstream.origin,
+                "POST",
+                raw_path + ("?" + query if query else ""),
+                list(signed.items()),
+                self._connect_timeout,
+            )
+        except http1.UpstreamError as exc:
+            raise errors.service_unavailable(str(exc)) from None
+        out_headers = CIMultiDict({"x-bedrock-proxy-request-id": x.request_id})
+        if x.upstream is not None:
+            out_headers[UPSTREAM_HEADER] = x.upstream
+        return await self.run(request, x, up, client_chain, server_chain, out_headers)
 
     async def run(
         self,

@@ -21,17 +21,18 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from ...access import policy
-from ...access.auth import Authenticator, SignedRequest
-from ...access.keys import KeySpec
+from ...access.auth import Authenticator
 from ...exchange import Exchange
 from ...metering.service import Metering
 from ...wire import errors, h2pool, sigv4
 from ...wire.headers import response_headers, sort_request_headers
 from ...wire.redact import redact_principals
 from ...wire.routing import Operation
-from ..upstream import S3_SERVICE, UpstreamClient
-from .bedrock import refuse_other_providers
+from ..gate import Gate
+from ..signer import S3_SERVICE
+from ..upstream import UpstreamClient
+from .bedrock_door import refuse_other_providers
+from .files_door import FilesDoor
 
 FILES_PATH = "/bedrock/files"
 S3 = S3_SERVICE
@@ -53,50 +54,7 @@ _S3_CODES = {
     "InternalServerException": "InternalError",
 }
 _OPERATIONS: dict[str, Operation] = {}
-# What a virtual key may send to S3 through the proxy, which signs it with the server's S3
-# rights: objects, multipart uploads, listings and copies, and the query parameters those
-# take. Sub-resources that change who may read a bucket or object, or for how long it is
-# kept (acl, policy, retention, legal-hold, restore, website, tagging, cors, lifecycle…),
-# are not among them, nor are the headers that do the same on a PUT.
-_QUERY_ALLOWED = frozenset(
-    {
-        "x-id",
-        "versionId",
-        "partNumber",
-        "uploads",
-        "uploadId",
-        "max-parts",
-        "part-number-marker",
-        "list-type",
-        "prefix",
-        "delimiter",
-        "continuation-token",
-        "max-keys",
-        "start-after",
-        "fetch-owner",
-        "encoding-type",
-        "marker",
-        "key-marker",
-        "upload-id-marker",
-        "max-uploads",
-        "delete",
-        "response-content-type",
-        "response-content-language",
-        "response-expires",
-        "response-cache-control",
-        "response-content-disposition",
-        "response-content-encoding",
-    }
-)
 _LIST_V1_PARAMS = frozenset({"prefix", "delimiter", "marker", "max-keys", "encoding-type"})
-_HEADER_PREFIXES_REFUSED = (
-    "x-amz-acl",
-    "x-amz-grant-",
-    "x-amz-object-lock-",
-    "x-amz-bypass-governance-retention",
-    "x-amz-website-redirect-location",
-    "x-amz-tagging",
-)
 
 
 def s3_error_response(exc: errors.AwsError, request_id: str, head: bool) -> web.Response:
@@ -159,12 +117,14 @@ class FilesFront:
         authenticator: Authenticator,
         metering: Metering,
         max_file_bytes: int,
+        gate: Gate,
         body_timeout: float = 120.0,
     ) -> None:
-        self._upstream = upstream
-        self._auth = authenticator
+        self._gate = gate
+        self.upstream = upstream
+        self.auth = authenticator
         self._metering = metering
-        self._max = max_file_bytes
+        self.max_file_bytes = max_file_bytes
         self._body_timeout = body_timeout
 
     def render(self, exc: errors.AwsError, x: Exchange, request: web.Request) -> web.Response:
@@ -194,26 +154,9 @@ class FilesFront:
                 "Chunk-signed uploads cannot be re-signed; send UNSIGNED-PAYLOAD, a SHA-256, "
                 "or STREAMING-UNSIGNED-PAYLOAD-TRAILER",
             )
-        self._auth.precheck(request)
-        client_path = request.raw_path.partition("?")[0]
-        identity = await self._auth.authenticate(
-            request,
-            SignedRequest(
-                request.method, client_path, query, declared, double_encode=False, service="s3"
-            ),
-        )
-        x.identity = identity
-        self._authorize(identity.spec, op, bucket, key, params, lower, identity.is_master)
+        door = FilesDoor(self, op, query, declared, bucket, key, params, lower)
+        admitted = await self._gate.admit(request, x, door, headers.annotations)
         length = request.content_length
-        if length is not None and length > self._max:
-            raise errors.AwsError(
-                400,
-                "EntityTooLarge",
-                f"Your proposed upload exceeds the limit of {self._max} bytes",
-            )
-        await self._metering.admit(x, length or 0)
-        # The bucket lives in one account: the pool's first member (never moved: a write).
-        destination = self._upstream.targets(S3, request, identity, None)[0]
         signed, unsigned = headers.signed, headers.unsigned
         payload_mode = (
             declared
@@ -225,17 +168,15 @@ class FilesFront:
         if request.body_exists:
             if length is not None:
                 unsigned["content-length"] = str(length)
-            elif "x-amz-decoded-content-length" not in lower:
-                raise errors.AwsError(
-                    411, "MissingContentLength", "You must provide the Content-Length HTTP header."
-                )
             # Without a length (aws-chunked from botocore) the body goes on chunked as well.
-            body = _stream_body(request, length, declared, self._max, self._body_timeout, x)
+            body = _stream_body(
+                request, length, declared, self.max_file_bytes, self._body_timeout, x
+            )
         bucket_path = f"/{raw_bucket}" + (f"/{raw_key}" if raw_key or path.endswith("/") else "")
         try:
-            reply = await self._upstream.exchange(
+            reply = await self.upstream.exchange(
                 request.method,
-                [destination],
+                admitted,
                 bucket_path,
                 query,
                 signed,
@@ -250,47 +191,6 @@ class FilesFront:
             raise mismatch.as_error() from None
         return await self._respond(request, reply, x)
 
-    def _authorize(
-        self,
-        spec: KeySpec | None,
-        op: Operation,
-        bucket: str,
-        key: str,
-        params: dict[str, str],
-        headers: dict[str, str],
-        is_master: bool,
-    ) -> None:
-        if is_master or spec is None:
-            return
-        if "files" not in spec.operation_groups:
-            raise errors.access_denied("The API key is not allowed to use files")
-        for name in params:
-            if name not in _QUERY_ALLOWED:
-                raise errors.access_denied(
-                    f"The S3 sub-resource or parameter {name!r} is not available to API keys"
-                )
-        for name in headers:
-            if name.startswith(_HEADER_PREFIXES_REFUSED):
-                raise errors.access_denied(f"The header {name} is not available to API keys")
-        if op.name in ("ListBuckets", "BucketAdministration"):
-            raise errors.access_denied(f"{op.name} needs the master key")
-        target: str | None
-        if op.name in ("ListObjectsV2", "ListObjects", "ListMultipartUploads"):
-            target = params.get("prefix", "")
-        elif op.name in ("HeadBucket", "DeleteObjects"):
-            target = None if op.name == "HeadBucket" or spec.file_prefixes is None else ""
-        else:
-            target = key
-        listing = op.name in ("ListObjectsV2", "ListObjects", "ListMultipartUploads")
-        if not policy.file_allowed(spec, bucket, target, listing):
-            where = f"{bucket}/{target}" if target else bucket
-            raise errors.access_denied(f"The API key is not allowed to use {where!r}")
-        source = headers.get("x-amz-copy-source")
-        if source is not None:
-            src_bucket, _, src_key = unquote(source).lstrip("/").partition("/")
-            if not policy.file_allowed(spec, src_bucket, src_key.split("?", 1)[0]):
-                raise errors.access_denied(f"The API key is not allowed to read {src_bucket!r}")
-
     async def _respond(
         self, request: web.Request, upstream: h2pool.UpstreamResponse, x: Exchange
     ) -> web.StreamResponse:
@@ -303,7 +203,7 @@ class FilesFront:
                 out_headers["x-bedrock-proxy-upstream"] = x.upstream
             if upstream.status >= 400 and request.method != "HEAD":
                 # An error names the server's principal: not to the client (small XML).
-                data = redact_principals(await self._upstream.read_whole(upstream))
+                data = redact_principals(await self.upstream.read_whole(upstream))
                 completed = True
                 x.upstream_done = time.perf_counter()
                 x.bytes_out = len(data)
@@ -316,7 +216,7 @@ class FilesFront:
                 await response.write_eof()
                 completed = True
             else:
-                completed = await self._upstream.relay(request, upstream, response, x, None)
+                completed = await self.upstream.relay(request, upstream, response, x, None)
             x.upstream_done = time.perf_counter()
             return response
         finally:

@@ -1,5 +1,5 @@
-"""Request bodies for the Bedrock front: read once (SigV4 hashes them), kept as the bytes
-that arrived, sent on as the same bytes."""
+"""Request bodies that are read before the call: read once (SigV4 hashes them), kept as
+the bytes that arrived, sent on as the same bytes."""
 
 from __future__ import annotations
 
