@@ -709,7 +709,7 @@ def _master_cookie(server) -> dict[str, str]:
 
 
 def test_exports_are_whole_and_never_run_as_formulas(start_proxy, fake, monkeypatch):
-    import proxy.server.fronts.console as console_module
+    import proxy.server.fronts.console.keys as console_keys
 
     server = start_proxy(ledger_flush_interval=0.1)
     formula = new_key(server, key_alias='=HYPERLINK("http://evil.example","x")', user_id="@SUM(1)")
@@ -734,7 +734,7 @@ def test_exports_are_whole_and_never_run_as_formulas(start_proxy, fake, monkeypa
     )
 
     # The keys page pages (here two keys a page), and the CSV has every key.
-    monkeypatch.setattr(console_module, "_KEYS_PER_PAGE", 2)
+    monkeypatch.setattr(console_keys, "_KEYS_PER_PAGE", 2)
     status, first = _get(server, "/ui/keys", cookie)
     assert status == 200 and 'id="keys-next"' in first and "page 1 of 2" in first
     status, second = _get(server, "/ui/keys?page=2", cookie)

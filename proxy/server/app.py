@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from ..access.auth import Authenticator
 from ..access.keyservice import KeyService
 from ..metering.batches import BatchSettler
 from ..metering.limits import RedisLimiter
@@ -29,6 +28,7 @@ from .fronts.bedrock import BASE_PATH
 from .fronts.console import Console
 from .fronts.console.live import LiveView
 from .fronts.files import FILES_PATH
+from .gate import Gate
 from .listen.dispatch import PrefixDispatcher, application
 from .listen.forwarded import TrustedProxies
 from .listen.responses import aws_response
@@ -57,6 +57,7 @@ STATE = web.AppKey("state", dict)
 SHARED_METRICS = web.AppKey("shared_metrics", SharedMetrics)
 BATCHES = web.AppKey("batches", BatchSettler)
 SIMULATED = web.AppKey("simulated", bool)
+GATE = web.AppKey("gate", Gate)
 
 
 def create_app(
@@ -81,6 +82,7 @@ def create_app(
     app[STORE] = s.store
     app[METERING] = s.metering
     app[BATCHES] = s.batches
+    app[GATE] = s.gate
     app[STATE] = {
         "ready": False,
         "needs_credentials": not (settings.upstream_bearer_token or settings.simulate),
@@ -98,9 +100,16 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
     """The admin API, the console, health and metrics, then the fronts by their prefixes."""
     settings = s.settings
     reports = Reports(s.store, s.clock)
-    AdminApi(
-        s.keys, s.authenticator, reports, NamedLimitAdmin(s.store), s.metering.forget_limit
-    ).add_routes(app)
+    admin = AdminApi(
+        s.keys,
+        s.authenticator,
+        reports,
+        NamedLimitAdmin(s.store),
+        s.gate,
+        s.metering.forget_limit,
+        settings.body_timeout,
+    )
+    admin.add_routes(app)
     if settings.console:
         pipeline = s.pipeline
         Console(
@@ -118,16 +127,20 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
             master_key=settings.master_key,
             body_timeout=settings.body_timeout,
             trusted_proxies=TrustedProxies(settings.trusted_proxies),
+            gate=s.gate,
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
-    app.router.add_get("/metrics", _metrics_handler(s.authenticator, settings.metrics_public))
+    app.router.add_get(
+        "/metrics",
+        _metrics_page if settings.metrics_public else admin.gated(_metrics_page),
+    )
     app.router.add_get("/health/readiness", _readiness)
     for path in (FILES_PATH, FILES_PATH + "/{tail:.*}"):  # before /bedrock/{tail}
-        app.router.add_route("*", path, s.pipeline.handler(s.files))
+        app.router.add_route("*", path, s.gate.guard(s.pipeline.handler(s.files), s.files))
     for path, front in s.fronts:
         dispatcher.add_prefix_route(
             path,
-            s.pipeline.handler(front),
+            s.gate.guard(s.pipeline.handler(front), front),
             expect_handler=front.expect_handler,
             excluded=(FILES_PATH,) if path == BASE_PATH else (),
         )
@@ -147,7 +160,7 @@ def create_ops_app(main: web.Application) -> web.Application:
     if main.get(SIMULATED):
         app[SIMULATED] = True
     app.router.add_get("/health/liveness", _liveness)
-    app.router.add_get("/metrics", _metrics_handler(None, True))
+    app.router.add_get("/metrics", _metrics_page)
     app.router.add_get("/health/readiness", _readiness)
     app.router.add_route("*", "/{tail:.*}", _unknown_route)
     return app
@@ -263,22 +276,11 @@ async def _readiness(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-def _metrics_handler(
-    auth: Authenticator | None, public: bool
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def metrics(request: web.Request) -> web.Response:
-        if not public:
-            assert auth is not None
-            try:
-                await auth.master_only(request)
-            except errors.AwsError as exc:
-                return aws_response(exc)
-        return web.Response(
-            body=_exposition(request.app),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
-
-    return metrics
+async def _metrics_page(request: web.Request) -> web.Response:
+    return web.Response(
+        body=_exposition(request.app),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 def _exposition(app: web.Application) -> bytes:

@@ -18,9 +18,9 @@ upstream client takes one (``upstream.UpstreamClient.exchange``, ``authorize_str
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -88,11 +88,23 @@ class Door(Protocol[D_co]):
         ...
 
 
+H = TypeVar("H", bound=Callable[..., Any])
+
+
 class Gate:
     def __init__(self, metering: Metering, unverified: UnverifiedBodies, max_body: int) -> None:
         self._metering = metering
         self._unverified = unverified
         self._max_body = max_body
+        # Every route handler that admits through this gate, and what it admits for (a
+        # front, a door): a test enumerates the app's routes against it.
+        self.guarded: dict[Callable[..., Any], object] = {}
+        self.refused = 0
+
+    def guard(self, handler: H, admits_for: object) -> H:
+        """Record that ``handler`` admits its requests here, for ``admits_for``."""
+        self.guarded[handler] = admits_for
+        return handler
 
     async def admit(
         self,
@@ -100,24 +112,56 @@ class Gate:
         x: Exchange,
         door: Door[D],
         annotations: list[tuple[str, str]] | None = None,
+        body_limit: int | None = None,
     ) -> Admitted[D]:
-        """The steps of the module's doc, or the refusal of the first that fails."""
-        identity = await door.credential(request, x)
-        if identity is None:
-            with self._unverified.hold(request.content_length, self._max_body):
+        """The steps of the module's doc, or the refusal of the first that fails.
+        ``body_limit``: the most a door reads before its credential is verified (the
+        console's sign-in form), when less than the largest request body."""
+        try:  # (no coroutine of its own: one frame less per request)
+            identity = await door.credential(request, x)
+            if identity is None:
+                with self._unverified.hold(request.content_length, body_limit or self._max_body):
+                    body = await door.read(request, x)
+                    identity = await door.verify(request, x, body)
+            else:
                 body = await door.read(request, x)
-                identity = await door.verify(request, x, body)
-        else:
-            body = await door.read(request, x)
-        size = body.size if body is not None else request.content_length or 0
-        x.bytes_in = size
-        x.identity = identity  # before the policy, so a refusal is attributed to the key
-        decision = await door.authorize(request, x, body)
-        if not door.upstream:
-            return Admitted(identity, body, [], decision)
-        targets = await door.route(request, x, body)
-        if annotations:
-            x.annotations = read_annotations(annotations)
-        x.meter = door.meter(x, body)
-        await self._metering.admit(x, size)
-        return Admitted(identity, body, targets, decision)
+            size = body.size if body is not None else request.content_length or 0
+            x.bytes_in = size
+            x.identity = identity  # before the policy, so a refusal is attributed to the key
+            decision = await door.authorize(request, x, body)
+            if not door.upstream:
+                return Admitted(identity, body, [], decision)
+            targets = await door.route(request, x, body)
+            if annotations:
+                x.annotations = read_annotations(annotations)
+            x.meter = door.meter(x, body)
+            await self._metering.admit(x, size)
+            return Admitted(identity, body, targets, decision)
+        except Exception:
+            self.refused += 1
+            raise
+
+
+class LocalDoor:
+    """A door for what the proxy answers itself (the admin API, the console): nothing goes
+    upstream, so nothing is routed or metered, and a body is read by the page once its
+    caller is known."""
+
+    upstream = False
+
+    async def read(self, request: web.Request, x: Exchange) -> RequestBody | None:
+        return None
+
+    async def verify(self, request: web.Request, x: Exchange, body: RequestBody | None) -> Identity:
+        raise AssertionError(f"{type(self).__name__} judges its credential from the headers")
+
+    async def authorize(self, request: web.Request, x: Exchange, body: RequestBody | None) -> None:
+        return None
+
+    async def route(
+        self, request: web.Request, x: Exchange, body: RequestBody | None
+    ) -> list[Target]:
+        return []
+
+    def meter(self, x: Exchange, body: RequestBody | None) -> Meter | None:
+        return None

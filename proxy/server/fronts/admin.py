@@ -6,6 +6,7 @@ only, except that a virtual key may read its own /key/info, totals included."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import date, timedelta
 from typing import Any
@@ -15,18 +16,46 @@ from aiohttp import web
 
 from ...access.auth import Authenticator
 from ...access.keyservice import KeyService
+from ...exchange import MASTER, Exchange, Identity
 from ...metering.named import NamedLimitAdmin
 from ...metering.reports import Reports
 from ...store import StoreUnavailable
 from ...store.spend import LOG_FILTERS
 from ...wire import errors
 from ...wire.params import paging
+from ..gate import Admitted, Gate, LocalDoor
+from ..listen.bodies import RequestBody, read_body
 from ..listen.responses import aws_response
 
 log = logging.getLogger("bedrock_proxy.admin")
 
 Handler = Callable[[web.Request], Awaitable[Any]]
+# The call the gate admitted, for the route's handler.
+ADMITTED: web.RequestKey[Admitted[None]] = web.RequestKey("admin_admitted", Admitted)
 _MAX_BODY = 1024 * 1024
+
+
+class AdminDoor(LocalDoor):
+    """The admin API's callers, at the gate: the master key (checked in constant time, no
+    store lookup), or any valid key where a key may read itself; a JSON body read only
+    once the caller is known, within the body deadline."""
+
+    def __init__(self, auth: Authenticator, master_only: bool, body_timeout: float) -> None:
+        self._auth = auth
+        self._master_only = master_only
+        self._body_timeout = body_timeout
+
+    async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
+        if self._master_only:
+            await self._auth.master_only(request)
+            return MASTER
+        return await self._auth.authenticate(request)
+
+    async def read(self, request: web.Request, x: Exchange) -> RequestBody | None:
+        if not request.body_exists:
+            return None
+        # aiohttp's own limit (client_max_size) would answer in text/plain.
+        return await read_body(request, _MAX_BODY, self._body_timeout)
 
 
 class AdminApi:
@@ -36,10 +65,16 @@ class AdminApi:
         auth: Authenticator,
         reports: Reports,
         limits: NamedLimitAdmin,
+        gate: Gate,
         on_limit_change: Callable[[str], None] | None = None,
+        body_timeout: float = 120.0,
     ) -> None:
         self._service = service
         self._auth = auth
+        self._gate = gate
+        self._doors = {
+            master_only: AdminDoor(auth, master_only, body_timeout) for master_only in (True, False)
+        }
         self._reports = reports
         self._limits = limits
         self._on_limit_change = on_limit_change
@@ -66,22 +101,39 @@ class AdminApi:
     def _wrap(
         self, handler: Handler, params: tuple[str, ...] = (), master_only: bool = True
     ) -> Handler:
-        async def wrapped(request: web.Request) -> web.StreamResponse:
+        """A JSON route: its handler's result, as JSON, once the gate has admitted it."""
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            result = await handler(request)
+            return web.Response(body=orjson.dumps(result), content_type="application/json")
+
+        return self.gated(answer, params, master_only)
+
+    def gated(
+        self,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        params: tuple[str, ...] = (),
+        master_only: bool = True,
+    ) -> Handler:
+        """``handler`` behind the gate (the admin door): refusals and failures AWS-shaped,
+        never aiohttp's text page or a trace."""
+        door = self._doors[master_only]
+
+        async def gated(request: web.Request) -> web.StreamResponse:
+            x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
             try:
                 _check_query(request, params)
                 if self._service is None:
                     raise errors.access_denied("The admin API needs a master key to be configured")
-                if master_only:
-                    await self._auth.master_only(request)
-                result = await handler(request)
+                request[ADMITTED] = await self._gate.admit(request, x, door)
+                return await handler(request)
             except errors.AwsError as exc:
                 return aws_response(exc)
-            except Exception:  # an AWS-shaped 500, never aiohttp's text page or a trace
+            except Exception:
                 log.exception("admin API error on %s %s", request.method, request.path)
                 return aws_response(errors.internal())
-            return web.Response(body=orjson.dumps(result), content_type="application/json")
 
-        return wrapped
+        return self._gate.guard(gated, door)
 
     @property
     def service(self) -> KeyService:
@@ -93,7 +145,7 @@ class AdminApi:
 
     async def info(self, request: web.Request) -> Any:
         ref = request.query.get("key")
-        identity = await self._auth.authenticate(request)
+        identity = request[ADMITTED].identity
         if identity.is_master:
             if not ref:
                 raise errors.validation("key is required")
@@ -243,15 +295,10 @@ def _litellm_dates(query: dict[str, str]) -> dict[str, str]:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    # aiohttp's own limit (client_max_size, 1 MiB by default) would answer in text/plain.
-    if (request.content_length or 0) > _MAX_BODY:
-        raise errors.payload_too_large(_MAX_BODY)
+    """The body the gate read, as a JSON object."""
+    read = request[ADMITTED].body
     try:
-        raw = await request.read() if request.body_exists else b"{}"
-    except web.HTTPRequestEntityTooLarge:
-        raise errors.payload_too_large(_MAX_BODY) from None
-    try:
-        body = orjson.loads(raw or b"{}")
+        body = orjson.loads(read.joined() if read is not None and read.size else b"{}")
     except orjson.JSONDecodeError:
         raise errors.validation("The request body is not valid JSON") from None
     if not isinstance(body, dict):

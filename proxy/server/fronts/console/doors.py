@@ -1,0 +1,153 @@
+"""The console's pages at the gate (``gate.Door``): a signed-in page's session (the
+master's, where a page is for it), its same-origin POST and CSRF token; and the sign-in
+form, whose key is the credential, read under the same bounds as any anonymous body
+(size, deadline, the process-wide cap on unverified bytes) and counted by the throttle
+before the key is looked at."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from ....access.auth import Authenticator
+from ....exchange import MASTER, Exchange, Identity
+from ....store import StoreUnavailable
+from ....wire import errors
+from ...gate import LocalDoor
+from ...listen.bodies import RequestBody
+from ...listen.forwarded import TrustedProxies
+from .security import PREFIX, SECURITY_HEADERS
+from .sessions import COOKIE, ConsoleSession, SessionStore, SignInThrottle, csrf_ok
+
+# A console form is a few fields: anything larger is refused, and a body must arrive
+# within body_timeout, whoever sends it (the sign-in form is read before any key is known).
+SIGNIN_FORM_BYTES = 4096
+FORM_BYTES = 64 * 1024
+# A POST's form, read (and its CSRF token checked) before the page's handler runs; the
+# page's session.
+FORM: web.RequestKey[dict[str, str]] = web.RequestKey("console_form", dict)
+SESSION: web.RequestKey[ConsoleSession] = web.RequestKey("console_session", ConsoleSession)
+_ATTEMPT: web.RequestKey[tuple[str, float]] = web.RequestKey("console_signin", tuple)
+
+
+class FormRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _refused(status: int, message: str) -> errors.AwsError:
+    return errors.AwsError(status, "AccessDeniedException", message)
+
+
+def same_origin(request: web.Request, proxies: TrustedProxies) -> bool:
+    """A browser's POST names its page's origin; another site's is refused (the CSRF
+    token is the main defence, this one also covers the sign-in form). Behind a
+    trusted TLS-terminating proxy the page's scheme is the one it forwards."""
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{proxies.scheme(request)}://{request.host}"
+
+
+class PageDoor(LocalDoor):
+    """A signed-in page: a session (else the sign-in page), the master's unless ``master``
+    is False, and on a POST its own origin and a valid CSRF token."""
+
+    def __init__(
+        self, sessions: SessionStore, proxies: TrustedProxies, master: bool, body_timeout: float
+    ) -> None:
+        self._sessions, self._proxies = sessions, proxies
+        self._master, self._body_timeout = master, body_timeout
+
+    async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
+        session = await self._sessions.get(request.cookies.get(COOKIE))
+        if session is None:
+            if request.method == "GET" and not request.path.endswith((".json", ".csv")):
+                raise web.HTTPSeeOther(PREFIX + "/signin", headers=SECURITY_HEADERS)
+            raise _refused(401, "Sign in first.")
+        request[SESSION] = session
+        if session.kind == "master":
+            return MASTER
+        return Identity("virtual", key_id=session.key_id)
+
+    async def authorize(self, request: web.Request, x: Exchange, body: RequestBody | None) -> None:
+        session = request[SESSION]
+        if self._master and session.kind != "master":
+            raise _refused(403, "This page is for the master key.")
+        if request.method != "POST":
+            return
+        if not same_origin(request, self._proxies):
+            raise _refused(403, "Cross-site form refused.")
+        form = await read_form(request, FORM_BYTES, self._body_timeout)
+        token = form.get("csrf")
+        if not isinstance(token, str) or not csrf_ok(session, token):
+            raise _refused(403, "The form expired; reload the page.")
+        request[FORM] = form
+
+
+class SignInDoor(LocalDoor):
+    """The sign-in form: its key is the credential (the master key, or a virtual key for
+    its own page)."""
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        throttle: SignInThrottle,
+        proxies: TrustedProxies,
+        body_timeout: float,
+    ) -> None:
+        self._auth, self._throttle = auth, throttle
+        self._proxies, self._body_timeout = proxies, body_timeout
+
+    async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
+        return None  # in the body
+
+    async def read(self, request: web.Request, x: Exchange) -> RequestBody | None:
+        if not same_origin(request, self._proxies):  # no signing a victim in to another's
+            raise _refused(403, "Sign in from the console itself.")
+        address = self._proxies.client(request)
+        attempt = self._throttle.attempt(address)  # counted before the key is looked at
+        if attempt is None:
+            raise _refused(429, "Too many failed sign-ins; wait a minute and try again.")
+        request[_ATTEMPT] = (address, attempt)
+        request[FORM] = await read_form(request, SIGNIN_FORM_BYTES, self._body_timeout)
+        return None
+
+    async def verify(self, request: web.Request, x: Exchange, body: RequestBody | None) -> Identity:
+        key = request[FORM].get("key")
+        identity: Identity | None = None
+        if isinstance(key, str) and key:
+            try:
+                identity = await self._auth.identify_key(key.strip())
+            except StoreUnavailable:
+                raise  # not a wrong key: the outage page
+            except errors.AwsError:
+                identity = None
+        if identity is None or identity.kind not in ("master", "virtual"):
+            raise _refused(401, "That key is not valid.")
+        address, attempt = request[_ATTEMPT]
+        self._throttle.succeeded(address, attempt)
+        return identity
+
+
+async def read_form(request: web.Request, limit: int, timeout: float) -> dict[str, str]:
+    """A URL-encoded form, read within ``limit`` bytes and ``timeout`` seconds (aiohttp's
+    ``post()`` reads up to 1 MiB with no deadline: 40 anonymous HTTP/2 streams trickling
+    a megabyte each held ~55 MiB for as long as they liked)."""
+    if (request.content_length or 0) > limit:
+        raise FormRefused(413, "The form is too large.")
+    if request.body_exists and request.content_type != "application/x-www-form-urlencoded":
+        raise FormRefused(415, "Send the form as the page does.")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise FormRefused(413, "The form is too large.")
+    except TimeoutError:
+        raise FormRefused(408, "The form took too long to arrive.") from None
+    fields = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return dict(fields)
