@@ -24,8 +24,8 @@ from botocore.config import Config
 from proxy.observe.accesslog import AccessLog
 from proxy.server.app import PIPELINE, create_app
 from proxy.server.config import load_settings
-from proxy.server.listen.http2 import Http2Limits
 from proxy.server.listen.runner import ProxyRunner
+from proxy.wire.h2server import Http2Limits
 from tests.fake_bedrock import (
     UPSTREAM_ACCESS_KEY,
     UPSTREAM_SECRET_KEY,

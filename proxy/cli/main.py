@@ -31,12 +31,12 @@ from ..metering.reports import Reports
 from ..observe.accesslog import configure_logging
 from ..server.app import PIPELINE, STATE, StartupError, create_app, create_ops_app
 from ..server.config import ConfigError, Settings, load_settings
-from ..server.listen.http2 import Http2Limits
 from ..server.listen.runner import ProxyRunner
 from ..server.listen.tls import TLSConfigError, load_chain, server_context, write_self_signed
 from ..store import Store, open_store
 from ..store.records import ALLOW_LIST_FIELDS
 from ..wire.errors import AwsError
+from ..wire.h2server import Http2Limits
 from .demo import client_lines, send_demo_traffic, try_it_key
 
 log = logging.getLogger("bedrock_proxy")

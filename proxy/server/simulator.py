@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from ..wire import eventstream
-from ..wire.routing import Router, load_operations
+from ..wire.routing import RouteMatch, Router, load_operations
 from . import simulated_compat as answers
 from .simulated_native import (
     AGENT_WORDS,
@@ -98,14 +98,20 @@ class Simulator:
         match = self._router.match(request.method, path)
         if match is None:
             return self._label(aws_error(404, "UnknownOperationException", "Unknown operation"))
-        op = match.operation.name
-        model = match.labels.get("modelId", "")
         try:
             payload = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
             return self._label(
                 aws_error(400, "ValidationException", "Malformed input request, please reformat it")
             )
+        return await self._native(request, match, body, payload)
+
+    async def _native(
+        self, request: web.Request, match: RouteMatch, body: bytes, payload: Any
+    ) -> web.StreamResponse:
+        """A native Bedrock operation the simulator answers (SIMULATED_OPERATIONS)."""
+        op = match.operation.name
+        model = match.labels.get("modelId", "")
         if op == "Converse":
             return self._json(converse_answer(model))
         if op == "ConverseStream":

@@ -18,8 +18,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from ...wire.h2server import Http2Limits
 from .aiohttp_adapter import AwsServer, awaiting_first_request, use_aws_error_handler
-from .http2 import Http2Limits, Http2ServerConnection
+from .http2 import Http2ServerConnection
 
 log = logging.getLogger("bedrock_proxy.server")
 

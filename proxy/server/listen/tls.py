@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+from typing import Any
 
 # TLS 1.2 suites with forward secrecy and AEAD only; TLS 1.3 suites are fixed by OpenSSL.
 _CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
@@ -47,7 +48,7 @@ def load_chain(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
 def write_self_signed(out_dir: str, days: int = 365) -> tuple[str, str]:
     """A certificate for localhost, 127.0.0.1 and ::1, for local use and tests."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -95,6 +96,13 @@ def write_self_signed(out_dir: str, days: int = 365) -> tuple[str, str]:
         )
         .sign(key, hashes.SHA256())
     )
+    return _write_pem(out_dir, cert, key)
+
+
+def _write_pem(out_dir: str, cert: Any, key: Any) -> tuple[str, str]:
+    """The certificate, and its key readable by the owner only."""
+    from cryptography.hazmat.primitives import serialization
+
     os.makedirs(out_dir, exist_ok=True)
     cert_path = os.path.join(out_dir, "cert.pem")
     key_path = os.path.join(out_dir, "key.pem")
