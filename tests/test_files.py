@@ -14,7 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.conftest import MASTER_KEY, REGION
-from tests.helpers.admin import new_key, s3_client, sigv4_client
+from tests.helpers.admin import ledger_row, new_key, s3_client, sigv4_client
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 
@@ -424,3 +424,21 @@ def test_a_stalled_upload_ends_at_the_body_timeout(start_proxy, fake_s3):
     assert time.monotonic() - started < 10  # body_timeout, not never
     assert answer.startswith(b"HTTP/1.1 400") and b"<Code>RequestTimeout</Code>" in answer
     assert "object.bin" not in fake_s3.buckets.get("stalled", {})  # nothing half-stored
+
+
+def test_files_requests_carry_their_spend_annotations(files_proxy, fake_s3):
+    """The files endpoint passes the same gate as every front: its requests' annotations
+    are recorded in the ledger, and never sent to S3."""
+    key = new_key(files_proxy)
+    s3 = s3_client(files_proxy, key)
+
+    def annotate(request, **_):
+        request.headers["x-bedrock-proxy-user-id"] = "alice"
+
+    s3.meta.events.register_first("before-sign.s3.PutObject", annotate)
+    put = s3.put_object(Bucket="objects", Key="annotated.txt", Body=b"x")
+    request_id = put["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-proxy-request-id"]
+    row = ledger_row(files_proxy, request_id)
+    assert row["operation"] == "PutObject" and row["end_user"] == "alice", row
+    sent = {name.lower() for name in fake_s3.requests[-1][2]}
+    assert "x-bedrock-proxy-user-id" not in sent
