@@ -67,9 +67,10 @@ run-tls: install
 			--tls-cert .tls/cert.pem --tls-key .tls/key.pem; \
 	fi
 
-# Debian packages the tests use, in one apt-get run (two at once would contend for dpkg's
-# lock): Chromium and its driver for the console's browser tests (nothing is fetched at test
-# time: Selenium is pointed at these two), and docker-compose, as root only, for deploy-check.
+# Debian packages the tests use, in one apt-get run: Chromium and its driver for the
+# console's browser tests (nothing is fetched at test time: Selenium is pointed at these
+# two), and docker-compose, as root only, for deploy-check. A second make test beside this
+# one waits for the first's apt (flock), and any other apt for dpkg's lock.
 debian-packages:
 	@missing=""; \
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || missing="chromium chromium-driver"; \
@@ -77,7 +78,9 @@ debian-packages:
 		&& ! command -v docker-compose >/dev/null; then missing="$$missing docker-compose"; fi; \
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install $$missing"; \
-		apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+		flock -w 900 /tmp/bedrock-proxy-apt.lock sh -c \
+			"apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+			 apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null"; \
 	fi
 
 # The set-up steps are independent (pip, npm, a second venv, apt), so they run side by side:
