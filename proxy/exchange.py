@@ -27,10 +27,15 @@ if TYPE_CHECKING:
 class Identity:
     """Who a request is from, once authenticated."""
 
-    kind: str  # "master", "virtual" or "anonymous"
-    key_id: str | None = None
+    kind: str  # "master", "virtual", "anonymous"; "user" (single sign-on), "token" (admin)
+    key_id: str | None = None  # a key's id; a user's subject; an admin token's id
     alias: str | None = None
     record: KeyRecord | None = None
+    # The admin API's and the console's callers: a role (``access.roles``), the teams a
+    # team-admin administers, and a user's email.
+    role: str | None = None
+    teams: tuple[str, ...] = ()
+    email: str | None = None
 
     @property
     def is_master(self) -> bool:

@@ -33,6 +33,7 @@ from tests.fake_bedrock import (
     FakeBedrock,
 )
 from tests.fake_s3 import FakeS3
+from tests.stores import REDIS_PREFIX
 
 MASTER_KEY = "sk-master-test-0123456789"
 REGION = "us-east-1"
@@ -176,6 +177,7 @@ async def start_server(
     keepalive_timeout: float = 75.0,
     send_timeout: float = 120.0,
     header_timeout: float | None = None,
+    port: int = 0,
 ) -> tuple[str, web.AppRunner]:
     # Like AWS, the fakes read bodies as sent: aiohttp must not inflate Content-Encoding.
     # The fakes take HTTP/2 on the same port as AWS does (on the proxy's own listener: its
@@ -189,7 +191,7 @@ async def start_server(
         http2=Http2Limits(send_timeout=send_timeout),
     )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls)
     await site.start()
     host, port = runner.addresses[0][:2]
     return f"{'https' if tls else 'http'}://{host}:{port}", runner
@@ -253,15 +255,18 @@ def start_proxy(
             "sqlite_path": str(store_dir / f"proxy-{len(started)}.db"),
             # The suite starts many proxies against one PostgreSQL server.
             "database_pool_size": 3,
+            "redis_prefix": REDIS_PREFIX,
         }
         values.update(overrides)
         header_timeout = values.pop("listener_header_timeout", None)
+        # A port known before the proxy starts (an identity provider's redirect URI).
+        port = values.pop("listener_port", 0)
         settings = load_settings(env=env, overrides=values)
         log = io.BytesIO()
         app = create_app(settings, access_log=AccessLog(True, log), clock=clock)
         url, runner = bg.run(
             start_server(
-                app, tls, settings.keepalive_timeout, settings.body_timeout, header_timeout
+                app, tls, settings.keepalive_timeout, settings.body_timeout, header_timeout, port
             )
         )
         server = Server(url, app, runner, log, clock, bg)
@@ -354,4 +359,5 @@ def boto_client(
     return client
 
 
+from tests.helpers.browser import browser  # noqa: E402, F401
 from tests.stores import pg_database, redis_server, redis_url, store_settings  # noqa: E402, F401

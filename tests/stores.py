@@ -13,6 +13,9 @@ import pytest
 
 PG_ADMIN_URL = os.environ.get("BEDROCK_PROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BEDROCK_PROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+# This test process's own keys in the machine's Redis: another suite running beside it
+# (another clone's make test) shares the server, never the keys.
+REDIS_PREFIX = f"bp-test-{secrets.token_hex(4)}"
 
 
 def unreachable(service: str, reason: str) -> None:

@@ -10,46 +10,19 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import MASTER_KEY, boto_client
 from tests.helpers.admin import admin, new_key
+from tests.helpers.browser import Page
 from tests.helpers.console import _call
 from tests.helpers.console import console_get as _get
 from tests.helpers.console import console_post as _post
 from tests.helpers.console import sign_in as _sign_in
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "console"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        message = (
-            "Debian's chromium and chromium-driver are not installed (make test installs them)"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    options.add_argument("--window-size=1280,1000")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(20)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -58,76 +31,6 @@ def console(start_proxy, tmp_path_factory):
         sqlite_path=str(tmp_path_factory.mktemp("console") / "console.db"),
         ledger_flush_interval=0.1,
     )
-
-
-class Page:
-    """The browser on the console, with the checks every page gets."""
-
-    def __init__(self, driver: Any, server: Any) -> None:
-        self.driver, self.server = driver, server
-
-    def open(self, path: str) -> None:
-        self.driver.get(self.server.url + path)
-
-    def shot(self, name: str) -> None:
-        self.driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
-        assert not self.errors(), self.errors()
-
-    def errors(self) -> list[dict]:
-        """Console errors: script errors, policy violations, assets that failed to load.
-        The refusals a test asks for (401, 403, 429 pages) are not errors of the page."""
-        return [
-            e
-            for e in self.driver.get_log("browser")
-            if e["level"] == "SEVERE"
-            and not (
-                e["source"] == "network"
-                and any(f"status of {c} " in e["message"] for c in (400, 401, 403, 429))
-            )
-        ]
-
-    def find(self, css: str) -> Any:
-        from selenium.webdriver.common.by import By
-
-        return self.driver.find_element(By.CSS_SELECTOR, css)
-
-    def all(self, css: str) -> list[Any]:
-        from selenium.webdriver.common.by import By
-
-        return self.driver.find_elements(By.CSS_SELECTOR, css)
-
-    def fill(self, values: dict[str, str]) -> None:
-        for name, value in values.items():
-            field = self.find(f"[name={name}]")
-            field.clear()
-            field.send_keys(value)
-
-    def click(self, css: str) -> None:
-        """Click, and wait for the page it loads (a form's answer, a link)."""
-        from selenium.common.exceptions import WebDriverException
-        from selenium.webdriver.support.wait import WebDriverWait
-
-        old = self.find("html")
-        self.find(css).click()
-
-        def gone(_: Any) -> bool:
-            try:
-                old.is_enabled()
-            except WebDriverException:  # stale, or detached while it was being asked
-                return True
-            return False
-
-        WebDriverWait(self.driver, 10).until(gone)
-
-    def sign_in(self, key: str) -> None:
-        self.driver.delete_all_cookies()
-        self.open("/ui/signin")
-        self.fill({"key": key})
-        self.click("#signin")
-
-    @property
-    def path(self) -> str:
-        return urllib.parse.urlparse(self.driver.current_url).path
 
 
 def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake):

@@ -25,6 +25,7 @@ from proxy.server.app import METERING, STORE
 from tests.conftest import MASTER_KEY, boto_client
 from tests.helpers.admin import admin, new_key
 from tests.helpers.relay import Relay
+from tests.stores import REDIS_PREFIX
 
 MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -67,7 +68,7 @@ def refusal(call: Callable[[], Any]) -> ClientError:
 def inflight(port: int, key_id: str) -> int:
     client = redis.Redis(port=port)
     try:
-        return int(client.zcard(f"bp:key:{key_id}:inflight"))
+        return int(client.zcard(f"{REDIS_PREFIX}:key:{key_id}:inflight"))
     finally:
         client.close()
 

@@ -33,6 +33,7 @@ from tests.fake_bedrock import (
 from tests.fake_s3 import FakeS3, Obj
 from tests.fake_sts import FakeSts
 from tests.helpers.admin import admin, new_key
+from tests.stores import REDIS_PREFIX
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 ACCOUNT_IDS = {"a": "111111111111", "b": "222222222222", "c": "333333333333"}
@@ -603,7 +604,7 @@ def test_a_cooling_member_loses_its_conversations_until_it_is_back(routed, fleet
 def test_cooldown_is_shared_by_three_replicas_on_redis(routed, fleet, redis_url, bg):
     import redis
 
-    redis.Redis.from_url(redis_url).delete("bp:upstream-health")
+    redis.Redis.from_url(redis_url).delete(f"{REDIS_PREFIX}:upstream-health")
     replicas = [
         routed(redis_url=redis_url, upstreams={"health_sync_seconds": 0.05}) for _ in range(3)
     ]
@@ -622,7 +623,7 @@ def test_cooldown_is_shared_by_three_replicas_on_redis(routed, fleet, redis_url,
     # Deleting the hash resets every member on every replica within a sync, although
     # their cool-downs (30 s) have not ended.
     fleet.fakes["a"].fault = None
-    redis.Redis.from_url(redis_url).delete("bp:upstream-health")
+    redis.Redis.from_url(redis_url).delete(f"{REDIS_PREFIX}:upstream-health")
     deadline = time.monotonic() + 5
     for replica in replicas:
         health = replica.app[UPSTREAM].fleet.health

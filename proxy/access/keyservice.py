@@ -7,6 +7,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from ..store import Store, StoreConflict
+from ..store.audit import SYSTEM, Actor, Change
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.params import MAX_PAGE, check_page
@@ -45,7 +46,7 @@ class KeyService:
             known = ", ".join(sorted(self._pools)) or "none is configured"
             raise errors.validation(f"upstream: {pool!r} is not an upstream pool ({known})")
 
-    async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, body: dict[str, Any], actor: Actor = SYSTEM) -> dict[str, Any]:
         spec = parse_spec(body, now=self._clock.time())
         self._check_upstream(spec.upstream)
         minted = mint_credentials()
@@ -60,8 +61,10 @@ class KeyService:
             created_at=now,
             updated_at=now,
         )
+        change = Change(actor, "key.generate", record.key_id, after=record.public())
         try:
-            await self._store.keys.insert(record)
+            async with self._store.audit.recording(change):
+                await self._store.keys.insert(record)
         except StoreConflict:
             raise errors.validation(f"key_alias {spec.key_alias!r} is already in use") from None
         return {
@@ -88,31 +91,37 @@ class KeyService:
         record = await self.find(ref)
         return {"key": record.key_id, "info": record.public()}
 
-    async def update(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def update(self, ref: str, body: dict[str, Any], actor: Actor = SYSTEM) -> dict[str, Any]:
         record = await self.find(ref)
         spec = parse_spec(body, base=record.spec, now=self._clock.time())
         self._check_upstream(spec.upstream)
+        change = Change(actor, "key.update", record.key_id, before=record.public())
         try:
-            updated = await self._store.keys.update(record.key_id, spec=spec)
+            async with self._store.audit.recording(change):
+                updated = await self._store.keys.update(record.key_id, spec=spec)
+                change.after = updated.public() if updated is not None else None
         except StoreConflict:
             raise errors.validation(f"key_alias {spec.key_alias!r} is already in use") from None
         self._forget(record)
         assert updated is not None
         return updated.public()
 
-    async def regenerate(self, ref: str) -> dict[str, Any]:
+    async def regenerate(self, ref: str, actor: Actor = SYSTEM) -> dict[str, Any]:
         """New bearer token and access key pair; the old ones stop working."""
         record = await self.find(ref)
         minted = mint_credentials()
-        updated = await self._store.keys.update(
-            record.key_id,
-            credentials=(
-                minted.token_hash,
-                token_hint(minted.token),
-                minted.access_key_id,
-                self._box.seal(minted.secret_access_key),
-            ),
-        )
+        change = Change(actor, "key.regenerate", record.key_id, before=record.public())
+        async with self._store.audit.recording(change):
+            updated = await self._store.keys.update(
+                record.key_id,
+                credentials=(
+                    minted.token_hash,
+                    token_hint(minted.token),
+                    minted.access_key_id,
+                    self._box.seal(minted.secret_access_key),
+                ),
+            )
+            change.after = updated.public() if updated is not None else None
         self._forget(record)
         assert updated is not None
         return {
@@ -128,16 +137,24 @@ class KeyService:
             raise errors.AwsError(404, "ResourceNotFoundException", f"No key has alias {alias!r}")
         return record
 
-    async def delete(self, refs: list[str], aliases: list[str] | None = None) -> list[str]:
+    async def delete(
+        self, refs: list[str], aliases: list[str] | None = None, actor: Actor = SYSTEM
+    ) -> list[str]:
         """Delete the keys ``refs`` name (token, id, access key id or alias) and those
         ``aliases`` name as aliases only."""
         records = [await self.find(ref) for ref in refs]
         records += [await self.find_alias(alias) for alias in aliases or ()]
         deleted = []
         for record in records:
-            if await self._store.keys.delete(record.key_id):
-                self._forget(record)
-                deleted.append(record.key_id)
+            change = Change(actor, "key.delete", record.key_id, before=record.public())
+            try:
+                async with self._store.audit.recording(change):
+                    if not await self._store.keys.delete(record.key_id):
+                        raise _Unchanged  # deleted meanwhile: no change, no row
+            except _Unchanged:
+                continue
+            self._forget(record)
+            deleted.append(record.key_id)
         return deleted
 
     async def list(
@@ -154,7 +171,7 @@ class KeyService:
 
     # ------------------------------------------------------------------ teams
 
-    async def set_team(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def set_team(self, body: dict[str, Any], actor: Actor = SYSTEM) -> dict[str, Any]:
         """A team's settings: the upstream pool its keys use when they name none."""
         team_id = body.get("team_id")
         if not isinstance(team_id, str) or not team_id or len(team_id) > 256:
@@ -166,7 +183,10 @@ class KeyService:
         if pool is not None and not isinstance(pool, str):
             raise errors.validation("upstream must be a string or null")
         self._check_upstream(pool)
-        await self._store.teams.set_upstream(team_id, pool)
+        before = await self._store.teams.get(team_id)
+        change = Change(actor, "team.update", team_id, before=before, after={"upstream": pool})
+        async with self._store.audit.recording(change):
+            await self._store.teams.set_upstream(team_id, pool)
         if self._on_team_upstream is not None:
             self._on_team_upstream(team_id, pool)
         return {"team_id": team_id, "upstream": pool}
@@ -201,3 +221,7 @@ class KeyService:
     def _forget(self, record: KeyRecord) -> None:
         if self._cache is not None:
             self._cache.forget(record)
+
+
+class _Unchanged(Exception):
+    """Raised inside an audited block that turned out to change nothing: rolls back."""

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import getpass
 import json
 import logging
 import os
@@ -34,10 +35,14 @@ from ..server.config import ConfigError, Settings, load_settings
 from ..server.listen.runner import ProxyRunner
 from ..server.listen.tls import TLSConfigError, load_chain, server_context, write_self_signed
 from ..store import Store, open_store
+from ..store.audit import Actor
 from ..store.records import ALLOW_LIST_FIELDS
 from ..wire.errors import AwsError
 from ..wire.h2server import Http2Limits
 from .demo import client_lines, send_demo_traffic, try_it_key
+
+# Who the audit log names for the CLI's changes: the operating-system user running it.
+CLI_ACTOR = Actor("cli", getpass.getuser())
 
 log = logging.getLogger("bedrock_proxy")
 _T = TypeVar("_T")
@@ -124,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     spend.add_argument("--end", help="ISO 8601 time or date (exclusive)")
     spend.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    audit = commands.add_parser("audit", help="the audit log in the configured store")
+    audit.add_argument("--config", help="YAML settings file (BEDROCK_PROXY_CONFIG)")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_commands.add_parser(
+        "verify", help="check the audit log's hash chain; exit 1 if a row was changed"
+    )
+
     selfsigned = commands.add_parser(
         "tls-selfsigned", help="write a self-signed certificate for localhost and 127.0.0.1"
     )
@@ -196,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo_command(args)
     if args.command == "spend":
         return _spend_command(args)
+    if args.command == "audit":
+        return _audit_command(args)
     if args.command == "teams":
         return _teams_command(args)
     if args.command == "tls-selfsigned":
@@ -425,17 +439,17 @@ def _keys_command(args: argparse.Namespace) -> int:
             pools=settings.fleet.pools,
         )
         if command == "create":
-            return await service.generate(fields)
+            return await service.generate(fields, CLI_ACTOR)
         if command == "list":
             filters = {k: v for k, v in (("user_id", args.user), ("team_id", args.team)) if v}
             return await service.list(filters, args.page, args.size, full=True)
         if command == "info":
             return await service.info(args.key)
         if command == "update":
-            return await service.update(args.key, fields)
+            return await service.update(args.key, fields, CLI_ACTOR)
         if command == "regenerate":
-            return await service.regenerate(args.key)
-        return {"deleted_keys": await service.delete([args.key])}
+            return await service.regenerate(args.key, CLI_ACTOR)
+        return {"deleted_keys": await service.delete([args.key], actor=CLI_ACTOR)}
 
     code, result = _with_store(
         args, work, creates=command == "create", check=_sealing_secret if writes else None
@@ -502,7 +516,8 @@ def _teams_command(args: argparse.Namespace) -> int:
         secret = settings.secret_key or settings.master_key or "-" * 16  # teams seal nothing
         service = KeyService(store, SecretBox(secret, []), pools=settings.fleet.pools)
         if args.teams_command == "set":
-            return await service.set_team({"team_id": args.team, "upstream": args.upstream})
+            body = {"team_id": args.team, "upstream": args.upstream}
+            return await service.set_team(body, CLI_ACTOR)
         if args.teams_command == "info":
             return await service.team_info(args.team)
         return await service.teams()
@@ -511,6 +526,27 @@ def _teams_command(args: argparse.Namespace) -> int:
     if code == 0:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return code
+
+
+def _audit_command(args: argparse.Namespace) -> int:
+    """``audit verify``: every row's hash, and its link to the row before."""
+
+    async def work(settings: Settings, store: Store) -> tuple[int, int | None]:
+        return await store.audit.verify()
+
+    code, result = _with_store(args, work)
+    if result is None:
+        return code
+    checked, broken = result
+    if broken is not None:
+        print(
+            f"bedrock-proxy: the audit log was changed at row {broken} "
+            f"({checked} rows before it verified)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"audit log verified: {checked} rows, the hash chain is whole")
+    return 0
 
 
 def _spend_command(args: argparse.Namespace) -> int:

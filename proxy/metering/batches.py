@@ -12,7 +12,6 @@ half the on-demand price (``batch_discount``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from urllib.parse import quote
 
 import orjson
 
+from ..wire.background import stop as stop_task
 from .usage import Usage
 
 log = logging.getLogger("bedrock_proxy.batches")
@@ -60,10 +60,7 @@ class BatchSettler:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _run(self) -> None:
         while True:

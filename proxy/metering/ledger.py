@@ -16,6 +16,7 @@ import time
 
 from ..store import Store
 from ..store.records import LabelRow, SpendRow
+from ..wire.background import stop as stop_task
 
 log = logging.getLogger("bedrock_proxy.ledger")
 
@@ -103,10 +104,7 @@ class Ledger:
                     log.warning("ledger writes resumed; %d rows still queued", len(self._entries))
 
     async def close(self, deadline: float = 10.0) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         until = time.monotonic() + deadline
         while self._entries and time.monotonic() < until:
             await self.flush()

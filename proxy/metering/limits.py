@@ -36,6 +36,7 @@ from typing import TypeVar
 import orjson
 
 from ..wire import errors
+from ..wire.background import stop as stop_task
 from ..wire.clock import SYSTEM_CLOCK, Clock, iso
 
 log = logging.getLogger("bedrock_proxy.limits")
@@ -834,10 +835,7 @@ class RedisLimiter:
         await self._call(self._redis.ping())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         if self._unsettled:
             with contextlib.suppress(RedisUnavailable):
                 await self._resettle()

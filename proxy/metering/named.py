@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..store import Store
+from ..store.audit import SYSTEM, Actor, Change
 from ..store.records import KeyRecord
 from ..wire import errors
 from ..wire.params import LIMIT_FIELDS, number_field, parse_duration
@@ -55,7 +56,9 @@ class NamedLimitAdmin:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    async def upsert_limit(self, body: dict[str, Any], create: bool) -> dict[str, Any]:
+    async def upsert_limit(
+        self, body: dict[str, Any], create: bool, actor: Actor = SYSTEM
+    ) -> dict[str, Any]:
         limit_id = body.get("limit_id")
         if not isinstance(limit_id, str) or not limit_id or len(limit_id) > 200:
             raise errors.validation("limit_id is required (e.g. project-x, user:alice, team:ml)")
@@ -77,8 +80,12 @@ class NamedLimitAdmin:
             if name not in LIMIT_FIELDS:
                 raise errors.validation(f"Unknown field {name!r}")
             spec[name] = _limit_value(name, value)
-        await self._store.limits.upsert(limit_id, spec)
-        return await self._store.limits.get(limit_id) or {}
+        action = "limit.new" if create else "limit.update"
+        change = Change(actor, action, limit_id, before=existing)
+        async with self._store.audit.recording(change):
+            await self._store.limits.upsert(limit_id, spec)
+            change.after = await self._store.limits.get(limit_id)
+        return change.after or {}
 
     async def limit_info(self, limit_id: str) -> dict[str, Any]:
         found = await self._store.limits.get(limit_id)
@@ -89,9 +96,15 @@ class NamedLimitAdmin:
     async def list_limits(self) -> dict[str, Any]:
         return {"limits": await self._store.limits.list()}
 
-    async def delete_limit(self, limit_id: str) -> dict[str, Any]:
-        if not await self._store.limits.delete(limit_id):
-            raise errors.AwsError(404, "ResourceNotFoundException", f"No limit {limit_id!r}")
+    async def delete_limit(self, limit_id: str, actor: Actor = SYSTEM) -> dict[str, Any]:
+        existing = await self._store.limits.get(limit_id)
+        missing = errors.AwsError(404, "ResourceNotFoundException", f"No limit {limit_id!r}")
+        if existing is None:
+            raise missing
+        # A limit deleted meanwhile: the refusal rolls the audit row back with it.
+        async with self._store.audit.recording(Change(actor, "limit.delete", limit_id, existing)):
+            if not await self._store.limits.delete(limit_id):
+                raise missing
         return {"deleted_limits": [limit_id]}
 
 

@@ -14,7 +14,6 @@ replaced; its gauges (streams, requests in flight) stop counting once its pid is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from ..wire.background import stop as stop_task
 from .metrics import Metrics
 
 log = logging.getLogger("bedrock_proxy.metrics")
@@ -40,10 +40,7 @@ class SharedMetrics:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         self.write()  # the final figures stay for the workers still running
 
     async def _run(self) -> None:

@@ -9,7 +9,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..access import roles
 from ..access.keyservice import KeyService
+from ..access.oidc import OidcConfigError
 from ..metering.batches import BatchSettler
 from ..metering.limits import RedisLimiter
 from ..metering.named import NamedLimitAdmin
@@ -19,11 +21,15 @@ from ..observe.accesslog import AccessLog
 from ..observe.metrics import Metrics
 from ..observe.shared import SharedMetrics
 from ..store import Store, StoreUnavailable
+from ..store.audit import SYSTEM, Change
 from ..wire import errors
+from ..wire.background import stop as stop_task
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from .config import ConfigError, Settings
 from .credentials import CredentialProvider
 from .fronts.admin import AdminApi
+from .fronts.admin_door import AdminRoutes
+from .fronts.audit_api import AuditApi
 from .fronts.bedrock import BASE_PATH
 from .fronts.console import Console
 from .fronts.console.live import LiveView
@@ -36,6 +42,7 @@ from .listen.runner import ProxyRunner
 from .pipeline import Pipeline
 from .services import Services, build_services
 from .simulator import Simulator
+from .sso import SingleSignOn
 from .upstream import UpstreamClient
 
 
@@ -58,6 +65,8 @@ SHARED_METRICS = web.AppKey("shared_metrics", SharedMetrics)
 BATCHES = web.AppKey("batches", BatchSettler)
 SIMULATED = web.AppKey("simulated", bool)
 GATE = web.AppKey("gate", Gate)
+SSO = web.AppKey("sso", SingleSignOn)
+RETENTION = web.AppKey("audit_retention", float)
 
 
 def create_app(
@@ -83,6 +92,9 @@ def create_app(
     app[METERING] = s.metering
     app[BATCHES] = s.batches
     app[GATE] = s.gate
+    if s.sso is not None:
+        app[SSO] = s.sso
+    app[RETENTION] = settings.audit_retention_days
     app[STATE] = {
         "ready": False,
         "needs_credentials": not (settings.upstream_bearer_token or settings.simulate),
@@ -100,16 +112,14 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
     """The admin API, the console, health and metrics, then the fronts by their prefixes."""
     settings = s.settings
     reports = Reports(s.store, s.clock)
-    admin = AdminApi(
-        s.keys,
-        s.authenticator,
-        reports,
-        NamedLimitAdmin(s.store),
-        s.gate,
-        s.metering.forget_limit,
-        settings.body_timeout,
+    proxies = TrustedProxies(settings.trusted_proxies)
+    admin = AdminRoutes(
+        s.authenticator, s.tokens, s.gate, proxies, settings.body_timeout, s.keys is not None
     )
-    admin.add_routes(app)
+    AdminApi(s.keys, admin, reports, NamedLimitAdmin(s.store), s.metering.forget_limit).add_routes(
+        app
+    )
+    AuditApi(s.store, s.tokens, admin).add_routes(app)
     if settings.console:
         pipeline = s.pipeline
         Console(
@@ -126,13 +136,16 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
             alerts=_alert_settings(settings),
             master_key=settings.master_key,
             body_timeout=settings.body_timeout,
-            trusted_proxies=TrustedProxies(settings.trusted_proxies),
+            trusted_proxies=proxies,
             gate=s.gate,
+            master_signin=settings.console_master_signin,
+            tokens=s.tokens,
+            sso=s.sso,
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     app.router.add_get(
         "/metrics",
-        _metrics_page if settings.metrics_public else admin.gated(_metrics_page),
+        _metrics_page if settings.metrics_public else admin.gated(_metrics_page, roles.READ_ALL),
     )
     app.router.add_get("/health/readiness", _readiness)
     for path in (FILES_PATH, FILES_PATH + "/{tail:.*}"):  # before /bedrock/{tail}
@@ -188,9 +201,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[BATCHES].start()
     if SHARED_METRICS in app:
         app[SHARED_METRICS].start()
+    if SSO in app:
+        try:
+            await app[SSO].start()
+        except OidcConfigError as exc:
+            raise StartupError(str(exc)) from None
+    pruner = asyncio.create_task(_prune_audit(store, app[RETENTION])) if app[RETENTION] else None
     app[STATE]["ready"] = True
     yield
     app[STATE]["ready"] = False
+    await stop_task(pruner)
+    if SSO in app:
+        await app[SSO].close()
     await app[BATCHES].close()
     if SHARED_METRICS in app:
         await app[SHARED_METRICS].close()
@@ -201,6 +223,21 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await metering.close()  # flushes the ledger
     await app[CREDENTIALS].close()
     await store.close()
+
+
+async def _prune_audit(store: Store, days: float) -> None:
+    """Retention: the audit rows older than ``days``, deleted (the oldest first) at start
+    and hourly, each pruning recorded as a row of its own."""
+    while True:
+        try:
+            cutoff = store.audit.now() - days * 86400
+            deleted = await store.audit.prune(cutoff)
+            if deleted:
+                change = Change(SYSTEM, "audit.prune", None, after={"deleted": deleted})
+                await store.audit.append(change)
+        except StoreUnavailable:
+            pass  # the next hour's pruning catches up
+        await asyncio.sleep(3600)
 
 
 def _alert_settings(settings: Settings) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import yaml
 
+from ..access.oidc import OidcConfigError, OidcSettings
 from .config_checks import ConfigError as ConfigError  # (where it has always been imported from)
 from .config_checks import validate
 from .fleet.config import FleetConfig, parse_fleet
@@ -100,6 +101,9 @@ class Settings:
     sigv4_max_skew: int = 900
     # Rate-limit and budget counters shared by replicas; in-process when unset.
     redis_url: str | None = field(default=None, repr=False)
+    # Where this deployment's keys live in Redis: its replicas share the prefix; two
+    # deployments on one Redis need one each, or they share limits and upstream health.
+    redis_prefix: str = "bp"
     # The longest any one Redis call may take (connecting included).
     redis_timeout: float = 2.0
     # While Redis is unreachable, keys with limits are refused with a 503 ("refuse"), or
@@ -163,6 +167,19 @@ class Settings:
     # X-Forwarded-For the console believes: behind a TLS-terminating one, the browser's
     # scheme (for the sign-in's Origin check and the cookie's Secure flag) and address.
     trusted_proxies: list[str] = field(default_factory=list)
+    # Single sign-on for the console (OpenID Connect): issuer, client_id, client_secret (or
+    # client_secret_env, client_secret_file), scopes, groups_claim, email_claim, roles
+    # ({admin|team-admin|member|auditor: [groups]}) and teams ({group: team_id}). See
+    # docs/console.md.
+    oidc: dict[str, Any] = field(default_factory=dict)
+    # The master key as a console sign-in: the break-glass way in beside single sign-on.
+    console_master_signin: bool = True
+    # How long the audit log keeps a row, in days (0: for ever).
+    audit_retention_days: float = 365.0
+    # Derived, not a setting: ``oidc`` parsed (its client secret read from where it says).
+    sso: OidcSettings | None = field(
+        default=None, init=False, repr=False, compare=False, metadata={"derived": True}
+    )
     # Derived, not a setting: ``upstreams`` parsed (once, by ``load_settings``).
     fleet: FleetConfig = field(
         default_factory=lambda: parse_fleet({}),
@@ -183,6 +200,7 @@ _SECRETS = frozenset(
         "secret_key",
         "previous_secret_keys",
         "redis_url",
+        "oidc",
     }
 )
 
@@ -224,6 +242,12 @@ def load_settings(
     # Frozen from here on: every part of the process reads the same settings.
     settings = Settings(**values)
     object.__setattr__(settings, "fleet", validate(settings))
+    if settings.oidc:
+        try:
+            sso = OidcSettings.parse(settings.oidc, dict(env))
+        except OidcConfigError as exc:
+            raise ConfigError(f"config error: {exc}") from None
+        object.__setattr__(settings, "sso", sso)
     return settings
 
 

@@ -8,7 +8,6 @@ no request waits; only credentials already past their mandatory refresh time blo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,7 @@ from typing import Any
 
 from aiobotocore.session import AioSession
 
+from ..wire.background import stop as stop_task
 from ..wire.sigv4 import Credentials
 
 log = logging.getLogger("bedrock_proxy.credentials")
@@ -173,7 +173,4 @@ class CredentialProvider:
             self._refresh_task = None
 
     async def close(self) -> None:
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh_task
+        await stop_task(self._refresh_task)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..access import policy
+from ..access.admin_tokens import AdminTokens
 from ..access.auth import Authenticator
 from ..access.keycache import KeyCache
 from ..access.keyservice import KeyService
@@ -38,6 +39,7 @@ from .fronts.files import FilesFront
 from .gate import Gate
 from .gauges import register_gauges
 from .pipeline import Pipeline, Shutdown
+from .sso import SingleSignOn
 from .upstream import UpstreamClient
 
 
@@ -54,6 +56,9 @@ class Services:
     fleet: Fleet
     authenticator: Authenticator
     keys: KeyService | None
+    tokens: AdminTokens
+    # The console's single sign-on, when ``oidc`` is set.
+    sso: SingleSignOn | None
     limiter: InProcessLimiter | RedisLimiter
     metering: Metering
     upstream: UpstreamClient
@@ -80,20 +85,16 @@ def build_services(settings: Settings, access_log: AccessLog | None, clock: Cloc
     )
     metrics = Metrics()
     fleet = _fleet(settings, overrides, region, credentials, store, clock, metrics)
-    authenticator, keys = _access(settings, store, clock, fleet)
+    authenticator, keys, box = _access(settings, store, clock, fleet)
     limiter, metering = _metering(settings, store, clock)
     shutdown = Shutdown()
     upstream = UpstreamClient(settings, fleet, shutdown, metrics)
     access_log = access_log or AccessLog(settings.access_log)
-    # One gate for every front, with one cap on bodies held before their signature is checked.
     gate = Gate(
         metering, UnverifiedBodies(settings.max_unverified_body_bytes), settings.max_body_bytes
     )
     fronts = BedrockFronts(
         settings, authenticator, upstream, metering, metrics, gate, clock, shutdown, store
-    )
-    files = FilesFront(
-        upstream, authenticator, metering, settings.max_file_bytes, gate, settings.body_timeout
     )
     batches = BatchSettler(
         store,
@@ -114,6 +115,8 @@ def build_services(settings: Settings, access_log: AccessLog | None, clock: Cloc
         fleet=fleet,
         authenticator=authenticator,
         keys=keys,
+        tokens=AdminTokens(store, clock),
+        sso=SingleSignOn(settings.sso, box, clock) if settings.sso and box else None,
         limiter=limiter,
         metering=metering,
         upstream=upstream,
@@ -121,7 +124,9 @@ def build_services(settings: Settings, access_log: AccessLog | None, clock: Cloc
         pipeline=Pipeline(_observers(settings, metering, metrics, access_log), shutdown),
         batches=batches,
         gate=gate,
-        files=files,
+        files=FilesFront(
+            upstream, authenticator, metering, settings.max_file_bytes, gate, settings.body_timeout
+        ),
         fronts=fronts.by_prefix(store),
     )
     register_gauges(services)
@@ -149,6 +154,7 @@ def _fleet(
             settings.redis_url,
             lambda member: metrics.upstream_event(member, "cooldowns"),
             settings.key_cache_ttl,
+            settings.redis_prefix,
         )
     except (FleetConfigError, ValueError) as exc:
         raise ConfigError(f"config error: {exc}") from None
@@ -156,7 +162,7 @@ def _fleet(
 
 def _access(
     settings: Settings, store: Store, clock: Clock, fleet: Fleet
-) -> tuple[Authenticator, KeyService | None]:
+) -> tuple[Authenticator, KeyService | None, SecretBox | None]:
     """Who callers are (keys read through a cache), and the service that mints keys
     (none without a master key, or without a secret to seal keys' secrets with)."""
     sealing_secret = settings.secret_key or settings.master_key
@@ -173,7 +179,7 @@ def _access(
     keys = None
     if box is not None and settings.master_key:
         keys = KeyService(store, box, cache, clock, fleet.config.pools, fleet.set_team_upstream)
-    return authenticator, keys
+    return authenticator, keys, box
 
 
 def _observers(
@@ -225,6 +231,7 @@ def _metering(
             clock=clock,
             timeout=settings.redis_timeout,
             on_outage=settings.limits_on_redis_outage,
+            prefix=settings.redis_prefix,
         )
         if settings.redis_url
         else InProcessLimiter(budgets, clock=clock)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from ..wire.clock import SYSTEM_CLOCK, Clock
+from .admin_tokens import AdminTokenRepository
+from .audit import AuditRepository
 from .database import Database, StoreConflict
 from .guard import SLOW_READ, GuardedDatabase, StoreHealth, StoreUnavailable
 from .jobs import JobRepository
@@ -27,6 +29,8 @@ class Store:
         self.teams = TeamRepository(guarded, clock)
         self.sessions = SessionRepository(guarded)
         self.owned = OwnedSessionRepository(guarded, clock)
+        self.audit = AuditRepository(guarded, clock)
+        self.admin_tokens = AdminTokenRepository(guarded)
 
     @property
     def dialect(self) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,12 @@ class Database(ABC):
 
     @abstractmethod
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """Every call this task makes inside the block runs in one transaction: committed
+        when the block ends, rolled back when it raises (an audited change and its audit
+        row, together or not at all). Nested blocks are part of the outer one."""
 
     @abstractmethod
     async def insert_rows(self, batches: Sequence[RowBatch]) -> None:

@@ -11,9 +11,10 @@ holding a cached answer read to serve it at once rather than wait out a deadline
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from ..wire import errors
@@ -121,6 +122,20 @@ class GuardedDatabase(Database):
 
     async def insert_rows(self, batches: Sequence[RowBatch]) -> None:
         await self._guard(self.inner.insert_rows(batches))
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """The backend's transaction, its start and its commit bounded and failing as
+        StoreUnavailable; what the block raises is the block's own, after the rollback."""
+        manager = self.inner.transaction()
+        await self._guard(manager.__aenter__())
+        try:
+            yield
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await manager.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        await self._guard(manager.__aexit__(None, None, None))
 
     async def apply_migrations(self, migrations: list[tuple[int, Any]]) -> list[int]:
         # At startup, under a lock another replica may hold for a while: no deadline.

@@ -6,7 +6,11 @@ Never edit a released migration; add the next one.
 
 from __future__ import annotations
 
-MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
+# A migration: SQL statements separated by ";", or a list of statements (a trigger's body
+# holds semicolons), or either of those per dialect.
+Migration = str | list[str] | dict[str, str | list[str]]
+
+MIGRATIONS: list[tuple[int, Migration]] = [
     (
         1,
         """
@@ -174,9 +178,90 @@ MIGRATIONS: list[tuple[int, str | dict[str, str]]] = [
         # pool member ("account/region") that holds it.
         "ALTER TABLE bp_owned_sessions ADD COLUMN location TEXT",
     ),
+    (
+        11,
+        # The audit log: append-only, each row chained to the one before by its hash
+        # (``audit``); rows are only ever inserted, and deleted by retention, oldest first.
+        {
+            "sqlite": """
+            CREATE TABLE bp_audit (
+                seq INTEGER PRIMARY KEY,
+                ts DOUBLE PRECISION NOT NULL,
+                actor TEXT NOT NULL,
+                actor_kind TEXT NOT NULL,
+                email TEXT,
+                source TEXT,
+                request_id TEXT,
+                action TEXT NOT NULL,
+                target TEXT,
+                before TEXT,
+                after TEXT,
+                prev_hash TEXT NOT NULL,
+                hash TEXT NOT NULL
+            );
+            CREATE INDEX bp_audit_ts ON bp_audit (ts)
+            """,
+            "postgres": """
+            CREATE TABLE bp_audit (
+                seq BIGINT PRIMARY KEY,
+                ts DOUBLE PRECISION NOT NULL,
+                actor TEXT NOT NULL,
+                actor_kind TEXT NOT NULL,
+                email TEXT,
+                source TEXT,
+                request_id TEXT,
+                action TEXT NOT NULL,
+                target TEXT,
+                before TEXT,
+                after TEXT,
+                prev_hash TEXT NOT NULL,
+                hash TEXT NOT NULL
+            );
+            CREATE INDEX bp_audit_ts ON bp_audit (ts)
+            """,
+        },
+    ),
+    (
+        12,
+        {
+            "sqlite": [
+                "CREATE TRIGGER bp_audit_append_only BEFORE UPDATE ON bp_audit"
+                " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
+            ],
+            "postgres": [
+                "CREATE FUNCTION bp_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS"
+                " $f$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $f$",
+                "CREATE TRIGGER bp_audit_append_only BEFORE UPDATE ON bp_audit"
+                " FOR EACH ROW EXECUTE FUNCTION bp_audit_append_only()",
+            ],
+        },
+    ),
+    (
+        13,
+        # Admin API tokens (automation: CI, Terraform), stored as the SHA-256 of the token;
+        # console sessions opened by single sign-on carry the user's role and teams.
+        """
+        CREATE TABLE bp_admin_tokens (
+            token_id TEXT PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            team_id TEXT,
+            expires_at DOUBLE PRECISION,
+            created_at DOUBLE PRECISION NOT NULL,
+            created_by TEXT NOT NULL,
+            revoked_at DOUBLE PRECISION
+        );
+        ALTER TABLE bp_console_sessions ADD COLUMN role TEXT;
+        ALTER TABLE bp_console_sessions ADD COLUMN teams TEXT;
+        ALTER TABLE bp_console_sessions ADD COLUMN email TEXT
+        """,
+    ),
 ]
 
 
-def statements(migration: str | dict[str, str], dialect: str) -> list[str]:
-    sql = migration if isinstance(migration, str) else migration[dialect]
+def statements(migration: Migration, dialect: str) -> list[str]:
+    sql = migration[dialect] if isinstance(migration, dict) else migration
+    if isinstance(sql, list):
+        return sql
     return [s.strip() for s in sql.split(";") if s.strip()]

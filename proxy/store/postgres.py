@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -15,6 +17,10 @@ from .migrations import statements
 
 # pg_advisory_xact_lock key: one migrator at a time across every replica.
 _MIGRATION_LOCK = 0x62_70_6D_69_67  # "bpmig"
+# The database and connection of the transaction the running task is in.
+_IN_TRANSACTION: contextvars.ContextVar[tuple[PostgresDatabase, Any] | None] = (
+    contextvars.ContextVar("bedrock_proxy_postgres_transaction", default=None)
+)
 
 
 class _QuietReconnects(logging.Filter):
@@ -58,18 +64,38 @@ class PostgresDatabase(Database):
             await self._pool.close()
             self._pool = None
 
-    async def execute(self, sql: str, *args: Any) -> int:
+    def _target(self) -> Any:
+        """The transaction's connection for a task inside one, the pool otherwise."""
+        current = _IN_TRANSACTION.get()
+        if current is not None and current[0] is self:
+            return current[1]
         assert self._pool is not None
+        return self._pool
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        current = _IN_TRANSACTION.get()
+        if current is not None and current[0] is self:  # nested: part of the enclosing one
+            yield
+            return
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            token = _IN_TRANSACTION.set((self, conn))
+            try:
+                yield
+            finally:
+                _IN_TRANSACTION.reset(token)
+
+    async def execute(self, sql: str, *args: Any) -> int:
         try:
-            status = await self._pool.execute(sql, *args)
+            status = await self._target().execute(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             raise StoreConflict(str(exc)) from None
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        assert self._pool is not None
-        return [dict(r) for r in await self._pool.fetch(sql, *args)]
+        return [dict(r) for r in await self._target().fetch(sql, *args)]
 
     async def insert_rows(self, batches: Sequence[RowBatch]) -> None:
         """Each table's rows as one JSON parameter unpacked by PostgreSQL: binding 25

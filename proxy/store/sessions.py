@@ -20,22 +20,29 @@ class SessionRepository:
         csrf: str,
         expires_at: float,
         credential: str,
+        role: str | None = None,
+        teams: str | None = None,
+        email: str | None = None,
     ) -> None:
         await self._db.execute(
             "INSERT INTO bp_console_sessions"
-            " (session_hash, kind, key_id, csrf, expires_at, credential)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
+            " (session_hash, kind, key_id, csrf, expires_at, credential, role, teams, email)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             session_hash,
             kind,
             key_id,
             csrf,
             expires_at,
             credential,
+            role,
+            teams,
+            email,
         )
 
     async def get(self, session_hash: str, now: float) -> dict[str, Any] | None:
         return await self._db.fetchrow(
-            "SELECT kind, key_id, csrf, expires_at, credential FROM bp_console_sessions"
+            "SELECT kind, key_id, csrf, expires_at, credential, role, teams, email"
+            " FROM bp_console_sessions"
             " WHERE session_hash = $1 AND expires_at > $2",
             session_hash,
             now,

@@ -4,12 +4,14 @@ event loop never blocks on disk and the connection is only ever used from one th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import itertools
 import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
@@ -27,6 +29,10 @@ _T = TypeVar("_T")
 sqlite3.register_adapter(type(None), cast(Callable[[None], None], {}.get))
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+# The database whose transaction the running task is in (``transaction``).
+_IN_TRANSACTION: contextvars.ContextVar[SqliteDatabase | None] = contextvars.ContextVar(
+    "bedrock_proxy_sqlite_transaction", default=None
+)
 # Rows per multi-row INSERT: 256 rows of 27 columns stay well under SQLite's 32,766 bound
 # parameters. A smaller remainder goes in power-of-two chunks, so a table has at most nine
 # distinct statements to prepare and cache.
@@ -54,9 +60,41 @@ class SqliteDatabase(Database):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="bedrock-proxy-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._sql: dict[str, str] = {}
+        self._transaction = asyncio.Lock()
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        # One connection: while a task holds a transaction on it, another task's calls
+        # wait for its end rather than run inside it. (No lock taken otherwise: checking
+        # and queueing to the one thread happen in one step of the loop.)
+        if self._transaction.locked() and _IN_TRANSACTION.get() is not self:
+            async with self._transaction:
+                return await self._on_thread(fn, *args)
+        return await self._on_thread(fn, *args)
+
+    async def _on_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        if _IN_TRANSACTION.get() is self:  # nested: part of the enclosing one
+            yield
+            return
+        async with self._transaction:
+            token = _IN_TRANSACTION.set(self)
+            try:
+                await self._on_thread(self._statement, "BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    await asyncio.shield(self._on_thread(self._statement, "ROLLBACK"))
+                    raise
+                await self._on_thread(self._statement, "COMMIT")
+            finally:
+                _IN_TRANSACTION.reset(token)
+
+    def _statement(self, sql: str) -> None:
+        assert self._conn is not None
+        self._conn.execute(sql)
 
     def _translate(self, sql: str) -> str:
         out = self._sql.get(sql)

@@ -18,6 +18,7 @@ from typing import Any
 
 from tests.conftest import MASTER_KEY, REGION
 from tests.fake_bedrock import UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY, UPSTREAM_SESSION_TOKEN
+from tests.stores import REDIS_PREFIX
 
 BIN = os.path.join(os.path.dirname(sys.executable), "bedrock-proxy")
 
@@ -41,6 +42,7 @@ def server_env(fake_url: str, **extra: str) -> dict[str, str]:
         AWS_ENDPOINT_URL=fake_url,
         BEDROCK_PROXY_MASTER_KEY=MASTER_KEY,
         BEDROCK_PROXY_SQLITE_PATH=os.path.join(tempfile.mkdtemp(), "proxy.db"),
+        BEDROCK_PROXY_REDIS_PREFIX=REDIS_PREFIX,
     )
     env.update(extra)
     return env

@@ -14,13 +14,13 @@ configured region or the one the client's SigV4 scope names, as before routing e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...exchange import Identity
 from ...store import Store
+from ...wire.background import stop as stop_task
 from ...wire.clock import SYSTEM_CLOCK, Clock
 from ...wire.endpoints import Endpoints, Upstream
 from ...wire.modelids import parse_arn
@@ -54,6 +54,7 @@ class Fleet:
         redis_url: str | None = None,
         on_cooldown: Callable[[str], None] | None = None,
         teams_refresh_seconds: float = 5.0,
+        redis_prefix: str = "bp",
     ) -> None:
         self.config = config
         self.configured = config.configured
@@ -68,6 +69,7 @@ class Fleet:
             redis_url if config.configured else None,
             config.health_sync_seconds,
             on_cooldown,
+            redis_prefix,
         )
         self.planner = Planner(config, self.health, self._teams, clock)
         self.credentials = FleetCredentials(config.accounts, default_credentials)
@@ -190,9 +192,6 @@ class Fleet:
             self._teams_task = asyncio.get_running_loop().create_task(self._refresh_teams())
 
     async def close(self) -> None:
-        if self._teams_task is not None:
-            self._teams_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._teams_task
+        await stop_task(self._teams_task)
         await self.health.close()
         await self.credentials.close()

@@ -10,16 +10,17 @@ request path (requests only read the local copy).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ...wire.background import stop as stop_task
 from ...wire.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("bedrock_proxy.upstreams")
-_REDIS_KEY = "bp:upstream-health"
+# The shared hash, below the deployment's Redis prefix (``redis_prefix``).
+_REDIS_KEY = "upstream-health"
 
 
 @dataclass(slots=True)
@@ -37,7 +38,9 @@ class Health:
         redis_url: str | None = None,
         sync_seconds: float = 1.0,
         on_cooldown: Callable[[str], None] | None = None,
+        redis_prefix: str = "bp",
     ) -> None:
+        self._key = f"{redis_prefix}:{_REDIS_KEY}"
         self._base = base_seconds
         self._max = max_seconds
         self._clock = clock
@@ -99,10 +102,10 @@ class Health:
     async def _write(self, member: str, state: MemberHealth | None) -> None:
         try:
             if state is None:
-                await self._redis.hdel(_REDIS_KEY, member)
+                await self._redis.hdel(self._key, member)
                 self._shared.discard(member)
             else:
-                await self._redis.hset(_REDIS_KEY, member, f"{state.failures}:{state.until!r}")
+                await self._redis.hset(self._key, member, f"{state.failures}:{state.until!r}")
                 self._shared.add(member)
         except Exception as exc:  # local state still holds; the next write retries
             log.warning("could not share upstream health in Redis: %s", type(exc).__name__)
@@ -111,7 +114,7 @@ class Health:
         """Take in the other replicas' view (the longer cool-down wins)."""
         if self._redis is None:
             return
-        shared = await self._redis.hgetall(_REDIS_KEY)
+        shared = await self._redis.hgetall(self._key)
         now = self._clock.time()
         seen = set()
         for raw_name, raw_value in shared.items():
@@ -149,10 +152,7 @@ class Health:
             await asyncio.sleep(self._sync_seconds)
 
     async def close(self) -> None:
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+        await stop_task(self._sync_task)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         if self._redis is not None:

@@ -10,7 +10,6 @@ keep-alive timeout applies, and the body has its own deadline (in ``forward``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from ...wire.background import stop as stop_task
 from ...wire.h2server import Http2Limits
 from .aiohttp_adapter import AwsServer, awaiting_first_request, use_aws_error_handler
 from .http2 import Http2ServerConnection
@@ -63,10 +63,7 @@ class ProxyRunner(web.AppRunner):
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def cleanup(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await stop_task(self._sweeper)
         await super().cleanup()
 
     async def _sweep(self) -> None:

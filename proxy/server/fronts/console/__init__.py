@@ -10,36 +10,39 @@ routes: the Bedrock path does not pass through any of it.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from ....access import roles
 from ....exchange import Exchange
 from ....store import StoreUnavailable
 from ....wire import errors
+from ...sso import PENDING_COOKIE, PENDING_SECONDS
 from . import charts
-from .base import _STATIC, Handler
+from .base import _STATIC, Handler, _may
 from .doors import (
     FORM,
     SESSION,
     SIGNIN_FORM_BYTES,
     FormRefused,
+    callback_url,
 )
+from .governance import GovernancePages
 from .keys import KeyPages
-from .security import PREFIX
+from .security import PREFIX, SECURITY_HEADERS
 from .sessions import COOKIE, ConsoleSession
 from .spend import SpendPages, _chart, _days_ago
 
 __all__ = ["FORM", "PREFIX", "Console"]
 
 
-class Console(KeyPages, SpendPages):
+class Console(KeyPages, SpendPages, GovernancePages):
     def add_routes(self, app: web.Application) -> None:
         """Every route: the public ones (the way in, and what it is drawn with), and the
-        signed-in pages, each behind the gate."""
-        page, own = self._page, functools.partial(self._page, master=False)
+        signed-in pages, each behind the gate with what its role must grant."""
+        page = self._page
         public: list[tuple[str, str, Handler]] = [
             ("GET", "", self._root),
             ("GET", "/", self._root),
@@ -48,21 +51,30 @@ class Console(KeyPages, SpendPages):
         ]
         gated: list[tuple[str, str, Handler]] = [
             ("POST", "/signin", self._signin),
-            ("POST", "/signout", own(self._signout)),
-            ("GET", "/me", own(self._me)),
-            ("GET", "/keys", page(self._key_list)),
-            ("GET", "/keys.csv", page(self._key_csv)),
-            ("GET", "/keys/new", page(self._key_new)),
-            ("POST", "/keys/new", page(self._key_create)),
-            ("GET", "/keys/{key_id}", page(self._key_edit)),
-            ("POST", "/keys/{key_id}", page(self._key_update)),
-            ("POST", "/keys/{key_id}/{action}", page(self._key_action)),
-            ("GET", "/spend", page(self._spend)),
-            ("GET", "/spend.csv", page(self._spend_csv)),
-            ("GET", "/limits", page(self._limits)),
-            ("GET", "/live", page(self._live_page)),
-            ("GET", "/live.json", page(self._live_json)),
+            ("POST", "/signout", page(self._signout, None)),
+            ("GET", "/me", page(self._me, None)),
+            ("GET", "/keys", page(self._key_list, roles.READ)),
+            ("GET", "/keys.csv", page(self._key_csv, roles.READ)),
+            ("GET", "/keys/new", page(self._key_new, roles.KEYS)),
+            ("POST", "/keys/new", page(self._key_create, roles.KEYS)),
+            ("GET", "/keys/{key_id}", page(self._key_edit, roles.READ)),
+            ("POST", "/keys/{key_id}", page(self._key_update, roles.KEYS)),
+            ("POST", "/keys/{key_id}/{action}", page(self._key_action, roles.KEYS)),
+            ("GET", "/spend", page(self._spend, roles.READ)),
+            ("GET", "/spend.csv", page(self._spend_csv, roles.READ)),
+            ("GET", "/limits", page(self._limits, roles.READ_ALL)),
+            ("GET", "/live", page(self._live_page, roles.READ_ALL)),
+            ("GET", "/live.json", page(self._live_json, roles.READ_ALL)),
+            ("GET", "/audit", page(self._audit_page, roles.AUDIT)),
+            ("GET", "/audit.csv", page(self._audit_export, roles.AUDIT)),
+            ("GET", "/audit.jsonl", page(self._audit_export, roles.AUDIT)),
+            ("GET", "/tokens", page(self._token_list, roles.TOKENS)),
+            ("POST", "/tokens", page(self._token_create, roles.TOKENS)),
+            ("POST", "/tokens/{token_id}/revoke", page(self._token_revoke, roles.TOKENS)),
         ]
+        if self._sso is not None:
+            public.append(("GET", "/signin/sso", self._sso_start))
+            gated.append(("GET", "/sso/callback", self._sso_callback))
         for method, path, handler in public:
             app.router.add_route(method, PREFIX + path, self._outage_page(handler))
         for method, path, handler in gated:
@@ -91,11 +103,11 @@ class Console(KeyPages, SpendPages):
         return guarded
 
     def _page(
-        self, handler: Callable[..., Awaitable[web.StreamResponse]], master: bool = True
+        self, handler: Callable[..., Awaitable[web.StreamResponse]], need: str | None
     ) -> Handler:
         """A signed-in page, admitted by the gate (``doors.PageDoor``): refusals and the
         page's own errors as the error page, a missing session as the sign-in page."""
-        door = self._page_doors[master]
+        door = self._page_doors[need]
 
         async def page(request: web.Request) -> web.StreamResponse:
             x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
@@ -127,7 +139,8 @@ class Console(KeyPages, SpendPages):
         session = await self.sessions.get(request.cookies.get(COOKIE))
         if session is None:
             raise web.HTTPSeeOther(PREFIX + "/signin")
-        raise web.HTTPSeeOther(PREFIX + ("/keys" if session.kind == "master" else "/me"))
+        home = "/keys" if _may(session, roles.READ) and session.kind != "virtual" else "/me"
+        raise web.HTTPSeeOther(PREFIX + home)
 
     async def _signin_page(self, request: web.Request) -> web.Response:
         return self._render("signin.html", error=None)
@@ -143,7 +156,10 @@ class Console(KeyPages, SpendPages):
         identity = admitted.identity
         token_hash = identity.record.token_hash if identity.record is not None else None
         sid, _ = await self.sessions.create(identity.kind, identity.key_id, token_hash)
-        response = web.HTTPSeeOther(PREFIX + ("/keys" if identity.is_master else "/me"))
+        raise self._signed_in(request, sid, PREFIX + ("/keys" if identity.is_master else "/me"))
+
+    def _signed_in(self, request: web.Request, sid: str, home: str) -> web.HTTPSeeOther:
+        response = web.HTTPSeeOther(home)
         response.set_cookie(
             COOKIE,
             sid,
@@ -152,6 +168,43 @@ class Console(KeyPages, SpendPages):
             samesite="Strict",
             secure=self._proxies.scheme(request) == "https",
         )
+        return response
+
+    async def _sso_start(self, request: web.Request) -> web.StreamResponse:
+        """To the identity provider, with this sign-in's state sealed in a cookie (sent
+        back on the provider's redirect, a top-level GET: SameSite=Lax)."""
+        assert self._sso is not None
+        url, pending = self._sso.begin(callback_url(request, self._proxies))
+        response = web.HTTPSeeOther(url, headers=SECURITY_HEADERS)
+        response.set_cookie(
+            PENDING_COOKIE,
+            pending,
+            path=PREFIX + "/sso",
+            httponly=True,
+            samesite="Lax",
+            max_age=PENDING_SECONDS,
+            secure=self._proxies.scheme(request) == "https",
+        )
+        raise response
+
+    async def _sso_callback(self, request: web.Request) -> web.StreamResponse:
+        assert self._sso_door is not None  # the route exists only with single sign-on
+        x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
+        try:
+            admitted = await self._gate.admit(request, x, self._sso_door)
+        except errors.AwsError as exc:
+            page = self._render(
+                "signin.html", 401 if exc.status < 500 else exc.status, error=exc.message
+            )
+            page.del_cookie(PENDING_COOKIE, path=PREFIX + "/sso")
+            return page
+        identity = admitted.identity
+        sid, _ = await self.sessions.create(
+            "user", identity.key_id, None, identity.role, identity.teams, identity.email
+        )
+        home = PREFIX + ("/keys" if roles.reach_of(identity).may(roles.READ) else "/me")
+        response = self._signed_in(request, sid, home)
+        response.del_cookie(PENDING_COOKIE, path=PREFIX + "/sso")  # used once
         raise response
 
     async def _signout(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:
@@ -165,6 +218,8 @@ class Console(KeyPages, SpendPages):
     async def _me(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:
         if session.kind == "master":
             raise web.HTTPSeeOther(PREFIX + "/keys")
+        if session.kind == "user":  # a user's own page: who they are, and what they reach
+            return self._render("user.html", session=session)
         assert session.key_id is not None
         record = await self._store.keys.by("key_id", session.key_id)
         if record is None or record.refusal(self._clock.time()) is not None:

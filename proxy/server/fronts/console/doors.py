@@ -12,12 +12,15 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from ....access.auth import Authenticator
-from ....exchange import MASTER, Exchange, Identity
+from ....access.roles import Reach, actor_of, reach_of
+from ....exchange import Exchange, Identity
 from ....store import StoreUnavailable
+from ....store.audit import Actor, AuditRepository, Change
 from ....wire import errors
 from ...gate import LocalDoor
 from ...listen.bodies import RequestBody
 from ...listen.forwarded import TrustedProxies
+from ...sso import PENDING_COOKIE, SingleSignOn
 from .security import PREFIX, SECURITY_HEADERS
 from .sessions import COOKIE, ConsoleSession, SessionStore, SignInThrottle, csrf_ok
 
@@ -29,6 +32,7 @@ FORM_BYTES = 64 * 1024
 # page's session.
 FORM: web.RequestKey[dict[str, str]] = web.RequestKey("console_form", dict)
 SESSION: web.RequestKey[ConsoleSession] = web.RequestKey("console_session", ConsoleSession)
+REACH: web.RequestKey[Reach] = web.RequestKey("console_reach", Reach)
 _ATTEMPT: web.RequestKey[tuple[str, float]] = web.RequestKey("console_signin", tuple)
 
 
@@ -52,14 +56,19 @@ def same_origin(request: web.Request, proxies: TrustedProxies) -> bool:
 
 
 class PageDoor(LocalDoor):
-    """A signed-in page: a session (else the sign-in page), the master's unless ``master``
-    is False, and on a POST its own origin and a valid CSRF token."""
+    """A signed-in page: a session (else the sign-in page) whose role grants what the page
+    needs (``access.roles``; None: any session, a key's own page included), and on a POST
+    its own origin and a valid CSRF token."""
 
     def __init__(
-        self, sessions: SessionStore, proxies: TrustedProxies, master: bool, body_timeout: float
+        self,
+        sessions: SessionStore,
+        proxies: TrustedProxies,
+        need: str | None,
+        body_timeout: float,
     ) -> None:
         self._sessions, self._proxies = sessions, proxies
-        self._master, self._body_timeout = master, body_timeout
+        self._need, self._body_timeout = need, body_timeout
 
     async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
         session = await self._sessions.get(request.cookies.get(COOKIE))
@@ -68,14 +77,18 @@ class PageDoor(LocalDoor):
                 raise web.HTTPSeeOther(PREFIX + "/signin", headers=SECURITY_HEADERS)
             raise _refused(401, "Sign in first.")
         request[SESSION] = session
-        if session.kind == "master":
-            return MASTER
-        return Identity("virtual", key_id=session.key_id)
+        return session.identity()
 
     async def authorize(self, request: web.Request, x: Exchange, body: RequestBody | None) -> None:
         session = request[SESSION]
-        if self._master and session.kind != "master":
-            raise _refused(403, "This page is for the master key.")
+        identity = x.identity
+        assert identity is not None
+        reach = request[REACH] = reach_of(identity)
+        if self._need is not None:
+            if session.kind == "virtual":
+                raise _refused(403, "This page is for the master key, or a role that opens it.")
+            if not reach.may(self._need):
+                raise _refused(403, _NO_ROLE if reach.role is None else _NOT_YOURS)
         if request.method != "POST":
             return
         if not same_origin(request, self._proxies):
@@ -85,6 +98,13 @@ class PageDoor(LocalDoor):
         if not isinstance(token, str) or not csrf_ok(session, token):
             raise _refused(403, "The form expired; reload the page.")
         request[FORM] = form
+
+
+_NO_ROLE = (
+    "Your account has no role in this proxy: ask an administrator to add you to one of "
+    "its groups, then sign in again."
+)
+_NOT_YOURS = "Your role does not open this page."
 
 
 class SignInDoor(LocalDoor):
@@ -97,9 +117,12 @@ class SignInDoor(LocalDoor):
         throttle: SignInThrottle,
         proxies: TrustedProxies,
         body_timeout: float,
+        audit: AuditRepository,
+        master_signin: bool,
     ) -> None:
         self._auth, self._throttle = auth, throttle
         self._proxies, self._body_timeout = proxies, body_timeout
+        self._audit, self._master_signin = audit, master_signin
 
     async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
         return None  # in the body
@@ -125,10 +148,16 @@ class SignInDoor(LocalDoor):
                 raise  # not a wrong key: the outage page
             except errors.AwsError:
                 identity = None
-        if identity is None or identity.kind not in ("master", "virtual"):
-            raise _refused(401, "That key is not valid.")
         address, attempt = request[_ATTEMPT]
+        if identity is not None and identity.is_master and not self._master_signin:
+            identity = None  # the break-glass sign-in is switched off
+        if identity is None or identity.kind not in ("master", "virtual"):
+            failed = Actor("anonymous", "anonymous", source=address, request_id=x.request_id)
+            await self._audit.append(Change(failed, "console.signin.failed"))
+            raise _refused(401, "That key is not valid.")
         self._throttle.succeeded(address, attempt)
+        who = actor_of(identity, address, x.request_id)
+        await self._audit.append(Change(who, "console.signin", identity.key_id))
         return identity
 
 
@@ -151,3 +180,35 @@ async def read_form(request: web.Request, limit: int, timeout: float) -> dict[st
         raise FormRefused(408, "The form took too long to arrive.") from None
     fields = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
     return dict(fields)
+
+
+def callback_url(request: web.Request, proxies: TrustedProxies) -> str:
+    """Where the identity provider sends the browser back (registered with it)."""
+    return f"{proxies.scheme(request)}://{request.host}{PREFIX}/sso/callback"
+
+
+class SsoDoor(LocalDoor):
+    """The single sign-on callback: the identity provider's code is the credential,
+    exchanged and its ID token verified (``server.sso``); every outcome audited."""
+
+    def __init__(self, sso: SingleSignOn, proxies: TrustedProxies, audit: AuditRepository):
+        self._sso, self._proxies, self._audit = sso, proxies, audit
+
+    async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
+        address = self._proxies.client(request)
+        try:
+            identity = await self._sso.finish(
+                dict(request.query),
+                request.cookies.get(PENDING_COOKIE),
+                callback_url(request, self._proxies),
+            )
+        except errors.AwsError as exc:
+            if exc.status < 500:
+                failed = Actor("anonymous", "anonymous", source=address, request_id=x.request_id)
+                change = Change(failed, "console.signin.failed", extra={"reason": exc.message})
+                await self._audit.append(change)
+            raise
+        who = actor_of(identity, address, x.request_id)
+        after = {"role": identity.role, "teams": list(identity.teams)}
+        await self._audit.append(Change(who, "console.signin", identity.key_id, after=after))
+        return identity

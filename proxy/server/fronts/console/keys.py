@@ -9,11 +9,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ....store.records import ALLOW_LIST_FIELDS
+from ....store import StoreUnavailable
+from ....store.records import ALLOW_LIST_FIELDS, KeyRecord
 from ....wire import errors
 from ....wire.params import MAX_PAGE
 from .base import ConsoleBase
-from .doors import FORM
+from .doors import FORM, REACH
 from .security import PREFIX
 from .sessions import ConsoleSession
 from .spend import csv_response
@@ -32,9 +33,25 @@ _KEYS_PER_PAGE = 200
 
 
 class KeyPages(ConsoleBase):
+    async def _key_in_reach(self, request: web.Request) -> KeyRecord:
+        """The page's key; for a team-admin or a member, one refusal whether it is out of
+        their reach or unknown (no probing another team's keys by id)."""
+        reach = request[REACH]
+        ref = request.match_info["key_id"]
+        if not reach.scoped:
+            return await self.keys.find(ref)
+        try:
+            record: KeyRecord | None = await self.keys.find(ref)
+        except StoreUnavailable:
+            raise
+        except errors.AwsError:
+            record = None
+        return reach.check_key(record)
+
     async def _filtered_keys(self, request: web.Request) -> list[dict[str, Any]]:
         q = request.query
-        filters = {k: q[k] for k in ("team_id", "user_id") if q.get(k)}
+        # A team-admin's listing is one of their teams', a member's their own keys.
+        filters = request[REACH].narrow({k: q[k] for k in ("team_id", "user_id") if q.get(k)})
         keys: list[dict[str, Any]] = []
         page = 1
         while True:  # every key, page by page: the filters below run on all of them
@@ -83,8 +100,8 @@ class KeyPages(ConsoleBase):
 
     async def _key_create(self, request: web.Request, session: ConsoleSession) -> web.Response:
         try:
-            body = _key_form(request[FORM], creating=True)
-            created = await self.keys.generate(body)
+            body = request[REACH].check_key_body(_key_form(request[FORM], creating=True), True)
+            created = await self.keys.generate(body, self._actor(request, session))
         except errors.AwsError as exc:
             return self._render(
                 "key_edit.html",
@@ -102,7 +119,7 @@ class KeyPages(ConsoleBase):
         )
 
     async def _key_edit(self, request: web.Request, session: ConsoleSession) -> web.Response:
-        record = await self.keys.find(request.match_info["key_id"])
+        record = await self._key_in_reach(request)
         totals = await self._reports.key_totals(record)
         return self._render(
             "key_edit.html", session=session, key=record.public(), totals=totals, error=None
@@ -111,10 +128,10 @@ class KeyPages(ConsoleBase):
     async def _key_update(
         self, request: web.Request, session: ConsoleSession
     ) -> web.StreamResponse:
-        key_id = request.match_info["key_id"]
-        record = await self.keys.find(key_id)
+        record = await self._key_in_reach(request)
         try:
-            await self.keys.update(record.key_id, _key_form(request[FORM], creating=False))
+            body = request[REACH].check_key_body(_key_form(request[FORM], creating=False), False)
+            await self.keys.update(record.key_id, body, self._actor(request, session))
         except errors.AwsError as exc:
             return self._render(
                 "key_edit.html", 400, session, key=record.public(), totals={}, error=str(exc)
@@ -125,10 +142,11 @@ class KeyPages(ConsoleBase):
         self, request: web.Request, session: ConsoleSession
     ) -> web.StreamResponse:
         action = request.match_info["action"]
-        record = await self.keys.find(request.match_info["key_id"])
+        record = await self._key_in_reach(request)
         form = request[FORM]
+        actor = self._actor(request, session)
         if action in ("block", "unblock"):
-            await self.keys.update(record.key_id, {"blocked": action == "block"})
+            await self.keys.update(record.key_id, {"blocked": action == "block"}, actor)
             raise web.HTTPSeeOther(f"{PREFIX}/keys/{record.key_id}")
         if form.get("confirm") != record.key_id:
             return self._render(
@@ -138,11 +156,11 @@ class KeyPages(ConsoleBase):
                 message=f"To {action} a key, type its id ({record.key_id}) to confirm.",
             )
         if action == "delete":
-            await self.keys.delete([record.key_id])
+            await self.keys.delete([record.key_id], actor=actor)
             await self.sessions.end_key(record.key_id)
             raise web.HTTPSeeOther(PREFIX + "/keys")
         if action == "regenerate":
-            fresh = await self.keys.regenerate(record.key_id)
+            fresh = await self.keys.regenerate(record.key_id, actor)
             await self.sessions.end_key(record.key_id)
             return self._render(
                 "key_created.html",

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ....exchange import MASTER, Identity
 from ....store import Store
 from ....wire.clock import SYSTEM_CLOCK, Clock
 
@@ -29,16 +30,31 @@ _MAX_ADDRESSES = 10_000
 
 @dataclass(slots=True)
 class ConsoleSession:
-    kind: str  # "master" or "virtual"
-    key_id: str | None
+    kind: str  # "master", "virtual" (a key's own page) or "user" (single sign-on)
+    key_id: str | None  # a key's id; a user's subject
     csrf: str
+    # A user's role, teams and email, as the identity provider's groups gave them at
+    # sign-in (``access.roles``).
+    role: str | None = None
+    teams: tuple[str, ...] = ()
+    email: str | None = None
+
+    def identity(self) -> Identity:
+        if self.kind == "master":
+            return MASTER
+        return Identity(
+            self.kind, key_id=self.key_id, role=self.role, teams=self.teams, email=self.email
+        )
 
 
 class SessionStore:
     """Sessions bound to the credential they were opened with: the master key as it is
     now, or the key's token as it is now. A session opened with a master key that has
     since been rotated, or with a key that has been regenerated, blocked, expired or
-    deleted (through the console or the API, on any replica), opens nothing."""
+    deleted (through the console or the API, on any replica), opens nothing. A single
+    sign-on session is bound to the master key too (the server's own secret), and to the
+    role and teams the identity provider gave at sign-in; master sessions open nothing
+    once ``master_signin`` is off."""
 
     def __init__(
         self,
@@ -46,18 +62,26 @@ class SessionStore:
         idle_timeout: float = 1800.0,
         clock: Clock = SYSTEM_CLOCK,
         master_key: str | None = None,
+        master_signin: bool = True,
     ) -> None:
+        self.master_signin = master_signin
         self._store = store
         self._idle = idle_timeout
         self._clock = clock
         self._master = master_key.encode() if master_key else None
 
     async def create(
-        self, kind: str, key_id: str | None, token_hash: str | None = None
+        self,
+        kind: str,
+        key_id: str | None,
+        token_hash: str | None = None,
+        role: str | None = None,
+        teams: tuple[str, ...] = (),
+        email: str | None = None,
     ) -> tuple[str, ConsoleSession]:
         sid = secrets.token_urlsafe(32)
-        session = ConsoleSession(kind, key_id, secrets.token_urlsafe(24))
-        secret = self._master if kind == "master" else (token_hash or "").encode()
+        session = ConsoleSession(kind, key_id, secrets.token_urlsafe(24), role, teams, email)
+        secret = self._master if kind in ("master", "user") else (token_hash or "").encode()
         if not secret:
             raise ValueError("a console session needs the credential it is opened with")
         await self._store.sessions.create(
@@ -67,6 +91,9 @@ class SessionStore:
             session.csrf,
             self._clock.time() + self._idle,
             _bound(secret, sid),
+            role,
+            ",".join(teams) if teams else None,
+            email,
         )
         if secrets.randbelow(64) == 0:  # now and then, drop the expired ones
             await self._store.sessions.sweep(self._clock.time())
@@ -84,13 +111,18 @@ class SessionStore:
             return None
         if row["expires_at"] - now < self._idle - _TOUCH_EVERY:
             await self._store.sessions.touch(_hash(sid), now + self._idle)
-        return ConsoleSession(row["kind"], row["key_id"], row["csrf"])
+        teams = tuple(t for t in (row.get("teams") or "").split(",") if t)
+        return ConsoleSession(
+            row["kind"], row["key_id"], row["csrf"], row.get("role"), teams, row.get("email")
+        )
 
     async def _still_valid(self, row: dict[str, object], sid: str, now: float) -> bool:
         bound = row.get("credential")
         if not isinstance(bound, str):
             return False  # opened before sessions were bound to their credential
-        if row["kind"] == "master":
+        if row["kind"] == "master" and not self.master_signin:
+            return False  # the break-glass sign-in is switched off: its sessions end too
+        if row["kind"] in ("master", "user"):
             secret = self._master
         else:
             key_id = row["key_id"]

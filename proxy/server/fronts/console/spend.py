@@ -13,16 +13,16 @@ from aiohttp import web
 
 from ....wire import errors
 from ....wire.params import MAX_PAGE
+from ..exports import csv_cell
 from . import charts
 from .base import ConsoleBase
+from .doors import REACH
 from .security import SECURITY_HEADERS
 from .sessions import ConsoleSession
 
 _GROUPS = ("model", "team", "key")
 # The most rows a request export gathers before it asks for a narrower range.
 _EXPORT_ROWS = 100_000
-# What a spreadsheet reads as a formula at the start of a cell (OWASP's list).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 class SpendPages(ConsoleBase):
@@ -49,6 +49,12 @@ class SpendPages(ConsoleBase):
         start = q.get("start") or _days_ago(30)
         end = q.get("end") or None
         where = {k: q[k] for k in ("team_id", "key_id") if q.get(k)}
+        reach = request[REACH]
+        if reach.scoped:  # a team-admin's teams, a member's own keys; a drill-down within
+            where.update(reach.narrow({k: v for k, v in where.items() if k == "team_id"}))
+            if "key_id" in where:
+                found = await self._store.keys.by("key_id", where["key_id"])
+                reach.check_key(found)
         daily = await self._reports.daily(by, start, end, **where)
         chart, names = _chart(daily, metric)
         top: dict[str, dict[str, Any]] = {}
@@ -166,23 +172,12 @@ def csv_response(name: str, columns: tuple[str, ...], rows: list[list[Any]]) -> 
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(columns)
-    writer.writerows([_cell(v) for v in row] for row in rows)
+    writer.writerows([csv_cell(v) for v in row] for row in rows)
     return web.Response(
         text=out.getvalue(),
         content_type="text/csv",
         headers={**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}.csv"'},
     )
-
-
-def _cell(value: Any) -> Any:
-    """A value as an export cell. Text a key holder chose (an alias, a user, a model id the
-    ledger kept although AWS refused it) must not run as a formula in the operator's
-    spreadsheet: text that starts like one is prefixed with a quote, shown as text."""
-    if value is None:
-        return ""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
 
 
 def _chart(rows: list[dict[str, Any]], metric: str) -> tuple[str, list[str]]:

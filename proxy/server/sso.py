@@ -1,0 +1,153 @@
+"""The console's single sign-on: OpenID Connect's authorization code flow with PKCE,
+``state`` and ``nonce``, against the provider in the ``oidc`` setting.
+
+The provider's discovery document is read at start-up (a wrong issuer, an unreachable
+provider or a document without what the flow needs is a one-line error). A sign-in keeps
+nothing on the server until it succeeds: its state, nonce and PKCE verifier travel in a
+short-lived cookie sealed with the server's secret, used once. The code is exchanged at
+the token endpoint with the client's secret; the ID token is verified by
+``access.oidc.IdTokenVerifier``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import orjson
+
+from ..access.oidc import IdTokenVerifier, OidcConfigError, OidcSettings
+from ..access.secretbox import SecretBox, SecretBoxError
+from ..exchange import Identity
+from ..wire import errors
+from ..wire.clock import SYSTEM_CLOCK, Clock
+
+PENDING_COOKIE = "bp_sso"
+# How long a sign-in may take at the provider.
+PENDING_SECONDS = 600
+_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class SingleSignOn:
+    def __init__(self, settings: OidcSettings, box: SecretBox, clock: Clock = SYSTEM_CLOCK):
+        self.settings = settings
+        self._box = box
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._discovery: dict[str, Any] = {}
+        self._verifier: IdTokenVerifier | None = None
+
+    async def start(self) -> None:
+        """Read the discovery document; OidcConfigError, in one line, if it is unusable."""
+        self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        issuer = self.settings.issuer
+        url = issuer + "/.well-known/openid-configuration"
+        try:
+            async with self._session.get(url) as response:
+                if response.status != 200:
+                    raise OidcConfigError(f"oidc: {url} answered {response.status}")
+                document = orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise OidcConfigError(f"oidc: cannot read {url}: {type(exc).__name__}: {exc}") from None
+        if not isinstance(document, dict) or document.get("issuer", "").rstrip("/") != issuer:
+            raise OidcConfigError(f"oidc: {url} names another issuer than {issuer!r}")
+        for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            if not isinstance(document.get(name), str):
+                raise OidcConfigError(f"oidc: the discovery document has no {name}")
+        self._discovery = document
+        algorithms = document.get("id_token_signing_alg_values_supported") or ["RS256"]
+        self._verifier = IdTokenVerifier(self.settings, list(algorithms), self._jwks, self._clock)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def begin(self, redirect_uri: str) -> tuple[str, str]:
+        """Where to send the browser, and the sealed cookie that remembers the sign-in."""
+        state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        query = {
+            "response_type": "code",
+            "client_id": self.settings.client_id,
+            "redirect_uri": redirect_uri,
+            "scope": " ".join(self.settings.scopes),
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": challenge.rstrip(b"=").decode(),
+            "code_challenge_method": "S256",
+        }
+        pending = {
+            "state": state,
+            "nonce": nonce,
+            "verifier": verifier,
+            "until": self._clock.time() + PENDING_SECONDS,
+        }
+        cookie = self._box.seal(orjson.dumps(pending).decode())
+        return self._discovery["authorization_endpoint"] + "?" + urlencode(query), cookie
+
+    async def finish(
+        self, query: dict[str, str], cookie: str | None, redirect_uri: str
+    ) -> Identity:
+        """The user the provider signed in, or a refusal saying why not."""
+        pending = self._pending(cookie)
+        state = query.get("state", "")
+        if not hmac.compare_digest(state.encode(), str(pending["state"]).encode()):
+            raise errors.access_denied("The sign-in's state does not match: start again")
+        if "error" in query:
+            raise errors.access_denied(f"The identity provider refused: {query['error'][:200]}")
+        code = query.get("code")
+        if not code:
+            raise errors.access_denied("The identity provider sent no authorization code")
+        id_token = await self._exchange(code, str(pending["verifier"]), redirect_uri)
+        assert self._verifier is not None
+        claims = await self._verifier.verify(id_token, str(pending["nonce"]))
+        return self.settings.identity(claims)
+
+    def _pending(self, cookie: str | None) -> dict[str, Any]:
+        try:
+            pending = orjson.loads(self._box.open(cookie or ""))
+        except (SecretBoxError, orjson.JSONDecodeError, ValueError):
+            pending = None
+        if not isinstance(pending, dict) or pending.get("until", 0) < self._clock.time():
+            raise errors.access_denied("The sign-in expired or was already used: start again")
+        return pending
+
+    async def _exchange(self, code: str, verifier: str, redirect_uri: str) -> str:
+        assert self._session is not None
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": verifier,
+        }
+        # client_secret_basic: each part form-encoded, then Basic (RFC 6749 2.3.1).
+        client, secret = self.settings.client_id, self.settings.client_secret
+        pair = f"{quote(client, safe='')}:{quote(secret, safe='')}"
+        auth = {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+        try:
+            async with self._session.post(
+                self._discovery["token_endpoint"], data=form, headers=auth
+            ) as response:
+                answer = orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise errors.service_unavailable(
+                f"The identity provider's token endpoint failed: {type(exc).__name__}"
+            ) from None
+        if response.status != 200 or not isinstance(answer, dict) or "id_token" not in answer:
+            reason = answer.get("error") if isinstance(answer, dict) else None
+            raise errors.access_denied(f"The identity provider refused the code: {reason}")
+        return str(answer["id_token"])
+
+    async def _jwks(self) -> dict[str, Any]:
+        assert self._session is not None
+        async with self._session.get(self._discovery["jwks_uri"]) as response:
+            keys = orjson.loads(await response.read())
+        if not isinstance(keys, dict):
+            raise errors.service_unavailable("The identity provider's JWKS is not a key set")
+        return keys

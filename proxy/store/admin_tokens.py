@@ -1,0 +1,51 @@
+"""Admin API tokens: one row each, found by the SHA-256 of the token (never stored)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .database import Database
+
+_COLUMNS = "token_id, name, role, team_id, expires_at, created_at, created_by, revoked_at"
+
+
+class AdminTokenRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def insert(self, row: dict[str, Any], token_hash: str) -> None:
+        await self._db.execute(
+            "INSERT INTO bp_admin_tokens (token_id, token_hash, name, role, team_id,"
+            " expires_at, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            row["token_id"],
+            token_hash,
+            row["name"],
+            row["role"],
+            row["team_id"],
+            row["expires_at"],
+            row["created_at"],
+            row["created_by"],
+        )
+
+    async def by_hash(self, token_hash: str) -> dict[str, Any] | None:
+        return await self._db.fetchrow(
+            f"SELECT {_COLUMNS} FROM bp_admin_tokens WHERE token_hash = $1", token_hash
+        )
+
+    async def get(self, token_id: str) -> dict[str, Any] | None:
+        return await self._db.fetchrow(
+            f"SELECT {_COLUMNS} FROM bp_admin_tokens WHERE token_id = $1", token_id
+        )
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM bp_admin_tokens ORDER BY created_at, token_id"
+        )
+
+    async def revoke(self, token_id: str, now: float) -> bool:
+        changed = await self._db.execute(
+            "UPDATE bp_admin_tokens SET revoked_at = $1 WHERE token_id = $2 AND revoked_at IS NULL",
+            now,
+            token_id,
+        )
+        return changed > 0

@@ -1,0 +1,372 @@
+"""Single sign-on against a real OpenID provider (the ``oidc-provider`` npm package, OpenID
+Certified, started here on 127.0.0.1) through Chromium: the authorization code flow with
+PKCE, state and nonce; groups mapped to roles and teams at every sign-in; each role's reach
+on the console; and the ID tokens the verifier must refuse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet, RSAKey
+
+from proxy.access.oidc import IdTokenVerifier, OidcSettings
+from proxy.wire import errors
+from tests.conftest import MASTER_KEY, OffsetClock
+from tests.helpers.admin import admin, new_key
+from tests.helpers.browser import Page
+from tests.helpers.processes import free_port
+
+JS = Path(__file__).resolve().parent / "js"
+SECRET = "sso-client-secret-for-tests"
+GROUPS = {
+    "roles": {
+        "admin": ["proxy-admins"],
+        "auditor": ["proxy-auditors"],
+        "team-admin": ["ml-leads"],
+        "member": ["engineers"],
+    },
+    "teams": {"ml-leads": "ml", "engineers": "ml"},
+}
+
+
+class Provider:
+    """The OpenID provider process: its users' groups in a file it reads at each sign-in,
+    its signing keys in another (a restart with new keys is a key rotation)."""
+
+    def __init__(self, tmp: Path, port: int, redirect_uri: str) -> None:
+        self.tmp, self.port, self.redirect_uri = tmp, port, redirect_uri
+        self.users = tmp / "users.json"
+        self.issuer = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def set_users(self, users: dict[str, dict[str, Any]]) -> None:
+        self.users.write_text(json.dumps(users))
+
+    def start(self, kid: str) -> None:
+        key = RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"})
+        jwks = self.tmp / f"jwks-{kid}.json"
+        jwks.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
+        self.proc = subprocess.Popen(
+            ["node", "oidc_provider.mjs", str(self.port), SECRET, self.redirect_uri,
+             str(jwks), str(self.users)],
+            cwd=JS,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # the process prints once it listens
+        if not line:
+            self.stop()
+            raise AssertionError(f"the OpenID provider did not start: {self.output}")
+        assert json.loads(line)["issuer"] == self.issuer
+
+    @property
+    def output(self) -> str:
+        return self.proc.stderr.read() if self.proc and self.proc.stderr else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory) -> Iterator[Provider]:
+    port = free_port()
+    proxy_port = free_port()
+    provider = Provider(
+        tmp_path_factory.mktemp("oidc"), port, f"http://127.0.0.1:{proxy_port}/ui/sso/callback"
+    )
+    provider.proxy_port = proxy_port  # type: ignore[attr-defined]
+    provider.set_users(
+        {
+            "alice": {"email": "alice@example.com", "groups": ["proxy-admins"]},
+            "lena": {"email": "lena@example.com", "groups": ["ml-leads", "engineers"]},
+            "aud": {"email": "aud@example.com", "groups": ["proxy-auditors"]},
+            "nobody": {"email": "nobody@example.com"},  # no groups claim at all
+        }
+    )
+    provider.start("k1")
+    try:
+        yield provider
+    finally:
+        provider.stop()
+
+
+@pytest.fixture(scope="module")
+def sso_proxy(start_proxy, provider):
+    return start_proxy(
+        listener_port=provider.proxy_port,
+        oidc={"issuer": provider.issuer, "client_id": "bedrock-proxy", "client_secret": SECRET,
+              **GROUPS},
+        console_master_signin=False,
+    )  # fmt: skip
+
+
+@contextmanager
+def _signed_in(page: Page, login: str) -> Iterator[None]:
+    """Sign in through the provider's own pages: its login form, then its consent."""
+    page.driver.delete_all_cookies()
+    page.open("/ui/signin")
+    page.click("#sso")
+    page.fill({"login": login, "password": "any"})
+    page.click("button[type=submit]")
+    if "/interaction/" in page.driver.current_url:  # consent, the first time
+        page.click("button[type=submit]")
+    yield
+
+
+def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
+    page = Page(browser, sso_proxy)
+    ml = new_key(sso_proxy, team_id="ml", key_alias="ml-key")
+    ads = new_key(sso_proxy, team_id="ads", key_alias="ads-key")
+
+    with _signed_in(page, "alice"):
+        assert page.path == "/ui/keys"
+        assert "alice@example.com · admin" in page.find("#who").text
+        assert page.find("#nav-audit") and page.find("#nav-tokens")
+        page.shot("sso-admin")
+
+    with _signed_in(page, "lena"):  # team-admin of ml: ml's keys only
+        assert page.path == "/ui/keys"
+        source = browser.page_source
+        assert "ml-key" in source and "ads-key" not in source
+        for path in (f"/ui/keys/{ads['key_id']}", f"/ui/spend?key_id={ads['key_id']}"):
+            page.open(path)
+            assert "No key within your reach" in browser.page_source, path
+        page.open("/ui/keys.csv?team_id=ads")
+        assert "not one of yours" in browser.page_source
+        for path in ("/ui/audit", "/ui/tokens", "/ui/limits", "/ui/live"):
+            page.open(path)
+            assert "does not open this page" in browser.page_source, path
+        page.open(f"/ui/keys/{ml['key_id']}")
+        assert "ml-key" in browser.page_source
+
+    with _signed_in(page, "aud"):  # an auditor: reads, changes nothing
+        page.open("/ui/audit")
+        assert "console.signin" in browser.page_source
+        page.shot("audit")
+        page.open("/ui/keys/new")
+        assert "does not open this page" in browser.page_source
+
+    with _signed_in(page, "nobody"):  # no groups: no role, told so, reaches nothing
+        assert page.path == "/ui/me"
+        assert page.find("#no-role")
+        page.open("/ui/keys")
+        assert "no role" in browser.page_source
+
+    # Every sign-in is audited, with the user's email and what their groups gave.
+    _, body = admin(sso_proxy, "GET", "/audit/logs?action=console.signin&size=50")
+    users = {(r["email"], (r["after"] or {}).get("role")) for r in body["logs"]}
+    assert {("alice@example.com", "admin"), ("lena@example.com", "team-admin")} <= users
+
+
+def test_removed_from_a_group_loses_it_at_the_next_sign_in(browser, sso_proxy, provider):
+    page = Page(browser, sso_proxy)
+    with _signed_in(page, "alice"):
+        assert page.path == "/ui/keys"
+    provider.set_users({**json.loads(provider.users.read_text()), "alice": {"groups": []}})
+    with _signed_in(page, "alice"):
+        assert page.path == "/ui/me" and page.find("#no-role")
+    provider.set_users(
+        {**json.loads(provider.users.read_text()), "alice": {"groups": ["proxy-admins"]}}
+    )
+
+
+def _flow_by_http(server, login: str) -> tuple[Any, str]:
+    """The sign-in as a plain HTTP client runs it (the provider's forms posted): the
+    cookie jar, and the callback URL the provider sent back, not yet followed."""
+    import http.cookiejar
+    import re
+    import urllib.parse
+    import urllib.request
+
+    jar = http.cookiejar.CookieJar()
+
+    class Stop(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+            if urllib.parse.urlsplit(newurl).path == "/ui/sso/callback":
+                raise _Callback(newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), Stop)
+    try:
+        page = opener.open(server.url + "/ui/signin/sso", timeout=10)
+        for fields in (
+            {"prompt": "login", "login": login, "password": "any"},
+            {"prompt": "consent"},
+        ):
+            html = page.read().decode()
+            action = re.search(r'action="([^"]+)"', html)
+            assert action, html[:500]
+            target = urllib.parse.urljoin(page.url, action.group(1))
+            page = opener.open(target, urllib.parse.urlencode(fields).encode(), timeout=10)
+    except _Callback as found:
+        return jar, found.url
+    raise AssertionError("the provider never sent the browser back")
+
+
+class _Callback(Exception):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
+def _callback(server, jar: Any, url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), NoRedirect)
+    try:
+        with opener.open(url, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_code_replayed_and_a_state_changed_are_refused(sso_proxy, provider):
+    import copy
+
+    jar, url = _flow_by_http(sso_proxy, "alice")
+    kept = [copy.copy(c) for c in jar if c.name == "bp_sso"]  # an attacker's copy
+    status, _ = _callback(sso_proxy, jar, url)
+    assert status == 303  # signed in; the sign-in cookie is spent
+    status, text = _callback(sso_proxy, jar, url)
+    assert status == 401 and "already used" in text
+    # The same code again with the sign-in cookie kept: the provider refuses a used code.
+    jar.set_cookie(kept[0])
+    status, text = _callback(sso_proxy, jar, url)
+    assert status == 401 and "refused the code" in text, text
+    # Another sign-in, its state changed on the way back.
+    jar, url = _flow_by_http(sso_proxy, "alice")
+    status, text = _callback(sso_proxy, jar, url.replace("state=", "state=x"))
+    assert status == 401 and "state does not match" in text
+    # The master key cannot sign in while the break-glass sign-in is off.
+    from tests.helpers.console import console_post
+
+    status, _ = console_post(sso_proxy, "/ui/signin", {"key": MASTER_KEY}, {})
+    assert status == 401
+
+
+def test_a_rotated_key_is_fetched_again(browser, sso_proxy, provider):
+    page = Page(browser, sso_proxy)
+    with _signed_in(page, "alice"):
+        assert page.path == "/ui/keys"
+    provider.stop()
+    provider.start("k2")  # the same issuer, a new signing key
+    with _signed_in(page, "alice"):
+        assert page.path == "/ui/keys"
+
+
+def test_a_wrong_discovery_document_is_one_line(start_proxy, provider):
+    from proxy.server.app import StartupError
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(StartupError) as failed:
+        start_proxy(oidc={"issuer": nowhere, "client_id": "x", "client_secret": "y"})
+    assert str(failed.value).startswith(f"oidc: cannot read {nowhere}/.well-known")
+    assert "\n" not in str(failed.value)
+    # A provider that names another issuer than the one configured.
+    elsewhere = provider.issuer.replace("127.0.0.1", "localhost")
+    with pytest.raises(StartupError) as failed:
+        start_proxy(oidc={"issuer": elsewhere, "client_id": "x", "client_secret": "y"})
+    assert "names another issuer" in str(failed.value)
+
+
+# ---------------------------------------------------------------- the ID tokens refused
+
+
+ISSUER = "https://idp.example"
+SETTINGS = OidcSettings(ISSUER, "bedrock-proxy", "secret", roles={"admin": ("a",)})
+
+
+@pytest.fixture
+def signer():
+    key = RSAKey.generate_key(2048, parameters={"kid": "good"})
+    public = KeySet([RSAKey.import_key(key.as_dict(private=False))])
+    return key, public
+
+
+def _verify(public: KeySet, token: str, clock: OffsetClock | None = None) -> dict[str, Any]:
+    async def jwks() -> dict[str, Any]:
+        return public.as_dict()
+
+    import asyncio
+
+    verifier = IdTokenVerifier(SETTINGS, ["RS256", "HS256", "none"], jwks, clock or OffsetClock())
+    return asyncio.run(verifier.verify(token, "n-1"))
+
+
+def _claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": "bedrock-proxy", "sub": "u1", "iat": now, "exp": now + 300,
+              "nonce": "n-1", "groups": ["a"]}  # fmt: skip
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def test_a_good_token_names_its_user(signer):
+    key, public = signer
+    claims = _verify(public, jwt.encode({"alg": "RS256", "kid": "good"}, _claims(), key))
+    assert SETTINGS.identity(claims).role == "admin"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"iss": "https://evil.example"}, "iss"),
+        ({"aud": "someone-else"}, "aud"),
+        ({"nonce": "replayed"}, "nonce"),
+        ({"exp": int(time.time()) - 3600}, "exp"),
+        ({"nonce": None}, "nonce"),
+    ],
+)
+def test_claims_that_are_wrong_are_refused(signer, overrides, reason):
+    key, public = signer
+    token = jwt.encode({"alg": "RS256", "kid": "good"}, _claims(**overrides), key)
+    with pytest.raises(errors.AwsError) as refused:
+        _verify(public, token)
+    assert refused.value.status == 403 and reason in refused.value.message
+
+
+def test_forged_signatures_are_refused(signer):
+    import base64
+    import hashlib
+    import hmac
+
+    key, public = signer
+
+    def b64(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    unsigned = b64({"alg": "none", "kid": "good"}) + "." + b64(_claims()) + "."
+    head = b64({"alg": "HS256", "kid": "good"}) + "." + b64(_claims())
+    # HS256 keyed with the provider's public key (the classic algorithm confusion).
+    pem = key.as_pem(private=False)
+    mac = hmac.new(pem, head.encode(), hashlib.sha256).digest()
+    confused = head + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    stranger = RSAKey.generate_key(2048, parameters={"kid": "not-in-jwks"})
+    unknown_kid = jwt.encode({"alg": "RS256", "kid": "not-in-jwks"}, _claims(), stranger)
+    for token in (unsigned, confused, unknown_kid):
+        with pytest.raises(errors.AwsError) as refused:
+            _verify(public, token)
+        assert refused.value.status == 403, token
+
+
+def test_no_groups_claim_is_no_role():
+    identity = SETTINGS.identity({"sub": "u2", "email": "u2@example.com"})
+    assert identity.role is None and identity.teams == ()
