@@ -93,6 +93,7 @@ def provider(tmp_path_factory) -> Iterator[Provider]:
             "alice": {"email": "alice@example.com", "groups": ["proxy-admins"]},
             "lena": {"email": "lena@example.com", "groups": ["ml-leads", "engineers"]},
             "aud": {"email": "aud@example.com", "groups": ["proxy-auditors"]},
+            "eve": {"email": "eve@example.com", "groups": ["engineers"]},
             "nobody": {"email": "nobody@example.com"},  # no groups claim at all
         }
     )
@@ -156,6 +157,18 @@ def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
         page.open("/ui/audit")
         assert "console.signin" in browser.page_source
         page.shot("audit")
+        page.open("/ui/keys/new")
+        assert "does not open this page" in browser.page_source
+
+    mine = new_key(sso_proxy, team_id="ml", user_id="eve@example.com", key_alias="eve-key")
+    with _signed_in(page, "eve"):  # a member: their own keys, read-only
+        assert page.path == "/ui/keys"
+        source = browser.page_source
+        assert "eve-key" in source and "ml-key" not in source and "ads-key" not in source
+        page.open(f"/ui/keys/{ml['key_id']}")
+        assert "No key within your reach" in browser.page_source
+        page.open(f"/ui/keys/{mine['key_id']}")
+        assert "eve-key" in browser.page_source
         page.open("/ui/keys/new")
         assert "does not open this page" in browser.page_source
 
