@@ -182,44 +182,24 @@ MIGRATIONS: list[tuple[int, Migration]] = [
         11,
         # The audit log: append-only, each row chained to the one before by its hash
         # (``audit``); rows are only ever inserted, and deleted by retention, oldest first.
-        {
-            "sqlite": """
-            CREATE TABLE bp_audit (
-                seq INTEGER PRIMARY KEY,
-                ts DOUBLE PRECISION NOT NULL,
-                actor TEXT NOT NULL,
-                actor_kind TEXT NOT NULL,
-                email TEXT,
-                source TEXT,
-                request_id TEXT,
-                action TEXT NOT NULL,
-                target TEXT,
-                before TEXT,
-                after TEXT,
-                prev_hash TEXT NOT NULL,
-                hash TEXT NOT NULL
-            );
-            CREATE INDEX bp_audit_ts ON bp_audit (ts)
-            """,
-            "postgres": """
-            CREATE TABLE bp_audit (
-                seq BIGINT PRIMARY KEY,
-                ts DOUBLE PRECISION NOT NULL,
-                actor TEXT NOT NULL,
-                actor_kind TEXT NOT NULL,
-                email TEXT,
-                source TEXT,
-                request_id TEXT,
-                action TEXT NOT NULL,
-                target TEXT,
-                before TEXT,
-                after TEXT,
-                prev_hash TEXT NOT NULL,
-                hash TEXT NOT NULL
-            );
-            CREATE INDEX bp_audit_ts ON bp_audit (ts)
-            """,
-        },
+        """
+        CREATE TABLE bp_audit (
+            seq BIGINT PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            actor TEXT NOT NULL,
+            actor_kind TEXT NOT NULL,
+            email TEXT,
+            source TEXT,
+            request_id TEXT,
+            action TEXT NOT NULL,
+            target TEXT,
+            before TEXT,
+            after TEXT,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE INDEX bp_audit_ts ON bp_audit (ts)
+        """,
     ),
     (
         12,

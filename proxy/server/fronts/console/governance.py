@@ -3,29 +3,20 @@ lines) and admin API tokens (made, shown once, revoked)."""
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from ....metering.reports import parse_time
 from ....store.audit import FILTERS
 from ....wire import errors
-from ..exports import csv_cell
+from ..exports import audit_file, audit_rows
 from .base import ConsoleBase
 from .doors import FORM
 from .security import PREFIX, SECURITY_HEADERS
 from .sessions import ConsoleSession
 
 _ROWS_PER_PAGE = 100
-_EXPORT_PAGE = 500
-_EXPORT_ROWS = 100_000
-_COLUMNS = (
-    "seq", "ts", "actor", "actor_kind", "email", "source", "request_id", "action", "target",
-    "before", "after", "prev_hash", "hash",
-)  # fmt: skip
 
 
 class GovernancePages(ConsoleBase):
@@ -53,28 +44,8 @@ class GovernancePages(ConsoleBase):
         )
 
     async def _audit_export(self, request: web.Request, session: ConsoleSession) -> web.Response:
-        q = request.query
         kind = "jsonl" if request.path.endswith(".jsonl") else "csv"
-        filters = {k: q[k] for k in FILTERS if q.get(k)}
-        since = parse_time("start", q.get("start") or None)
-        until = parse_time("end", q.get("end") or None)
-        rows: list[dict[str, Any]] = []
-        for page in range(1, _EXPORT_ROWS // _EXPORT_PAGE + 2):
-            found, total = await self._store.audit.page(filters, since, until, _EXPORT_PAGE, page)
-            rows += found
-            if len(rows) >= total:
-                break
-        else:
-            raise errors.validation(f"More than {_EXPORT_ROWS} rows match: narrow the dates")
-        if kind == "jsonl":
-            body = b"".join(orjson.dumps(r) + b"\n" for r in rows)
-            media = "application/x-ndjson"
-        else:
-            out = io.StringIO()
-            writer = csv.writer(out)
-            writer.writerow(_COLUMNS)
-            writer.writerows([csv_cell(r.get(c)) for c in _COLUMNS] for r in rows)
-            body, media = out.getvalue().encode(), "text/csv"
+        body, media = audit_file(await audit_rows(self._store, request.query), kind)
         headers = {
             **SECURITY_HEADERS,
             "Content-Disposition": f'attachment; filename="audit.{kind}"',
