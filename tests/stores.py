@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.ports import free_port
+
 PG_ADMIN_URL = os.environ.get("BEDROCK_PROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BEDROCK_PROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 # This test process's own keys in the machine's Redis: another suite running beside it
@@ -92,7 +94,6 @@ def redis_server(tmp_path_factory) -> Iterator[int]:
     """A Redis of the test file's own on a free loopback port, so a test can take it away
     (behind ``tests.helpers.relay``) without touching the machine's shared one."""
     import shutil
-    import socket
     import subprocess
     import time
 
@@ -101,9 +102,7 @@ def redis_server(tmp_path_factory) -> Iterator[int]:
     binary = shutil.which("redis-server")
     if binary is None:
         unreachable("redis-server", "not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [

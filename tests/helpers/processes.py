@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,10 @@ from typing import Any
 
 from tests.conftest import MASTER_KEY, REGION
 from tests.fake_bedrock import UPSTREAM_ACCESS_KEY, UPSTREAM_SECRET_KEY, UPSTREAM_SESSION_TOKEN
+from tests.helpers.ports import free_port as free_port  # (where the tests import it from)
 from tests.stores import REDIS_PREFIX
 
 BIN = os.path.join(os.path.dirname(sys.executable), "bedrock-proxy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env(fake_url: str, **extra: str) -> dict[str, str]:
