@@ -293,7 +293,8 @@ def _start(args: list[str], port: int, env: dict[str, str] | None = None):
         text=True,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **(env or {})},
     )
-    deadline = time.monotonic() + 20
+    # Bounded, with room for a machine running another suite beside this one.
+    deadline = time.monotonic() + 90
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness", timeout=1):

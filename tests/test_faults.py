@@ -231,12 +231,13 @@ def test_a_store_outage_costs_known_keys_nothing_new_keys_a_deadline_and_loses_n
     (relay.pause if outage == "pause" else relay.cut)()
     try:
         # A key this replica knows is served throughout, past its cache ttl and past the
-        # store's deadline, each call in far less than the deadline.
+        # store's deadline, no call waiting the deadline out (a bound a loaded machine
+        # cannot cross by itself: a call that waited for the store took 3 s and more).
         started = time.monotonic()
         while time.monotonic() - started < 2 * (deadline + 1.0):
             call = time.monotonic()
             answered.append(client.converse(modelId=HAIKU, messages=MESSAGES))
-            assert time.monotonic() - call < deadline / 2, (call - started, len(answered))
+            assert time.monotonic() - call < deadline, (call - started, len(answered))
             time.sleep(0.02)  # a steady client, not a flood
         # A key it has never read: a 503 the SDK knows, within the deadline.
         call = time.monotonic()
