@@ -30,6 +30,8 @@ class _HeldStore:
         self.health = SimpleNamespace(up=True)
         self.keys = SimpleNamespace(by=self._by)
         self.limits = SimpleNamespace(list=self._list)
+        # Teams and users as records: none here.
+        self.directory = SimpleNamespace(teams=_none, users=_none, memberships=_none)
 
     async def _by(self, column: str, value: str) -> KeyRecord | None:
         return await self._held(self.current)
@@ -41,6 +43,10 @@ class _HeldStore:
         self.reads += 1
         await self.release.wait()
         return answer
+
+
+async def _none() -> list[dict[str, object]]:
+    return []
 
 
 async def _started(store: _HeldStore, reads: int) -> None:

@@ -22,6 +22,7 @@ from proxy.server.fronts.files import FILES_PATH, FilesFront
 
 # What answers without a key, and why that is safe.
 PUBLIC = {
+    ("GET", "/"): "redirects a browser to the console",
     ("GET", "/health/liveness"): "says the process is up, nothing else",
     ("GET", "/health/readiness"): "says whether the proxy can serve, nothing else",
     ("GET", "/ui"): "redirects to the sign-in page, or to the session's own page",

@@ -43,8 +43,15 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def mint_credentials() -> MintedCredentials:
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+# A key's own value given by an admin (LiteLLM's ``{"key": "sk-..."}``, to migrate keys
+# without touching their clients): at least this long, or it is no secret.
+MIN_GIVEN_TOKEN = 32
+
+
+def mint_credentials(token: str | None = None) -> MintedCredentials:
+    """A new key's credentials: its bearer token (``token`` when an admin gives one) and
+    access key pair."""
+    token = token or TOKEN_PREFIX + secrets.token_urlsafe(32)
     return MintedCredentials(
         token=token,
         token_hash=hash_token(token),

@@ -11,10 +11,13 @@ from ..store.audit import SYSTEM, Actor, Change
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.params import MAX_PAGE, check_page
+from .directory import check_key
 from .keycache import KeyCache
 from .keys import (
+    MIN_GIVEN_TOKEN,
     TOKEN_PREFIX,
     KeyRecord,
+    KeySpec,
     hash_token,
     mint_credentials,
     new_key_id,
@@ -41,15 +44,17 @@ class KeyService:
         self._box = box
         self._cache = cache
 
-    def _check_upstream(self, pool: str | None) -> None:
+    def check_upstream(self, pool: str | None) -> None:
         if pool is not None and pool not in self._pools:
             known = ", ".join(sorted(self._pools)) or "none is configured"
             raise errors.validation(f"upstream: {pool!r} is not an upstream pool ({known})")
 
     async def generate(self, body: dict[str, Any], actor: Actor = SYSTEM) -> dict[str, Any]:
-        spec = parse_spec(body, now=self._clock.time())
-        self._check_upstream(spec.upstream)
-        minted = mint_credentials()
+        now = self._clock.time()
+        spec = parse_spec(body, now=now)
+        self.check_upstream(spec.upstream)
+        await self._within_team(spec, now)
+        minted = mint_credentials(_given_token(body.get("key")))
         now = self._clock.time()
         record = KeyRecord(
             key_id=new_key_id(),
@@ -93,8 +98,10 @@ class KeyService:
 
     async def update(self, ref: str, body: dict[str, Any], actor: Actor = SYSTEM) -> dict[str, Any]:
         record = await self.find(ref)
-        spec = parse_spec(body, base=record.spec, now=self._clock.time())
-        self._check_upstream(spec.upstream)
+        now = self._clock.time()
+        spec = parse_spec(body, base=record.spec, now=now)
+        self.check_upstream(spec.upstream)
+        await self._within_team(spec, now)
         change = Change(actor, "key.update", record.key_id, before=record.public())
         try:
             async with self._store.audit.recording(change):
@@ -105,6 +112,11 @@ class KeyService:
         self._forget(record)
         assert updated is not None
         return updated.public()
+
+    async def _within_team(self, spec: KeySpec, now: float) -> None:
+        """The team's policy, whoever mints or changes the key (``directory.check_key``)."""
+        if spec.team_id:
+            check_key(spec, await self._store.directory.team(spec.team_id), now)
 
     async def regenerate(self, ref: str, actor: Actor = SYSTEM) -> dict[str, Any]:
         """New bearer token and access key pair; the old ones stop working."""
@@ -182,7 +194,7 @@ class KeyService:
         pool = body.get("upstream")
         if pool is not None and not isinstance(pool, str):
             raise errors.validation("upstream must be a string or null")
-        self._check_upstream(pool)
+        self.check_upstream(pool)
         before = await self._store.teams.get(team_id)
         change = Change(actor, "team.update", team_id, before=before, after={"upstream": pool})
         async with self._store.audit.recording(change):
@@ -225,3 +237,16 @@ class KeyService:
 
 class _Unchanged(Exception):
     """Raised inside an audited block that turned out to change nothing: rolls back."""
+
+
+def _given_token(value: Any) -> str | None:
+    """LiteLLM's ``key``: the new key's own value, when long enough to be a secret."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) < MIN_GIVEN_TOKEN or not value.isprintable():
+        raise errors.validation(
+            f"key: a key's own value must be at least {MIN_GIVEN_TOKEN} printable characters"
+        )
+    if value.startswith(("vk_", "BPK", "bpat-")):
+        raise errors.validation("key: must not look like a key id, an access key id or a token")
+    return value

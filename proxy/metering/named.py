@@ -6,6 +6,7 @@ the members it lists, and to requests by the master key that name it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..store import Store
@@ -20,12 +21,43 @@ from .limits import LimitSpec
 MEMBER_FIELDS = ("key_ids", "user_ids", "team_ids")
 
 
+# Budget periods of users' caps start at a Monday, 00:00 UTC: a "1d" cap resets at
+# midnight UTC, a "7d" cap on Mondays.
+CALENDAR_ANCHOR = 4 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """What teams and users as records add to the limits: a team's own budget and rates
+    (``team:ID``), and each user's spend cap (``user:ID``): theirs, else their team's
+    member default, else the organisation's."""
+
+    teams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    member_of: dict[str, list[str]] = field(default_factory=dict)  # user -> teams
+    org_cap: dict[str, Any] = field(default_factory=dict)  # max_budget, budget_duration
+
+    def cap(self, user_id: str, team_id: str | None) -> tuple[float, str | None] | None:
+        """(budget, period) of a user's spend cap, or None."""
+        user = self.users.get(user_id) or {}
+        if user.get("max_budget") is not None:
+            return float(user["max_budget"]), user.get("budget_duration")
+        for team in (team_id, *self.member_of.get(user_id, ())):
+            found = self.teams.get(team or "") or {}
+            if found.get("team_member_budget") is not None:
+                return float(found["team_member_budget"]), found.get("team_member_budget_duration")
+        if self.org_cap.get("max_budget") is not None:
+            return float(self.org_cap["max_budget"]), self.org_cap.get("budget_duration")
+        return None
+
+
 class NamedLimits:
     """The named limits, and who each applies to."""
 
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
+    def __init__(self, rows: list[dict[str, Any]], directory: Directory | None = None) -> None:
         self.specs: dict[str, LimitSpec | None] = {}
         self._members: dict[tuple[str, str], list[str]] = {}
+        self.directory = directory or Directory()
         for row in rows:
             limit_id = row["limit_id"]
             scope, _, ident = limit_id.partition(":")
@@ -42,12 +74,43 @@ class NamedLimits:
                 for member in row.get(field_name) or ():
                     self._members.setdefault((scope, member), []).append(limit_id)
 
+        for team_id, team in self.directory.teams.items():
+            limit_id = f"team:{team_id}"
+            if limit_id not in self.specs:  # a named team:ID limit is the operator's word
+                spec = limit_spec("team", team_id, team, CALENDAR_ANCHOR)
+                if spec is not None:
+                    self.specs[limit_id] = spec
+                    self._members.setdefault(("team", team_id), []).append(limit_id)
+
     def member_of(self, record: KeyRecord) -> list[str]:
         found = list(self._members.get(("key", record.key_id), ()))
         for scope, ident in (("user", record.spec.user_id), ("team", record.spec.team_id)):
             if ident:
                 found += [i for i in self._members.get((scope, ident), ()) if i not in found]
+        user_id = record.spec.user_id
+        if user_id and f"user:{user_id}" not in found:
+            cap = self.user_cap(user_id, record.spec.team_id)
+            if cap is not None:
+                found.append(f"user:{user_id}")
         return found
+
+    def user_cap(self, user_id: str, team_id: str | None) -> LimitSpec | None:
+        """A user's spend cap across all their keys, as a ``user:ID`` limit."""
+        limit_id = f"user:{user_id}"
+        if limit_id in self.specs:
+            return self.specs[limit_id]
+        found = self.directory.cap(user_id, team_id)
+        if found is None:
+            return None
+        budget, period = found
+        spec = limit_spec(
+            "user",
+            user_id,
+            {"max_budget": budget, "budget_duration": period},
+            CALENDAR_ANCHOR,
+        )
+        self.specs[limit_id] = spec
+        return spec
 
 
 class NamedLimitAdmin:

@@ -24,7 +24,7 @@ from .alerts import BudgetAlerts
 from .compat_usage import CompatMeter
 from .ledger import Ledger
 from .limits import Admission, BudgetSource, InProcessLimiter, LimitSpec, RedisLimiter
-from .named import NamedLimits, limit_spec
+from .named import Directory, NamedLimits, limit_spec
 from .pricing import PriceTable, tokens_cost
 from .usage import EventStreamMeter, Usage
 
@@ -102,7 +102,10 @@ class Metering:
         clock: Clock = SYSTEM_CLOCK,
         alerts: BudgetAlerts | None = None,
         simulated: bool = False,
+        user_cap_default: dict[str, Any] | None = None,
     ) -> None:
+        # Every user's spend cap unless their record or team says otherwise.
+        self.user_cap_default = user_cap_default or {}
         # Answered by the built-in simulator: every ledger row says so (its account is
         # "simulated"), so an operator never reads simulated spend as AWS's.
         self._account = "simulated" if simulated else None
@@ -347,7 +350,7 @@ class Metering:
     async def _read_named(self) -> NamedLimits:
         generation = self._named_generation
         try:
-            limits = NamedLimits(await self._store.limits.list())
+            limits = NamedLimits(await self._store.limits.list(), await self._directory())
         except StoreUnavailable:
             named = self._named
             if named is not None:  # as last read, a second more before the next try
@@ -359,6 +362,35 @@ class Metering:
             ttl = self._limits_ttl
             self._named = (now + ttl / 2, now + ttl, limits)
         return limits
+
+    async def user_cap(self, user_id: str, team_id: str | None = None) -> dict[str, Any] | None:
+        """A user's spend cap as they see it: the budget, its period, what they spent in
+        it and when it resets (None: no cap applies)."""
+        spec = (await self._named_limits()).user_cap(user_id, team_id)
+        if spec is None or spec.max_budget is None:
+            return None
+        now = self._clock.time()
+        _, start, end = spec.period(now)
+        spent = await self._store.spend.since("user", user_id, start)
+        return {
+            "max_budget": spec.max_budget,
+            "budget_seconds": spec.budget_seconds,
+            "spent": spent,
+            "resets_at": None if end == float("inf") else end,
+        }
+
+    async def _directory(self) -> Directory:
+        """Teams' limits and users' caps (read with the named limits, and as often)."""
+        store = self._store.directory
+        members: dict[str, list[str]] = {}
+        for row in await store.memberships():
+            members.setdefault(row["user_id"], []).append(row["team_id"])
+        return Directory(
+            {t["team_id"]: t for t in await store.teams()},
+            {u["user_id"]: u for u in await store.users()},
+            members,
+            self.user_cap_default,
+        )
 
     def forget_limit(self, limit_id: str) -> None:
         self._named = None

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..access import roles
+from ..access.directory import Directory
 from ..access.keyservice import KeyService
 from ..access.oidc import OidcConfigError
 from ..metering.batches import BatchSettler
@@ -21,7 +22,6 @@ from ..observe.accesslog import AccessLog
 from ..observe.metrics import Metrics
 from ..observe.shared import SharedMetrics
 from ..store import Store, StoreUnavailable
-from ..store.audit import SYSTEM, Change
 from ..wire import errors
 from ..wire.background import stop as stop_task
 from ..wire.clock import SYSTEM_CLOCK, Clock
@@ -33,7 +33,9 @@ from .fronts.audit_api import AuditApi
 from .fronts.bedrock import BASE_PATH
 from .fronts.console import Console
 from .fronts.console.live import LiveView
+from .fronts.directory_api import DirectoryApi
 from .fronts.files import FILES_PATH
+from .fronts.models_api import ModelsApi
 from .gate import Gate
 from .listen.dispatch import PrefixDispatcher, application
 from .listen.forwarded import TrustedProxies
@@ -120,6 +122,14 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
         app
     )
     AuditApi(s.store, s.tokens, admin).add_routes(app)
+    directory = Directory(
+        s.store,
+        s.keys.check_upstream if s.keys is not None else _no_pools,
+        lambda: s.metering.forget_limit("directory"),
+        s.fleet.set_team_upstream,
+    )
+    DirectoryApi(directory, s.keys, admin).add_routes(app)
+    ModelsApi(s.authenticator, s.metering.prices, s.gate).add_routes(app)
     if settings.console:
         pipeline = s.pipeline
         Console(
@@ -143,6 +153,8 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
             sso=s.sso,
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
+    if settings.console:  # a browser on the proxy's address finds the console
+        app.router.add_get("/", _to_console)
     app.router.add_get(
         "/metrics",
         _metrics_page if settings.metrics_public else admin.gated(_metrics_page, roles.READ_ALL),
@@ -206,7 +218,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await app[SSO].start()
         except OidcConfigError as exc:
             raise StartupError(str(exc)) from None
-    pruner = asyncio.create_task(_prune_audit(store, app[RETENTION])) if app[RETENTION] else None
+    pruner = asyncio.create_task(store.audit.retain(app[RETENTION])) if app[RETENTION] else None
     app[STATE]["ready"] = True
     yield
     app[STATE]["ready"] = False
@@ -223,21 +235,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await metering.close()  # flushes the ledger
     await app[CREDENTIALS].close()
     await store.close()
-
-
-async def _prune_audit(store: Store, days: float) -> None:
-    """Retention: the audit rows older than ``days``, deleted (the oldest first) at start
-    and hourly, each pruning recorded as a row of its own."""
-    while True:
-        try:
-            cutoff = store.audit.now() - days * 86400
-            deleted = await store.audit.prune(cutoff)
-            if deleted:
-                change = Change(SYSTEM, "audit.prune", None, after={"deleted": deleted})
-                await store.audit.append(change)
-        except StoreUnavailable:
-            pass  # the next hour's pruning catches up
-        await asyncio.sleep(3600)
 
 
 def _alert_settings(settings: Settings) -> dict[str, str]:
@@ -311,6 +308,15 @@ async def _readiness(request: web.Request) -> web.Response:
     if request.app.get(SIMULATED):
         body["simulated"] = True
     return web.json_response(body)
+
+
+async def _to_console(request: web.Request) -> web.Response:
+    raise web.HTTPSeeOther("/ui/")
+
+
+def _no_pools(pool: str | None) -> None:
+    if pool is not None:
+        raise errors.validation("upstream: no upstream pool is configured")
 
 
 async def _metrics_page(request: web.Request) -> web.Response:

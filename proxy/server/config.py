@@ -174,6 +174,9 @@ class Settings:
     oidc: dict[str, Any] = field(default_factory=dict)
     # The master key as a console sign-in: the break-glass way in beside single sign-on.
     console_master_signin: bool = True
+    # Every user's spend cap across all their keys and APIs, unless their user record or
+    # their team (team_member_budget) says otherwise: {max_budget: 50, budget_duration: 1d}.
+    user_spend_cap: dict[str, Any] = field(default_factory=dict)
     # How long the audit log keeps a row, in days (0: for ever).
     audit_retention_days: float = 365.0
     # Derived, not a setting: ``oidc`` parsed (its client secret read from where it says).

@@ -6,6 +6,8 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 from ..wire.endpoints import valid_region
+from ..wire.errors import AwsError
+from ..wire.params import parse_duration
 from ..wire.routing import UPSTREAM_SERVICES
 from .fleet.config import FleetConfig, FleetConfigError, parse_fleet
 
@@ -19,7 +21,8 @@ class ConfigError(Exception):
 
 def validate(s: Settings) -> FleetConfig:
     """Refuse a wrong setting with one line naming it; ``upstreams``, parsed."""
-    for check in (_check_places, _check_timeouts, _check_metering, _check_sizes, _check_stores):
+    checks = (_check_places, _check_timeouts, _check_metering, _check_sizes, _check_stores)
+    for check in (*checks, _check_user_cap):
         check(s)
     try:
         fleet = parse_fleet(s.upstreams)
@@ -127,3 +130,18 @@ def _check_stores(s: Settings) -> None:
         raise ConfigError("config error: secret_key: must be at least 16 characters")
     if s.simulate and s.upstreams:
         raise ConfigError("config error: simulate: the simulator replaces upstreams; unset one")
+
+
+def _check_user_cap(s: Settings) -> None:
+    cap = s.user_spend_cap
+    unknown = sorted(set(cap) - {"max_budget", "budget_duration"})
+    if unknown:
+        raise ConfigError(f"config error: user_spend_cap: unknown field {unknown[0]!r}")
+    budget = cap.get("max_budget")
+    if budget is not None and (not isinstance(budget, int | float) or budget < 0):
+        raise ConfigError("config error: user_spend_cap.max_budget: a number, at least 0")
+    if cap.get("budget_duration") is not None:
+        try:
+            parse_duration("budget_duration", str(cap["budget_duration"]))
+        except AwsError as exc:
+            raise ConfigError(f"config error: user_spend_cap.{exc.message}") from None

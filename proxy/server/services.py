@@ -258,6 +258,7 @@ def _metering(
         clock,
         alerts,
         simulated=settings.simulate,
+        user_cap_default=settings.user_spend_cap,
     )
     return limiter, metering
 

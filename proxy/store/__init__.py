@@ -7,6 +7,7 @@ from ..wire.clock import SYSTEM_CLOCK, Clock
 from .admin_tokens import AdminTokenRepository
 from .audit import AuditRepository
 from .database import Database, StoreConflict
+from .directory import DirectoryRepository
 from .guard import SLOW_READ, GuardedDatabase, StoreHealth, StoreUnavailable
 from .jobs import JobRepository
 from .keys import KeyRepository
@@ -31,6 +32,7 @@ class Store:
         self.owned = OwnedSessionRepository(guarded, clock)
         self.audit = AuditRepository(guarded, clock)
         self.admin_tokens = AdminTokenRepository(guarded)
+        self.directory = DirectoryRepository(guarded, clock)
 
     @property
     def dialect(self) -> str:

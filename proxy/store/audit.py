@@ -10,6 +10,7 @@ only; the chain is then checked from the oldest row kept.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ import orjson
 
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from .database import Database
+from .guard import StoreUnavailable
 
 # pg_advisory_xact_lock key: one appender at a time across every replica (the chain is a
 # sequence). SQLite's BEGIN IMMEDIATE already serialises writers.
@@ -71,9 +73,6 @@ class AuditRepository:
     def __init__(self, db: Database, clock: Clock = SYSTEM_CLOCK) -> None:
         self._db = db
         self._clock = clock
-
-    def now(self) -> float:
-        return self._clock.time()
 
     @contextlib.asynccontextmanager
     async def recording(self, change: Change) -> AsyncIterator[Change]:
@@ -146,6 +145,18 @@ class AuditRepository:
         """Retention: delete rows older than ``before`` (the oldest first, so the chain
         left is whole from its new first row)."""
         return await self._db.execute("DELETE FROM bp_audit WHERE ts < $1", before)
+
+    async def retain(self, days: float) -> None:
+        """Retention, run for the process's life: rows older than ``days`` deleted at
+        start and hourly (the oldest first), each pruning recorded as a row of its own."""
+        while True:
+            try:
+                deleted = await self.prune(self._clock.time() - days * 86400)
+                if deleted:
+                    await self.append(Change(SYSTEM, "audit.prune", after={"deleted": deleted}))
+            except StoreUnavailable:
+                pass  # the next hour's pruning catches up
+            await asyncio.sleep(3600)
 
     async def verify(self, page_size: int = 1000) -> tuple[int, int | None]:
         """(rows checked, the first row whose chain is broken, or None)."""

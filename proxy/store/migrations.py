@@ -237,6 +237,27 @@ MIGRATIONS: list[tuple[int, Migration]] = [
         ALTER TABLE bp_console_sessions ADD COLUMN email TEXT
         """,
     ),
+    (
+        14,
+        # Teams and users as records: a team's settings and policy (one JSON document),
+        # users with their spend cap, and who belongs to which team.
+        """
+        ALTER TABLE bp_teams ADD COLUMN spec TEXT;
+        CREATE TABLE bp_users (
+            user_id TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE bp_team_members (
+            team_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            role TEXT NOT NULL,
+            PRIMARY KEY (team_id, user_id)
+        );
+        CREATE INDEX bp_team_members_user ON bp_team_members (user_id)
+        """,
+    ),
 ]
 
 

@@ -1,6 +1,6 @@
 """The admin API, LiteLLM-compatible so people can move over: /key/generate, /key/info,
 /key/update, /key/delete, /key/list, /key/regenerate; spend reports (/spend/logs,
-/spend/report), named limits (/limit/*) and teams' upstream pools (/team/*).
+/spend/report) and named limits (/limit/*); teams and users are ``directory_api``'s.
 
 For the master key and admin API tokens, each route by what it needs (``access.roles``):
 a team-admin reaches its teams' keys and spend, an auditor reads. A virtual key may read
@@ -57,9 +57,6 @@ class AdminApi:
         post("/limit/delete", json(self.limit_delete, roles.LIMITS))
         get("/limit/info", json(self.limit_info, roles.READ_ALL, ("limit_id",)))
         get("/limit/list", json(self.limit_list, roles.READ_ALL))
-        post("/team/update", json(self.team_update, roles.TEAMS))
-        get("/team/info", json(self.team_info, roles.READ, ("team_id",)))
-        get("/team/list", json(self.team_list, roles.READ))
 
     @property
     def service(self) -> KeyService:
@@ -104,23 +101,6 @@ class AdminApi:
         if not reach.scoped:
             return await self.service.find(ref)
         return reach.check_key(await self._find_quietly(ref))
-
-    async def team_update(self, request: web.Request) -> Any:
-        return await self.service.set_team(json_body(request), request[CALL].actor)
-
-    async def team_info(self, request: web.Request) -> Any:
-        team_id = request.query.get("team_id")
-        if not team_id:
-            raise errors.validation("team_id is required")
-        request[CALL].reach.check_team(team_id)
-        return await self.service.team_info(team_id)
-
-    async def team_list(self, request: web.Request) -> Any:
-        listing = await self.service.teams()
-        teams = request[CALL].reach.teams
-        if teams is not None:
-            listing["teams"] = [t for t in listing["teams"] if t["team_id"] in teams]
-        return listing
 
     async def update(self, request: web.Request) -> Any:
         call = request[CALL]
