@@ -449,6 +449,8 @@ def test_make_demo_opens_a_populated_console(browser, tmp_path):
             "demo",
             "--port",
             str(port),
+            "--tls-port",  # its own (the default, 4443, is another suite's too)
+            str(free_port()),
             "--sqlite-path",
             str(tmp_path / "demo.db"),
             "--requests",

@@ -6,7 +6,9 @@ on the console; and the ID tokens the verifier must refuse."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,11 +108,15 @@ def provider(tmp_path_factory) -> Iterator[Provider]:
 
 @pytest.fixture(scope="module")
 def sso_proxy(start_proxy, provider):
+    # Bedrock answered by the built-in simulator: the developer-machine test runs real
+    # clients (boto3, Claude Code) with the keys the CLI gets.
     return start_proxy(
         listener_port=provider.proxy_port,
         oidc={"issuer": provider.issuer, "client_id": "bedrock-proxy", "client_secret": SECRET,
               **GROUPS},
         console_master_signin=False,
+        simulate=True,
+        endpoints={},
     )  # fmt: skip
 
 
@@ -152,6 +158,15 @@ def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
             assert "does not open this page" in browser.page_source, path
         page.open(f"/ui/keys/{ml['key_id']}")
         assert "ml-key" in browser.page_source
+        # The team's policy binds what its team-admin mints in the console too.
+        _, _ = admin(sso_proxy, "POST", "/team/update", {"team_id": "ml", "key_max_budget": 5})
+        page.open("/ui/keys/new")
+        page.fill({"key_alias": "too-rich", "max_budget": "50"})
+        page.click("#save")
+        assert "key_max_budget" in browser.page_source
+        page.fill({"key_alias": "within", "max_budget": "5"})
+        page.click("#save")
+        assert "within" in browser.page_source and "key_max_budget" not in browser.page_source
 
     with _signed_in(page, "aud"):  # an auditor: reads, changes nothing
         page.open("/ui/audit")
@@ -169,8 +184,14 @@ def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
         assert "No key within your reach" in browser.page_source
         page.open(f"/ui/keys/{mine['key_id']}")
         assert "eve-key" in browser.page_source
+        # Self-service: a member mints their own key, in their team, as theirs.
         page.open("/ui/keys/new")
-        assert "does not open this page" in browser.page_source
+        page.fill({"key_alias": "eve-own", "user_id": "someone-else@example.com"})
+        page.click("#save")
+        assert "eve-own" in browser.page_source
+        _, listing = admin(sso_proxy, "GET", "/key/list?return_full_object=true&key_alias=eve-own")
+        mine_too = listing["keys"][0]
+        assert mine_too["user_id"] == "eve@example.com" and mine_too["team_id"] == "ml"
 
     with _signed_in(page, "nobody"):  # no groups: no role, told so, reaches nothing
         assert page.path == "/ui/me"
@@ -383,3 +404,125 @@ def test_forged_signatures_are_refused(signer):
 def test_no_groups_claim_is_no_role():
     identity = SETTINGS.identity({"sub": "u2", "email": "u2@example.com"})
     assert identity.role is None and identity.teams == ()
+
+
+# ---------------------------------------------------------------- a developer's machine
+
+BIN = os.path.join(os.path.dirname(sys.executable), "bedrock-proxy")
+CLAUDE = JS / "node_modules" / ".bin" / "claude"
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 60) -> str:
+    done = subprocess.run([BIN, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done.stdout
+
+
+def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provider, tmp_path):
+    env = {**os.environ, "BEDROCK_PROXY_LOGIN_FILE": str(tmp_path / "login.json")}
+    env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "ANTHROPIC_"))}
+    login = subprocess.Popen(
+        [BIN, "login", "--url", sso_proxy.url, "--no-browser"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert login.stdout is not None
+        assert login.stdout.readline().startswith("Open this address")
+        address = login.stdout.readline().strip()
+        page = Page(browser, sso_proxy)
+        page.driver.delete_all_cookies()
+        page.driver.get(address)  # not signed in: the sign-in page, then single sign-on
+        page.click("#sso")
+        page.fill({"login": "eve", "password": "any"})
+        page.click("button[type=submit]")
+        if "/interaction/" in page.driver.current_url:
+            page.click("button[type=submit]")
+        assert page.path == "/ui/cli/login", page.driver.current_url
+        page.click("#cli-allow")
+        out, err = login.communicate(timeout=30)
+        assert login.returncode == 0, (out, err)
+    finally:
+        if login.poll() is None:
+            login.kill()
+    assert oct(os.stat(tmp_path / "login.json").st_mode & 0o777) == "0o600"
+    saved = json.loads((tmp_path / "login.json").read_text())
+    assert saved["token"].startswith("bpat-") and "key" not in saved
+
+    key = _cli(["token"], env).strip()
+    assert _cli(["token"], env).strip() == key  # reused until near its expiry
+    status, info = admin(sso_proxy, "GET", f"/key/info?key={key}")
+    assert status == 200, info
+    assert info["info"]["user_id"] == "eve@example.com" and info["info"]["team_id"] == "ml"
+    assert info["info"]["expires"]  # short-lived: 8 h unless the team says
+
+    # boto3 with credential_process: no key in any file the SDK reads.
+    process = json.loads(_cli(["token", "--format", "credential-process"], env))
+    assert process["Version"] == 1 and process["AccessKeyId"].startswith("BPK")
+    config = tmp_path / "aws-config"
+    config.write_text(
+        f"[profile dev]\ncredential_process = {BIN} token --format credential-process\n"
+    )
+    import boto3
+
+    saved_env = dict(os.environ)
+    try:
+        os.environ.update(
+            AWS_CONFIG_FILE=str(config),
+            AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+            BEDROCK_PROXY_LOGIN_FILE=env["BEDROCK_PROXY_LOGIN_FILE"],
+        )
+        client = boto3.Session(profile_name="dev", region_name="us-east-1").client(
+            "bedrock-runtime", endpoint_url=sso_proxy.url + "/bedrock"
+        )
+        answer = client.converse(
+            modelId="anthropic.claude-3-haiku-20240307-v1:0",
+            messages=[{"role": "user", "content": [{"text": "hi"}]}],
+        )
+        assert answer["output"]["message"]["content"][0]["text"]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+    if CLAUDE.exists():  # Claude Code asks the helper for its key
+        home = tmp_path / "home"
+        (home / ".claude").mkdir(parents=True)
+        (home / ".claude" / "settings.json").write_text(
+            json.dumps({"apiKeyHelper": f"{BIN} token"})
+        )
+        claude_env = {
+            **env,
+            "HOME": str(home),
+            "ANTHROPIC_BASE_URL": sso_proxy.url + "/bedrock/anthropic",
+            "ANTHROPIC_MODEL": "anthropic.claude-3-haiku-20240307-v1:0",
+            "ANTHROPIC_DEFAULT_HAIKU_MODEL": "anthropic.claude-3-haiku-20240307-v1:0",
+            "DISABLE_AUTOUPDATER": "1",
+            "DISABLE_TELEMETRY": "1",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        }
+        done = subprocess.run(
+            [str(CLAUDE), "-p", "Say hello", "--output-format", "json", "--max-turns", "1"],
+            env=claude_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+        assert json.loads(done.stdout)["result"], done.stdout
+
+    # Over the user's daily cap, every key of theirs is refused...
+    assert admin(sso_proxy, "POST", "/user/update",
+                 {"user_id": "eve@example.com", "max_budget": 0.0, "budget_duration": "1d"})[0] == 200  # fmt: skip
+    import botocore.exceptions
+
+    from tests.conftest import boto_client
+
+    bearer = boto_client("bedrock-runtime", sso_proxy, key=key)
+    with pytest.raises(botocore.exceptions.ClientError) as capped:
+        bearer.converse(modelId="anthropic.claude-3-haiku-20240307-v1:0",
+                        messages=[{"role": "user", "content": [{"text": "x"}]}])  # fmt: skip
+    assert capped.value.response["Error"]["Code"] == "ServiceQuotaExceededException"
+    # ...and once the user is removed, their keys and their machine's login end at once.
+    assert admin(sso_proxy, "POST", "/user/delete", {"user_ids": ["eve@example.com"]})[0] == 200
+    with pytest.raises(botocore.exceptions.ClientError):
+        bearer.converse(modelId="anthropic.claude-3-haiku-20240307-v1:0",
+                        messages=[{"role": "user", "content": [{"text": "x"}]}])  # fmt: skip
+    (tmp_path / "login.json").write_text(json.dumps({**saved}))  # no cached key: ask the proxy
+    failed = subprocess.run([BIN, "token"], env=env, capture_output=True, text=True, timeout=60)
+    assert failed.returncode != 0 and "403" in failed.stderr, failed.stderr

@@ -17,7 +17,7 @@ from ..store.audit import Actor, Change
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
 from ..wire.params import parse_duration
-from .roles import ADMIN, AUDITOR, TEAM_ADMIN
+from .roles import ADMIN, AUDITOR, MEMBER, TEAM_ADMIN
 
 TOKEN_PREFIX = "bpat-"
 _TOKEN_ROLES = (ADMIN, TEAM_ADMIN, AUDITOR)
@@ -75,10 +75,45 @@ class AdminTokens:
             raise errors.access_denied(
                 "The admin API token is not valid (unknown, revoked or expired)"
             )
+        if row.get("email"):  # a developer machine's: its user's, a member's reach
+            teams = tuple(t for t in (row.get("teams") or "").split(",") if t)
+            return Identity(
+                "token", key_id=row["token_id"], alias=row["name"], role=MEMBER,
+                teams=teams, email=row["email"],
+            )  # fmt: skip
         teams = (row["team_id"],) if row["team_id"] else ()
         return Identity(
             "token", key_id=row["token_id"], alias=row["name"], role=row["role"], teams=teams
         )
+
+    async def mint_for_user(self, user: Identity, actor: Actor, days: float = 30) -> str:
+        """A developer machine's token (``bedrock-proxy login``): the user's own, with a
+        member's reach whatever their role (it opens their keys only), for ``days``."""
+        now = self._clock.time()
+        token_id = "tok-" + secrets.token_hex(8)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        row = {
+            "token_id": token_id,
+            "name": f"login {user.email or user.key_id}",
+            "role": MEMBER,
+            "team_id": None,
+            "expires_at": now + days * 86400,
+            "created_at": now,
+            "created_by": user.email or str(user.key_id),
+            "email": user.email or str(user.key_id),
+            "teams": list(user.teams),
+        }
+        async with self._store.audit.recording(Change(actor, "token.login", token_id, after=row)):
+            await self._store.admin_tokens.insert(row, token_hash(token))
+        return token
+
+    async def revoke_user(self, email: str, actor: Actor) -> list[str]:
+        """Every token of a user's machines, revoked (the user was deleted)."""
+        revoked = []
+        for row in await self._store.admin_tokens.of_user(email):
+            await self.revoke(row["token_id"], actor)
+            revoked.append(row["token_id"])
+        return revoked
 
     async def list(self) -> dict[str, Any]:
         return {"tokens": await self._store.admin_tokens.list()}

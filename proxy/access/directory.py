@@ -16,18 +16,25 @@ from __future__ import annotations
 
 import fnmatch
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..exchange import Identity
 from ..store import Store
 from ..store.audit import Actor, Change
 from ..store.records import DEFAULT_GROUPS, KeySpec
 from ..wire import errors
 from ..wire.params import parse_duration
+from .roles import TEAM_ADMIN
 
 _TEAM_NUMBERS = ("max_budget", "key_max_budget", "team_member_budget")
 _TEAM_INTS = ("tpm_limit", "rpm_limit", "key_rpm_limit", "key_tpm_limit")
-_TEAM_DURATIONS = ("budget_duration", "key_max_duration", "team_member_budget_duration")
+_TEAM_DURATIONS = (
+    "budget_duration",
+    "key_max_duration",
+    "key_session_duration",
+    "team_member_budget_duration",
+)
 _TEAM_LISTS = ("models", "key_operation_groups")
 _TEAM_FIELDS = frozenset(
     {"team_id", "team_alias", "metadata", "blocked", "upstream", "members_with_roles",
@@ -47,7 +54,9 @@ class Directory:
         check_upstream: Callable[[str | None], None],
         on_change: Callable[[], None] | None = None,
         on_team_upstream: Callable[[str, str | None], None] | None = None,
+        on_user_deleted: Callable[[str, Actor], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_user_deleted = on_user_deleted
         self._store = store
         self._check_upstream = check_upstream
         self._on_change = on_change
@@ -208,8 +217,8 @@ class Directory:
         return await self._store.directory.users()
 
     async def user_delete(self, user_ids: list[str], actor: Actor) -> list[str]:
-        """Users deleted, their memberships with them (their keys stay the admin's to
-        delete: ``/key/delete`` by user)."""
+        """Users deleted, their memberships with them, and their keys and their machines'
+        tokens (``on_user_deleted``): a user removed ends their short-lived keys at once."""
         deleted = []
         for user_id in user_ids:
             before = await self._store.directory.user(user_id)
@@ -217,9 +226,37 @@ class Directory:
                 raise errors.AwsError(404, "ResourceNotFoundException", f"No user {user_id!r}")
             async with self._store.audit.recording(Change(actor, "user.delete", user_id, before)):
                 await self._store.directory.delete_user(user_id)
+            if self._on_user_deleted is not None:  # their keys and machines' tokens end
+                await self._on_user_deleted(user_id, actor)
             deleted.append(user_id)
         self._changed()
         return deleted
+
+    async def sign_in(self, user: Identity, actor: Actor) -> None:
+        """A user signed in by the identity provider: their record (made the first time)
+        and the teams their groups name, as members (team-admins as team admins). Teams
+        joined by hand stay."""
+        user_id = user.email or user.key_id
+        if not user_id:
+            return
+        changed = False
+        if await self._store.directory.user(user_id) is None:
+            after = {"user_id": user_id, "user_email": user.email}
+            async with self._store.audit.recording(Change(actor, "user.new", user_id, after=after)):
+                await self._store.directory.put_user(user_id, {"user_email": user.email})
+            changed = True
+        role = "admin" if user.role == TEAM_ADMIN else "user"
+        current = {t["team_id"]: t["role"] for t in await self._store.directory.teams_of(user_id)}
+        for team_id in user.teams:
+            if current.get(team_id) == role:
+                continue
+            member = {"user_id": user_id, "role": role}
+            change = Change(actor, "team.member_add", team_id, after=member)
+            async with self._store.audit.recording(change):
+                await self._store.directory.add_member(team_id, user_id, role)
+            changed = True
+        if changed:
+            self._changed()
 
     def _changed(self) -> None:
         if self._on_change is not None:

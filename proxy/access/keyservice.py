@@ -3,9 +3,11 @@ the admin API and the ``bedrock-proxy keys`` command."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Collection
 from typing import Any
 
+from ..exchange import Identity
 from ..store import Store, StoreConflict
 from ..store.audit import SYSTEM, Actor, Change
 from ..wire import errors
@@ -112,6 +114,31 @@ class KeyService:
         self._forget(record)
         assert updated is not None
         return updated.public()
+
+    async def session_key(self, user: Identity, actor: Actor) -> dict[str, Any]:
+        """A short-lived key for a signed-in user's machine (``bedrock-proxy token``): in
+        their team, for its ``key_session_duration`` (8 h unless the team says), within
+        the team's policy like any key."""
+        email = user.email or user.key_id
+        if not email:
+            raise errors.access_denied("A short-lived key is for a signed-in user")
+        team_id = user.teams[0] if user.teams else None
+        team = await self._store.directory.team(team_id) if team_id else None
+        lifetime = (team or {}).get("key_session_duration") or "8h"
+        body: dict[str, Any] = {
+            "user_id": email,
+            "key_alias": f"session-{secrets.token_hex(6)}",
+            "duration": lifetime,
+            "metadata": {"session": True},
+        }
+        if team_id:
+            body["team_id"] = team_id
+        return await self.generate(body, actor)
+
+    async def delete_user_keys(self, user_id: str, actor: Actor) -> list[str]:
+        """Every key of a user, deleted (the user was: their machines' keys end at once)."""
+        records, _ = await self._store.keys.list({"user_id": user_id}, MAX_PAGE, 0)
+        return await self.delete([r.key_id for r in records], actor=actor)
 
     async def _within_team(self, spec: KeySpec, now: float) -> None:
         """The team's policy, whoever mints or changes the key (``directory.check_key``)."""

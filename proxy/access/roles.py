@@ -32,13 +32,15 @@ LIMITS = "limits"  # named limits
 TEAMS = "teams"  # teams' upstream routes
 TOKENS = "tokens"  # admin API tokens
 AUDIT = "audit"  # the audit log
-NEEDS = (READ, READ_ALL, KEYS, LIMITS, TEAMS, TOKENS, AUDIT)
+MEMBERS = "members"  # who belongs to a team (a team-admin: its own teams)
+NEEDS = (READ, READ_ALL, KEYS, LIMITS, TEAMS, TOKENS, AUDIT, MEMBERS)
 
 _GRANTS = {
     ADMIN: frozenset(NEEDS),
     AUDITOR: frozenset({READ, READ_ALL, AUDIT}),
-    TEAM_ADMIN: frozenset({READ, KEYS}),
-    MEMBER: frozenset({READ}),
+    TEAM_ADMIN: frozenset({READ, KEYS, MEMBERS}),
+    # Self-service: a member's own keys, within their team's policy.
+    MEMBER: frozenset({READ, KEYS}),
 }
 
 
@@ -47,6 +49,7 @@ class Reach:
     role: str | None
     teams: frozenset[str] | None = None  # None: every team
     user: str | None = None  # a member's email: their keys only
+    home_team: str | None = None  # a member's team: their keys are minted in it
 
     @property
     def scoped(self) -> bool:
@@ -107,6 +110,9 @@ class Reach:
                 self.check_team(out.get("team_id"))
         if self.user is not None:
             out["user_id"] = self.user
+            out.pop("team_id", None)  # a member's key stays in their team
+            if creating and self.home_team is not None:
+                out["team_id"] = self.home_team  # so the team's policy binds the key
         return out
 
 
@@ -119,8 +125,10 @@ def reach_of(identity: Identity) -> Reach:
     if identity.kind not in ("token", "user") or identity.role not in ROLES:
         return ANYONE  # a virtual key: only its own info (checked where it is read)
     teams = frozenset(identity.teams) if identity.role == TEAM_ADMIN else None
-    user = (identity.email or "") if identity.role == MEMBER else None
-    return Reach(identity.role, teams, user)
+    if identity.role == MEMBER:
+        home = identity.teams[0] if identity.teams else None
+        return Reach(MEMBER, None, identity.email or "", home)
+    return Reach(identity.role, teams, None)
 
 
 def actor_of(identity: Identity, source: str | None, request_id: str | None) -> Actor:

@@ -39,6 +39,7 @@ from ..store.audit import Actor
 from ..store.records import ALLOW_LIST_FIELDS
 from ..wire.errors import AwsError
 from ..wire.h2server import Http2Limits
+from . import login
 from .demo import client_lines, send_demo_traffic, try_it_key
 
 # Who the audit log names for the CLI's changes: the operating-system user running it.
@@ -129,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     spend.add_argument("--end", help="ISO 8601 time or date (exclusive)")
     spend.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    login_cmd = commands.add_parser(
+        "login", help="sign in through the proxy's single sign-on, for short-lived keys"
+    )
+    login_cmd.add_argument("--url", required=True, help="the proxy, e.g. https://gateway.example")
+    login_cmd.add_argument(
+        "--no-browser", action="store_true", help="print the address only; open it yourself"
+    )
+    token_cmd = commands.add_parser(
+        "token", help="print a short-lived key for the signed-in user (after login)"
+    )
+    token_cmd.add_argument(
+        "--format",
+        choices=("key", "credential-process", "env"),
+        default="key",
+        help="key (apiKeyHelper, SDKs), credential-process (AWS SDKs and CLI), env",
+    )
+
     audit = commands.add_parser("audit", help="the audit log in the configured store")
     audit.add_argument("--config", help="YAML settings file (BEDROCK_PROXY_CONFIG)")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -210,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         return _spend_command(args)
     if args.command == "audit":
         return _audit_command(args)
+    if args.command == "login":
+        return login.login(args.url, open_browser=not args.no_browser)
+    if args.command == "token":
+        return login.token(args.format)
     if args.command == "teams":
         return _teams_command(args)
     if args.command == "tls-selfsigned":

@@ -21,6 +21,8 @@ carries a token or more) and the streamed text's characters / 4.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -36,7 +38,9 @@ _SSE = "text/event-stream"
 class CompatMeter(Meter):
     """A JSON answer, or an event stream (told apart by the answer's Content-Type)."""
 
-    __slots__ = ("_chunks", "_ok", "_size", "_sse", "chars", "chunks", "created")
+    __slots__ = (
+        "_chunks", "_ok", "_size", "_sse", "chars", "chunks", "created", "due", "on_created"
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.usage = Usage()  # (Meter's own __init__, without a second call)
@@ -47,8 +51,16 @@ class CompatMeter(Meter):
         # Streamed output, for an estimate when no usage comes.
         self.chunks = 0
         self.chars = 0
-        # The id of the response the call created (the Responses API).
+        # The id of the response the call created (the Responses API), and what to do
+        # with it as soon as the stream names it (record it as the key's).
         self.created: str | None = None
+        self.due: Callable[[], Awaitable[None]] | None = None
+        self.on_created: Callable[[str], Awaitable[None]] | None = None
+
+    async def run_due(self) -> None:
+        due, self.due = self.due, None
+        if due is not None:
+            await due()
 
     def on_headers(self, status: int, headers: MultiMapping[str]) -> None:
         self._ok = status == 200
@@ -136,7 +148,9 @@ class ResponsesMeter(CompatMeter):
         response = event.get("response")
         if kind == "response.created" and isinstance(response, dict):
             if isinstance(response.get("id"), str):
-                self.created = response["id"]
+                created = self.created = response["id"]
+                if self.on_created is not None:  # before the event reaches the client
+                    self.due = functools.partial(self.on_created, created)
         elif kind in self._FINAL and isinstance(response, dict):
             _openai_usage(self.usage, response.get("usage"), _RESPONSES)
         elif isinstance(kind, str) and kind.endswith(".delta"):

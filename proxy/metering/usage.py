@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,9 @@ class Meter:
     __slots__ = ("usage",)
     # Whether the request body says what is billed (``on_request`` is then called).
     reads_request = False
+    # Work the relay awaits before passing on what was just fed (a stream's first event
+    # names stored state the client may read at once): set by a meter, taken by the relay.
+    due: Callable[[], Awaitable[None]] | None = None
 
     def __init__(self) -> None:
         self.usage = Usage()
@@ -89,6 +93,9 @@ class Meter:
 
     def finish(self) -> Usage:
         return self.usage
+
+    async def run_due(self) -> None:
+        """Await what ``due`` holds, once."""
 
 
 class JsonBodyMeter(Meter):

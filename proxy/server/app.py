@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -22,6 +21,7 @@ from ..observe.accesslog import AccessLog
 from ..observe.metrics import Metrics
 from ..observe.shared import SharedMetrics
 from ..store import Store, StoreUnavailable
+from ..store.audit import Actor
 from ..wire import errors
 from ..wire.background import stop as stop_task
 from ..wire.clock import SYSTEM_CLOCK, Clock
@@ -31,7 +31,7 @@ from .fronts.admin import AdminApi
 from .fronts.admin_door import AdminRoutes
 from .fronts.audit_api import AuditApi
 from .fronts.bedrock import BASE_PATH
-from .fronts.console import Console
+from .fronts.console import Console, alert_target
 from .fronts.console.live import LiveView
 from .fronts.directory_api import DirectoryApi
 from .fronts.files import FILES_PATH
@@ -115,20 +115,7 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
     settings = s.settings
     reports = Reports(s.store, s.clock)
     proxies = TrustedProxies(settings.trusted_proxies)
-    admin = AdminRoutes(
-        s.authenticator, s.tokens, s.gate, proxies, settings.body_timeout, s.keys is not None
-    )
-    AdminApi(s.keys, admin, reports, NamedLimitAdmin(s.store), s.metering.forget_limit).add_routes(
-        app
-    )
-    AuditApi(s.store, s.tokens, admin).add_routes(app)
-    directory = Directory(
-        s.store,
-        s.keys.check_upstream if s.keys is not None else _no_pools,
-        lambda: s.metering.forget_limit("directory"),
-        s.fleet.set_team_upstream,
-    )
-    DirectoryApi(directory, s.keys, admin).add_routes(app)
+    admin, directory = _add_admin_api(app, s, reports, proxies)
     ModelsApi(s.authenticator, s.metering.prices, s.gate).add_routes(app)
     if settings.console:
         pipeline = s.pipeline
@@ -143,7 +130,7 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
             simulated=settings.simulate,
             clock=s.clock,
             current=s.limiter.current,
-            alerts=_alert_settings(settings),
+            alerts=alert_target(settings.alert_webhook_url, settings.alert_webhook_format),
             master_key=settings.master_key,
             body_timeout=settings.body_timeout,
             trusted_proxies=proxies,
@@ -151,6 +138,7 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
             master_signin=settings.console_master_signin,
             tokens=s.tokens,
             sso=s.sso,
+            on_signin=directory.sign_in,
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     if settings.console:  # a browser on the proxy's address finds the console
@@ -170,6 +158,35 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
             excluded=(FILES_PATH,) if path == BASE_PATH else (),
         )
     dispatcher.fallback = app.router.add_route("*", "/{tail:.*}", _unknown_route)
+
+
+def _add_admin_api(
+    app: web.Application, s: Services, reports: Reports, proxies: TrustedProxies
+) -> tuple[AdminRoutes, Directory]:
+    """Keys, spend, limits, tokens, the audit log, teams and users: the admin API."""
+    settings = s.settings
+    admin = AdminRoutes(
+        s.authenticator, s.tokens, s.gate, proxies, settings.body_timeout, s.keys is not None
+    )
+    AdminApi(s.keys, admin, reports, NamedLimitAdmin(s.store), s.metering.forget_limit).add_routes(
+        app
+    )
+    AuditApi(s.store, s.tokens, admin).add_routes(app)
+
+    async def user_gone(user_id: str, actor: Actor) -> None:
+        if s.keys is not None:
+            await s.keys.delete_user_keys(user_id, actor)
+        await s.tokens.revoke_user(user_id, actor)
+
+    directory = Directory(
+        s.store,
+        s.keys.check_upstream if s.keys is not None else _no_pools,
+        lambda: s.metering.forget_limit("directory"),
+        s.fleet.set_team_upstream,
+        user_gone,
+    )
+    DirectoryApi(directory, s.keys, admin).add_routes(app)
+    return admin, directory
 
 
 def create_ops_app(main: web.Application) -> web.Application:
@@ -235,15 +252,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await metering.close()  # flushes the ledger
     await app[CREDENTIALS].close()
     await store.close()
-
-
-def _alert_settings(settings: Settings) -> dict[str, str]:
-    """What the console shows of the alert webhook: its format and host, never its path
-    (a Slack webhook's path is its secret)."""
-    if not settings.alert_webhook_url:
-        return {}
-    parts = urlsplit(settings.alert_webhook_url)
-    return {"format": settings.alert_webhook_format, "target": f"{parts.scheme}://{parts.netloc}/…"}
 
 
 async def _start_simulator(upstream: UpstreamClient) -> web.AppRunner:

@@ -117,9 +117,9 @@ class BodyRelay:
         x: Exchange,
         watch: KeyWatch | None = None,
     ) -> str | errors.AwsError | None:
-        """Copy what ``read`` returns (an HTTP/1.1 or HTTP/2 body) until it ends, cut at
-        event boundaries; the failure to report (the proxy's own refusal, when ``watch``
-        found the key revoked), CLIENT_GONE, or None when complete."""
+        """Copy what ``read`` returns until it ends, cut at event boundaries; the failure
+        to report (the proxy's own, when ``watch`` found the key revoked), CLIENT_GONE, or
+        None when complete."""
         sent = 0
         failure: str | errors.AwsError | None = None
         while True:
@@ -153,12 +153,12 @@ class BodyRelay:
                     continue
             if meter is not None:
                 meter.feed(data)
+                if meter.due is not None:  # a compatible stream's stored response, recorded
+                    await meter.run_due()
             try:
                 await response.write(data)
             except ConnectionError:
-                x.error = "ClientDisconnected"
-                x.bytes_out = sent
-                x.incomplete = True
+                x.error, x.bytes_out, x.incomplete = "ClientDisconnected", sent, True
                 return CLIENT_GONE
             if not sent:
                 x.first_byte_at = time.perf_counter()

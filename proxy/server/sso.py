@@ -67,8 +67,9 @@ class SingleSignOn:
         if self._session is not None:
             await self._session.close()
 
-    def begin(self, redirect_uri: str) -> tuple[str, str]:
-        """Where to send the browser, and the sealed cookie that remembers the sign-in."""
+    def begin(self, redirect_uri: str, then: str | None = None) -> tuple[str, str]:
+        """Where to send the browser, and the sealed cookie that remembers the sign-in
+        (and the console page to go on to, ``then``)."""
         state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         verifier = secrets.token_urlsafe(48)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
@@ -87,9 +88,18 @@ class SingleSignOn:
             "nonce": nonce,
             "verifier": verifier,
             "until": self._clock.time() + PENDING_SECONDS,
+            "then": then,
         }
         cookie = self._box.seal(orjson.dumps(pending).decode())
         return self._discovery["authorization_endpoint"] + "?" + urlencode(query), cookie
+
+    def then(self, cookie: str | None) -> str | None:
+        """The console page a sign-in goes on to, if it named one."""
+        try:
+            then = self._pending(cookie).get("then")
+        except errors.AwsError:
+            return None
+        return then if isinstance(then, str) else None
 
     async def finish(
         self, query: dict[str, str], cookie: str | None, redirect_uri: str
@@ -108,6 +118,25 @@ class SingleSignOn:
         assert self._verifier is not None
         claims = await self._verifier.verify(id_token, str(pending["nonce"]))
         return self.settings.identity(claims)
+
+    def cli_code(self, token: str, challenge: str) -> str:
+        """What the browser carries back to ``bedrock-proxy login`` on its loopback port:
+        the machine's token, sealed, and opened only with the verifier of ``challenge``."""
+        sealed = {"token": token, "challenge": challenge, "until": self._clock.time() + 300}
+        return self._box.seal(orjson.dumps(sealed).decode())
+
+    def cli_token(self, code: str, verifier: str) -> str:
+        """The token a code holds, for the CLI that made its challenge (and no one else)."""
+        try:
+            sealed = orjson.loads(self._box.open(code))
+        except (SecretBoxError, orjson.JSONDecodeError, ValueError):
+            sealed = None
+        if not isinstance(sealed, dict) or sealed.get("until", 0) < self._clock.time():
+            raise errors.access_denied("The login code is not valid or has expired: log in again")
+        digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        if not hmac.compare_digest(digest.rstrip(b"=").decode(), str(sealed["challenge"])):
+            raise errors.access_denied("The login code was made for another login")
+        return str(sealed["token"])
 
     def _pending(self, cookie: str | None) -> dict[str, Any]:
         try:

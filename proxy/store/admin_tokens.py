@@ -6,7 +6,9 @@ from typing import Any
 
 from .database import Database
 
-_COLUMNS = "token_id, name, role, team_id, expires_at, created_at, created_by, revoked_at"
+_COLUMNS = (
+    "token_id, name, role, team_id, expires_at, created_at, created_by, revoked_at, email, teams"
+)
 
 
 class AdminTokenRepository:
@@ -16,7 +18,8 @@ class AdminTokenRepository:
     async def insert(self, row: dict[str, Any], token_hash: str) -> None:
         await self._db.execute(
             "INSERT INTO bp_admin_tokens (token_id, token_hash, name, role, team_id,"
-            " expires_at, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            " expires_at, created_at, created_by, email, teams)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             row["token_id"],
             token_hash,
             row["name"],
@@ -25,6 +28,8 @@ class AdminTokenRepository:
             row["expires_at"],
             row["created_at"],
             row["created_by"],
+            row.get("email"),
+            ",".join(row.get("teams") or ()) or None,
         )
 
     async def by_hash(self, token_hash: str) -> dict[str, Any] | None:
@@ -35,6 +40,12 @@ class AdminTokenRepository:
     async def get(self, token_id: str) -> dict[str, Any] | None:
         return await self._db.fetchrow(
             f"SELECT {_COLUMNS} FROM bp_admin_tokens WHERE token_id = $1", token_id
+        )
+
+    async def of_user(self, email: str) -> list[dict[str, Any]]:
+        return await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM bp_admin_tokens WHERE email = $1 AND revoked_at IS NULL",
+            email,
         )
 
     async def list(self) -> list[dict[str, Any]]:

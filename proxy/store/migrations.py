@@ -258,6 +258,15 @@ MIGRATIONS: list[tuple[int, Migration]] = [
         CREATE INDEX bp_team_members_user ON bp_team_members (user_id)
         """,
     ),
+    (
+        15,
+        # A developer machine's token (``bedrock-proxy login``) is its user's: their email
+        # and teams, for the short-lived keys it asks for.
+        """
+        ALTER TABLE bp_admin_tokens ADD COLUMN email TEXT;
+        ALTER TABLE bp_admin_tokens ADD COLUMN teams TEXT
+        """,
+    ),
 ]
 
 

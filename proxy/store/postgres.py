@@ -100,9 +100,11 @@ class PostgresDatabase(Database):
     async def insert_rows(self, batches: Sequence[RowBatch]) -> None:
         """Each table's rows as one JSON parameter unpacked by PostgreSQL: binding 25
         parameters per row would hold the event loop (asyncpg encodes on it) per row."""
-        for batch in batches:
-            if batch.rows:
-                await self.execute(_json_insert(batch), orjson.dumps(batch.rows).decode())
+        # One transaction: a reader never sees a request's row without its labels.
+        async with self.transaction():
+            for batch in batches:
+                if batch.rows:
+                    await self.execute(_json_insert(batch), orjson.dumps(batch.rows).decode())
 
     async def apply_migrations(self, migrations: list[tuple[int, Any]]) -> list[int]:
         assert self._pool is not None

@@ -97,12 +97,10 @@ class BedrockFront:
 
     # ------------------------------------------------------------------ what fronts vary
 
-    # Whether the front reads bodies and answers through the hooks below (``inspect``,
-    # ``answered``, ``streamed``): they run only then, so the native fronts make no
-    # coroutine per request for a hook that does nothing.
+    # Whether the hooks below run (``inspect``, ``answered``, ``streamed``, ``metered``):
+    # the native fronts make no call per request for a hook that does nothing.
     hooked: ClassVar[bool] = False
-    # The operations whose successful, non-streamed answer is read whole and handed to
-    # ``answered`` (data, not a method: it is asked of every answer).
+    # The operations whose successful, non-streamed answer is read whole for ``answered``.
     reads_answers: ClassVar[frozenset[str]] = frozenset()
 
     def inspect(
@@ -124,6 +122,9 @@ class BedrockFront:
 
     async def streamed(self, x: Exchange) -> None:
         """A successful streamed answer has been relayed."""
+
+    def metered(self, x: Exchange, meter: Meter) -> None:
+        """The call's meter, made (the compatible APIs record stored state as it streams)."""
 
     # ------------------------------------------------------------------ request
 

@@ -115,9 +115,12 @@ class BedrockDoor:
 
     def meter(self, x: Exchange, body: RequestBody | None) -> Meter | None:
         assert x.operation is not None and body is not None
-        meter = self.front.meter_for(x.operation.name)
+        front = self.front
+        meter = front.meter_for(x.operation.name)
         if meter.reads_request:  # what is billed is in the request (Rerank's queries)
             meter.on_request(body.joined())
+        if front.hooked:
+            front.metered(x, meter)
         return meter
 
     async def _resolve_model(self, x: Exchange) -> None:

@@ -23,6 +23,7 @@ from aiohttp import web
 from ...access import compat as access
 from ...exchange import Exchange
 from ...metering import compat_usage
+from ...metering.usage import Meter
 from ...wire import compat, errors
 from ...wire.headers import RequestHeaders, sort_request_headers
 from ..listen.bodies import RequestBody
@@ -133,11 +134,15 @@ class CompatFront(BedrockFront):
         return data
 
     async def streamed(self, x: Exchange) -> None:
-        meter = x.meter
-        if (
-            x.operation is not None
-            and x.identity is not None
-            and isinstance(meter, compat_usage.CompatMeter)
-            and meter.created
-        ):
-            await self._state.remember(x.identity, x.operation, meter.created, x.upstream)
+        """Recorded when the stream named it (``metered``): nothing is left to do."""
+
+    def metered(self, x: Exchange, meter: Meter) -> None:
+        """A streamed response is the key's from the event that names it, before the
+        client reads that event: a retrieve sent at once finds it."""
+        op, identity = x.operation, x.identity
+        if isinstance(meter, compat_usage.CompatMeter) and op is not None and identity is not None:
+
+            async def record(created: str) -> None:
+                await self._state.remember(identity, op, created, x.upstream)
+
+            meter.on_created = record

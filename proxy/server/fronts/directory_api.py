@@ -1,6 +1,7 @@
 """The admin API's teams and users, with LiteLLM's routes and fields: /team/new, /update,
 /delete, /info, /list, /member_add, /member_delete; /user/new, /update, /delete, /info,
-/list; and /key/block, /key/unblock. Every change is audited (``access.directory``)."""
+/list; /key/block and /key/unblock; and /key/session, a signed-in user's short-lived key.
+Every change is audited (``access.directory``)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ class DirectoryApi:
         post("/team/delete", json(self.team_delete, roles.TEAMS))
         get("/team/info", json(self.team_info, roles.READ, ("team_id",)))
         get("/team/list", json(self.team_list, roles.READ))
-        post("/team/member_add", json(self.member_add, roles.KEYS))
-        post("/team/member_delete", json(self.member_delete, roles.KEYS))
+        post("/team/member_add", json(self.member_add, roles.MEMBERS))
+        post("/team/member_delete", json(self.member_delete, roles.MEMBERS))
         post("/user/new", json(self.user_new, roles.TEAMS))
         post("/user/update", json(self.user_update, roles.TEAMS))
         post("/user/delete", json(self.user_delete, roles.TEAMS))
@@ -36,6 +37,7 @@ class DirectoryApi:
         get("/user/list", json(self.user_list, roles.READ_ALL))
         post("/key/block", json(self.key_block, roles.KEYS))
         post("/key/unblock", json(self.key_unblock, roles.KEYS))
+        post("/key/session", json(self.key_session, roles.KEYS))
 
     async def team_new(self, request: web.Request) -> Any:
         return await self._directory.team_new(json_body(request), request[CALL].actor)
@@ -99,6 +101,16 @@ class DirectoryApi:
 
     async def key_unblock(self, request: web.Request) -> Any:
         return await self._block(request, False)
+
+    async def key_session(self, request: web.Request) -> Any:
+        """A short-lived key for the calling user (their machine's login token, or a
+        console session): what ``bedrock-proxy token`` prints."""
+        if self._keys is None:
+            raise errors.access_denied("The admin API needs a master key to be configured")
+        call = request[CALL]
+        if call.reach.user is None:
+            raise errors.access_denied("A short-lived key is for a user: sign in first")
+        return await self._keys.session_key(call.identity, call.actor)
 
     async def _block(self, request: web.Request, blocked: bool) -> Any:
         """LiteLLM's /key/block and /key/unblock: {"key": token, id or alias}."""

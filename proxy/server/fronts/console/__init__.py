@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -22,12 +23,14 @@ from ....wire import errors
 from ...sso import PENDING_COOKIE, PENDING_SECONDS
 from . import charts
 from .base import _STATIC, Handler, _may
+from .cli_login import CliLogin
 from .doors import (
     FORM,
     SESSION,
     SIGNIN_FORM_BYTES,
     FormRefused,
     callback_url,
+    console_page,
 )
 from .governance import GovernancePages
 from .keys import KeyPages
@@ -35,10 +38,10 @@ from .security import PREFIX, SECURITY_HEADERS
 from .sessions import COOKIE, ConsoleSession
 from .spend import SpendPages, _chart, _days_ago
 
-__all__ = ["FORM", "PREFIX", "Console"]
+__all__ = ["FORM", "PREFIX", "Console", "alert_target"]
 
 
-class Console(KeyPages, SpendPages, GovernancePages):
+class Console(KeyPages, SpendPages, GovernancePages, CliLogin):
     def add_routes(self, app: web.Application) -> None:
         """Every route: the public ones (the way in, and what it is drawn with), and the
         signed-in pages, each behind the gate with what its role must grant."""
@@ -75,6 +78,10 @@ class Console(KeyPages, SpendPages, GovernancePages):
         if self._sso is not None:
             public.append(("GET", "/signin/sso", self._sso_start))
             gated.append(("GET", "/sso/callback", self._sso_callback))
+            gated.append(("GET", "/cli/login", page(self._cli_login_page, None)))
+            gated.append(("POST", "/cli/login", page(self._cli_login, None)))
+            cli = self._gate.guard(self._outage_page(self._cli_token), self._cli_door)
+            app.router.add_post("/cli/token", cli)
         for method, path, handler in public:
             app.router.add_route(method, PREFIX + path, self._outage_page(handler))
         for method, path, handler in gated:
@@ -143,7 +150,7 @@ class Console(KeyPages, SpendPages, GovernancePages):
         raise web.HTTPSeeOther(PREFIX + home)
 
     async def _signin_page(self, request: web.Request) -> web.Response:
-        return self._render("signin.html", error=None)
+        return self._render("signin.html", error=None, next=console_page(request.query.get("next")))
 
     async def _signin(self, request: web.Request) -> web.StreamResponse:
         x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
@@ -174,7 +181,8 @@ class Console(KeyPages, SpendPages, GovernancePages):
         """To the identity provider, with this sign-in's state sealed in a cookie (sent
         back on the provider's redirect, a top-level GET: SameSite=Lax)."""
         assert self._sso is not None
-        url, pending = self._sso.begin(callback_url(request, self._proxies))
+        then = console_page(request.query.get("next"))
+        url, pending = self._sso.begin(callback_url(request, self._proxies), then)
         response = web.HTTPSeeOther(url, headers=SECURITY_HEADERS)
         response.set_cookie(
             PENDING_COOKIE,
@@ -188,7 +196,8 @@ class Console(KeyPages, SpendPages, GovernancePages):
         raise response
 
     async def _sso_callback(self, request: web.Request) -> web.StreamResponse:
-        assert self._sso_door is not None  # the route exists only with single sign-on
+        assert self._sso_door is not None and self._sso is not None  # (routes only with it)
+        then = console_page(self._sso.then(request.cookies.get(PENDING_COOKIE)))
         x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
         try:
             admitted = await self._gate.admit(request, x, self._sso_door)
@@ -203,7 +212,7 @@ class Console(KeyPages, SpendPages, GovernancePages):
             "user", identity.key_id, None, identity.role, identity.teams, identity.email
         )
         home = PREFIX + ("/keys" if roles.reach_of(identity).may(roles.READ) else "/me")
-        response = self._signed_in(request, sid, home)
+        response = self._signed_in(request, sid, then or home)
         response.del_cookie(PENDING_COOKIE, path=PREFIX + "/sso")  # used once
         raise response
 
@@ -239,3 +248,12 @@ class Console(KeyPages, SpendPages, GovernancePages):
             logs=logs["logs"],
             base=self._base_url(request),
         )
+
+
+def alert_target(url: str | None, kind: str) -> dict[str, str]:
+    """What the console shows of the alert webhook: its format and host, never its path
+    (a Slack webhook's path is its secret)."""
+    if not url:
+        return {}
+    parts = urlsplit(url)
+    return {"format": kind, "target": f"{parts.scheme}://{parts.netloc}/…"}

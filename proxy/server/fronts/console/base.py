@@ -16,6 +16,7 @@ from ....access.admin_tokens import AdminTokens
 from ....access.auth import Authenticator
 from ....access.keyservice import KeyService
 from ....access.roles import actor_of
+from ....exchange import Identity
 from ....metering.limits import usd
 from ....metering.reports import Reports
 from ....observe.metrics import Metrics
@@ -26,7 +27,7 @@ from ....wire.clock import SYSTEM_CLOCK, Clock
 from ...gate import Gate
 from ...listen.forwarded import TrustedProxies
 from ...sso import SingleSignOn
-from .doors import PageDoor, SignInDoor, SsoDoor
+from .doors import CliDoor, PageDoor, SignInDoor, SsoDoor
 from .security import PREFIX, SECURITY_HEADERS
 from .sessions import ConsoleSession, SessionStore, SignInThrottle
 
@@ -57,6 +58,7 @@ class ConsoleBase:
         master_signin: bool = True,
         tokens: AdminTokens | None = None,
         sso: SingleSignOn | None = None,
+        on_signin: Callable[[Identity, Actor], Awaitable[None]] | None = None,
     ) -> None:
         # The admin API tokens the console mints and revokes; single sign-on, when set
         # up (``sso.SingleSignOn``).
@@ -83,7 +85,12 @@ class ConsoleBase:
         self._signin_door = SignInDoor(
             auth, self.throttle, self._proxies, body_timeout, store.audit, master_signin
         )
-        self._sso_door = SsoDoor(sso, self._proxies, store.audit) if sso is not None else None
+        self._sso_door = (
+            SsoDoor(sso, self._proxies, store.audit, on_signin) if sso is not None else None
+        )
+        self._cli_door = (
+            CliDoor(sso, tokens, body_timeout) if sso is not None and tokens is not None else None
+        )
         self._env = _templates(simulated, sso is not None, master_signin)
         self._static = {
             name: resources.files(__package__).joinpath("static", name).read_bytes()

@@ -7,8 +7,11 @@ before the key is looked at."""
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import parse_qsl
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
+import orjson
 from aiohttp import web
 
 from ....access.auth import Authenticator
@@ -18,7 +21,7 @@ from ....store import StoreUnavailable
 from ....store.audit import Actor, AuditRepository, Change
 from ....wire import errors
 from ...gate import LocalDoor
-from ...listen.bodies import RequestBody
+from ...listen.bodies import RequestBody, read_body
 from ...listen.forwarded import TrustedProxies
 from ...sso import PENDING_COOKIE, SingleSignOn
 from .security import PREFIX, SECURITY_HEADERS
@@ -74,7 +77,9 @@ class PageDoor(LocalDoor):
         session = await self._sessions.get(request.cookies.get(COOKIE))
         if session is None:
             if request.method == "GET" and not request.path.endswith((".json", ".csv")):
-                raise web.HTTPSeeOther(PREFIX + "/signin", headers=SECURITY_HEADERS)
+                # Back here once signed in (single sign-on carries it through the provider).
+                then = urlencode({"next": request.path_qs})
+                raise web.HTTPSeeOther(f"{PREFIX}/signin?{then}", headers=SECURITY_HEADERS)
             raise _refused(401, "Sign in first.")
         request[SESSION] = session
         return session.identity()
@@ -191,8 +196,15 @@ class SsoDoor(LocalDoor):
     """The single sign-on callback: the identity provider's code is the credential,
     exchanged and its ID token verified (``server.sso``); every outcome audited."""
 
-    def __init__(self, sso: SingleSignOn, proxies: TrustedProxies, audit: AuditRepository):
+    def __init__(
+        self,
+        sso: SingleSignOn,
+        proxies: TrustedProxies,
+        audit: AuditRepository,
+        on_signin: Callable[[Identity, Actor], Awaitable[None]] | None = None,
+    ) -> None:
         self._sso, self._proxies, self._audit = sso, proxies, audit
+        self._on_signin = on_signin
 
     async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
         address = self._proxies.client(request)
@@ -211,4 +223,46 @@ class SsoDoor(LocalDoor):
         who = actor_of(identity, address, x.request_id)
         after = {"role": identity.role, "teams": list(identity.teams)}
         await self._audit.append(Change(who, "console.signin", identity.key_id, after=after))
+        if self._on_signin is not None:  # the user's record and teams, as the groups say
+            await self._on_signin(identity, who)
+        return identity
+
+
+def console_page(then: str | None) -> str | None:
+    """``then`` if it is a console page of this proxy (never another site's address)."""
+    if then and then.startswith(PREFIX + "/") and not then.startswith("//") and "\\" not in then:
+        return then
+    return None
+
+
+# bedrock-proxy login's code and verifier, and the token they open.
+CODE_BYTES = 16 * 1024
+CLI_TOKEN: web.RequestKey[str] = web.RequestKey("cli_token", str)
+
+
+class CliDoor(LocalDoor):
+    """``POST /cli/token``: the credential is in the body (a code and its verifier)."""
+
+    def __init__(self, sso: SingleSignOn, tokens: Any, body_timeout: float) -> None:
+        self._sso, self._tokens, self._body_timeout = sso, tokens, body_timeout
+
+    async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
+        return None
+
+    async def read(self, request: web.Request, x: Exchange) -> RequestBody | None:
+        return await read_body(request, CODE_BYTES, self._body_timeout)
+
+    async def verify(self, request: web.Request, x: Exchange, body: RequestBody | None) -> Identity:
+        assert body is not None
+        try:
+            sent = orjson.loads(body.joined())
+        except orjson.JSONDecodeError:
+            sent = None
+        if not isinstance(sent, dict) or not all(
+            isinstance(sent.get(k), str) for k in ("code", "verifier")
+        ):
+            raise errors.validation('Send {"code": ..., "verifier": ...}')
+        token = self._sso.cli_token(sent["code"], sent["verifier"])
+        request[CLI_TOKEN] = token
+        identity: Identity = await self._tokens.identify(token)
         return identity

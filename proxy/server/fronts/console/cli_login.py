@@ -1,0 +1,72 @@
+"""``bedrock-proxy login`` through the console: the CLI waits on a loopback port, the
+browser signs in (single sign-on) and confirms, and the proxy sends the browser back to
+the CLI with a sealed code only that CLI can open (its verifier, as in PKCE), for a token
+of the user's machine: a member's reach, whatever the user's role, for 30 days.
+
+- ``GET /ui/cli/login?port=&state=&challenge=``: the confirmation page (signed in first).
+- ``POST /ui/cli/login``: the token made (audited), the browser sent to the CLI's port.
+- ``POST /cli/token {code, verifier}``: the CLI's side, through the gate (``CliDoor``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from ....exchange import Exchange
+from ....wire import errors
+from .base import ConsoleBase
+from .doors import CLI_TOKEN, CODE_BYTES, FORM
+from .sessions import ConsoleSession
+
+
+class CliLogin(ConsoleBase):
+    async def _cli_login_page(self, request: web.Request, session: ConsoleSession) -> web.Response:
+        port, state, challenge = _cli_params(request.query)
+        if session.kind != "user":
+            raise errors.access_denied("Log the CLI in with single sign-on, not a key")
+        page = self._render(
+            "cli_login.html", session=session, port=port, state=state, challenge=challenge
+        )
+        # The form's answer sends the browser to the CLI's loopback port: the one place
+        # besides the console a console form may lead (form-action binds redirects too).
+        policy = page.headers["Content-Security-Policy"]
+        page.headers["Content-Security-Policy"] = policy.replace(
+            "form-action 'self'", f"form-action 'self' http://127.0.0.1:{port}"
+        )
+        return page
+
+    async def _cli_login(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+        port, state, challenge = _cli_params(request[FORM])
+        if session.kind != "user" or self._sso is None:
+            raise errors.access_denied("Log the CLI in with single sign-on, not a key")
+        token = await self._token_service.mint_for_user(
+            session.identity(), self._actor(request, session)
+        )
+        code = self._sso.cli_code(token, challenge)
+        back = f"http://127.0.0.1:{port}/callback?" + urlencode({"code": code, "state": state})
+        raise web.HTTPSeeOther(back)
+
+    async def _cli_token(self, request: web.Request) -> web.Response:
+        assert self._cli_door is not None  # the route exists only with single sign-on
+        x = Exchange(errors.new_request_id(), request.method, time.perf_counter())
+        try:
+            await self._gate.admit(request, x, self._cli_door, body_limit=CODE_BYTES)
+        except errors.AwsError as exc:
+            return web.json_response(
+                {"error": {"message": exc.message, "code": exc.code}}, status=exc.status
+            )
+        return web.json_response({"token": request[CLI_TOKEN]})
+
+
+def _cli_params(source: Any) -> tuple[int, str, str]:
+    port, state, challenge = source.get("port", ""), source.get("state"), source.get("challenge")
+    if not str(port).isdigit() or not 1024 <= int(port) <= 65535:
+        raise errors.validation("port: the CLI's loopback port")
+    for name, value in (("state", state), ("challenge", challenge)):
+        if not isinstance(value, str) or not 16 <= len(value) <= 128:
+            raise errors.validation(f"{name}: as the CLI sent it")
+    return int(port), state, challenge
