@@ -159,7 +159,9 @@ def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
         page.open(f"/ui/keys/{ml['key_id']}")
         assert "ml-key" in browser.page_source
         # The team's policy binds what its team-admin mints in the console too.
-        _, _ = admin(sso_proxy, "POST", "/team/update", {"team_id": "ml", "key_max_budget": 5})
+        team_policy = {"team_id": "ml", "key_max_budget": 5, "team_member_budget": 3,
+                       "team_member_budget_duration": "1d"}  # fmt: skip
+        assert admin(sso_proxy, "POST", "/team/update", team_policy)[0] == 200
         page.open("/ui/keys/new")
         page.fill({"key_alias": "too-rich", "max_budget": "50"})
         page.click("#save")
@@ -167,6 +169,12 @@ def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
         page.fill({"key_alias": "within", "max_budget": "5"})
         page.click("#save")
         assert "within" in browser.page_source and "key_max_budget" not in browser.page_source
+        admin(sso_proxy, "POST", "/team/new", {"team_id": "ads"})
+        page.open("/ui/teams")  # its own team, its policy and members; not another's
+        source = browser.page_source
+        assert 'data-team-id="ml"' in source and 'data-team-id="ads"' not in source
+        assert "lena@example.com (admin)" in source and "$3.00" in source
+        page.shot("teams")
 
     with _signed_in(page, "aud"):  # an auditor: reads, changes nothing
         page.open("/ui/audit")
@@ -192,6 +200,8 @@ def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
         _, listing = admin(sso_proxy, "GET", "/key/list?return_full_object=true&key_alias=eve-own")
         mine_too = listing["keys"][0]
         assert mine_too["user_id"] == "eve@example.com" and mine_too["team_id"] == "ml"
+        page.open("/ui/me")  # their own cap (their team's member default) and spend
+        assert "$3.00" in page.find("#cap").text
 
     with _signed_in(page, "nobody"):  # no groups: no role, told so, reaches nothing
         assert page.path == "/ui/me"
@@ -209,9 +219,12 @@ def test_removed_from_a_group_loses_it_at_the_next_sign_in(browser, sso_proxy, p
     page = Page(browser, sso_proxy)
     with _signed_in(page, "alice"):
         assert page.path == "/ui/keys"
+    theirs = new_key(sso_proxy, user_id="alice@example.com", key_alias="alice-own")
     provider.set_users({**json.loads(provider.users.read_text()), "alice": {"groups": []}})
     with _signed_in(page, "alice"):
         assert page.path == "/ui/me" and page.find("#no-role")
+    # Their groups give them nothing now: their keys end with it.
+    assert admin(sso_proxy, "GET", f"/key/info?key={theirs['key_id']}")[0] == 404
     provider.set_users(
         {**json.loads(provider.users.read_text()), "alice": {"groups": ["proxy-admins"]}}
     )
@@ -482,6 +495,18 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
+    # The AWS CLI, with the same profile.
+    aws_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    aws_env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    cli = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "aws"), "bedrock-runtime", "converse",
+         "--profile", "dev", "--region", "us-east-1", "--endpoint-url", sso_proxy.url + "/bedrock",
+         "--model-id", "anthropic.claude-3-haiku-20240307-v1:0",
+         "--messages", json.dumps([{"role": "user", "content": [{"text": "hi"}]}])],
+        env=aws_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["output"]["message"]["content"][0]["text"]
 
     if CLAUDE.exists():  # Claude Code asks the helper for its key
         home = tmp_path / "home"

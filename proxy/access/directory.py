@@ -235,9 +235,15 @@ class Directory:
     async def sign_in(self, user: Identity, actor: Actor) -> None:
         """A user signed in by the identity provider: their record (made the first time)
         and the teams their groups name, as members (team-admins as team admins). Teams
-        joined by hand stay."""
+        joined by hand stay. A user whose groups no longer give a role loses their keys
+        and their machines' tokens."""
         user_id = user.email or user.key_id
         if not user_id:
+            return
+        if user.role is None:
+            # Their groups give them nothing now: what their machines hold ends here.
+            if self._on_user_deleted is not None:
+                await self._on_user_deleted(user_id, actor)
             return
         changed = False
         if await self._store.directory.user(user_id) is None:

@@ -68,6 +68,7 @@ class Console(KeyPages, SpendPages, GovernancePages, CliLogin):
             ("GET", "/limits", page(self._limits, roles.READ_ALL)),
             ("GET", "/live", page(self._live_page, roles.READ_ALL)),
             ("GET", "/live.json", page(self._live_json, roles.READ_ALL)),
+            ("GET", "/teams", page(self._teams_page, roles.READ)),
             ("GET", "/audit", page(self._audit_page, roles.AUDIT)),
             ("GET", "/audit.csv", page(self._audit_export, roles.AUDIT)),
             ("GET", "/audit.jsonl", page(self._audit_export, roles.AUDIT)),
@@ -227,8 +228,11 @@ class Console(KeyPages, SpendPages, GovernancePages, CliLogin):
     async def _me(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:
         if session.kind == "master":
             raise web.HTTPSeeOther(PREFIX + "/keys")
-        if session.kind == "user":  # a user's own page: who they are, and what they reach
-            return self._render("user.html", session=session)
+        if session.kind == "user":  # a user's own page: who they are, their cap and spend
+            user = session.email or str(session.key_id)
+            team = session.teams[0] if session.teams else None
+            cap = await self._user_cap(user, team) if self._user_cap is not None else None
+            return self._render("user.html", session=session, cap=cap)
         assert session.key_id is not None
         record = await self._store.keys.by("key_id", session.key_id)
         if record is None or record.refusal(self._clock.time()) is not None:

@@ -59,22 +59,17 @@ class ConsoleBase:
         tokens: AdminTokens | None = None,
         sso: SingleSignOn | None = None,
         on_signin: Callable[[Identity, Actor], Awaitable[None]] | None = None,
+        user_cap: Callable[[str, str | None], Awaitable[dict[str, Any] | None]] | None = None,
     ) -> None:
+        # A signed-in user's spend cap and what they spent in its period (``/ui/me``).
+        self._user_cap = user_cap
         # The admin API tokens the console mints and revokes; single sign-on, when set
         # up (``sso.SingleSignOn``).
-        self._tokens = tokens
-        self._sso = sso
-        self._gate = gate
-        self._clock = clock
+        self._tokens, self._sso, self._gate, self._clock = tokens, sso, gate, clock
         self._proxies = trusted_proxies or TrustedProxies()
-        self._current = current
-        self._alerts = alerts or {}
-        self._keys = keys
-        self._auth = auth
-        self._reports = reports
-        self._store = store
-        self._metrics = metrics
-        self._live = live
+        self._current, self._alerts = current, alerts or {}
+        self._keys, self._auth, self._reports = keys, auth, reports
+        self._store, self._metrics, self._live = store, metrics, live
         self.sessions = SessionStore(store, idle_timeout, clock, master_key, master_signin)
         self.body_timeout = body_timeout
         self.throttle = SignInThrottle()
