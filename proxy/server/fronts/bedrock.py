@@ -129,10 +129,9 @@ class BedrockFront:
     # ------------------------------------------------------------------ request
 
     async def forward(self, request: web.Request, x: Exchange) -> web.StreamResponse:
-        """Send, then answer with what came back. The request's side (headers, body,
-        signature, targets) lives in ``_send``'s frame, which is gone before the response
-        streams: held for a stream's life, it was ~1.5 KB of every open stream. (A stream
-        is relayed here, not in a coroutine of its own: one frame less per open stream.)"""
+        """Send, then answer. The request's side (headers, body, signature, targets) lives
+        in ``_send``'s frame, gone before the response streams (~1.5 KB an open stream);
+        a stream is relayed here, not in a coroutine of its own: one frame less each."""
         sent = await self._send(request, x)
         if isinstance(sent, web.StreamResponse):  # the bidirectional relay, already run
             return sent
@@ -169,9 +168,10 @@ class BedrockFront:
                 data = await self.upstream.read_whole(upstream)
                 completed = True
                 x.upstream_done = time.perf_counter()
-                data = await self._answer_whole(
-                    x, upstream, data, claim, job_request, owned_listing, hooked_answer
-                )
+                if status != 200 or claim or job_request or owned_listing or hooked_answer:
+                    data = await self._answer_whole(
+                        x, upstream, data, claim, job_request, owned_listing, hooked_answer
+                    )
                 return self._whole_response(x, status, data, out_headers)
             meter = x.meter
             if meter is not None and not is_event_stream and meter.usage.found:

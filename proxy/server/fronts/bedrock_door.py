@@ -59,9 +59,9 @@ class BedrockDoor:
         # A refusal costs no body: a bearer key is judged whole, a SigV4 key id must exist.
         return self.front.auth.identify(request)
 
-    async def read(self, request: web.Request, x: Exchange) -> RequestBody | None:
-        settings = self.front.settings
-        return await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    def read(self, request: web.Request, x: Exchange) -> Awaitable[RequestBody | None]:
+        settings = self.front.settings  # (the reader's own coroutine: no second frame)
+        return read_body(request, settings.max_body_bytes, settings.body_timeout)
 
     async def verify(self, request: web.Request, x: Exchange, body: RequestBody | None) -> Identity:
         assert body is not None and x.operation is not None

@@ -134,13 +134,20 @@ class CompatFront(BedrockFront):
         return data
 
     async def streamed(self, x: Exchange) -> None:
-        """Recorded when the stream named it (``metered``): nothing is left to do."""
+        meter = x.meter
+        if isinstance(meter, compat_usage.ResponsesMeter):
+            meter.on_created = None  # (it held the exchange: no cycle outlives the call)
 
     def metered(self, x: Exchange, meter: Meter) -> None:
         """A streamed response is the key's from the event that names it, before the
-        client reads that event: a retrieve sent at once finds it."""
+        client reads that event: a retrieve sent at once finds it. (Responses only: the
+        other APIs store nothing, and their calls keep no closure.)"""
         op, identity = x.operation, x.identity
-        if isinstance(meter, compat_usage.CompatMeter) and op is not None and identity is not None:
+        if (
+            isinstance(meter, compat_usage.ResponsesMeter)
+            and op is not None
+            and identity is not None
+        ):
 
             async def record(created: str) -> None:
                 await self._state.remember(identity, op, created, x.upstream)
