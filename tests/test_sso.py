@@ -551,3 +551,18 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
     (tmp_path / "login.json").write_text(json.dumps({**saved}))  # no cached key: ask the proxy
     failed = subprocess.run([BIN, "token"], env=env, capture_output=True, text=True, timeout=60)
     assert failed.returncode != 0 and "403" in failed.stderr, failed.stderr
+
+
+def test_a_provider_whose_keys_are_unusable_is_a_503(signer):
+    import asyncio
+
+    key, _ = signer
+
+    async def broken() -> dict[str, Any]:
+        return {"keys": [{"kty": "RSA", "kid": "good"}]}  # no modulus, no exponent
+
+    verifier = IdTokenVerifier(SETTINGS, ["RS256"], broken, OffsetClock())
+    token = jwt.encode({"alg": "RS256", "kid": "good"}, _claims(), key)
+    with pytest.raises(errors.AwsError) as refused:
+        asyncio.run(verifier.verify(token, "n-1"))
+    assert refused.value.status == 503

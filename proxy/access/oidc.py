@@ -139,13 +139,13 @@ class IdTokenVerifier:
     async def verify(self, id_token: str, nonce: str) -> dict[str, Any]:
         """The token's claims, or an AccessDenied refusal saying what was wrong."""
         if self._keys is None:
-            self._keys = KeySet.import_key_set(await self._read_jwks())  # type: ignore[arg-type]
+            self._keys = await self._load_keys()
         try:
             token = self._decode(id_token)
         except JoseError as exc:
             if not _unknown_key(exc):
                 raise _refused(exc) from None
-            self._keys = KeySet.import_key_set(await self._read_jwks())  # type: ignore[arg-type]
+            self._keys = await self._load_keys()
             try:
                 token = self._decode(id_token)
             except JoseError as again:
@@ -165,6 +165,16 @@ class IdTokenVerifier:
         except JoseError as exc:
             raise _refused(exc) from None
         return dict(token.claims)
+
+    async def _load_keys(self) -> KeySet:
+        """The provider's keys; a key set joserfc cannot read is the provider's failure."""
+        published = await self._read_jwks()
+        try:
+            return KeySet.import_key_set(published)  # type: ignore[arg-type]
+        except (JoseError, ValueError, TypeError, KeyError) as exc:
+            raise errors.service_unavailable(
+                f"The identity provider's keys are not usable: {exc}"
+            ) from None
 
     def _decode(self, id_token: str) -> jwt.Token:
         assert self._keys is not None

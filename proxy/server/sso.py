@@ -174,9 +174,16 @@ class SingleSignOn:
         return str(answer["id_token"])
 
     async def _jwks(self) -> dict[str, Any]:
+        """The provider's published keys; a provider that does not answer is a 503 the
+        sign-in page says, not a failure of the proxy's."""
         assert self._session is not None
-        async with self._session.get(self._discovery["jwks_uri"]) as response:
-            keys = orjson.loads(await response.read())
+        try:
+            async with self._session.get(self._discovery["jwks_uri"]) as response:
+                keys = orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise errors.service_unavailable(
+                f"The identity provider's keys could not be read: {type(exc).__name__}"
+            ) from None
         if not isinstance(keys, dict):
             raise errors.service_unavailable("The identity provider's JWKS is not a key set")
         return keys
