@@ -127,7 +127,7 @@ def reach_of(identity: Identity) -> Reach:
     teams = frozenset(identity.teams) if identity.role == TEAM_ADMIN else None
     if identity.role == MEMBER:
         home = identity.teams[0] if identity.teams else None
-        return Reach(MEMBER, None, identity.email or "", home)
+        return Reach(MEMBER, None, identity.email or identity.key_id or "", home)
     return Reach(identity.role, teams, None)
 
 
