@@ -219,12 +219,15 @@ def test_removed_from_a_group_loses_it_at_the_next_sign_in(browser, sso_proxy, p
     page = Page(browser, sso_proxy)
     with _signed_in(page, "alice"):
         assert page.path == "/ui/keys"
-    theirs = new_key(sso_proxy, user_id="alice@example.com", key_alias="alice-own")
+    given = new_key(sso_proxy, user_id="alice@example.com", key_alias="alice-given")
+    short = new_key(sso_proxy, user_id="alice@example.com", metadata={"session": True})
     provider.set_users({**json.loads(provider.users.read_text()), "alice": {"groups": []}})
     with _signed_in(page, "alice"):
         assert page.path == "/ui/me" and page.find("#no-role")
-    # Their groups give them nothing now: their keys end with it.
-    assert admin(sso_proxy, "GET", f"/key/info?key={theirs['key_id']}")[0] == 404
+    # Their groups give them nothing now: their machines' short-lived keys end with it;
+    # a key an admin gave them stays the admin's to revoke.
+    assert admin(sso_proxy, "GET", f"/key/info?key={short['key_id']}")[0] == 404
+    assert admin(sso_proxy, "GET", f"/key/info?key={given['key_id']}")[0] == 200
     provider.set_users(
         {**json.loads(provider.users.read_text()), "alice": {"groups": ["proxy-admins"]}}
     )
@@ -307,6 +310,21 @@ def test_a_code_replayed_and_a_state_changed_are_refused(sso_proxy, provider):
 
     status, _ = console_post(sso_proxy, "/ui/signin", {"key": MASTER_KEY}, {})
     assert status == 401
+
+
+def test_forged_callbacks_are_throttled_like_wrong_keys(start_proxy, provider):
+    """An anonymous flood of callbacks costs a provider call and an audit row only up to
+    the sign-in allowance of its address; then a 429, and nothing written."""
+    proxy = start_proxy(
+        oidc={"issuer": provider.issuer, "client_id": "bedrock-proxy", "client_secret": SECRET}
+    )
+    statuses = [
+        _callback(proxy, None, proxy.url + "/ui/sso/callback?code=forged&state=x")[0]
+        for _ in range(7)
+    ]
+    assert statuses == [401] * 5 + [429] * 2, statuses
+    _, rows = admin(proxy, "GET", "/audit/logs?action=console.signin.failed")
+    assert rows["total"] == 5
 
 
 def test_a_rotated_key_is_fetched_again(browser, sso_proxy, provider):

@@ -54,7 +54,7 @@ class Directory:
         check_upstream: Callable[[str | None], None],
         on_change: Callable[[], None] | None = None,
         on_team_upstream: Callable[[str, str | None], None] | None = None,
-        on_user_deleted: Callable[[str, Actor], Awaitable[None]] | None = None,
+        on_user_deleted: Callable[[str, Actor, bool], Awaitable[None]] | None = None,
     ) -> None:
         self._on_user_deleted = on_user_deleted
         self._store = store
@@ -227,7 +227,7 @@ class Directory:
             async with self._store.audit.recording(Change(actor, "user.delete", user_id, before)):
                 await self._store.directory.delete_user(user_id)
             if self._on_user_deleted is not None:  # their keys and machines' tokens end
-                await self._on_user_deleted(user_id, actor)
+                await self._on_user_deleted(user_id, actor, False)
             deleted.append(user_id)
         self._changed()
         return deleted
@@ -235,15 +235,15 @@ class Directory:
     async def sign_in(self, user: Identity, actor: Actor) -> None:
         """A user signed in by the identity provider: their record (made the first time)
         and the teams their groups name, as members (team-admins as team admins). Teams
-        joined by hand stay. A user whose groups no longer give a role loses their keys
-        and their machines' tokens."""
+        joined by hand stay. A user whose groups no longer give a role loses their
+        machines' tokens and short-lived keys (keys an admin gave them stay)."""
         user_id = user.email or user.key_id
         if not user_id:
             return
         if user.role is None:
             # Their groups give them nothing now: what their machines hold ends here.
-            if self._on_user_deleted is not None:
-                await self._on_user_deleted(user_id, actor)
+            if self._on_user_deleted is not None:  # their machines' keys and tokens
+                await self._on_user_deleted(user_id, actor, True)
             return
         changed = False
         if await self._store.directory.user(user_id) is None:

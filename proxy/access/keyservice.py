@@ -135,9 +135,14 @@ class KeyService:
             body["team_id"] = team_id
         return await self.generate(body, actor)
 
-    async def delete_user_keys(self, user_id: str, actor: Actor) -> list[str]:
-        """Every key of a user, deleted (the user was: their machines' keys end at once)."""
+    async def delete_user_keys(
+        self, user_id: str, actor: Actor, sessions_only: bool = False
+    ) -> list[str]:
+        """A user's keys, deleted: every one (the user was), or only the short-lived keys
+        their machines got (their groups no longer give them a role)."""
         records, _ = await self._store.keys.list({"user_id": user_id}, MAX_PAGE, 0)
+        if sessions_only:
+            records = [r for r in records if (r.spec.metadata or {}).get("session") is True]
         return await self.delete([r.key_id for r in records], actor=actor)
 
     async def _within_team(self, spec: KeySpec, now: float) -> None:

@@ -174,9 +174,9 @@ def _add_admin_api(
     )
     AuditApi(s.store, s.tokens, admin).add_routes(app)
 
-    async def user_gone(user_id: str, actor: Actor) -> None:
+    async def user_gone(user_id: str, actor: Actor, sessions_only: bool) -> None:
         if s.keys is not None:
-            await s.keys.delete_user_keys(user_id, actor)
+            await s.keys.delete_user_keys(user_id, actor, sessions_only)
         await s.tokens.revoke_user(user_id, actor)
 
     directory = Directory(

@@ -204,7 +204,7 @@ class Console(KeyPages, SpendPages, GovernancePages, CliLogin):
             admitted = await self._gate.admit(request, x, self._sso_door)
         except errors.AwsError as exc:
             page = self._render(
-                "signin.html", 401 if exc.status < 500 else exc.status, error=exc.message
+                "signin.html", 401 if exc.status == 403 else exc.status, error=exc.message
             )
             page.del_cookie(PENDING_COOKIE, path=PREFIX + "/sso")
             return page

@@ -81,7 +81,9 @@ class ConsoleBase:
             auth, self.throttle, self._proxies, body_timeout, store.audit, master_signin
         )
         self._sso_door = (
-            SsoDoor(sso, self._proxies, store.audit, on_signin) if sso is not None else None
+            SsoDoor(sso, self._proxies, store.audit, self.throttle, on_signin)
+            if sso is not None
+            else None
         )
         self._cli_door = (
             CliDoor(sso, tokens, body_timeout) if sso is not None and tokens is not None else None

@@ -201,13 +201,19 @@ class SsoDoor(LocalDoor):
         sso: SingleSignOn,
         proxies: TrustedProxies,
         audit: AuditRepository,
+        throttle: SignInThrottle,
         on_signin: Callable[[Identity, Actor], Awaitable[None]] | None = None,
     ) -> None:
         self._sso, self._proxies, self._audit = sso, proxies, audit
-        self._on_signin = on_signin
+        self._throttle, self._on_signin = throttle, on_signin
 
     async def credential(self, request: web.Request, x: Exchange) -> Identity | None:
         address = self._proxies.client(request)
+        # Counted as the key sign-in's are, before any work: a flood of forged callbacks
+        # costs neither a call to the provider nor an audit row past the allowance.
+        attempt = self._throttle.attempt(address)
+        if attempt is None:
+            raise _refused(429, "Too many failed sign-ins; wait a minute and try again.")
         try:
             identity = await self._sso.finish(
                 dict(request.query),
@@ -220,6 +226,7 @@ class SsoDoor(LocalDoor):
                 change = Change(failed, "console.signin.failed", extra={"reason": exc.message})
                 await self._audit.append(change)
             raise
+        self._throttle.succeeded(address, attempt)
         who = actor_of(identity, address, x.request_id)
         after = {"role": identity.role, "teams": list(identity.teams)}
         await self._audit.append(Change(who, "console.signin", identity.key_id, after=after))
