@@ -113,7 +113,7 @@ def sso_proxy(start_proxy, provider):
     return start_proxy(
         listener_port=provider.proxy_port,
         oidc={"issuer": provider.issuer, "client_id": "bedrock-proxy", "client_secret": SECRET,
-              **GROUPS},
+              "recheck_seconds": 1, **GROUPS},
         console_master_signin=False,
         simulate=True,
         endpoints={},
@@ -300,7 +300,7 @@ def test_a_code_replayed_and_a_state_changed_are_refused(sso_proxy, provider):
     # The same code again with the sign-in cookie kept: the provider refuses a used code.
     jar.set_cookie(kept[0])
     status, text = _callback(sso_proxy, jar, url)
-    assert status == 401 and "refused the code" in text, text
+    assert status == 401 and "refused the grant" in text, text
     # Another sign-in, its state changed on the way back.
     jar, url = _flow_by_http(sso_proxy, "alice")
     status, text = _callback(sso_proxy, jar, url.replace("state=", "state=x"))
@@ -449,24 +449,27 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 60) -> str:
     return done.stdout
 
 
-def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provider, tmp_path):
+def _login(browser, proxy, user: str, tmp_path: Path) -> dict[str, str]:
+    """``bedrock-proxy login`` as ``user``, through Chromium and the provider's own pages:
+    the environment its later commands run in."""
     env = {**os.environ, "BEDROCK_PROXY_LOGIN_FILE": str(tmp_path / "login.json")}
     env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "ANTHROPIC_"))}
     login = subprocess.Popen(
-        [BIN, "login", "--url", sso_proxy.url, "--no-browser"],
+        [BIN, "login", "--url", proxy.url, "--no-browser"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert login.stdout is not None
         assert login.stdout.readline().startswith("Open this address")
         address = login.stdout.readline().strip()
-        page = Page(browser, sso_proxy)
+        page = Page(browser, proxy)
+        page.open("/ui/signin")  # cookies are cleared for the page's host (both servers')
         page.driver.delete_all_cookies()
         page.driver.get(address)  # not signed in: the sign-in page, then single sign-on
         page.click("#sso")
-        page.fill({"login": "eve", "password": "any"})
+        page.fill({"login": user, "password": "any"})
         page.click("button[type=submit]")
-        if "/interaction/" in page.driver.current_url:
+        while "/interaction/" in page.driver.current_url:  # consent (offline access too)
             page.click("button[type=submit]")
         assert page.path == "/ui/cli/login", page.driver.current_url
         page.click("#cli-allow")
@@ -475,6 +478,11 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
     finally:
         if login.poll() is None:
             login.kill()
+    return env
+
+
+def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provider, tmp_path):
+    env = _login(browser, sso_proxy, "eve", tmp_path)
     assert oct(os.stat(tmp_path / "login.json").st_mode & 0o777) == "0o600"
     saved = json.loads((tmp_path / "login.json").read_text())
     assert saved["token"].startswith("bpat-") and "key" not in saved
@@ -584,3 +592,59 @@ def test_a_provider_whose_keys_are_unusable_is_a_503(signer):
     with pytest.raises(errors.AwsError) as refused:
         asyncio.run(verifier.verify(token, "n-1"))
     assert refused.value.status == 503
+
+
+def test_removed_from_the_group_ends_the_machines_keys_within_seconds(
+    browser, sso_proxy, provider, tmp_path
+):
+    """The provider is asked again with each login's refresh token (every second here): a
+    user taken out of the group that gave them a role, or out of the provider itself,
+    loses their short-lived keys and their machine's token without signing in again."""
+    users = json.loads(provider.users.read_text())
+    gus = {"email": "gus@example.com", "groups": ["engineers"]}
+    hal = {"email": "hal@example.com", "groups": ["engineers"]}
+    provider.set_users({**users, "gus": gus, "hal": hal})
+    import botocore.exceptions
+
+    from tests.conftest import boto_client
+
+    model = "anthropic.claude-3-haiku-20240307-v1:0"
+    message = [{"role": "user", "content": [{"text": "hi"}]}]
+    machines = {}
+    for user in ("gus", "hal"):
+        (tmp_path / user).mkdir()
+        env = _login(browser, sso_proxy, user, tmp_path / user)
+        bearer = boto_client("bedrock-runtime", sso_proxy, key=_cli(["token"], env).strip())
+        assert bearer.converse(modelId=model, messages=message)["output"]
+        machines[user] = (env, bearer)
+
+    def ended(user: str) -> None:
+        env, bearer = machines[user]
+        refused = None
+        for _ in range(200):  # each round is one call; the recheck runs every second
+            try:
+                bearer.converse(modelId=model, messages=message)
+            except botocore.exceptions.ClientError as exc:
+                refused = exc.response
+                break
+            time.sleep(0.1)
+        assert refused is not None, f"{user}'s key outlived their removal by 20 s"
+        assert refused["ResponseMetadata"]["HTTPStatusCode"] in (401, 403), refused
+        login = tmp_path / user / "login.json"
+        saved = json.loads(login.read_text())
+        login.write_text(json.dumps({k: saved[k] for k in ("url", "token")}))  # no cached key
+        failed = subprocess.run([BIN, "token"], env=env, capture_output=True, text=True, timeout=60)
+        assert failed.returncode != 0 and "403" in failed.stderr, failed.stderr
+
+    provider.set_users({**users, "gus": {**gus, "groups": []}, "hal": hal})
+    ended("gus")  # out of the group...
+    # ...while hal, asked about in the same rounds, still in it, keeps his key.
+    assert machines["hal"][1].converse(modelId=model, messages=message)["output"]
+    provider.set_users({**users, "gus": {**gus, "groups": []}})
+    ended("hal")  # out of the company: the provider refuses his refresh token
+    # Recorded as the proxy's own doing, on the provider's word.
+    status, audit = admin(sso_proxy, "GET", "/audit/logs?actor=identity-provider-recheck")
+    assert status == 200, audit
+    ended = {(row["action"], row["before"]["user_id"]) for row in audit["logs"]
+             if row["action"] == "key.delete"}  # fmt: skip
+    assert ended == {("key.delete", "gus@example.com"), ("key.delete", "hal@example.com")}, audit

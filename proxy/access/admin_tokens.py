@@ -86,9 +86,13 @@ class AdminTokens:
             "token", key_id=row["token_id"], alias=row["name"], role=row["role"], teams=teams
         )
 
-    async def mint_for_user(self, user: Identity, actor: Actor, days: float = 30) -> str:
+    async def mint_for_user(
+        self, user: Identity, actor: Actor, days: float = 30, refresh: str | None = None
+    ) -> str:
         """A developer machine's token (``bedrock-proxy login``): the user's own, with a
-        member's reach whatever their role (it opens their keys only), for ``days``."""
+        member's reach whatever their role (it opens their keys only), for ``days``.
+        ``refresh``: the provider's refresh token, sealed, to ask about the user's groups
+        again while the token lives (never in the audit log)."""
         now = self._clock.time()
         token_id = "tok-" + secrets.token_hex(8)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -104,7 +108,7 @@ class AdminTokens:
             "teams": list(user.teams),
         }
         async with self._store.audit.recording(Change(actor, "token.login", token_id, after=row)):
-            await self._store.admin_tokens.insert(row, token_hash(token))
+            await self._store.admin_tokens.insert({**row, "refresh": refresh}, token_hash(token))
         return token
 
     async def revoke_user(self, email: str, actor: Actor) -> list[str]:

@@ -51,14 +51,14 @@ class Directory:
     def __init__(
         self,
         store: Store,
-        check_upstream: Callable[[str | None], None],
+        check_upstream: Callable[[str | None], None] | None,
         on_change: Callable[[], None] | None = None,
         on_team_upstream: Callable[[str, str | None], None] | None = None,
         on_user_deleted: Callable[[str, Actor, bool], Awaitable[None]] | None = None,
     ) -> None:
         self._on_user_deleted = on_user_deleted
         self._store = store
-        self._check_upstream = check_upstream
+        self._check_upstream = check_upstream or _no_pools
         self._on_change = on_change
         self._on_team_upstream = on_team_upstream
 
@@ -267,6 +267,11 @@ class Directory:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()
+
+
+def _no_pools(pool: str | None) -> None:
+    if pool is not None:
+        raise errors.validation("upstream: no upstream pool is configured")
 
 
 def check_key(spec: KeySpec, team: dict[str, Any] | None, now: float) -> None:

@@ -9,7 +9,8 @@ not hold is the provider rotating its keys: the JWKS is read again, once, and th
 checked against the new set.
 
 The groups claim maps to a role and to teams at every sign-in (``roles`` and ``teams``),
-so a user removed from a group loses what it gave at their next sign-in. A user with no
+so a user removed from a group loses what it gave at their next sign-in (and their
+machines' logins, asked again every ``recheck_seconds``, within that). A user with no
 mapped group has no role: they can sign in and are told so, and reach nothing.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 from joserfc import jwt
 from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
+from joserfc.jwt import ClaimsOption
 
 from ..exchange import Identity
 from ..wire import errors
@@ -49,6 +51,10 @@ class OidcSettings:
     # role -> the groups that give it; group -> the team it administers or belongs to.
     roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     teams: dict[str, str] = field(default_factory=dict)
+    # How often a developer machine's login asks the provider about its user again
+    # (their refresh token): a user removed from a group loses their machines' keys
+    # within this many seconds.
+    recheck_seconds: float = 60.0
 
     @staticmethod
     def parse(value: dict[str, Any], env: dict[str, str]) -> OidcSettings:
@@ -56,7 +62,7 @@ class OidcSettings:
         ``client_secret_file`` rather than the file itself."""
         known = {
             "issuer", "client_id", "client_secret", "client_secret_env", "client_secret_file",
-            "scopes", "groups_claim", "email_claim", "roles", "teams",
+            "scopes", "groups_claim", "email_claim", "roles", "teams", "recheck_seconds",
         }  # fmt: skip
         unknown = sorted(set(value) - known)
         if unknown:
@@ -84,6 +90,9 @@ class OidcSettings:
         if not isinstance(teams, dict):
             raise OidcConfigError("oidc.teams: a map of group to team_id")
         scopes = value.get("scopes") or ("openid", "email", "profile", "groups")
+        recheck = value.get("recheck_seconds", 60)
+        if isinstance(recheck, bool) or not isinstance(recheck, int | float) or recheck < 1:
+            raise OidcConfigError("oidc.recheck_seconds: a number of seconds, at least 1")
         return OidcSettings(
             issuer=str(value["issuer"]).rstrip("/"),
             client_id=str(value["client_id"]),
@@ -93,6 +102,7 @@ class OidcSettings:
             email_claim=str(value.get("email_claim") or "email"),
             roles={r: tuple(str(g) for g in groups or ()) for r, groups in roles.items()},
             teams={str(g): str(t) for g, t in teams.items()},
+            recheck_seconds=float(recheck),
         )
 
     def identity(self, claims: dict[str, Any]) -> Identity:
@@ -136,8 +146,12 @@ class IdTokenVerifier:
         self._clock = clock
         self._keys: KeySet | None = None
 
-    async def verify(self, id_token: str, nonce: str) -> dict[str, Any]:
-        """The token's claims, or an AccessDenied refusal saying what was wrong."""
+    async def verify(
+        self, id_token: str, nonce: str | None, sub: str | None = None
+    ) -> dict[str, Any]:
+        """The token's claims, or an AccessDenied refusal saying what was wrong. A token
+        from a refresh carries no nonce of its own, but must name the same ``sub``
+        (OpenID Connect Core 12.2)."""
         if self._keys is None:
             self._keys = await self._load_keys()
         try:
@@ -150,15 +164,17 @@ class IdTokenVerifier:
                 token = self._decode(id_token)
             except JoseError as again:
                 raise _refused(again) from None
+        options: dict[str, ClaimsOption] = {
+            "iss": {"essential": True, "value": self._settings.issuer},
+            "aud": {"essential": True, "value": self._settings.client_id},
+            "exp": {"essential": True},
+            "iat": {"essential": True},
+            "sub": {"essential": True} if sub is None else {"essential": True, "value": sub},
+        }
+        if nonce is not None:
+            options["nonce"] = {"essential": True, "value": nonce}
         registry = jwt.JWTClaimsRegistry(
-            now=lambda: int(self._clock.time()),
-            leeway=LEEWAY,
-            iss={"essential": True, "value": self._settings.issuer},
-            aud={"essential": True, "value": self._settings.client_id},
-            exp={"essential": True},
-            iat={"essential": True},
-            sub={"essential": True},
-            nonce={"essential": True, "value": nonce},
+            now=lambda: int(self._clock.time()), leeway=LEEWAY, **options
         )
         try:
             registry.validate(token.claims)

@@ -41,6 +41,7 @@ from .listen.dispatch import PrefixDispatcher, application
 from .listen.forwarded import TrustedProxies
 from .listen.responses import aws_response
 from .listen.runner import ProxyRunner
+from .login_recheck import LoginRecheck
 from .pipeline import Pipeline
 from .services import Services, build_services
 from .simulator import Simulator
@@ -69,6 +70,7 @@ SIMULATED = web.AppKey("simulated", bool)
 GATE = web.AppKey("gate", Gate)
 SSO = web.AppKey("sso", SingleSignOn)
 RETENTION = web.AppKey("audit_retention", float)
+RECHECK = web.AppKey("login_recheck", LoginRecheck)
 
 
 def create_app(
@@ -169,9 +171,8 @@ def _add_admin_api(
     admin = AdminRoutes(
         s.authenticator, s.tokens, s.gate, proxies, settings.body_timeout, s.keys is not None
     )
-    AdminApi(s.keys, admin, reports, NamedLimitAdmin(s.store), s.metering.forget_limit).add_routes(
-        app
-    )
+    limits = NamedLimitAdmin(s.store)
+    AdminApi(s.keys, admin, reports, limits, s.metering.forget_limit).add_routes(app)
     AuditApi(s.store, s.tokens, admin).add_routes(app)
 
     async def user_gone(user_id: str, actor: Actor, sessions_only: bool) -> None:
@@ -181,12 +182,16 @@ def _add_admin_api(
 
     directory = Directory(
         s.store,
-        s.keys.check_upstream if s.keys is not None else _no_pools,
+        s.keys.check_upstream if s.keys is not None else None,
         lambda: s.metering.forget_limit("directory"),
         s.fleet.set_team_upstream,
         user_gone,
     )
-    DirectoryApi(directory, s.keys, admin).add_routes(app)
+    recheck = None
+    if s.sso is not None:  # developer machines' logins, asked about again
+        recheck = LoginRecheck(s.sso, s.store, directory.sign_in, user_gone, s.clock)
+        app[RECHECK] = recheck
+    DirectoryApi(directory, s.keys, admin, recheck).add_routes(app)
     return admin, directory
 
 
@@ -237,10 +242,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         except OidcConfigError as exc:
             raise StartupError(str(exc)) from None
     pruner = asyncio.create_task(store.audit.retain(app[RETENTION])) if app[RETENTION] else None
+    recheck = asyncio.create_task(app[RECHECK].run()) if RECHECK in app else None
     app[STATE]["ready"] = True
     yield
     app[STATE]["ready"] = False
     await stop_task(pruner)
+    await stop_task(recheck)
     if SSO in app:
         await app[SSO].close()
     await app[BATCHES].close()
@@ -321,11 +328,6 @@ async def _readiness(request: web.Request) -> web.Response:
 
 async def _to_console(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther("/ui/")
-
-
-def _no_pools(pool: str | None) -> None:
-    if pool is not None:
-        raise errors.validation("upstream: no upstream pool is configured")
 
 
 async def _metrics_page(request: web.Request) -> web.Response:

@@ -67,30 +67,38 @@ class SingleSignOn:
         if self._session is not None:
             await self._session.close()
 
-    def begin(self, redirect_uri: str, then: str | None = None) -> tuple[str, str]:
+    @property
+    def offline(self) -> bool:
+        """Whether the provider can hand out refresh tokens (``offline_access``): a
+        provider that does not say which scopes it supports is asked anyway."""
+        supported = self._discovery.get("scopes_supported")
+        return not isinstance(supported, list) or "offline_access" in supported
+
+    def begin(
+        self, redirect_uri: str, then: str | None = None, offline: bool = False
+    ) -> tuple[str, str]:
         """Where to send the browser, and the sealed cookie that remembers the sign-in
-        (and the console page to go on to, ``then``)."""
+        (and the console page to go on to, ``then``). ``offline`` asks for a refresh
+        token as well (``bedrock-proxy login``: the groups are asked again with it while
+        the machine holds its token); OpenID Connect Core 11 wants ``prompt=consent``."""
         state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         verifier = secrets.token_urlsafe(48)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        scopes = [s for s in self.settings.scopes if s != "offline_access"]
         query = {
             "response_type": "code",
             "client_id": self.settings.client_id,
             "redirect_uri": redirect_uri,
-            "scope": " ".join(self.settings.scopes),
+            "scope": " ".join([*scopes, "offline_access"] if offline else scopes),
             "state": state,
             "nonce": nonce,
             "code_challenge": challenge.rstrip(b"=").decode(),
             "code_challenge_method": "S256",
         }
-        pending = {
-            "state": state,
-            "nonce": nonce,
-            "verifier": verifier,
-            "until": self._clock.time() + PENDING_SECONDS,
-            "then": then,
-        }
-        cookie = self._box.seal(orjson.dumps(pending).decode())
+        if offline:
+            query["prompt"] = "consent"
+        pending = {"state": state, "nonce": nonce, "verifier": verifier, "then": then}
+        cookie = self.seal(pending, PENDING_SECONDS)
         return self._discovery["authorization_endpoint"] + "?" + urlencode(query), cookie
 
     def then(self, cookie: str | None) -> str | None:
@@ -103,8 +111,9 @@ class SingleSignOn:
 
     async def finish(
         self, query: dict[str, str], cookie: str | None, redirect_uri: str
-    ) -> Identity:
-        """The user the provider signed in, or a refusal saying why not."""
+    ) -> tuple[Identity, str | None]:
+        """The user the provider signed in, and the refresh token it gave (if any), or a
+        refusal saying why not."""
         pending = self._pending(cookie)
         state = query.get("state", "")
         if not hmac.compare_digest(state.encode(), str(pending["state"]).encode()):
@@ -114,24 +123,58 @@ class SingleSignOn:
         code = query.get("code")
         if not code:
             raise errors.access_denied("The identity provider sent no authorization code")
-        id_token = await self._exchange(code, str(pending["verifier"]), redirect_uri)
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": str(pending["verifier"]),
+        }
+        answer = await self._token_call(form)
         assert self._verifier is not None
-        claims = await self._verifier.verify(id_token, str(pending["nonce"]))
-        return self.settings.identity(claims)
+        claims = await self._verifier.verify(str(answer["id_token"]), str(pending["nonce"]))
+        refresh = answer.get("refresh_token")
+        return self.settings.identity(claims), refresh if isinstance(refresh, str) else None
+
+    async def refresh(self, refresh_token: str, subject: str) -> tuple[Identity, str]:
+        """The user as the provider sees them now, through their refresh token: their
+        groups again, and the refresh token to use next (the provider may rotate it).
+        AccessDenied when the provider refuses it (the user or their grant was removed);
+        ServiceUnavailable when it cannot be asked."""
+        answer = await self._token_call(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        )
+        assert self._verifier is not None
+        claims = await self._verifier.verify(str(answer["id_token"]), None, subject)
+        rotated = answer.get("refresh_token")
+        return self.settings.identity(claims), rotated if isinstance(
+            rotated, str
+        ) else refresh_token
+
+    def seal(self, document: dict[str, Any], seconds: float) -> str:
+        """``document`` sealed with the server's secret, good for ``seconds``."""
+        return self._box.seal(
+            orjson.dumps({**document, "until": self._clock.time() + seconds}).decode()
+        )
+
+    def unseal(self, sealed: str | None) -> dict[str, Any] | None:
+        """What ``seal`` sealed, while it is good; else None."""
+        try:
+            document = orjson.loads(self._box.open(sealed or ""))
+        except (SecretBoxError, orjson.JSONDecodeError, ValueError):
+            return None
+        if not isinstance(document, dict) or document.get("until", 0) < self._clock.time():
+            return None
+        return document
 
     def cli_code(self, token: str, challenge: str) -> str:
         """What the browser carries back to ``bedrock-proxy login`` on its loopback port:
         the machine's token, sealed, and opened only with the verifier of ``challenge``."""
-        sealed = {"token": token, "challenge": challenge, "until": self._clock.time() + 300}
-        return self._box.seal(orjson.dumps(sealed).decode())
+        return self.seal({"token": token, "challenge": challenge}, 300)
 
     def cli_token(self, code: str, verifier: str) -> str:
         """The token a code holds, for the CLI that made its challenge (and no one else)."""
-        try:
-            sealed = orjson.loads(self._box.open(code))
-        except (SecretBoxError, orjson.JSONDecodeError, ValueError):
-            sealed = None
-        if not isinstance(sealed, dict) or sealed.get("until", 0) < self._clock.time():
+        sealed = self.unseal(code)
+        if sealed is None:
             raise errors.access_denied("The login code is not valid or has expired: log in again")
         digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
         if not hmac.compare_digest(digest.rstrip(b"=").decode(), str(sealed["challenge"])):
@@ -139,22 +182,14 @@ class SingleSignOn:
         return str(sealed["token"])
 
     def _pending(self, cookie: str | None) -> dict[str, Any]:
-        try:
-            pending = orjson.loads(self._box.open(cookie or ""))
-        except (SecretBoxError, orjson.JSONDecodeError, ValueError):
-            pending = None
-        if not isinstance(pending, dict) or pending.get("until", 0) < self._clock.time():
+        pending = self.unseal(cookie)
+        if pending is None:
             raise errors.access_denied("The sign-in expired or was already used: start again")
         return pending
 
-    async def _exchange(self, code: str, verifier: str, redirect_uri: str) -> str:
+    async def _token_call(self, form: dict[str, str]) -> dict[str, Any]:
+        """The token endpoint's answer to ``form``, holding an ID token."""
         assert self._session is not None
-        form = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "code_verifier": verifier,
-        }
         # client_secret_basic: each part form-encoded, then Basic (RFC 6749 2.3.1).
         client, secret = self.settings.client_id, self.settings.client_secret
         pair = f"{quote(client, safe='')}:{quote(secret, safe='')}"
@@ -169,9 +204,13 @@ class SingleSignOn:
                 f"The identity provider's token endpoint failed: {type(exc).__name__}"
             ) from None
         if response.status != 200 or not isinstance(answer, dict) or "id_token" not in answer:
+            if response.status >= 500:
+                raise errors.service_unavailable(
+                    f"The identity provider's token endpoint answered {response.status}"
+                )
             reason = answer.get("error") if isinstance(answer, dict) else None
-            raise errors.access_denied(f"The identity provider refused the code: {reason}")
-        return str(answer["id_token"])
+            raise errors.access_denied(f"The identity provider refused the grant: {reason}")
+        return answer
 
     async def _jwks(self) -> dict[str, Any]:
         """The provider's published keys; a provider that does not answer is a 503 the

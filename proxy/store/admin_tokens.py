@@ -1,4 +1,6 @@
-"""Admin API tokens: one row each, found by the SHA-256 of the token (never stored)."""
+"""Admin API tokens: one row each, found by the SHA-256 of the token (never stored). A
+developer machine's token may hold its user's refresh token, sealed, read only by
+``due`` (never listed)."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ class AdminTokenRepository:
     async def insert(self, row: dict[str, Any], token_hash: str) -> None:
         await self._db.execute(
             "INSERT INTO bp_admin_tokens (token_id, token_hash, name, role, team_id,"
-            " expires_at, created_at, created_by, email, teams)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            " expires_at, created_at, created_by, email, teams, refresh, checked_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             row["token_id"],
             token_hash,
             row["name"],
@@ -30,6 +32,40 @@ class AdminTokenRepository:
             row["created_by"],
             row.get("email"),
             ",".join(row.get("teams") or ()) or None,
+            row.get("refresh"),
+            row["created_at"] if row.get("refresh") else None,
+        )
+
+    async def due(
+        self, checked_before: float, now: float, token_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Live machine tokens with a refresh token, last asked about before
+        ``checked_before`` (or the one named ``token_id``)."""
+        sql = (
+            "SELECT token_id, email, teams, refresh, checked_at FROM bp_admin_tokens"
+            " WHERE refresh IS NOT NULL AND revoked_at IS NULL AND expires_at > $1"
+            " AND checked_at < $2"
+        )
+        if token_id is not None:
+            return await self._db.fetch(sql + " AND token_id = $3", now, checked_before, token_id)
+        return await self._db.fetch(sql + " ORDER BY checked_at LIMIT 500", now, checked_before)
+
+    async def claim(self, token_id: str, was: float, now: float) -> bool:
+        """This replica asks about the token now (no other one that read ``was`` does)."""
+        changed = await self._db.execute(
+            "UPDATE bp_admin_tokens SET checked_at = $1 WHERE token_id = $2 AND checked_at = $3",
+            now,
+            token_id,
+            was,
+        )
+        return changed > 0
+
+    async def refreshed(self, token_id: str, refresh: str, teams: list[str]) -> None:
+        await self._db.execute(
+            "UPDATE bp_admin_tokens SET refresh = $1, teams = $2 WHERE token_id = $3",
+            refresh,
+            ",".join(teams) or None,
+            token_id,
         )
 
     async def by_hash(self, token_hash: str) -> dict[str, Any] | None:

@@ -267,6 +267,15 @@ MIGRATIONS: list[tuple[int, Migration]] = [
         ALTER TABLE bp_admin_tokens ADD COLUMN teams TEXT
         """,
     ),
+    (
+        16,
+        # ...and the identity provider's refresh token for it (sealed with the server's
+        # secret), with which the user's groups are asked again while the token lives.
+        """
+        ALTER TABLE bp_admin_tokens ADD COLUMN refresh TEXT;
+        ALTER TABLE bp_admin_tokens ADD COLUMN checked_at DOUBLE PRECISION
+        """,
+    ),
 ]
 
 

@@ -13,12 +13,20 @@ from ...access import roles
 from ...access.directory import Directory
 from ...access.keyservice import KeyService
 from ...wire import errors
+from ..login_recheck import LoginRecheck
 from .admin_door import CALL, AdminRoutes, json_body
 
 
 class DirectoryApi:
-    def __init__(self, directory: Directory, keys: KeyService | None, routes: AdminRoutes) -> None:
+    def __init__(
+        self,
+        directory: Directory,
+        keys: KeyService | None,
+        routes: AdminRoutes,
+        recheck: LoginRecheck | None = None,
+    ) -> None:
         self._directory, self._keys, self._routes = directory, keys, routes
+        self._recheck = recheck
 
     def add_routes(self, app: web.Application) -> None:
         json = self._routes.json
@@ -110,6 +118,9 @@ class DirectoryApi:
         call = request[CALL]
         if call.reach.user is None:
             raise errors.access_denied("A short-lived key is for a user: sign in first")
+        identity = call.identity
+        if self._recheck is not None and identity.kind == "token" and identity.key_id:
+            await self._recheck.before_mint(identity.key_id)  # still in their groups?
         return await self._keys.session_key(call.identity, call.actor)
 
     async def _block(self, request: web.Request, blocked: bool) -> Any:

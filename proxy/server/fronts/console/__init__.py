@@ -23,9 +23,10 @@ from ....wire import errors
 from ...sso import PENDING_COOKIE, PENDING_SECONDS
 from . import charts
 from .base import _STATIC, Handler, _may
-from .cli_login import CliLogin
+from .cli_login import CLI_LOGIN, CliLogin
 from .doors import (
     FORM,
+    REFRESH,
     SESSION,
     SIGNIN_FORM_BYTES,
     FormRefused,
@@ -183,7 +184,9 @@ class Console(KeyPages, SpendPages, GovernancePages, CliLogin):
         back on the provider's redirect, a top-level GET: SameSite=Lax)."""
         assert self._sso is not None
         then = console_page(request.query.get("next"))
-        url, pending = self._sso.begin(callback_url(request, self._proxies), then)
+        # bedrock-proxy login's sign-in asks for a refresh token too (cli_login).
+        offline = self._sso.offline and (then or "").startswith(CLI_LOGIN)
+        url, pending = self._sso.begin(callback_url(request, self._proxies), then, offline)
         response = web.HTTPSeeOther(url, headers=SECURITY_HEADERS)
         response.set_cookie(
             PENDING_COOKIE,
@@ -215,6 +218,8 @@ class Console(KeyPages, SpendPages, GovernancePages, CliLogin):
         home = PREFIX + ("/keys" if roles.reach_of(identity).may(roles.READ) else "/me")
         response = self._signed_in(request, sid, then or home)
         response.del_cookie(PENDING_COOKIE, path=PREFIX + "/sso")  # used once
+        if (then or "").startswith(CLI_LOGIN):
+            self._offline_cookie(request, response, identity, request.get(REFRESH))
         raise response
 
     async def _signout(self, request: web.Request, session: ConsoleSession) -> web.StreamResponse:

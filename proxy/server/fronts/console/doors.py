@@ -37,6 +37,8 @@ FORM: web.RequestKey[dict[str, str]] = web.RequestKey("console_form", dict)
 SESSION: web.RequestKey[ConsoleSession] = web.RequestKey("console_session", ConsoleSession)
 REACH: web.RequestKey[Reach] = web.RequestKey("console_reach", Reach)
 _ATTEMPT: web.RequestKey[tuple[str, float]] = web.RequestKey("console_signin", tuple)
+# The refresh token a single sign-on for ``bedrock-proxy login`` brought, if any.
+REFRESH: web.RequestKey[str] = web.RequestKey("console_refresh", str)
 
 
 class FormRefused(Exception):
@@ -215,7 +217,7 @@ class SsoDoor(LocalDoor):
         if attempt is None:
             raise _refused(429, "Too many failed sign-ins; wait a minute and try again.")
         try:
-            identity = await self._sso.finish(
+            identity, refresh = await self._sso.finish(
                 dict(request.query),
                 request.cookies.get(PENDING_COOKIE),
                 callback_url(request, self._proxies),
@@ -227,6 +229,8 @@ class SsoDoor(LocalDoor):
                 await self._audit.append(change)
             raise
         self._throttle.succeeded(address, attempt)
+        if refresh is not None:
+            request[REFRESH] = refresh
         who = actor_of(identity, address, x.request_id)
         after = {"role": identity.role, "teams": list(identity.teams)}
         await self._audit.append(Change(who, "console.signin", identity.key_id, after=after))

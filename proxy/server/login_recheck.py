@@ -1,0 +1,96 @@
+"""Developer machines' logins asked about again: a user removed from the identity
+provider, or from the groups that gave them a role, loses their machines' tokens and
+short-lived keys within ``oidc.recheck_seconds``, not at their next sign-in.
+
+``bedrock-proxy login`` keeps the provider's refresh token with the machine's token
+(sealed with the server's secret). Every ``recheck_seconds`` each live one is used: the
+provider answers with a new ID token, whose groups are mapped again as at a sign-in
+(``Directory.sign_in``: no role left ends the machines' keys and tokens), or refuses it
+(the user or their grant was removed), which ends them too. ``bedrock-proxy token`` asks
+first whenever the last answer is older than that. A provider that cannot be asked ends
+nothing: the keys already minted live on, and it is asked again next round.
+
+Replicas share the work: each login is claimed (its ``checked_at`` moved on by the one
+replica whose conditional update succeeded) before it is asked about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..exchange import Identity
+from ..store import Store, StoreUnavailable
+from ..store.audit import Actor
+from ..wire import errors
+from ..wire.clock import SYSTEM_CLOCK, Clock
+from .sso import SingleSignOn
+
+log = logging.getLogger("bedrock_proxy")
+
+_RECHECK = Actor("system", "identity-provider-recheck")
+
+
+class LoginRecheck:
+    def __init__(
+        self,
+        sso: SingleSignOn,
+        store: Store,
+        sign_in: Callable[[Identity, Actor], Awaitable[None]],
+        end_user: Callable[[str, Actor, bool], Awaitable[None]],
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._sso, self._store, self._clock = sso, store, clock
+        self._sign_in, self._end_user = sign_in, end_user
+        self.interval = sso.settings.recheck_seconds
+
+    async def run(self) -> None:
+        """The background round, every ``interval`` seconds, for as long as it runs."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("login recheck: the store is unavailable: %s", exc)
+
+    async def sweep(self) -> None:
+        now = self._clock.time()
+        for row in await self._store.admin_tokens.due(now - self.interval, now):
+            await self._check(row)
+
+    async def before_mint(self, token_id: str) -> None:
+        """Before a machine's token mints a key: asked about now, if not lately; refused
+        (403) if the user no longer has a role here."""
+        now = self._clock.time()
+        for row in await self._store.admin_tokens.due(now - self.interval, now, token_id):
+            if not await self._check(row):
+                raise errors.access_denied(
+                    "The identity provider no longer gives you a role here: your login "
+                    "has ended (run bedrock-proxy login again once it does)"
+                )
+
+    async def _check(self, row: dict[str, Any]) -> bool:
+        """Whether the login lives on (ended here if the provider says it should not)."""
+        now = self._clock.time()
+        if not await self._store.admin_tokens.claim(row["token_id"], row["checked_at"], now):
+            return True  # another replica is asking
+        sealed = self._sso.unseal(row["refresh"])
+        if sealed is None or not isinstance(sealed.get("refresh"), str):
+            return True  # sealed with a secret since retired: the token's expiry holds
+        try:
+            user, refresh = await self._sso.refresh(sealed["refresh"], str(sealed["sub"]))
+        except errors.AwsError as exc:
+            if exc.status >= 500:  # the provider could not be asked: ask again next round
+                log.warning("login recheck: %s", exc.message)
+                return True
+            log.warning("login recheck: %s's login ended: %s", row["email"], exc.message)
+            await self._end_user(row["email"], _RECHECK, True)
+            return False
+        await self._sign_in(user, _RECHECK)  # no role: the machines' keys end there
+        if user.role is None:
+            return False
+        resealed = self._sso.seal({**sealed, "refresh": refresh}, sealed["until"] - now)
+        await self._store.admin_tokens.refreshed(row["token_id"], resealed, list(user.teams))
+        return True

@@ -1,0 +1,175 @@
+"""A developer machine's login asked about again (``server.login_recheck``) against a
+provider whose answers the test chooses: down (the keys live on), refusing the refresh
+token (they end), or answering with a rotated refresh token (kept, sealed), on both
+store backends. The real provider's round trip is in ``test_sso``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from joserfc import jwt
+from joserfc.jwk import KeySet, RSAKey
+
+from proxy.access.admin_tokens import AdminTokens
+from proxy.access.oidc import OidcSettings
+from proxy.access.secretbox import SecretBox
+from proxy.exchange import Identity
+from proxy.server.login_recheck import LoginRecheck
+from proxy.server.sso import SingleSignOn
+from proxy.store import open_store
+from proxy.store.audit import SYSTEM, Actor
+from proxy.wire import errors
+from tests.conftest import OffsetClock
+from tests.helpers.ports import free_port
+
+
+class Provider:
+    """The token endpoint's next answer: "ok" (an ID token with ``groups``, and a new
+    refresh token), "refuse" (invalid_grant) or "down" (503)."""
+
+    def __init__(self) -> None:
+        self.key = RSAKey.generate_key(2048, parameters={"kid": "k", "use": "sig"})
+        self.mode = "ok"
+        self.groups = ["engineers"]
+        self.sub = "gus"
+        self.issued = 0
+        self.issuer = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self.discovery)
+        app.router.add_get("/jwks", self.jwks)
+        app.router.add_post("/token", self.token)
+        return app
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "issuer": self.issuer,
+                "authorization_endpoint": self.issuer + "/auth",
+                "token_endpoint": self.issuer + "/token",
+                "jwks_uri": self.issuer + "/jwks",
+                "scopes_supported": ["openid", "email", "offline_access"],
+            }
+        )
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        return web.json_response(KeySet([self.key]).as_dict(private=False))
+
+    async def token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        assert form["grant_type"] == "refresh_token"
+        if self.mode == "down":
+            return web.json_response({"error": "temporarily_unavailable"}, status=503)
+        if self.mode == "refuse":
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        now = int(time.time())
+        claims = {"iss": self.issuer, "aud": "bedrock-proxy", "sub": self.sub, "iat": now,
+                  "exp": now + 300, "email": "gus@example.com", "groups": self.groups}  # fmt: skip
+        self.issued += 1
+        return web.json_response(
+            {
+                "id_token": jwt.encode({"alg": "RS256", "kid": "k"}, claims, self.key),
+                "refresh_token": f"rt-{self.issued}",
+            }
+        )
+
+
+@pytest.fixture
+async def setup(store_settings, tmp_path) -> AsyncIterator[dict[str, Any]]:
+    provider = Provider()
+    runner = web.AppRunner(provider.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    provider.issuer = f"http://127.0.0.1:{port}"
+    settings = OidcSettings(
+        issuer=provider.issuer, client_id="bedrock-proxy", client_secret="s",
+        roles={"member": ("engineers",)}, teams={"engineers": "ml"}, recheck_seconds=60,
+    )  # fmt: skip
+    clock = OffsetClock()
+    sso = SingleSignOn(settings, SecretBox("server-secret-for-tests-0123456789"), clock)
+    await sso.start()
+    store = open_store(store_settings.get("database_url"), store_settings.get("sqlite_path", ""))
+    await store.open()
+    ended: list[tuple[str, bool]] = []
+    signed_in: list[Identity] = []
+
+    async def end_user(user_id: str, actor: Actor, sessions_only: bool) -> None:
+        ended.append((user_id, sessions_only))
+
+    async def sign_in(user: Identity, actor: Actor) -> None:
+        signed_in.append(user)
+        if user.role is None:
+            await end_user(user.email or "", actor, True)
+
+    recheck = LoginRecheck(sso, store, sign_in, end_user, clock)
+    user = Identity("user", key_id="gus", role="member", teams=("ml",), email="gus@example.com")
+    sealed = sso.seal({"sub": "gus", "refresh": "rt-0"}, 30 * 86400)
+    tokens = AdminTokens(store, clock)
+    await tokens.mint_for_user(user, SYSTEM, 30, sealed)
+    row = (await store.admin_tokens.of_user("gus@example.com"))[0]
+    try:
+        yield {"provider": provider, "recheck": recheck, "store": store, "clock": clock,
+               "ended": ended, "signed_in": signed_in, "sso": sso, "token_id": row["token_id"]}  # fmt: skip
+    finally:
+        await store.admin_tokens.revoke(row["token_id"], clock.time())
+        await store.close()
+        await sso.close()
+        await runner.cleanup()
+
+
+async def _stored_refresh(s: dict[str, Any]) -> str:
+    now = s["clock"].time()
+    rows = await s["store"].admin_tokens.due(now + 1, now, s["token_id"])
+    opened = s["sso"].unseal(rows[0]["refresh"])
+    assert opened is not None and opened["sub"] == "gus"
+    return str(opened["refresh"])
+
+
+async def test_a_login_asked_again_is_kept_with_its_rotated_refresh_token(setup):
+    s = setup
+    await s["recheck"].sweep()
+    assert s["signed_in"] == []  # not due: asked at login
+    s["clock"].advance(61)
+    await s["recheck"].sweep()
+    assert [u.role for u in s["signed_in"]] == ["member"] and s["ended"] == []
+    assert await _stored_refresh(s) == "rt-1"  # the provider rotated it
+    await s["recheck"].sweep()  # asked just now: not again
+    assert s["provider"].issued == 1
+    s["clock"].advance(61)
+    await s["recheck"].before_mint(s["token_id"])  # a key minted: asked first
+    assert s["provider"].issued == 2 and await _stored_refresh(s) == "rt-2"
+
+
+async def test_a_provider_that_cannot_be_asked_ends_nothing(setup):
+    s = setup
+    s["provider"].mode = "down"
+    s["clock"].advance(61)
+    await s["recheck"].before_mint(s["token_id"])  # no refusal: the keys live on
+    await s["recheck"].sweep()
+    assert s["ended"] == [] and await _stored_refresh(s) == "rt-0"
+    s["provider"].mode = "ok"
+    s["clock"].advance(61)
+    await s["recheck"].sweep()  # asked again next round
+    assert await _stored_refresh(s) == "rt-1"
+
+
+@pytest.mark.parametrize("change", ["refuse", "no-group", "other-subject"])
+async def test_a_login_the_provider_no_longer_backs_ends(setup, change):
+    s = setup
+    if change == "refuse":
+        s["provider"].mode = "refuse"
+    elif change == "no-group":
+        s["provider"].groups = []
+    else:  # an ID token for someone else is refused, like the provider refusing
+        s["provider"].sub = "mallory"
+    s["clock"].advance(61)
+    with pytest.raises(errors.AwsError) as refused:
+        await s["recheck"].before_mint(s["token_id"])
+    assert refused.value.status == 403
+    assert s["ended"] == [("gus@example.com", True)]
