@@ -696,3 +696,79 @@ def test_behind_a_trusted_tls_proxy_sign_in_works_and_the_cookie_is_secure(start
     assert status == 303 and "Secure" in cookie
     # From a client no one trusts, the header is anyone's: the connection says http.
     assert sign_in(direct, {"X-Forwarded-Proto": "https"})[0] == 403
+
+
+def test_teams_and_users_are_managed_in_the_console(browser, console):
+    """Teams and users made, changed and deleted on their pages, through the admin API's
+    own service: the API sees each change, the team's policy binds a key minted after it,
+    and every change is audited."""
+    page = Page(browser, console)
+    page.sign_in(MASTER_KEY)
+    page.open("/ui/teams")
+    page.fill({"team_id": "console-team", "team_alias": "Console team", "models": "anthropic.*"})
+    page.click("#team-new")
+    assert page.path == "/ui/teams/console-team"
+    page.fill({"key_max_budget": "2", "team_member_budget": "1"})
+    page.find("[name=team_member_budget_duration]").send_keys("1d")
+    page.click("#save")
+    assert page.path == "/ui/teams/console-team"
+    status, team = admin(console, "GET", "/team/info?team_id=console-team")
+    assert status == 200, team
+    assert team["team_alias"] == "Console team" and team["models"] == ["anthropic.*"]
+    assert team["key_max_budget"] == 2 and team["team_member_budget"] == 1
+    assert team["team_member_budget_duration"] == "1d"
+    # A value the API refuses is refused on the page, in the page's words.
+    page.fill({"key_max_budget": "lots"})
+    page.click("#save")
+    assert "not a number" in page.find("#error").text
+    # The policy binds a key minted after it, whoever mints it.
+    status, refused = admin(console, "POST", "/key/generate",
+                            {"team_id": "console-team", "max_budget": 5})  # fmt: skip
+    assert status == 403 and "key_max_budget" in refused["message"], refused
+
+    page.open("/ui/teams/console-team")
+    page.find("#member-form [name=user_id]").send_keys("ana@example.com")
+    page.click("#member-add")
+    assert 'data-user-id="ana@example.com"' in browser.page_source
+    page.shot("team")
+    status, team = admin(console, "GET", "/team/info?team_id=console-team")
+    assert [m["user_id"] for m in team["members_with_roles"]] == ["ana@example.com"]
+
+    page.open("/ui/users/ana@example.com")  # made a record when added
+    page.fill({"max_budget": "0.5", "budget_duration": "7d"})
+    page.click("#save")
+    status, user = admin(console, "GET", "/user/info?user_id=ana@example.com")
+    assert user["max_budget"] == 0.5 and user["budget_duration"] == "7d"
+    assert user["teams"] == ["console-team"]
+    page.shot("user")
+
+    page.open("/ui/teams")
+    page.fill({"user_id": "ben@example.com", "teams": "console-team", "max_budget": "3",
+               "budget_duration": "30d"})  # fmt: skip
+    page.click("#user-new")
+    assert page.path == "/ui/users/ben@example.com"
+    status, ben = admin(console, "GET", "/user/info?user_id=ben@example.com")
+    assert ben["teams"] == ["console-team"] and ben["max_budget"] == 3
+
+    page.open("/ui/teams/console-team")
+    page.click('tr[data-user-id="ana@example.com"] button')
+    status, team = admin(console, "GET", "/team/info?team_id=console-team")
+    assert [m["user_id"] for m in team["members_with_roles"]] == ["ben@example.com"]
+
+    page.open("/ui/users/ben@example.com")
+    page.fill({"confirm": "not-ben"})
+    page.click("#delete")
+    assert "to confirm" in page.find("#error").text
+    page.fill({"confirm": "ben@example.com"})
+    page.click("#delete")
+    assert admin(console, "GET", "/user/info?user_id=ben@example.com")[0] == 404
+
+    page.open("/ui/teams/console-team")
+    page.fill({"confirm": "console-team"})
+    page.click("#delete")
+    assert page.path == "/ui/teams"
+    assert admin(console, "GET", "/team/info?team_id=console-team")[1].get("team_alias") is None
+    _, audit = admin(console, "GET", "/audit/logs?target=console-team&size=50")
+    actions = {row["action"] for row in audit["logs"]}
+    assert {"team.new", "team.update", "team.member_add", "team.member_delete",
+            "team.delete"} <= actions, actions  # fmt: skip

@@ -175,6 +175,16 @@ def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
         assert 'data-team-id="ml"' in source and 'data-team-id="ads"' not in source
         assert "lena@example.com (admin)" in source and "$3.00" in source
         page.shot("teams")
+        # Its members are its team-admin's to manage; its policy is not (read only).
+        page.open("/ui/teams/ml")
+        assert not page.all("#save") and page.all("#team-policy fieldset[disabled]")
+        page.find("#member-form [name=user_id]").send_keys("new-hire@example.com")
+        page.click("#member-add")
+        assert 'data-user-id="new-hire@example.com"' in browser.page_source
+        page.click('tr[data-user-id="new-hire@example.com"] button')
+        assert 'data-user-id="new-hire@example.com"' not in browser.page_source
+        page.open("/ui/teams/ads")
+        assert "not one of yours" in browser.page_source
 
     with _signed_in(page, "aud"):  # an auditor: reads, changes nothing
         page.open("/ui/audit")
@@ -202,6 +212,10 @@ def test_sign_in_maps_groups_to_roles_and_teams(browser, sso_proxy, provider):
         assert mine_too["user_id"] == "eve@example.com" and mine_too["team_id"] == "ml"
         page.open("/ui/me")  # their own cap (their team's member default) and spend
         assert "$3.00" in page.find("#cap").text
+        page.open("/ui/teams")  # their own team only
+        source = browser.page_source
+        assert 'data-team-id="ml"' in source and 'data-team-id="ads"' not in source
+        assert not page.all("#member-form") and not page.all("#team-form")
 
     with _signed_in(page, "nobody"):  # no groups: no role, told so, reaches nothing
         assert page.path == "/ui/me"

@@ -50,6 +50,17 @@ class Reach:
     teams: frozenset[str] | None = None  # None: every team
     user: str | None = None  # a member's email: their keys only
     home_team: str | None = None  # a member's team: their keys are minted in it
+    member_of: frozenset[str] = frozenset()  # a member's teams: the ones they may see
+
+    @property
+    def visible_teams(self) -> frozenset[str] | None:
+        """The teams whose records and members the caller may see (None: every team)."""
+        return self.member_of if self.user is not None else self.teams
+
+    def check_team_view(self, team_id: str | None) -> None:
+        visible = self.visible_teams
+        if visible is not None and team_id not in visible:
+            raise errors.access_denied(f"The team {team_id!r} is not one of yours")
 
     @property
     def scoped(self) -> bool:
@@ -127,7 +138,8 @@ def reach_of(identity: Identity) -> Reach:
     teams = frozenset(identity.teams) if identity.role == TEAM_ADMIN else None
     if identity.role == MEMBER:
         home = identity.teams[0] if identity.teams else None
-        return Reach(MEMBER, None, identity.email or identity.key_id or "", home)
+        user = identity.email or identity.key_id or ""
+        return Reach(MEMBER, None, user, home, frozenset(identity.teams))
     return Reach(identity.role, teams, None)
 
 

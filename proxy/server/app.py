@@ -142,6 +142,7 @@ def _add_routes(app: web.Application, dispatcher: PrefixDispatcher, s: Services)
             sso=s.sso,
             on_signin=directory.sign_in,
             user_cap=s.metering.user_cap,
+            directory=directory if s.keys is not None else None,
         ).add_routes(app)
     app.router.add_get("/health/liveness", _liveness)
     if settings.console:  # a browser on the proxy's address finds the console

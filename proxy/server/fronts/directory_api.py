@@ -63,12 +63,12 @@ class DirectoryApi:
         team_id = request.query.get("team_id")
         if not team_id:
             raise errors.validation("team_id is required")
-        request[CALL].reach.check_team(team_id)
+        request[CALL].reach.check_team_view(team_id)
         return await self._directory.team_info(team_id)
 
     async def team_list(self, request: web.Request) -> Any:
         teams = await self._directory.teams()
-        within = request[CALL].reach.teams
+        within = request[CALL].reach.visible_teams  # a member's: the teams they are in
         if within is not None:
             teams = [t for t in teams if t["team_id"] in within]
         return {"teams": teams}

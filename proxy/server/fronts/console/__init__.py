@@ -38,11 +38,12 @@ from .keys import KeyPages
 from .security import PREFIX, SECURITY_HEADERS
 from .sessions import COOKIE, ConsoleSession
 from .spend import SpendPages, _chart, _days_ago
+from .teams import TeamPages
 
 __all__ = ["FORM", "PREFIX", "Console", "alert_target"]
 
 
-class Console(KeyPages, SpendPages, GovernancePages, CliLogin):
+class Console(KeyPages, SpendPages, GovernancePages, TeamPages, CliLogin):
     def add_routes(self, app: web.Application) -> None:
         """Every route: the public ones (the way in, and what it is drawn with), and the
         signed-in pages, each behind the gate with what its role must grant."""
@@ -70,6 +71,16 @@ class Console(KeyPages, SpendPages, GovernancePages, CliLogin):
             ("GET", "/live", page(self._live_page, roles.READ_ALL)),
             ("GET", "/live.json", page(self._live_json, roles.READ_ALL)),
             ("GET", "/teams", page(self._teams_page, roles.READ)),
+            ("POST", "/teams", page(self._team_create, roles.TEAMS)),
+            ("GET", "/teams/{team_id}", page(self._team_page, roles.READ)),
+            ("POST", "/teams/{team_id}", page(self._team_update, roles.TEAMS)),
+            ("POST", "/teams/{team_id}/delete", page(self._team_delete, roles.TEAMS)),
+            ("POST", "/teams/{team_id}/members/add", page(self._team_members, roles.MEMBERS)),
+            ("POST", "/teams/{team_id}/members/remove", page(self._team_members, roles.MEMBERS)),
+            ("POST", "/users", page(self._user_create, roles.TEAMS)),
+            ("GET", "/users/{user_id}", page(self._user_page, roles.READ_ALL)),
+            ("POST", "/users/{user_id}", page(self._user_update, roles.TEAMS)),
+            ("POST", "/users/{user_id}/delete", page(self._user_delete, roles.TEAMS)),
             ("GET", "/audit", page(self._audit_page, roles.AUDIT)),
             ("GET", "/audit.csv", page(self._audit_export, roles.AUDIT)),
             ("GET", "/audit.jsonl", page(self._audit_export, roles.AUDIT)),

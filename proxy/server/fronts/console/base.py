@@ -14,6 +14,7 @@ from aiohttp import web
 from ....access import roles
 from ....access.admin_tokens import AdminTokens
 from ....access.auth import Authenticator
+from ....access.directory import Directory
 from ....access.keyservice import KeyService
 from ....access.roles import actor_of
 from ....exchange import Identity
@@ -60,7 +61,10 @@ class ConsoleBase:
         sso: SingleSignOn | None = None,
         on_signin: Callable[[Identity, Actor], Awaitable[None]] | None = None,
         user_cap: Callable[[str, str | None], Awaitable[dict[str, Any] | None]] | None = None,
+        directory: Directory | None = None,
     ) -> None:
+        # Teams and users (the admin API's own service).
+        self._directory = directory
         # A signed-in user's spend cap and what they spent in its period (``/ui/me``).
         self._user_cap = user_cap
         # The admin API tokens the console mints and revokes; single sign-on, when set

@@ -7,13 +7,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ....access import roles
 from ....metering.reports import parse_time
 from ....store.audit import FILTERS
 from ....wire import errors
 from ..exports import audit_file, audit_rows
 from .base import ConsoleBase
-from .doors import FORM, REACH
+from .doors import FORM
 from .security import PREFIX, SECURITY_HEADERS
 from .sessions import ConsoleSession
 
@@ -52,18 +51,6 @@ class GovernancePages(ConsoleBase):
             "Content-Disposition": f'attachment; filename="audit.{kind}"',
         }
         return web.Response(body=body, content_type=media, headers=headers)
-
-    async def _teams_page(self, request: web.Request, session: ConsoleSession) -> web.Response:
-        """Teams (a team-admin's own), their policy and members; users and their caps."""
-        reach = request[REACH]
-        teams = await self._store.directory.teams()
-        if reach.teams is not None:
-            teams = [t for t in teams if t["team_id"] in reach.teams]
-        members = {t["team_id"]: await self._store.directory.members(t["team_id"]) for t in teams}
-        users = await self._store.directory.users() if reach.may(roles.READ_ALL) else []
-        return self._render(
-            "teams.html", session=session, teams=teams, members=members, users=users
-        )
 
     async def _token_list(self, request: web.Request, session: ConsoleSession) -> web.Response:
         return await self._tokens_page(session)

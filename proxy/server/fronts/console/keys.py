@@ -15,6 +15,7 @@ from ....wire import errors
 from ....wire.params import MAX_PAGE
 from .base import ConsoleBase
 from .doors import FORM, REACH
+from .forms import form_fields, split_list
 from .security import PREFIX
 from .sessions import ConsoleSession
 from .spend import csv_response
@@ -22,7 +23,7 @@ from .spend import csv_response
 # The key fields the edit form carries, as the admin API names them.
 _TEXT_FIELDS = ("key_alias", "user_id", "team_id", "budget_duration", "upstream")
 _LIST_FIELDS = ("models", "operation_groups", *ALLOW_LIST_FIELDS)
-_NUMBER_FIELDS = {
+_NUMBER_FIELDS: dict[str, type[int] | type[float]] = {
     "max_budget": float,
     "rpm_limit": int,
     "tpm_limit": int,
@@ -173,28 +174,11 @@ class KeyPages(ConsoleBase):
 
 def _key_form(form: Any, creating: bool) -> dict[str, Any]:
     """The edit form → the admin API's body (the same validation as the API's)."""
-    body: dict[str, Any] = {}
-    for name in _TEXT_FIELDS:
-        value = str(form.get(name, "")).strip()
-        if value or not creating:
-            body[name] = value or None
-    for name in _LIST_FIELDS:
-        text = str(form.get(name, "")).strip()
-        items = [v.strip() for v in text.replace("\n", ",").split(",") if v.strip()]
-        if name == "operation_groups":
-            if items:
-                body[name] = items
-        elif items or not creating:
-            body[name] = items or None
-    for name, kind in _NUMBER_FIELDS.items():
-        text = str(form.get(name, "")).strip()
-        if text:
-            try:
-                body[name] = kind(text)
-            except ValueError:
-                raise errors.validation(f"{name}: {text!r} is not a number") from None
-        elif not creating:
-            body[name] = None
+    lists = [name for name in _LIST_FIELDS if name != "operation_groups"]
+    body = form_fields(form, creating, _TEXT_FIELDS, _NUMBER_FIELDS, lists)
+    groups = split_list(form.get("operation_groups", ""))
+    if groups:
+        body["operation_groups"] = groups
     metadata = str(form.get("metadata", "")).strip()
     if metadata:
         try:
