@@ -175,3 +175,32 @@ def test_config_errors_are_one_clear_line(extra, args, needle):
     assert out.returncode == 2
     lines = out.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], lines
+
+
+@pytest.mark.parametrize("backend", ["keyring.backends.fail.Keyring", "file"])
+def test_a_login_is_kept_in_the_keyring_where_one_exists_else_a_private_file(tmp_path, backend):
+    """No OS keyring (a headless machine: the keyring package's fail backend) is a file
+    only its owner reads; a keyring holds it alone, and a file left from before goes."""
+    env = {k: v for k, v in os.environ.items() if k != "BEDROCK_PROXY_LOGIN_FILE"}
+    env["XDG_CONFIG_HOME"] = str(tmp_path)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    ring = tmp_path / "keyring.json"
+    if backend == "file":
+        env.update(PYTHON_KEYRING_BACKEND="tests.helpers.file_keyring.FileKeyring",
+                   BEDROCK_PROXY_TEST_KEYRING=str(ring))  # fmt: skip
+        (tmp_path / "bedrock-proxy").mkdir()
+        (tmp_path / "bedrock-proxy" / "login.json").write_text('{"token": "old"}')
+    else:
+        env["PYTHON_KEYRING_BACKEND"] = backend
+    script = (
+        "from proxy.cli import login; "
+        "login._save({'url': 'http://x', 'token': 'bpat-t'}); print(login._load()['token'])"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "bpat-t", done.stderr
+    file = tmp_path / "bedrock-proxy" / "login.json"
+    if backend == "file":
+        assert not file.exists() and "bpat-t" in ring.read_text()
+    else:
+        assert oct(file.stat().st_mode & 0o777) == "0o600" and "bpat-t" in file.read_text()

@@ -463,11 +463,21 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 60) -> str:
     return done.stdout
 
 
-def _login(browser, proxy, user: str, tmp_path: Path) -> dict[str, str]:
+def _login(browser, proxy, user: str, tmp_path: Path, keyring: bool = False) -> dict[str, str]:
     """``bedrock-proxy login`` as ``user``, through Chromium and the provider's own pages:
-    the environment its later commands run in."""
-    env = {**os.environ, "BEDROCK_PROXY_LOGIN_FILE": str(tmp_path / "login.json")}
-    env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "ANTHROPIC_"))}
+    the environment its later commands run in. Its login is kept in a file named for it,
+    or (``keyring``) in a keyring backend the keyring package is told to use."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ANTHROPIC_"))}
+    if keyring:
+        env.update(
+            PYTHON_KEYRING_BACKEND="tests.helpers.file_keyring.FileKeyring",
+            BEDROCK_PROXY_TEST_KEYRING=str(tmp_path / "keyring.json"),
+            PYTHONPATH=str(JS.parent.parent),
+            XDG_CONFIG_HOME=str(tmp_path / "config"),
+        )
+        env.pop("BEDROCK_PROXY_LOGIN_FILE", None)
+    else:
+        env["BEDROCK_PROXY_LOGIN_FILE"] = str(tmp_path / "login.json")
     login = subprocess.Popen(
         [BIN, "login", "--url", proxy.url, "--no-browser"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -627,7 +637,7 @@ def test_removed_from_the_group_ends_the_machines_keys_within_seconds(
     machines = {}
     for user in ("gus", "hal"):
         (tmp_path / user).mkdir()
-        env = _login(browser, sso_proxy, user, tmp_path / user)
+        env = _login(browser, sso_proxy, user, tmp_path / user, keyring=user == "hal")
         bearer = boto_client("bedrock-runtime", sso_proxy, key=_cli(["token"], env).strip())
         assert bearer.converse(modelId=model, messages=message)["output"]
         machines[user] = (env, bearer)
@@ -644,9 +654,16 @@ def test_removed_from_the_group_ends_the_machines_keys_within_seconds(
             time.sleep(0.1)
         assert refused is not None, f"{user}'s key outlived their removal by 20 s"
         assert refused["ResponseMetadata"]["HTTPStatusCode"] in (401, 403), refused
-        login = tmp_path / user / "login.json"
-        saved = json.loads(login.read_text())
-        login.write_text(json.dumps({k: saved[k] for k in ("url", "token")}))  # no cached key
+        if user == "hal":  # in the keyring, and in no file
+            ring = tmp_path / user / "keyring.json"
+            assert not list((tmp_path / user).rglob("login.json"))
+            saved = json.loads(json.loads(ring.read_text())["bedrock-proxy/login"])
+            kept = {k: saved[k] for k in ("url", "token")}  # no cached key
+            ring.write_text(json.dumps({"bedrock-proxy/login": json.dumps(kept)}))
+        else:
+            login = tmp_path / user / "login.json"
+            saved = json.loads(login.read_text())
+            login.write_text(json.dumps({k: saved[k] for k in ("url", "token")}))
         failed = subprocess.run([BIN, "token"], env=env, capture_output=True, text=True, timeout=60)
         assert failed.returncode != 0 and "403" in failed.stderr, failed.stderr
 

@@ -3,8 +3,8 @@ machine, with no long-lived key in any file.
 
 ``login --url URL`` waits on a loopback port, sends the browser to the proxy's console
 (single sign-on), and receives a sealed code it alone can open (its verifier), for a token
-of the user's machine: it keeps only that, in the OS keyring when the ``keyring`` package
-is installed, else in a file only its owner reads. ``token`` prints a short-lived virtual
+of the user's machine: it keeps only that, in the OS keyring where there is one (the
+``keyring`` package's backends), else in a file only its owner reads. ``token`` prints a short-lived virtual
 key for the signed-in user (reused until five minutes before it expires), in the form a
 client takes: the bare key (Claude Code's ``apiKeyHelper``, the OpenAI and Anthropic
 SDKs), ``credential-process`` JSON (boto3, the AWS CLI, the JavaScript SDK), or ``env``.
@@ -142,20 +142,32 @@ def _post(url: str, body: dict[str, Any], bearer: str | None = None) -> dict[str
 
 
 def _keyring() -> Any:
+    """The OS keyring (macOS Keychain, Windows Credential Locker, the Secret Service), or
+    None where there is none: a headless Linux machine, a container, or a file named by
+    ``BEDROCK_PROXY_LOGIN_FILE``."""
     if os.environ.get("BEDROCK_PROXY_LOGIN_FILE"):
         return None  # a file named for this: the keyring is not asked
     try:
-        import keyring  # type: ignore[import-not-found]
+        import keyring
+        from keyring.backends import fail
     except ImportError:
         return None
-    return keyring
+    try:
+        backend = keyring.get_keyring()
+    except Exception:  # a backend that cannot even be loaded: no keyring here
+        return None
+    return None if isinstance(backend, fail.Keyring) else keyring
 
 
 def _save(saved: dict[str, Any]) -> None:
     ring = _keyring()
     if ring is not None:
-        ring.set_password(_KEYRING_SERVICE, "login", json.dumps(saved))
-        return
+        try:
+            ring.set_password(_KEYRING_SERVICE, "login", json.dumps(saved))
+            _forget_file()  # one place only: a login moved to the keyring leaves no copy
+            return
+        except ring.errors.KeyringError as exc:  # a locked or absent Secret Service
+            print(f"bedrock-proxy: the keyring refused ({exc}); using a file", file=sys.stderr)
     path = credentials_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -167,10 +179,20 @@ def _save(saved: dict[str, Any]) -> None:
 def _load() -> dict[str, Any]:
     ring = _keyring()
     if ring is not None:
-        text = ring.get_password(_KEYRING_SERVICE, "login")
-        return json.loads(text) if text else {}
+        try:
+            text = ring.get_password(_KEYRING_SERVICE, "login")
+        except ring.errors.KeyringError:
+            text = None
+        if text:
+            loaded: dict[str, Any] = json.loads(text)
+            return loaded
     path = credentials_path()
     if not path.exists():
         return {}
-    loaded: dict[str, Any] = json.loads(path.read_text())
-    return loaded
+    saved: dict[str, Any] = json.loads(path.read_text())
+    return saved
+
+
+def _forget_file() -> None:
+    with contextlib.suppress(FileNotFoundError):
+        credentials_path().unlink()
