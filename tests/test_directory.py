@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
+from proxy.wire import errors
 from tests.conftest import boto_client
 from tests.helpers.admin import admin, new_key
 
@@ -189,3 +190,38 @@ def test_the_root_points_a_browser_to_the_console(start_proxy):
         assert answer.code == 303 and answer.headers["Location"] == "/ui/"
     else:
         raise AssertionError("/ did not redirect")
+
+
+async def test_a_users_short_lived_keys_are_bounded_and_all_end_with_them(tmp_path, monkeypatch):
+    """At most SESSION_KEYS_PER_USER live at once (expired ones do not count); a user's
+    keys end with them however many pages they fill."""
+    from proxy.access import keyservice
+    from proxy.access.secretbox import SecretBox
+    from proxy.exchange import Identity
+    from proxy.store import open_store
+    from proxy.store.audit import SYSTEM
+    from tests.conftest import OffsetClock
+
+    monkeypatch.setattr(keyservice, "MAX_PAGE", 7)  # pages of 7: the limit spans three
+    clock = OffsetClock()
+    store = open_store(None, str(tmp_path / "keys.db"), clock=clock)
+    await store.open()
+    try:
+        keys = keyservice.KeyService(store, SecretBox("a-secret-for-tests-0123456789"), clock=clock)
+        dev = Identity("user", key_id="dev", role="member", email="dev@example.com")
+        minted = [
+            await keys.session_key(dev, SYSTEM) for _ in range(keyservice.SESSION_KEYS_PER_USER)
+        ]
+        with pytest.raises(errors.AwsError) as refused:
+            await keys.session_key(dev, SYSTEM)
+        assert refused.value.status == 403 and "live short-lived keys" in refused.value.message
+        await keys.delete([minted[0]["key_id"]], actor=SYSTEM)
+        await keys.session_key(dev, SYSTEM)  # one deleted: room for one
+        clock.advance(9 * 3600)  # every one expired (8 h): none counts
+        await keys.session_key(dev, SYSTEM)
+        await keys.generate({"user_id": "dev@example.com", "key_alias": "given"}, SYSTEM)
+        ended = await keys.delete_user_keys("dev@example.com", SYSTEM)
+        assert len(ended) == keyservice.SESSION_KEYS_PER_USER + 2
+        assert (await store.keys.list({"user_id": "dev@example.com"}, 100, 0))[1] == 0
+    finally:
+        await store.close()

@@ -28,6 +28,9 @@ from .keys import (
 )
 from .secretbox import SecretBox
 
+# The most short-lived keys one user holds live at once (a few machines' worth).
+SESSION_KEYS_PER_USER = 20
+
 
 class KeyService:
     def __init__(
@@ -118,10 +121,18 @@ class KeyService:
     async def session_key(self, user: Identity, actor: Actor) -> dict[str, Any]:
         """A short-lived key for a signed-in user's machine (``bedrock-proxy token``): in
         their team, for its ``key_session_duration`` (8 h unless the team says), within
-        the team's policy like any key."""
+        the team's policy like any key; at most ``SESSION_KEYS_PER_USER`` live at once
+        (``token`` reuses its key, so a runaway loop is what this stops)."""
         email = user.email or user.key_id
         if not email:
             raise errors.access_denied("A short-lived key is for a signed-in user")
+        now = self._clock.time()
+        live = [r for r in await self._keys_of(email) if _is_session(r) and r.refusal(now) is None]
+        if len(live) >= SESSION_KEYS_PER_USER:
+            raise errors.access_denied(
+                f"You hold {len(live)} live short-lived keys, the most one user may: delete "
+                "one (the console's Keys page) or wait for one to expire"
+            )
         team_id = user.teams[0] if user.teams else None
         team = await self._store.directory.team(team_id) if team_id else None
         lifetime = (team or {}).get("key_session_duration") or "8h"
@@ -140,10 +151,19 @@ class KeyService:
     ) -> list[str]:
         """A user's keys, deleted: every one (the user was), or only the short-lived keys
         their machines got (their groups no longer give them a role)."""
-        records, _ = await self._store.keys.list({"user_id": user_id}, MAX_PAGE, 0)
+        records = await self._keys_of(user_id)
         if sessions_only:
-            records = [r for r in records if (r.spec.metadata or {}).get("session") is True]
+            records = [r for r in records if _is_session(r)]
         return await self.delete([r.key_id for r in records], actor=actor)
+
+    async def _keys_of(self, user_id: str) -> list[KeyRecord]:
+        """Every key of a user, page by page (a user may hold more than a page)."""
+        records: list[KeyRecord] = []
+        while True:
+            page, total = await self._store.keys.list({"user_id": user_id}, MAX_PAGE, len(records))
+            records += page
+            if not page or len(records) >= total:
+                return records
 
     async def _within_team(self, spec: KeySpec, now: float) -> None:
         """The team's policy, whoever mints or changes the key (``directory.check_key``)."""
@@ -282,3 +302,8 @@ def _given_token(value: Any) -> str | None:
     if value.startswith(("vk_", "BPK", "bpat-")):
         raise errors.validation("key: must not look like a key id, an access key id or a token")
     return value
+
+
+def _is_session(record: KeyRecord) -> bool:
+    """A developer machine's short-lived key (``session_key``)."""
+    return (record.spec.metadata or {}).get("session") is True

@@ -4,10 +4,11 @@ machine, with no long-lived key in any file.
 ``login --url URL`` waits on a loopback port, sends the browser to the proxy's console
 (single sign-on), and receives a sealed code it alone can open (its verifier), for a token
 of the user's machine: it keeps only that, in the OS keyring where there is one (the
-``keyring`` package's backends), else in a file only its owner reads. ``token`` prints a short-lived virtual
-key for the signed-in user (reused until five minutes before it expires), in the form a
-client takes: the bare key (Claude Code's ``apiKeyHelper``, the OpenAI and Anthropic
-SDKs), ``credential-process`` JSON (boto3, the AWS CLI, the JavaScript SDK), or ``env``.
+``keyring`` package's backends), else in a file only its owner reads. ``token`` prints a
+short-lived virtual key for the signed-in user (reused until five minutes before it
+expires), in the form a client takes: the bare key (Claude Code's ``apiKeyHelper``, the
+OpenAI and Anthropic SDKs), ``credential-process`` JSON (boto3, the AWS CLI, the
+JavaScript SDK), or ``env``.
 """
 
 from __future__ import annotations
