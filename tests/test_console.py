@@ -708,7 +708,8 @@ def test_teams_and_users_are_managed_in_the_console(browser, console):
     page.fill({"team_id": "console-team", "team_alias": "Console team", "models": "anthropic.*"})
     page.click("#team-new")
     assert page.path == "/ui/teams/console-team"
-    page.fill({"key_max_budget": "2", "team_member_budget": "1"})
+    page.fill({"key_max_budget": "2", "team_member_budget": "1",
+               "allow.knowledge_base_ids": "kb-1, kb-2"})  # fmt: skip
     page.find("[name=team_member_budget_duration]").send_keys("1d")
     page.click("#save")
     assert page.path == "/ui/teams/console-team"
@@ -717,6 +718,7 @@ def test_teams_and_users_are_managed_in_the_console(browser, console):
     assert team["team_alias"] == "Console team" and team["models"] == ["anthropic.*"]
     assert team["key_max_budget"] == 2 and team["team_member_budget"] == 1
     assert team["team_member_budget_duration"] == "1d"
+    assert team["key_allow_lists"] == {"knowledge_base_ids": ["kb-1", "kb-2"]}
     # A value the API refuses is refused on the page, in the page's words.
     page.fill({"key_max_budget": "lots"})
     page.click("#save")

@@ -120,6 +120,25 @@ def test_team_policy_binds_whoever_mints_the_key(start_proxy):
     assert status == 403 and "key_max_budget" in answer["message"]
     status, answer = admin(server, "POST", "/key/update", {"key": key["key_id"], "max_budget": 99})
     assert status == 403
+    # Allow-lists: a key of the team stays within the team's; an open one gets them.
+    lists = {"knowledge_base_ids": ["kb-1", "kb-2"], "file_prefixes": ["ml/"]}
+    _ok(server, "POST", "/team/update", {"team_id": "ml", "key_allow_lists": lists})
+    for body, field in (
+        ({"knowledge_base_ids": ["kb-1", "kb-3"]}, "knowledge_base_ids"),
+        ({"file_prefixes": ["ml-other/"]}, "file_prefixes"),
+        ({"file_prefixes": ["ml"]}, None),
+        ({"file_prefixes": ["ml/models/"], "knowledge_base_ids": ["kb-2"]}, None),
+    ):
+        status, answer = admin(server, "POST", "/key/generate", {"team_id": "ml", **body})
+        if field is None:
+            assert status == 200, (body, answer)
+        else:
+            assert status == 403 and answer["message"].startswith(field), answer
+    key = _ok(server, "POST", "/key/generate", {"team_id": "ml"})
+    assert key["knowledge_base_ids"] == ["kb-1", "kb-2"] and key["file_prefixes"] == ["ml/"]
+    status, answer = admin(server, "POST", "/team/update",
+                           {"team_id": "ml", "key_allow_lists": {"model_ids": ["x"]}})  # fmt: skip
+    assert status == 400 and "key_allow_lists" in answer["message"], answer
 
 
 def test_a_users_cap_spans_all_their_keys_and_apis(start_proxy, fake):

@@ -2,10 +2,11 @@
 
 A team: its alias, the models it may use, its own budget and rate limits, its upstream
 pool, and its policy for keys (``key_max_budget``, ``key_rpm_limit``, ``key_tpm_limit``,
-``key_max_duration``, ``key_operation_groups``) and for its members' spend
-(``team_member_budget`` per ``team_member_budget_duration``). A user: an email, a role,
-teams, and their own spend cap (``max_budget`` per ``budget_duration``), which overrides
-their team's and the organisation's default.
+``key_max_duration``, ``key_operation_groups``, and ``key_allow_lists``, the allow-lists
+they stay within) and for its members' spend (``team_member_budget`` per
+``team_member_budget_duration``). A user: an email, a role, teams, and their own spend
+cap (``max_budget`` per ``budget_duration``), which overrides their team's and the
+organisation's default.
 
 The policy binds whoever mints or changes a key of the team (``check_key``): a
 team-admin cannot hand out more than it allows, and neither can an admin without first
@@ -22,7 +23,7 @@ from typing import Any
 from ..exchange import Identity
 from ..store import Store
 from ..store.audit import Actor, Change
-from ..store.records import DEFAULT_GROUPS, KeySpec
+from ..store.records import ALLOW_LIST_FIELDS, DEFAULT_GROUPS, KeySpec
 from ..wire import errors
 from ..wire.params import parse_duration
 from .roles import TEAM_ADMIN
@@ -38,7 +39,7 @@ _TEAM_DURATIONS = (
 _TEAM_LISTS = ("models", "key_operation_groups")
 _TEAM_FIELDS = frozenset(
     {"team_id", "team_alias", "metadata", "blocked", "upstream", "members_with_roles",
-     *_TEAM_NUMBERS, *_TEAM_INTS, *_TEAM_DURATIONS, *_TEAM_LISTS}
+     "key_allow_lists", *_TEAM_NUMBERS, *_TEAM_INTS, *_TEAM_DURATIONS, *_TEAM_LISTS}
 )  # fmt: skip
 _USER_FIELDS = frozenset(
     {"user_id", "user_email", "user_role", "teams", "max_budget", "budget_duration",
@@ -306,6 +307,14 @@ def check_key(spec: KeySpec, team: dict[str, Any] | None, now: float) -> None:
             spec.expires_at = until
         elif spec.expires_at > until + 1:
             raise _beyond("duration", f"the team's keys last at most {longest}")
+    for field, allowed in (team.get("key_allow_lists") or {}).items():
+        current = getattr(spec, field)
+        if current is None:  # open: the team's list
+            setattr(spec, field, list(allowed))
+            continue
+        outside = [v for v in current if not _within(field, v, allowed)]
+        if outside:
+            raise _beyond(field, f"{outside[0]!r} is not among the team's {field}")
     groups = team.get("key_operation_groups")
     if groups:
         if not spec.operation_groups or spec.operation_groups == list(DEFAULT_GROUPS):
@@ -315,6 +324,29 @@ def check_key(spec: KeySpec, team: dict[str, Any] | None, now: float) -> None:
         extra = sorted(set(spec.operation_groups) - set(groups))
         if extra:
             raise _beyond("operation_groups", f"{extra[0]!r} is not among the team's groups")
+
+
+def _within(field: str, value: str, allowed: list[str]) -> bool:
+    """A key's allow-list entry within the team's: the same id, or for ``file_prefixes``
+    a folder under one of the team's."""
+    if field == "file_prefixes":
+        return any(
+            not (folder := a.rstrip("/")) or value.rstrip("/") == folder
+            or value.startswith(folder + "/")
+            for a in allowed
+        )  # fmt: skip
+    return value in allowed
+
+
+def _allow_lists(value: Any) -> dict[str, list[str]] | None:
+    """``key_allow_lists``: the allow-lists a team's keys stay within, by key field."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= set(ALLOW_LIST_FIELDS):
+        raise errors.validation(
+            "key_allow_lists: a map of " + ", ".join(ALLOW_LIST_FIELDS) + " to lists of ids"
+        )
+    return {k: _strings(f"key_allow_lists.{k}", v) for k, v in value.items() if v is not None}
 
 
 def _beyond(field: str, why: str) -> errors.AwsError:
@@ -331,6 +363,8 @@ def _team_value(name: str, value: Any) -> Any:
         return _duration(name, value)
     if name in _TEAM_LISTS:
         return None if value is None else _strings(name, value)
+    if name == "key_allow_lists":
+        return _allow_lists(value)
     if name == "blocked":
         if not isinstance(value, bool):
             raise errors.validation("blocked must be true or false")

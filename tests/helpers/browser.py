@@ -84,7 +84,7 @@ class Page:
 
     def fill(self, values: dict[str, str]) -> None:
         for name, value in values.items():
-            field = self.find(f"[name={name}]")
+            field = self.find(f'[name="{name}"]')
             field.clear()
             field.send_keys(value)
 

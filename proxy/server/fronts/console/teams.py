@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ....access import roles
 from ....access.directory import Directory
+from ....store.records import ALLOW_LIST_FIELDS
 from ....wire import errors
 from .base import ConsoleBase
 from .doors import FORM, REACH
@@ -72,7 +73,7 @@ class TeamPages(ConsoleBase):
 
     async def _team_create(self, request: web.Request, session: ConsoleSession) -> web.Response:
         form = request[FORM]
-        body = form_fields(form, True, _TEAM_TEXTS, _TEAM_NUMBERS, _TEAM_LISTS)
+        body = _team_form(form, True)
         team_id = str(form.get("team_id", "")).strip()
         if team_id:
             body["team_id"] = team_id
@@ -98,8 +99,7 @@ class TeamPages(ConsoleBase):
         self, request: web.Request, session: ConsoleSession
     ) -> web.StreamResponse:
         team_id = request.match_info["team_id"]
-        form: dict[str, str] = request[FORM]
-        body = form_fields(form, False, _TEAM_TEXTS, _TEAM_NUMBERS, _TEAM_LISTS)
+        body = _team_form(request[FORM], False)
         try:
             await self.directory.team_update(
                 {**body, "team_id": team_id}, self._actor(request, session)
@@ -180,3 +180,17 @@ class TeamPages(ConsoleBase):
             return await self._user_page(request, session, 400, error=message)
         await self.directory.user_delete([user_id], self._actor(request, session))
         raise web.HTTPSeeOther(PREFIX + "/teams")
+
+
+def _team_form(form: dict[str, str], creating: bool) -> dict[str, Any]:
+    """The team form → ``/team/new`` or ``/team/update``'s body; the allow-lists a key of
+    the team stays within come as ``allow.<key field>``."""
+    body = form_fields(form, creating, _TEAM_TEXTS, _TEAM_NUMBERS, _TEAM_LISTS)
+    lists = {
+        name: items
+        for name in ALLOW_LIST_FIELDS
+        if (items := split_list(form.get(f"allow.{name}", "")))
+    }
+    if lists or not creating:
+        body["key_allow_lists"] = lists or None
+    return body
