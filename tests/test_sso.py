@@ -326,6 +326,19 @@ def test_a_code_replayed_and_a_state_changed_are_refused(sso_proxy, provider):
     assert status == 401
 
 
+def test_a_login_page_asks_once_for_a_refresh_token_never_in_a_loop(sso_proxy, provider):
+    """Signed in without a refresh token for this login, the page sends the browser to
+    the provider once for one; come back still without (a browser refusing the cookie),
+    it goes on, rather than round the provider for ever."""
+    jar, url = _flow_by_http(sso_proxy, "eve")
+    assert _callback(sso_proxy, jar, url)[0] == 303  # a console session, no refresh token
+    query = "port=40000&state=" + "s" * 20 + "&challenge=" + "c" * 43
+    status, _ = _callback(sso_proxy, jar, f"{sso_proxy.url}/ui/cli/login?{query}")
+    assert status == 303  # to the provider, for one
+    status, page = _callback(sso_proxy, jar, f"{sso_proxy.url}/ui/cli/login?{query}&offline=asked")
+    assert status == 200 and 'id="cli-allow"' in page, page[:500]
+
+
 def test_forged_callbacks_are_throttled_like_wrong_keys(start_proxy, provider):
     """An anonymous flood of callbacks costs a provider call and an audit row only up to
     the sign-in allowance of its address; then a 429, and nothing written."""

@@ -54,6 +54,8 @@ class LoginRecheck:
                 await self.sweep()
             except StoreUnavailable as exc:
                 log.warning("login recheck: the store is unavailable: %s", exc)
+            except Exception:  # the next round tries again: the loop itself must live on
+                log.exception("login recheck: a round failed")
 
     async def sweep(self) -> None:
         now = self._clock.time()

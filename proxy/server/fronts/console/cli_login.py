@@ -15,6 +15,7 @@ that the user's groups are asked about again while it lives (``server.login_rech
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -29,6 +30,8 @@ from .doors import CLI_TOKEN, CODE_BYTES, FORM
 from .security import PREFIX
 from .sessions import ConsoleSession
 
+log = logging.getLogger("bedrock_proxy")
+
 CLI_LOGIN = PREFIX + "/cli/login"
 # The refresh token of the sign-in made for a login, sealed, on its way to the page.
 OFFLINE_COOKIE = "bp_offline"
@@ -40,9 +43,13 @@ class CliLogin(ConsoleBase):
         if session.kind != "user" or self._sso is None:
             raise errors.access_denied("Log the CLI in with single sign-on, not a key")
         if self._sso.offline and self._offline(request, session) is None:
-            # Signed in without a refresh token for this login: sign in again, for one.
-            then = urlencode({"next": request.path_qs})
-            raise web.HTTPSeeOther(f"{PREFIX}/signin/sso?{then}")
+            if request.query.get("offline") != "asked":
+                # Signed in without a refresh token for this login: sign in again, for one.
+                then = urlencode({"next": request.path_qs + "&offline=asked"})
+                raise web.HTTPSeeOther(f"{PREFIX}/signin/sso?{then}")
+            # Asked, and none came back (a browser refusing the cookie): no loop through
+            # the provider; this login follows the groups at the next sign-in only.
+            log.warning("bedrock-proxy login for %s without a refresh token", session.email)
         page = self._render(
             "cli_login.html", session=session, port=port, state=state, challenge=challenge
         )
