@@ -611,6 +611,9 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
     with pytest.raises(botocore.exceptions.ClientError):
         bearer.converse(modelId="anthropic.claude-3-haiku-20240307-v1:0",
                         messages=[{"role": "user", "content": [{"text": "x"}]}])  # fmt: skip
+    page = Page(browser, sso_proxy)  # the console session eve signed in with ends too
+    page.open("/ui/keys")
+    assert page.path == "/ui/signin", page.driver.current_url
     (tmp_path / "login.json").write_text(json.dumps({**saved}))  # no cached key: ask the proxy
     failed = subprocess.run([BIN, "token"], env=env, capture_output=True, text=True, timeout=60)
     assert failed.returncode != 0 and "403" in failed.stderr, failed.stderr

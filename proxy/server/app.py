@@ -180,6 +180,7 @@ def _add_admin_api(
         if s.keys is not None:
             await s.keys.delete_user_keys(user_id, actor, sessions_only)
         await s.tokens.revoke_user(user_id, actor)
+        await s.store.sessions.end_user(user_id)  # and their console's sessions
 
     directory = Directory(
         s.store,

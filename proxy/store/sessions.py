@@ -63,5 +63,12 @@ class SessionRepository:
     async def end_key(self, key_id: str) -> None:
         await self._db.execute("DELETE FROM bp_console_sessions WHERE key_id = $1", key_id)
 
+    async def end_user(self, user_id: str) -> None:
+        """A signed-in user's sessions (by email, or by subject where they have none)."""
+        await self._db.execute(
+            "DELETE FROM bp_console_sessions WHERE kind = 'user' AND (email = $1 OR key_id = $1)",
+            user_id,
+        )
+
     async def sweep(self, now: float) -> int:
         return await self._db.execute("DELETE FROM bp_console_sessions WHERE expires_at <= $1", now)
