@@ -109,7 +109,7 @@ async def setup(store_settings, tmp_path) -> AsyncIterator[dict[str, Any]]:
 
     recheck = LoginRecheck(sso, store, sign_in, end_user, clock)
     user = Identity("user", key_id="gus", role="member", teams=("ml",), email="gus@example.com")
-    sealed = sso.seal({"sub": "gus", "refresh": "rt-0"}, 30 * 86400)
+    sealed = sso.seal({"sub": "gus", "refresh": "rt-0"}, 30 * 86400, at_rest=True)
     tokens = AdminTokens(store, clock)
     await tokens.mint_for_user(user, SYSTEM, 30, sealed)
     row = (await store.admin_tokens.of_user("gus@example.com"))[0]
@@ -126,7 +126,7 @@ async def setup(store_settings, tmp_path) -> AsyncIterator[dict[str, Any]]:
 async def _stored_refresh(s: dict[str, Any]) -> str:
     now = s["clock"].time()
     rows = await s["store"].admin_tokens.due(now + 1, now, s["token_id"])
-    opened = s["sso"].unseal(rows[0]["refresh"])
+    opened = s["sso"].unseal(rows[0]["refresh"], at_rest=True)
     assert opened is not None and opened["sub"] == "gus"
     return str(opened["refresh"])
 

@@ -695,3 +695,31 @@ def test_removed_from_the_group_ends_the_machines_keys_within_seconds(
     ended = {(row["action"], row["before"]["user_id"]) for row in audit["logs"]
              if row["action"] == "key.delete"}  # fmt: skip
     assert ended == {("key.delete", "gus@example.com"), ("key.delete", "hal@example.com")}, audit
+
+
+def test_values_clients_send_back_are_opened_without_scrypt():
+    """Sign-in cookies and login codes come back from anyone: a forged one is a failed
+    tag check under a key derived once, never a key derived for its salt (0.1 s of the
+    event loop and a cache entry each, before any throttle)."""
+    import base64
+
+    from proxy.access.secretbox import SecretBox
+    from proxy.server.sso import SingleSignOn
+
+    box = SecretBox("the-server-secret-0123456789", ["an-older-secret-0123456789"])
+    sso = SingleSignOn(SETTINGS, box)
+    derived = len(box._derived)
+    forged = "v2:" + base64.b64encode(os.urandom(16)).decode() + ":" + "A" * 60
+    for value in (forged, "t1:" + "A" * 80, "t1:!!", "", "x" * 100_000):
+        assert sso.unseal(value) is None
+    assert len(box._derived) == derived  # no key derived for a client's value
+    sealed = sso.seal({"then": "/ui/keys"}, 60)
+    assert sso.unseal(sealed)["then"] == "/ui/keys"
+    assert sso.unseal(sealed[:-4] + "AAAA") is None  # tampered
+    # Sealed by a replica still on the older secret: opened during a rotation.
+    older = SingleSignOn(SETTINGS, SecretBox("an-older-secret-0123456789"))
+    assert sso.unseal(older.seal({"n": 1}, 60))["n"] == 1
+    # At rest (a login's refresh token in the store): the scrypt box, not the fast one.
+    stored = sso.seal({"refresh": "rt"}, 60, at_rest=True)
+    assert stored.startswith("v2:") and sso.unseal(stored) is None
+    assert sso.unseal(stored, at_rest=True)["refresh"] == "rt"

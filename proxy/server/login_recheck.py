@@ -78,7 +78,7 @@ class LoginRecheck:
         now = self._clock.time()
         if not await self._store.admin_tokens.claim(row["token_id"], row["checked_at"], now):
             return True  # another replica is asking
-        sealed = self._sso.unseal(row["refresh"])
+        sealed = self._sso.unseal(row["refresh"], at_rest=True)
         if sealed is None or not isinstance(sealed.get("refresh"), str):
             return True  # sealed with a secret since retired: the token's expiry holds
         try:
@@ -93,6 +93,8 @@ class LoginRecheck:
         await self._sign_in(user, _RECHECK)  # no role: the machines' keys end there
         if user.role is None:
             return False
-        resealed = self._sso.seal({**sealed, "refresh": refresh}, sealed["until"] - now)
+        resealed = self._sso.seal(
+            {**sealed, "refresh": refresh}, sealed["until"] - now, at_rest=True
+        )
         await self._store.admin_tokens.refreshed(row["token_id"], resealed, list(user.teams))
         return True

@@ -37,6 +37,7 @@ class SingleSignOn:
     def __init__(self, settings: OidcSettings, box: SecretBox, clock: Clock = SYSTEM_CLOCK):
         self.settings = settings
         self._box = box
+        self._transient = box.transient()
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._discovery: dict[str, Any] = {}
@@ -150,16 +151,18 @@ class SingleSignOn:
             rotated, str
         ) else refresh_token
 
-    def seal(self, document: dict[str, Any], seconds: float) -> str:
-        """``document`` sealed with the server's secret, good for ``seconds``."""
-        return self._box.seal(
-            orjson.dumps({**document, "until": self._clock.time() + seconds}).decode()
-        )
+    def seal(self, document: dict[str, Any], seconds: float, at_rest: bool = False) -> str:
+        """``document`` sealed with the server's secret, good for ``seconds``: for a
+        browser or the CLI to bring back (a fast box: anyone may send one), or, ``at_rest``,
+        for the store (the scrypt-keyed ``SecretBox`` the keys' secrets are sealed with)."""
+        plain = orjson.dumps({**document, "until": self._clock.time() + seconds}).decode()
+        return self._box.seal(plain) if at_rest else self._transient.seal(plain)
 
-    def unseal(self, sealed: str | None) -> dict[str, Any] | None:
+    def unseal(self, sealed: str | None, at_rest: bool = False) -> dict[str, Any] | None:
         """What ``seal`` sealed, while it is good; else None."""
         try:
-            document = orjson.loads(self._box.open(sealed or ""))
+            box = self._box if at_rest else self._transient
+            document = orjson.loads(box.open(sealed or ""))
         except (SecretBoxError, orjson.JSONDecodeError, ValueError):
             return None
         if not isinstance(document, dict) or document.get("until", 0) < self._clock.time():

@@ -70,7 +70,8 @@ class CliLogin(ConsoleBase):
         days = 30
         sealed = None
         if isinstance(refresh, str):
-            sealed = self._sso.seal({"sub": session.key_id, "refresh": refresh}, days * 86400)
+            refresh_row = {"sub": session.key_id, "refresh": refresh}
+            sealed = self._sso.seal(refresh_row, days * 86400, at_rest=True)
         token = await self._token_service.mint_for_user(
             session.identity(), self._actor(request, session), days, sealed
         )
