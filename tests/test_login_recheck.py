@@ -173,3 +173,20 @@ async def test_a_login_the_provider_no_longer_backs_ends(setup, change):
         await s["recheck"].before_mint(s["token_id"])
     assert refused.value.status == 403
     assert s["ended"] == [("gus@example.com", True)]
+
+
+async def test_each_of_a_users_machines_is_asked_about_and_the_newest_ten_live(setup):
+    s = setup
+    from proxy.access.admin_tokens import MACHINES_PER_USER
+
+    tokens = AdminTokens(s["store"], s["clock"])
+    user = Identity("user", key_id="gus", role="member", teams=("ml",), email="gus@example.com")
+    for n in range(MACHINES_PER_USER):  # ten more logins: the first one ends
+        sealed = s["sso"].seal({"sub": "gus", "refresh": f"m{n}"}, 86400, at_rest=True)
+        await tokens.mint_for_user(user, SYSTEM, 30, sealed)
+    live = await s["store"].admin_tokens.of_user("gus@example.com")
+    assert len(live) == MACHINES_PER_USER
+    assert s["token_id"] not in {r["token_id"] for r in live}  # the oldest
+    s["clock"].advance(61)
+    await s["recheck"].sweep()  # every live one asked about, once
+    assert s["provider"].issued == MACHINES_PER_USER and s["ended"] == []

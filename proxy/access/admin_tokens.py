@@ -22,6 +22,8 @@ from .roles import ADMIN, AUDITOR, MEMBER, TEAM_ADMIN
 TOKEN_PREFIX = "bpat-"
 _TOKEN_ROLES = (ADMIN, TEAM_ADMIN, AUDITOR)
 _FIELDS = frozenset({"name", "role", "team_id", "duration"})
+# The most live machine logins (``bedrock-proxy login``) one user holds.
+MACHINES_PER_USER = 10
 
 
 def token_hash(token: str) -> str:
@@ -109,6 +111,15 @@ class AdminTokens:
         }
         async with self._store.audit.recording(Change(actor, "token.login", token_id, after=row)):
             await self._store.admin_tokens.insert({**row, "refresh": refresh}, token_hash(token))
+        # A user's machines: the newest MACHINES_PER_USER logins live, the older end (a
+        # machine logged in again; and each login is asked about every recheck round).
+        live = [
+            r for r in await self._store.admin_tokens.of_user(str(row["email"]))
+            if r["expires_at"] is None or r["expires_at"] > now
+        ]  # fmt: skip
+        live.sort(key=lambda r: (r["created_at"], r["token_id"] == token_id))
+        for old in live[: max(0, len(live) - MACHINES_PER_USER)]:
+            await self.revoke(old["token_id"], actor)
         return token
 
     async def revoke_user(self, email: str, actor: Actor) -> list[str]:

@@ -31,6 +31,8 @@ from .sso import SingleSignOn
 log = logging.getLogger("bedrock_proxy")
 
 _RECHECK = Actor("system", "identity-provider-recheck")
+# How many logins are asked about at once.
+_AT_ONCE = 8
 
 
 class LoginRecheck:
@@ -58,9 +60,19 @@ class LoginRecheck:
                 log.exception("login recheck: a round failed")
 
     async def sweep(self) -> None:
+        """Every login not asked about for ``interval``, a few at a time (a slow provider
+        answering one login does not hold the others back)."""
         now = self._clock.time()
-        for row in await self._store.admin_tokens.due(now - self.interval, now):
-            await self._check(row)
+        rows = await self._store.admin_tokens.due(now - self.interval, now)
+        gate = asyncio.Semaphore(_AT_ONCE)
+
+        async def check(row: dict[str, Any]) -> None:
+            async with gate:
+                await self._check(row)
+
+        for failed in await asyncio.gather(*(check(r) for r in rows), return_exceptions=True):
+            if isinstance(failed, Exception):
+                log.warning("login recheck: %r", failed)
 
     async def before_mint(self, token_id: str) -> None:
         """Before a machine's token mints a key: asked about now, if not lately; refused
