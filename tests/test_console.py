@@ -63,7 +63,8 @@ def test_sign_in_create_use_see_spend_block_and_sign_out(browser, console, fake)
     assert page.find("#secret-access-key").text
     snippets = " ".join(p.text for p in page.all(".snippet pre"))
     assert token in snippets and access_key_id in snippets
-    for client in ("boto3", "OpenAI", "Anthropic", "bedrock-proxy login", "BedrockRuntimeClient"):
+    for client in ("boto3", "OpenAI", "Anthropic", "bedrock-proxy login", "BedrockRuntimeClient",
+                   '"bedrock-agentcore"'):  # fmt: skip
         assert client in snippets, client  # a snippet for every client the proxy serves
     assert len(page.all("button.copy")) >= 11
     page.shot("key-created")
