@@ -14,7 +14,7 @@ from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
-from proxy.access.admin_tokens import AdminTokens
+from proxy.access.admin_tokens import AdminTokens, token_hash
 from proxy.access.oidc import OidcSettings
 from proxy.access.secretbox import SecretBox
 from proxy.exchange import Identity
@@ -107,17 +107,19 @@ async def setup(store_settings, tmp_path) -> AsyncIterator[dict[str, Any]]:
         if user.role is None:
             await end_user(user.email or "", actor, True)
 
-    recheck = LoginRecheck(sso, store, sign_in, end_user, clock)
+    tokens = AdminTokens(store, clock)
+    recheck = LoginRecheck(sso, store, tokens, sign_in, end_user, clock)
     user = Identity("user", key_id="gus", role="member", teams=("ml",), email="gus@example.com")
     sealed = sso.seal({"sub": "gus", "refresh": "rt-0"}, 30 * 86400, at_rest=True)
-    tokens = AdminTokens(store, clock)
-    await tokens.mint_for_user(user, SYSTEM, 30, sealed)
-    row = (await store.admin_tokens.of_user("gus@example.com"))[0]
+    token = await tokens.mint_for_user(user, SYSTEM, 30, sealed)
+    row = await store.admin_tokens.by_hash(token_hash(token))
+    assert row is not None
     try:
         yield {"provider": provider, "recheck": recheck, "store": store, "clock": clock,
                "ended": ended, "signed_in": signed_in, "sso": sso, "token_id": row["token_id"]}  # fmt: skip
-    finally:
-        await store.admin_tokens.revoke(row["token_id"], clock.time())
+    finally:  # every login of this test's user ends with it
+        for live in await store.admin_tokens.of_user("gus@example.com"):
+            await store.admin_tokens.revoke(live["token_id"], clock.time())
         await store.close()
         await sso.close()
         await runner.cleanup()
@@ -190,3 +192,15 @@ async def test_each_of_a_users_machines_is_asked_about_and_the_newest_ten_live(s
     s["clock"].advance(61)
     await s["recheck"].sweep()  # every live one asked about, once
     assert s["provider"].issued == MACHINES_PER_USER and s["ended"] == []
+
+
+async def test_a_login_sealed_with_a_dropped_secret_ends_rather_than_lives_unchecked(setup):
+    s = setup
+    other = SingleSignOn(s["sso"].settings, SecretBox("a-secret-since-dropped-0123456789"))
+    unreadable = other.seal({"sub": "gus", "refresh": "rt-x"}, 86400, at_rest=True)
+    await s["store"].admin_tokens.refreshed(s["token_id"], unreadable, ["ml"])
+    s["clock"].advance(61)
+    with pytest.raises(errors.AwsError):
+        await s["recheck"].before_mint(s["token_id"])
+    assert (await s["store"].admin_tokens.get(s["token_id"]))["revoked_at"] is not None
+    assert s["provider"].issued == 0 and s["ended"] == []  # the login only, not the keys

@@ -191,7 +191,7 @@ def _add_admin_api(
     )
     recheck = None
     if s.sso is not None:  # developer machines' logins, asked about again
-        recheck = LoginRecheck(s.sso, s.store, directory.sign_in, user_gone, s.clock)
+        recheck = LoginRecheck(s.sso, s.store, s.tokens, directory.sign_in, user_gone, s.clock)
         app[RECHECK] = recheck
     DirectoryApi(directory, s.keys, admin, recheck).add_routes(app)
     return admin, directory

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..access.admin_tokens import AdminTokens
 from ..exchange import Identity
 from ..store import Store, StoreUnavailable
 from ..store.audit import Actor
@@ -40,11 +41,12 @@ class LoginRecheck:
         self,
         sso: SingleSignOn,
         store: Store,
+        tokens: AdminTokens,
         sign_in: Callable[[Identity, Actor], Awaitable[None]],
         end_user: Callable[[str, Actor, bool], Awaitable[None]],
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._sso, self._store, self._clock = sso, store, clock
+        self._sso, self._store, self._tokens, self._clock = sso, store, tokens, clock
         self._sign_in, self._end_user = sign_in, end_user
         self.interval = sso.settings.recheck_seconds
 
@@ -92,7 +94,11 @@ class LoginRecheck:
             return True  # another replica is asking
         sealed = self._sso.unseal(row["refresh"], at_rest=True)
         if sealed is None or not isinstance(sealed.get("refresh"), str):
-            return True  # sealed with a secret since retired: the token's expiry holds
+            # Sealed with a secret since dropped from previous_secret_keys: it can no longer
+            # be asked about, so it ends (the machine logs in again), not lives unchecked.
+            log.warning("login recheck: %s's login cannot be opened; ended", row["email"])
+            await self._tokens.revoke(row["token_id"], _RECHECK)
+            return False
         try:
             user, refresh = await self._sso.refresh(sealed["refresh"], str(sealed["sub"]))
         except errors.AwsError as exc:
