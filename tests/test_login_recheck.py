@@ -38,6 +38,7 @@ class Provider:
         self.sub = "gus"
         self.issued = 0
         self.issuer = ""
+        self.skew = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -67,7 +68,9 @@ class Provider:
             return web.json_response({"error": "temporarily_unavailable"}, status=503)
         if self.mode == "refuse":
             return web.json_response({"error": "invalid_grant"}, status=400)
-        now = int(time.time())
+        if self.mode == "misconfigured":  # the proxy's client secret, say
+            return web.json_response({"error": "invalid_client"}, status=401)
+        now = int(time.time()) - self.skew
         claims = {"iss": self.issuer, "aud": "bedrock-proxy", "sub": self.sub, "iat": now,
                   "exp": now + 300, "email": "gus@example.com", "groups": self.groups}  # fmt: skip
         self.issued += 1
@@ -148,17 +151,24 @@ async def test_a_login_asked_again_is_kept_with_its_rotated_refresh_token(setup)
     assert s["provider"].issued == 2 and await _stored_refresh(s) == "rt-2"
 
 
-async def test_a_provider_that_cannot_be_asked_ends_nothing(setup):
+@pytest.mark.parametrize("mode", ["down", "misconfigured", "skewed"])
+async def test_a_provider_that_cannot_be_asked_ends_nothing(setup, mode):
+    """Down, refusing the proxy's own client, or answering with a token this server's
+    clock calls expired: not the user's doing, and not a reason to end everyone's keys."""
     s = setup
-    s["provider"].mode = "down"
+    s["provider"].mode = mode
+    if mode == "skewed":  # its clock an hour behind: the tokens it signs look expired
+        s["provider"].mode, s["provider"].skew = "ok", 3600
     s["clock"].advance(61)
     await s["recheck"].before_mint(s["token_id"])  # no refusal: the keys live on
     await s["recheck"].sweep()
-    assert s["ended"] == [] and await _stored_refresh(s) == "rt-0"
-    s["provider"].mode = "ok"
+    assert s["ended"] == []
+    # Skewed, the provider answered and rotated the refresh token: the new one is kept.
+    assert await _stored_refresh(s) == ("rt-1" if mode == "skewed" else "rt-0")
+    s["provider"].mode, s["provider"].skew = "ok", 0
     s["clock"].advance(61)
     await s["recheck"].sweep()  # asked again next round
-    assert await _stored_refresh(s) == "rt-1"
+    assert await _stored_refresh(s) == f"rt-{s['provider'].issued}" and s["ended"] == []
 
 
 @pytest.mark.parametrize("change", ["refuse", "no-group", "other-subject"])

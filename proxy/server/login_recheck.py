@@ -27,7 +27,7 @@ from ..store import Store, StoreUnavailable
 from ..store.audit import Actor
 from ..wire import errors
 from ..wire.clock import SYSTEM_CLOCK, Clock
-from .sso import SingleSignOn
+from .sso import GrantRefused, RefreshUnverified, SingleSignOn
 
 log = logging.getLogger("bedrock_proxy")
 
@@ -101,18 +101,39 @@ class LoginRecheck:
             return False
         try:
             user, refresh = await self._sso.refresh(sealed["refresh"], str(sealed["sub"]))
-        except errors.AwsError as exc:
-            if exc.status >= 500:  # the provider could not be asked: ask again next round
-                log.warning("login recheck: %s", exc.message)
-                return True
+        except GrantRefused as exc:  # the user, or their grant, is gone
             log.warning("login recheck: %s's login ended: %s", row["email"], exc.message)
             await self._end_user(row["email"], _RECHECK, True)
             return False
+        except RefreshUnverified as exc:  # the user unknown, but the token may have turned
+            log.warning("login recheck: %s: %s", row["email"], exc.message)
+            await self._keep(row, sealed, exc.following, None, now)
+            return True
+        except errors.AwsError as exc:  # not the user's doing: ask again next round
+            log.warning("login recheck: %s: %s", row["email"], exc.message)
+            return True
         await self._sign_in(user, _RECHECK)  # no role: the machines' keys end there
         if user.role is None:
             return False
+        await self._keep(row, sealed, refresh, list(user.teams), now)
+        return True
+
+    async def _keep(
+        self,
+        row: dict[str, Any],
+        sealed: dict[str, Any],
+        refresh: str,
+        teams: list[str] | None,
+        now: float,
+    ) -> None:
+        """The refresh token to use next (the provider may rotate it on every use: the
+        one just used no longer works), and the teams the groups give now."""
+        if refresh == sealed["refresh"] and teams is None:
+            return
         resealed = self._sso.seal(
             {**sealed, "refresh": refresh}, sealed["until"] - now, at_rest=True
         )
-        await self._store.admin_tokens.refreshed(row["token_id"], resealed, list(user.teams))
-        return True
+        current = [t for t in (row.get("teams") or "").split(",") if t]
+        await self._store.admin_tokens.refreshed(
+            row["token_id"], resealed, current if teams is None else teams
+        )

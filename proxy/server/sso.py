@@ -33,6 +33,22 @@ PENDING_SECONDS = 600
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
+class GrantRefused(errors.AwsError):
+    """The provider says a grant is gone (RFC 6749 5.2, ``invalid_grant``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, "AccessDeniedException", message)
+
+
+class RefreshUnverified(errors.AwsError):
+    """A refresh answered with an ID token that does not verify: nothing is known of the
+    user, but the refresh token to use next (``following``) must be kept."""
+
+    def __init__(self, message: str, following: str) -> None:
+        super().__init__(503, "ServiceUnavailableException", message)
+        self.following = following
+
+
 class SingleSignOn:
     def __init__(self, settings: OidcSettings, box: SecretBox, clock: Clock = SYSTEM_CLOCK):
         self.settings = settings
@@ -139,17 +155,25 @@ class SingleSignOn:
     async def refresh(self, refresh_token: str, subject: str) -> tuple[Identity, str]:
         """The user as the provider sees them now, through their refresh token: their
         groups again, and the refresh token to use next (the provider may rotate it).
-        AccessDenied when the provider refuses it (the user or their grant was removed);
-        ServiceUnavailable when it cannot be asked."""
+
+        ``GrantRefused`` only when the provider says the grant is gone (``invalid_grant``:
+        the user, or their consent, was removed) or answers for another user. Anything
+        else (the provider unreachable, the proxy's client refused, a token that does not
+        verify against a skewed clock) is an ``AwsError`` that ends nothing: a
+        misconfiguration must not end every developer's keys at once."""
         answer = await self._token_call(
             {"grant_type": "refresh_token", "refresh_token": refresh_token}
         )
-        assert self._verifier is not None
-        claims = await self._verifier.verify(str(answer["id_token"]), None, subject)
         rotated = answer.get("refresh_token")
-        return self.settings.identity(claims), rotated if isinstance(
-            rotated, str
-        ) else refresh_token
+        following = rotated if isinstance(rotated, str) else refresh_token
+        assert self._verifier is not None
+        try:
+            claims = await self._verifier.verify(str(answer["id_token"]), None)
+        except errors.AwsError as exc:  # the provider may have rotated it all the same
+            raise RefreshUnverified(exc.message, following) from None
+        if claims.get("sub") != subject:  # OpenID Connect Core 12.2: the same sub
+            raise GrantRefused("The identity provider answered for another user")
+        return self.settings.identity(claims), following
 
     def seal(self, document: dict[str, Any], seconds: float, at_rest: bool = False) -> str:
         """``document`` sealed with the server's secret, good for ``seconds``: for a
@@ -212,7 +236,10 @@ class SingleSignOn:
                     f"The identity provider's token endpoint answered {response.status}"
                 )
             reason = answer.get("error") if isinstance(answer, dict) else None
-            raise errors.access_denied(f"The identity provider refused the grant: {reason}")
+            message = f"The identity provider refused the grant: {reason}"
+            if reason == "invalid_grant":  # the code, or the refresh token, is no more
+                raise GrantRefused(message)
+            raise errors.access_denied(message)
         return answer
 
     async def _jwks(self) -> dict[str, Any]:
