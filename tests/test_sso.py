@@ -526,6 +526,11 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
 
     key = _cli(["token"], env).strip()
     assert _cli(["token"], env).strip() == key  # reused until near its expiry
+    # ...unless the proxy no longer takes it (Claude Code asks again after a 401).
+    assert admin(sso_proxy, "POST", "/key/delete", {"keys": [key]})[0] == 200
+    fresh = _cli(["token"], env).strip()
+    assert fresh != key and fresh.startswith("sk-bp-")
+    key = fresh
     status, info = admin(sso_proxy, "GET", f"/key/info?key={key}")
     assert status == 200, info
     assert info["info"]["user_id"] == "eve@example.com" and info["info"]["team_id"] == "ml"

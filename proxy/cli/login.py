@@ -97,6 +97,8 @@ def token(kind: str) -> int:
         print("bedrock-proxy: not signed in: run `bedrock-proxy login --url URL`", file=sys.stderr)
         return 1
     key = saved.get("key")
+    if key and not _still_good(saved["url"], key["key"]):
+        key = None  # deleted, blocked or regenerated since: a client asking again gets a new one
     if not key or key["expires_at"] - time.time() < _MARGIN:
         minted = _post(saved["url"] + "/key/session", {}, saved["token"])
         expires = datetime.fromisoformat(minted["expires"].replace("Z", "+00:00")).timestamp()
@@ -124,6 +126,20 @@ def token(kind: str) -> int:
     else:
         print(key["key"])
     return 0
+
+
+def _still_good(url: str, key: str) -> bool:
+    """Whether the proxy still takes the cached key (one small call; Claude Code asks its
+    helper again on a 401, and would otherwise get the same dead key back until it
+    expires). A proxy that cannot be asked leaves the cached key in use."""
+    request = urllib.request.Request(url + "/key/info", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code not in (401, 403, 404)
+    except (urllib.error.URLError, OSError):
+        return True
 
 
 def _post(url: str, body: dict[str, Any], bearer: str | None = None) -> dict[str, Any]:
