@@ -526,7 +526,10 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
 
     key = _cli(["token"], env).strip()
     assert _cli(["token"], env).strip() == key  # reused until near its expiry
-    # ...unless the proxy no longer takes it (Claude Code asks again after a 401).
+    # A key an admin blocked stays blocked: asking again brings the same key back...
+    assert admin(sso_proxy, "POST", "/key/block", {"key": key})[0] == 200
+    assert _cli(["token"], env).strip() == key
+    # ...but one the proxy no longer knows is replaced (Claude Code asks after a 401).
     assert admin(sso_proxy, "POST", "/key/delete", {"keys": [key]})[0] == 200
     fresh = _cli(["token"], env).strip()
     assert fresh != key and fresh.startswith("sk-bp-")

@@ -98,7 +98,7 @@ def token(kind: str) -> int:
         return 1
     key = saved.get("key")
     if key and not _still_good(saved["url"], key["key"]):
-        key = None  # deleted, blocked or regenerated since: a client asking again gets a new one
+        key = None  # deleted or regenerated since: a client asking again gets a new one
     if not key or key["expires_at"] - time.time() < _MARGIN:
         minted = _post(saved["url"] + "/key/session", {}, saved["token"])
         expires = datetime.fromisoformat(minted["expires"].replace("Z", "+00:00")).timestamp()
@@ -137,7 +137,10 @@ def _still_good(url: str, key: str) -> bool:
         with urllib.request.urlopen(request, timeout=5):
             return True
     except urllib.error.HTTPError as exc:
-        return exc.code not in (401, 403, 404)
+        if exc.code not in (401, 403, 404):
+            return True
+        # A key an admin blocked stays this machine's key: a new one would undo the block.
+        return "blocked" in exc.read().decode(errors="replace")
     except (urllib.error.URLError, OSError):
         return True
 
