@@ -529,6 +529,9 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
     # A key an admin blocked stays blocked: asking again brings the same key back...
     assert admin(sso_proxy, "POST", "/key/block", {"key": key})[0] == 200
     assert _cli(["token"], env).strip() == key
+    status, refused = admin(sso_proxy, "POST", "/key/unblock", {"key": key}, key=saved["token"])
+    assert status == 403 and "not unblock" in refused["message"], refused  # not its owner's
+    assert admin(sso_proxy, "POST", "/key/block", {"key": key}, key=saved["token"])[0] == 200
     # ...but one the proxy no longer knows is replaced (Claude Code asks after a 401).
     assert admin(sso_proxy, "POST", "/key/delete", {"keys": [key]})[0] == 200
     fresh = _cli(["token"], env).strip()

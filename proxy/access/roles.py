@@ -112,7 +112,7 @@ class Reach:
 
     def check_key_body(self, body: dict[str, Any], creating: bool) -> dict[str, Any]:
         """A key's fields from a scoped caller: its team one of theirs (theirs by default
-        when creating), its user themselves."""
+        when creating), its user themselves; a member never unblocks."""
         out = dict(body)
         if self.teams is not None:
             if creating and out.get("team_id") is None and len(self.teams) == 1:
@@ -120,6 +120,11 @@ class Reach:
             if creating or "team_id" in out:
                 self.check_team(out.get("team_id"))
         if self.user is not None:
+            if not creating and out.get("blocked") is False:
+                # A block may be an admin's: its owner does not lift it.
+                raise errors.access_denied(
+                    "A member may block their own key, not unblock it: ask a team-admin"
+                )
             out["user_id"] = self.user
             out.pop("team_id", None)  # a member's key stays in their team
             if creating and self.home_team is not None:

@@ -134,4 +134,5 @@ class DirectoryApi:
         record = await self._keys.find(ref)
         if call.reach.scoped:
             call.reach.check_key(record)
-        return await self._keys.update(record.key_id, {"blocked": blocked}, call.actor)
+        body = call.reach.check_key_body({"blocked": blocked}, creating=False)
+        return await self._keys.update(record.key_id, {"blocked": body["blocked"]}, call.actor)

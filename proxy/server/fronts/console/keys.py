@@ -147,7 +147,8 @@ class KeyPages(ConsoleBase):
         form = request[FORM]
         actor = self._actor(request, session)
         if action in ("block", "unblock"):
-            await self.keys.update(record.key_id, {"blocked": action == "block"}, actor)
+            body = request[REACH].check_key_body({"blocked": action == "block"}, False)
+            await self.keys.update(record.key_id, {"blocked": body["blocked"]}, actor)
             raise web.HTTPSeeOther(f"{PREFIX}/keys/{record.key_id}")
         if form.get("confirm") != record.key_id:
             return self._render(
