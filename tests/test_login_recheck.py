@@ -214,3 +214,23 @@ async def test_a_login_sealed_with_a_dropped_secret_ends_rather_than_lives_unche
         await s["recheck"].before_mint(s["token_id"])
     assert (await s["store"].admin_tokens.get(s["token_id"]))["revoked_at"] is not None
     assert s["provider"].issued == 0 and s["ended"] == []  # the login only, not the keys
+
+
+async def test_a_login_asks_for_offline_access_with_the_prompt_configured(setup):
+    from dataclasses import replace
+    from urllib.parse import parse_qs, urlsplit
+
+    s = setup
+    assert s["sso"].offline  # the discovery document lists offline_access
+    url, _ = s["sso"].begin("http://127.0.0.1/cb", "/ui/cli/login", offline=True)
+    query = parse_qs(urlsplit(url).query)
+    assert "offline_access" in query["scope"][0].split() and query["prompt"] == ["consent"]
+    plain, _ = s["sso"].begin("http://127.0.0.1/cb", "/ui/keys")
+    assert "offline_access" not in parse_qs(urlsplit(plain).query)["scope"][0]
+    quiet = SingleSignOn(replace(s["sso"].settings, offline_prompt=""), SecretBox("x" * 32))
+    await quiet.start()
+    try:
+        url, _ = quiet.begin("http://127.0.0.1/cb", None, offline=True)
+    finally:
+        await quiet.close()
+    assert "prompt" not in parse_qs(urlsplit(url).query)

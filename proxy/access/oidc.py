@@ -55,6 +55,9 @@ class OidcSettings:
     # (their refresh token): a user removed from a group loses their machines' keys
     # within this many seconds.
     recheck_seconds: float = 60.0
+    # The prompt sent with offline_access (OpenID Connect Core 11 asks for "consent";
+    # "" leaves it out, for a provider whose users may not consent themselves).
+    offline_prompt: str = "consent"
 
     @staticmethod
     def parse(value: dict[str, Any], env: dict[str, str]) -> OidcSettings:
@@ -63,6 +66,7 @@ class OidcSettings:
         known = {
             "issuer", "client_id", "client_secret", "client_secret_env", "client_secret_file",
             "scopes", "groups_claim", "email_claim", "roles", "teams", "recheck_seconds",
+            "offline_prompt",
         }  # fmt: skip
         unknown = sorted(set(value) - known)
         if unknown:
@@ -103,6 +107,7 @@ class OidcSettings:
             roles={r: tuple(str(g) for g in groups or ()) for r, groups in roles.items()},
             teams={str(g): str(t) for g, t in teams.items()},
             recheck_seconds=float(recheck),
+            offline_prompt=str(value.get("offline_prompt", "consent") or ""),
         )
 
     def identity(self, claims: dict[str, Any]) -> Identity:

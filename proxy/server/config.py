@@ -169,9 +169,10 @@ class Settings:
     trusted_proxies: list[str] = field(default_factory=list)
     # Single sign-on for the console (OpenID Connect): issuer, client_id, client_secret (or
     # client_secret_env, client_secret_file), scopes, groups_claim, email_claim, roles
-    # ({admin|team-admin|member|auditor: [groups]}), teams ({group: team_id}) and
+    # ({admin|team-admin|member|auditor: [groups]}), teams ({group: team_id}),
     # recheck_seconds (how often a `bedrock-proxy login` asks the provider about its user
-    # again, 60). See docs/console.md.
+    # again, 60) and offline_prompt (sent with its refresh token's request, "consent"). See
+    # docs/sso.md.
     oidc: dict[str, Any] = field(default_factory=dict)
     # The master key as a console sign-in: the break-glass way in beside single sign-on.
     console_master_signin: bool = True

@@ -97,7 +97,8 @@ class SingleSignOn:
         """Where to send the browser, and the sealed cookie that remembers the sign-in
         (and the console page to go on to, ``then``). ``offline`` asks for a refresh
         token as well (``bedrock-proxy login``: the groups are asked again with it while
-        the machine holds its token); OpenID Connect Core 11 wants ``prompt=consent``."""
+        the machine holds its token); OpenID Connect Core 11 wants ``prompt=consent``
+        (``offline_prompt``)."""
         state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         verifier = secrets.token_urlsafe(48)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
@@ -112,8 +113,8 @@ class SingleSignOn:
             "code_challenge": challenge.rstrip(b"=").decode(),
             "code_challenge_method": "S256",
         }
-        if offline:
-            query["prompt"] = "consent"
+        if offline and self.settings.offline_prompt:
+            query["prompt"] = self.settings.offline_prompt
         pending = {"state": state, "nonce": nonce, "verifier": verifier, "then": then}
         cookie = self.seal(pending, PENDING_SECONDS)
         return self._discovery["authorization_endpoint"] + "?" + urlencode(query), cookie
