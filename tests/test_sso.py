@@ -339,6 +339,29 @@ def test_a_login_page_asks_once_for_a_refresh_token_never_in_a_loop(sso_proxy, p
     assert status == 200 and 'id="cli-allow"' in page, page[:500]
 
 
+def test_teams_follow_the_groups_and_hand_made_memberships_stay(sso_proxy, provider):
+    """A membership the groups gave goes when they no longer name the team; one added by
+    hand stays, whatever the groups say."""
+    users = json.loads(provider.users.read_text())
+    provider.set_users({**users, "ivy": {"email": "ivy@example.com", "groups": ["engineers"]}})
+    jar, url = _flow_by_http(sso_proxy, "ivy")
+    assert _callback(sso_proxy, jar, url)[0] == 303
+    admin(sso_proxy, "POST", "/team/new", {"team_id": "ivy-hand"})
+    member = {"team_id": "ivy-hand", "member": {"user_id": "ivy@example.com", "role": "user"}}
+    assert admin(sso_proxy, "POST", "/team/member_add", member)[0] == 200
+    status, ivy = admin(sso_proxy, "GET", "/user/info?user_id=ivy@example.com")
+    assert sorted(ivy["teams"]) == ["ivy-hand", "ml"], ivy
+    # Moved to a group with a role and no team: out of ml, still in the team added by hand.
+    provider.set_users({**users, "ivy": {"email": "ivy@example.com", "groups": ["proxy-auditors"]}})
+    jar, url = _flow_by_http(sso_proxy, "ivy")
+    assert _callback(sso_proxy, jar, url)[0] == 303
+    status, ivy = admin(sso_proxy, "GET", "/user/info?user_id=ivy@example.com")
+    assert status == 200 and ivy["teams"] == ["ivy-hand"], ivy
+    _, audit = admin(sso_proxy, "GET", "/audit/logs?action=team.member_delete&target=ml")
+    assert any((r["before"] or {}).get("user_id") == "ivy@example.com" for r in audit["logs"])
+    provider.set_users(users)
+
+
 def test_forged_callbacks_are_throttled_like_wrong_keys(start_proxy, provider):
     """An anonymous flood of callbacks costs a provider call and an audit row only up to
     the sign-in allowance of its address; then a 429, and nothing written."""

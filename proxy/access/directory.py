@@ -235,9 +235,10 @@ class Directory:
 
     async def sign_in(self, user: Identity, actor: Actor) -> None:
         """A user signed in by the identity provider: their record (made the first time)
-        and the teams their groups name, as members (team-admins as team admins). Teams
-        joined by hand stay. A user whose groups no longer give a role loses their
-        machines' tokens and short-lived keys (keys an admin gave them stay)."""
+        and the teams their groups name, as members (team-admins as team admins); teams
+        the groups named before and no longer, left. Teams joined by hand stay. A user
+        whose groups no longer give a role loses their machines' tokens and short-lived
+        keys (keys an admin gave them stay)."""
         user_id = user.email or user.key_id
         if not user_id:
             return
@@ -245,6 +246,8 @@ class Directory:
             # Their groups give them nothing now: what their machines hold ends here.
             if self._on_user_deleted is not None:  # their machines' keys and tokens
                 await self._on_user_deleted(user_id, actor, True)
+            if await self._sync_teams(user_id, (), "user", actor):
+                self._changed()
             return
         changed = False
         if await self._store.directory.user(user_id) is None:
@@ -253,17 +256,36 @@ class Directory:
                 await self._store.directory.put_user(user_id, {"user_email": user.email})
             changed = True
         role = "admin" if user.role == TEAM_ADMIN else "user"
-        current = {t["team_id"]: t["role"] for t in await self._store.directory.teams_of(user_id)}
-        for team_id in user.teams:
-            if current.get(team_id) == role:
+        if await self._sync_teams(user_id, user.teams, role, actor) or changed:
+            self._changed()
+
+    async def _sync_teams(
+        self, user_id: str, teams: tuple[str, ...], role: str, actor: Actor
+    ) -> bool:
+        """The teams the groups name now, joined; the ones they named before and no
+        longer, left (memberships added by hand stay). Whether anything changed."""
+        current = {t["team_id"]: t for t in await self._store.directory.teams_of(user_id)}
+        changed = False
+        for team_id in teams:
+            held = current.get(team_id)
+            if held is not None and held["role"] == role:
                 continue
             member = {"user_id": user_id, "role": role}
             change = Change(actor, "team.member_add", team_id, after=member)
             async with self._store.audit.recording(change):
-                await self._store.directory.add_member(team_id, user_id, role)
+                if held is None:
+                    await self._store.directory.add_member(team_id, user_id, role, "groups")
+                else:  # by hand or by the groups, as it was; the role the groups give
+                    await self._store.directory.set_role(team_id, user_id, role)
             changed = True
-        if changed:
-            self._changed()
+        for team_id, held in current.items():
+            if held["source"] == "groups" and team_id not in teams:
+                before = {"user_id": user_id, "role": held["role"]}
+                change = Change(actor, "team.member_delete", team_id, before=before)
+                async with self._store.audit.recording(change):
+                    await self._store.directory.remove_member(team_id, user_id)
+                changed = True
+        return changed
 
     def _changed(self) -> None:
         if self._on_change is not None:

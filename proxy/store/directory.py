@@ -45,10 +45,25 @@ class DirectoryRepository:
 
     # ------------------------------------------------------------------ members
 
-    async def add_member(self, team_id: str, user_id: str, role: str) -> None:
+    async def add_member(
+        self, team_id: str, user_id: str, role: str, source: str | None = None
+    ) -> None:
+        """A member, by hand (``source`` None: it stays whatever the groups say) or from
+        the identity provider's ``"groups"``; adding by hand makes a membership the
+        groups gave a hand-made one."""
         await self._db.execute(
-            "INSERT INTO bp_team_members (team_id, user_id, role) VALUES ($1, $2, $3)"
-            " ON CONFLICT (team_id, user_id) DO UPDATE SET role = excluded.role",
+            "INSERT INTO bp_team_members (team_id, user_id, role, source) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (team_id, user_id) DO UPDATE SET role = excluded.role,"
+            " source = excluded.source",
+            team_id,
+            user_id,
+            role,
+            source,
+        )
+
+    async def set_role(self, team_id: str, user_id: str, role: str) -> None:
+        await self._db.execute(
+            "UPDATE bp_team_members SET role = $3 WHERE team_id = $1 AND user_id = $2",
             team_id,
             user_id,
             role,
@@ -75,7 +90,7 @@ class DirectoryRepository:
 
     async def teams_of(self, user_id: str) -> list[dict[str, Any]]:
         return await self._db.fetch(
-            "SELECT team_id, role FROM bp_team_members WHERE user_id = $1 ORDER BY team_id",
+            "SELECT team_id, role, source FROM bp_team_members WHERE user_id = $1 ORDER BY team_id",
             user_id,
         )
 

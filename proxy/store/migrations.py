@@ -276,6 +276,14 @@ MIGRATIONS: list[tuple[int, Migration]] = [
         ALTER TABLE bp_admin_tokens ADD COLUMN checked_at DOUBLE PRECISION
         """,
     ),
+    (
+        17,
+        # Where a membership came from: the identity provider's groups ("groups"), which
+        # take it away again when they no longer name the team, or by hand (null).
+        """
+        ALTER TABLE bp_team_members ADD COLUMN source TEXT
+        """,
+    ),
 ]
 
 
