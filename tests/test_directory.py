@@ -238,9 +238,16 @@ async def test_a_users_short_lived_keys_are_bounded_and_all_end_with_them(tmp_pa
         await keys.session_key(dev, SYSTEM)  # one deleted: room for one
         clock.advance(9 * 3600)  # every one expired (8 h): none counts
         await keys.session_key(dev, SYSTEM)
+        blocked = await keys.session_key(dev, SYSTEM)
+        await keys.update(blocked["key_id"], {"blocked": True}, SYSTEM)
+        with pytest.raises(errors.AwsError) as refused:  # a new one would undo the block
+            await keys.session_key(dev, SYSTEM)
+        assert "blocked" in refused.value.message
+        clock.advance(9 * 3600)  # expired with it: the block is over
+        await keys.session_key(dev, SYSTEM)
         await keys.generate({"user_id": "dev@example.com", "key_alias": "given"}, SYSTEM)
         ended = await keys.delete_user_keys("dev@example.com", SYSTEM)
-        assert len(ended) == keyservice.SESSION_KEYS_PER_USER + 2
+        assert len(ended) == keyservice.SESSION_KEYS_PER_USER + 4
         assert (await store.keys.list({"user_id": "dev@example.com"}, 100, 0))[1] == 0
     finally:
         await store.close()

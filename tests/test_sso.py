@@ -555,6 +555,10 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
     status, refused = admin(sso_proxy, "POST", "/key/unblock", {"key": key}, key=saved["token"])
     assert status == 403 and "not unblock" in refused["message"], refused  # not its owner's
     assert admin(sso_proxy, "POST", "/key/block", {"key": key}, key=saved["token"])[0] == 200
+    status, refused = admin(sso_proxy, "POST", "/key/delete", {"keys": [key]}, key=saved["token"])
+    assert status == 403 and "blocked" in refused["message"], refused  # nor delete it...
+    status, refused = admin(sso_proxy, "POST", "/key/session", {}, key=saved["token"])
+    assert status == 403 and "blocked" in refused["message"], refused  # ...nor mint round it
     # ...but one the proxy no longer knows is replaced (Claude Code asks after a 401).
     assert admin(sso_proxy, "POST", "/key/delete", {"keys": [key]})[0] == 200
     fresh = _cli(["token"], env).strip()

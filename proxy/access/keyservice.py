@@ -127,7 +127,13 @@ class KeyService:
         if not email:
             raise errors.access_denied("A short-lived key is for a signed-in user")
         now = self._clock.time()
-        live = [r for r in await self._keys_of(email) if _is_session(r) and r.refusal(now) is None]
+        sessions = [r for r in await self._keys_of(email) if _is_session(r)]
+        if any(r.spec.blocked and not _expired(r, now) for r in sessions):
+            raise errors.access_denied(
+                "A short-lived key of yours is blocked: ask a team-admin (a new one would "
+                "undo the block)"
+            )
+        live = [r for r in sessions if r.refusal(now) is None]
         if len(live) >= SESSION_KEYS_PER_USER:
             raise errors.access_denied(
                 f"You hold {len(live)} live short-lived keys, the most one user may: delete "
@@ -302,6 +308,10 @@ def _given_token(value: Any) -> str | None:
     if value.startswith(("vk_", "BPK", "bpat-")):
         raise errors.validation("key: must not look like a key id, an access key id or a token")
     return value
+
+
+def _expired(record: KeyRecord, now: float) -> bool:
+    return record.spec.expires_at is not None and now >= record.spec.expires_at
 
 
 def _is_session(record: KeyRecord) -> bool:

@@ -88,6 +88,13 @@ class Reach:
             raise errors.access_denied("No key within your reach has that id")
         return record
 
+    def check_delete(self, record: KeyRecord) -> KeyRecord:
+        """A key this caller may delete: a member not one that is blocked (deleting it
+        and minting another would undo a team-admin's block)."""
+        if self.user is not None and record.spec.blocked:
+            raise errors.access_denied("A member may not delete a blocked key: ask a team-admin")
+        return record
+
     def check_team(self, team_id: str | None) -> None:
         if self.teams is not None and team_id not in self.teams:
             raise errors.access_denied(f"The team {team_id!r} is not one of yours")

@@ -129,9 +129,10 @@ class AdminApi:
             raise errors.validation("keys must be a non-empty list of keys or key ids")
         refs, aliases = named.get("keys", []), named.get("key_aliases", [])
         if call.reach.scoped:  # every key named must be within reach, or none is deleted
-            refs = [(await self._find(call.reach, ref)).key_id for ref in refs]
+            reach = call.reach
+            refs = [reach.check_delete(await self._find(reach, ref)).key_id for ref in refs]
             for alias in aliases:
-                call.reach.check_key(await self._find_quietly(alias))
+                reach.check_delete(reach.check_key(await self._find_quietly(alias)))
         deleted = await self.service.delete(refs, aliases, call.actor)
         return {"deleted_keys": deleted}
 

@@ -158,6 +158,7 @@ class KeyPages(ConsoleBase):
                 message=f"To {action} a key, type its id ({record.key_id}) to confirm.",
             )
         if action == "delete":
+            request[REACH].check_delete(record)
             await self.keys.delete([record.key_id], actor=actor)
             await self.sessions.end_key(record.key_id)
             raise web.HTTPSeeOther(PREFIX + "/keys")
