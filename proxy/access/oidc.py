@@ -151,12 +151,10 @@ class IdTokenVerifier:
         self._clock = clock
         self._keys: KeySet | None = None
 
-    async def verify(
-        self, id_token: str, nonce: str | None, sub: str | None = None
-    ) -> dict[str, Any]:
+    async def verify(self, id_token: str, nonce: str | None) -> dict[str, Any]:
         """The token's claims, or an AccessDenied refusal saying what was wrong. A token
-        from a refresh carries no nonce of its own, but must name the same ``sub``
-        (OpenID Connect Core 12.2)."""
+        from a refresh (``nonce`` None) carries no nonce of its own; its caller compares
+        its ``sub`` (OpenID Connect Core 12.2)."""
         if self._keys is None:
             self._keys = await self._load_keys()
         try:
@@ -174,7 +172,7 @@ class IdTokenVerifier:
             "aud": {"essential": True, "value": self._settings.client_id},
             "exp": {"essential": True},
             "iat": {"essential": True},
-            "sub": {"essential": True} if sub is None else {"essential": True, "value": sub},
+            "sub": {"essential": True},
         }
         if nonce is not None:
             options["nonce"] = {"essential": True, "value": nonce}
