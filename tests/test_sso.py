@@ -351,12 +351,17 @@ def test_teams_follow_the_groups_and_hand_made_memberships_stay(sso_proxy, provi
     assert admin(sso_proxy, "POST", "/team/member_add", member)[0] == 200
     status, ivy = admin(sso_proxy, "GET", "/user/info?user_id=ivy@example.com")
     assert sorted(ivy["teams"]) == ["ivy-hand", "ml"], ivy
+    short = new_key(sso_proxy, user_id="ivy@example.com", team_id="ml", metadata={"session": True})
+    given = new_key(sso_proxy, user_id="ivy@example.com", team_id="ml", key_alias="ivy-given")
     # Moved to a group with a role and no team: out of ml, still in the team added by hand.
     provider.set_users({**users, "ivy": {"email": "ivy@example.com", "groups": ["proxy-auditors"]}})
     jar, url = _flow_by_http(sso_proxy, "ivy")
     assert _callback(sso_proxy, jar, url)[0] == 303
     status, ivy = admin(sso_proxy, "GET", "/user/info?user_id=ivy@example.com")
     assert status == 200 and ivy["teams"] == ["ivy-hand"], ivy
+    # Out of ml: the short-lived key they held in it ends; one an admin gave them stays.
+    assert admin(sso_proxy, "GET", f"/key/info?key={short['key_id']}")[0] == 404
+    assert admin(sso_proxy, "GET", f"/key/info?key={given['key_id']}")[0] == 200
     _, audit = admin(sso_proxy, "GET", "/audit/logs?action=team.member_delete&target=ml")
     assert any((r["before"] or {}).get("user_id") == "ivy@example.com" for r in audit["logs"])
     provider.set_users(users)

@@ -56,8 +56,9 @@ class Directory:
         on_change: Callable[[], None] | None = None,
         on_team_upstream: Callable[[str, str | None], None] | None = None,
         on_user_deleted: Callable[[str, Actor, bool], Awaitable[None]] | None = None,
+        on_left_team: Callable[[str, str, Actor], Awaitable[None]] | None = None,
     ) -> None:
-        self._on_user_deleted = on_user_deleted
+        self._on_user_deleted, self._on_left_team = on_user_deleted, on_left_team
         self._store = store
         self._check_upstream = check_upstream or _no_pools
         self._on_change = on_change
@@ -284,6 +285,8 @@ class Directory:
                 change = Change(actor, "team.member_delete", team_id, before=before)
                 async with self._store.audit.recording(change):
                     await self._store.directory.remove_member(team_id, user_id)
+                if self._on_left_team is not None:  # their machines' keys in it end
+                    await self._on_left_team(user_id, team_id, actor)
                 changed = True
         return changed
 

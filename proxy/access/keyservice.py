@@ -153,13 +153,16 @@ class KeyService:
         return await self.generate(body, actor)
 
     async def delete_user_keys(
-        self, user_id: str, actor: Actor, sessions_only: bool = False
+        self, user_id: str, actor: Actor, sessions_only: bool = False, team: str | None = None
     ) -> list[str]:
         """A user's keys, deleted: every one (the user was), or only the short-lived keys
-        their machines got (their groups no longer give them a role)."""
+        their machines got (their groups no longer give them a role), or only those in
+        ``team`` (the groups no longer name it)."""
         records = await self._keys_of(user_id)
         if sessions_only:
             records = [r for r in records if _is_session(r)]
+        if team is not None:
+            records = [r for r in records if r.spec.team_id == team]
         return await self.delete([r.key_id for r in records], actor=actor)
 
     async def _keys_of(self, user_id: str) -> list[KeyRecord]:

@@ -11,6 +11,7 @@ from aiohttp import web
 from ..access import roles
 from ..access.directory import Directory
 from ..access.keyservice import KeyService
+from ..access.offboarding import Offboarding
 from ..access.oidc import OidcConfigError
 from ..metering.batches import BatchSettler
 from ..metering.limits import RedisLimiter
@@ -21,7 +22,6 @@ from ..observe.accesslog import AccessLog
 from ..observe.metrics import Metrics
 from ..observe.shared import SharedMetrics
 from ..store import Store, StoreUnavailable
-from ..store.audit import Actor
 from ..wire import errors
 from ..wire.background import stop as stop_task
 from ..wire.clock import SYSTEM_CLOCK, Clock
@@ -176,22 +176,18 @@ def _add_admin_api(
     AdminApi(s.keys, admin, reports, limits, s.metering.forget_limit).add_routes(app)
     AuditApi(s.store, s.tokens, admin).add_routes(app)
 
-    async def user_gone(user_id: str, actor: Actor, sessions_only: bool) -> None:
-        if s.keys is not None:
-            await s.keys.delete_user_keys(user_id, actor, sessions_only)
-        await s.tokens.revoke_user(user_id, actor)
-        await s.store.sessions.end_user(user_id)  # and their console's sessions
-
+    gone = Offboarding(s.keys, s.tokens, s.store)
     directory = Directory(
         s.store,
         s.keys.check_upstream if s.keys is not None else None,
         lambda: s.metering.forget_limit("directory"),
         s.fleet.set_team_upstream,
-        user_gone,
+        gone.user_gone,
+        gone.left_team,
     )
     recheck = None
     if s.sso is not None:  # developer machines' logins, asked about again
-        recheck = LoginRecheck(s.sso, s.store, s.tokens, directory.sign_in, user_gone, s.clock)
+        recheck = LoginRecheck(s.sso, s.store, s.tokens, directory.sign_in, gone.user_gone, s.clock)
         app[RECHECK] = recheck
     DirectoryApi(directory, s.keys, admin, recheck).add_routes(app)
     return admin, directory
