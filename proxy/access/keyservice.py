@@ -30,6 +30,8 @@ from .secretbox import SecretBox
 
 # The most short-lived keys one user holds live at once (a few machines' worth).
 SESSION_KEYS_PER_USER = 20
+# How long an expired short-lived key is kept (its info still says it expired).
+STALE_SESSION_SECONDS = 86400.0
 
 
 class KeyService:
@@ -133,6 +135,11 @@ class KeyService:
                 "A short-lived key of yours is blocked: ask a team-admin (a new one would "
                 "undo the block)"
             )
+        # Expired a day or more: gone (a machine mints one every few hours, and a year of
+        # them would be most of the key table and of every listing of it).
+        stale = [r.key_id for r in sessions if _expired(r, now - STALE_SESSION_SECONDS)]
+        if stale:
+            await self.delete(stale, actor=SYSTEM)
         live = [r for r in sessions if r.refusal(now) is None]
         if len(live) >= SESSION_KEYS_PER_USER:
             raise errors.access_denied(
