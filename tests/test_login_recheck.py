@@ -39,6 +39,7 @@ class Provider:
         self.issued = 0
         self.issuer = ""
         self.skew = 0
+        self.presented: list[str] = []
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -64,6 +65,7 @@ class Provider:
     async def token(self, request: web.Request) -> web.Response:
         form = await request.post()
         assert form["grant_type"] == "refresh_token"
+        self.presented.append(str(form["refresh_token"]))
         if self.mode == "down":
             return web.json_response({"error": "temporarily_unavailable"}, status=503)
         if self.mode == "refuse":
@@ -234,3 +236,26 @@ async def test_a_login_asks_for_offline_access_with_the_prompt_configured(setup)
     finally:
         await quiet.close()
     assert "prompt" not in parse_qs(urlsplit(url).query)
+
+
+async def test_a_rotated_refresh_token_the_store_missed_is_used_next(setup, monkeypatch):
+    """The provider rotated the token (the old one is dead) and the store did not take
+    the new one: the next round presents the new one, not the dead one, and stores it."""
+    from proxy.store import StoreUnavailable
+
+    s = setup
+    repository = s["store"].admin_tokens
+    written = repository.refreshed
+
+    async def blip(*args: Any) -> None:
+        raise StoreUnavailable("a blip")
+
+    monkeypatch.setattr(repository, "refreshed", blip)
+    s["clock"].advance(61)
+    await s["recheck"].sweep()  # rotated to rt-1; the write failed
+    assert await _stored_refresh(s) == "rt-0"
+    monkeypatch.setattr(repository, "refreshed", written)
+    s["clock"].advance(61)
+    await s["recheck"].sweep()
+    assert s["provider"].presented == ["rt-0", "rt-1"] and await _stored_refresh(s) == "rt-2"
+    assert s["ended"] == []

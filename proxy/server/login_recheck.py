@@ -49,6 +49,9 @@ class LoginRecheck:
         self._sso, self._store, self._tokens, self._clock = sso, store, tokens, clock
         self._sign_in, self._end_user = sign_in, end_user
         self.interval = sso.settings.recheck_seconds
+        # Refresh tokens the provider rotated that the store did not take (a blip): the
+        # old ones no longer work, so these are used until written.
+        self._unwritten: dict[str, str] = {}
 
     async def run(self) -> None:
         """The background round, every ``interval`` seconds, for as long as it runs."""
@@ -99,6 +102,8 @@ class LoginRecheck:
             log.warning("login recheck: %s's login cannot be opened; ended", row["email"])
             await self._tokens.revoke(row["token_id"], _RECHECK)
             return False
+        # A rotated token this process could not write yet (a store blip) is the one to use.
+        sealed["refresh"] = self._unwritten.get(row["token_id"], sealed["refresh"])
         try:
             user, refresh = await self._sso.refresh(sealed["refresh"], str(sealed["sub"]))
         except GrantRefused as exc:  # the user, or their grant, is gone
@@ -112,11 +117,9 @@ class LoginRecheck:
         except errors.AwsError as exc:  # not the user's doing: ask again next round
             log.warning("login recheck: %s: %s", row["email"], exc.message)
             return True
+        await self._keep(row, sealed, refresh, list(user.teams), now)  # first: it may turn
         await self._sign_in(user, _RECHECK)  # no role: the machines' keys end there
-        if user.role is None:
-            return False
-        await self._keep(row, sealed, refresh, list(user.teams), now)
-        return True
+        return user.role is not None
 
     async def _keep(
         self,
@@ -128,12 +131,15 @@ class LoginRecheck:
     ) -> None:
         """The refresh token to use next (the provider may rotate it on every use: the
         one just used no longer works), and the teams the groups give now."""
-        if refresh == sealed["refresh"] and teams is None:
+        token_id = row["token_id"]
+        if refresh == sealed["refresh"] and teams is None and token_id not in self._unwritten:
             return
+        self._unwritten[token_id] = refresh  # until the store has it
         resealed = self._sso.seal(
             {**sealed, "refresh": refresh}, sealed["until"] - now, at_rest=True
         )
         current = [t for t in (row.get("teams") or "").split(",") if t]
         await self._store.admin_tokens.refreshed(
-            row["token_id"], resealed, current if teams is None else teams
+            token_id, resealed, current if teams is None else teams
         )
+        del self._unwritten[token_id]
