@@ -564,6 +564,8 @@ def test_login_then_short_lived_keys_for_every_client(browser, sso_proxy, provid
     assert status == 403 and "blocked" in refused["message"], refused  # nor delete it...
     status, refused = admin(sso_proxy, "POST", "/key/session", {}, key=saved["token"])
     assert status == 403 and "blocked" in refused["message"], refused  # ...nor mint round it
+    status, refused = admin(sso_proxy, "POST", "/key/generate", {}, key=saved["token"])
+    assert status == 403 and "blocked" in refused["message"], refused  # with any kind of key
     # ...but one the proxy no longer knows is replaced (Claude Code asks after a 401).
     assert admin(sso_proxy, "POST", "/key/delete", {"keys": [key]})[0] == 200
     fresh = _cli(["token"], env).strip()

@@ -56,8 +56,14 @@ class KeyService:
             known = ", ".join(sorted(self._pools)) or "none is configured"
             raise errors.validation(f"upstream: {pool!r} is not an upstream pool ({known})")
 
-    async def generate(self, body: dict[str, Any], actor: Actor = SYSTEM) -> dict[str, Any]:
+    async def generate(
+        self, body: dict[str, Any], actor: Actor = SYSTEM, owner: str | None = None
+    ) -> dict[str, Any]:
+        """A new key. ``owner``: a member minting their own (self-service), refused while a
+        key of theirs is blocked."""
         now = self._clock.time()
+        if owner is not None:
+            _refuse_while_blocked(await self._keys_of(owner), now)
         spec = parse_spec(body, now=now)
         self.check_upstream(spec.upstream)
         await self._within_team(spec, now)
@@ -129,12 +135,9 @@ class KeyService:
         if not email:
             raise errors.access_denied("A short-lived key is for a signed-in user")
         now = self._clock.time()
-        sessions = [r for r in await self._keys_of(email) if _is_session(r)]
-        if any(r.spec.blocked and not _expired(r, now) for r in sessions):
-            raise errors.access_denied(
-                "A short-lived key of yours is blocked: ask a team-admin (a new one would "
-                "undo the block)"
-            )
+        held = await self._keys_of(email)
+        _refuse_while_blocked(held, now)
+        sessions = [r for r in held if _is_session(r)]
         # Expired a day or more: gone (a machine mints one every few hours, and a year of
         # them would be most of the key table and of every listing of it).
         stale = [r.key_id for r in sessions if _expired(r, now - STALE_SESSION_SECONDS)]
@@ -318,6 +321,15 @@ def _given_token(value: Any) -> str | None:
     if value.startswith(("vk_", "BPK", "bpat-")):
         raise errors.validation("key: must not look like a key id, an access key id or a token")
     return value
+
+
+def _refuse_while_blocked(held: list[KeyRecord], now: float) -> None:
+    """A member mints nothing while a key of theirs is blocked: a new key would undo the
+    block."""
+    if any(r.spec.blocked and not _expired(r, now) for r in held):
+        raise errors.access_denied(
+            "A key of yours is blocked: ask a team-admin (a new one would undo the block)"
+        )
 
 
 def _expired(record: KeyRecord, now: float) -> bool:

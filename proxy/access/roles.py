@@ -57,6 +57,11 @@ class Reach:
         """The teams whose records and members the caller may see (None: every team)."""
         return self.member_of if self.user is not None else self.teams
 
+    def visible(self, teams: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The team records of ``teams`` the caller may see."""
+        within = self.visible_teams
+        return teams if within is None else [t for t in teams if t["team_id"] in within]
+
     def check_team_view(self, team_id: str | None) -> None:
         visible = self.visible_teams
         if visible is not None and team_id not in visible:

@@ -66,7 +66,7 @@ class AdminApi:
     async def generate(self, request: web.Request) -> Any:
         call = request[CALL]
         body = call.reach.check_key_body(json_body(request), creating=True)
-        return await self.service.generate(body, call.actor)
+        return await self.service.generate(body, call.actor, call.reach.user)
 
     async def info(self, request: web.Request) -> Any:
         ref = request.query.get("key")

@@ -54,9 +54,7 @@ class DirectoryApi:
         return await self._directory.team_update(json_body(request), request[CALL].actor)
 
     async def team_delete(self, request: web.Request) -> Any:
-        ids = json_body(request).get("team_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise errors.validation("team_ids must be a non-empty list of team ids")
+        ids = _ids(json_body(request), "team_ids")
         return {"deleted_teams": await self._directory.team_delete(ids, request[CALL].actor)}
 
     async def team_info(self, request: web.Request) -> Any:
@@ -67,11 +65,8 @@ class DirectoryApi:
         return await self._directory.team_info(team_id)
 
     async def team_list(self, request: web.Request) -> Any:
-        teams = await self._directory.teams()
-        within = request[CALL].reach.visible_teams  # a member's: the teams they are in
-        if within is not None:
-            teams = [t for t in teams if t["team_id"] in within]
-        return {"teams": teams}
+        # A team-admin's teams, a member's: the ones they are in.
+        return {"teams": request[CALL].reach.visible(await self._directory.teams())}
 
     async def member_add(self, request: web.Request) -> Any:
         body = json_body(request)
@@ -90,9 +85,7 @@ class DirectoryApi:
         return await self._directory.user_update(json_body(request), request[CALL].actor)
 
     async def user_delete(self, request: web.Request) -> Any:
-        ids = json_body(request).get("user_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise errors.validation("user_ids must be a non-empty list of user ids")
+        ids = _ids(json_body(request), "user_ids")
         return {"deleted_users": await self._directory.user_delete(ids, request[CALL].actor)}
 
     async def user_info(self, request: web.Request) -> Any:
@@ -136,3 +129,11 @@ class DirectoryApi:
             call.reach.check_key(record)
         body = call.reach.check_key_body({"blocked": blocked}, creating=False)
         return await self._keys.update(record.key_id, {"blocked": body["blocked"]}, call.actor)
+
+
+def _ids(body: dict[str, Any], name: str) -> list[str]:
+    """LiteLLM's ``team_ids`` or ``user_ids``: a non-empty list of ids."""
+    ids = body.get(name)
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise errors.validation(f"{name} must be a non-empty list of ids")
+    return ids

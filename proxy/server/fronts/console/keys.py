@@ -101,8 +101,9 @@ class KeyPages(ConsoleBase):
 
     async def _key_create(self, request: web.Request, session: ConsoleSession) -> web.Response:
         try:
-            body = request[REACH].check_key_body(_key_form(request[FORM], creating=True), True)
-            created = await self.keys.generate(body, self._actor(request, session))
+            reach, actor = request[REACH], self._actor(request, session)
+            body = reach.check_key_body(_key_form(request[FORM], creating=True), True)
+            created = await self.keys.generate(body, actor, reach.user)
         except errors.AwsError as exc:
             return self._render(
                 "key_edit.html",

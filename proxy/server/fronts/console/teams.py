@@ -11,6 +11,7 @@ console and ``/team/*``, ``/user/*`` validate, audit and refuse alike):
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -60,10 +61,7 @@ class TeamPages(ConsoleBase):
     ) -> web.Response:
         """Teams in reach, their policy and members; for an admin, users and their caps."""
         reach = request[REACH]
-        teams = await self._store.directory.teams()
-        visible = reach.visible_teams
-        if visible is not None:
-            teams = [t for t in teams if t["team_id"] in visible]
+        teams = reach.visible(await self._store.directory.teams())
         members = {t["team_id"]: await self._store.directory.members(t["team_id"]) for t in teams}
         users = await self._store.directory.users() if reach.may(roles.READ_ALL) else []
         values.setdefault("error", None)
@@ -81,15 +79,14 @@ class TeamPages(ConsoleBase):
             team = await self.directory.team_new(body, self._actor(request, session))
         except errors.AwsError as exc:
             return await self._teams_page(request, session, 400, error=exc.message)
-        raise web.HTTPSeeOther(f"{PREFIX}/teams/{quote(team['team_id'], safe='')}")
+        raise web.HTTPSeeOther(_team_url(team["team_id"]))
 
     async def _team_page(
         self, request: web.Request, session: ConsoleSession, status: int = 200, **values: Any
     ) -> web.Response:
         team_id = request.match_info["team_id"]
         request[REACH].check_team_view(team_id)
-        team = await self._store.directory.team(team_id)
-        if team is None:
+        if await self._store.directory.team(team_id) is None:
             raise errors.AwsError(404, "ResourceNotFoundException", f"No team {team_id!r}")
         info = await self.directory.team_info(team_id)
         values.setdefault("error", None)
@@ -99,14 +96,9 @@ class TeamPages(ConsoleBase):
         self, request: web.Request, session: ConsoleSession
     ) -> web.StreamResponse:
         team_id = request.match_info["team_id"]
-        body = _team_form(request[FORM], False)
-        try:
-            await self.directory.team_update(
-                {**body, "team_id": team_id}, self._actor(request, session)
-            )
-        except errors.AwsError as exc:
-            return await self._team_page(request, session, 400, error=exc.message)
-        raise web.HTTPSeeOther(f"{PREFIX}/teams/{quote(team_id, safe='')}")
+        body = {**_team_form(request[FORM], False), "team_id": team_id}
+        change = self.directory.team_update(body, self._actor(request, session))
+        return await self._made(request, session, change, self._team_page, _team_url(team_id))
 
     async def _team_delete(
         self, request: web.Request, session: ConsoleSession
@@ -127,15 +119,12 @@ class TeamPages(ConsoleBase):
         request[REACH].check_team(team_id)
         form, actor = request[FORM], self._actor(request, session)
         user_id = str(form.get("user_id", "")).strip()
-        try:
-            if request.path.endswith("/add"):
-                member = {"user_id": user_id, "role": form.get("role") or "user"}
-                await self.directory.member_add({"team_id": team_id, "member": member}, actor)
-            else:
-                await self.directory.member_delete({"team_id": team_id, "user_id": user_id}, actor)
-        except errors.AwsError as exc:
-            return await self._team_page(request, session, 400, error=exc.message)
-        raise web.HTTPSeeOther(f"{PREFIX}/teams/{quote(team_id, safe='')}")
+        if request.path.endswith("/add"):
+            member = {"user_id": user_id, "role": form.get("role") or "user"}
+            change = self.directory.member_add({"team_id": team_id, "member": member}, actor)
+        else:
+            change = self.directory.member_delete({"team_id": team_id, "user_id": user_id}, actor)
+        return await self._made(request, session, change, self._team_page, _team_url(team_id))
 
     async def _user_create(self, request: web.Request, session: ConsoleSession) -> web.Response:
         form = request[FORM]
@@ -148,7 +137,7 @@ class TeamPages(ConsoleBase):
             user = await self.directory.user_new(body, self._actor(request, session))
         except errors.AwsError as exc:
             return await self._teams_page(request, session, 400, error=exc.message)
-        raise web.HTTPSeeOther(f"{PREFIX}/users/{quote(user['user_id'], safe='@')}")
+        raise web.HTTPSeeOther(_user_url(user["user_id"]))
 
     async def _user_page(
         self, request: web.Request, session: ConsoleSession, status: int = 200, **values: Any
@@ -162,14 +151,9 @@ class TeamPages(ConsoleBase):
     ) -> web.StreamResponse:
         user_id = request.match_info["user_id"]
         form: dict[str, str] = request[FORM]
-        body = form_fields(form, False, _USER_TEXTS, _USER_NUMBERS)
-        try:
-            await self.directory.user_update(
-                {**body, "user_id": user_id}, self._actor(request, session)
-            )
-        except errors.AwsError as exc:
-            return await self._user_page(request, session, 400, error=exc.message)
-        raise web.HTTPSeeOther(f"{PREFIX}/users/{quote(user_id, safe='@')}")
+        body = {**form_fields(form, False, _USER_TEXTS, _USER_NUMBERS), "user_id": user_id}
+        change = self.directory.user_update(body, self._actor(request, session))
+        return await self._made(request, session, change, self._user_page, _user_url(user_id))
 
     async def _user_delete(
         self, request: web.Request, session: ConsoleSession
@@ -180,6 +164,29 @@ class TeamPages(ConsoleBase):
             return await self._user_page(request, session, 400, error=message)
         await self.directory.user_delete([user_id], self._actor(request, session))
         raise web.HTTPSeeOther(PREFIX + "/teams")
+
+    async def _made(
+        self,
+        request: web.Request,
+        session: ConsoleSession,
+        change: Awaitable[Any],
+        page: Callable[..., Awaitable[web.Response]],
+        then: str,
+    ) -> web.StreamResponse:
+        """A change made, then on to ``then``; refused, its page again saying why."""
+        try:
+            await change
+        except errors.AwsError as exc:
+            return await page(request, session, 400, error=exc.message)
+        raise web.HTTPSeeOther(then)
+
+
+def _team_url(team_id: str) -> str:
+    return f"{PREFIX}/teams/{quote(team_id, safe='')}"
+
+
+def _user_url(user_id: str) -> str:
+    return f"{PREFIX}/users/{quote(user_id, safe='@')}"
 
 
 def _team_form(form: dict[str, str], creating: bool) -> dict[str, Any]:
