@@ -5,6 +5,7 @@ on the console; and the ID tokens the verifier must refuse."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -392,14 +393,24 @@ def test_a_rotated_key_is_fetched_again(browser, sso_proxy, provider):
         assert page.path == "/ui/keys"
 
 
-def test_a_wrong_discovery_document_is_one_line(start_proxy, provider):
+def test_a_wrong_discovery_document_is_one_line(start_proxy, provider, bg):
     from proxy.server.app import StartupError
 
+    async def writers() -> int:
+        return sum(
+            t.get_coro().__qualname__ in ("Ledger._run", "BatchSettler._run")  # type: ignore[union-attr]
+            for t in asyncio.all_tasks()
+            if not t.done()
+        )
+
+    before = bg.run(writers())
     nowhere = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StartupError) as failed:
         start_proxy(oidc={"issuer": nowhere, "client_id": "x", "client_secret": "y"})
     assert str(failed.value).startswith(f"oidc: cannot read {nowhere}/.well-known")
     assert "\n" not in str(failed.value)
+    # What the failed start had started (the ledger's writer, the settler) was stopped.
+    assert bg.run(writers()) == before
     # A provider that names another issuer than the one configured.
     elsewhere = provider.issuer.replace("127.0.0.1", "localhost")
     with pytest.raises(StartupError) as failed:

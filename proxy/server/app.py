@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -213,6 +214,8 @@ def create_ops_app(main: web.Application) -> web.Application:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Start the services, serve, stop them in the reverse order. A start that fails
+    (an unreadable identity provider) stops what it had started, not left running."""
     store = app[STORE]
     try:
         await store.open()
@@ -220,44 +223,43 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         raise StartupError(f"cannot open the key store: {exc.cause}") from None
     except Exception as exc:
         raise StartupError(f"cannot open the key store: {type(exc).__name__}: {exc}") from None
-    if KEYS in app:
-        resealed = await app[KEYS].reseal_secrets()
-        if resealed:
-            log.info("resealed %d SigV4 secrets under the current secret_key", resealed)
-    metering = app[METERING]
-    metering.ledger.start()
-    upstream = app[UPSTREAM]
-    await upstream.start()
-    simulator_runner = await _start_simulator(upstream) if app.get(SIMULATED) else None
-    if app[STATE]["needs_credentials"]:
-        await app[CREDENTIALS].start()
-    app[BATCHES].start()
-    if SHARED_METRICS in app:
-        app[SHARED_METRICS].start()
-    if SSO in app:
-        try:
-            await app[SSO].start()
-        except OidcConfigError as exc:
-            raise StartupError(str(exc)) from None
-    pruner = asyncio.create_task(store.audit.retain(app[RETENTION])) if app[RETENTION] else None
-    recheck = asyncio.create_task(app[RECHECK].run()) if RECHECK in app else None
-    app[STATE]["ready"] = True
-    yield
-    app[STATE]["ready"] = False
-    await stop_task(pruner)
-    await stop_task(recheck)
-    if SSO in app:
-        await app[SSO].close()
-    await app[BATCHES].close()
-    if SHARED_METRICS in app:
-        await app[SHARED_METRICS].close()
-    await upstream.close()
-    if simulator_runner is not None:
-        await simulator_runner.cleanup()
-    app[ACCESS_LOG].flush()
-    await metering.close()  # flushes the ledger
-    await app[CREDENTIALS].close()
-    await store.close()
+    async with contextlib.AsyncExitStack() as started:
+        started.push_async_callback(store.close)
+        started.push_async_callback(app[CREDENTIALS].close)
+        if KEYS in app:
+            resealed = await app[KEYS].reseal_secrets()
+            if resealed:
+                log.info("resealed %d SigV4 secrets under the current secret_key", resealed)
+        metering = app[METERING]
+        metering.ledger.start()
+        started.push_async_callback(metering.close)  # flushes the ledger
+        started.callback(app[ACCESS_LOG].flush)
+        upstream = app[UPSTREAM]
+        started.push_async_callback(upstream.close)
+        await upstream.start()
+        if app.get(SIMULATED):
+            started.push_async_callback((await _start_simulator(upstream)).cleanup)
+        if app[STATE]["needs_credentials"]:
+            await app[CREDENTIALS].start()
+        app[BATCHES].start()
+        started.push_async_callback(app[BATCHES].close)
+        if SHARED_METRICS in app:
+            app[SHARED_METRICS].start()
+            started.push_async_callback(app[SHARED_METRICS].close)
+        if SSO in app:
+            started.push_async_callback(app[SSO].close)
+            try:
+                await app[SSO].start()
+            except OidcConfigError as exc:
+                raise StartupError(str(exc)) from None
+        if app[RETENTION]:
+            pruner = asyncio.create_task(store.audit.retain(app[RETENTION]))
+            started.push_async_callback(stop_task, pruner)
+        if RECHECK in app:
+            started.push_async_callback(stop_task, asyncio.create_task(app[RECHECK].run()))
+        app[STATE]["ready"] = True
+        yield
+        app[STATE]["ready"] = False
 
 
 async def _start_simulator(upstream: UpstreamClient) -> web.AppRunner:
