@@ -215,7 +215,8 @@ def create_ops_app(main: web.Application) -> web.Application:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Start the services, serve, stop them in the reverse order. A start that fails
-    (an unreadable identity provider) stops what it had started, not left running."""
+    (an unreadable identity provider) stops what it had started rather than leave it
+    running; a close that fails does not keep the others from closing."""
     store = app[STORE]
     try:
         await store.open()
