@@ -8,6 +8,7 @@ database) behind ``tests.helpers.relay``: the machine's shared services are neve
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 import urllib.request
@@ -217,8 +218,9 @@ def _readiness(proxy: Any) -> tuple[int, dict, float]:
 
 @pytest.mark.parametrize("outage", ["pause", "cut"])
 def test_a_store_outage_costs_known_keys_nothing_new_keys_a_deadline_and_loses_no_row(
-    start_proxy, fake, pg_relay, outage
+    start_proxy, fake, pg_relay, outage, caplog
 ):
+    caplog.set_level(logging.WARNING)
     relay, url = pg_relay
     deadline = 3.0
     proxy = start_proxy(
@@ -266,6 +268,13 @@ def test_a_store_outage_costs_known_keys_nothing_new_keys_a_deadline_and_loses_n
     status, ready, _ = _readiness(proxy)
     assert status == 200 and "degraded" not in ready
     assert metric(proxy, "bedrock_proxy_store_up") == 1
+    # The outage is one warning when it starts and one when it ends: no traceback (asyncpg
+    # reconnecting, a failed ledger write), and no line per failed call.
+    store = [r.getMessage() for r in caplog.records if r.name == "bedrock_proxy.store"]
+    assert sum(m.startswith("store unavailable") for m in store) == 1, store
+    assert sum(m.startswith("store available again") for m in store) == 1, store
+    tracebacks = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info]
+    assert not tracebacks, tracebacks
 
 
 # ---------------------------------------------------------------- upstreams
