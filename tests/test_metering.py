@@ -546,3 +546,46 @@ def test_a_ledger_flush_writes_what_was_queued_and_leaves_later_rows_for_the_nex
     assert sizes[:3] == [40, 40, 20]  # the 100 queued, in batches of at most 40
     assert left == 15  # what came in meanwhile waits for the next flush
     assert sizes[3:] == [15] and written == 115  # and close writes it all
+
+
+def test_a_full_ledger_queue_drops_and_counts_what_it_cannot_hold(bg, tmp_path):
+    """During a store outage rows wait in the queue up to ``max_queue``; past it they are
+    dropped and counted (``bedrock_proxy_ledger_rows_dropped_total``), and the rows held
+    are all written once the store answers."""
+    from proxy.metering.ledger import Ledger
+    from proxy.store import StoreUnavailable, open_store
+    from proxy.store.records import SpendRow
+
+    store = open_store(None, str(tmp_path / "ledger.db"))
+
+    def row(i: int) -> SpendRow:
+        return SpendRow(
+            *(f"q-{i}", 1795319557.0 + i, "2026-11-22", "key-q", None, None, None),
+            *(None, "Converse", "bedrock-runtime", "m", 200, 1.0, 1, 1, 0, 0, 2, 0.5, 0),
+            *(None, None, None, 0, None, None, None),
+        )
+
+    async def run() -> tuple[int, int, int, int]:
+        await store.open()
+        ledger = Ledger(store, flush_interval=60, max_batch=4, max_queue=10)
+        insert = store.spend.insert
+
+        async def down(rows, labels):
+            raise StoreUnavailable("TimeoutError: no answer within the store deadline")
+
+        store.spend.insert = down  # type: ignore[method-assign]
+        try:
+            for i in range(13):
+                ledger.record(row(i), [])
+            await ledger.flush()  # fails: every row is kept
+            held, dropped = ledger.depth, ledger.dropped
+            store.spend.insert = insert  # type: ignore[method-assign]
+            await ledger.close()
+            written = (await store.db.fetch("SELECT COUNT(*) AS n FROM bp_spend"))[0]["n"]
+            return held, dropped, written, ledger.depth
+        finally:
+            await store.close()
+
+    held, dropped, written, left = bg.run(run(), timeout=30)
+    assert (held, dropped) == (10, 3)
+    assert (written, left) == (10, 0)
