@@ -268,11 +268,13 @@ def test_a_store_outage_costs_known_keys_nothing_new_keys_a_deadline_and_loses_n
     status, ready, _ = _readiness(proxy)
     assert status == 200 and "degraded" not in ready
     assert metric(proxy, "bedrock_proxy_store_up") == 1
-    # The outage is one warning when it starts and one when it ends: no traceback (asyncpg
-    # reconnecting, a failed ledger write), and no line per failed call.
-    store = [r.getMessage() for r in caplog.records if r.name == "bedrock_proxy.store"]
-    assert sum(m.startswith("store unavailable") for m in store) == 1, store
-    assert sum(m.startswith("store available again") for m in store) == 1, store
+    # One outage: the store's health warns as it begins and as it ends, and only then (the
+    # log is shared with the session's other proxies, so this proxy's own count is read).
+    # No traceback (asyncpg reconnecting, a failed ledger write) from any of them.
+    from proxy.server.app import STORE
+
+    health = proxy.app[STORE].health
+    assert (health.failures, health.up) == (1, True)
     tracebacks = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info]
     assert not tracebacks, tracebacks
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 import urllib.request
@@ -589,3 +590,36 @@ def test_a_full_ledger_queue_drops_and_counts_what_it_cannot_hold(bg, tmp_path):
     held, dropped, written, left = bg.run(run(), timeout=30)
     assert (held, dropped) == (10, 3)
     assert (written, left) == (10, 0)
+
+
+def test_batch_settlement_waits_out_a_store_outage_without_an_error_a_round(bg, caplog):
+    """The store's health logs an outage once; the settler, which polls every interval,
+    adds no error line a round for it (another failure still is one)."""
+    from proxy.metering.batches import BatchSettler
+    from proxy.store import StoreUnavailable
+
+    failures = [StoreUnavailable("TimeoutError"), StoreUnavailable("TimeoutError")]
+    failures.append(RuntimeError("the claim broke"))
+    rounds = asyncio.Event()
+
+    async def claim(name: str, seconds: float) -> bool:
+        if not failures:
+            rounds.set()
+            return False
+        raise failures.pop(0)
+
+    async def unused(*args: object) -> object:
+        raise AssertionError("nothing to settle")
+
+    async def run() -> None:
+        settler = BatchSettler(None, unused, unused, unused, claim, "us-east-1", interval=0.01)
+        settler.start()
+        try:
+            await asyncio.wait_for(rounds.wait(), 10)
+        finally:
+            await settler.close()
+
+    caplog.set_level(logging.DEBUG, logger="bedrock_proxy.batches")
+    bg.run(run(), timeout=20)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["batch settlement failed: RuntimeError: the claim broke"], errors

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import orjson
 
+from ..store import StoreUnavailable
 from ..wire.background import stop as stop_task
 from .usage import Usage
 
@@ -69,6 +70,8 @@ class BatchSettler:
             try:
                 if await self._claim(f"batch-poll:{tick}", self.interval * 2):
                     await self.poll()
+            except StoreUnavailable:  # the store's outage is logged once, by its health
+                log.debug("batch settlement waits for the store")
             except Exception as exc:  # the next poll tries again
                 log.error("batch settlement failed: %s: %s", type(exc).__name__, exc)
 
