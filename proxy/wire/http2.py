@@ -117,6 +117,9 @@ def request_fields(
 
 # Static-table entries (RFC 7541 appendix A): whole fields, and names.
 _STATIC_FIELDS = {field: i for i, field in enumerate(HeaderTable.STATIC_TABLE, 1)}
+# Bytes a header value may not hold, as ints: ``bytes in bytes`` formats a TypeError first
+# (it tries the needle as an int), three per header.
+_CR, _LF, _NUL = 13, 10, 0
 _STATIC_NAMES: dict[bytes, int] = {}
 for _i, (_name, _) in enumerate(HeaderTable.STATIC_TABLE, 1):
     _STATIC_NAMES.setdefault(_name, _i)
@@ -171,7 +174,7 @@ class LiteralEncoder:
             self._sized = True
         names = _NAME_PREFIXES
         for name, value in headers:
-            if b"\r" in value or b"\n" in value or b"\x00" in value:
+            if _CR in value or _LF in value or _NUL in value:
                 raise ProtocolError(f"header {name!r} has a forbidden character")
             whole = _STATIC_FIELDS.get((name, value))
             if whole is not None:
