@@ -104,7 +104,9 @@ class PostgresDatabase(Database):
         async with self.transaction():
             for batch in batches:
                 if batch.rows:
-                    await self.execute(_json_insert(batch), orjson.dumps(batch.rows).decode())
+                    # (Rows may be named tuples, which orjson serialises only as plain ones.)
+                    rows = orjson.dumps(batch.rows, default=tuple).decode()
+                    await self.execute(_json_insert(batch), rows)
 
     async def apply_migrations(self, migrations: list[tuple[int, Any]]) -> list[int]:
         assert self._pool is not None

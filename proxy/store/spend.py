@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .database import Database, RowBatch
-from .records import LABEL_COLUMNS, SPEND_COLUMNS, LabelRow, SpendRow, label_values, spend_values
+from .records import LABEL_COLUMNS, SPEND_COLUMNS, LabelRow, SpendRow
 
 # Column types besides text, for a backend that unpacks a JSON batch of rows in SQL.
 _COLUMN_TYPES = {
@@ -56,14 +56,14 @@ class SpendRepository:
                 RowBatch(
                     "bp_spend",
                     SPEND_COLUMNS,
-                    [spend_values(r) for r in rows],
+                    rows,
                     _COLUMN_TYPES,
                     " ON CONFLICT (request_id) DO NOTHING",
                 ),
                 RowBatch(
                     "bp_spend_labels",
                     LABEL_COLUMNS,
-                    [label_values(r) for r in labels],
+                    labels,
                     _COLUMN_TYPES,
                 ),
             ]
